@@ -1,0 +1,279 @@
+"""The GPT: a decoder-only Transformer in one file.
+
+Two flavours share one code path:
+
+* ``gpt2``   — learned positions, LayerNorm, GELU (tanh), biases, tied embeddings: exactly Hugging
+  Face's ``GPT2LMHeadModel`` (``hf.py`` converts weights both ways).
+* ``modern`` — RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings: exactly
+  expressible as Hugging Face's Llama layout, so export is lossless.
+
+One dial sets the size: ``depth`` (number of blocks). Width is ``depth * aspect`` (nanochat's rule),
+heads follow from ``head_dim``. Any field may still be set by hand.
+
+    from chatfactory.model import GPT, GPTConfig
+    model = GPT(GPTConfig(depth=4, vocab_size=4096))
+    logits = model(idx)                       # (B, T, vocab)
+    loss = model(idx, targets=targets)        # mean next-token cross-entropy
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    flavour: str = "modern"  # "gpt2" | "modern"
+    depth: int = 4  # number of Transformer blocks: the one size dial
+    vocab_size: int = 4096
+    block_size: int = 256  # longest context the model is trained for (gpt2: size of position table)
+    aspect: int = 64  # width = depth * aspect unless n_embd is given
+    head_dim: int = 64
+    n_embd: int = 0  # 0: derived from depth
+    n_head: int = 0  # 0: n_embd // head_dim
+    n_kv_head: int = 0  # 0: n_head (no grouping); modern flavour only
+    ffn_hidden: int = 0  # 0: 4*d for gpt2, ~8/3*d rounded up to a multiple of 64 for SwiGLU
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.flavour not in ("gpt2", "modern"):
+            raise ValueError(f"model.flavour must be 'gpt2' or 'modern', got {self.flavour!r}")
+        if self.depth < 1:
+            raise ValueError(f"model.depth must be >= 1, got {self.depth}")
+        if not self.n_embd:
+            self.n_embd = self.depth * self.aspect
+        if not self.n_head:
+            self.n_head = max(1, self.n_embd // self.head_dim)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        self.head_dim = self.n_embd // self.n_head
+        if not self.n_kv_head:
+            self.n_kv_head = self.n_head
+        if self.flavour == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError("grouped-query attention (n_kv_head < n_head) needs flavour 'modern'")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}")
+        if not self.ffn_hidden:
+            if self.flavour == "gpt2":
+                self.ffn_hidden = 4 * self.n_embd
+            else:  # SwiGLU has three matrices: 8/3*d keeps the parameter count of a 4*d GELU MLP
+                self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in fp32, scale by a learned weight (no bias, no mean)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float):
+    """cos/sin tables for rotary embeddings in Llama's "rotate half" convention.
+
+    positions: (T,) or (B, T) integer tensor -> cos, sin of shape (..., T, head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, filled left to right.
+
+    The engine makes one per generation: ``prefill`` writes the prompt, each decode step appends one
+    position. All rows of a batch share the fill level ``pos``; rows with shorter prompts are padded on
+    the left and masked out through ``attn_mask`` (see ``GPT.forward``)."""
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.depth, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0  # positions already written (advanced by GPT.forward after the last layer)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.size(2)
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.pos}+{t} positions > capacity {self.max_len}")
+        self.k[layer, :, :, self.pos : self.pos + t] = k
+        self.v[layer, :, :, self.pos : self.pos + t] = v
+        return self.k[layer, :, :, : self.pos + t], self.v[layer, :, :, : self.pos + t]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        bias = cfg.flavour == "gpt2"
+        # q, k and v in one matmul: one big GEMM is faster than three small ones
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.proj.is_residual = True
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, attn_mask=None):
+        B, T, _ = x.shape
+        c = self.cfg
+        q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        gqa = c.n_kv_head != c.n_head
+        dropout = c.dropout if self.training else 0.0
+        if attn_mask is None and T > 1 and k.size(2) == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        else:  # a single decode step sees every cached key; otherwise the caller's mask decides
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, c.n_embd)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.flavour == "modern"
+        if self.swiglu:  # gate and up projections fused into one matmul
+            self.fc = nn.Linear(cfg.n_embd, 2 * cfg.ffn_hidden, bias=False)
+            self.proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=False)
+        else:
+            self.fc = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=True)
+            self.proj = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=True)
+        self.proj.is_residual = True
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)) if cfg.flavour == "gpt2" else (lambda: RMSNorm(cfg.n_embd, cfg.norm_eps))
+        self.norm1, self.norm2 = norm(), norm()
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, attn_mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, attn_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.flavour == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
+        self.norm_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.flavour == "gpt2" else RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.flavour == "gpt2":
+            self.lm_head.weight = self.tok_emb.weight  # tied, as in GPT-2
+        self.apply(self._init)
+
+    def _init(self, m):
+        # GPT-2 init: N(0, 0.02); residual projections shrunk by 1/sqrt(2*depth) so the residual
+        # stream's variance does not grow with depth.
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            s = std / math.sqrt(2 * self.cfg.depth) if getattr(m, "is_residual", False) else std
+            nn.init.normal_(m.weight, 0.0, s)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    # ---- counting ----
+    def num_params(self) -> int:
+        """Unique parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight that takes part in a matmul
+        (every Linear, the LM head included; embedding lookups excluded), plus attention's
+        q·k and p·v products, 12 * depth * width * seq_len (the PaLM appendix B convention)."""
+        t = seq_len or self.cfg.block_size
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_params + 12 * self.cfg.depth * self.cfg.n_embd * t
+
+    # ---- forward ----
+    def forward(self, idx, targets=None, cache: KVCache | None = None, positions=None, attn_mask=None,
+                ignore_index: int = -100):
+        """idx: (B, T) token ids.
+
+        positions: (T,) or (B, T) position ids; default ``cache.pos + arange(T)`` (left-padded batches
+        pass their own). attn_mask: bool (B, 1, T, S), True where a query may attend to a key
+        (S = cached + new positions); default causal. With ``targets`` returns the mean cross-entropy
+        over targets != ignore_index; otherwise the logits (B, T, vocab)."""
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device)
+        if past == 0 and cache is None and T > self.cfg.block_size and self.pos_emb is not None:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
+        if attn_mask is None and cache is not None and past > 0 and T > 1:
+            # a chunk appended to a filled cache: query i sees every cached key and new keys <= i
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)

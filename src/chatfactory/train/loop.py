@@ -1,0 +1,305 @@
+"""The one training loop every stage shares.
+
+A stage (pretrain, SFT, reward, …) supplies only what is particular to it, as a ``Stage``:
+``micro_batch(step, micro, rank, world)``, ``loss(model, batch)``, ``evaluate(model)`` and how many
+tokens a micro-batch holds. This loop owns the rest: device and DDP set-up, AdamW with a
+warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast and ``torch.compile`` on
+CUDA, validation, ``metrics.jsonl``, a progress bar with tokens/s and MFU, atomic checkpoints and
+exact resume.
+
+Exact resume rests on two rules: batches are a pure function of the step (the stage's loaders are
+stateless), and the random generators are re-seeded from (seed, step, rank) at the start of every
+step, so nothing random depends on history. A run killed at any moment and restarted continues
+from its last checkpoint and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointError, has_checkpoint, load_checkpoint, load_weights, save_checkpoint, unique_state_dict
+from ..config import TrainConfig
+
+
+# ---------------------------------------------------------------- distributed / device
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist(device: str = "auto") -> Dist:
+    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def autocast_for(d: Dist, dtype: str):
+    if dtype == "auto":
+        dtype = "bfloat16" if d.device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(d.device.type, dtype=getattr(torch, dtype))
+
+
+# ---------------------------------------------------------------- peak FLOP/s for MFU
+# dense bf16 tensor-core peaks (no sparsity), by device-name substring
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a large square matmul on this device in this process (threads as configured)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def peak_flops(device: torch.device, dtype: str) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if dtype != "float32":
+            for key, val in GPU_PEAK_BF16.items():
+                if key in name:
+                    return val
+        return measure_matmul_peak(device, torch.bfloat16 if dtype != "float32" else torch.float32, n=4096)
+    return measure_matmul_peak(device)
+
+
+# ---------------------------------------------------------------- schedule / optimizer
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW; matrices decay, vectors (norms, biases) do not — as in GPT-2/nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the fused kernel does the whole update in one pass over memory (CPU and CUDA)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    s = (seed * 1_000_003 + step * 7919 + rank) % (2**63)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+# ---------------------------------------------------------------- metrics
+class Metrics:
+    """``metrics.jsonl``: one JSON object per line. On resume, lines past the checkpoint are dropped
+    (they belong to work the checkpoint does not hold), along with any torn last line."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        from ..checkpoint import atomic_write_text
+
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+    def log(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- the loop
+class Stage:
+    """What a training stage provides to ``train``. See pretrain.py for the reference example."""
+
+    name = "stage"
+    model_config: dict = {}
+
+    def micro_batch(self, step: int, micro: int, rank: int, world: int):
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokens(self, batch) -> int:
+        raise NotImplementedError
+
+    def evaluate(self, model, d: Dist) -> dict:
+        return {}
+
+
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: Dist | None = None) -> dict:
+    """Train ``model`` for ``cfg.steps`` optimizer steps, resuming from ``stage_dir`` if it holds a
+    checkpoint. Returns the last metrics (train loss and the final evaluation)."""
+    d = d or setup_dist(cfg.device)
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(stage_dir / "metrics.jsonl", d.main)
+    model.to(d.device)
+    opt = make_optimizer(model, cfg, d.device)
+    start, elapsed = 0, 0.0
+
+    if has_checkpoint(stage_dir):
+        weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
+        if state is None:
+            raise CheckpointError(f"{stage_dir / 'state.pt'}: missing, so the run in {stage_dir} cannot resume "
+                                  f"(it holds final weights only; use a new output directory)")
+        load_weights(model, {k: v.to(d.device) for k, v in weights.items()}, str(stage_dir / "model.safetensors"))
+        opt.load_state_dict(state["optimizer"])
+        start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        metrics.truncate_after(start)
+        if d.main and start < cfg.steps:
+            print(f"[{stage.name}] resuming from step {start} in {stage_dir}")
+    if d.world > 1:
+        dist.barrier()  # rank 0 has truncated metrics before anyone writes
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    autocast = autocast_for(d, cfg.dtype)
+
+    flops_tok = raw_model.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw_model, "flops_per_token") else 0
+    peak = float(all_reduce_sum(torch.tensor(peak_flops(d.device, cfg.dtype), dtype=torch.float64)))
+    last: dict = {}
+
+    def checkpoint(step: int) -> None:
+        if d.main:
+            state = {"optimizer": opt.state_dict(), "elapsed": elapsed}
+            info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps}
+            save_checkpoint(stage_dir, unique_state_dict(raw_model), info, state, step)
+        if d.world > 1:
+            dist.barrier()
+
+    def evaluate(step: int) -> None:
+        model.eval()
+        with torch.no_grad(), autocast:
+            res = stage.evaluate(raw_model, d)
+        model.train()
+        if res:
+            metrics.log({"step": step, **res})
+            last.update(res)
+            if d.main and not cfg.progress:
+                print(f"[{stage.name}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, disable=not (d.main and cfg.progress), dynamic_ncols=True)
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        reseed(cfg.seed, step, d.rank)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        n_tok = 0
+        for micro in range(cfg.grad_accum):
+            batch = _to(stage.micro_batch(step, micro, d.rank, d.world), d.device)
+            sync = contextlib.nullcontext() if (d.world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
+            with sync:
+                with autocast:
+                    loss = stage.loss(model, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            n_tok += stage.tokens(batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(n_tok), device=d.device)]).float())
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        done = step + 1
+        train_loss, tokens = stats[0].item() / d.world, stats[1].item()
+        tok_s = tokens / dt
+        mfu = flops_tok * tok_s / peak if peak else 0.0
+        last.update(loss=train_loss)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            metrics.log({"step": done, "loss": round(train_loss, 6), "lr": lr, "grad_norm": float(grad_norm),
+                         "tok_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(elapsed, 3)})
+        bar.set_postfix_str(f"loss {train_loss:.4f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}")
+        bar.update(1)
+        if cfg.eval_every and (done % cfg.eval_every == 0) and done != cfg.steps:
+            evaluate(done)
+        if done == cfg.steps:
+            evaluate(done)
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
+            checkpoint(done)
+    bar.close()
+    last["elapsed"] = elapsed
+    return last
