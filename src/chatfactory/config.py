@@ -55,7 +55,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: off
     eval_every: int = 50  # steps between validation passes (and at the end)
-    eval_batches: int = 8
+    eval_batches: int = 8  # global batches (batch_size * grad_accum * processes sequences each) per validation
     ckpt_every: int = 100  # steps between checkpoints (and at the end)
     log_every: int = 1
     seed: int = 1337

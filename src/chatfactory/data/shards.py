@@ -151,9 +151,10 @@ class PretrainBatches:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-def val_batches(stream: TokenStream, seq_len: int, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
-    """The fixed validation windows, this rank's share, as (x, y) batches."""
-    n = min((len(stream) - 1) // seq_len, batch_size * n_batches * world)
+def val_batches(stream: TokenStream, seq_len: int, batch_size: int, n_windows: int, rank: int = 0, world: int = 1):
+    """The first ``n_windows`` validation windows (a fixed set, whatever the world size), this rank's
+    share, as (x, y) batches."""
+    n = min((len(stream) - 1) // seq_len, n_windows)
     mine = list(range(rank, n, world))
     for i in range(0, len(mine), batch_size):
         rows = np.stack([stream.read(j * seq_len, j * seq_len + seq_len + 1) for j in mine[i : i + batch_size]])

@@ -67,7 +67,9 @@ class PretrainStage(Stage):
         nll = torch.zeros((), dtype=torch.float64)
         n_tok = torch.zeros((), dtype=torch.float64)
         n_bytes = torch.zeros((), dtype=torch.float64)
-        for x, y in val_batches(self.val, self.seq_len, self.tc.batch_size, self.tc.eval_batches, d.rank, d.world):
+        # eval_batches global batches: the same windows for one process or many
+        n_windows = self.tc.eval_batches * self.tc.batch_size * self.tc.grad_accum * d.world
+        for x, y in val_batches(self.val, self.seq_len, self.tc.batch_size, n_windows, d.rank, d.world):
             logits = model(x.to(d.device))
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(d.device).flatten(), reduction="sum")
             nll += loss.double().cpu()

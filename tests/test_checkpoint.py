@@ -1,0 +1,64 @@
+"""Atomic checkpoints: round trip, clear errors on damage, recovery from a save cut short."""
+import os
+
+import pytest
+import torch
+
+from chatfactory.checkpoint import (CheckpointError, MODEL, STATE, load_checkpoint, load_model, save_checkpoint,
+                                    unique_state_dict)
+from chatfactory.model import GPT, GPTConfig
+
+
+def _save(tmp_path, step=5, flavour="gpt2"):
+    cfg = GPTConfig(flavour=flavour, depth=1, vocab_size=64, block_size=16)
+    model = GPT(cfg)
+    save_checkpoint(tmp_path, unique_state_dict(model), {"model": cfg.to_dict()}, {"optimizer": {}, "x": 1}, step)
+    return model
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "modern"])
+def test_round_trip_keeps_weights_and_ties(tmp_path, flavour):
+    model = _save(tmp_path, flavour=flavour)
+    loaded, info = load_model(tmp_path)
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    if flavour == "gpt2":
+        assert loaded.lm_head.weight is loaded.tok_emb.weight
+    _, _, state = load_checkpoint(tmp_path, with_state=True)
+    assert state["step"] == 5 and state["x"] == 1
+
+
+def test_truncated_weights_error_names_the_file(tmp_path):
+    _save(tmp_path)
+    p = tmp_path / MODEL
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=str(p)):
+        load_checkpoint(tmp_path)
+
+
+def test_corrupt_state_error_names_the_file(tmp_path):
+    _save(tmp_path)
+    p = tmp_path / STATE
+    p.write_bytes(p.read_bytes()[: os.path.getsize(p) // 2])
+    with pytest.raises(CheckpointError, match=str(p)):
+        load_checkpoint(tmp_path, with_state=True)
+
+
+def test_interrupted_save_rolls_forward_or_back(tmp_path):
+    _save(tmp_path, step=5)
+    # a complete set of temps from a save cut short between renames: finished on load
+    save_checkpoint(tmp_path / "next", *_parts(step=9))
+    for name in os.listdir(tmp_path / "next"):
+        os.replace(tmp_path / "next" / name, tmp_path / (name + ".tmp"))
+    os.replace(tmp_path / (MODEL + ".tmp"), tmp_path / MODEL)  # the first rename had happened
+    _, _, state = load_checkpoint(tmp_path, with_state=True)
+    assert state["step"] == 9 and not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+    # a torn temp (the process died while writing it): discarded, the old checkpoint stands
+    (tmp_path / (STATE + ".tmp")).write_bytes(b"PK\x03\x04 torn")
+    _, _, state = load_checkpoint(tmp_path, with_state=True)
+    assert state["step"] == 9 and not (tmp_path / (STATE + ".tmp")).exists()
+
+
+def _parts(step):
+    cfg = GPTConfig(flavour="gpt2", depth=1, vocab_size=64, block_size=16)
+    return unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()}, {"optimizer": {}}, step

@@ -1,0 +1,37 @@
+"""Typed config: presets, overrides, and errors that name the bad key."""
+import pytest
+
+from chatfactory.config import load_config
+
+
+def test_preset_and_overrides_are_typed():
+    cfg = load_config("tiny", ["pretrain.steps=7", "pretrain.lr=1e-3", "model.depth=3", "pretrain.compile=false"])
+    assert cfg.pretrain.steps == 7 and cfg.pretrain.lr == 1e-3 and cfg.pretrain.compile is False
+    assert cfg.model.depth == 3 and cfg.model.n_embd == 3 * cfg.model.aspect
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown config key 'pretrain\.stepz'"):
+        load_config("tiny", ["pretrain.stepz=5"])
+    with pytest.raises(ValueError, match=r"unknown config section 'pretrian'"):
+        load_config("tiny", ["pretrian.steps=5"])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("model:\n  depth: 2\n  widht: 64\n")
+    with pytest.raises(ValueError, match=r"mine\.yaml.*'model\.widht'"):
+        load_config(str(f))
+
+
+def test_bad_values_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"pretrain\.steps.*'ten'"):
+        load_config("tiny", ["pretrain.steps=ten"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config("tiny", ["steps=10"])
+    f = tmp_path / "t.yaml"
+    f.write_text("pretrain:\n  steps: [1, 2]\n")
+    with pytest.raises(ValueError, match=r"pretrain\.steps must be int"):
+        load_config(str(f))
+    with pytest.raises(FileNotFoundError, match="no config file or preset"):
+        load_config("no-such-preset")
