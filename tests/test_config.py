@@ -35,3 +35,12 @@ def test_bad_values_are_named(tmp_path):
         load_config(str(f))
     with pytest.raises(FileNotFoundError, match="no config file or preset"):
         load_config("no-such-preset")
+
+
+def test_every_preset_loads():
+    from chatfactory.config import CONFIG_DIR
+
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"tiny", "demo", "shakespeare", "gpt2-124m"} <= set(presets)
+    for name in presets:
+        load_config(name)
