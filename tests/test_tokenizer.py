@@ -59,3 +59,29 @@ def test_save_and_load(tmp_path, tok):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         Tokenizer.load(tmp_path / "bad.json")
+
+
+def test_chat_template_masks_assistant_text_and_end_only(tok):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}]
+    ids, mask = tok.render_chat(conv)
+    sp, enc = tok.special, tok.encode
+    expect = ([sp["<|bos|>"], sp["<|system|>"]] + enc("Be brief.") + [sp["<|end|>"], sp["<|user|>"]] + enc("hi")
+              + [sp["<|end|>"], sp["<|assistant|>"]] + enc("hello") + [sp["<|end|>"], sp["<|user|>"]] + enc("2+2?")
+              + [sp["<|end|>"], sp["<|assistant|>"]] + enc("4") + [sp["<|end|>"]])
+    assert ids == expect and len(mask) == len(ids)
+    # exactly the assistant texts and their closing <|end|> are trained on
+    assert [i for i, m in zip(ids, mask) if m] == enc("hello") + [sp["<|end|>"]] + enc("4") + [sp["<|end|>"]]
+    prompt = tok.chat_prompt(conv[:4])
+    assert prompt == expect[: len(prompt) - 1] + [sp["<|assistant|>"]]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "non-empty"), ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
+    ([{"role": "user", "content": 3}], "string 'content'"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "only come first"),
+])
+def test_chat_template_rejects_bad_conversations(tok, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tok.render_chat(bad)

@@ -9,6 +9,16 @@ Chinese, emoji, code — encodes and decodes losslessly; no unknown token exists
 
 ``encode`` never produces a special token, even if the text spells one out (``"<|end|>"`` typed by a
 user stays ordinary text); special ids are placed only by code, e.g. the chat template.
+
+The chat template (one place; the export's Jinja template renders the same ids)::
+
+    <|bos|> [<|system|> text <|end|>] ( <|user|> text <|end|> <|assistant|> text <|end|> )*
+
+    ids, mask = tok.render_chat(messages)       # mask 1 on assistant text and its <|end|> only
+    prompt = tok.chat_prompt(messages)           # ... <|user|> text <|end|> <|assistant|>  (generate from here)
+
+Generation stops at ``<|end|>``. A conversation is a list of ``{"role": "system"|"user"|"assistant",
+"content": str}``; a system message may appear only first.
 """
 
 from __future__ import annotations
@@ -20,6 +30,20 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages, where: str = "messages") -> None:
+    """Raise ValueError naming what is wrong with a conversation (roles, types, system placement)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}[{i}]: a message needs a string 'role' and a string 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}[{i}]: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"{where}[{i}]: a system message may only come first")
 
 
 class Tokenizer:
@@ -81,6 +105,29 @@ class Tokenizer:
         for tok in SPECIAL_TOKENS:
             pieces = [p for chunk in pieces for p in _split_keep(chunk, tok)]
         return pieces
+
+    # ---- chat template ----
+    def render_chat(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """A conversation -> (ids, loss mask). The mask is 1 on every assistant message's text and its
+        closing ``<|end|>`` and 0 elsewhere (role tokens, system and user text). With
+        ``add_generation_prompt`` an open ``<|assistant|>`` is appended (mask 0)."""
+        check_messages(messages)
+        sp = self.special
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            body = self.encode(m["content"]) + [self.end_id]
+            ids.append(sp[f"<|{m['role']}|>"])
+            mask.append(0)
+            ids += body
+            mask += [1 if m["role"] == "assistant" else 0] * len(body)
+        if add_generation_prompt:
+            ids.append(sp["<|assistant|>"])
+            mask.append(0)
+        return ids, mask
+
+    def chat_prompt(self, messages) -> list[int]:
+        """Ids of a conversation followed by an open assistant turn: what generation continues."""
+        return self.render_chat(messages, add_generation_prompt=True)[0]
 
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
