@@ -240,14 +240,13 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * self.cfg.depth * self.cfg.n_embd * t
 
     # ---- forward ----
-    def forward(self, idx, targets=None, cache: KVCache | None = None, positions=None, attn_mask=None,
-                ignore_index: int = -100):
-        """idx: (B, T) token ids.
+    def hidden_states(self, idx, cache: KVCache | None = None, positions=None, attn_mask=None):
+        """idx: (B, T) token ids -> the final-normed hidden states (B, T, n_embd), before the LM head.
 
+        Heads other than the LM head (the reward model's and the critic's scalar head) read these.
         positions: (T,) or (B, T) position ids; default ``cache.pos + arange(T)`` (left-padded batches
         pass their own). attn_mask: bool (B, 1, T, S), True where a query may attend to a key
-        (S = cached + new positions); default causal. With ``targets`` returns the mean cross-entropy
-        over targets != ignore_index; otherwise the logits (B, T, vocab)."""
+        (S = cached + new positions); default causal."""
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if positions is None:
@@ -268,10 +267,15 @@ class GPT(nn.Module):
             x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.pos += T
-        x = self.norm_f(x)
+        return self.norm_f(x)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None, positions=None, attn_mask=None,
+                ignore_index: int = -100):
+        """idx: (B, T) token ids; arguments as in ``hidden_states``. With ``targets`` returns the mean
+        cross-entropy over targets != ignore_index; otherwise the logits (B, T, vocab)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, positions, attn_mask))
         if targets is None:
-            return self.lm_head(x)
-        logits = self.lm_head(x)
+            return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
