@@ -2,6 +2,7 @@
 
 A source spec (``data.source``) is one of:
   ``embedded``                    the built-in text (see ``embedded.py``), no file needed
+  ``embedded+tasks``              the same, with the task generators' text mixed in (``tasks.py``)
   ``path/to/file.txt``            the whole file is one document
   ``path/to/file.jsonl[.gz]``     one JSON object per line; ``data.text_key`` holds the text
   ``path/to/file.parquet``        a column named ``data.text_key`` (needs ``pyarrow``)
@@ -96,6 +97,12 @@ def _one_source(spec: str, cfg: DataConfig) -> Iterator[str]:
         from .embedded import embedded_texts
 
         yield from embedded_texts()
+    elif spec == "embedded+tasks":
+        from .embedded import embedded_texts
+        from .tasks import interleave, pretrain_texts
+
+        # task text spread evenly through the documents, so the validation tail holds both kinds
+        yield from interleave(list(embedded_texts()), pretrain_texts())
     elif spec.startswith("hf:"):
         yield from _hf_texts(spec, cfg.text_key, cfg.hf_split)
     else:
