@@ -46,6 +46,15 @@ def cmd_pretrain(a):
         print("pretrain: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
 
 
+def cmd_sft(a):
+    from .config import load_config
+    from .train.sft import run_sft
+
+    res = run_sft(load_config(a.config, a.overrides), a.out)
+    if res:
+        print("sft: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+
+
 def cmd_sample(a):
     import torch
 
@@ -74,6 +83,58 @@ def cmd_sample(a):
     sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
 
 
+def cmd_export(a):
+    from .hf import export_run
+
+    print(f"wrote {export_run(a.run, a.stage, a.to)} (load with transformers.AutoModelForCausalLM / AutoTokenizer)")
+
+
+def cmd_import(a):
+    from .hf import import_hf
+
+    res = import_hf(getattr(a, "from"), a.out, a.stage)
+    print(f"imported {res['flavour']} model into {res['stage_dir']} (vocab {res['vocab_size']}, added {', '.join(res['added_tokens']) or 'no tokens'})")
+
+
+def cmd_eval(a):
+    from .eval.cli import run_eval
+
+    run_eval(a)
+
+
+def cmd_serve(a):
+    from .serve.api import serve
+
+    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots)
+
+
+def cmd_feedback(a):
+    from .serve.feedback import export_run
+
+    out, n = export_run(a.run, a.out)
+    print(f"{out}: {n} comparison pairs (read by the reward and DPO stages)")
+
+
+def _add_serve_parsers(sub):
+    import os
+
+    p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API (/v1), web chat UI (/), feedback store")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--stage", default=None, help="which weights: sft, ppo, … (default: the last trained)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("CHATFACTORY_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $CHATFACTORY_API_KEY, else none)")
+    p.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("feedback", help="human feedback collected by `serve`: export it as comparisons JSONL")
+    fsub = p.add_subparsers(dest="action", required=True, metavar="action")
+    e = fsub.add_parser("export", help="write runs/NAME/feedback_comparisons.jsonl ({prompt, chosen, rejected})")
+    e.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    e.add_argument("--out", default=None, help="output JSONL (default: RUN/feedback_comparisons.jsonl)")
+    e.set_defaults(fn=cmd_feedback)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatfactory", description=__doc__.split("\n\n")[0].strip("`: "),
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a GPT on raw text (next-token prediction); resumes if interrupted")
     _add_config_args(p)
     p.set_defaults(fn=cmd_pretrain)
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_sft)
     p = sub.add_parser("sample", help="continue a text prompt with a trained model")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="which weights: pretrain, sft, ppo, … (default: the last trained)")
@@ -94,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout)")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--stage", default="sft", help="which weights: pretrain, sft, ppo, … or a stage directory (default: sft)")
+    p.add_argument("--to", required=True, help="output directory (config.json, model.safetensors, tokenizer, chat template)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("import", help="bring a local Hugging Face GPT-2 / Llama-layout model and tokenizer into a run")
+    p.add_argument("--from", required=True, help="Hugging Face model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")
+    p.add_argument("--stage", default="pretrain", help="stage name to write (default: pretrain)")
+    p.set_defaults(fn=cmd_import)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub, cmd_eval)
+    _add_serve_parsers(sub)
     return ap
 
 

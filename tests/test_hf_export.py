@@ -1,0 +1,166 @@
+"""Hugging Face export and import: the exported directory loads in plain transformers (no custom code)
+with the same logits, the same chat-template ids and the same greedy tokens; HF GPT-2 / Llama models
+built from a config import into a run and round-trip."""
+import json
+
+import pytest
+import torch
+
+from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
+from chatfactory.cli import main as cli_main
+from chatfactory.engine import Engine, SamplingParams
+from chatfactory.hf import export_run, import_hf
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["Hello world, this is a small test of the tokenizer and the template. " * 3,
+         "The quick brown fox jumps over the lazy dog; 12 + 30 = 42. Ünïcödé 世界 🙂"] * 20
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": " the quick fox"}, {"role": "user", "content": "what is 12 + 30?\n"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXTS, vocab_size=320)
+
+
+def _make_run(tmp_path, tok, flavour):
+    torch.manual_seed(0)
+    # a large init std makes greedy decoding wander over many tokens, so a mismatch would show
+    cfg = GPTConfig(flavour=flavour, depth=2, n_embd=64, n_head=2, n_kv_head=1 if flavour == "modern" else 0,
+                    vocab_size=384, block_size=96, init_std=0.3)
+    model = GPT(cfg).eval()
+    run = tmp_path / f"run_{flavour}"
+    tok.save(run / "tokenizer.json")
+    save_checkpoint(run / "sft", unique_state_dict(model), {"model": cfg.to_dict()})
+    return run, model
+
+
+def _ids(x):
+    return list(x["input_ids"] if not isinstance(x, list) else x)
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "modern"])
+def test_export_loads_in_transformers_with_same_logits_template_and_greedy_tokens(tmp_path, tok, flavour):
+    run, model = _make_run(tmp_path, tok, flavour)
+    out = tmp_path / "hf"
+    assert cli_main(["export", "--run", str(run), "--stage", "sft", "--to", str(out)]) == 0
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).exists(), f
+    assert "auto_map" not in json.loads((out / "config.json").read_text())  # no custom code
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    htok = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(hf).__name__ == ("GPT2LMHeadModel" if flavour == "gpt2" else "LlamaForCausalLM")
+    assert (htok.bos_token, htok.eos_token, htok.pad_token) == ("<|bos|>", "<|end|>", "<|pad|>")
+    assert hf.generation_config.eos_token_id == tok.end_id
+
+    # the chat template renders exactly our ids, with and without the generation prompt
+    prompt = _ids(htok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True))
+    assert prompt == tok.chat_prompt(CHAT)
+    assert prompt[-1] == tok.special["<|assistant|>"]
+    full = CHAT + [{"role": "assistant", "content": "42"}]
+    assert _ids(htok.apply_chat_template(full, tokenize=True)) == tok.render_chat(full)[0]
+    # plain text opens with <|bos|> as our pretraining documents do
+    assert htok("The quick fox").input_ids == [tok.bos_id] + tok.encode("The quick fox")
+    assert htok.decode(tok.encode("Ünïcödé 世界 🙂")) == "Ünïcödé 世界 🙂"
+
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        diff = (hf(idx).logits - model(idx)).abs().max().item()
+        assert diff < 1e-4, diff
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    ours = Engine(model).generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop_ids=(tok.end_id,)))[0]
+    assert len(set(ours)) > 3  # not a degenerate repeat of one token
+    assert theirs == ours
+
+
+def test_export_errors_name_the_problem(tmp_path, tok):
+    run, _ = _make_run(tmp_path, tok, "gpt2")
+    with pytest.raises(Exception, match="model.safetensors"):
+        export_run(run, "ppo", tmp_path / "x")  # no such stage
+    (run / "sft" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(Exception, match=r"sft/model.safetensors.*(corrupt|truncated)"):
+        export_run(run, "sft", tmp_path / "x")
+
+
+def _hf_byte_level_tokenizer(path):
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = HFTok(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return t.get_vocab_size()
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_import_random_hf_model_round_trips(tmp_path, flavour):
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    n_tok = _hf_byte_level_tokenizer(src)
+    V = 304 if flavour == "gpt2" else n_tok  # gpt2: a padded table with spare rows; llama: exactly the tokenizer
+    if flavour == "gpt2":
+        hcfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                       bos_token_id=0, eos_token_id=0)
+        hf = transformers.GPT2LMHeadModel(hcfg).eval()
+    else:
+        hcfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False)
+        hf = transformers.LlamaForCausalLM(hcfg).eval()
+    hf.save_pretrained(src)
+    run = tmp_path / "run"
+    assert cli_main(["import", "--from", str(src), "--out", str(run)]) == 0
+
+    ours, info = load_model(run / "pretrain")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    assert info["added_tokens"] == SPECIAL_TOKENS
+    # the new special tokens come after the foreign vocabulary, which keeps its ids
+    assert sorted(tok.special.values()) == list(range(n_tok, n_tok + len(SPECIAL_TOKENS)))
+    assert ours.cfg.vocab_size == max(V, n_tok + len(SPECIAL_TOKENS))
+    text = "The quick brown fox jumps"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    assert tok.encode(text) == hf_tok(text, add_special_tokens=False).input_ids
+    idx = torch.tensor([tok.encode(text) + [tok.end_id]])
+    with torch.no_grad():
+        theirs = hf(idx[:, :-1]).logits
+        mine = ours(idx)
+    # every token of the foreign vocabulary keeps its logit (spare rows past it were reused for the specials)
+    assert (mine[:, :-1, :n_tok] - theirs[..., :n_tok]).abs().max().item() < 1e-4
+    # new rows are the mean embedding: their logits are ordinary, not garbage
+    new = mine[0, :, n_tok:n_tok + len(SPECIAL_TOKENS)]
+    assert new.abs().max() < mine[0].abs().max() + 1e-6
+
+    # and out again: the re-exported model agrees with ours on every column
+    out = tmp_path / "back"
+    export_run(run, "pretrain", out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (back(idx).logits - mine).abs().max().item() < 1e-4
+
+
+def test_import_errors_name_the_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        import_hf(src, tmp_path / "run")
+    (src / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"config.json.*bert"):
+        import_hf(src, tmp_path / "run")
+    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 2,
+                                                 "vocab_size": 300, "n_positions": 32}))
+    (src / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        import_hf(src, tmp_path / "run")
+    (src / "model.safetensors").write_bytes(b"\x01" * 20)
+    with pytest.raises(ValueError, match="model.safetensors.*corrupt"):
+        import_hf(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing half-written
