@@ -1,0 +1,649 @@
+"""An OpenAI-compatible HTTP server for a chatfactory run, with a web chat UI and feedback.
+
+    chatfactory serve --run runs/NAME [--stage ppo] [--host 127.0.0.1 --port 8000 --api-key KEY]
+
+Existing clients work unchanged (the ``openai`` SDK, chat front ends, evaluation harnesses)::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
+    client.chat.completions.create(model="NAME/sft", messages=[{"role": "user", "content": "Hi"}])
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream via SSE), ``POST /v1/completions``
+(``logprobs`` and ``echo``: with ``echo=true, max_tokens=0`` it scores the prompt, as lm-eval's
+``local-completions`` needs), ``POST /v1/feedback`` (see serve/feedback.py), ``GET /health``, and the
+web UI at ``/``. Bad requests get OpenAI's error JSON with a 4xx status; with ``--api-key`` every
+``/v1/`` request needs ``Authorization: Bearer KEY``. Generation goes through the continuous-batching
+scheduler (batching.py): concurrent requests share the model's decode steps, and a client that
+disconnects frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..batching import QueueFull, Request, Scheduler, Step
+from ..engine import SamplingParams
+from ..tokenizer import ROLES, Tokenizer
+from .feedback import FILENAME as FEEDBACK_FILE
+from .feedback import FeedbackStore
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 256
+    max_message_chars: int = 32_000
+    max_n: int = 8
+    max_stop: int = 4
+    max_prompts: int = 64  # prompts in one /v1/completions call
+    max_logprobs: int = 20
+
+
+class APIError(Exception):
+    """Becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class Service:
+    """What the endpoints need: the tokenizer, the scheduler (which owns the model), names, limits."""
+
+    def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
+                 api_key: str | None = None, slots: int = 16, limits: Limits | None = None, scheduler=None):
+        self.model, self.tok, self.name, self.stage = model, tok, name, stage
+        self.block_size = model.cfg.block_size
+        self.scheduler = scheduler if scheduler is not None else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size)
+        self.feedback = FeedbackStore(feedback_path) if feedback_path else None
+        self.api_key = api_key or None
+        self.limits = limits or Limits()
+        self.created = int(time.time())
+        # every special token ends a reply: a model that opens a new turn or document has finished
+        self.stop_ids = tuple(sorted(tok.special.values()))
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    @torch.no_grad()
+    def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Log-probability of each ids[i] given ids[:i] (i >= 1), and the ``top`` likeliest ids there."""
+        x = torch.tensor([ids], device=next(self.model.parameters()).device)
+        logp = torch.log_softmax(self.model(x)[0, :-1, : self.tok.vocab_size].float(), -1)  # as sampling does
+        target = x[0, 1:]
+        lps = logp.gather(1, target[:, None])[:, 0].tolist()
+        tops = [[]] * len(lps)
+        if top > 0:
+            vals, idx = logp.topk(min(top, logp.size(-1)), -1)
+            tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        return lps, tops
+
+
+def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16) -> Service:
+    from ..checkpoint import latest_stage, load_model
+
+    run_dir = Path(run_dir)
+    stage = stage or latest_stage(run_dir)
+    model, _ = load_model(run_dir / stage)
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only {model.cfg.vocab_size}")
+    return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots)
+
+
+# ---------------------------------------------------------------- request validation
+
+def _field(body: dict, key: str, types, default=None, *, check=None, why: str = ""):
+    """body[key] if present and of the right JSON type (bool is never a number), else APIError 400."""
+    v = body.get(key)
+    if v is None:
+        return default
+    numeric = types in (int, float, (int, float))
+    if (numeric and isinstance(v, bool)) or not isinstance(v, types if types is not float else (int, float)):
+        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+        raise APIError(400, f"'{key}' must be {names.get(types, 'a number')}, got {type(v).__name__}", key, "invalid_type")
+    if check is not None and not check(v):
+        raise APIError(400, f"'{key}' {why} (got {v!r})", key, "invalid_value")
+    return v
+
+
+def _stops(body: dict, lim: Limits) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(stops) > lim.max_stop:
+        raise APIError(400, f"'stop' takes at most {lim.max_stop} sequences, got {len(stops)}", "stop", "invalid_value")
+    return [s for s in stops if s]
+
+
+def _sampling(body: dict, lim: Limits) -> dict:
+    """The sampling settings shared by both completion endpoints (unknown extra keys are ignored)."""
+    top_k = _field(body, "top_k", int, 0, check=lambda v: v >= -1, why="must be >= 0 (0 or -1: off)")
+    rep = _field(body, "repetition_penalty", float, 1.0, check=lambda v: 0 < v <= 10, why="must be in (0, 10]")
+    return dict(
+        temperature=float(_field(body, "temperature", float, 1.0, check=lambda v: 0 <= v <= 2, why="must be between 0 and 2")),
+        top_p=float(_field(body, "top_p", float, 1.0, check=lambda v: 0 < v <= 1, why="must be in (0, 1]")),
+        top_k=max(0, top_k), repetition_penalty=float(rep),
+        seed=_field(body, "seed", int, None),
+        n=_field(body, "n", int, 1, check=lambda v: 1 <= v <= lim.max_n, why=f"must be between 1 and {lim.max_n}"),
+        stream=_field(body, "stream", bool, False),
+        stop=_stops(body, lim),
+    )
+
+
+def _content(m: dict, i: int) -> str:
+    c = m.get("content")
+    if isinstance(c, list):  # OpenAI's content parts: only text parts can mean anything to this model
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+            raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content", "invalid_value")
+        return "".join(p["text"] for p in c)
+    if not isinstance(c, str):
+        raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
+    return c
+
+
+def _messages(body: dict, lim: Limits) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        raise APIError(400, "'messages' is required and must be a list", "messages", "invalid_type" if msgs is not None else "missing")
+    if not msgs:
+        raise APIError(400, "'messages' must not be empty", "messages", "invalid_value")
+    if len(msgs) > lim.max_messages:
+        raise APIError(400, f"'messages' has {len(msgs)} entries; the limit is {lim.max_messages}", "messages", "too_many_messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        role = m.get("role")
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                           f"messages[{i}].role", "invalid_value")
+        if role == "system" and i != 0:
+            raise APIError(400, f"messages[{i}]: a system message may only come first", f"messages[{i}].role", "invalid_value")
+        text = _content(m, i)
+        if len(text) > lim.max_message_chars:
+            raise APIError(400, f"messages[{i}].content has {len(text)} characters; the limit is {lim.max_message_chars}",
+                           f"messages[{i}].content", "message_too_long")
+        out.append({"role": role, "content": text})
+    return out
+
+
+def _max_tokens(body: dict, prompt_len: int, block: int, default: int | None, allow_zero: bool = False) -> int:
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    lo = 0 if allow_zero else 1
+    asked = _field(body, key, int, None, check=lambda v: v >= lo, why=f"must be >= {lo}")
+    if prompt_len >= block:
+        raise APIError(400, f"This model's maximum context length is {block} tokens; the prompt has {prompt_len}.",
+                       "messages" if "messages" in body else "prompt", "context_length_exceeded")
+    room = block - prompt_len
+    if asked is None:
+        return min(default, room) if default is not None else room
+    if asked > room:
+        raise APIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
+                       f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
+                       key, "context_length_exceeded")
+    return asked
+
+
+# ---------------------------------------------------------------- text out
+
+class Detokenizer:
+    """Token ids -> text deltas, whole characters only, cut at the first stop string.
+
+    Text that could still turn out to be the start of a stop string is held back until it cannot."""
+
+    def __init__(self, tok: Tokenizer, stops: list[str]):
+        self.tok, self.stops = tok, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token: int | None, final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        if token is not None:
+            self.text += self.utf8.decode(self.tok.decode_bytes([token]))
+        if final:
+            self.text += self.utf8.decode(b"", final=True)
+        cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        end = len(self.text) if (final or self.stopped) else len(self.text) - self.hold
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+
+class Choice:
+    """One sampled answer being collected (one of ``n``)."""
+
+    def __init__(self, index: int, tok: Tokenizer, stops: list[str], stop_ids: tuple[int, ...]):
+        self.index, self.tok, self.stop_ids = index, tok, stop_ids
+        self.detok = Detokenizer(tok, stops)
+        self.tokens: list[int] = []
+        self.logprobs: list[tuple[int, float | None, list | None]] = []
+        self.finish: str | None = None
+        self.req: Request | None = None
+
+    def feed(self, step: Step) -> str:
+        """Take the scheduler's Step -> new text for the client ('' if none yet)."""
+        text = ""
+        if step.token is not None:
+            self.tokens.append(step.token)
+            if step.token not in self.stop_ids:
+                text = self.detok.add(step.token)
+                self.logprobs.append((step.token, step.logprob, step.top))
+        if self.detok.stopped:  # a stop string: the rest of this answer is not wanted
+            self.finish = "stop"
+            if self.req is not None:
+                self.req.cancel()
+        elif step.finish:
+            text += self.detok.add(None, final=True)
+            self.finish = step.finish if step.finish in ("stop", "length") else step.finish
+            if self.detok.stopped:
+                self.finish = "stop"
+        return text
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(svc: Service):
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        svc.close()
+
+    app = FastAPI(title="chatfactory", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    lim = svc.limits
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e):  # a bug must still answer in the shape clients parse
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):  # unknown paths and methods: OpenAI-shaped too
+        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body(),
+                            status_code=e.status_code)
+
+    @app.middleware("http")
+    async def _auth(request, call_next):
+        if svc.api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {svc.api_key}".encode()):
+                msg = "Missing API key: send 'Authorization: Bearer KEY'." if not got else "Incorrect API key."
+                return JSONResponse(APIError(401, msg, code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    async def read_json(request) -> dict:
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > lim.max_body_bytes:
+            raise APIError(413, f"request body of {size} bytes is over the {lim.max_body_bytes}-byte limit", code="body_too_large")
+        raw = await request.body()
+        if len(raw) > lim.max_body_bytes:
+            raise APIError(413, f"request body of {len(raw)} bytes is over the {lim.max_body_bytes}-byte limit", code="body_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the JSON body must be an object", code="invalid_json")
+        model = body.get("model")
+        if model is not None and model != svc.name:
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {svc.name!r}.", "model", "model_not_found")
+        return body
+
+    def submit(prompt: list[int], params: SamplingParams, choice: Choice, queue: asyncio.Queue, logprobs=None):
+        loop = asyncio.get_running_loop()
+        req = Request(prompt, params, emit=lambda st: loop.call_soon_threadsafe(queue.put_nowait, (choice, st)),
+                      logprobs=logprobs)
+        choice.req = req
+        try:
+            svc.scheduler.submit(req)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry later", code="server_busy") from None
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+
+    def start(prompts: list[list[int]], s: dict, max_tokens: int, logprobs=None) -> tuple[list[Choice], asyncio.Queue]:
+        """Submit n samples of each prompt -> the choices (index = prompt * n + sample) and their queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        choices = []
+        try:
+            for pi, prompt in enumerate(prompts):
+                for j in range(s["n"]):
+                    c = Choice(len(choices), svc.tok, s["stop"], svc.stop_ids)
+                    choices.append(c)
+                    seed = None if s["seed"] is None else s["seed"] + j  # n samples must differ
+                    p = SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                       repetition_penalty=s["repetition_penalty"], seed=seed, stop_ids=svc.stop_ids)
+                    submit(prompt, p, c, queue, logprobs)
+        except APIError:
+            cancel(choices)
+            raise
+        return choices, queue
+
+    def cancel(choices):
+        for c in choices:
+            if c.req is not None and not c.req.finished:
+                c.req.cancel()
+
+    async def events(choices, queue, request=None):
+        """(choice, new text) as tokens arrive, until every choice has finished. Always cancels the
+        choices' requests when left early (client gone, error), which frees their slots."""
+        try:
+            while any(c.finish is None for c in choices):
+                try:
+                    c, st = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                if c.finish is not None:
+                    continue  # late Steps of an answer already cut by a stop string
+                text = c.feed(st)
+                if c.finish and c.finish.startswith("error"):
+                    raise APIError(500, f"generation failed: {c.finish}", code="engine_error")
+                yield c, text, st
+        finally:
+            cancel(choices)
+
+    def usage(prompts, choices) -> dict:
+        p = sum(len(x) for x in prompts)
+        c = sum(len(ch.tokens) for ch in choices)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def finish_reason(c: Choice) -> str:
+        return c.finish if c.finish in ("stop", "length") else "abort"
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def stream_response(gen):
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- routes ----
+    @app.get("/health")
+    async def health():
+        sch = svc.scheduler
+        return {"status": "ok", "model": svc.name, "active": sch.active(), "waiting": len(sch.waiting)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
+                                             "owned_by": "chatfactory", "max_model_len": svc.block_size}]}
+
+    def chat_logprobs(c: Choice, top: int):
+        out = []
+        for t, lp, alts in c.logprobs:
+            piece = svc.tok.decode_bytes([t])
+            out.append({"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece),
+                        "top_logprobs": [{"token": svc.tok.decode([i]), "logprob": v, "bytes": list(svc.tok.decode_bytes([i]))}
+                                         for i, v in (alts or [])[:top]]})
+        return {"content": out}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        body = await read_json(request)
+        msgs = _messages(body, lim)
+        s = _sampling(body, lim)
+        want_lp = _field(body, "logprobs", bool, False)
+        top_lp = _field(body, "top_logprobs", int, 0, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
+        include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        prompt = svc.tok.chat_prompt(msgs)
+        max_tokens = _max_tokens(body, len(prompt), svc.block_size, None)
+        choices, queue = start([prompt], s, max_tokens, logprobs=top_lp if want_lp else None)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name}
+
+        if not s["stream"]:
+            async for _ in events(choices, queue, request):
+                pass
+            if any(c.finish is None for c in choices):
+                return JSONResponse({}, status_code=499)  # the client went away; nobody reads this
+            return {"id": rid, "object": "chat.completion", "created": created, "model": svc.name,
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.detok.text},
+                                 "logprobs": chat_logprobs(c, top_lp) if want_lp else None,
+                                 "finish_reason": finish_reason(c)} for c in choices],
+                    "usage": usage([prompt], choices)}
+
+        async def gen():
+            for c in choices:
+                yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+            try:
+                async for c, text, st in events(choices, queue):
+                    lp = None
+                    if want_lp and st.token is not None and st.token not in svc.stop_ids and text:
+                        one = Choice(c.index, svc.tok, [], svc.stop_ids)
+                        one.logprobs = [c.logprobs[-1]]
+                        lp = chat_logprobs(one, top_lp)
+                    if text:
+                        yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]})
+                    if c.finish:
+                        yield sse({**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
+                                                        "finish_reason": finish_reason(c)}]})
+            except APIError as e:
+                yield sse(e.body())
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage([prompt], choices)})
+            yield "data: [DONE]\n\n"
+
+        return stream_response(gen())
+
+    def completion_prompts(body) -> list[tuple[list[int], int]]:
+        """-> (ids fed to the model, how many of them are a conditioning <|bos|> not shown to the client)."""
+        p = body.get("prompt")
+        if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
+            p = [p]
+        if not isinstance(p, list) or not p:
+            raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+                           "prompt", "invalid_type" if p is not None else "missing")
+        if len(p) > lim.max_prompts:
+            raise APIError(400, f"'prompt' holds {len(p)} prompts; the limit is {lim.max_prompts}", "prompt", "invalid_value")
+        out = []
+        for i, x in enumerate(p):
+            if isinstance(x, str):
+                if len(x) > lim.max_message_chars:
+                    raise APIError(400, f"prompt[{i}] has {len(x)} characters; the limit is {lim.max_message_chars}", "prompt", "message_too_long")
+                ids = svc.tok.encode(x)
+            elif isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                ids = list(x)
+                bad = [t for t in ids if not 0 <= t < svc.model.cfg.vocab_size]
+                if bad:
+                    raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary", "prompt", "invalid_value")
+            else:
+                raise APIError(400, f"prompt[{i}] must be a string or a list of token ids", "prompt", "invalid_type")
+            # documents begin with <|bos|> in pretraining: condition on it, but do not echo it
+            if not ids or ids[0] != svc.tok.bos_id:
+                out.append(([svc.tok.bos_id] + ids, 1))
+            else:
+                out.append((ids, 0))
+        return out
+
+    def legacy_logprobs(ids: list[int], lps: list[float | None], tops: list, start_offset: int) -> dict:
+        tokens, offsets, top_out = [], [], []
+        utf8, off = codecs.getincrementaldecoder("utf-8")("replace"), start_offset
+        for t, alts in zip(ids, tops):
+            tokens.append(svc.tok.decode([t]))
+            offsets.append(off)
+            off += len(utf8.decode(svc.tok.decode_bytes([t])))
+            top_out.append(None if alts is None else {svc.tok.decode([i]): v for i, v in alts})
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out, "text_offset": offsets}
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = await read_json(request)
+        s = _sampling(body, lim)
+        echo = _field(body, "echo", bool, False)
+        logprobs = _field(body, "logprobs", int, None, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
+        prompts = completion_prompts(body)
+        longest = max(len(ids) for ids, _ in prompts)
+        max_tokens = _max_tokens(body, longest, svc.block_size, 16, allow_zero=True)
+        if s["stream"] and (echo or logprobs is not None):
+            raise APIError(400, "'echo' and 'logprobs' are supported without 'stream' only", "stream", "invalid_value")
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        feed = [ids for ids, _ in prompts]
+
+        if max_tokens > 0:
+            choices, queue = start(feed, s, max_tokens, logprobs=logprobs)
+        else:
+            choices = [Choice(i * s["n"] + j, svc.tok, [], svc.stop_ids) for i in range(len(feed)) for j in range(s["n"])]
+            for c in choices:
+                c.finish = "length"
+            queue = None
+
+        if s["stream"]:
+            head = {"id": rid, "object": "text_completion", "created": created, "model": svc.name}
+
+            async def gen():
+                try:
+                    if queue is not None:
+                        async for c, text, st in events(choices, queue):
+                            if text or c.finish:
+                                yield sse({**head, "choices": [{"index": c.index, "text": text, "logprobs": None,
+                                                                "finish_reason": finish_reason(c) if c.finish else None}]})
+                except APIError as e:
+                    yield sse(e.body())
+                yield "data: [DONE]\n\n"
+
+            return stream_response(gen())
+
+        if queue is not None:
+            async for _ in events(choices, queue, request):
+                pass
+            if any(c.finish is None for c in choices):
+                return JSONResponse({}, status_code=499)
+        scored = {}
+        if echo and logprobs is not None:  # prompt log-probs: one forward pass per distinct prompt
+            for i, (ids, skip) in enumerate(prompts):
+                scored[i] = await asyncio.to_thread(svc.score, ids, logprobs)
+        out = []
+        for c in choices:
+            pi = c.index // s["n"]
+            ids, skip = prompts[pi]
+            shown = ids[skip:]
+            prompt_text = svc.tok.decode(shown) if echo else ""
+            text = prompt_text + c.detok.text
+            lp = None
+            if logprobs is not None:
+                gen_ids = [t for t, _, _ in c.logprobs]
+                gen_lps = [v for _, v, _ in c.logprobs]
+                gen_tops = [a or [] for _, _, a in c.logprobs]
+                if echo:
+                    # scored[k] is the log-prob of ids[k+1]; the first shown token gets null (OpenAI's
+                    # format), even when a hidden <|bos|> before it makes it computable
+                    plps, ptops = scored[pi]
+                    p_l = [None] + (plps[1:] if skip else plps)
+                    p_t = [None] + (ptops[1:] if skip else ptops)
+                    lp = legacy_logprobs(shown + gen_ids, p_l + gen_lps, p_t + gen_tops, 0)
+                else:
+                    lp = legacy_logprobs(gen_ids, gen_lps, gen_tops, len(prompt_text))
+            out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish_reason(c)})
+        return {"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": out,
+                "usage": usage(feed, choices)}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: HTTPRequest):
+        body = await read_json(request)
+        if svc.feedback is None:
+            raise APIError(404, "this server keeps no feedback store", code="feedback_disabled")
+        try:
+            fid = await asyncio.to_thread(svc.feedback.add, body, svc.name, svc.stage)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+        return {"id": fid, "object": "feedback"}
+
+    # ---- the web UI: one static page; the CSP forbids inline script as a second line of defence ----
+    csp = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+           "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": csp})
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        path = STATIC / name
+        if name not in {p.name for p in STATIC.iterdir()} or not path.is_file():
+            raise APIError(404, f"no static file {name!r}")
+        return FileResponse(path, headers={"Content-Security-Policy": csp})
+
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 and a free port, in a background thread (tests, notebooks).
+
+        with ServerThread(create_app(svc)) as url:  # "http://127.0.0.1:PORT"
+            ..."""
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16) -> None:
+    """``chatfactory serve``: load the run and serve it until interrupted."""
+    import uvicorn
+
+    svc = load_service(run_dir, stage, api_key, slots)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
+    print(f"serving {svc.name} at http://{host}:{port}/  (API: http://{host}:{port}/v1, {slots} batch slots)", flush=True)
+    uvicorn.run(create_app(svc), host=host, port=port, log_level="warning")
