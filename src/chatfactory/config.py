@@ -66,11 +66,153 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig(TrainConfig):
+    # chat data (data/chat.py): chat JSONL, Alpaca, HH transcripts; comma-separate several; "hf:NAME"
+    data: str = "../shared/data/sft/dolly/dolly_messages.jsonl.gz"
+    hf_split: str = "train"
+    max_rows: int = 0  # 0: every conversation
+    val_fraction: float = 0.05  # conversations held out for the assistant-token validation loss
+    init_from: str = "pretrain"  # a stage of the same run, or a path to a stage directory
+    # fine-tuning moves a pretrained model: a lower lr and shorter warmup than pretraining
+    steps: int = 300
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ComparisonsConfig:
+    # `chatfactory comparisons`: K answers per prompt from the policy, labeled by a scorer function
+    labeler: str = "chatfactory.data.tasks:rubric_score"  # "module:function", score(row, answer) -> float
+    stage: str = ""  # which weights sample: "" = the run's latest policy (ppo, grpo, dpo, sft, pretrain)
+    k: int = 4  # answers per prompt
+    pairs: str = "best_worst"  # best_worst: one pair per prompt | all: every pair with distinct scores
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    batch_prompts: int = 16  # prompts per generation batch (each expands to k rows)
+    seed: int = 1234
+
+
+@dataclass
+class PairTrainConfig(TrainConfig):
+    """What the stages trained on comparisons (reward model, DPO) share."""
+    # comparisons JSONL (DESIGN.md format or HH-RLHF transcripts); files or folders, comma-separated
+    data: str = ""  # "" = RUN/comparisons.jsonl (what `chatfactory comparisons` writes)
+    val_data: str = ""  # held-out comparisons; "" = hold out the val_fraction tail of a seeded shuffle
+    val_fraction: float = 0.05
+    max_pairs: int = 0  # 0: every pair
+    skip_bad: bool = False  # skip (and count) malformed rows instead of stopping at the first one
+    init_from: str = "sft"  # a stage of the same run, or a path to a stage directory
+    epochs: float = 1.0  # used when steps = 0
+    steps: int = 0  # 0: derived from epochs
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 8  # pairs per micro-batch (two sequences each)
+    seq_len: int = 256  # prompt is cut from the left to fit; the answer's end is always kept
+
+
+@dataclass
+class RewardConfig(PairTrainConfig):
+    calib_pairs: int = 256  # train pairs whose answers set the head's bias (mean score 0)
+
+
+@dataclass
+class DPOConfig(PairTrainConfig):
+    # same data and batching as the reward model; the SFT model is the frozen reference
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    ref_from: str = ""  # "" = init_from
+    lr: float = 5e-6
+    epochs: float = 1.0
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """What PPO and GRPO share. ``steps`` counts RL iterations (one rollout + its updates), and so do
+    ``warmup_steps``, ``eval_every`` and ``ckpt_every``."""
+    prompts: str = ""  # prompts JSONL {"messages": [... user]}; files or folders, comma-separated
+    init_from: str = "sft"  # the policy's start: a stage of the same run or a stage directory
+    ref_from: str = ""  # the frozen reference for the KL; "" = init_from
+    # reward: a reward-model stage ("reward" or a directory), a scorer "module:function" with
+    # score(row, answer) -> float, or "zero" (a sanity check: the policy should stay where it is)
+    reward: str = "reward"
+    rollout_batch: int = 16  # prompts per iteration, per process
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # sampling temperature; every log-prob is taken at the same one
+    clip: float = 0.2  # PPO ratio clip
+    ppo_epochs: int = 1  # passes over each rollout
+    minibatches: int = 1  # optimizer steps per pass
+    kl_coef: float = 0.05  # beta of the KL to the reference
+    no_end_penalty: float = 1.0  # subtracted from the score of an answer that never emits <|end|>
+    eval_prompts: str = ""  # held-out prompts whose gold score is logged every eval_every iterations
+    gold: str = ""  # scorer "module:function" for eval_prompts ("" = no gold evaluation)
+    eval_rows: int = 64  # held-out prompts used per evaluation
+    steps: int = 50
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # constant lr, as in InstructGPT / TRL
+    weight_decay: float = 0.0
+    eval_every: int = 10
+    ckpt_every: int = 10
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    critic_from: str = ""  # "" = the reward model (InstructGPT); or a stage whose backbone gets a zero head
+    adaptive_kl: bool = False  # adapt kl_coef toward target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # nats per answer
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_clip: float = 0.2  # value-prediction clip around the rollout's values
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    minibatches: int = 4
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss on the run's text shards (0 = off)
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    group_size: int = 4  # answers sampled per prompt; advantages are normalised within the group
+    rollout_batch: int = 4  # prompts per iteration, per process (x group_size answers)
+    kl_coef: float = 0.0  # 0 = no reference model at all
+    kl_estimator: str = "k3"  # k1 | k3 (unbiased, always >= 0; DeepSeekMath's choice)
+    scale_rewards: bool = True  # divide by the group's std (Dr. GRPO turns this off)
+
+
+@dataclass
+class PipelineConfig:
+    """`chatfactory run` (pipeline.py): the task data it writes and the held-out evaluation it reports."""
+    stages: str = "pretrain,sft,comparisons,reward,ppo,dpo"  # which to run, of these and grpo
+    tasks: bool = True  # train on the embedded tasks: sft.data / ppo.prompts / grpo.prompts point at RUN/tasks/
+    tasks_seed: int = 0
+    sft_rows: int = 0  # demonstrations (0: the whole sft split)
+    rl_prompts: int = 0  # prompts for comparisons, PPO, GRPO (0: the whole rl split)
+    heldout: int = 200  # held-out prompts every policy answers for the report
+    fewshot: int = 200  # multiple-choice rows of the base model's 0/1/few-shot table
+    fewshot_shots: str = "0,1,5"  # "" = skip the table
+    eval_temperature: float = 1.0  # replies are sampled, as the policies were trained to produce them
+    eval_max_tokens: int = 48
+    eval_seed: int = 0
+    samples: int = 4  # sample conversations per stage in the report
+
+
+@dataclass
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,267 @@
+"""Comparisons and prompts: the data of the reward model, DPO and PPO.
+
+Comparisons (JSONL, gzip accepted), either format on any line:
+
+    {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}
+    {"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}
+
+The second is Anthropic's HH-RLHF layout, read as it is: both transcripts are split into turns, the
+conversation before the last ``Assistant:`` turn is the prompt and the two last turns are the answers.
+Prompts (JSONL) are ``{"messages": [... ending in a user turn], ...any extra keys}``.
+A malformed row raises DataError naming ``file:line``.
+
+    pairs = load_comparisons("data/prefs.jsonl")            # -> [Pair(prompt, chosen, rejected, where)]
+    batches = PairBatches(encode_pairs(tok, pairs, 256), batch_size=8, seed=0)
+    b = batches.micro_batch(step, micro, grad_accum, rank, world)   # a pure function of the step
+
+A batch stacks the B chosen sequences over the B rejected ones (2B rows, right-padded with ``<|pad|>``),
+with the index of each row's last real token (where the reward model reads its score) and a mask over
+the answer tokens (what DPO sums log-probabilities over).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..tokenizer import check_messages
+from .sources import DataError, read_jsonl
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]  # messages, ending in a user turn
+    chosen: str
+    rejected: str
+    where: str = ""  # "file:line", for error messages
+
+
+def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: an HH transcript must be a string, got {type(text).__name__}")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataError(f"{where}: not an HH transcript (expected '\\n\\nHuman: …\\n\\nAssistant: …')")
+    role = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": role[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+
+
+def _split_hh(text: str, where: str) -> tuple[list[dict], str]:
+    msgs = parse_hh_transcript(text, where)
+    if msgs[-1]["role"] != "assistant" or len(msgs) < 2 or msgs[-2]["role"] != "user":
+        raise DataError(f"{where}: an HH transcript must end in a Human turn followed by an Assistant turn")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def parse_pair(row: dict, where: str) -> Pair:
+    """One comparisons row (either format) -> Pair. Raises DataError naming ``where``."""
+    for key in ("chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            raise DataError(f"{where}: a comparison needs a string '{key}' (keys found: {', '.join(row) or 'none'})")
+    if "prompt" in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):  # a bare prompt string is one user turn
+            prompt = [{"role": "user", "content": prompt}]
+        try:
+            check_messages(prompt, f"{where}: prompt")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if prompt[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end in a user turn, not {prompt[-1]['role']!r}")
+        return Pair(prompt, row["chosen"], row["rejected"], where)
+    # HH-RLHF: two full transcripts that share everything but the last assistant turn
+    pc, chosen = _split_hh(row["chosen"], f"{where}: chosen")
+    pr, rejected = _split_hh(row["rejected"], f"{where}: rejected")
+    if pc != pr:
+        raise DataError(f"{where}: the chosen and rejected transcripts differ before their last Assistant turn")
+    try:
+        check_messages(pc, f"{where}: prompt")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return Pair(pc, chosen, rejected, where)
+
+
+def _files(spec: str) -> list[Path]:
+    """A file, a folder (every .jsonl/.jsonl.gz inside, sorted, recursively), comma-separated."""
+    out = []
+    for part in (s.strip() for s in spec.split(",")):
+        if not part:
+            continue
+        p = Path(part)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.name.endswith((".jsonl", ".jsonl.gz")))
+            if not found:
+                raise DataError(f"{p}: folder holds no .jsonl or .jsonl.gz files")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not out:
+        raise DataError(f"no data files in {spec!r}")
+    return out
+
+
+def load_comparisons(spec: str, skip_bad: bool = False, max_pairs: int = 0) -> list[Pair]:
+    """Every pair in the files of ``spec``. A bad row raises DataError naming file:line, unless
+    ``skip_bad``, in which case it is skipped and counted (``load_comparisons.skipped``)."""
+    pairs: list[Pair] = []
+    skipped = 0
+    for path in _files(spec):
+        for n, row in read_jsonl(path):
+            try:
+                pairs.append(parse_pair(row, f"{path}:{n}"))
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+            if max_pairs and len(pairs) >= max_pairs:
+                load_comparisons.skipped = skipped
+                return pairs
+    load_comparisons.skipped = skipped
+    return pairs
+
+
+load_comparisons.skipped = 0
+
+
+def load_prompts(spec: str) -> list[dict]:
+    """Prompt rows ``{"messages": [... ending in user], ...extra}``; the extra keys are kept (scorers use
+    them). Chat rows ending in an assistant turn are an error: a prompt asks for the next answer."""
+    rows = []
+    for path in _files(spec):
+        for n, row in read_jsonl(path):
+            where = f"{path}:{n}"
+            if "messages" not in row:
+                raise DataError(f"{where}: a prompt row needs 'messages' (keys found: {', '.join(row) or 'none'})")
+            try:
+                check_messages(row["messages"], f"{where}: messages")
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            if row["messages"][-1]["role"] != "user":
+                raise DataError(f"{where}: a prompt must end in a user turn, not {row['messages'][-1]['role']!r}")
+            rows.append(row)
+    return rows
+
+
+def write_comparisons(path, pairs: list[dict]) -> None:
+    """Write rows in the comparisons format atomically (a crash never leaves half a file)."""
+    import json
+
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+
+
+# ---------------------------------------------------------------- tokens and batches
+@dataclass
+class EncodedPair:
+    chosen: list[int]  # chat_prompt ids (ending in <|assistant|>) + answer ids + <|end|>
+    rejected: list[int]
+    chosen_start: int  # where the answer begins in each row
+    rejected_start: int
+
+
+def fit(prompt: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Cut prompt+answer to ``max_len`` tokens: the prompt loses its oldest tokens first (the end of the
+    conversation matters most), keeping at least a quarter of the window; then the answer is cut at its
+    end (its <|end|> is lost: the model sees an unfinished answer, as it would be)."""
+    if len(prompt) + len(answer) <= max_len:
+        return prompt, answer
+    keep_p = min(len(prompt), max(max_len - len(answer), max_len // 4))
+    return prompt[len(prompt) - keep_p:], answer[: max_len - keep_p]
+
+
+def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[EncodedPair]:
+    """Tokenize with the chat template: prompt + answer + <|end|>, cut to ``max_len`` by ``fit``."""
+    prompts = [tok.chat_prompt(p.prompt) for p in pairs]
+    answers = tok.encode_batch([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    out = []
+    for i, prompt in enumerate(prompts):
+        pc, c = fit(prompt, answers[i] + [tok.end_id], max_len)
+        pr, r = fit(prompt, answers[len(pairs) + i] + [tok.end_id], max_len)
+        out.append(EncodedPair(pc + c, pr + r, len(pc), len(pr)))
+    return out
+
+
+def collate(pairs: list[EncodedPair], pad_id: int) -> dict:
+    """-> {"idx": (2B, T) chosen rows then rejected rows, right-padded; "last": (2B,) index of each row's
+    last real token; "answer_mask": (2B, T) True where a token belongs to the answer}."""
+    rows = [(p.chosen, p.chosen_start) for p in pairs] + [(p.rejected, p.rejected_start) for p in pairs]
+    T = max(len(r) for r, _ in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (r, s) in enumerate(rows):
+        idx[i, : len(r)] = torch.tensor(r)
+        mask[i, s: len(r)] = True
+    last = torch.tensor([len(r) - 1 for r, _ in rows])
+    return {"idx": idx, "last": last, "answer_mask": mask}
+
+
+class PairBatches:
+    """Batches of pairs as a pure function of (step, micro, rank): pair k of the run is
+    ``perm(epoch)[k % n]`` with a permutation drawn from (seed, epoch), so resume is exact; a global batch
+    of ``batch_size * world`` pairs per micro-step is split into contiguous rank slices (DDP)."""
+
+    def __init__(self, pairs: list[EncodedPair], batch_size: int, seed: int, pad_id: int):
+        if not pairs:
+            raise DataError("no comparison pairs to train on")
+        self.pairs, self.B, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
+        self._perm_epoch, self._perm = -1, None
+
+    def _index(self, k: int) -> int:
+        epoch, j = divmod(k, len(self.pairs))
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_epoch, self._perm = epoch, torch.randperm(len(self.pairs), generator=g)
+        return int(self._perm[j])
+
+    def micro_batch(self, step: int, micro: int, grad_accum: int, rank: int = 0, world: int = 1) -> dict:
+        first = ((step * grad_accum + micro) * world + rank) * self.B
+        return collate([self.pairs[self._index(k)] for k in range(first, first + self.B)], self.pad_id)
+
+    def steps_per_epoch(self, grad_accum: int, world: int) -> int:
+        return max(1, -(-len(self.pairs) // (self.B * grad_accum * world)))
+
+
+def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded shuffle, then the last ``val_fraction`` held out (at least one pair when there are two)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    n_val = int(round(len(pairs) * val_fraction))
+    if val_fraction > 0 and len(pairs) >= 2:
+        n_val = max(1, n_val)
+    train = [pairs[i] for i in order[: len(pairs) - n_val]]
+    val = [pairs[i] for i in order[len(pairs) - n_val:]]
+    return train, val
+
+
+def pair_data(pc, tok) -> tuple[list[EncodedPair], list[EncodedPair], int]:
+    """The train and held-out pairs a ``PairTrainConfig`` (reward, dpo) names, tokenized.
+    -> (train, val, rows skipped as malformed)."""
+    pairs = load_comparisons(pc.data, pc.skip_bad, pc.max_pairs)
+    skipped = load_comparisons.skipped
+    if pc.val_data:
+        train, val = pairs, load_comparisons(pc.val_data, pc.skip_bad)
+        skipped += load_comparisons.skipped
+    else:
+        train, val = split_pairs(pairs, pc.val_fraction, pc.seed)
+    if not train:
+        raise DataError(f"{pc.data}: no comparison pairs left to train on")
+    return encode_pairs(tok, train, pc.seq_len), encode_pairs(tok, val, pc.seq_len), skipped
+
+
+def val_chunks(val: list[EncodedPair], batch_size: int, max_batches: int, rank: int, world: int):
+    """This rank's share of the held-out pairs, in batches: global batches of ``batch_size * world``
+    pairs, at most ``max_batches`` of them (0: all), each split into contiguous rank slices."""
+    n = len(val) if not max_batches else min(len(val), max_batches * batch_size * world)
+    for start in range(0, n, batch_size * world):
+        mine = val[min(n, start + rank * batch_size): min(n, start + (rank + 1) * batch_size)]
+        if mine:
+            yield mine

@@ -1,0 +1,241 @@
+"""Comparisons data and the reward model: parsing (both formats, bad rows), batching, the scalar head
+read at the last real token, and a learning test against a programmatic gold labeler.
+
+The synthetic task (shared with test_dpo.py): the user asks about a topic; an answer says the topic is
+"good" or "bad" among filler words. The gold labeler prefers answers containing "good". A tiny GPT is
+SFT'd in-test on 50/50 answers through the shared loop, so its samples are half good, half bad.
+"""
+import json
+import random
+
+import pytest
+import torch
+
+from chatfactory.config import Config, RewardConfig, TrainConfig
+from chatfactory.data.preferences import (PairBatches, collate, encode_pairs, fit, load_comparisons, load_prompts,
+                                          parse_hh_transcript)
+from chatfactory.data.sources import DataError
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.tokenizer import Tokenizer
+from chatfactory.train.loop import Stage, train
+
+TOPICS = ["cats", "dogs", "birds", "fish", "trees", "stars", "boats", "shoes", "lamps", "rivers", "hills", "clocks",
+          "bread", "roads", "songs", "coins"]
+TRAIN_TOPICS, HELD_OUT_TOPICS = TOPICS[:12], TOPICS[12:]
+FILLERS = ["very", "quite", "so", "really", "truly", "rather", "always"]
+
+
+def gold_score(row: dict, answer: str) -> float:
+    """The gold labeler: 1 for an answer that calls its topic good, else 0."""
+    return 1.0 if "good" in answer.split() else 0.0
+
+
+def prompt_of(topic: str) -> list[dict]:
+    return [{"role": "user", "content": f"tell me about {topic}"}]
+
+
+def answer(rng: random.Random, topic: str, good: bool) -> str:
+    words = rng.sample(FILLERS, rng.randint(1, 3))
+    return f"{topic} are {' '.join(words)} {'good' if good else 'bad'} ."
+
+
+def comparison_rows(n: int, topics, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        t = rng.choice(topics)
+        rows.append({"prompt": prompt_of(t), "chosen": answer(rng, t, True), "rejected": answer(rng, t, False)})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_tokenizer(path) -> Tokenizer:
+    rng = random.Random(0)
+    texts = [f"tell me about {t} " + answer(rng, t, rng.random() < 0.5) for t in TOPICS for _ in range(20)]
+    tok = Tokenizer.train(texts, vocab_size=320, min_frequency=2)
+    tok.save(path)
+    return tok
+
+
+class _SFT(Stage):
+    """Minimal SFT on the chat template (assistant-only loss), for these tests' policies."""
+    name = "sft"
+
+    def __init__(self, tok, model_config):
+        self.tok, self.model_config = tok, model_config
+
+    def micro_batch(self, step, micro, rank, world):
+        rng = random.Random(step)
+        rows = []
+        for _ in range(16):
+            t = rng.choice(TOPICS)
+            ids, mask = self.tok.render_chat(prompt_of(t) + [{"role": "assistant", "content": answer(rng, t, rng.random() < 0.5)}])
+            rows.append((ids, mask))
+        T = max(len(i) for i, _ in rows)
+        x = torch.full((len(rows), T), self.tok.pad_id)
+        y = torch.full((len(rows), T), -100)
+        for r, (ids, mask) in enumerate(rows):
+            x[r, : len(ids)] = torch.tensor(ids)
+            y[r, : len(ids) - 1] = torch.tensor([i if m else -100 for i, m in zip(ids[1:], mask[1:])])
+        return x, y
+
+    def loss(self, model, batch):
+        return model(batch[0], targets=batch[1])
+
+    def tokens(self, batch):
+        return batch[0].numel()
+
+
+def make_sft_run(run_dir, steps: int = 60) -> Tokenizer:
+    """A run directory holding tokenizer.json and a tiny SFT'd policy in sft/."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(run_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    mcfg = GPTConfig(depth=2, n_embd=64, n_head=2, vocab_size=tok.vocab_size, block_size=64)
+    tc = TrainConfig(steps=steps, lr=3e-3, warmup_steps=5, eval_every=0, ckpt_every=0, progress=False, device="cpu")
+    train(_SFT(tok, mcfg.to_dict()), GPT(mcfg), tc, run_dir / "sft")
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("rm") / "run"
+    return run, make_sft_run(run)
+
+
+# ---------------------------------------------------------------- data
+def test_hh_transcripts_and_comparisons_parse(tmp_path):
+    hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: Blue.",
+          "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a color.\n\nAssistant: No."}
+    ours = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "chosen": "Hello.", "rejected": "Go away."}
+    p = write_jsonl(tmp_path / "c.jsonl", [hh, ours, {"prompt": "Just a string", "chosen": "a", "rejected": "b"}])
+    pairs = load_comparisons(str(p))
+    assert [m["role"] for m in pairs[0].prompt] == ["user", "assistant", "user"]
+    assert pairs[0].prompt[2]["content"] == "Name a color." and (pairs[0].chosen, pairs[0].rejected) == ("Blue.", "No.")
+    assert pairs[1].prompt == ours["prompt"] and pairs[1].chosen == "Hello."
+    assert pairs[2].prompt == [{"role": "user", "content": "Just a string"}]
+    assert parse_hh_transcript("\n\nHuman: a\n\nAssistant: b") == [{"role": "user", "content": "a"},
+                                                                   {"role": "assistant", "content": "b"}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"chosen": "x"}, "needs a string 'rejected'"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "x", "rejected": "y"},
+     "must end in a user turn"),
+    ({"prompt": [{"role": "robot", "content": "q"}], "chosen": "x", "rejected": "y"}, "unknown role"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "differ before"),
+    ({"chosen": "no transcript here", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "not an HH transcript"),
+])
+def test_bad_comparison_rows_name_file_and_line(tmp_path, row, message):
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    p = write_jsonl(tmp_path / "bad.jsonl", [good, good, row])
+    with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}"):
+        load_comparisons(str(p))
+    assert len(load_comparisons(str(p), skip_bad=True)) == 2 and load_comparisons.skipped == 1
+
+
+def test_prompts_loader_keeps_extra_keys_and_rejects_bad_rows(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", [{"messages": prompt_of("cats"), "answer": "good"}])
+    assert load_prompts(str(p))[0]["answer"] == "good"
+    bad = write_jsonl(tmp_path / "q.jsonl", [{"messages": prompt_of("cats")},
+                                             {"messages": prompt_of("dogs") + [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"q\.jsonl:2: .*must end in a user turn"):
+        load_prompts(str(bad))
+    (tmp_path / "r.jsonl").write_text('{"messages": []}\n{oops\n')
+    with pytest.raises(DataError, match=r"r\.jsonl:1"):
+        load_prompts(str(tmp_path / "r.jsonl"))
+
+
+def test_fit_keeps_the_end_of_the_prompt_and_the_start_of_the_answer():
+    assert fit([1, 2, 3], [4, 5], 10) == ([1, 2, 3], [4, 5])
+    assert fit([1, 2, 3, 4, 5, 6], [7, 8], 6) == ([3, 4, 5, 6], [7, 8])
+    assert fit([1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11], 8) == ([3, 4], [5, 6, 7, 8, 9, 10])  # prompt keeps 8//4
+
+
+def test_batches_are_a_pure_function_of_the_step_and_ranks_split_the_global_batch(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok.json")
+    pairs = load_comparisons(str(write_jsonl(tmp_path / "c.jsonl", comparison_rows(20, TOPICS, 0))))
+    enc = encode_pairs(tok, pairs, 64)
+    a = PairBatches(enc, 4, seed=3, pad_id=tok.pad_id)
+    b = PairBatches(enc, 4, seed=3, pad_id=tok.pad_id)
+    late = a.micro_batch(7, 1, 2)  # step 7 first, then step 0: no hidden state carries over
+    assert torch.equal(late["idx"], b.micro_batch(7, 1, 2)["idx"])
+    assert torch.equal(a.micro_batch(0, 0, 2)["idx"], b.micro_batch(0, 0, 2)["idx"])
+    one = PairBatches(enc, 8, seed=3, pad_id=tok.pad_id).micro_batch(2, 0, 1)
+    r0, r1 = a.micro_batch(2, 0, 1, rank=0, world=2), a.micro_batch(2, 0, 1, rank=1, world=2)
+    chosen = lambda b: [tuple(r[r != tok.pad_id].tolist()) for r in b["idx"][: len(b["idx"]) // 2]]
+    assert chosen(one) == chosen(r0) + chosen(r1)  # two ranks of 4 = one process of 8
+    # an epoch visits every pair exactly once
+    seen = [tuple(r[r != tok.pad_id].tolist()) for s in range(5) for r in a.micro_batch(s, 0, 1)["idx"][:4]]
+    assert sorted(seen) == sorted(tuple(e.chosen) for e in enc)
+    # layout: chosen rows then rejected rows, last = last real token = <|end|>, mask on answer + end
+    row = one["idx"][0]
+    assert row[one["last"][0]] == tok.end_id and (one["last"][0] + 1 == len(row) or row[one["last"][0] + 1] == tok.pad_id)
+    ans = row[one["answer_mask"][0]].tolist()
+    assert tok.decode(ans[:-1]).startswith(TOPICS[0][:0]) and ans[-1] == tok.end_id
+    assert row[one["answer_mask"][0].nonzero()[0, 0] - 1] == tok.special["<|assistant|>"]
+
+
+# ---------------------------------------------------------------- model
+def test_reward_head_init_and_score_at_last_real_token():
+    from chatfactory.train.reward import RewardModel
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(depth=1, n_embd=64, n_head=2, vocab_size=300, block_size=32)
+    rm = RewardModel(cfg).eval()
+    assert rm.backbone.lm_head is None and not any("lm_head" in k for k in rm.state_dict())
+    assert rm.head.bias.item() == 0.0 and abs(rm.head.weight.std().item() - 1 / 65 ** 0.5) < 0.04
+    a, b = torch.randint(0, 300, (1, 7)), torch.randint(0, 300, (1, 12))
+    solo = [rm.score(a, torch.tensor([6])), rm.score(b, torch.tensor([11]))]
+    padded = torch.full((2, 12), 5)
+    padded[0, :7], padded[1] = a[0], b[0]
+    both = rm(padded, torch.tensor([6, 11]))
+    torch.testing.assert_close(both, torch.cat(solo), atol=1e-5, rtol=0)
+    assert torch.allclose(rm.values(a)[0, -1], solo[0][0], atol=1e-6)
+    # a different token after the last real one changes nothing; a different last token does
+    padded2 = padded.clone()
+    padded2[0, 7:] = 9
+    assert torch.allclose(rm(padded2, torch.tensor([6, 11])), both, atol=1e-6)
+    padded2[0, 6] = (padded2[0, 6] + 1) % 300
+    assert not torch.allclose(rm(padded2, torch.tensor([6, 11]))[0], both[0])
+
+
+def test_bradley_terry_loss_by_hand():
+    from chatfactory.train.reward import bradley_terry
+
+    loss, margin = bradley_terry(torch.tensor([2.0, 0.0, 1.0, 0.0]))  # chosen 2, 0; rejected 1, 0
+    assert margin.tolist() == [1.0, 0.0]
+    expected = (-torch.log(torch.sigmoid(torch.tensor(1.0))) + torch.log(torch.tensor(2.0))) / 2
+    assert abs(loss.item() - expected.item()) < 1e-6
+
+
+# ---------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_reward_model_learns_the_gold_rule(sft_run, tmp_path):
+    from chatfactory.train.reward import load_reward_model, run_reward
+
+    run, tok = sft_run
+    train_f = write_jsonl(tmp_path / "train.jsonl", comparison_rows(480, TRAIN_TOPICS, 1))
+    val_f = write_jsonl(tmp_path / "val.jsonl", comparison_rows(120, HELD_OUT_TOPICS, 2))
+    cfg = Config(reward=RewardConfig(data=str(train_f), val_data=str(val_f), batch_size=16, seq_len=64, lr=1e-3,
+                                     eval_every=5, eval_batches=0, progress=False, device="cpu"))
+    res = run_reward(cfg, run)
+    rows = [json.loads(x) for x in open(run / "reward" / "metrics.jsonl")]
+    evals = [r for r in rows if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20, 25, 30]  # one epoch of 480 pairs, 16 a step
+    assert res["val_accuracy"] >= 0.85, evals  # held-out topics: chance is 0.5
+    assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"] and evals[-1]["val_margin"] > 1.0
+    # the bias centres the scores of the comparison answers on zero; chosen score above rejected
+    rm = load_reward_model(run / "reward")
+    info = json.loads((run / "reward" / "config.json").read_text())
+    assert info["kind"] == "reward" and info["model"]["n_embd"] == 64
+    pairs = encode_pairs(tok, load_comparisons(str(val_f)), 64)
+    b = collate(pairs, tok.pad_id)
+    with torch.no_grad():
+        s = rm(b["idx"], b["last"])
+    assert abs(s.mean().item()) < 0.5 * s.std().item() and (s[:120] > s[120:]).float().mean() >= 0.85
