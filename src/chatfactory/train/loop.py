@@ -191,6 +191,16 @@ class Stage:
     def evaluate(self, model, d: Dist) -> dict:
         return {}
 
+    # A stage that trains more than one network (PPO: policy + critic) keeps the policy in
+    # model.safetensors, so ``load_model`` reads it like any stage, and the rest in state.pt.
+    def checkpoint_weights(self, model) -> tuple[dict, dict]:
+        """-> (tensors for model.safetensors, extra entries for state.pt)."""
+        return unique_state_dict(model), {}
+
+    def restore_weights(self, model, weights: dict, state: dict, where: str) -> None:
+        """Undo ``checkpoint_weights`` on resume."""
+        load_weights(model, weights, where)
+
 
 def _to(batch, device):
     if torch.is_tensor(batch):
@@ -218,7 +228,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         if state is None:
             raise CheckpointError(f"{stage_dir / 'state.pt'}: missing, so the run in {stage_dir} cannot resume "
                                   f"(it holds final weights only; use a new output directory)")
-        load_weights(model, {k: v.to(d.device) for k, v in weights.items()}, str(stage_dir / "model.safetensors"))
+        stage.restore_weights(model, {k: v.to(d.device) for k, v in weights.items()}, state, str(stage_dir / "model.safetensors"))
         opt.load_state_dict(state["optimizer"])
         start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         metrics.truncate_after(start)
@@ -240,9 +250,10 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
 
     def checkpoint(step: int) -> None:
         if d.main:
-            state = {"optimizer": opt.state_dict(), "elapsed": elapsed}
+            weights, extra = stage.checkpoint_weights(raw_model)
+            state = {"optimizer": opt.state_dict(), "elapsed": elapsed, **extra}
             info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps}
-            save_checkpoint(stage_dir, unique_state_dict(raw_model), info, state, step)
+            save_checkpoint(stage_dir, weights, info, state, step)
         if d.world > 1:
             dist.barrier()
 

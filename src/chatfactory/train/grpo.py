@@ -1,0 +1,65 @@
+"""GRPO: group-relative policy optimisation (DeepSeekMath), for rewards a program can check.
+
+Each iteration samples ``group_size`` answers to each of ``rollout_batch`` prompts, scores every answer
+(a scorer ``module:function`` such as the task rubric, or a reward model), and gives each answer's
+tokens the advantage (r - mean of its group) / std of its group: no critic, no GAE — the group is
+the baseline. The loss is PPO's clipped surrogate (shared with train/ppo.py, as are the rollouts,
+minibatching, logging, checkpoints and exact resume), plus, if ``kl_coef > 0``, kl_coef times the k3
+estimate of KL(pi || ref) on every answer token.
+
+    chatfactory grpo --config tiny --out runs/NAME grpo.prompts=prompts.jsonl \\
+        grpo.reward=chatfactory.data.tasks:rubric_score grpo.steps=50
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from .ppo import RLStage, kl_k1, kl_k3, masked_mean, policy_loss, run_rl
+from .rollout import answer_logprobs
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """(B,) rewards, groups contiguous -> (B,) advantages: minus the group mean, over the group std
+    (unbiased, as DeepSeekMath). A group whose answers all score alike teaches nothing: 0."""
+    r = rewards.view(-1, group_size).float()
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True, unbiased=True) + eps) if group_size > 1 else adv * 0
+    return adv.view(-1)
+
+
+class GRPOStage(RLStage):
+    name = "grpo"
+
+    def rollout_rows(self) -> int:
+        return self.tc.rollout_batch * self.tc.group_size
+
+    def advantages(self, exp, score):
+        mask = exp["answer_mask"].float()
+        adv = group_advantages(score, self.tc.group_size, self.tc.scale_rewards)
+        return {"advantages": adv[:, None] * mask, "seq_reward": score}
+
+    def loss(self, model, batch):
+        tc = self.tc
+        mask = batch["answer_mask"].float()
+        logp = answer_logprobs(model(batch)["logits"], batch["tokens"], batch["start"], tc.temperature)
+        loss, stats = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, tc.clip)
+        stats["pg_loss"] = loss.detach()
+        if tc.kl_coef > 0:
+            est = kl_k3 if tc.kl_estimator == "k3" else kl_k1
+            kl = masked_mean(est(logp, batch["ref_logp"]), mask)
+            loss = loss + tc.kl_coef * kl
+            stats["kl_loss"] = kl.detach()
+        self.record(stats)
+        return loss
+
+
+def run_grpo(cfg: Config, run_dir) -> dict:
+    """GRPO from ``grpo.init_from`` against ``grpo.reward``; writes ``run_dir/grpo``. Re-running resumes."""
+    if cfg.grpo.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"grpo.kl_estimator must be 'k1' or 'k3', got {cfg.grpo.kl_estimator!r}")
+    if cfg.grpo.group_size < 2:
+        raise ValueError(f"grpo.group_size must be >= 2 (the group is the baseline), got {cfg.grpo.group_size}")
+    return run_rl(cfg, run_dir, "grpo", GRPOStage, with_critic=False)

@@ -1,0 +1,127 @@
+"""Rollouts for the RL stages (PPO, GRPO): sample answers with the engine, pad them into one batch,
+and recompute per-token log-probabilities exactly as the trainer will.
+
+A rollout batch is one rectangle per prompt+answer, prompts padded on the LEFT (so every answer starts
+at the same column ``start``) and answers padded on the RIGHT, with the distinct ``<|pad|>`` id:
+
+    [pad pad <|bos|> <|user|> … <|assistant|>] [a1 a2 … <|end|> pad pad]
+                                         start ─┘
+
+Positions count from each row's first real token, and the attention mask hides pad keys, so a row's
+log-probs do not depend on how much padding its neighbours forced on it (tests check padded ==
+unpadded). Log-probs are always taken from ``logits / temperature`` at the temperature that sampled the
+answers, or the PPO ratio would compare two different distributions.
+
+    prompts = [tok.chat_prompt(row["messages"]) for row in rows]
+    batch = rollout(policy, prompts, max_new_tokens=32, temperature=1.0, end_id=tok.end_id, pad_id=tok.pad_id, seed=0)
+    logits = policy(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
+    logp = answer_logprobs(logits, batch, temperature=1.0)         # (B, A), 0 on padding
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import Engine, SamplingParams
+
+
+def pad_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int, end_id: int) -> dict:
+    """Prompt and answer ids -> the padded rollout tensors.
+
+    tokens (B, T) · positions (B, T) · valid (B, T) bool, real tokens · answer_mask (B, A) bool, real answer
+    tokens (their ``<|end|>`` included) · last (B,) column of each row's last real token (where a reward
+    model reads its score) · ended (B,) bool, the answer closed with ``<|end|>`` · start: the column where
+    answers begin (an int). A = T - start."""
+    if len(prompts) != len(answers) or not prompts:
+        raise ValueError(f"need one answer per prompt (got {len(prompts)} prompts, {len(answers)} answers)")
+    P = max(len(p) for p in prompts)
+    A = max(1, max(len(a) for a in answers))  # at least one column, so every row has a slot
+    B, T = len(prompts), P + A
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        if a:
+            tokens[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
+        valid[i, P - len(p):P + len(a)] = True
+    left = torch.tensor([P - len(p) for p in prompts])
+    positions = (torch.arange(T)[None] - left[:, None]).clamp(min=0)
+    lengths = torch.tensor([len(a) for a in answers])
+    return {
+        "tokens": tokens, "positions": positions, "valid": valid,
+        "answer_mask": valid[:, P:].clone(),
+        "last": P + lengths - 1,  # an empty answer: the prompt's last token
+        "ended": torch.tensor([bool(a) and a[-1] == end_id for a in answers]),
+        "start": P,
+    }
+
+
+def attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) real-token flags -> (B, 1, T, T) bool: causal, pad keys hidden. The diagonal stays open so a
+    pad query still has one key (an all-masked row would give NaN, which would poison the gradients)."""
+    T = valid.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
+
+
+def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor, start: int, temperature: float) -> torch.Tensor:
+    """Log-probs of the answer tokens under ``logits / temperature``.
+
+    logits: (B, A, V) for the positions that PREDICT the answer tokens (columns start-1 … T-2), tokens:
+    (B, T). Returns (B, A); callers multiply by the answer mask."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens[:, start:, None]).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-position entropy (nats) of the sampling distribution, (B, A, V) -> (B, A)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def forward_answers(model, batch: dict):
+    """A GPT over a rollout batch -> logits of the positions that predict answer tokens, (B, A, V).
+    Only those positions go through the LM head (the prompt's logits are never needed)."""
+    s = batch["start"]
+    h = model.hidden_states(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
+    return model.lm_head(h[:, s - 1:-1])
+
+
+@torch.no_grad()
+def generate(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int,
+             seed: int | None = None) -> list[list[int]]:
+    """Sample one answer per prompt with the KV-cache engine (stops at ``end_id``, which is kept)."""
+    if temperature <= 0:
+        raise ValueError("RL rollouts need temperature > 0 (log-probs of a greedy policy are undefined)")
+    was_training = policy.training
+    out = Engine(policy).generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                          seed=seed, stop_ids=(end_id,)))
+    policy.train(was_training)  # the engine switches to eval mode; put it back
+    return out
+
+
+def rollout(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int, pad_id: int,
+            seed: int | None = None) -> dict:
+    """Sample answers and return the padded batch (see ``pad_batch``) on the policy's device."""
+    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed)
+    dev = next(policy.parameters()).device
+    batch = pad_batch(prompts, answers, pad_id, end_id)
+    return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, temperature: float = 1.0,
+               seed: int = 0, batch_size: int = 64) -> float:
+    """Mean ``scorer(row, answer_text)`` of the policy's sampled answers to prompt ``rows`` (an answer that
+    never ends is scored as it stands). Temperature 0 is greedy."""
+    total = 0.0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        prompts = [tok.chat_prompt(r["messages"]) for r in chunk]
+        outs = Engine(policy).generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                                seed=seed + i, stop_ids=(tok.end_id,)))
+        for r, ids in zip(chunk, outs):
+            total += float(scorer(r, tok.decode([t for t in ids if t != tok.end_id])))
+    return total / max(1, len(rows))

@@ -1,0 +1,200 @@
+"""PPO: the math against hand-computed cases, rollout padding, the first-minibatch identities, and
+learning on a tiny model whose gold rule is "the answer says blue" (the SFT policy says it ~1/4 of the
+time). Also holds ``build_world``, the tiny run directory that test_grpo.py reuses."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
+from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.tokenizer import Tokenizer
+from chatfactory.train.ppo import (ActorCritic, PPOStage, Reward, gae, kl_k1, kl_k3, masked_whiten, run_ppo,
+                                   token_rewards)
+from chatfactory.train.rollout import answer_logprobs, attention_mask, forward_answers, gold_score, pad_batch
+
+COLORS = ["red", "blue", "green", "pink"]
+THINGS = ["car", "house", "door", "kite", "boat", "shirt", "cup", "bike", "lamp", "chair", "hat", "bag", "box",
+          "pen", "rug", "sofa", "fence", "bowl", "sock", "tent", "wall", "ball", "coat", "desk"]
+GOLD = "def score(row, answer):\n    return float('blue' in answer)\n"
+
+
+# ---------------------------------------------------------------- hand-computed math
+def test_gae_hand_computed():
+    r = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 7.0]])
+    v = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.6, 9.0]])
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = gae(r, v, m, gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[0.325, 0.45, 0.7], [0.4, -0.6, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.425, 0.65, 1.0], [0.8, 0.0, 0.0]]), atol=1e-6)
+    # lambda = 1: advantages are discounted returns minus values
+    adv, _ = gae(r[:1], v[:1], m[:1], gamma=0.9, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0.81 - 0.1, 0.9 - 0.2, 1.0 - 0.3]]), atol=1e-6)
+
+
+def test_masked_whitening_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    s = math.sqrt(1.25)  # the variance of 1, 2, 3, 4
+    want = torch.tensor([[-1.5 / s, -0.5 / s, 0.5 / s], [1.5 / s, 0.0, 0.0]])
+    assert torch.allclose(masked_whiten(x, m), want, atol=1e-5)
+
+
+def test_kl_estimators_signs_and_expectations():
+    half, quarter = torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))
+    assert kl_k1(half, quarter).item() == pytest.approx(math.log(2))  # pi above ref: positive
+    assert kl_k1(quarter, half).item() == pytest.approx(-math.log(2))  # a single k1 term can be negative
+    assert kl_k3(half, quarter).item() == pytest.approx(-0.5 + math.log(2))
+    assert kl_k3(quarter, half).item() == pytest.approx(1 - math.log(2))  # k3 never is
+    # both are unbiased: their expectation under pi is KL(pi || ref)
+    pi, ref = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    kl = (pi * (pi / ref).log()).sum()
+    assert (pi * kl_k1(pi.log(), ref.log())).sum().item() == pytest.approx(kl.item(), abs=1e-6)
+    assert (pi * kl_k3(pi.log(), ref.log())).sum().item() == pytest.approx(kl.item(), abs=1e-6)
+
+
+def test_reward_lands_on_last_real_token():
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    r = token_rewards(torch.tensor([2.0, -1.0]), torch.ones(2, 3), m, kl_coef=0.1)
+    assert torch.allclose(r, torch.tensor([[-0.1, -0.1, 1.9], [-1.1, 0.0, 0.0]]))
+
+
+# ---------------------------------------------------------------- padding
+@pytest.mark.parametrize("flavour", ["modern", "gpt2"])
+def test_padded_and_unpadded_logprobs_equal(flavour):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(flavour=flavour, depth=2, n_embd=64, head_dim=32, vocab_size=97, block_size=32)).eval()
+    prompts = [[1, 5, 9, 11, 13, 40], [1, 7], [1, 3, 3, 8]]
+    answers = [[20, 21], [30, 31, 32, 33, 4], [50]]
+    full = pad_batch(prompts, answers, pad_id=96, end_id=4)
+    assert full["tokens"][1, :4].eq(96).all() and full["tokens"][2, 6 + 1:].eq(96).all()  # left / right pads
+    assert full["last"].tolist() == [7, 10, 6] and full["ended"].tolist() == [False, True, False]
+    with torch.no_grad():
+        lp = answer_logprobs(forward_answers(model, full), full["tokens"], full["start"], 0.7)
+        for i in range(3):
+            one = pad_batch([prompts[i]], [answers[i]], 96, 4)
+            lp1 = answer_logprobs(forward_answers(model, one), one["tokens"], one["start"], 0.7)[0]
+            assert torch.allclose(lp[i, :len(answers[i])], lp1, atol=1e-5), i
+    # the temperature matters: a different one gives different log-probs
+    lp_t1 = answer_logprobs(forward_answers(model, full), full["tokens"], full["start"], 1.0)
+    assert not torch.allclose(lp_t1 * full["answer_mask"], lp * full["answer_mask"], atol=1e-3)
+
+
+# ---------------------------------------------------------------- a tiny world
+def build_world(root, sft_steps=120):
+    """runs/x with tokenizer.json, pretrain/ (random init), sft/ (answers one of COLORS uniformly),
+    prompts.jsonl (train things), heldout.jsonl (other things), a gold scorer module ``rl_gold``."""
+    from chatfactory.train.sft import run_sft
+
+    run = root / "run"
+    run.mkdir(parents=True)
+    train_things, held_things = THINGS[:16], THINGS[16:]
+    ask = lambda t: [{"role": "user", "content": f"Pick a color for the {t}."}]
+    texts = [f"Pick a color for the {t}. {c}" for t in THINGS for c in COLORS] * 4
+    tok = Tokenizer.train(texts, vocab_size=320, min_frequency=1)
+    tok.save(run / "tokenizer.json")
+    torch.manual_seed(0)
+    mcfg = GPTConfig(depth=1, n_embd=64, head_dim=32, vocab_size=tok.vocab_size, block_size=48)
+    save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()}, None, 0)
+    with open(root / "sft.jsonl", "w") as f:
+        for t in train_things:
+            for c in COLORS:
+                f.write(json.dumps({"messages": ask(t) + [{"role": "assistant", "content": c}]}) + "\n")
+    for name, things in (("prompts", train_things), ("heldout", held_things)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for t in things:
+                f.write(json.dumps({"messages": ask(t), "thing": t}) + "\n")
+    (root / "rl_gold.py").write_text(GOLD)
+    cfg = Config()
+    cfg.sft = SFTConfig(data=str(root / "sft.jsonl"), steps=sft_steps, batch_size=8, seq_len=32, lr=1e-2,
+                        warmup_steps=5, eval_every=0, ckpt_every=0, val_fraction=0.0, progress=False, device="cpu")
+    run_sft(cfg, run)
+    return run, tok
+
+
+def gold(row, answer):
+    return float("blue" in answer)
+
+
+def train_reward_model(root, run, tok):
+    """A reward model learned from comparisons of SFT-style answers labeled by the gold rule."""
+    from chatfactory.train.reward import run_reward
+
+    rng = torch.Generator().manual_seed(0)
+    with open(root / "pairs.jsonl", "w") as f:
+        for t in THINGS[:16]:
+            for other in ("red", "green", "pink"):
+                for _ in range(2):
+                    prompt = [{"role": "user", "content": f"Pick a color for the {t}."}]
+                    f.write(json.dumps({"prompt": prompt, "chosen": "blue", "rejected": other}) + "\n")
+    cfg = Config()
+    cfg.reward = RewardConfig(data=str(root / "pairs.jsonl"), steps=40, batch_size=16, seq_len=32, lr=3e-3,
+                              warmup_steps=2, eval_every=0, ckpt_every=0, val_fraction=0.1, progress=False, device="cpu")
+    return run_reward(cfg, run)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    run, tok = build_world(root)
+    sys.path.insert(0, str(root))
+    yield root, run, tok
+    sys.path.remove(str(root))
+
+
+def ppo_config(root, **kw):
+    base = dict(prompts=str(root / "prompts.jsonl"), steps=12, rollout_batch=16, max_new_tokens=6, lr=3e-3,
+                ppo_epochs=2, minibatches=2, kl_coef=0.05, eval_every=0, ckpt_every=5, progress=False, device="cpu",
+                seed=3)
+    base.update(kw)
+    cfg = Config()
+    cfg.ppo = PPOConfig(**base)
+    return cfg
+
+
+def test_first_minibatch_ratio_is_one(world):
+    root, run, tok = world
+    cfg = ppo_config(root, reward="rl_gold:score", critic_from="sft")
+    from chatfactory.data.preferences import load_prompts
+
+    policy, info = load_model(run / "sft")
+    ref = load_model(run / "sft")[0]
+    from chatfactory.train.reward import RewardModel
+
+    ac = ActorCritic(policy, RewardModel(load_model(run / "sft")[0]))
+    stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, ref, Reward("rl_gold:score", run, tok, "cpu"), info["model"])
+    batch = stage.micro_batch(0, 0, 0, 1)
+    # advantages are whitened over real tokens of the whole rollout
+    exp, m = stage.buffer, stage.buffer["answer_mask"]
+    assert abs(exp["advantages"][m].mean().item()) < 1e-5 and exp["advantages"][~m].abs().max().item() == 0
+    # the policy is the reference: the KL penalty is exactly zero
+    assert exp["old_logp"].equal(exp["ref_logp"])
+    stage.loss(ac, batch)
+    s = stage.update_stats[0]
+    assert s["ratio"] == 1.0 and s["approx_kl"] == 0.0 and s["clipfrac"] == 0.0
+
+
+@pytest.mark.slow
+def test_ppo_learned_reward_raises_gold_and_zero_reward_stays(world):
+    root, run, tok = world
+    from chatfactory.data.preferences import load_prompts
+
+    res = train_reward_model(root, run, tok)
+    assert res["val_accuracy"] >= 0.85
+    held = load_prompts(str(root / "heldout.jsonl"))
+    sft = load_model(run / "sft")[0]
+    before = gold_score(sft, tok, held * 4, gold, max_new_tokens=6, seed=1)
+
+    res = run_ppo(ppo_config(root), run)
+    after = gold_score(load_model(run / "ppo")[0], tok, held * 4, gold, max_new_tokens=6, seed=1)
+    print(f"gold: sft {before:.3f} -> ppo {after:.3f}; final kl {res['kl']:.3f}")
+    assert before < 0.45 and after > before + 0.35
+    assert 0.0 < res["kl"] < 5.0  # moved, but bounded by the penalty
+
+    # zero reward: nothing to gain, so the policy stays at the reference
+    res0 = run_ppo(ppo_config(root, reward="zero", critic_from="reward"), run_dir := root / "zero")
+    assert False, (res0, run_dir)
