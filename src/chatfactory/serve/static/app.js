@@ -1,0 +1,326 @@
+// chatfactory web chat. Plain JavaScript, no build step, no dependencies.
+//
+// Safety rule: text from the model (or the user) never reaches innerHTML as it came. renderMarkdown()
+// escapes every character that means something to HTML first, and only then adds a fixed set of
+// attribute-less tags (pre, code, strong, em, h3-h5, ul/ol/li, p, br) for a small Markdown subset.
+// There are no links and no images, so no URL from the model is ever followed or loaded.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  history: [],        // the conversation sent to the model: [{role, content}]
+  model: null,        // the served model's id (GET /v1/models)
+  controller: null,   // AbortController of the reply being streamed
+  pendingCompare: null, // a comparison waiting for the person's choice
+};
+
+// ---------------------------------------------------------------- safe Markdown
+
+function escapeHtml(s) {
+  return s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+          .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+}
+
+// inline: `code`, **bold**, *italic* on already-escaped text; code spans are left untouched
+function inline(escaped) {
+  return escaped.split(/(`[^`\n]+`)/g).map((part, i) => {
+    if (i % 2 === 1) return "<code>" + part.slice(1, -1) + "</code>";
+    return part.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
+               .replace(/(^|[^*])\*([^*\n]+)\*(?!\*)/g, "$1<em>$2</em>");
+  }).join("");
+}
+
+function blocks(escaped) {
+  const out = [];
+  let list = null;  // "ul" | "ol" while inside a list
+  let para = [];
+  const flushPara = () => { if (para.length) { out.push("<p>" + para.map(inline).join("<br>") + "</p>"); para = []; } };
+  const closeList = () => { if (list) { out.push("</" + list + ">"); list = null; } };
+  for (const line of escaped.split("\n")) {
+    let m;
+    if ((m = line.match(/^(#{1,3})\s+(.*)$/))) {
+      flushPara(); closeList();
+      const level = m[1].length + 2;  // # -> h3: the page keeps h1 for itself
+      out.push("<h" + level + ">" + inline(m[2]) + "</h" + level + ">");
+    } else if ((m = line.match(/^\s*([-*]|\d+\.)\s+(.*)$/))) {
+      flushPara();
+      const kind = /\d/.test(m[1]) ? "ol" : "ul";
+      if (list !== kind) { closeList(); out.push("<" + kind + ">"); list = kind; }
+      out.push("<li>" + inline(m[2]) + "</li>");
+    } else if (line.trim() === "") {
+      flushPara(); closeList();
+    } else {
+      closeList(); para.push(line);
+    }
+  }
+  flushPara(); closeList();
+  return out.join("");
+}
+
+function renderMarkdown(text) {
+  const escaped = escapeHtml(text);
+  // fenced code blocks first (an unclosed fence, mid-stream, runs to the end)
+  const parts = escaped.split(/```[^\n`]*\n?([\s\S]*?)(?:```|$)/g);
+  return parts.map((p, i) => (i % 2 === 1 ? "<pre><code>" + p + "</code></pre>" : blocks(p))).join("");
+}
+
+function setMarkdown(el, text) {
+  el.innerHTML = renderMarkdown(text);  // escaped first: see the note at the top
+}
+
+// ---------------------------------------------------------------- API
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("apikey").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function errorText(res) {
+  try { const j = await res.json(); return (j.error && j.error.message) || res.statusText; }
+  catch (e) { return res.status + " " + res.statusText; }
+}
+
+async function loadModel() {
+  try {
+    const res = await fetch("/v1/models", { headers: headers() });
+    if (!res.ok) { $("model").textContent = await errorText(res); return; }
+    const j = await res.json();
+    state.model = j.data[0].id;
+    $("model").textContent = state.model;
+  } catch (e) {
+    $("model").textContent = "server unreachable";
+  }
+}
+
+// Stream a chat completion with n answers; onText(index, fullText) after every delta.
+// Resolves to {texts, finish} (finish[i] is null for an answer cut by Stop).
+async function streamChat(messages, n, onText) {
+  state.controller = new AbortController();
+  const body = { messages, stream: true, n, temperature: parseFloat($("temperature").value) };
+  if (state.model) body.model = state.model;
+  const texts = Array(n).fill(""), finish = Array(n).fill(null);
+  const res = await fetch("/v1/chat/completions", {
+    method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
+  });
+  if (!res.ok) throw new Error(await errorText(res));
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const event = buf.slice(0, cut); buf = buf.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ")) continue;
+          const data = line.slice(6);
+          if (data === "[DONE]") return { texts, finish };
+          const j = JSON.parse(data);
+          if (j.error) throw new Error(j.error.message);
+          for (const c of j.choices || []) {
+            if (c.delta && c.delta.content) { texts[c.index] += c.delta.content; onText(c.index, texts[c.index]); }
+            if (c.finish_reason) finish[c.index] = c.finish_reason;
+          }
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") throw e;  // Stop: keep what arrived
+  } finally {
+    state.controller = null;
+  }
+  return { texts, finish };
+}
+
+async function sendFeedback(item) {
+  const body = Object.assign({}, item);
+  if (state.model) body.model = state.model;
+  const res = await fetch("/v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!res.ok) throw new Error(await errorText(res));
+  return res.json();
+}
+
+// ---------------------------------------------------------------- the page
+
+function conversation() {
+  const sys = $("system").value.trim();
+  return (sys ? [{ role: "system", content: sys }] : []).concat(state.history);
+}
+
+function addUser(text) {
+  const el = document.createElement("div");
+  el.className = "msg user";
+  el.textContent = text;  // the person's text: plain text, never HTML
+  $("chat").appendChild(el);
+  return el;
+}
+
+function addAnswerBox(parent) {
+  const el = document.createElement("div");
+  el.className = "msg assistant";
+  const content = document.createElement("div");
+  content.className = "content";
+  el.appendChild(content);
+  parent.appendChild(el);
+  return el;
+}
+
+function button(label, title, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.title = title;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function showError(msg) {
+  const el = document.createElement("div");
+  el.className = "msg error";
+  el.textContent = "Error: " + msg;
+  $("chat").appendChild(el);
+}
+
+function busy(on) {
+  $("send").disabled = on || !!state.pendingCompare;
+  $("stop").disabled = !on;
+  $("regenerate").disabled = on || !!state.pendingCompare || !state.history.some((m) => m.role === "assistant");
+}
+
+function addRating(box, context, answer) {
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  const rate = (value, btn) => async () => {
+    try {
+      const r = await sendFeedback({ kind: "rating", messages: context, answer, rating: value });
+      actions.querySelectorAll("button").forEach((b) => b.classList.remove("chosen"));
+      btn.classList.add("chosen");
+      btn.dataset.feedbackId = r.id;
+      $("status").textContent = "Thanks: rating saved.";
+    } catch (e) { showError(e.message); }
+  };
+  const up = button("👍", "Good answer", null), down = button("👎", "Bad answer", null);
+  up.className = "thumb-up"; down.className = "thumb-down";
+  up.addEventListener("click", rate(1, up));
+  down.addEventListener("click", rate(-1, down));
+  actions.append(up, down);
+  box.appendChild(actions);
+}
+
+async function reply() {
+  const context = conversation();
+  const compare = $("compare").checked;
+  busy(true);
+  $("status").textContent = "…";
+  try {
+    if (!compare) {
+      const box = addAnswerBox($("chat"));
+      const content = box.querySelector(".content");
+      const { texts } = await streamChat(context, 1, (i, t) => setMarkdown(content, t));
+      state.history.push({ role: "assistant", content: texts[0] });
+      box.dataset.turn = String(state.history.length - 1);
+      addRating(box, context, texts[0]);
+    } else {
+      const row = document.createElement("div");
+      row.className = "compare";
+      $("chat").appendChild(row);
+      const boxes = [addAnswerBox(row), addAnswerBox(row)];
+      const { texts } = await streamChat(context, 2, (i, t) => setMarkdown(boxes[i].querySelector(".content"), t));
+      state.pendingCompare = { row, boxes, texts, context };
+      boxes.forEach((box, i) => {
+        const actions = document.createElement("div");
+        actions.className = "actions";
+        const b = button(i === 0 ? "Prefer A" : "Prefer B", "This answer is better", () => choose(i));
+        b.className = "prefer";
+        actions.appendChild(b);
+        box.appendChild(actions);
+      });
+      $("status").textContent = "Pick the better answer to continue.";
+    }
+    if (!compare) $("status").textContent = "";
+  } catch (e) {
+    showError(e.message);
+    $("status").textContent = "";
+  } finally {
+    busy(false);
+  }
+}
+
+async function choose(i) {
+  const p = state.pendingCompare;
+  if (!p) return;
+  try {
+    const r = await sendFeedback({ kind: "comparison", messages: p.context, answers: p.texts, preferred: i });
+    p.row.dataset.feedbackId = r.id;
+  } catch (e) { showError(e.message); return; }
+  p.boxes.forEach((box, j) => {
+    box.classList.add(j === i ? "preferred" : "not-preferred");
+    box.querySelectorAll("button.prefer").forEach((b) => (b.disabled = true));
+  });
+  state.history.push({ role: "assistant", content: p.texts[i] });
+  p.boxes[i].dataset.turn = String(state.history.length - 1);
+  state.pendingCompare = null;
+  $("status").textContent = "Preference saved.";
+  busy(false);
+}
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("input").value;
+  if (!text.trim() || state.controller || state.pendingCompare) return;
+  $("input").value = "";
+  state.history.push({ role: "user", content: text });
+  addUser(text);
+  reply();
+});
+
+$("input").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+});
+
+$("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
+
+$("regenerate").addEventListener("click", () => {
+  // drop the last answer (its box too) and sample a new one for the same conversation
+  const last = state.history.length - 1;
+  if (last < 0 || state.history[last].role !== "assistant" || state.controller) return;
+  state.history.pop();
+  const box = document.querySelector('[data-turn="' + last + '"]');
+  if (box) (box.parentElement.classList.contains("compare") ? box.parentElement : box).remove();
+  reply();
+});
+
+$("new-chat").addEventListener("click", () => {
+  if (state.controller) state.controller.abort();
+  state.history = [];
+  state.pendingCompare = null;
+  $("chat").replaceChildren();
+  $("status").textContent = "";
+  busy(false);
+});
+
+$("settings-toggle").addEventListener("click", () => {
+  const s = $("settings");
+  s.hidden = !s.hidden;
+  $("settings-toggle").setAttribute("aria-expanded", String(!s.hidden));
+});
+
+$("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
+
+// settings survive a reload (this browser only)
+for (const id of ["system", "temperature", "apikey"]) {
+  const saved = localStorage.getItem("chatfactory." + id);
+  if (saved !== null) $(id).value = saved;
+  $(id).addEventListener("change", () => { localStorage.setItem("chatfactory." + id, $(id).value); if (id === "apikey") loadModel(); });
+}
+$("compare").checked = localStorage.getItem("chatfactory.compare") === "1";
+$("compare").addEventListener("change", () => localStorage.setItem("chatfactory.compare", $("compare").checked ? "1" : "0"));
+$("temperature-value").textContent = $("temperature").value;
+
+busy(false);
+loadModel();
