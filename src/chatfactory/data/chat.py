@@ -1,0 +1,138 @@
+"""Chat data for SFT: read conversations from chat JSONL, Alpaca or HH-RLHF transcripts.
+
+Every loader yields conversations in one shape, a list of ``{"role", "content"}`` messages (see
+``tokenizer.check_messages``), so SFT never sees the file format. The format is detected per row:
+
+  chat      ``{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", …}, …]}``
+  Alpaca    ``{"instruction": "…", "input": "…", "output": "…"}``  (input may be empty)
+  HH        ``{"chosen": "\\n\\nHuman: …\\n\\nAssistant: …"}`` or ``{"text": transcript}``
+
+Files are ``.jsonl`` (one object per line) or ``.json`` (one array of objects), gzip accepted; a spec
+may join several with commas or name ``hf:NAME[:SUBSET]`` for a Hugging Face dataset. A bad row is a
+``DataError`` naming the file and line (``path:line``; for ``.json`` arrays ``path[index]``).
+
+    convs = load_conversations("../shared/data/sft/dolly/dolly_messages.jsonl.gz")
+    ids, mask = tok.render_chat(convs[0])
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+from ..tokenizer import check_messages
+from .sources import DataError, open_text, read_jsonl
+
+# "\n\nHuman:" / "\n\nAssistant:" open the turns of an Anthropic HH transcript
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
+    """``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` -> [{"role": "user", …}, {"role": "assistant", …}].
+
+    Consecutive turns of the same speaker are merged (HH has a few); text before the first turn
+    marker is an error, since it belongs to no speaker."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: an HH transcript must be a string, got {type(text).__name__}")
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataError(f"{where}: not an HH transcript (expected it to start with '\\n\\nHuman:')")
+    messages: list[dict] = []
+    for speaker, body in zip(parts[1::2], parts[2::2]):
+        role, content = _HH_ROLE[speaker], body.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def row_to_messages(row: dict, where: str) -> list[dict]:
+    """One data row in any supported format -> a checked conversation. Raises DataError naming ``where``."""
+    if "messages" in row:
+        messages = row["messages"]
+    elif "instruction" in row and "output" in row:
+        instr, extra, out = row["instruction"], row.get("input") or "", row["output"]
+        if not all(isinstance(x, str) for x in (instr, extra, out)):
+            raise DataError(f"{where}: Alpaca fields instruction/input/output must be strings")
+        # the input (context) follows the instruction in the same user turn, as Alpaca's prompt did
+        user = instr.strip() + ("\n\n" + extra.strip() if extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": out.strip()}]
+    elif "chosen" in row or "text" in row:
+        messages = parse_hh_transcript(row.get("chosen", row.get("text")), where)
+    else:
+        raise DataError(f"{where}: unknown chat row format with keys {sorted(row)} (expected 'messages', "
+                        f"Alpaca 'instruction'/'input'/'output', or an HH transcript in 'chosen'/'text')")
+    try:
+        check_messages(messages, "messages")
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant message, so nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        for n, row in read_jsonl(path):
+            yield f"{path}:{n}", row
+    elif name.endswith(".json"):
+        try:
+            with open_text(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, EOFError, OSError) as e:
+            raise DataError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json chat file must hold an array of rows (use .jsonl for one row per line)")
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}[{i}]: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}[{i}]", row
+    else:
+        raise DataError(f"{path}: chat data must be .jsonl or .json (optionally .gz)")
+
+
+def _hf_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: Hugging Face datasets need `pip install 'chatfactory[hf]'`") from None
+    name, _, subset = spec[3:].partition(":")
+    for i, row in enumerate(datasets.load_dataset(name, subset or None, split=split)):
+        yield f"{spec}[{i}]", dict(row)
+
+
+def iter_chat_rows(spec: str, split: str = "train") -> Iterator[tuple[str, list[dict]]]:
+    """(where, conversation) for every row of the comma-separated sources in ``spec``."""
+    for one in [s.strip() for s in spec.split(",") if s.strip()]:
+        if one.startswith("hf:"):
+            rows = _hf_rows(one, split)
+        else:
+            path = Path(one).expanduser()
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.removesuffix(".gz").endswith((".jsonl", ".json")))
+                if not files:
+                    raise DataError(f"{path}: folder holds no .jsonl/.json chat files")
+                rows = (r for p in files for r in _file_rows(p))
+            elif path.is_file():
+                rows = _file_rows(path)
+            else:
+                raise DataError(f"{one}: no such chat data file or folder")
+        for where, row in rows:
+            yield where, row_to_messages(row, where)
+
+
+def load_conversations(spec: str, max_rows: int = 0, split: str = "train") -> list[list[dict]]:
+    """Every conversation of ``spec`` (at most ``max_rows`` if > 0)."""
+    out = []
+    for _, conv in iter_chat_rows(spec, split):
+        out.append(conv)
+        if max_rows and len(out) >= max_rows:
+            break
+    if not out:
+        raise DataError(f"{spec}: no conversations found")
+    return out

@@ -1,0 +1,164 @@
+"""SFT: chat loaders (errors name file:line), packed batches that keep the mask aligned and never leak
+across conversations, and a learning test on a synthetic chat task that a broken mask cannot pass."""
+import gzip
+import json
+import random
+
+import pytest
+import torch
+
+from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
+from chatfactory.config import load_config
+from chatfactory.data.chat import load_conversations, parse_hh_transcript
+from chatfactory.data.sources import DataError
+from chatfactory.engine import Engine, SamplingParams
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.tokenizer import Tokenizer
+from chatfactory.train.sft import IGNORE, PackedBatches, collate, masked_loss, pack, tokenize_conversations
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "4"}]}
+ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+HH = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: bye\n\nAssistant: see you", "rejected": "x"}
+
+
+def write_jsonl(path, rows):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [json.dumps(CHAT), json.dumps(ALPACA), HH["chosen"]] + [f"reverse {a} {b} {c}" for a in "abcdefgh" for b in "abc" for c in "xyz"]
+    return Tokenizer.train(texts * 3, vocab_size=300)
+
+
+def test_loaders_read_all_formats(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl.gz", [CHAT, ALPACA, HH])
+    (tmp_path / "alpaca.json").write_text(json.dumps([ALPACA]))
+    convs = load_conversations(f"{path},{tmp_path / 'alpaca.json'}")
+    assert convs[0] == CHAT["messages"]
+    assert convs[1] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert convs[2] == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"},
+                        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]
+    assert convs[3] == convs[1]
+    assert parse_hh_transcript("\n\nHuman: a\n\nHuman: b\n\nAssistant: c") == [
+        {"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("{not json", r"bad.jsonl:2: not valid JSON"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"bad.jsonl:2: .*unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, r"bad.jsonl:2: .*no assistant message"),
+    ({"prompt": "x", "completion": "y"}, r"bad.jsonl:2: unknown chat row format"),
+    ({"chosen": "Assistant: no human turn"}, r"bad.jsonl:2: not an HH transcript"),
+    ({"instruction": "x", "input": 3, "output": "y"}, r"bad.jsonl:2: Alpaca fields"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, bad, match):
+    path = write_jsonl(tmp_path / "bad.jsonl", [CHAT, bad])
+    with pytest.raises(DataError, match=match):
+        load_conversations(str(path))
+
+
+def test_packed_rows_keep_mask_aligned(tok):
+    convs = [CHAT["messages"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+             [{"role": "system", "content": "x"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+    xs, ys, stats = tokenize_conversations(convs, tok, seq_len=64)
+    assert stats["dropped"] == stats["truncated"] == 0
+    rows = pack([len(x) for x in xs], range(3), 64)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2] and len(rows) == 1  # all three fit one row
+    b = collate(rows, xs, ys, 64, tok.pad_id)
+    x, y, pos, doc = b["x"][0], b["y"][0], b["pos"][0], b["doc"][0]
+    # every learned target is exactly an assistant token (or its <|end|>) of the conversation in that slot
+    expect = []
+    for i in rows[0]:
+        ids, mask = tok.render_chat(convs[i])
+        expect += [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+        assert (x[doc == rows[0].index(i)] == torch.tensor(ids[:-1])).all()
+    assert y[: len(expect)].tolist() == expect and (y[len(expect):] == IGNORE).all()
+    # independently of the mask code: the learned text is the assistant replies, each closed by <|end|>
+    assert rows[0] == [0, 1, 2]
+    assert tok.decode([t for t in y.tolist() if t != IGNORE]) == "hello<|end|>4<|end|>hello<|end|>4<|end|>"
+    # positions restart at every conversation; padding is its own document
+    starts = [int((doc == j).nonzero()[0]) for j in range(3)]
+    assert all(pos[s] == 0 for s in starts) and (doc[len(expect):] == -1).all()
+
+
+def test_packing_equals_one_by_one(tok):
+    """Packed rows give each conversation exactly the loss it has alone: no attention across them."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=64)).eval()
+    convs = [CHAT["messages"], [{"role": "user", "content": "reverse a b x"}, {"role": "assistant", "content": "x b a"}],
+             [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"}]]
+    xs, ys, _ = tokenize_conversations(convs, tok, seq_len=64)
+    with torch.no_grad():
+        packed = masked_loss(model, collate(pack([len(x) for x in xs], range(3), 64), xs, ys, 64, tok.pad_id), "sum")
+        alone = sum(masked_loss(model, collate([[i]], xs, ys, 64, tok.pad_id), "sum") for i in range(3))
+    assert torch.allclose(packed, alone, rtol=1e-5), (packed, alone)
+
+
+def test_batches_are_stateless_and_cover_every_conversation(tok):
+    xs = [torch.arange(n).numpy() for n in (5, 9, 3, 12, 7, 2, 30)]
+    ys = [x.copy() for x in xs]
+    a, b = PackedBatches(xs, ys, 32, 0, seed=1), PackedBatches(xs, ys, 32, 0, seed=1)
+    assert all((a.micro_batch(s, 0, 1, 2)["x"] == b.micro_batch(s, 0, 1, 2)["x"]).all() for s in (3, 0, 7))
+    assert sorted(i for r in a.epoch_rows(0) for i in r) == list(range(7))
+    assert a.epoch_rows(0) != a.epoch_rows(1) or a.epoch_rows(1) != a.epoch_rows(2)  # reshuffled per epoch
+    # DDP: two ranks' micro-batches are the single process's batch split in two
+    whole = a.micro_batch(2, 0, 1, 4)["x"]
+    halves = torch.cat([a.micro_batch(2, 0, 1, 2, rank=r, world=2)["x"] for r in (0, 1)])
+    assert (whole == halves).all()
+
+
+# ---------------------------------------------------------------- learning test
+LETTERS = "abcdefghij"
+
+
+def reverse_task(rng, n):
+    rows = []
+    for _ in range(n):
+        w = rng.sample(LETTERS, 3)
+        rows.append(({"role": "user", "content": "reverse: " + " ".join(w)}, " ".join(reversed(w))))
+    return rows
+
+
+@pytest.mark.slow
+def test_sft_learns_synthetic_chat_task(tmp_path):
+    """Held-out exact match on "reverse: a b c" -> "c b a": ~0% before SFT, a clear majority after.
+    Masking user text instead of assistant text, or dropping the <|end|> target, cannot pass."""
+    rng = random.Random(0)
+    all_rows = reverse_task(rng, 1400)
+    held = {r[0]["content"] for r in all_rows[-100:]}
+    train_rows = [r for r in all_rows[:-100] if r[0]["content"] not in held]
+    test_rows = all_rows[-100:]
+    sys_msg = {"role": "system", "content": "You reverse letters."}
+    data = [{"messages": [sys_msg, u, {"role": "assistant", "content": a}]} for u, a in train_rows]
+    write_jsonl(tmp_path / "train.jsonl", data)
+    run = tmp_path / "run"
+    tok = Tokenizer.train([json.dumps(r) for r in data[:200]] + [" ".join(LETTERS)], vocab_size=400)
+    tok.save(run / "tokenizer.json")
+    torch.manual_seed(0)
+    mcfg = GPTConfig(depth=2, n_embd=96, head_dim=32, vocab_size=tok.vocab_size, block_size=64)
+    save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()})
+
+    def exact_match(stage):
+        model, _ = load_model(run / stage)
+        prompts = [tok.chat_prompt([sys_msg, u]) for u, _ in test_rows]
+        outs = Engine(model).generate(prompts, SamplingParams(max_tokens=12, temperature=0, stop_ids=(tok.end_id,)))
+        return sum(o[-1:] == [tok.end_id] and tok.decode(o[:-1]) == a for o, (_, a) in zip(outs, test_rows)) / len(test_rows)
+
+    before = exact_match("pretrain")
+    cfg = load_config(None, [f"sft.data={tmp_path / 'train.jsonl'}", "sft.steps=200", "sft.batch_size=16", "sft.seq_len=64",
+                             "sft.lr=3e-3", "sft.eval_every=0", "sft.ckpt_every=0", "sft.progress=false", "sft.device=cpu"])
+    from chatfactory.train.sft import run_sft
+
+    res = run_sft(cfg, run)
+    after = exact_match("sft")
+    print(f"exact match before {before:.0%}, after {after:.0%}, held-out assistant loss {res['val_loss']:.3f}")
+    assert before <= 0.02
+    assert after >= 0.6
+    assert res["val_loss"] < 0.3
