@@ -90,7 +90,7 @@ class _SFT(Stage):
         return batch[0].numel()
 
 
-def make_sft_run(run_dir, steps: int = 60) -> Tokenizer:
+def make_sft_run(run_dir, steps: int = 150) -> Tokenizer:
     """A run directory holding tokenizer.json and a tiny SFT'd policy in sft/."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(run_dir / "tokenizer.json")

@@ -1,0 +1,109 @@
+"""DPO: direct preference optimisation — the policy learns from comparisons without a reward model.
+
+Rafailov et al. (2023): the KL-regularised RLHF objective has a closed-form optimum in which the
+reward is β·log(π(y|x)/π_ref(y|x)) up to a term that cancels between two answers to one prompt. So the
+Bradley–Terry loss can be written on the policy itself:
+
+    loss = −log σ(β·[(log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))])
+
+with log π(y) summed over the answer's tokens (its <|end|> included) and the SFT model as the frozen
+reference. Same comparisons, batches and run-directory layout as the reward model. Evaluation on the
+held-out pairs logs the implicit rewards β·log(π/π_ref): their accuracy (chosen above rejected), the
+margin, and each side's mean (the chosen reward going negative is the known "both fall" effect).
+
+    chatfactory dpo --config tiny --out runs/NAME dpo.data=comparisons.jsonl dpo.beta=0.1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_model
+from ..config import Config
+from ..data.preferences import PairBatches, collate, pair_data, val_chunks
+from .loop import Stage, all_reduce_sum, setup_dist, train
+from .reward import run_tokenizer, stage_dir
+
+
+def answer_logps(model, idx: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) right-padded rows and a mask over their answer tokens -> (N,) Σ log p(answer token)."""
+    logits = model(idx[:, :-1])
+    nll = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none").view_as(idx[:, 1:])
+    return -(nll * answer_mask[:, 1:]).sum(-1)
+
+
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float):
+    """(2B,) answer log-probs, chosen rows first -> (mean loss, (B,) chosen rewards, (B,) rejected rewards);
+    a reward is the implicit β·(log π − log π_ref)."""
+    rewards = beta * (policy - reference)
+    chosen, rejected = rewards.chunk(2)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+class DPOStage(Stage):
+    name = "dpo"
+
+    def __init__(self, dc, train_pairs, val_pairs, pad_id: int, reference, model_config: dict):
+        self.dc, self.val, self.pad_id, self.ref, self.model_config = dc, val_pairs, pad_id, reference, model_config
+        self.seq_len = dc.seq_len
+        self.batches = PairBatches(train_pairs, dc.batch_size, dc.seed, pad_id)
+
+    def micro_batch(self, step, micro, rank, world):
+        return self.batches.micro_batch(step, micro, self.dc.grad_accum, rank, world)
+
+    def _ref_logps(self, batch):
+        with torch.no_grad():
+            return answer_logps(self.ref, batch["idx"], batch["answer_mask"])
+
+    def loss(self, model, batch):
+        ref = self._ref_logps(batch)
+        return dpo_loss(answer_logps(model, batch["idx"], batch["answer_mask"]), ref, self.dc.beta)[0]
+
+    def tokens(self, batch):
+        return int(batch["last"].sum()) + len(batch["last"])
+
+    def evaluate(self, model, d):
+        if not self.val:
+            return {}
+        # loss sum, right, margin sum, chosen reward sum, rejected reward sum, pairs
+        tot = torch.zeros(6, dtype=torch.float64, device=d.device)
+        for chunk in val_chunks(self.val, self.dc.batch_size, self.dc.eval_batches, d.rank, d.world):
+            b = {k: v.to(d.device) for k, v in collate(chunk, self.pad_id).items()}
+            loss, rc, rr = dpo_loss(answer_logps(model, b["idx"], b["answer_mask"]), self._ref_logps(b), self.dc.beta)
+            m = (rc - rr).double()
+            tot += torch.stack([loss.double() * len(chunk), ((m > 0).double() + 0.5 * (m == 0).double()).sum(), m.sum(),
+                                rc.double().sum(), rr.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64, device=d.device)])
+        tot = all_reduce_sum(tot)
+        n = max(1.0, tot[5].item())
+        return {"val_loss": tot[0].item() / n, "val_reward_accuracy": tot[1].item() / n, "val_margin": tot[2].item() / n,
+                "val_chosen_reward": tot[3].item() / n, "val_rejected_reward": tot[4].item() / n}
+
+
+def run_dpo(cfg: Config, run_dir) -> dict:
+    """DPO from ``cfg.dpo.init_from`` (the reference too, unless ``ref_from``); writes ``run_dir/dpo``."""
+    run_dir, dc = Path(run_dir), cfg.dpo
+    dc = dataclasses.replace(dc, data=dc.data or str(run_dir / "comparisons.jsonl"))
+    d = setup_dist(dc.device)
+    init_dir = stage_dir(run_dir, dc.init_from)
+    tok = run_tokenizer(run_dir, init_dir)
+    train_pairs, val_pairs, skipped = pair_data(dc, tok)
+    policy, _ = load_model(init_dir)
+    reference, _ = load_model(stage_dir(run_dir, dc.ref_from or dc.init_from), device=d.device)
+    reference.requires_grad_(False)
+    if reference.cfg != policy.cfg:
+        raise ValueError(f"dpo: the reference ({dc.ref_from}) and the policy ({dc.init_from}) have different model shapes")
+    stage = DPOStage(dc, train_pairs, val_pairs, tok.pad_id, reference, policy.cfg.to_dict())
+    steps = dc.steps or math.ceil(dc.epochs * stage.batches.steps_per_epoch(dc.grad_accum, d.world))
+    if d.main:
+        print(f"dpo: {len(train_pairs):,} train pairs, {len(val_pairs):,} held out"
+              + (f", {skipped} malformed rows skipped" if skipped else "")
+              + f"; {steps} steps from {init_dir}, beta={dc.beta}")
+    result = train(stage, policy, dataclasses.replace(dc, steps=steps), run_dir / "dpo", d)
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return result
