@@ -55,6 +55,41 @@ def cmd_sft(a):
         print("sft: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
 
 
+def cmd_reward(a):
+    from .config import load_config
+    from .train.reward import run_reward
+
+    res = run_reward(load_config(a.config, a.overrides), a.out)
+    print("reward: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+
+
+def cmd_dpo(a):
+    from .config import load_config
+    from .train.dpo import run_dpo
+
+    res = run_dpo(load_config(a.config, a.overrides), a.out)
+    print("dpo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+
+
+def cmd_comparisons(a):
+    from pathlib import Path
+
+    from .config import load_config
+    from .data.comparisons import run_comparisons
+
+    # the run's own config unless told otherwise, so the labeler it was set up with is used
+    config = a.config or (str(Path(a.run) / "config.yaml") if (Path(a.run) / "config.yaml").exists() else None)
+    run_comparisons(load_config(config, a.overrides), a.run, a.prompts, a.out, a.k)
+
+
+def cmd_run(a):
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    run_pipeline(load_config(a.config, a.overrides), a.out)
+    print(f"chat with it:  chatfactory chat --run {a.out}\nserve it:      chatfactory serve --run {a.out}")
+
+
 def cmd_sample(a):
     import torch
 
@@ -139,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatfactory", description=__doc__.split("\n\n")[0].strip("`: "),
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+    p = sub.add_parser("run", help="the whole pipeline: tokenizer, pretrain, SFT, comparisons, reward, PPO, DPO, "
+                                   "evaluation, report.md (skips finished stages)")
+    p.add_argument("--config", default="demo", help="preset name in configs/ or a YAML file (default: demo)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo; resumed if it exists)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override settings of the config")
+    p.set_defaults(fn=cmd_run)
     p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer of a run on its text")
     _add_config_args(p)
     p.set_defaults(fn=cmd_tokenizer)
@@ -148,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted")
     _add_config_args(p)
     p.set_defaults(fn=cmd_sft)
+    p = sub.add_parser("comparisons", help="sample K answers per prompt from the run's policy, label them with "
+                                           "comparisons.labeler, write chosen/rejected pairs (JSONL)")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--prompts", required=True, help='prompts JSONL: {"messages": [... ending in a user turn], ...}')
+    p.add_argument("--k", type=int, default=None, help="answers per prompt (default: comparisons.k, 4)")
+    p.add_argument("--out", default=None, help="output JSONL (default: RUN/comparisons.jsonl)")
+    p.add_argument("--config", default=None, help="preset or YAML (default: RUN/config.yaml if present)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. comparisons.labeler=pkg.mod:fn")
+    p.set_defaults(fn=cmd_comparisons)
+    p = sub.add_parser("reward", help="train the reward model on comparisons (reward.data), from reward.init_from; "
+                                      "resumes if interrupted")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_reward)
+    p = sub.add_parser("dpo", help="direct preference optimisation on comparisons (dpo.data), SFT as reference; "
+                                   "resumes if interrupted")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_dpo)
     p = sub.add_parser("sample", help="continue a text prompt with a trained model")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="which weights: pretrain, sft, ppo, … (default: the last trained)")

@@ -1,0 +1,323 @@
+"""The run report: ``report.md``, ``report.json`` and PNG plots of what every stage cost and achieved.
+
+Written by ``chatfactory run`` (pipeline.py) from the run directory alone: each stage's
+``metrics.jsonl``, the pipeline's ledger (``pipeline.json``: status and seconds per stage) and the
+held-out evaluation (``eval/<stage>.json``: every policy's replies to the same held-out prompts, scored
+by the rubric of data/tasks.py). A stage that did not run is reported as "not run: <why>", never with
+a number. To rebuild the report of a finished run:
+
+    python -m chatfactory.eval.report runs/demo
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..checkpoint import atomic_write_text
+from ..train.loop import read_metrics
+
+BARS = {  # the issue's bars, checked in the report (on >= 200 held-out prompts)
+    "sft_beats_base": "SFT held-out accuracy > base model's",
+    "reward_accuracy": "reward model held-out accuracy >= 0.80",
+    "ppo_win_rate": "PPO gold-judged win rate vs SFT >= 0.60 (ties half)",
+}
+
+
+def stage_cost(stage_dir: Path) -> dict:
+    """Steps, tokens processed and training seconds from a stage's metrics.jsonl."""
+    rows = [r for r in read_metrics(stage_dir / "metrics.jsonl") if "tok_s" in r]
+    tokens, prev = 0.0, 0.0
+    for r in rows:
+        tokens += r["tok_s"] * max(0.0, r["elapsed"] - prev)
+        prev = r["elapsed"]
+    return {"steps": rows[-1]["step"] if rows else 0, "tokens": int(tokens), "train_seconds": round(prev, 1)}
+
+
+def last_with(rows: list[dict], key: str):
+    for r in reversed(rows):
+        if key in r:
+            return r[key]
+    return None
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+# ---------------------------------------------------------------- plots
+def plot_losses(run_dir: Path, stages: list[str]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = [(s, read_metrics(run_dir / s / "metrics.jsonl")) for s in stages]
+    have = [(s, m) for s, m in have if any("loss" in r for r in m)]
+    if not have:
+        return None
+    fig, axes = plt.subplots(1, len(have), figsize=(4 * len(have), 3.2), squeeze=False)
+    for ax, (s, m) in zip(axes[0], have):
+        tr = [(r["step"], r["loss"]) for r in m if "loss" in r]
+        ax.plot(*zip(*tr), lw=1, label="train")
+        va = [(r["step"], r["val_loss"]) for r in m if "val_loss" in r]
+        if va:
+            ax.plot(*zip(*va), "o-", label="validation")
+        ax.set_title(s)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(run_dir / "losses.png", dpi=90)
+    plt.close(fig)
+    return "losses.png"
+
+
+def plot_rl(run_dir: Path, stage: str) -> str | None:
+    """Reward, KL and gold score over RL iterations (the rows the RL stage logs at evaluations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if "iteration" in r]
+    keys = [k for k in ("score", "reward", "kl", "gold") if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    titles = {"score": "reward-model score", "reward": "reward incl. KL penalty", "kl": "KL to SFT (nats/answer)",
+              "gold": "gold (rubric) score, held-out"}
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["iteration"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), "o-", ms=3)
+        ax.set_title(titles[k], fontsize=9)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    name = f"{stage}.png"
+    fig.savefig(run_dir / name, dpi=90)
+    plt.close(fig)
+    return name
+
+
+# ---------------------------------------------------------------- the report
+def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
+    st = ledger.get("stages", {})
+    rep: dict = {"total_seconds": round(sum(v.get("seconds", 0.0) for v in st.values()), 1),
+                 "heldout_prompts": next((e["n"] for e in evals.values() if "n" in e), 0)}
+
+    def status(s):
+        return st.get(s, {}).get("status", "not run")
+
+    def base_section(s):
+        sec = {"status": status(s), "seconds": round(st.get(s, {}).get("seconds", 0.0), 1)}
+        if (run_dir / s / "metrics.jsonl").exists():
+            sec.update(stage_cost(run_dir / s))
+        return sec
+
+    pre = base_section("pretrain")
+    m = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
+    pre.update(val_bpb=last_with(m, "val_bpb"), val_loss=last_with(m, "val_loss"), final_loss=last_with(m, "loss"))
+    rep["pretrain"] = pre
+
+    e = evals.get("pretrain", {})
+    rep["base"] = {"status": "done" if e else "not run: no finished pretrain checkpoint",
+                   "heldout_accuracy": e.get("heldout_accuracy"), "gold_score": e.get("gold_score"),
+                   "accuracy_by_task": e.get("accuracy_by_task"), "few_shot": e.get("few_shot")}
+
+    sft = base_section("sft")
+    m = read_metrics(run_dir / "sft" / "metrics.jsonl")
+    sft.update(val_loss=last_with(m, "val_loss"))
+    rep["sft"] = sft
+
+    comp = {"status": status("comparisons"), "seconds": round(st.get("comparisons", {}).get("seconds", 0.0), 1)}
+    for key, name in (("pairs", "comparisons.jsonl"), ("heldout_pairs", "comparisons_heldout.jsonl")):
+        p = run_dir / name
+        comp[key] = sum(1 for line in open(p, encoding="utf-8") if line.strip()) if p.exists() else None
+    rep["comparisons"] = comp
+
+    rw = base_section("reward")
+    m = read_metrics(run_dir / "reward" / "metrics.jsonl")
+    rw.update(heldout_accuracy=last_with(m, "val_accuracy"), val_loss=last_with(m, "val_loss"),
+              val_margin=last_with(m, "val_margin"))
+    rep["reward"] = rw
+
+    for s in ("ppo", "dpo", "grpo"):
+        sec = base_section(s)
+        m = read_metrics(run_dir / s / "metrics.jsonl")
+        if s in ("ppo", "grpo"):
+            sec.update(train_kl=last_with(m, "kl"), train_score=last_with(m, "score"), train_gold=last_with(m, "gold"))
+        rep[s] = sec
+
+    for s in ("sft", "ppo", "dpo", "grpo"):
+        e = evals.get(s)
+        if not e:
+            rep[s].setdefault("heldout_accuracy", None)
+            if s != "sft":
+                rep[s].update(win_rate_vs_sft=None, kl=None)
+            continue
+        rep[s].update(heldout_accuracy=e["heldout_accuracy"], gold_score=e["gold_score"],
+                      accuracy_by_task=e["accuracy_by_task"], mean_words=e["mean_words"])
+        if s != "sft":
+            wr = e.get("win_rate_vs_sft") or {}
+            rep[s].update(win_rate_vs_sft=wr.get("win_rate"), wins_ties_losses=[wr.get("wins"), wr.get("ties"), wr.get("losses")],
+                          kl=e.get("kl_vs_sft"))
+    if "pretrain" in evals and evals["pretrain"].get("win_rate_vs_sft"):
+        rep["base"]["sft_win_rate_vs_base"] = 1 - evals["pretrain"]["win_rate_vs_sft"]["win_rate"]
+
+    acc = lambda s: rep.get(s, {}).get("heldout_accuracy")
+    rep["bars"] = {
+        "sft_beats_base": None if acc("sft") is None or acc("base") is None else acc("sft") > acc("base"),
+        "reward_accuracy": None if acc("reward") is None else acc("reward") >= 0.8,
+        "ppo_win_rate": None if rep["ppo"].get("win_rate_vs_sft") is None else rep["ppo"]["win_rate_vs_sft"] >= 0.6,
+        "heldout_prompts_at_least_200": rep["heldout_prompts"] >= 200,
+    }
+    return rep
+
+
+def _few_shot_md(fs: dict) -> list[str]:
+    if not isinstance(fs, dict) or not fs or "status" in fs:
+        return [f"Few-shot table: {fs.get('status') if isinstance(fs, dict) and fs else 'not run'}.", ""]
+    shots = sorted({k for per in fs.values() for k in per}, key=int)
+    lines = ["| task | " + " | ".join(f"{k}-shot acc" for k in shots) + " | n |",
+             "|---|" + "---|" * (len(shots) + 1)]
+    for task, per in sorted(fs.items()):
+        n = next(iter(per.values())).get("n", "")
+        lines.append(f"| {task} | " + " | ".join(_fmt(per.get(k, {}).get("acc")) for k in shots) + f" | {n} |")
+    means = [sum(per[k]["acc"] * per[k]["n"] for per in fs.values() if k in per) / max(1, sum(per[k]["n"] for per in fs.values() if k in per)) for k in shots]
+    lines.append("| **all** | " + " | ".join(f"**{m:.3f}**" for m in means) + " | |")
+    return lines + ["", "Multiple choice (4 options, chance 0.25), scored by log-likelihood as in the GPT-3 paper; "
+                        "k solved examples of the same task precede the question.", ""]
+
+
+def _samples_md(run_dir: Path, evals: dict, n: int) -> list[str]:
+    path = run_dir / "tasks" / "heldout.jsonl"
+    if not path.exists() or not evals:
+        return []
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    picks, seen = [], set()
+    for i, r in enumerate(rows):  # one prompt per task, as many as asked
+        if r["task"] not in seen:
+            seen.add(r["task"])
+            picks.append(i)
+        if len(picks) >= n:
+            break
+    out = ["## Sample conversations (held-out prompts, sampled replies, rubric score)", ""]
+    for i in picks:
+        r = rows[i]
+        convo = " / ".join(f"**{m['role']}**: {m['content']}" for m in r["messages"])
+        out += [f"**{r['task']}** — {convo}", ""]
+        for s, e in evals.items():
+            name = "base (plain-text prompt)" if s == "pretrain" else s
+            reply = e["replies"][i].replace("\n", " ").replace("|", "\\|")
+            out.append(f"- {name} ({e['scores'][i]:.2f}): {reply[:200]!s}")
+        out.append("")
+    return out
+
+
+def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: int, rubric: str) -> str:
+    L = [f"# chatfactory run report: `{run_dir}`", "",
+         f"Total time: **{rep['total_seconds']:.0f} s** · held-out prompts: **{rep['heldout_prompts']}** "
+         "(never seen by any training stage, pretraining included).", ""]
+    L += ["## What each stage cost and achieved", "", "| stage | status | seconds | tokens | achieved |", "|---|---|---|---|---|"]
+    ach = {
+        "pretrain": f"val bits/byte {_fmt(rep['pretrain'].get('val_bpb'))}",
+        "sft": f"held-out accuracy {_fmt(rep['sft'].get('heldout_accuracy'))} (base {_fmt(rep['base'].get('heldout_accuracy'))})",
+        "comparisons": f"{_fmt(rep['comparisons'].get('pairs'))} pairs (+{_fmt(rep['comparisons'].get('heldout_pairs'))} held out)",
+        "reward": f"held-out pairwise accuracy {_fmt(rep['reward'].get('heldout_accuracy'))}",
+        "ppo": f"win rate vs SFT {_fmt(rep['ppo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['ppo'].get('kl'), 2)} nats",
+        "dpo": f"win rate vs SFT {_fmt(rep['dpo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['dpo'].get('kl'), 2)} nats",
+        "grpo": f"win rate vs SFT {_fmt(rep['grpo'].get('win_rate_vs_sft'))}",
+    }
+    for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo", "grpo"):
+        sec = rep[s]
+        if s == "grpo" and sec["status"].startswith("not run: not in"):
+            continue
+        done = sec["status"] == "done"
+        L.append(f"| {s} | {sec['status']} | {_fmt(sec.get('seconds'), 1)} | {sec.get('tokens', '—') if done else '—'} | {ach[s] if done else '—'} |")
+    L.append("")
+
+    L += ["## Held-out evaluation (gold judge: the rubric)", "",
+          "Every policy answers the same held-out prompts (sampled replies); the rubric below scores each. "
+          "Accuracy: the reply holds the right answer. Win rate: the policy's reply scores higher than SFT's on "
+          "the same prompt (ties count half). KL: mean over replies of log π(reply) − log π_SFT(reply), nats.", "",
+          "| policy | accuracy | gold score | win rate vs SFT | KL vs SFT | mean words |", "|---|---|---|---|---|---|"]
+    for s in ("pretrain", "sft", "ppo", "dpo", "grpo"):
+        e = evals.get(s)
+        if not e:
+            continue
+        wr = (e.get("win_rate_vs_sft") or {}).get("win_rate")
+        name = "base (pretrain)" if s == "pretrain" else s
+        L.append(f"| {name} | {_fmt(e['heldout_accuracy'])} | {_fmt(e['gold_score'])} | {_fmt(wr) if s != 'sft' else '—'} | "
+                 f"{_fmt(e.get('kl_vs_sft'), 2)} | {e['mean_words']:.1f} |")
+    tasks = sorted({t for e in evals.values() for t in e.get("accuracy_by_task", {})})
+    if tasks:
+        L += ["", "Accuracy by task:", "", "| task | " + " | ".join("base" if s == "pretrain" else s for s in evals) + " |",
+              "|---|" + "---|" * len(evals)]
+        for t in tasks:
+            L.append(f"| {t} | " + " | ".join(_fmt(e.get("accuracy_by_task", {}).get(t), 2) for e in evals.values()) + " |")
+    L += ["", "Bars of the issue:", ""]
+    for k, ok in rep["bars"].items():
+        L.append(f"- {BARS.get(k, k)}: {'not measured' if ok is None else 'met' if ok else 'MISSED'}")
+    L.append("")
+
+    pre = rep["pretrain"]
+    L += ["## Pretraining", "",
+          f"{pre['status']}; {pre.get('steps', 0)} steps, {pre.get('tokens', 0):,} tokens, {pre.get('train_seconds', 0)} s of training; "
+          f"validation loss {_fmt(pre.get('val_loss'))} nats/token, **{_fmt(pre.get('val_bpb'))} bits/byte**.", ""]
+    if plots.get("losses"):
+        L += [f"![loss curves]({plots['losses']})", ""]
+    L += ["## Base model: zero-, one- and few-shot (prompt engineering, as in GPT-3)", ""]
+    L += _few_shot_md(rep["base"].get("few_shot") or {})
+    L += [f"Generating a reply to the plain-text prompt `User: …\\nAssistant:` (no examples), the base model is right on "
+          f"{_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
+    L += ["## SFT", "", f"{rep['sft']['status']}; held-out accuracy **{_fmt(rep['sft'].get('heldout_accuracy'))}**, "
+          f"validation loss on assistant tokens {_fmt(rep['sft'].get('val_loss'))}.", ""]
+    c = rep["comparisons"]
+    L += ["## Comparisons (the simulated labeler)", "", f"{c['status']}; {_fmt(c.get('pairs'))} pairs from the SFT policy's own "
+          f"samples on rl prompts, {_fmt(c.get('heldout_pairs'))} on held-out prompts, labeled by the rubric.", ""]
+    L += ["## Reward model", "", f"{rep['reward']['status']}; held-out pairwise accuracy **{_fmt(rep['reward'].get('heldout_accuracy'))}** "
+          f"(mean margin {_fmt(rep['reward'].get('val_margin'))}).", ""]
+    for s in ("ppo", "dpo", "grpo"):
+        sec = rep[s]
+        if s == "grpo" and sec["status"].startswith("not run: not in"):
+            continue
+        L += [f"## {s.upper()}", ""]
+        if sec["status"] != "done":
+            L += [sec["status"], ""]
+            continue
+        L += [f"Held-out: accuracy **{_fmt(sec.get('heldout_accuracy'))}**, gold-judged win rate vs SFT **{_fmt(sec.get('win_rate_vs_sft'))}** "
+              f"(wins/ties/losses {sec.get('wins_ties_losses')}), KL vs SFT {_fmt(sec.get('kl'), 2)} nats per reply.", ""]
+        if plots.get(s):
+            L += [f"![{s} curves]({plots[s]})", ""]
+    L += _samples_md(run_dir, evals, samples)
+    L += ["## The rubric (simulated labeler and gold judge)", "", "```", rubric.rstrip(), "```", ""]
+    return "\n".join(L)
+
+
+def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
+    """Write report.md, report.json and the plots; return report.json's content."""
+    from ..data.tasks import RUBRIC
+
+    run_dir = Path(run_dir)
+    rep = build_json(run_dir, ledger, evals)
+    plots = {"losses": plot_losses(run_dir, ["pretrain", "sft", "reward", "dpo"])}
+    for s in ("ppo", "grpo"):
+        plots[s] = plot_rl(run_dir, s)
+    samples = getattr(getattr(cfg, "pipeline", None), "samples", 4)
+    atomic_write_text(run_dir / "report.md", write_markdown(run_dir, rep, evals, plots, samples, RUBRIC))
+    atomic_write_text(run_dir / "report.json", json.dumps(rep, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+    return rep
+
+
+if __name__ == "__main__":
+    import sys
+
+    rd = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+    ev = {p.stem: json.loads(p.read_text()) for p in sorted((rd / "eval").glob("*.json"))}
+    led = json.loads((rd / "pipeline.json").read_text())
+    print(json.dumps(write_report(None, rd, led, ev), indent=2))
