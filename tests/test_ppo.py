@@ -132,7 +132,7 @@ def train_reward_model(root, run, tok):
                     prompt = [{"role": "user", "content": f"Pick a color for the {t}."}]
                     f.write(json.dumps({"prompt": prompt, "chosen": "blue", "rejected": other}) + "\n")
     cfg = Config()
-    cfg.reward = RewardConfig(data=str(root / "pairs.jsonl"), steps=40, batch_size=16, seq_len=32, lr=3e-3,
+    cfg.reward = RewardConfig(data=str(root / "pairs.jsonl"), steps=20, batch_size=16, seq_len=32, lr=3e-3,
                               warmup_steps=2, eval_every=0, ckpt_every=0, val_fraction=0.1, progress=False, device="cpu")
     return run_reward(cfg, run)
 
@@ -147,8 +147,8 @@ def world(tmp_path_factory):
 
 
 def ppo_config(root, **kw):
-    base = dict(prompts=str(root / "prompts.jsonl"), steps=12, rollout_batch=16, max_new_tokens=6, lr=3e-3,
-                ppo_epochs=2, minibatches=2, kl_coef=0.05, eval_every=0, ckpt_every=5, progress=False, device="cpu",
+    base = dict(prompts=str(root / "prompts.jsonl"), steps=12, rollout_batch=16, max_new_tokens=6, lr=3e-4, no_end_penalty=5.0,
+                ppo_epochs=2, minibatches=2, kl_coef=0.1, eval_every=0, ckpt_every=5, progress=False, device="cpu",
                 seed=3)
     base.update(kw)
     cfg = Config()
@@ -178,23 +178,65 @@ def test_first_minibatch_ratio_is_one(world):
     assert s["ratio"] == 1.0 and s["approx_kl"] == 0.0 and s["clipfrac"] == 0.0
 
 
+@torch.no_grad()
+def policy_kl(policy, ref, tok, rows, n_new=6, seed=0) -> float:
+    """Mean over the policy's sampled answers of the summed exact per-token KL(policy || ref)
+    (the full distributions at each answer position: far less noisy than single-sample estimates)."""
+    from chatfactory.train.rollout import rollout
+
+    batch = rollout(policy, [tok.chat_prompt(r["messages"]) for r in rows], n_new, 1.0, tok.end_id, tok.pad_id, seed)
+    lp = torch.log_softmax(forward_answers(policy, batch), -1)
+    lq = torch.log_softmax(forward_answers(ref, batch), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1) * batch["answer_mask"]
+    return kl.sum(1).mean().item()
+
+
 @pytest.mark.slow
-def test_ppo_learned_reward_raises_gold_and_zero_reward_stays(world):
+def test_ppo_learned_reward_raises_gold_while_zero_reward_stays(world):
     root, run, tok = world
     from chatfactory.data.preferences import load_prompts
 
     res = train_reward_model(root, run, tok)
     assert res["val_accuracy"] >= 0.85
-    held = load_prompts(str(root / "heldout.jsonl"))
+    held = load_prompts(str(root / "heldout.jsonl")) * 4
     sft = load_model(run / "sft")[0]
-    before = gold_score(sft, tok, held * 4, gold, max_new_tokens=6, seed=1)
+    before = gold_score(sft, tok, held, gold, max_new_tokens=6, seed=1)
 
     res = run_ppo(ppo_config(root), run)
-    after = gold_score(load_model(run / "ppo")[0], tok, held * 4, gold, max_new_tokens=6, seed=1)
-    print(f"gold: sft {before:.3f} -> ppo {after:.3f}; final kl {res['kl']:.3f}")
-    assert before < 0.45 and after > before + 0.35
-    assert 0.0 < res["kl"] < 5.0  # moved, but bounded by the penalty
+    ppo = load_model(run / "ppo")[0]
+    after = gold_score(ppo, tok, held, gold, max_new_tokens=6, seed=1)
+    kl = policy_kl(ppo, sft, tok, held)
+    print(f"PPO on the learned reward: gold {before:.3f} -> {after:.3f}, KL(ppo || sft) {kl:.3f} nats/answer; {res}")
+    assert before < 0.5 and after > before + 0.3
+    assert 0.05 < kl < 10.0  # it moved, but the penalty bounds how far
+    assert res["end_rate"] >= 0.8  # and it did not learn to ramble past the end
 
-    # zero reward: nothing to gain, so the policy stays at the reference
-    res0 = run_ppo(ppo_config(root, reward="zero", critic_from="reward"), run_dir := root / "zero")
-    assert False, (res0, run_dir)
+    # the same PPO with the reward replaced by zero: nothing to gain, so the policy stays put
+    cfg = ppo_config(root, reward="zero", init_from=str(run / "sft"), critic_from=str(run / "reward"))
+    run_ppo(cfg, root / "zero")
+    still = load_model(root / "zero" / "ppo")[0]
+    kl0, gold0 = policy_kl(still, sft, tok, held), gold_score(still, tok, held, gold, max_new_tokens=6, seed=1)
+    print(f"PPO on a zero reward: gold {before:.3f} -> {gold0:.3f}, KL {kl0:.4f}")
+    assert kl0 < 0.05 and kl0 < kl / 10 and abs(gold0 - before) < 0.15
+
+
+def test_ppo_resume_is_exact(world, tmp_path):
+    """Two iterations, then two more on re-running (the critic and adaptive beta restored from
+    state.pt) end with the same policy as four uninterrupted iterations."""
+    root, run, tok = world
+    kw = dict(reward="rl_gold:score", init_from=str(run / "sft"), critic_from=str(run / "sft"), adaptive_kl=True, target_kl=0.5,
+              kl_horizon=100, rollout_batch=8, ckpt_every=1, max_new_tokens=4)
+    run_ppo(ppo_config(root, steps=4, **kw), tmp_path / "a")
+    run_ppo(ppo_config(root, steps=2, **kw), tmp_path / "b")
+    state = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)
+    assert "critic" in state and state["kl_coef"] != 0.1  # beta adapted and saved
+    run_ppo(ppo_config(root, steps=4, **kw), tmp_path / "b")
+    wa, _ = load_model(tmp_path / "a" / "ppo")
+    wb, info = load_model(tmp_path / "b" / "ppo")
+    assert info["stage"] == "ppo" and info["step"] == 4 * 4
+    for (k, a), b in zip(wa.state_dict().items(), wb.state_dict().values()):
+        assert torch.equal(a, b), k
+    sa = torch.load(tmp_path / "a" / "ppo" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)
+    assert sa["kl_coef"] == sb["kl_coef"]
+    assert all(torch.equal(sa["critic"][k], sb["critic"][k]) for k in sa["critic"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import json
 from pathlib import Path
 
 import torch
@@ -416,7 +416,7 @@ class PPOStage(RLStage):
 # ---------------------------------------------------------------- building a run
 def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_critic: bool):
     """Everything the RL stages load: tokenizer, prompts, policy, reference, reward, critic, gold."""
-    from .reward import RewardModel, run_tokenizer
+    from .reward import RewardModel, load_reward_model, run_tokenizer
 
     init = resolve_stage(run_dir, tc.init_from, f"{name}.init_from")
     tok = run_tokenizer(run_dir, init)
@@ -435,10 +435,13 @@ def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_
         src = getattr(tc, "critic_from", "")
         if not src and reward.model is not None:
             critic = copy.deepcopy(reward.model).train()
-        else:  # a fresh head on a copy of a backbone; zero so the first advantages are the rewards alone
-            backbone = load_model(resolve_stage(run_dir, src or tc.init_from, f"{name}.critic_from"), d.device)[0]
-            critic = RewardModel(backbone).to(d.device)
-            nn.init.zeros_(critic.head.weight)
+        else:
+            src_dir = resolve_stage(run_dir, src or tc.init_from, f"{name}.critic_from")
+            if json.loads((src_dir / "config.json").read_text()).get("kind") == "reward":
+                critic = load_reward_model(src_dir, d.device).train()
+            else:  # a fresh head on a copy of a backbone; zero, so the first advantages are the rewards alone
+                critic = RewardModel(load_model(src_dir, d.device)[0]).to(d.device)
+                nn.init.zeros_(critic.head.weight)
         for p in critic.parameters():
             p.requires_grad_(True)
     ac = ActorCritic(policy, critic)
