@@ -19,13 +19,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/chatfactory pretrain --config demo --out runs/demo
+	$(BIN)/chatfactory run --config demo --out runs/demo
 	@echo
-	@echo "--- a sample from the pretrained model ---"
-	$(BIN)/chatfactory sample --run runs/demo --prompt "The built-in function" --max-tokens 80 --seed 0
-	@echo
-	@echo "run directory: runs/demo  (metrics: runs/demo/pretrain/metrics.jsonl)"
-	@echo "sample again:  $(BIN)/chatfactory sample --run runs/demo --prompt 'Return the'"
+	@echo "report:        runs/demo/report.md  (numbers: runs/demo/report.json; plots: runs/demo/*.png)"
+	@echo "chat with it:  $(BIN)/chatfactory chat --run runs/demo"
+	@echo "serve it:      $(BIN)/chatfactory serve --run runs/demo   (OpenAI-compatible API + web UI at http://127.0.0.1:8000)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

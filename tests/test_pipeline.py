@@ -1,0 +1,106 @@
+"""`chatfactory run` (pipeline.py + eval/report.py): the whole pipeline end to end on the tiny preset,
+its report, resume by skipping finished stages, and what it does when a stage is missing."""
+
+import json
+import subprocess
+
+import pytest
+
+from chatfactory import pipeline
+from chatfactory.config import load_config
+
+from conftest import ROOT, cli_cmd
+
+REPORT_KEYS = ["total_seconds", "pretrain.val_bpb", "base.heldout_accuracy", "sft.heldout_accuracy",
+               "reward.heldout_accuracy", "ppo.heldout_accuracy", "ppo.win_rate_vs_sft", "ppo.kl",
+               "dpo.heldout_accuracy", "dpo.win_rate_vs_sft"]
+
+
+def dig(d: dict, dotted: str):
+    for k in dotted.split("."):
+        d = d[k]
+    return d
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run(cli_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("run", "--config", "pipeline-tiny", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "chatfactory chat --run" in r.stdout
+
+    rep = json.loads((out / "report.json").read_text())
+    for key in REPORT_KEYS:
+        v = dig(rep, key)
+        assert isinstance(v, float), f"report.json {key} = {v!r}"
+    assert rep["heldout_prompts"] == 24 and rep["total_seconds"] > 0
+    for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo"):
+        assert rep[s]["status"] == "done", (s, rep[s]["status"])
+    assert 0 <= rep["ppo"]["win_rate_vs_sft"] <= 1 and rep["ppo"]["kl"] > -1e-3
+
+    md = (out / "report.md").read_text()
+    for heading in ("What each stage cost", "Held-out evaluation", "Pretraining", "zero-, one- and few-shot", "## SFT",
+                    "Reward model", "## PPO", "## DPO", "Sample conversations", "The rubric"):
+        assert heading in md, heading
+    assert "not run" not in md
+    for png in ("losses.png", "ppo.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # every stage's checkpoint exists and loads
+    from chatfactory.checkpoint import load_model
+    from chatfactory.train.reward import load_reward_model
+
+    for s in ("pretrain", "sft", "ppo", "dpo"):
+        model, info = load_model(out / s)
+        assert info.get("finished") is True, s
+    assert load_reward_model(out / "reward").head.out_features == 1
+    pairs = [json.loads(x) for x in (out / "comparisons.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] and p["prompt"][-1]["role"] == "user" for p in pairs)
+
+    # a run killed after reward: ppo and dpo redo their work, everything before is skipped
+    import shutil
+
+    for s in ("ppo", "dpo"):
+        shutil.rmtree(out / s)
+    (out / "report.md").unlink()
+    r = run_cli("run", "--config", "pipeline-tiny", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for s in ("pretrain", "sft", "comparisons", "reward"):
+        assert f"[run] {s}: finished earlier, skipped" in r.stdout
+    assert "[run] ppo ..." in r.stdout and "[run] dpo ..." in r.stdout
+    assert "eval sft" not in r.stdout  # cached: the sft checkpoint did not change
+    assert (out / "report.md").exists()
+    rep2 = json.loads((out / "report.json").read_text())
+    assert rep2["pretrain"]["val_bpb"] == rep["pretrain"]["val_bpb"]
+    assert rep2["total_seconds"] > rep["total_seconds"]  # times add up across restarts
+
+
+def test_missing_stage_is_reported_not_faked(tmp_path, monkeypatch):
+    """A stage whose module is absent is marked "not run: … not available" and gets no numbers."""
+    monkeypatch.setitem(pipeline.TRAIN_STAGES, "ppo", ("chatfactory.train.no_such_ppo", "run_ppo"))
+    with pytest.raises(pipeline.NotAvailable, match="ppo not available"):
+        pipeline.entry_point("ppo")
+    from chatfactory.eval.report import build_json, write_markdown
+
+    ledger = {"stages": {"ppo": {"status": "not run: ppo not available", "seconds": 0.0}}}
+    rep = build_json(tmp_path, ledger, {})
+    assert rep["ppo"]["win_rate_vs_sft"] is None and rep["ppo"]["heldout_accuracy"] is None
+    assert rep["bars"]["ppo_win_rate"] is None
+    md = write_markdown(tmp_path, rep, {}, {}, 2, "rubric")
+    assert "not run: ppo not available" in md
+
+
+def test_bad_stage_name_and_unfinished_checkpoint(tmp_path):
+    cfg = load_config("pipeline-tiny", ["pipeline.stages=pretrain,sfft"])
+    with pytest.raises(ValueError, match="unknown stage.*sfft"):
+        pipeline.run_pipeline(cfg, tmp_path / "run", log=lambda *_: None)
+    assert not pipeline.finished(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "config.json").write_text(json.dumps({"finished": False}))
+    assert not pipeline.finished(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"finished": True}))
+    assert pipeline.finished(tmp_path)
