@@ -1,0 +1,220 @@
+"""Evaluation: log-likelihood scoring checked against hand-computed numbers, prompt building, the
+few-shot table on a model that can only answer from its shots, loss/bits-per-byte, win rate, CLI."""
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from chatfactory.cli import main as cli_main
+from chatfactory.data.sources import DataError
+from chatfactory.eval.fewshot import (base_prompt, encode_pair, evaluate_rows, few_shot_table, load_task, pick_shots,
+                                      request_pairs, score_continuations, task_rows_from)
+from chatfactory.eval.lm import stream_loss
+from chatfactory.eval.winrate import compare, win_rate
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.tokenizer import Tokenizer
+
+
+class BigramLM(nn.Module):
+    """p(next | previous) read from a fixed table: log-likelihoods can be computed by hand."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.cfg = GPTConfig(depth=1, vocab_size=len(probs), block_size=16, n_embd=64)
+        self.logp = nn.Parameter(torch.tensor(probs).log())
+
+    def forward(self, idx):
+        return self.logp[idx]
+
+
+# rows: previous token 0..3; columns: next token
+P = [[0.1, 0.5, 0.25, 0.15],
+     [0.25, 0.25, 0.25, 0.25],
+     [0.5, 0.125, 0.125, 0.25],
+     [0.2, 0.2, 0.2, 0.4]]
+
+
+def test_loglikelihood_scoring_matches_hand_computation():
+    m = BigramLM(P)
+    pairs = [([0], [1, 2]),        # p(1|0) p(2|1) = 0.5 * 0.25, both argmax? 1|0 yes, 2|1 tie -> argmax picks 0: no
+             ([0, 1], [0]),        # p(0|1) = 0.25
+             ([3, 2], [0, 3, 3]),  # p(0|2) p(3|0) p(3|3) = 0.5 * 0.15 * 0.4 ; 0|2 yes, 3|0 no
+             ([2], [0, 1, 1])]     # 0.5 * 0.5 * 0.25 ; 0|2 yes, 1|0 yes, 1|1 tie -> no
+    want = [math.log(0.5 * 0.25), math.log(0.25), math.log(0.5 * 0.15 * 0.4), math.log(0.5 * 0.5 * 0.25)]
+    got = score_continuations(m, pairs, batch_size=3)  # a batch of 3 and one of 1: padding must not leak
+    for (ll, _), w in zip(got, want):
+        assert abs(ll - w) < 1e-6, (ll, w)
+    assert [g for _, g in got] == [False, True, False, False]
+    assert score_continuations(m, [([2], [0]), ([0], [1])]) == [(pytest.approx(math.log(0.5)), True)] * 2
+    # longer than the context: the oldest context tokens are dropped, the continuation kept whole
+    (ll, _), = score_continuations(m, [([1] * 30 + [2], [0])])
+    assert abs(ll - math.log(0.5)) < 1e-6
+
+
+def test_multiple_choice_acc_and_length_normalised_acc_by_hand():
+    """Two choices: the short one wins on total log-likelihood, the long one per character."""
+    m = BigramLM(P)
+
+    class IdTok:  # characters '0'..'3' are token ids; bos is 0
+        bos_id = 0
+
+        def encode(self, s):
+            return [int(c) for c in s if c.isdigit()]
+
+    # context "2"; choice A "1" -> p(1|2)=0.125 (ll -2.08, -2.08/1 char);
+    # choice B "0 1 1 1" -> 0.5*0.5*0.25*0.25 (ll -3.47, -0.87/char): acc picks A, acc_norm picks B
+    rows = task_rows_from([{"context": "2", "choices": [" 1", " 0 1 1 1"], "gold": 1}])
+    res = evaluate_rows(m, IdTok(), rows, k=0)
+    assert res == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    rows[0]["gold"] = 0
+    assert evaluate_rows(m, IdTok(), rows, k=0)["acc"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["Q: what is 2 + 2?\nA: 4\n\nThe capital of France is Paris. " * 5] * 10, vocab_size=300)
+
+
+def test_prompts_shots_and_chat_rendering(tok):
+    rows = task_rows_from([{"context": f"Q: {i} + 1 =", "answer": f"{i + 1}", "task": "add"} for i in range(6)])
+    shots = pick_shots(rows, 2, 3, seed=7)
+    assert shots == pick_shots(rows, 2, 3, seed=7) and rows[2] not in shots and len(shots) == 3
+    assert shots != pick_shots(rows, 2, 3, seed=8) or shots != pick_shots(rows, 3, 3, seed=7)
+    with pytest.raises(ValueError, match="only 5 other rows"):
+        pick_shots(rows, 0, 6, seed=0)
+    text = base_prompt(rows[0], rows[1:3])
+    assert text == "Q: 1 + 1 = 2\n\nQ: 2 + 1 = 3\n\nQ: 0 + 1 ="
+    # trailing context spaces move into the continuation; the continuation is the tail of the whole
+    ctx, cont = encode_pair(tok, "The capital of France is ", "Paris")
+    assert ctx == [tok.bos_id] + tok.encode("The capital of France is")
+    assert ctx + cont == [tok.bos_id] + tok.encode("The capital of France is Paris")
+    # chat: shots become earlier turns, the candidate the assistant's reply
+    (cctx, ccont), = request_pairs(tok, rows[0], rows[1:2], chat=True)
+    assert cctx == tok.chat_prompt([{"role": "user", "content": "Q: 1 + 1 ="}, {"role": "assistant", "content": "2"},
+                                    {"role": "user", "content": "Q: 0 + 1 ="}])
+    assert ccont == tok.encode("1")
+
+
+def test_task_file_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"context": "a", "choices": [" x", " y"], "gold": 1}\n{"context": "b", "choices": [" x"], "gold": 0}\n')
+    with pytest.raises(DataError, match=r"t.jsonl:2: 'choices'"):
+        load_task(p)
+    p.write_text('{"context": "a", "choices": [" x", " y"], "gold": 5}\n')
+    with pytest.raises(DataError, match=r"t.jsonl:1: .*gold"):
+        load_task(p)
+    p.write_text('{"context": "a", "answer": "b"}\n{"text": "no context"}\n')
+    with pytest.raises(DataError, match=r"t.jsonl:2: .*context"):
+        load_task(p)
+    p.write_text('{"context": "a", "answer": "b"}\nnot json\n')
+    with pytest.raises(DataError, match=r"t.jsonl:2: not valid JSON"):
+        load_task(p)
+    # "answer" as an index, as data/tasks.fewshot_rows writes it, is the gold choice
+    p.write_text('{"context": "a", "choices": [" x", " y"], "answer": 1, "task": "t"}\n')
+    assert load_task(p)[0]["gold"] == 1
+
+
+def test_stream_loss_and_bits_per_byte_by_hand(tok):
+    """A model with all-zero logits predicts uniformly: loss is exactly ln V."""
+    cfg = GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=16, n_embd=64)
+    model = GPT(cfg)
+    nn.init.zeros_(model.lm_head.weight)
+    ids = [tok.bos_id] + tok.encode("The capital of France is Paris. Q: what is 2 + 2?")
+    r = stream_loss(model, tok, ids, seq_len=8)
+    assert r["tokens"] == len(ids) - 1
+    assert abs(r["loss"] - math.log(tok.vocab_size)) < 1e-5
+    n_bytes = sum(len(tok.token_bytes[i]) for i in ids[1:])
+    assert r["bytes"] == n_bytes
+    assert abs(r["bpb"] - (len(ids) - 1) * math.log2(tok.vocab_size) / n_bytes) < 1e-5
+
+
+def test_win_rate_counts_ties_as_half(tok):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(4)]
+    judge = lambda row, ans: len(ans)  # noqa: E731
+    r = compare(rows, ["aa", "a", "aaa", ""], ["a", "a", "aaaa", ""], judge)
+    assert (r["wins"], r["ties"], r["losses"], r["n"]) == (1, 2, 1, 4)
+    assert r["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=64, n_embd=64, init_std=0.3))
+    b = GPT(GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=64, n_embd=64, init_std=0.3))
+    same = win_rate(a, a, tok, rows, judge, max_tokens=8)
+    assert same["ties"] == 4 and same["win_rate"] == 0.5
+    # a judge that rewards exactly what B says: A can only lose or tie
+    from chatfactory.eval.winrate import answers
+    b_says = dict(zip((r["messages"][0]["content"] for r in rows), answers(b, tok, rows, max_tokens=8)))
+    r = win_rate(a, b, tok, rows, lambda row, ans: float(ans == b_says[row["messages"][0]["content"]]), max_tokens=8)
+    assert r["score_b"] == 1.0 and r["win_rate"] < 0.5
+
+
+# ---------------------------------------------------------------- a model that can answer only from its shots
+LABELS = ["red", "blue", "green", "gold"]
+
+
+def _pattern_docs(n=1500, seed=0):
+    """Each document repeats ONE label it picked at random: "c = blue\\n\\na = blue\\n\\n…". The label of a
+    line is predictable from earlier lines only — exactly what the shots of a few-shot prompt provide."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        lab = rng.choice(LABELS)
+        docs.append("\n\n".join(f"{rng.choice('abcdefgh')} = {lab}" for _ in range(rng.randint(3, 10))))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def pattern_run(tmp_path_factory):
+    from chatfactory.config import load_config
+    from chatfactory.train.pretrain import run_pretrain
+
+    d = tmp_path_factory.mktemp("fewshot")
+    with open(d / "docs.jsonl", "w") as f:
+        for doc in _pattern_docs():
+            f.write(json.dumps({"text": doc}) + "\n")
+    cfg = load_config("tiny", [f"data.source={d / 'docs.jsonl'}", "tokenizer.vocab_size=300", "model.depth=1",
+                               "model.n_embd=64", "model.n_head=2", "model.block_size=96", "pretrain.steps=100",
+                               "pretrain.batch_size=16", "pretrain.seq_len=32", "pretrain.lr=0.03",
+                               "pretrain.warmup_steps=5", "pretrain.eval_every=0", "pretrain.ckpt_every=0",
+                               "pretrain.progress=false"])
+    run_pretrain(cfg, d / "run")
+    # one task per label; every task asks the same questions, so 0-shot prompts are identical across tasks
+    rows = [{"task": lab, "context": f"{q} =", "choices": [" " + x for x in LABELS], "gold": LABELS.index(lab)}
+            for lab in LABELS for q in "abcdefgh"]
+    with open(d / "task.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return d
+
+
+@pytest.mark.slow
+def test_few_shot_beats_zero_shot_when_only_the_shots_carry_the_answer(pattern_run):
+    from chatfactory.checkpoint import load_model
+
+    model, _ = load_model(pattern_run / "run" / "pretrain")
+    tok = Tokenizer.load(pattern_run / "run" / "tokenizer.json")
+    table = few_shot_table(model, tok, load_task(pattern_run / "task.jsonl"), shots=(0, 1, 4))
+    mean = {k: sum(t[k]["acc"] for t in table.values()) / len(table) for k in (0, 1, 4)}
+    # 0-shot: the prompt is the same for every task, so exactly one task in four is right per question
+    assert mean[0] == pytest.approx(1 / len(LABELS))
+    # with shots drawn from the task's own rows the label is in the prompt; the model copies it
+    assert mean[1] >= 0.9 and mean[4] >= 0.9, table
+
+
+@pytest.mark.slow
+def test_eval_cli_prints_table_and_writes_json(pattern_run, tmp_path):
+    run = pattern_run / "run"
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": d}) + "\n" for d in _pattern_docs(20, seed=1)))
+    out = tmp_path / "res.json"
+    assert cli_main(["eval", "--run", str(run), "--task", str(pattern_run / "task.jsonl"), "--shots", "0,2",
+                     "--text", str(val), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["chat"] is False and res["stage"] == "pretrain"
+    t = res["tasks"][str(pattern_run / "task.jsonl")]
+    assert set(t) == set(LABELS) and set(t["red"]) == {"0", "2"}
+    assert sum(v["2"]["acc"] for v in t.values()) / 4 >= 0.9
+    # the trained model knows the pattern: well under the uniform model's log2(V) bits per token
+    assert res["text"][str(val)]["loss"] < 0.5 * math.log(300)
+    assert cli_main(["eval", "--run", str(run), "--task", str(val)]) == 2  # not a task file: a clear error
+    assert cli_main(["eval", "--run", str(run), "--shots", "0,x", "--task", str(pattern_run / "task.jsonl")]) == 2
