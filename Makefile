@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv clean browser
 
 # torch first, pinned: its CPU wheel is what the machine has; an unpinned torch pulls a CUDA build
 $(STAMP): pyproject.toml
@@ -24,6 +24,14 @@ demo: $(STAMP)
 	@echo "report:        runs/demo/report.md  (numbers: runs/demo/report.json; plots: runs/demo/*.png)"
 	@echo "chat with it:  $(BIN)/chatfactory chat --run runs/demo"
 	@echo "serve it:      $(BIN)/chatfactory serve --run runs/demo   (OpenAI-compatible API + web UI at http://127.0.0.1:8000)"
+
+# Debian's chromium for the web UI's browser test (tests/test_webui.py skips without it). Playwright's
+# Python package drives /usr/bin/chromium; no browser is ever downloaded by a test tool.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@chromium --version 2>/dev/null
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
