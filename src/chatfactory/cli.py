@@ -71,6 +71,29 @@ def cmd_dpo(a):
     print("dpo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
 
 
+def cmd_ppo(a):
+    from .config import load_config
+    from .train.ppo import run_ppo
+
+    res = run_ppo(load_config(a.config, a.overrides), a.out)
+    print("ppo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+
+
+def cmd_grpo(a):
+    from .config import load_config
+    from .train.grpo import run_grpo
+
+    res = run_grpo(load_config(a.config, a.overrides), a.out)
+    print("grpo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+
+
+def cmd_rlhf(a):
+    from .config import load_config
+    from .train.rlhf import run_rlhf
+
+    run_rlhf(load_config(a.config, a.overrides), a.out, a.rounds, a.prompts or "", a.k or 0)
+
+
 def cmd_comparisons(a):
     from pathlib import Path
 
@@ -206,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes if interrupted")
     _add_config_args(p)
     p.set_defaults(fn=cmd_dpo)
+    p = sub.add_parser("ppo", help="RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; "
+                                   "resumes if interrupted")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_ppo)
+    p = sub.add_parser("grpo", help="GRPO: K answers per prompt, group-normalised advantages, reward = a scorer "
+                                    "module:function or the reward model; resumes if interrupted")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_grpo)
+    p = sub.add_parser("rlhf", help="repeated rounds: comparisons from the current policy -> reward model -> PPO "
+                                    "(RUN/rlhf/roundN/)")
+    _add_config_args(p)
+    p.add_argument("--rounds", type=int, default=2, help="number of rounds (default: 2)")
+    p.add_argument("--prompts", default=None, help="prompts JSONL (default: ppo.prompts)")
+    p.add_argument("--k", type=int, default=None, help="answers per prompt for comparisons (default: comparisons.k)")
+    p.set_defaults(fn=cmd_rlhf)
     p = sub.add_parser("sample", help="continue a text prompt with a trained model")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="which weights: pretrain, sft, ppo, … (default: the last trained)")

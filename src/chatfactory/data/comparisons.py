@@ -1,0 +1,129 @@
+"""Collecting comparisons: K answers per prompt from the current policy, labeled by a scorer.
+
+InstructGPT's labelers ranked K samples of the policy per prompt; here a *scorer* does it — a plain
+function ``score(row, answer) -> float`` (higher is better) named in the config as "module:function"
+(``comparisons.labeler``; the embedded default's is ``chatfactory.data.tasks:rubric_score``). People's
+comparisons come through the same format from the serving feedback store.
+
+Which pairs are written (``comparisons.pairs``):
+  * ``best_worst`` (default): one pair per prompt, the highest-scored answer against the lowest — the
+    clearest signal per prompt, and no prompt weighs more than another;
+  * ``all``: every pair of distinct answers whose scores differ (up to K(K−1)/2 per prompt; more pairs,
+    correlated within a prompt, as InstructGPT trained on all pairs of a ranking).
+A prompt whose K answers all score alike gives no pair (counted as ``ties``). Each row is
+``{"prompt": [messages], "chosen": str, "rejected": str, "chosen_score": x, "rejected_score": y}``.
+
+    chatfactory comparisons --run runs/NAME --prompts prompts.jsonl --k 4 [--out FILE] [comparisons.key=value …]
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import latest_stage, load_model
+from ..config import Config
+from ..engine import Engine, SamplingParams
+from ..tokenizer import Tokenizer
+from .preferences import load_prompts, write_comparisons
+
+
+def load_scorer(spec: str):
+    """"package.module:function" -> the function. Errors name the spec and what is wrong with it."""
+    mod, sep, name = (spec or "").partition(":")
+    if not sep or not mod or not name:
+        raise ValueError(f"scorer {spec!r} must look like 'package.module:function' "
+                         f"(e.g. chatfactory.data.tasks:rubric_score)")
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise ValueError(f"scorer {spec!r}: cannot import module {mod!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise ValueError(f"scorer {spec!r}: module {mod!r} has no {name!r}")
+    if not callable(fn):
+        raise ValueError(f"scorer {spec!r}: {name!r} is not a function")
+    return fn
+
+
+def pick_pairs(answers: list[str], scores: list[float], mode: str) -> list[tuple[int, int]]:
+    """(chosen, rejected) index pairs among one prompt's answers (see the module docstring)."""
+    if mode == "best_worst":
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        worst = min(range(len(scores)), key=lambda i: scores[i])
+        return [(best, worst)] if scores[best] > scores[worst] else []
+    if mode == "all":
+        out, seen = [], set()
+        for i in range(len(answers)):
+            for j in range(len(answers)):
+                if scores[i] > scores[j] and (answers[i], answers[j]) not in seen:
+                    seen.add((answers[i], answers[j]))
+                    out.append((i, j))
+        return out
+    raise ValueError(f"comparisons.pairs must be 'best_worst' or 'all', got {mode!r}")
+
+
+def sample_answers(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int,
+                   progress: bool = False) -> list[list[str]]:
+    """K sampled answers (text, up to <|end|>) per prompt row, through the Engine in batches. Batch b
+    samples with seed ``p.seed + b``, so the output is a function of the inputs alone."""
+    engine = Engine(model)
+    room = model.cfg.block_size - p.max_tokens
+    if room < 2:
+        raise ValueError(f"comparisons.max_tokens={p.max_tokens} leaves no room for a prompt in a "
+                         f"{model.cfg.block_size}-token context")
+    out: list[list[str]] = []
+    starts = range(0, len(rows), batch_prompts)
+    for b, start in enumerate(tqdm(starts, desc="comparisons", disable=not progress)):
+        chunk = rows[start:start + batch_prompts]
+        # a long conversation keeps its end: that is what the answer continues
+        ids = [tok.chat_prompt(r["messages"])[-room:] for r in chunk for _ in range(k)]
+        seed = None if p.seed is None else p.seed + b
+        gen = engine.generate(ids, SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                                                  seed=seed, stop_ids=(tok.end_id,)))
+        texts = [tok.decode([t for t in g if t != tok.end_id]) for g in gen]
+        out += [texts[i * k:(i + 1) * k] for i in range(len(chunk))]
+    return out
+
+
+def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | None = None) -> dict:
+    """Sample ``k`` answers per prompt of ``prompts_path`` from the run's policy, label them with
+    ``cfg.comparisons.labeler`` and write pairs to ``out_path`` (default RUN/comparisons.jsonl)."""
+    cc, run_dir = cfg.comparisons, Path(run_dir)
+    k = k or cc.k
+    if k < 2:
+        raise ValueError(f"comparisons: k={k}; at least 2 answers per prompt are needed to compare")
+    out_path = Path(out_path) if out_path else run_dir / "comparisons.jsonl"
+    scorer = load_scorer(cc.labeler)
+    rows = load_prompts(str(prompts_path))
+    stage = cc.stage or latest_stage(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(run_dir / stage, device)
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    t0 = time.perf_counter()
+    p = SamplingParams(max_tokens=cc.max_tokens, temperature=cc.temperature, top_p=cc.top_p, seed=cc.seed)
+    samples = sample_answers(model, tok, rows, k, p, cc.batch_prompts, progress=True)
+    pairs, ties, all_scores = [], 0, []
+    for row, answers in zip(rows, samples):
+        scores = []
+        for a in answers:
+            s = scorer(row, a)
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+                raise ValueError(f"scorer {cc.labeler!r} returned {s!r} (expected a finite number) for a prompt of {prompts_path}")
+            scores.append(float(s))
+        all_scores += scores
+        chosen = pick_pairs(answers, scores, cc.pairs)
+        ties += not chosen
+        pairs += [{"prompt": row["messages"], "chosen": answers[i], "rejected": answers[j],
+                   "chosen_score": scores[i], "rejected_score": scores[j]} for i, j in chosen]
+    write_comparisons(out_path, pairs)
+    res = {"prompts": len(rows), "pairs": len(pairs), "ties": ties, "mean_score": sum(all_scores) / max(1, len(all_scores)),
+           "seconds": time.perf_counter() - t0}
+    print(f"comparisons: {len(pairs)} pairs from {len(rows)} prompts x {k} samples of {stage} "
+          f"(mean score {res['mean_score']:.3f}; {ties} prompts with all answers tied) -> {out_path}")
+    return res
