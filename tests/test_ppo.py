@@ -240,3 +240,69 @@ def test_ppo_resume_is_exact(world, tmp_path):
     sb = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)
     assert sa["kl_coef"] == sb["kl_coef"]
     assert all(torch.equal(sa["critic"][k], sb["critic"][k]) for k in sa["critic"])
+
+
+def _env(root):
+    import os
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_rlhf_rounds_cli(world, tmp_path):
+    """`chatfactory rlhf --rounds 2`: comparisons from the current policy -> reward model -> PPO, twice;
+    round 2 samples from round 1's policy and its reward model sees both rounds' comparisons."""
+    import shutil
+    import subprocess
+
+    from conftest import cli_cmd
+
+    root, run, tok = world
+    r = tmp_path / "r"
+    r.mkdir()
+    shutil.copytree(run / "sft", r / "sft")
+    shutil.copy(run / "tokenizer.json", r / "tokenizer.json")
+    args = ["rlhf", "--out", r, "--rounds", 2, "--k", 4, "--prompts", root / "prompts.jsonl",
+            "comparisons.labeler=rl_gold:score", "comparisons.max_tokens=6",
+            "reward.steps=6", "reward.batch_size=8", "reward.seq_len=32", "reward.lr=3e-3", "reward.eval_every=0",
+            "reward.progress=false", "reward.device=cpu", "ppo.steps=2", "ppo.rollout_batch=8", "ppo.max_new_tokens=6",
+            "ppo.ppo_epochs=1", "ppo.minibatches=2", "ppo.lr=3e-4", "ppo.progress=false", "ppo.device=cpu",
+            "ppo.eval_every=0"]
+    out = subprocess.run(cli_cmd(*args), capture_output=True, text=True, env=_env(root), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for n in (1, 2):
+        d = r / "rlhf" / f"round{n}"
+        assert (d / "comparisons.jsonl").stat().st_size > 0
+        assert json.loads((d / "reward" / "config.json").read_text())["kind"] == "reward"
+        assert json.loads((d / "ppo" / "config.json").read_text())["finished"]
+    # round 2's reward model trained on both rounds' pairs; its PPO started from round 1's policy
+    import re
+
+    n1 = sum(1 for _ in open(r / "rlhf" / "round1" / "comparisons.jsonl"))
+    n2 = sum(1 for _ in open(r / "rlhf" / "round2" / "comparisons.jsonl"))
+    round2 = out.stdout.split("rlhf round 1/2")[1]
+    train, held = map(int, re.search(r"reward: (\d+) train pairs, (\d+) held out", round2).groups())
+    assert train + held == n1 + n2
+    assert f"policy from {(r / 'rlhf' / 'round1' / 'ppo').resolve()}" in round2
+    # running it again finds everything finished and trains nothing
+    again = subprocess.run(cli_cmd(*args), capture_output=True, text=True, env=_env(root), timeout=600)
+    assert again.returncode == 0 and "ppo:" not in again.stdout.replace("rlhf", ""), again.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_ppo_under_torchrun(world, tmp_path):
+    """Two gloo processes, each rolling out its own prompts; the same command as one process."""
+    import subprocess
+
+    root, run, tok = world
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "chatfactory.cli", "ppo",
+           "--out", str(tmp_path), f"ppo.init_from={run / 'sft'}", "ppo.reward=rl_gold:score",
+           f"ppo.critic_from={run / 'sft'}", f"ppo.prompts={root / 'prompts.jsonl'}", "ppo.steps=2",
+           "ppo.rollout_batch=4", "ppo.max_new_tokens=4", "ppo.minibatches=2", "ppo.ppo_epochs=1",
+           "ppo.progress=false", "ppo.device=cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**_env(root), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    policy, info = load_model(tmp_path / "ppo")
+    assert info["finished"] and info["step"] == 2 * 2
+    rows = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2]

@@ -419,6 +419,10 @@ def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_
     from .reward import RewardModel, load_reward_model, run_tokenizer
 
     init = resolve_stage(run_dir, tc.init_from, f"{name}.init_from")
+    if d.main:  # may copy the tokenizer of the run the policy comes from: one writer
+        run_tokenizer(run_dir, init)
+    if d.world > 1:
+        torch.distributed.barrier()
     tok = run_tokenizer(run_dir, init)
     if not tc.prompts:
         raise ValueError(f"{name}.prompts is not set: give a prompts JSONL ({{\"messages\": [... user turn]}})")
@@ -468,6 +472,7 @@ def run_rl(cfg: Config, run_dir, name: str, stage_cls, with_critic: bool) -> dic
     tc = getattr(cfg, name)
     d = setup_dist(tc.device)
     if d.main and not (run_dir / "config.yaml").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     tok, rows, ac, ref, reward, model_config, eval_rows, gold, ptx, init = build_rl(cfg, tc, run_dir, d, name, with_critic)
     stage = stage_cls(tc, tok, rows, ac, ref, reward, model_config, eval_rows, gold, ptx)
