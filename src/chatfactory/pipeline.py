@@ -163,6 +163,7 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
                 ledger.update(stage, status="not run: no sft checkpoint to sample from")
                 continue
             k = cfg.comparisons.k
+            cfg.comparisons.stage = cfg.comparisons.stage or "sft"  # label the SFT policy's samples (InstructGPT step 2)
             res = {"train": fn(cfg, run_dir, str(paths["prompts"]), str(paths["comparisons"]), k),
                    "heldout": fn(cfg, run_dir, str(paths["heldout"]), str(paths["comparisons_heldout"]), k)}
         else:
