@@ -33,3 +33,89 @@ def test_context_limit_is_enforced(engine):
     with pytest.raises(ValueError, match="context"):
         engine.generate([[1] * 64], SamplingParams(max_tokens=1))
     assert len(engine.generate([[1] * 60], SamplingParams(max_tokens=50, temperature=0))[0]) == 4
+
+
+def test_kv_cache_decoding_equals_full_recompute_at_every_step(engine):
+    """Logits of every decode step (from the cache) match a fresh forward over the whole sequence."""
+    model = engine.model
+    torch.manual_seed(1)
+    for prompt_len in (1, 7):
+        seq = torch.randint(0, 97, (2, prompt_len))
+        cache = model.new_cache(2, 40)
+        with torch.no_grad():
+            step_logits = model(seq, cache=cache)[:, -1]
+            for _ in range(12):
+                full = model(seq)[:, -1]
+                assert torch.allclose(step_logits, full, atol=1e-5), (step_logits - full).abs().max()
+                nxt = step_logits.argmax(-1, keepdim=True)
+                seq = torch.cat([seq, nxt], 1)
+                step_logits = model(nxt, cache=cache)[:, -1]
+
+
+def test_padded_batch_logits_equal_unpadded(engine):
+    """A left-padded row gets the same greedy tokens and the same per-step argmax margins as alone,
+    with repetition penalty on (the penalty must ignore pads)."""
+    p = SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3)
+    prompts = [[3, 4, 5, 6, 7, 8], [9]]
+    assert engine.generate(prompts, p) == [engine.generate([x], p)[0] for x in prompts]
+
+
+def test_stop_ids_end_rows_independently(engine):
+    p = SamplingParams(max_tokens=15, temperature=0)
+    free = engine.generate([[5, 6, 7], [42]], p)
+    k = next((k for k in range(1, 15) if free[0][k] not in free[0][:k]), 0)  # a token first seen at step k
+    stop = free[0][k]
+    stopped = engine.generate([[5, 6, 7], [42]], SamplingParams(max_tokens=15, temperature=0, stop_ids=(stop,)))
+    assert stopped[0] == free[0][: k + 1]
+    cut = free[1].index(stop) + 1 if stop in free[1] else 15
+    assert stopped[1] == free[1][:cut]
+
+
+def test_engine_restores_callers_thread_count(engine):
+    before = torch.get_num_threads()
+    seen = []
+    engine.threads = {1: 1}
+    try:
+        for _ in engine.stream([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0)):
+            seen.append(torch.get_num_threads())
+    finally:
+        engine.threads = {}
+    assert seen == [before] * 3 and torch.get_num_threads() == before
+
+
+def test_gpt2_greedy_equals_transformers_generate():
+    transformers = pytest.importorskip("transformers")
+    from chatfactory.hf import to_hf_config, to_hf_state_dict
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(flavour="gpt2", depth=2, n_embd=64, vocab_size=300, block_size=64)
+    ours = GPT(cfg)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**to_hf_config(cfg))).eval()
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    prompt = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, min_new_tokens=30,
+                             do_sample=False, use_cache=True, pad_token_id=0)[0, 9:].tolist()
+    assert Engine(ours).generate(prompt.tolist(), SamplingParams(max_tokens=30, temperature=0))[0] == theirs
+
+
+def test_fit_messages_drops_oldest_turns_and_keeps_system():
+    from chatfactory.engine import fit_messages
+
+    def count(msgs):  # 1 token per character plus 2 per message: a stand-in tokenizer
+        return sum(len(m["content"]) + 2 for m in msgs)
+
+    sys_msg = {"role": "system", "content": "sys"}
+    turns = []
+    for i in range(4):
+        turns += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    conv = [sys_msg] + turns + [{"role": "user", "content": "last"}]
+    kept, dropped = fit_messages(conv, count, budget=10_000)
+    assert kept == conv and dropped == 0
+    kept, dropped = fit_messages(conv, count, budget=count(conv) - 1)
+    assert kept == [sys_msg] + turns[2:] + [conv[-1]] and dropped == 2  # a whole turn: user + assistant
+    assert count(kept) <= count(conv) - 1
+    kept, dropped = fit_messages(conv, count, budget=count([sys_msg, conv[-1]]))
+    assert kept == [sys_msg, conv[-1]] and dropped == 8
+    with pytest.raises(ValueError, match="shorten"):
+        fit_messages(conv, count, budget=count([sys_msg, conv[-1]]) - 1)

@@ -54,46 +54,122 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def fit_messages(messages: list[dict], count, budget: int) -> tuple[list[dict], int]:
+    """The context-overflow policy: drop the oldest turns until ``count(messages) <= budget``.
+
+    The system prompt (if first) and the newest message always stay; turns go oldest first, and a
+    kept history always starts at a user message. ``count`` measures a conversation in tokens (e.g.
+    ``lambda m: len(tok.chat_prompt(m))``), so the engine still never sees a tokenizer. Returns the
+    kept messages and how many were dropped, so the caller can say so. Raises ValueError when even
+    the system prompt and the newest message do not fit."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = list(messages[len(head):])
+    dropped = 0
+    while count(head + rest) > budget:
+        if len(rest) <= 1:
+            raise ValueError(f"the message alone is {count(head + rest)} tokens with the system prompt, "
+                             f"over the {budget} that fit the context: shorten it")
+        rest.pop(0)
+        dropped += 1
+        while len(rest) > 1 and rest[0]["role"] != "user":
+            rest.pop(0)
+            dropped += 1
+    return head + rest, dropped
+
+
+def default_threads(batch_size: int) -> int | None:
+    """Torch threads for CPU decoding of a batch: None keeps torch's setting.
+
+    A batch-1 decode step is a chain of tiny matrix-vector products; splitting each across threads
+    costs more in synchronisation than it saves, so one thread is faster there (bench/decode_speed.py
+    measures it). Bigger batches have enough work per matmul to use every core."""
+    return 1 if batch_size == 1 else None
+
+
 class Engine:
-    def __init__(self, model: GPT):
+    """Generation for one fixed batch of prompts, start to finish (serving's continuous batching
+    lives in batching.py and reuses ``sample_next``).
+
+    ``threads`` maps a batch size to the torch thread count used while decoding it on CPU
+    (default: ``default_threads``); the caller's setting is restored between steps."""
+
+    def __init__(self, model: GPT, threads: dict[int, int] | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.threads = threads or {}
 
-    @torch.no_grad()
+    def _threads_for(self, batch_size: int) -> int | None:
+        if self.device.type != "cpu":
+            return None
+        return self.threads.get(batch_size, default_threads(batch_size))
+
     def stream(self, prompts: list[list[int]], p: SamplingParams) -> Iterator[list[int | None]]:
         """Yield, per decode step, the new id of each row (None for rows already stopped)."""
+        want = self._threads_for(len(prompts))
+        steps = self._stream(prompts, p)
+        while True:
+            # set the thread count only while our own code runs: the caller's code between two
+            # yields (and after the last) keeps the caller's setting
+            before = torch.get_num_threads()
+            if want and want != before:
+                torch.set_num_threads(want)
+            try:
+                out = next(steps)
+            except StopIteration:
+                return
+            finally:
+                if want and want != before:
+                    torch.set_num_threads(before)
+            yield out
+
+    @torch.inference_mode()
+    def _stream(self, prompts: list[list[int]], p: SamplingParams) -> Iterator[list[int | None]]:
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ValueError("every prompt needs at least one token")
+        dev = self.device
         B, L = len(prompts), max(len(x) for x in prompts)
         limit = self.model.cfg.block_size
         if L >= limit:
-            raise ValueError(f"prompt of {L} tokens leaves no room in the {limit}-token context")
+            raise ValueError(f"prompt of {L} tokens leaves no room in the {limit}-token context "
+                             f"(shorten it; chat drops the oldest turns, see fit_messages)")
         max_new = min(p.max_tokens, limit - L)
-        gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
-        pad = torch.tensor([L - len(x) for x in prompts], device=self.device)
-        idx = torch.tensor([[0] * (L - len(x)) + list(x) for x in prompts], device=self.device)
-        valid = torch.arange(L, device=self.device)[None] >= pad[:, None]  # (B, L) real tokens
-        positions = (torch.arange(L, device=self.device)[None] - pad[:, None]).clamp(min=0)
-        # causal and not a pad key; the diagonal stays open so pad queries never see an empty row (NaN)
-        causal = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=self.device)[None]
+        gen = torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None
+        pad = torch.tensor([L - len(x) for x in prompts], device=dev)
+        padded = bool(pad.any())
+        idx = torch.tensor([[0] * (L - len(x)) + list(x) for x in prompts], device=dev)
         cache = self.model.new_cache(B, L + max_new)
-        logits = self.model(idx, cache=cache, positions=positions, attn_mask=mask[:, None])[:, -1]
-        seen = idx.masked_fill(~valid, idx[0, -1].item())  # pads repeat a real id: harmless to the penalty
-        stop = torch.tensor(list(p.stop_ids) or [-1], device=self.device)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        pos = positions[:, -1]
-        key_valid = torch.cat([valid, torch.ones(B, max_new, dtype=torch.bool, device=self.device)], 1)
+        if padded:
+            valid = torch.arange(L, device=dev)[None] >= pad[:, None]  # (B, L) real tokens
+            positions = (torch.arange(L, device=dev)[None] - pad[:, None]).clamp(min=0)
+            # causal and not a pad key; the diagonal stays open so pad queries never see an empty row (NaN)
+            causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+            mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
+            # decode steps see every real key: one mask over the whole cache, sliced per step
+            key_valid = torch.cat([valid, torch.ones(B, max_new, dtype=torch.bool, device=dev)], 1)[:, None, None]
+            hidden = self.model.hidden_states(idx, cache=cache, positions=positions, attn_mask=mask[:, None])
+            pos = positions[:, -1:]
+        else:  # equal lengths: plain causal prefill, and decode steps need no mask at all
+            hidden = self.model.hidden_states(idx, cache=cache)
+            pos = torch.full((B, 1), L - 1, device=dev)
+        logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
+        seen = None
+        if p.repetition_penalty != 1.0:  # ids each row has seen, preallocated (no torch.cat per step)
+            seen = torch.empty(B, L + max_new, dtype=torch.long, device=dev)
+            seen[:, :L] = torch.where(pad[:, None] > torch.arange(L, device=dev)[None], idx[:, -1:], idx)  # pads repeat a real id
+        stop = set(p.stop_ids)
+        done = [False] * B  # rows that have emitted a stop id (plain Python: no tensor op per step)
         for i in range(max_new):
-            nxt = sample_next(logits, p, seen, gen)
-            yield [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist())]
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()) or i == max_new - 1:
+            nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen)
+            ids = nxt.tolist()
+            yield [None if d else t for t, d in zip(ids, done)]
+            done = [d or t in stop for t, d in zip(ids, done)]
+            if i == max_new - 1 or all(done):
                 return
-            seen = torch.cat([seen, nxt[:, None]], 1)
+            if seen is not None:
+                seen[:, L + i] = nxt
             pos = pos + 1
-            step_mask = key_valid[:, None, None, : cache.pos + 1]
-            logits = self.model(nxt[:, None], cache=cache, positions=pos[:, None], attn_mask=step_mask)[:, -1]
+            step_mask = key_valid[..., : cache.pos + 1] if padded else None
+            logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
     def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[list[int]]:
         """New ids per row, up to and including a stop id."""
