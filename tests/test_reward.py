@@ -298,3 +298,47 @@ def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     r = subprocess.run(cli_cmd("comparisons", "--run", run, "--prompts", prompts, "comparisons.labeler=nope"),
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "must look like 'package.module:function'" in r.stderr
+
+
+@pytest.mark.slow
+def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeypatch):
+    """Killed mid-run (here: an exception at step 9, after the step-8 checkpoint) and run again, the reward
+    model ends with exactly the weights of an uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from chatfactory.train import reward as R
+
+    src, tok = sft_run
+    data = write_jsonl(tmp_path / "c.jsonl", comparison_rows(200, TRAIN_TOPICS, 5))
+    cfg = Config(reward=RewardConfig(data=str(data), steps=12, batch_size=8, seq_len=64, lr=1e-3, ckpt_every=4,
+                                     eval_every=6, progress=False, device="cpu"))
+    runs = []
+    for name in ("straight", "interrupted"):
+        run = tmp_path / name
+        shutil.copytree(src / "sft", run / "sft")
+        shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
+        runs.append(run)
+    R.run_reward(cfg, runs[0])
+    real = R.RewardStage.micro_batch
+
+    def dies_at_step_9(self, step, micro, rank, world):
+        if step == 9:
+            raise KeyboardInterrupt("killed")
+        return real(self, step, micro, rank, world)
+
+    monkeypatch.setattr(R.RewardStage, "micro_batch", dies_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_reward(cfg, runs[1])
+    assert json.loads((runs[1] / "reward" / "config.json").read_text())["step"] == 8
+    monkeypatch.setattr(R.RewardStage, "micro_batch", real)
+    R.run_reward(cfg, runs[1])
+    a, b = (load_file(str(r / "reward" / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [[json.loads(x) for x in open(r / "reward" / "metrics.jsonl")] for r in runs]
+    assert [m["loss"] for m in metrics[0] if "loss" in m] == [m["loss"] for m in metrics[1] if "loss" in m]
+    # a finished run asked again changes nothing
+    R.run_reward(cfg, runs[1])
+    c = load_file(str(runs[1] / "reward" / "model.safetensors"))
+    assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
