@@ -218,3 +218,72 @@ def test_eval_cli_prints_table_and_writes_json(pattern_run, tmp_path):
     assert res["text"][str(val)]["loss"] < 0.5 * math.log(300)
     assert cli_main(["eval", "--run", str(run), "--task", str(val)]) == 2  # not a task file: a clear error
     assert cli_main(["eval", "--run", str(run), "--shots", "0,x", "--task", str(pattern_run / "task.jsonl")]) == 2
+
+
+def test_lm_eval_task_yaml_checks_the_file(tmp_path):
+    from chatfactory.eval.fewshot import lm_eval_task_yaml
+
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"context": "a", "choices": ["x", "y"], "label": 1}\n')
+    y = lm_eval_task_yaml(p, "mine")
+    assert "doc_to_target: label" in y and 'target_delimiter: " "' in y and str(p) in y
+    p.write_text('{"context": "a", "choices": [" x", "y"], "gold": 1}\n')
+    with pytest.raises(ValueError, match="delimiter"):
+        lm_eval_task_yaml(p, "mine")
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(pattern_run, tmp_path):
+    """EleutherAI's lm-eval, model local-completions pointed at our OpenAI-compatible server (with the
+    exported tokenizer), scores a local task file: same accuracy and per-choice log-likelihoods as ours."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm-eval's API models need it
+    from chatfactory.checkpoint import load_model
+    from chatfactory.eval.fewshot import lm_eval_task_yaml
+    from chatfactory.serve.api import ServerThread, create_app, load_service
+
+    run = pattern_run / "run"
+    rng = random.Random(3)  # rows with 0, 1 or 2 hints in the context: accuracy well between chance and 1
+    rows = []
+    for _ in range(24):
+        lab, hints = rng.choice(LABELS), rng.randint(0, 2)
+        ctx = "".join(f"{rng.choice('abcdefgh')} = {lab}\n\n" for _ in range(hints)) + f"{rng.choice('abcdefgh')} ="
+        rows.append({"context": ctx, "choices": [" " + x for x in LABELS], "gold": LABELS.index(lab)})
+    task = tmp_path / "pattern.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "cf_pattern.yaml").write_text(lm_eval_task_yaml(task, "cf_pattern"))
+    assert cli_main(["export", "--run", str(run), "--stage", "pretrain", "--to", str(tmp_path / "hf")]) == 0
+
+    model, _ = load_model(run / "pretrain")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    ours = few_shot_table(model, tok, load_task(task), shots=(0,))["all"][0]
+    assert 0.4 < ours["acc"] < 1.0, ours  # a task that can tell scorers apart
+
+    svc = load_service(run, "pretrain")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    with ServerThread(create_app(svc)) as url:
+        args = f"model={svc.name},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tmp_path / 'hf'}," \
+               "num_concurrent=1,max_retries=1"
+        proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                               "--tasks", "cf_pattern", "--include_path", str(tmp_path / "tasks"),
+                               "--output_path", str(tmp_path / "out"), "--log_samples"],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["cf_pattern"]
+    assert res["acc,none"] == pytest.approx(ours["acc"], abs=1e-9)
+    assert res["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-9)
+    # and every choice's log-likelihood agrees
+    from chatfactory.eval.fewshot import request_pairs, task_rows_from
+
+    norm = task_rows_from(rows)
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_*.jsonl")).read_text().splitlines()]
+    assert len(samples) == len(rows)
+    for s in samples:
+        theirs = [float(r[0][0]) for r in s["resps"]]
+        mine = [ll for ll, _ in score_continuations(model, request_pairs(tok, norm[s["doc_id"]], [], chat=False))]
+        assert max(abs(a - b) for a, b in zip(theirs, mine)) < 1e-4, (theirs, mine)

@@ -258,3 +258,27 @@ def format_table(table: dict, metric: str = "acc") -> str:
         n = next(iter(t.values()))["n"]
         lines.append(f"| {name} | {n} | " + " | ".join(f"{t[k][metric]:.3f}" if k in t else "" for k in shots) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the same task for EleutherAI's lm-eval
+def lm_eval_task_yaml(path, name: str) -> str:
+    """An lm-eval task definition (YAML) for a multiple-choice task file, scored as ``chatfactory eval``
+    scores it at 0 shots. Put it in a folder, pass ``--include_path FOLDER --tasks NAME`` (README)."""
+    import json
+
+    path = Path(path).resolve()
+    raw = [r for _, r in read_jsonl(path)]
+    rows = load_task(path)
+    if any(r["kind"] != "mc" for r in rows):
+        raise ValueError(f"{path}: only multiple-choice task files translate to an lm-eval task")
+    spaced = {c[:1].isspace() for r in rows for c in r["choices"]}
+    if len(spaced) > 1:
+        raise ValueError(f"{path}: some choices start with a space and some do not; lm-eval needs one delimiter")
+    gold_key = next(k for k in ("gold", "label", "answer") if k in raw[0])
+    if any(isinstance(r.get(gold_key), str) for r in raw):
+        raise ValueError(f"{path}: lm-eval needs the gold answer as an index")
+    return "\n".join([
+        f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {json.dumps(str(path))}",
+        "test_split: test", "output_type: multiple_choice", "doc_to_text: context", "doc_to_choice: choices",
+        f"doc_to_target: {gold_key}", f"target_delimiter: {json.dumps('' if spaced == {True} else ' ')}",
+        "metric_list:", "  - metric: acc", "  - metric: acc_norm", ""])
