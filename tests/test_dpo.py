@@ -77,3 +77,42 @@ def test_dpo_raises_the_gold_score_of_held_out_prompts(tmp_path):
     assert 0.2 < before < 0.8  # the SFT policy says good about half the time
     assert after >= before + 0.25 and after >= 0.85
     assert ended_after >= 0.7  # still answers and stops: not a collapse into repeating "good"
+
+
+@pytest.mark.slow
+def test_reward_and_dpo_under_torchrun_match_one_process(tmp_path):
+    """Two processes (gloo), each taking its slice of the global batch, train like one process that
+    accumulates the same two micro-batches: same losses, same held-out metrics."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import cli_cmd
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    src = tmp_path / "src"
+    make_sft_run(src, steps=40)
+    data = write_jsonl(tmp_path / "c.jsonl", comparison_rows(96, TRAIN_TOPICS, 3))
+    for stage in ("reward", "dpo"):
+        common = [f"{stage}.data={data}", f"{stage}.steps=6", f"{stage}.batch_size=4", f"{stage}.seq_len=64",
+                  f"{stage}.lr=1e-3", f"{stage}.eval_every=3", f"{stage}.progress=false", f"{stage}.device=cpu",
+                  f"{stage}.val_fraction=0.25"]
+        runs = {}
+        for name in ("one", "two"):
+            run = tmp_path / f"{stage}-{name}"
+            shutil.copytree(src / "sft", run / "sft")
+            shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
+            runs[name] = run
+        r = subprocess.run(cli_cmd(stage, "--config", "tiny", "--out", runs["one"], *common, f"{stage}.grad_accum=2"),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "chatfactory.cli", stage, "--config",
+                            "tiny", "--out", str(runs["two"]), *common], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m1, m2 = ([json.loads(x) for x in open(runs[n] / stage / "metrics.jsonl")] for n in ("one", "two"))
+        assert [sorted(r) for r in m1] == [sorted(r) for r in m2] and len([r for r in m1 if "loss" in r]) == 6
+        for a, b in zip(m1, m2):
+            for k in a:
+                if k.startswith("val_") or k == "loss":
+                    assert abs(a[k] - b[k]) < 2e-3, (stage, k, a, b)
