@@ -13,7 +13,7 @@ import torch
 
 from chatfactory.config import Config, RewardConfig, TrainConfig
 from chatfactory.data.preferences import (PairBatches, collate, encode_pairs, fit, load_comparisons, load_prompts,
-                                          parse_hh_transcript)
+                                          parse_hh_transcript, read_comparisons)
 from chatfactory.data.sources import DataError
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
@@ -136,7 +136,8 @@ def test_bad_comparison_rows_name_file_and_line(tmp_path, row, message):
     p = write_jsonl(tmp_path / "bad.jsonl", [good, good, row])
     with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}"):
         load_comparisons(str(p))
-    assert len(load_comparisons(str(p), skip_bad=True)) == 2 and load_comparisons.skipped == 1
+    pairs, skipped = read_comparisons(str(p), skip_bad=True)
+    assert len(pairs) == 2 and skipped == 1
 
 
 def test_prompts_loader_keeps_extra_keys_and_rejects_bad_rows(tmp_path):

@@ -11,6 +11,7 @@ Prompts (JSONL) are ``{"messages": [... ending in a user turn], ...any extra key
 A malformed row raises DataError naming ``file:line``.
 
     pairs = load_comparisons("data/prefs.jsonl")            # -> [Pair(prompt, chosen, rejected, where)]
+    pairs, skipped = read_comparisons("hh-rlhf/", skip_bad=True)   # malformed rows skipped and counted
     batches = PairBatches(encode_pairs(tok, pairs, 256), batch_size=8, seed=0)
     b = batches.micro_batch(step, micro, grad_accum, rank, world)   # a pure function of the step
 
@@ -108,9 +109,9 @@ def _files(spec: str) -> list[Path]:
     return out
 
 
-def load_comparisons(spec: str, skip_bad: bool = False, max_pairs: int = 0) -> list[Pair]:
-    """Every pair in the files of ``spec``. A bad row raises DataError naming file:line, unless
-    ``skip_bad``, in which case it is skipped and counted (``load_comparisons.skipped``)."""
+def read_comparisons(spec: str, skip_bad: bool = False, max_pairs: int = 0) -> tuple[list[Pair], int]:
+    """-> (every pair in the files of ``spec``, rows skipped). A bad row raises DataError naming
+    file:line, unless ``skip_bad``: then it is skipped and counted."""
     pairs: list[Pair] = []
     skipped = 0
     for path in _files(spec):
@@ -122,13 +123,13 @@ def load_comparisons(spec: str, skip_bad: bool = False, max_pairs: int = 0) -> l
                     raise
                 skipped += 1
             if max_pairs and len(pairs) >= max_pairs:
-                load_comparisons.skipped = skipped
-                return pairs
-    load_comparisons.skipped = skipped
-    return pairs
+                return pairs, skipped
+    return pairs, skipped
 
 
-load_comparisons.skipped = 0
+def load_comparisons(spec: str, skip_bad: bool = False, max_pairs: int = 0) -> list[Pair]:
+    """The pairs of ``spec`` (see ``read_comparisons``)."""
+    return read_comparisons(spec, skip_bad, max_pairs)[0]
 
 
 def load_prompts(spec: str) -> list[dict]:
@@ -215,7 +216,8 @@ class PairBatches:
         self.pairs, self.B, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
         self._perm_epoch, self._perm = -1, None
 
-    def _index(self, k: int) -> int:
+    def index(self, k: int) -> int:
+        """Which pair is the run's k-th (counting across steps, micro-batches and ranks)."""
         epoch, j = divmod(k, len(self.pairs))
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -224,7 +226,7 @@ class PairBatches:
 
     def micro_batch(self, step: int, micro: int, grad_accum: int, rank: int = 0, world: int = 1) -> dict:
         first = ((step * grad_accum + micro) * world + rank) * self.B
-        return collate([self.pairs[self._index(k)] for k in range(first, first + self.B)], self.pad_id)
+        return collate([self.pairs[self.index(k)] for k in range(first, first + self.B)], self.pad_id)
 
     def steps_per_epoch(self, grad_accum: int, world: int) -> int:
         return max(1, -(-len(self.pairs) // (self.B * grad_accum * world)))
@@ -245,11 +247,10 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
 def pair_data(pc, tok) -> tuple[list[EncodedPair], list[EncodedPair], int]:
     """The train and held-out pairs a ``PairTrainConfig`` (reward, dpo) names, tokenized.
     -> (train, val, rows skipped as malformed)."""
-    pairs = load_comparisons(pc.data, pc.skip_bad, pc.max_pairs)
-    skipped = load_comparisons.skipped
+    pairs, skipped = read_comparisons(pc.data, pc.skip_bad, pc.max_pairs)
     if pc.val_data:
-        train, val = pairs, load_comparisons(pc.val_data, pc.skip_bad)
-        skipped += load_comparisons.skipped
+        val, more = read_comparisons(pc.val_data, pc.skip_bad)
+        train, skipped = pairs, skipped + more
     else:
         train, val = split_pairs(pairs, pc.val_fraction, pc.seed)
     if not train:

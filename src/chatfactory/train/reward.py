@@ -167,7 +167,7 @@ def run_reward(cfg: Config, run_dir) -> dict:
     if d.main:
         # centre the scores: SFT-like answers (those of the comparisons) average 0
         model.to(d.device).eval()
-        calib = [train_pairs[stage.batches._index(k)] for k in range(min(rc.calib_pairs, len(train_pairs)))]
+        calib = [train_pairs[stage.batches.index(k)] for k in range(min(rc.calib_pairs, len(train_pairs)))]
         shift = mean_score(model, calib, tok.pad_id, rc.batch_size, d.device)
         model.head.bias.data -= shift
         weights, info, state = load_checkpoint(out, with_state=True)
