@@ -93,6 +93,8 @@ def run_dpo(cfg: Config, run_dir) -> dict:
     tok = run_tokenizer(run_dir, init_dir)
     train_pairs, val_pairs, skipped = pair_data(dc, tok)
     policy, _ = load_model(init_dir)
+    if dc.seq_len > policy.cfg.block_size:
+        raise ValueError(f"dpo.seq_len={dc.seq_len} exceeds the model's block_size={policy.cfg.block_size} ({init_dir})")
     reference, _ = load_model(stage_dir(run_dir, dc.ref_from or dc.init_from), device=d.device)
     reference.requires_grad_(False)
     if reference.cfg != policy.cfg:

@@ -154,6 +154,8 @@ def run_reward(cfg: Config, run_dir) -> dict:
     tok = run_tokenizer(run_dir, init_dir)
     train_pairs, val_pairs, skipped = pair_data(rc, tok)
     gpt, _ = load_model(init_dir)
+    if rc.seq_len > gpt.cfg.block_size:
+        raise ValueError(f"reward.seq_len={rc.seq_len} exceeds the model's block_size={gpt.cfg.block_size} ({init_dir})")
     torch.manual_seed(rc.seed)  # the head's init
     model = RewardModel(gpt)
     stage = RewardStage(rc, train_pairs, val_pairs, tok.pad_id, model.cfg.to_dict())
