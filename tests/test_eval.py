@@ -200,6 +200,13 @@ def test_few_shot_beats_zero_shot_when_only_the_shots_carry_the_answer(pattern_r
     # with shots drawn from the task's own rows the label is in the prompt; the model copies it
     assert mean[1] >= 0.9 and mean[4] >= 0.9, table
 
+    # the same questions as cloze rows: scored by greedy match of the answer, and by generation
+    cloze = [{"task": lab, "context": f"{q} =", "answer": lab} for lab in LABELS for q in "abcd"]
+    for mode in ("ll", "gen"):
+        t = few_shot_table(model, tok, cloze, shots=(0, 2), mode=mode)
+        acc = {k: sum(v[k]["acc"] for v in t.values()) / len(t) for k in (0, 2)}
+        assert acc[0] <= 1 / len(LABELS) + 1e-9 and acc[2] >= 0.9, (mode, t)
+
 
 @pytest.mark.slow
 def test_eval_cli_prints_table_and_writes_json(pattern_run, tmp_path):
@@ -287,3 +294,37 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
         theirs = [float(r[0][0]) for r in s["resps"]]
         mine = [ll for ll, _ in score_continuations(model, request_pairs(tok, norm[s["doc_id"]], [], chat=False))]
         assert max(abs(a - b) for a, b in zip(theirs, mine)) < 1e-4, (theirs, mine)
+
+
+def test_win_rate_cli_and_reward_model_judge(tmp_path, tok):
+    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
+    from chatfactory.eval.winrate import load_judge
+    from chatfactory.train.reward import RewardModel
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=64, n_embd=64, init_std=0.3)
+    run = tmp_path / "run"
+    tok.save(run / "tokenizer.json")
+    for stage in ("sft", "ppo"):
+        save_checkpoint(run / stage, unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()})
+    rm = RewardModel(cfg).eval()
+    save_checkpoint(run / "reward", unique_state_dict(rm), {"model": cfg.to_dict(), "kind": "reward"})
+    row = {"messages": [{"role": "user", "content": "what is 2 + 2?"}]}
+    judge = load_judge(str(run / "reward"), tok)
+    ids = tok.render_chat(row["messages"] + [{"role": "assistant", "content": "4"}])[0]
+    with torch.no_grad():
+        want = rm.score(torch.tensor([ids]), torch.tensor([len(ids) - 1])).item()
+    assert judge(row, "4") == pytest.approx(want, abs=1e-5) and judge(row, "4") != judge(row, "5")
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q {i}"}]}) + "\n" for i in range(3)))
+    out = tmp_path / "wr.json"
+    args = ["eval", "--run", str(run), "--stage", "ppo", "--prompts", str(prompts), "--max-tokens", "6", "--json", str(out)]
+    assert cli_main(args + ["--against", "ppo", "--judge", str(run / "reward")]) == 0
+    wr = json.loads(out.read_text())["win_rate"]
+    assert (wr["ties"], wr["win_rate"], wr["n"]) == (3, 0.5, 3)  # a model against itself only ties
+    assert cli_main(args + ["--against", "sft", "--judge", "chatfactory.data.tasks:rubric_score"]) == 0
+    wr = json.loads(out.read_text())["win_rate"]
+    assert wr["wins"] + wr["ties"] + wr["losses"] == 3 and wr["judge"].endswith("rubric_score")
+    assert cli_main(args + ["--against", "sft"]) == 2  # no judge: a clear error
+    assert cli_main(args + ["--against", "sft", "--judge", "nomodule:nofn"]) == 2
