@@ -51,6 +51,7 @@ def main():
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     hf.generation_config.pad_token_id = 0
     engine = Engine(ours)
+    torch_default = torch.get_num_threads()  # what the engine uses when default_threads says None
     results = {}
     for batch in (1, 8):
         prompts = torch.randint(0, a.vocab, (batch, a.prompt))
@@ -71,16 +72,16 @@ def main():
             results[(batch, threads)] = (batch * a.new / t_ours, batch * a.new / t_hf)
             print(f"batch {batch} threads {threads}: ours {batch * a.new / t_ours:8.1f} tok/s   "
                   f"HF {batch * a.new / t_hf:8.1f} tok/s   ratio {t_hf / t_ours:5.2f}x   same tokens: {same}")
-    torch.set_num_threads(max(int(t) for t in a.threads.split(",")))
+    torch.set_num_threads(torch_default)
     ratios = {}
     for batch in (1, 8):
         best_ours_threads = max((t for (b, t) in results if b == batch), key=lambda t: results[(batch, t)][0])
-        default = default_threads(batch)
+        default = default_threads(batch) or torch_default
         if (batch, default) not in results:
             default = best_ours_threads
         hf_best = max(results[(batch, t)][1] for (b, t) in results if b == batch)
         ratios[batch] = results[(batch, default)][0] / hf_best
-        print(f"batch {batch}: fastest thread count for ours = {best_ours_threads}, engine default = {default_threads(batch)}; "
+        print(f"batch {batch}: fastest thread count for ours = {best_ours_threads}, engine default = {default}; "
               f"ours (default) / HF (best) = {ratios[batch]:.2f}x")
     print(f"RESULT ratio_b1={ratios[1]:.2f} ratio_b8={ratios[8]:.2f}")
 

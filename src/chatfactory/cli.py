@@ -3,6 +3,7 @@
     chatfactory tokenizer --config tiny --out runs/tiny          train the run's BPE tokenizer
     chatfactory pretrain  --config tiny --out runs/tiny [k=v …]  pretrain (resumes if interrupted)
     chatfactory sample    --run runs/tiny --prompt "The"         continue a prompt
+    chatfactory chat      --run runs/tiny                        talk to the last finished stage
 
 ``--config`` takes a preset name from configs/ (tiny, shakespeare, gpt2-124m, …) or a YAML file; any
 ``section.key=value`` after it overrides one setting (``pretrain.steps=500 model.depth=6``). Every
@@ -111,6 +112,12 @@ def cmd_run(a):
 
     run_pipeline(load_config(a.config, a.overrides), a.out)
     print(f"chat with it:  chatfactory chat --run {a.out}\nserve it:      chatfactory serve --run {a.out}")
+
+
+def cmd_chat(a):
+    from .chat import run_chat
+
+    run_chat(a)
 
 
 def cmd_sample(a):
@@ -254,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("chat", help="talk to a trained run in the terminal (streaming, history, /help for commands)")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--stage", default=None, help="pretrain, sft, ppo, dpo, grpo (default: the last finished stage)")
+    p.add_argument("--prompt", default=None, help="answer this once, print only the answer and exit (for scripts)")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(fn=cmd_chat)
     p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default="sft", help="which weights: pretrain, sft, ppo, … or a stage directory (default: sft)")

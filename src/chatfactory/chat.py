@@ -1,0 +1,182 @@
+"""Terminal chat with a trained run: streamed replies, multi-turn history, slash commands.
+
+    chatfactory chat --run runs/NAME                      # the last finished stage (ppo > grpo > dpo > sft > pretrain)
+    chatfactory chat --run runs/NAME --stage sft --temperature 0.7 --seed 1
+    chatfactory chat --run runs/NAME --prompt "Hi!"       # answer once, print only the answer (for scripts)
+
+Inside the chat: ``/clear`` forgets the conversation (the system prompt stays), ``/system TEXT`` sets
+the system prompt, ``/temperature T``, ``/history``, ``/help``, ``/quit`` (or Ctrl-D). Ctrl-C stops
+a reply, not the program. When the conversation outgrows the model's context the oldest turns are
+dropped (the system prompt stays) and the chat says so (``engine.fit_messages``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .checkpoint import CheckpointError, has_checkpoint, load_model
+from .engine import Engine, SamplingParams, fit_messages
+from .tokenizer import Tokenizer
+
+CHAT_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")
+HELP = """commands:
+  /clear          forget the conversation (the system prompt stays)
+  /system TEXT    set the system prompt (empty TEXT removes it)
+  /temperature T  sampling temperature (0 = greedy)
+  /history        show the conversation the model sees
+  /help           this help
+  /quit           leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+def last_finished_stage(run_dir) -> str:
+    """The most advanced stage whose checkpoint is marked finished (else the most advanced with weights)."""
+    with_weights = [s for s in CHAT_STAGES if has_checkpoint(Path(run_dir) / s)]
+    if not with_weights:
+        raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(CHAT_STAGES)})")
+    for s in with_weights:
+        try:
+            if json.loads((Path(run_dir) / s / "config.json").read_text(encoding="utf-8")).get("finished", True):
+                return s
+        except (OSError, json.JSONDecodeError):
+            continue
+    return with_weights[0]
+
+
+class ChatSession:
+    """A conversation with one model: history, system prompt and sampling settings."""
+
+    def __init__(self, model, tok: Tokenizer, params: SamplingParams, system: str = ""):
+        self.engine, self.tok, self.params = Engine(model), tok, params
+        self.block_size = model.cfg.block_size
+        self.system = system
+        self.history: list[dict] = []
+        self.turn = 0
+        # generation stops at <|end|> and at any other special token (a role token means the turn is over)
+        self.params = replace(params, stop_ids=tuple(tok.special.values()))
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def reply(self, text: str, write=None, note=None) -> str:
+        """Answer ``text``, streaming decoded pieces to ``write``; the reply joins the history.
+        A KeyboardInterrupt stops the reply; what was said so far is kept."""
+        conv = self.messages() + [{"role": "user", "content": text}]
+        reserve = max(1, min(self.params.max_tokens, self.block_size // 2))  # room left for the answer
+        conv, dropped = fit_messages(conv, lambda m: len(self.tok.chat_prompt(m)), self.block_size - reserve)
+        if dropped:
+            self.history = conv[1:-1] if self.system else conv[:-1]
+            if note:
+                note(f"[context full: dropped the {dropped} oldest message{'s' * (dropped > 1)}; the system prompt stays]")
+        p = self.params
+        if p.seed is not None:  # reproducible, yet not the same draw every turn
+            p = replace(p, seed=p.seed + self.turn)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out_ids: list[int] = []
+        pieces: list[str] = []
+        stops = set(p.stop_ids)
+        try:
+            for step in self.engine.stream([self.tok.chat_prompt(conv)], p):
+                t = step[0]
+                if t is None or t in stops:
+                    break
+                out_ids.append(t)
+                piece = decoder.decode(self.tok.decode_bytes([t]))
+                pieces.append(piece)
+                if write and piece:
+                    write(piece)
+        except KeyboardInterrupt:
+            if note:
+                note(" [stopped]")
+        tail = decoder.decode(b"", final=True)
+        if write and tail:
+            write(tail)
+        answer = "".join(pieces) + tail
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        self.turn += 1
+        return answer
+
+    def clear(self) -> None:
+        self.history, self.turn = [], 0
+
+
+def _command(session: ChatSession, line: str, out) -> bool:
+    """Run a slash command; False means quit."""
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit"):
+        return False
+    if cmd == "/clear":
+        session.clear()
+        out("conversation cleared")
+    elif cmd == "/system":
+        session.system = arg
+        out(f"system prompt set: {arg!r}" if arg else "system prompt removed")
+    elif cmd == "/temperature":
+        try:
+            t = float(arg)
+            if t < 0:
+                raise ValueError
+        except ValueError:
+            out(f"/temperature needs a number >= 0, got {arg!r}")
+            return True
+        session.params = replace(session.params, temperature=t)
+        out(f"temperature {t:g}")
+    elif cmd == "/history":
+        msgs = session.messages()
+        out("\n".join(f"{m['role']}: {m['content']}" for m in msgs) if msgs else "(empty)")
+    elif cmd == "/help":
+        out(HELP)
+    else:
+        out(f"unknown command {cmd!r}; /help lists them")
+    return True
+
+
+def run_chat(a) -> int:
+    """The ``chat`` command (arguments from cli.py)."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    stage = a.stage or last_finished_stage(a.run)
+    model, _ = load_model(Path(a.run) / stage)
+    tok = Tokenizer.load(Path(a.run) / "tokenizer.json")
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            repetition_penalty=a.repetition_penalty, seed=a.seed)
+    session = ChatSession(model, tok, params, a.system or "")
+    err = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+
+    if a.prompt is not None:  # one shot: only the answer on stdout
+        answer = session.reply(a.prompt, note=err)
+        sys.stdout.write(answer + "\n")
+        return 0
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    out = lambda s: print(s, flush=True)  # noqa: E731
+    write = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
+    print(f"chatting with {a.run}/{stage} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.block_size}-token "
+          f"context). /help for commands, Ctrl-D to leave.", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C stops a reply; /quit or Ctrl-D leaves)", flush=True)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, out):
+                return 0
+            continue
+        write("assistant> ")
+        session.reply(line, write=write, note=lambda s: write(s if s.startswith(" ") else "\n" + s + "\n"))
+        write("\n")
