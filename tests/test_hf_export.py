@@ -135,9 +135,15 @@ def test_import_random_hf_model_round_trips(tmp_path, flavour):
         mine = ours(idx)
     # every token of the foreign vocabulary keeps its logit (spare rows past it were reused for the specials)
     assert (mine[:, :-1, :n_tok] - theirs[..., :n_tok]).abs().max().item() < 1e-4
-    # new rows are the mean embedding: their logits are ordinary, not garbage
+    # new rows are the mean embedding (or a copy of the model's own bos/eos): logits ordinary, not garbage
     new = mine[0, :, n_tok:n_tok + len(SPECIAL_TOKENS)]
     assert new.abs().max() < mine[0].abs().max() + 1e-6
+    if flavour == "gpt2":  # its config names bos = eos = 0: "<|bos|> text" reads as "bos text" did
+        with torch.no_grad():
+            a = ours(torch.tensor([[tok.bos_id] + tok.encode(text)]))[..., :n_tok]
+            b = hf(torch.tensor([[0] + tok.encode(text)])).logits[..., :n_tok]
+        assert (a - b).abs().max().item() < 1e-4
+        assert (mine[..., tok.end_id] - mine[..., 0]).abs().max().item() < 1e-5  # <|end|> scores as eos did
 
     # and out again: the re-exported model agrees with ours on every column
     out = tmp_path / "back"

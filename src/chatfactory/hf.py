@@ -251,7 +251,9 @@ def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
     keep their meaning, so the model's logits on them are unchanged). If that runs past the model's
     embedding table, the table (and the untied LM head) grows to fit; each new row is the mean of the
     existing rows, the usual choice that keeps the new tokens' logits ordinary until fine-tuning teaches
-    them. Only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) are accepted: bits-per-byte and
+    them — except ``<|bos|>`` and ``<|end|>``, which copy the rows of the model's own ``bos_token_id`` and
+    ``eos_token_id`` (config.json) when it has them, so "<|bos|> text" reads as the original "bos text"
+    did and the model can already stop. Only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2 style) are accepted: bits-per-byte and
     streaming decode need each token's exact bytes.
     """
     import json
@@ -312,15 +314,20 @@ def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
     hf_tok.post_processor = None  # our code places <|bos|> itself
     tok = Tokenizer(hf_tok)
     n = max(cfg.vocab_size, tok.vocab_size)
-    new_ids = [tok.special[t] for t in missing]
     grow = n - cfg.vocab_size
+    # <|bos|> and <|end|> start as copies of the model's own bos / eos rows when it names them, so the
+    # imported model reads "<|bos|> text" as it read "bos text" and already knows when to stop
+    like = {"<|bos|>": h.get("bos_token_id"), "<|end|>": h.get("eos_token_id")}
     keys = ["tok_emb.weight"] + (["lm_head.weight"] if cfg.flavour == "modern" else [])
     for key in keys:
         w = sd[key]
         if grow:
             w = torch.cat([w, w.mean(0, keepdim=True).expand(grow, -1)], 0)
-        for i in new_ids:  # a padding row the checkpoint never trained may hold anything
-            w[i] = w[: cfg.vocab_size].mean(0)
+        mean = w[: cfg.vocab_size].mean(0)
+        for t in missing:  # a padding row the checkpoint never trained may hold anything
+            src_id = like.get(t)
+            ok = isinstance(src_id, int) and 0 <= src_id < min(cfg.vocab_size, len(w)) and src_id not in tok.special.values()
+            w[tok.special[t]] = w[src_id].clone() if ok else mean
         sd[key] = w.contiguous()
     if cfg.flavour == "gpt2":
         sd["lm_head.weight"] = sd["tok_emb.weight"]
