@@ -19,6 +19,8 @@ from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
 from chatfactory.train.loop import Stage, train
 
+ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 TOPICS = ["cats", "dogs", "birds", "fish", "trees", "stars", "boats", "shoes", "lamps", "rivers", "hills", "clocks",
           "bread", "roads", "songs", "coins"]
 TRAIN_TOPICS, HELD_OUT_TOPICS = TOPICS[:12], TOPICS[12:]
@@ -343,3 +345,28 @@ def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeyp
     R.run_reward(cfg, runs[1])
     c = load_file(str(runs[1] / "reward" / "model.safetensors"))
     assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
+
+
+@pytest.mark.slow
+def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
+    """The hh-rlhf preset's comparisons: the four HH-RLHF splits as they are (a few cut-off rows skipped
+    and counted), and a reward-model run on a small slice of them."""
+    import shutil
+
+    from chatfactory.config import load_config
+    from chatfactory.train.reward import run_reward
+
+    cfg = load_config("hh-rlhf")
+    pairs, skipped = read_comparisons(str(ROOT_DIR / cfg.reward.data), skip_bad=True)
+    assert len(pairs) > 7500 and 0 < skipped < 0.01 * len(pairs)
+    assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in pairs[:50])
+    src, _ = sft_run
+    run = tmp_path / "run"
+    shutil.copytree(src / "sft", run / "sft")
+    shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
+    cfg = load_config("hh-rlhf", [f"reward.data={ROOT_DIR / cfg.reward.data}", "reward.max_pairs=40", "reward.seq_len=64",
+                                  "reward.batch_size=4", "reward.val_fraction=0.2", "reward.progress=false",
+                                  "reward.device=cpu", "reward.calib_pairs=8"])
+    res = run_reward(cfg, run)
+    assert 0.0 <= res["val_accuracy"] <= 1.0 and res["loss"] > 0
+    assert json.loads((run / "reward" / "config.json").read_text())["step"] == 8  # 32 train pairs, 4 a step
