@@ -2,7 +2,11 @@
 across conversations, and a learning test on a synthetic chat task that a broken mask cannot pass."""
 import gzip
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from chatfactory.data.sources import DataError
 from chatfactory.engine import Engine, SamplingParams
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
+from conftest import cli_cmd
 from chatfactory.train.sft import IGNORE, PackedBatches, collate, masked_loss, pack, tokenize_conversations
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
@@ -126,39 +131,105 @@ def reverse_task(rng, n):
     return rows
 
 
-@pytest.mark.slow
-def test_sft_learns_synthetic_chat_task(tmp_path):
-    """Held-out exact match on "reverse: a b c" -> "c b a": ~0% before SFT, a clear majority after.
-    Masking user text instead of assistant text, or dropping the <|end|> target, cannot pass."""
+SYS = {"role": "system", "content": "You reverse letters."}
+
+
+def make_run(tmp_path, n=1400, n_test=100):
+    """A run directory holding a tokenizer and a randomly initialised "pretrain" stage, plus chat data
+    for the reverse-3-letters task; returns (run, data path, tokenizer, held-out (user, answer) rows)."""
     rng = random.Random(0)
-    all_rows = reverse_task(rng, 1400)
-    held = {r[0]["content"] for r in all_rows[-100:]}
-    train_rows = [r for r in all_rows[:-100] if r[0]["content"] not in held]
-    test_rows = all_rows[-100:]
-    sys_msg = {"role": "system", "content": "You reverse letters."}
-    data = [{"messages": [sys_msg, u, {"role": "assistant", "content": a}]} for u, a in train_rows]
-    write_jsonl(tmp_path / "train.jsonl", data)
+    all_rows = reverse_task(rng, n)
+    held = {r[0]["content"] for r in all_rows[-n_test:]}
+    train_rows = [r for r in all_rows[:-n_test] if r[0]["content"] not in held]
+    data = [{"messages": [SYS, u, {"role": "assistant", "content": a}]} for u, a in train_rows]
+    path = write_jsonl(tmp_path / "train.jsonl", data)
     run = tmp_path / "run"
     tok = Tokenizer.train([json.dumps(r) for r in data[:200]] + [" ".join(LETTERS)], vocab_size=400)
     tok.save(run / "tokenizer.json")
     torch.manual_seed(0)
     mcfg = GPTConfig(depth=2, n_embd=96, head_dim=32, vocab_size=tok.vocab_size, block_size=64)
     save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()})
+    return run, path, tok, all_rows[-n_test:]
+
+
+def sft_args(data, *extra):
+    return [f"sft.data={data}", "sft.batch_size=16", "sft.seq_len=64", "sft.lr=3e-3", "sft.progress=false",
+            "sft.device=cpu", *extra]
+
+
+@pytest.mark.slow
+def test_sft_learns_synthetic_chat_task(tmp_path):
+    """Held-out exact match on "reverse: a b c" -> "c b a": ~0% before SFT, a clear majority after.
+    Masking user text instead of assistant text, or dropping the <|end|> target, cannot pass."""
+    run, data, tok, test_rows = make_run(tmp_path)
 
     def exact_match(stage):
         model, _ = load_model(run / stage)
-        prompts = [tok.chat_prompt([sys_msg, u]) for u, _ in test_rows]
+        prompts = [tok.chat_prompt([SYS, u]) for u, _ in test_rows]
         outs = Engine(model).generate(prompts, SamplingParams(max_tokens=12, temperature=0, stop_ids=(tok.end_id,)))
         return sum(o[-1:] == [tok.end_id] and tok.decode(o[:-1]) == a for o, (_, a) in zip(outs, test_rows)) / len(test_rows)
 
     before = exact_match("pretrain")
-    cfg = load_config(None, [f"sft.data={tmp_path / 'train.jsonl'}", "sft.steps=200", "sft.batch_size=16", "sft.seq_len=64",
-                             "sft.lr=3e-3", "sft.eval_every=0", "sft.ckpt_every=0", "sft.progress=false", "sft.device=cpu"])
     from chatfactory.train.sft import run_sft
 
-    res = run_sft(cfg, run)
+    res = run_sft(load_config(None, sft_args(data, "sft.steps=200", "sft.eval_every=0", "sft.ckpt_every=0")), run)
     after = exact_match("sft")
     print(f"exact match before {before:.0%}, after {after:.0%}, held-out assistant loss {res['val_loss']:.3f}")
     assert before <= 0.02
     assert after >= 0.6
     assert res["val_loss"] < 0.3
+
+
+@pytest.mark.slow
+def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from chatfactory.train import sft
+
+    run, data, _, _ = make_run(tmp_path, n=300, n_test=20)
+    args = sft_args(data, "sft.steps=12", "sft.ckpt_every=4", "sft.eval_every=6", "sft.batch_size=4")
+    for name in ("ref", "cut"):
+        shutil.copytree(run, tmp_path / name)
+    ref = sft.run_sft(load_config(None, args), tmp_path / "ref")
+
+    real = sft.PackedBatches.micro_batch
+
+    def dies_at_step_6(self, step, *a, **k):
+        if step == 6:
+            raise KeyboardInterrupt  # as if killed between the checkpoint of step 4 and the next
+        return real(self, step, *a, **k)
+
+    monkeypatch.setattr(sft.PackedBatches, "micro_batch", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run_sft(load_config(None, args), tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "sft" / "config.json").read_text())["step"] == 4
+    monkeypatch.setattr(sft.PackedBatches, "micro_batch", real)
+    res = sft.run_sft(load_config(None, args), tmp_path / "cut")
+    a, b = load_file(tmp_path / "ref" / "sft" / "model.safetensors"), load_file(tmp_path / "cut" / "sft" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res["val_loss"] == ref["val_loss"]
+    curve = lambda d: [json.loads(x) for x in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tok_s", "mfu", "elapsed")} for r in rows]  # noqa: E731
+    assert len(strip(curve(tmp_path / "ref"))) == 14  # 12 train rows + 2 validations (steps 6 and 12)
+    assert strip(curve(tmp_path / "ref")) == strip(curve(tmp_path / "cut"))  # the whole curve, train and validation
+
+
+@pytest.mark.slow
+def test_sft_under_torchrun_matches_one_process(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun should be installed beside python"
+    run, data, _, _ = make_run(tmp_path, n=300, n_test=20)
+    for name in ("one", "two"):
+        shutil.copytree(run, tmp_path / name)
+    common = sft_args(data, "sft.steps=6", "sft.eval_every=3", "sft.batch_size=4", "sft.ckpt_every=0")
+    one = subprocess.run(cli_cmd("sft", "--out", tmp_path / "one", *common, "sft.grad_accum=2"),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "chatfactory.cli", "sft",
+                          "--out", str(tmp_path / "two"), *common], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = lambda d: [json.loads(x) for x in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
+    r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
+    key = lambda rows, k: [r[k] for r in rows if k in r]  # noqa: E731
+    assert len(key(r1, "loss")) == 6 and len(key(r1, "val_loss")) == 2
+    assert max(abs(x - y) for x, y in zip(key(r1, "loss") + key(r1, "val_loss"), key(r2, "loss") + key(r2, "val_loss"))) < 2e-3
