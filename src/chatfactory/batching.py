@@ -77,8 +77,10 @@ class SlotCache:
         n = self._n
         at = self.lengths[:n]
         rows = torch.arange(n, device=at.device)
-        self.k[layer, rows, :, at] = k[:, :, 0]
-        self.v[layer, rows, :, at] = v[:, :, 0]
+        # (slot, position) index pairs side by side on a (S, T, H, D) view: one small scatter (indices
+        # split by a slice, k[layer, rows, :, at], take a much slower path)
+        self.k[layer].transpose(1, 2)[rows, at] = k[:, :, 0]
+        self.v[layer].transpose(1, 2)[rows, at] = v[:, :, 0]
         span = int(at.max()) + 1
         return self.k[layer, :n, :, :span], self.v[layer, :n, :, :span]  # views: no copy
 
