@@ -62,3 +62,33 @@ def test_grpo_on_the_gold_rule_raises_gold(world):
     assert before < 0.5 and after > before + 0.3
     assert kl < 10.0
     assert res["gold"] > before  # the stage's own held-out evaluation agrees
+
+
+def test_one_update_per_rollout_skips_the_old_logprob_pass(world):
+    """With a single update per rollout the old log-probs are the live ones detached: the rollout
+    skips that forward pass, and the loss and its gradient are what the explicit old log-probs give."""
+    from chatfactory.data.preferences import load_prompts
+    from chatfactory.train.grpo import GRPOStage
+    from chatfactory.train.ppo import ActorCritic, Reward
+    from chatfactory.train.rollout import answer_logprobs, forward_answers
+
+    root, run, tok = world
+    tc = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", rollout_batch=4, group_size=4,
+                    max_new_tokens=6, kl_coef=0.05, seed=5)
+    policy, info = load_model(run / "sft")
+    ac = ActorCritic(policy)
+    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0],
+                      Reward(tc.reward, run, tok, "cpu"), info["model"])
+    batch = stage.micro_batch(0, 0, 0, 1)
+    assert "old_logp" not in batch and "ref_logp" in batch
+    loss = stage.loss(ac, batch)
+    loss.backward()
+    g1 = [p.grad.clone() for p in ac.parameters()]
+    ac.zero_grad()
+    with torch.no_grad():
+        batch["old_logp"] = answer_logprobs(forward_answers(policy, batch), batch["tokens"], batch["start"], 1.0) * batch["answer_mask"]
+    loss2 = stage.loss(ac, batch)
+    loss2.backward()
+    assert torch.allclose(loss, loss2, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(g1, ac.parameters()))
+    assert stage.update_stats[0]["ratio"] == 1.0 and "entropy" in stage.update_stats[0]

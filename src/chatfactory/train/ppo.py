@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -152,10 +153,10 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = no_dropout(policy), (no_dropout(critic) if critic is not None else None)
 
-    def forward(self, batch: dict, ptx=None) -> dict:
-        """-> {"logits": (B, A, V) predicting the answer tokens, "values": (B, A) or None,
-        "ptx_loss": next-token loss on ``ptx = (x, y)`` or None}."""
-        out = {"logits": forward_answers(self.policy, batch), "values": None, "ptx_loss": None}
+    def forward(self, batch: dict, ptx=None, policy: bool = True) -> dict:
+        """-> {"logits": (B, A, V) predicting the answer tokens (None if not ``policy``), "values": (B, A)
+        or None, "ptx_loss": next-token loss on ``ptx = (x, y)`` or None}."""
+        out = {"logits": forward_answers(self.policy, batch) if policy else None, "values": None, "ptx_loss": None}
         if self.critic is not None:
             s = batch["start"]
             v = self.critic.values(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
@@ -253,6 +254,12 @@ class RLStage(Stage):
     def advantages(self, exp: dict, score: torch.Tensor) -> dict:
         raise NotImplementedError
 
+    def needs_old_logp(self) -> bool:
+        """The sampling policy's log-probs need a forward pass of their own only if several updates
+        share a rollout (later ones need the ratio to the old policy); with one update they are the
+        live log-probs, detached, and the pass is skipped (TRL does the same)."""
+        return self.updates_per_iter > 1
+
     # ---- prompts: a pure function of (iteration, rank), so resume is exact
     def _index(self, k: int) -> int:
         epoch, j = divmod(k, len(self.rows))
@@ -275,35 +282,48 @@ class RLStage(Stage):
         picks = [i for i in picks for _ in range(group)]
         rows = [self.rows[i] for i in picks]
         seed = (tc.seed * 1_000_003 + it * 7919 + rank * 104_729) % (2**31)
+        t0 = time.perf_counter()
         batch = rollout(self.ac.policy, [self.prompt_ids[i] for i in picks], tc.max_new_tokens, tc.temperature,
                         self.tok.end_id, self.tok.pad_id, seed)
         mask = batch["answer_mask"].float()
+        t1 = time.perf_counter()
         # old log-probs (and values) in the minibatch shapes the updates will use
         mbs = len(rows) // (tc.minibatches * tc.grad_accum)
+        need_old = self.needs_old_logp()
         old_logp, values, ent, ref_logp = [], [], [], []
         for i in range(0, len(rows), mbs):
             chunk = select(batch, torch.arange(i, min(i + mbs, len(rows)), device=mask.device))
-            out = self.ac(chunk)
-            old_logp.append(answer_logprobs(out["logits"], chunk["tokens"], chunk["start"], tc.temperature))
-            ent.append(entropy(out["logits"], tc.temperature))
-            if out["values"] is not None:
-                values.append(out["values"])
+            if need_old or self.ac.critic is not None:
+                out = self.ac(chunk, policy=need_old)
+                if need_old:
+                    old_logp.append(answer_logprobs(out["logits"], chunk["tokens"], chunk["start"], tc.temperature))
+                    ent.append(entropy(out["logits"], tc.temperature))
+                if out["values"] is not None:
+                    values.append(out["values"])
             if self.ref is not None:
                 ref_logits = forward_answers(self.ref, chunk)
                 ref_logp.append(answer_logprobs(ref_logits, chunk["tokens"], chunk["start"], tc.temperature))
-        batch["old_logp"] = torch.cat(old_logp) * mask
-        batch["ref_logp"] = torch.cat(ref_logp) * mask if ref_logp else batch["old_logp"].clone()
+        if old_logp:
+            batch["old_logp"] = torch.cat(old_logp) * mask
+        if ref_logp:
+            batch["ref_logp"] = torch.cat(ref_logp) * mask
+        elif old_logp:
+            batch["ref_logp"] = batch["old_logp"].clone()
         if values:
             batch["old_values"] = torch.cat(values) * mask
         score = self.reward(batch, rows)
         ended = batch["ended"].float()
         penalised = score - tc.no_end_penalty * (1 - ended)
-        kl = kl_k1(batch["old_logp"], batch["ref_logp"]) * mask
         batch.update(self.advantages(batch, penalised))
-        self.iter_stats = {
-            "score": score.mean(), "kl": kl.sum(1).mean(), "entropy": masked_mean(torch.cat(ent), mask),
-            "answer_len": mask.sum(1).mean(), "end_rate": ended.mean(), "reward": batch.pop("seq_reward").mean(),
-        }
+        _sync(mask.device)
+        t2 = time.perf_counter()
+        self.iter_stats = {"score": score.mean(), "answer_len": mask.sum(1).mean(), "end_rate": ended.mean(),
+                           "reward": batch.pop("seq_reward").mean()}
+        if old_logp:  # else the loss logs them from its own forward pass
+            kl = kl_k1(batch["old_logp"], batch["ref_logp"]) * mask
+            self.iter_stats.update(kl=kl.sum(1).mean(), entropy=masked_mean(torch.cat(ent), mask))
+        # where the time goes: sampling vs. scoring (policy, reference, critic, reward); updates are the rest
+        self.iter_stats.update(t_rollout=torch.tensor(t1 - t0), t_score=torch.tensor(t2 - t1))
         self.rows_now = rows
         return batch
 
@@ -372,6 +392,11 @@ class RLStage(Stage):
         self.kl_coef = float(state.get("kl_coef", self.kl_coef))
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def select(batch: dict, idx: torch.Tensor) -> dict:
     """Rows ``idx`` of every per-row tensor of a rollout batch (the padding width is kept)."""
     return {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == len(batch["tokens"]) else v)
@@ -388,6 +413,9 @@ class PPOStage(RLStage):
         rewards = token_rewards(score, kl, mask, self.kl_coef)
         adv, returns = gae(rewards, exp["old_values"], mask, tc.gamma, tc.lam)
         return {"advantages": masked_whiten(adv, mask), "returns": returns, "seq_reward": rewards.sum(1)}
+
+    def needs_old_logp(self):
+        return True  # the KL penalty in the rewards is measured on the sampling policy
 
     def _after_experience(self):
         tc = self.tc
