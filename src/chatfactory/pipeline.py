@@ -246,6 +246,8 @@ def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], t
     for b in range(0, len(rows), batch_size):
         prompts = [tok.chat_prompt(r["messages"]) for r in rows[b:b + batch_size]]
         batch = pad_batch(prompts, replies_ids[b:b + batch_size], tok.pad_id, tok.end_id)
+        dev = next(model.parameters()).device
+        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
         lp = answer_logprobs(forward_answers(model, batch), batch["tokens"], batch["start"], temperature)
         lr = answer_logprobs(forward_answers(ref, batch), batch["tokens"], batch["start"], temperature)
         total += float(((lp - lr) * batch["answer_mask"]).sum())
@@ -282,6 +284,7 @@ def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
     settings = {"n": len(rows), "T": pc.eval_temperature, "max_tokens": pc.eval_max_tokens, "seed": pc.eval_seed,
                 "shots": pc.fewshot_shots}
     edir = run_dir / "eval"
+    device = "cuda" if torch.cuda.is_available() and cfg.sft.device in ("auto", "cuda") else "cpu"
     out = {}
     for stage in ("pretrain",) + POLICIES:
         sdir = run_dir / stage
@@ -296,7 +299,7 @@ def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
                 continue
         log(f"[run] eval {stage} on {len(rows)} held-out prompts")
         t = time.perf_counter()
-        model, _ = load_model(sdir)
+        model, _ = load_model(sdir, device)
         torch.manual_seed(pc.eval_seed)
         if stage == "pretrain":
             replies, ids = base_answers(model, tok, rows, pc.eval_max_tokens, pc.eval_temperature, pc.eval_seed), None
@@ -306,7 +309,7 @@ def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
         if stage == "pretrain" and pc.fewshot_shots:
             res["few_shot"] = few_shot(model, tok, paths["fewshot"], pc)
         if stage != "sft" and ids is not None and finished(run_dir / "sft") and pc.eval_temperature > 0:
-            ref, _ = load_model(run_dir / "sft")
+            ref, _ = load_model(run_dir / "sft", device)
             res["kl_vs_sft"] = policy_kl(model, ref, tok, rows, ids, pc.eval_temperature)
         res.update(fingerprint=fp, seconds=time.perf_counter() - t, replies=replies)
         atomic_write_text(cache, json.dumps(res, indent=1))
