@@ -242,10 +242,15 @@ def few_shot_table(model, tok, task_rows: list[dict], shots=(0, 1, 5), chat: boo
     was_training = model.training
     model.eval()
     table = {}
-    for name, grp in groups.items():
-        evald = grp[:limit] if limit else grp
-        table[name] = {k: evaluate_rows(model, tok, evald, k, chat, mode, seed, batch_size, pool=grp) for k in shots}
-    model.train(was_training)
+    try:
+        for name, grp in groups.items():
+            evald = grp[:limit] if limit else grp
+            try:
+                table[name] = {k: evaluate_rows(model, tok, evald, k, chat, mode, seed, batch_size, pool=grp) for k in shots}
+            except ValueError as e:
+                raise ValueError(f"task {name!r}: {e}") from None
+    finally:
+        model.train(was_training)
     return table
 
 
