@@ -220,8 +220,33 @@ def test_completions_logprobs_echo_score_the_prompt(server):
 
     # plain generation with logprobs
     g = client.completions.create(model=svc.name, prompt=text, max_tokens=5, logprobs=0, temperature=0)
-    assert len(g.choices[0].logprobs.token_logprobs) == g.usage.completion_tokens - (g.choices[0].finish_reason == "stop")
+    assert len(g.choices[0].logprobs.token_logprobs) == g.usage.completion_tokens  # a generated stop id is listed too
     assert "".join(g.choices[0].logprobs.tokens).startswith(g.choices[0].text)
+
+
+def test_lm_eval_local_completions_scores_through_the_server(server):
+    """lm-eval's own `local-completions` client, unchanged: it finds the tokenizer endpoints by itself
+    and its log-likelihoods equal the model's."""
+    oc = pytest.importorskip("lm_eval.models.openai_completions")
+    from lm_eval.api.instance import Instance
+
+    svc, url, client = server
+    lm = oc.LocalCompletionsAPI(base_url=url + "/v1/completions", model=svc.name, max_length=svc.block_size, max_retries=1)
+    assert lm.tokenizer_backend == "remote"
+    pairs = [("the quick brown", " fox jumps"), ("def add(x, y):", "\n    return x + y")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        c_ids = svc.tok.encode(ctx)
+        whole = svc.tok.encode(ctx + cont)
+        assert whole[: len(c_ids)] == c_ids
+        with torch.no_grad():
+            x = torch.tensor([[svc.tok.bos_id] + whole])
+            logp = torch.log_softmax(svc.model(x)[0, :-1, : svc.tok.vocab_size], -1)
+        span = range(len(c_ids), len(whole))  # logp[i] predicts whole[i] (after the <|bos|>)
+        want = sum(float(logp[i, whole[i]]) for i in span)
+        assert ll == pytest.approx(want, abs=1e-3) and ll < 0
+        assert greedy == all(int(logp[i].argmax()) == whole[i] for i in span)
+    assert client.completions.create(model=svc.name, prompt="x", max_tokens=1)  # the server is fine after
 
 
 def _ctx_overflow(svc):
@@ -274,7 +299,8 @@ def test_other_bad_requests_and_the_sdk_sees_them(server):
              ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400),
              ("/v1/feedback", {"kind": "vote", "messages": [{"role": "user", "content": "a"}]}, 400),
              ("/v1/feedback", {"kind": "rating", "messages": [{"role": "user", "content": "a"}], "answer": "b", "rating": 3}, 400),
-             ("/v1/nothing-here", {}, 404)]
+             ("/tokenize", {"text": "no prompt key"}, 400), ("/detokenize", {"tokens": "abc"}, 400),
+             ("/detokenize", {"tokens": [10 ** 9]}, 400), ("/v1/nothing-here", {}, 404)]
     for path, body, status in cases:
         got, err = post(url, path, body)
         assert got == status and "message" in err["error"], (path, body, err)
@@ -300,6 +326,7 @@ def test_api_key_is_required_when_set(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
         assert openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).models.list().data
+        assert post(url, "/tokenize", {"prompt": "hi"})[0] == 401
         assert post(url, "/health", None)[0] == 200  # liveness stays open
 
 

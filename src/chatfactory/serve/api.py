@@ -259,16 +259,16 @@ class Choice:
         text = ""
         if step.token is not None:
             self.tokens.append(step.token)
+            self.logprobs.append((step.token, step.logprob, step.top))  # a stop id too, as OpenAI lists it
             if step.token not in self.stop_ids:
                 text = self.detok.add(step.token)
-                self.logprobs.append((step.token, step.logprob, step.top))
         if self.detok.stopped:  # a stop string: the rest of this answer is not wanted
             self.finish = "stop"
             if self.req is not None:
                 self.req.cancel()
         elif step.finish:
             text += self.detok.add(None, final=True)
-            self.finish = step.finish if step.finish in ("stop", "length") else step.finish
+            self.finish = step.finish
             if self.detok.stopped:
                 self.finish = "stop"
         return text
@@ -300,7 +300,9 @@ def create_app(svc: Service):
 
     @app.middleware("http")
     async def _auth(request, call_next):
-        if svc.api_key and request.url.path.startswith("/v1/"):
+        path = request.url.path
+        # the page itself and liveness stay open; the API (and the tokenizer endpoints) need the key
+        if svc.api_key and not (path in ("/", "/health") or path.startswith("/static/")):
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {svc.api_key}".encode()):
                 msg = "Missing API key: send 'Authorization: Bearer KEY'." if not got else "Incorrect API key."
@@ -409,6 +411,8 @@ def create_app(svc: Service):
     def chat_logprobs(c: Choice, top: int):
         out = []
         for t, lp, alts in c.logprobs:
+            if t in svc.stop_ids:  # the chat format lists content tokens only
+                continue
             piece = svc.tok.decode_bytes([t])
             out.append({"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece),
                         "top_logprobs": [{"token": svc.tok.decode([i]), "logprob": v, "bytes": list(svc.tok.decode_bytes([i]))}
@@ -575,6 +579,43 @@ def create_app(svc: Service):
             out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish_reason(c)})
         return {"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": out,
                 "usage": usage(feed, choices)}
+
+    # ---- tokenizer endpoints, as vLLM serves them: lm-eval's local-completions finds them by itself
+    # and then needs no tokenizer files of its own ("remote" tokenizer backend). Text is tokenized as
+    # the Hugging Face export does: spelled-out special tokens are special here.
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        from ..hf import CHAT_TEMPLATE
+
+        return {"tokenizer_class": "chatfactory", "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>",
+                "model_max_length": svc.block_size, "vocab_size": svc.tok.vocab_size, "chat_template": CHAT_TEMPLATE}
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        body = await read_json(request)
+        if "messages" in body:
+            ids = svc.tok.chat_prompt(_messages(body, lim)) if _field(body, "add_generation_prompt", bool, True) \
+                else svc.tok.render_chat(_messages(body, lim))[0]
+        else:
+            text = _field(body, "prompt", str, None)
+            if text is None:
+                raise APIError(400, "'prompt' (a string) or 'messages' is required", "prompt", "missing")
+            if len(text) > lim.max_body_bytes:
+                raise APIError(400, "'prompt' is too long", "prompt", "message_too_long")
+            ids = svc.tok.hf.encode(text, add_special_tokens=False).ids
+            if _field(body, "add_special_tokens", bool, True):
+                ids = [svc.tok.bos_id] + ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        body = await read_json(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise APIError(400, "'tokens' must be a list of token ids", "tokens", "invalid_type")
+        if any(not 0 <= t < svc.tok.vocab_size for t in ids):
+            raise APIError(400, "'tokens' holds an id outside the vocabulary", "tokens", "invalid_value")
+        return {"prompt": svc.tok.decode(ids)}
 
     @app.post("/v1/feedback")
     async def feedback(request: HTTPRequest):
