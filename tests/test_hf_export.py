@@ -2,6 +2,7 @@
 with the same logits, the same chat-template ids and the same greedy tokens; HF GPT-2 / Llama models
 built from a config import into a run and round-trip."""
 import json
+import math
 
 import pytest
 import torch
@@ -151,6 +152,22 @@ def test_import_random_hf_model_round_trips(tmp_path, flavour):
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert (back(idx).logits - mine).abs().max().item() < 1e-4
+
+    if flavour == "llama":  # later stages take it as it is: SFT fine-tunes the imported model
+        from chatfactory.config import load_config
+        from chatfactory.train.sft import run_sft
+
+        chat = tmp_path / "chat.jsonl"
+        chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                         {"role": "assistant", "content": w}]}) + "\n"
+                                for w in ["fox", "dog", "quick", "brown", "lazy", "hello"] * 4))
+        cfg = load_config(str(run / "config.yaml"), [f"sft.data={chat}", "sft.steps=3", "sft.batch_size=4",
+                                                     "sft.seq_len=32", "sft.eval_every=0", "sft.ckpt_every=0",
+                                                     "sft.progress=false", "sft.val_fraction=0.2"])
+        res = run_sft(cfg, run)
+        assert math.isfinite(res["loss"])
+        tuned, _ = load_model(run / "sft")
+        assert tuned.cfg == ours.cfg
 
 
 def test_import_errors_name_the_file(tmp_path):
