@@ -115,6 +115,19 @@ def test_cancel_frees_the_slot_for_the_next_request():
     assert got["b"][-1].finish == "length" and len(got["b"]) == 5
 
 
+def test_a_full_queue_answers_429(tmp_path):
+    run = make_run(tmp_path / "busy")
+    base = load_service(run, "sft", slots=1)
+    base.close()
+    stuck = Scheduler(base.model, slots=1, max_waiting=1, start=False)  # nothing drains it
+    svc = Service(base.model, base.tok, base.name, "sft", scheduler=stuck)
+    with ServerThread(create_app(svc)) as url:
+        msg = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2}
+        status, err = post(url, "/v1/chat/completions", msg)
+        assert status == 429 and err["error"]["type"] == "rate_limit_error"
+        assert stuck.waiting[0].cancelled  # the half-submitted request was withdrawn
+
+
 def test_detokenizer_holds_back_and_cuts_at_stop_strings():
     tok = Tokenizer.train(TEXT, vocab_size=300)
     d = Detokenizer(tok, ["lazy"])
