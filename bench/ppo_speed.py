@@ -7,7 +7,7 @@ same chat prompts, sample ``--prompts x --samples`` answers of at most ``--answe
 iteration at temperature 1, score them with the same function, keep a KL term with the same beta to a
 frozen reference, and take one optimizer step. A random-init model rarely emits <|end|>, so answers
 run to the length limit in both (the mean lengths are printed). Seconds per iteration are the median
-over ``--iters`` iterations after the first (warm-up) for each.
+over ``--iters`` iterations after the first (warm-up) of each of ``--rounds`` alternating runs.
 
     .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 --iters 4]
 
@@ -84,8 +84,12 @@ def iteration_times(stage_dir: Path, updates: int) -> tuple[list[float], list[di
     return iters, [r for r in rows if "iteration" in r]
 
 
-def bench_ours_grpo(run: Path, root: Path, a) -> tuple[float, float]:
+def bench_ours_grpo(run: Path, root: Path, a) -> tuple[list[float], float, dict]:
+    import shutil
+
     from chatfactory.train.grpo import run_grpo
+
+    shutil.rmtree(run / "grpo", ignore_errors=True)
 
     cfg = Config()
     cfg.grpo = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="bench_scorer:score", steps=a.iters + 1,
@@ -94,7 +98,8 @@ def bench_ours_grpo(run: Path, root: Path, a) -> tuple[float, float]:
                           progress=False, device="cpu", no_end_penalty=0.0)
     run_grpo(cfg, run)
     iters, rows = iteration_times(run / "grpo", 1)
-    return statistics.median(iters[1:]), statistics.mean(r["answer_len"] for r in rows[1:])
+    split = {k: statistics.median(r[k] for r in rows[1:]) for k in ("t_rollout", "t_score")}
+    return iters[1:], statistics.mean(r["answer_len"] for r in rows[1:]), split
 
 
 def bench_ours_ppo(run: Path, root: Path, a) -> dict:
@@ -114,7 +119,7 @@ def bench_ours_ppo(run: Path, root: Path, a) -> dict:
     return {"total": total, "rollout": roll, "score": score, "updates": total - roll - score}
 
 
-def bench_trl(run: Path, root: Path, a) -> tuple[float, float]:
+def bench_trl(run: Path, root: Path, a) -> tuple[list[float], float]:
     import datasets
     import transformers
     from trl import GRPOConfig as TRLConfig
@@ -148,7 +153,7 @@ def bench_trl(run: Path, root: Path, a) -> tuple[float, float]:
     trainer = GRPOTrainer(model=model, reward_funcs=bench_scorer.trl_reward, args=args, train_dataset=ds,
                           processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    return statistics.median(times[1:]), statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan")
+    return times[1:], statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan")
 
 
 def main():
@@ -163,6 +168,7 @@ def main():
     ap.add_argument("--iters", type=int, default=4, help="timed iterations (after one warm-up)")
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="alternate ours / TRL this many times (load drift hits both)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -170,10 +176,16 @@ def main():
         print(f"model: depth {a.layers}, width {a.width}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M parameters; "
               f"{a.prompts} prompts x {a.samples} answers of <= {a.answer} tokens per iteration; beta {a.kl}; "
               f"torch threads {torch.get_num_threads()}")
-        ours, ours_len = bench_ours_grpo(run, root, a)
-        trl, trl_len = bench_trl(run, root, a)
+        ours_t, trl_t = [], []
+        for _ in range(a.rounds):
+            t, ours_len, split = bench_ours_grpo(run, root, a)
+            ours_t += t
+            t, trl_len = bench_trl(run, root, a)
+            trl_t += t
         ppo = bench_ours_ppo(run, root, a)
-    print(f"GRPO iteration   ours {ours:.3f} s (mean answer {ours_len:.1f} tokens)   TRL GRPOTrainer {trl:.3f} s "
+    ours, trl = statistics.median(ours_t), statistics.median(trl_t)
+    print(f"GRPO iteration   ours {ours:.3f} s (mean answer {ours_len:.1f} tokens; rollout {split['t_rollout']:.3f} s, "
+          f"reference {split['t_score']:.3f} s, update the rest)   TRL GRPOTrainer {trl:.3f} s "
           f"(mean answer {trl_len:.1f} tokens)   ours is {trl / ours:.2f}x faster")
     print(f"PPO iteration    {ppo['total']:.3f} s = rollout {ppo['rollout']:.3f} s ({ppo['rollout'] / ppo['total']:.0%}) "
           f"+ scoring (policy, reference, critic, reward model) {ppo['score']:.3f} s ({ppo['score'] / ppo['total']:.0%}) "

@@ -63,6 +63,27 @@ def test_reward_lands_on_last_real_token():
     assert torch.allclose(r, torch.tensor([[-0.1, -0.1, 1.9], [-1.1, 0.0, 0.0]]))
 
 
+def test_clipped_losses_hand_computed():
+    from chatfactory.train.ppo import adapt_kl_coef, policy_loss, value_loss
+
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 9.0]]))  # ratios 1.5 and 0.5 (the pad's is ignored)
+    adv = torch.tensor([[1.0, 1.0, 5.0]])
+    loss, st = policy_loss(logp, old, adv, m, clip=0.2)
+    # token 1: min(1.5, 1.2) * 1 -> 1.2 (clipped); token 2: min(0.5, 0.8) -> 0.5 (not clipped: pessimistic)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2)
+    assert st["clipfrac"].item() == pytest.approx(0.5)
+    v, old_v, ret = torch.tensor([[1.0, -1.0, 7.0]]), torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[2.0, 0.0, 0.0]])
+    vl, vst = value_loss(v, old_v, ret, m, vf_clip=0.5)
+    # token 1: max((1-2)^2, (0.5-2)^2) = 2.25; token 2: max((-1)^2, (-0.5)^2) = 1
+    assert vl.item() == pytest.approx(0.5 * (2.25 + 1.0) / 2)
+    assert vst["vf_clipfrac"].item() == pytest.approx(0.5)
+    # the adaptive controller moves beta by at most 20% x n / horizon toward the target
+    assert adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=100, n=50) == pytest.approx(0.1 * 1.1)
+    assert adapt_kl_coef(0.1, kl=3.0, target=6.0, horizon=100, n=50) == pytest.approx(0.1 * 0.9)
+
+
 # ---------------------------------------------------------------- padding
 @pytest.mark.parametrize("flavour", ["modern", "gpt2"])
 def test_padded_and_unpadded_logprobs_equal(flavour):
@@ -176,6 +197,33 @@ def test_first_minibatch_ratio_is_one(world):
     stage.loss(ac, batch)
     s = stage.update_stats[0]
     assert s["ratio"] == 1.0 and s["approx_kl"] == 0.0 and s["clipfrac"] == 0.0
+
+
+def test_ptx_mixes_in_the_pretraining_loss(world):
+    """PPO-ptx: the loss is the PPO loss plus ptx_coef times next-token loss on pretraining text."""
+    from chatfactory.data.preferences import load_prompts
+    from chatfactory.train.reward import RewardModel
+
+    root, run, tok = world
+
+    class Text:  # a stand-in for PretrainBatches: one fixed window of text
+        def micro_batch(self, step, micro, grad_accum, batch_size, rank, world):
+            ids = torch.tensor([tok.encode("Pick a color for the car. red blue green")])
+            return ids[:, :-1], ids[:, 1:]
+
+    losses = []
+    for coef in (0.0, 2.0):
+        cfg = ppo_config(root, ptx_coef=coef)
+        policy, info = load_model(run / "sft")
+        torch.manual_seed(0)  # the critic's head: the same in both
+        ac = ActorCritic(policy, RewardModel(load_model(run / "sft")[0]))
+        stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, load_model(run / "sft")[0],
+                         Reward("zero", run, tok, "cpu"), info["model"], ptx=Text() if coef else None)
+        losses.append(stage.loss(ac, stage.micro_batch(0, 0, 0, 1)).item())
+    x, y = Text().micro_batch(0, 0, 1, 1, 0, 1)
+    lm = load_model(run / "sft")[0](x, targets=y).item()
+    assert stage.update_stats[0]["ptx_loss"] == pytest.approx(lm, rel=1e-5)
+    assert losses[1] - losses[0] == pytest.approx(2.0 * lm, rel=1e-4)
 
 
 @torch.no_grad()
