@@ -180,6 +180,11 @@ def test_openai_sdk_chat_stream_and_non_stream(server):
     assert chunks[-1].usage.completion_tokens == len(ref)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [r.choices[0].finish_reason]
 
+    lp = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=20, temperature=0, logprobs=True,
+                                        top_logprobs=2).choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in lp).decode("utf-8", "replace") == ref_text  # one entry per content token
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) and len(t.top_logprobs) == 2 for t in lp)  # greedy = top-1
+
     # n=2 with a seed: two different samples, the same two again for the same seed; extra keys (top_k) accepted
     kw = dict(model=svc.name, messages=msgs, max_tokens=12, temperature=1.0, n=2, seed=7, extra_body={"top_k": 50})
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
