@@ -355,5 +355,12 @@ def few_shot(model, tok, path, pc) -> dict:
     except ImportError:
         return {"status": "not run: eval.fewshot not available"}
     shots = tuple(int(s) for s in str(pc.fewshot_shots).split(",") if s.strip())
-    table = few_shot_table(model, tok, _read_jsonl(path), shots=shots, seed=pc.eval_seed)
+    rows = _read_jsonl(path)
+    count: dict[str, int] = {}
+    for r in rows:
+        count[r["task"]] = count.get(r["task"], 0) + 1
+    rows = [r for r in rows if count[r["task"]] > max(shots)]  # k shots need k other rows of the task
+    if not rows:
+        return {"status": f"not run: no task has more than {max(shots)} rows"}
+    table = few_shot_table(model, tok, rows, shots=shots, seed=pc.eval_seed)
     return {task: {str(k): v for k, v in per.items()} for task, per in table.items()}

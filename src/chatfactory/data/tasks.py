@@ -143,7 +143,7 @@ def builtin_facts() -> dict[str, str]:
         doc = inspect.getdoc(getattr(builtins, name, None)) or ""
         first = doc.split("\n\n")[0].replace("\n", " ")
         first = re.split(r"(?<=\.)\s", first)[0].strip()
-        if first and not first.startswith(name + "("):
+        if first and not first.startswith(name + "(") and len(first.split()) <= 12:  # short enough to recite
             out[name] = first if first.endswith(".") else first + "."
     return out
 
@@ -287,7 +287,8 @@ def fewshot_rows(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
             continue
         wrong = sorted(wrong)
         rng.shuffle(wrong)
-        choices = [r["reference"]] + [make(x) for x in wrong[: n_choices - 1]]
+        wrong = [w for w in (make(x) for x in wrong) if not is_correct(r, w)]  # a distractor must be wrong
+        choices = [r["reference"]] + wrong[: n_choices - 1]
         order = list(range(len(choices)))
         rng.shuffle(order)
         out.append({"task": task, "context": plain_prompt(r), "choices": [" " + choices[i] for i in order],
