@@ -40,16 +40,18 @@ class SlotCache:
 
     ``GPT.forward`` calls ``update(layer, k, v)`` once per layer; the scheduler says beforehand what
     the call means with ``prefill(slots)`` (write the new keys at 0.. of those slots) or
-    ``decode(n)`` (slots 0..n-1 each append one key at its own length)."""
+    ``decode(at)`` (slots 0..n-1 each append one key at its own length ``at[s]``, a device tensor).
+    ``lengths`` is a plain list: bookkeeping stays on the host, so a GPU never waits on it."""
 
     def __init__(self, cfg: GPTConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.depth, slots, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.lengths = [0] * slots
         self.max_len = max_len
         self._rows = None  # prefill: slot indices being written
-        self._n = 0  # decode: slots 0.._n-1 append one position each
+        self._at = None  # decode: where slots 0..n-1 write their new key (n = len(at))
+        self._span = 0  # decode: keys to attend over, max(at) + 1
 
     # GPT.hidden_states reads and advances ``pos`` (the shared fill level of the plain KVCache). Rows
     # here have their own lengths and the scheduler always passes positions and masks, so the shared
@@ -63,10 +65,10 @@ class SlotCache:
         pass
 
     def prefill(self, rows: torch.Tensor) -> None:
-        self._rows, self._n = rows, 0
+        self._rows, self._at = rows, None
 
-    def decode(self, n: int) -> None:
-        self._rows, self._n = None, n
+    def decode(self, at: torch.Tensor, span: int) -> None:
+        self._rows, self._at, self._span = None, at, span
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self._rows is not None:  # prefill from position 0: attention needs only the new keys
@@ -74,14 +76,13 @@ class SlotCache:
             self.k[layer, self._rows, :, :t] = k
             self.v[layer, self._rows, :, :t] = v
             return k, v
-        n = self._n
-        at = self.lengths[:n]
+        at, span = self._at, self._span
+        n = at.size(0)
         rows = torch.arange(n, device=at.device)
         # (slot, position) index pairs side by side on a (S, T, H, D) view: one small scatter (indices
         # split by a slice, k[layer, rows, :, at], take a much slower path)
         self.k[layer].transpose(1, 2)[rows, at] = k[:, :, 0]
         self.v[layer].transpose(1, 2)[rows, at] = v[:, :, 0]
-        span = int(at.max()) + 1
         return self.k[layer, :n, :, :span], self.v[layer, :n, :, :span]  # views: no copy
 
 
@@ -201,7 +202,7 @@ class Scheduler:
             self.waiting.clear()
         for r in [r for r in self.rows if r is not None] + pending:
             self._finish(r, Step(None, finish=reason))
-        self.cache.lengths.zero_()
+        self.cache.lengths = [0] * self.slots
 
     def _finish(self, req: Request, step: Step) -> None:
         req.finished = True
@@ -247,14 +248,16 @@ class Scheduler:
 
     def _decode(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
         n = max(r.slot for r in reqs) + 1  # free slots below n ride along, masked, on key 0
-        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        tokens = [0] * n
         for r in reqs:
             tokens[r.slot] = r.generated[-1]
-        at = self.cache.lengths[:n]
-        span = int(at.max()) + 1
+        lengths = self.cache.lengths[:n]
+        span = max(lengths) + 1
+        tokens = torch.tensor(tokens, device=self.device)
+        at = torch.tensor(lengths, device=self.device)  # each row's new key goes here; also its position
         mask = torch.arange(span, device=self.device)[None] <= at[:, None]  # own keys + the new one
-        self.cache.decode(n)
-        out = self.model(tokens[:, None], cache=self.cache, positions=at[:, None].clone(), attn_mask=mask[:, None, None])
+        self.cache.decode(at, span)
+        out = self.model(tokens[:, None], cache=self.cache, positions=at[:, None], attn_mask=mask[:, None, None])
         for r in reqs:
             self.cache.lengths[r.slot] += 1
         return {r.slot: out[r.slot, -1] for r in reqs}

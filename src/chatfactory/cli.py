@@ -170,7 +170,7 @@ def cmd_eval(a):
 def cmd_serve(a):
     from .serve.api import serve
 
-    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots)
+    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device)
 
 
 def cmd_feedback(a):
@@ -191,6 +191,7 @@ def _add_serve_parsers(sub):
     p.add_argument("--api-key", default=os.environ.get("CHATFACTORY_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $CHATFACTORY_API_KEY, else none)")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default auto: cuda if available)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("feedback", help="human feedback collected by `serve`: export it as comparisons JSONL")
     fsub = p.add_subparsers(dest="action", required=True, metavar="action")

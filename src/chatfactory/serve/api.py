@@ -102,12 +102,15 @@ class Service:
         return lps, tops
 
 
-def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16) -> Service:
+def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
+                 device: str = "cpu") -> Service:
     from ..checkpoint import latest_stage, load_model
 
     run_dir = Path(run_dir)
     stage = stage or latest_stage(run_dir)
-    model, _ = load_model(run_dir / stage)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(run_dir / stage, device=device)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only {model.cfg.vocab_size}")
@@ -679,12 +682,13 @@ class ServerThread:
         self.sock.close()
 
 
-def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16) -> None:
+def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16, device="auto") -> None:
     """``chatfactory serve``: load the run and serve it until interrupted."""
     import uvicorn
 
-    svc = load_service(run_dir, stage, api_key, slots)
+    svc = load_service(run_dir, stage, api_key, slots, device)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
-    print(f"serving {svc.name} at http://{host}:{port}/  (API: http://{host}:{port}/v1, {slots} batch slots)", flush=True)
+    where = next(svc.model.parameters()).device
+    print(f"serving {svc.name} at http://{host}:{port}/  (API: http://{host}:{port}/v1, {slots} batch slots, {where})", flush=True)
     uvicorn.run(create_app(svc), host=host, port=port, log_level="warning")
