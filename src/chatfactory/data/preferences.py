@@ -12,7 +12,7 @@ A malformed row raises DataError naming ``file:line``.
 
     pairs = load_comparisons("data/prefs.jsonl")            # -> [Pair(prompt, chosen, rejected, where)]
     pairs, skipped = read_comparisons("hh-rlhf/", skip_bad=True)   # malformed rows skipped and counted
-    batches = PairBatches(encode_pairs(tok, pairs, 256), batch_size=8, seed=0)
+    batches = PairBatches(encode_pairs(tok, pairs, 256), batch_size=8, seed=0, pad_id=tok.pad_id)
     b = batches.micro_batch(step, micro, grad_accum, rank, world)   # a pure function of the step
 
 A batch stacks the B chosen sequences over the B rejected ones (2B rows, right-padded with ``<|pad|>``),
