@@ -48,14 +48,11 @@ def _stage_dir(run: Path, stage: str) -> Path:
 
 
 def run_eval(a) -> dict:
-    import torch
-
     from ..checkpoint import atomic_write_text, latest_stage, load_model
     from ..tokenizer import Tokenizer
     from .fewshot import few_shot_table, format_table, load_task
     from .lm import text_loss
 
-    torch.set_grad_enabled(False)
     run = Path(a.run)
     stage = a.stage or latest_stage(run)
     model, _ = load_model(_stage_dir(run, stage))
