@@ -69,6 +69,12 @@ class SlotCache:
 
     def decode(self, at: torch.Tensor, span: int) -> None:
         self._rows, self._at, self._span = None, at, span
+        # where row r's new key for head h goes in a layer's buffer flattened to (slot*head*pos, dim):
+        # one index_copy_ per layer instead of a strided scatter
+        _, S, H, T, _ = self.k.shape
+        heads = torch.arange(H, device=at.device)
+        rows = torch.arange(at.size(0), device=at.device)
+        self._flat = ((rows[:, None] * H + heads[None]) * T + at[:, None]).reshape(-1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self._rows is not None:  # prefill from position 0: attention needs only the new keys
@@ -76,13 +82,9 @@ class SlotCache:
             self.k[layer, self._rows, :, :t] = k
             self.v[layer, self._rows, :, :t] = v
             return k, v
-        at, span = self._at, self._span
-        n = at.size(0)
-        rows = torch.arange(n, device=at.device)
-        # (slot, position) index pairs side by side on a (S, T, H, D) view: one small scatter (indices
-        # split by a slice, k[layer, rows, :, at], take a much slower path)
-        self.k[layer].transpose(1, 2)[rows, at] = k[:, :, 0]
-        self.v[layer].transpose(1, 2)[rows, at] = v[:, :, 0]
+        n, span, d = self._at.size(0), self._span, k.size(-1)
+        self.k[layer].view(-1, d).index_copy_(0, self._flat, k.reshape(-1, d))  # k: (n, heads, 1, dim)
+        self.v[layer].view(-1, d).index_copy_(0, self._flat, v.reshape(-1, d))
         return self.k[layer, :n, :, :span], self.v[layer, :n, :, :span]  # views: no copy
 
 
