@@ -388,6 +388,12 @@ def test_concurrent_clients_share_decode_steps(server):
     before = sched.max_batch
     sched.max_batch = 0
     results = []
+    real_step = sched.step
+
+    def slow_step():  # 5 ms a step: requests overlap even on a fast, idle machine
+        time.sleep(0.005)
+        real_step()
+    sched.step = slow_step
 
     def one(i):
         r = client.chat.completions.create(model=svc.name, messages=[{"role": "user", "content": f"hi {i}"}],
@@ -399,6 +405,7 @@ def test_concurrent_clients_share_decode_steps(server):
         t.start()
     for t in threads:
         t.join()
+    sched.step = real_step
     assert len(results) == 6 and sched.max_batch >= 2  # they were decoded together
     sched.max_batch = max(before, sched.max_batch)
 
