@@ -106,9 +106,28 @@ def test_padded_and_unpadded_logprobs_equal(flavour):
 
 
 # ---------------------------------------------------------------- a tiny world
+_TEMPLATE = {}
+
+
 def build_world(root, sft_steps=120):
-    """runs/x with tokenizer.json, pretrain/ (random init), sft/ (answers one of COLORS uniformly),
-    prompts.jsonl (train things), heldout.jsonl (other things), a gold scorer module ``rl_gold``."""
+    """ROOT/run with tokenizer.json, pretrain/ (random init), sft/ (answers one of COLORS uniformly);
+    ROOT/prompts.jsonl (train things), heldout.jsonl (other things), rl_gold.py (the gold scorer).
+    Built once per test session and copied (test_grpo.py uses it too)."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if sft_steps not in _TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="rl_world_"))
+        atexit.register(shutil.rmtree, template, True)
+        _build_world(template, sft_steps)
+        _TEMPLATE[sft_steps] = template
+    shutil.copytree(_TEMPLATE[sft_steps], root, dirs_exist_ok=True)
+    return root / "run", Tokenizer.load(root / "run" / "tokenizer.json")
+
+
+def _build_world(root, sft_steps):
     from chatfactory.train.sft import run_sft
 
     run = root / "run"
@@ -134,7 +153,6 @@ def build_world(root, sft_steps=120):
     cfg.sft = SFTConfig(data=str(root / "sft.jsonl"), steps=sft_steps, batch_size=8, seq_len=32, lr=1e-2,
                         warmup_steps=5, eval_every=0, ckpt_every=0, val_fraction=0.0, progress=False, device="cpu")
     run_sft(cfg, run)
-    return run, tok
 
 
 def gold(row, answer):
@@ -273,7 +291,7 @@ def test_ppo_resume_is_exact(world, tmp_path):
     state.pt) end with the same policy as four uninterrupted iterations."""
     root, run, tok = world
     kw = dict(reward="rl_gold:score", init_from=str(run / "sft"), critic_from=str(run / "sft"), adaptive_kl=True, target_kl=0.5,
-              kl_horizon=100, rollout_batch=8, ckpt_every=1, max_new_tokens=4)
+              kl_horizon=100, rollout_batch=8, ckpt_every=1, max_new_tokens=4, ppo_epochs=1)
     run_ppo(ppo_config(root, steps=4, **kw), tmp_path / "a")
     run_ppo(ppo_config(root, steps=2, **kw), tmp_path / "b")
     state = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)
@@ -281,7 +299,7 @@ def test_ppo_resume_is_exact(world, tmp_path):
     run_ppo(ppo_config(root, steps=4, **kw), tmp_path / "b")
     wa, _ = load_model(tmp_path / "a" / "ppo")
     wb, info = load_model(tmp_path / "b" / "ppo")
-    assert info["stage"] == "ppo" and info["step"] == 4 * 4
+    assert info["stage"] == "ppo" and info["step"] == 4 * 2
     for (k, a), b in zip(wa.state_dict().items(), wb.state_dict().values()):
         assert torch.equal(a, b), k
     sa = torch.load(tmp_path / "a" / "ppo" / "state.pt", weights_only=True)
