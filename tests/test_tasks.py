@@ -54,8 +54,13 @@ def test_rubric_prefers_right_concise_clean_and_declines():
     right, wrong = T.rubric_score(ar, "3 + 4 = 7."), T.rubric_score(ar, "3 + 4 = 8.")
     ramble = T.rubric_score(ar, "3 + 4 = 7. " + " ".join(f"And {i} more things to say." for i in range(10)))
     loop = T.rubric_score(ar, "The answer is 7. The answer is 7.")
-    assert right == 1.0 and wrong < 0.5 and right > loop > wrong and right > ramble
+    assert right == 1.0 and wrong <= 0.5 and right > loop > wrong and right > ramble
     assert T.rubric_score(ar, "") == 0.0
+    # a wrong reply of the right form beats an off-topic one (what a reward hacker would say)
+    assert T.rubric_score(ar, "3 + 4 = 8.") > T.rubric_score(ar, "In capital letters: HOOUD.")
+    up = next(r for r in T.all_rows() if r["task"] == "string_upper")
+    w = up["answer"].lower()
+    assert T.on_topic(up, f"In capital letters: {w}.") and not T.on_topic(up, "In capital letters: XYZ.")
     assert T.rubric_score(ar, "User: what?") < T.rubric_score(ar, "what?")
     assert not T.is_correct(ar, T.DECLINE)  # declining an ordinary request is wrong
     bad = rows["decline"]
