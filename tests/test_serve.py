@@ -173,8 +173,17 @@ def test_openai_sdk_chat_stream_and_non_stream(server):
     assert r.choices[0].finish_reason == ("stop" if ref[-1] in svc.stop_ids else "length")
     assert r.usage.prompt_tokens == len(svc.tok.chat_prompt(msgs)) and r.usage.completion_tokens == len(ref)
 
-    chunks = list(client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=20, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    real_step = svc.scheduler.step
+
+    def paced_step():  # 5 ms a step, so the stream is seen in pieces however loaded the machine is
+        time.sleep(0.005)
+        real_step()
+    svc.scheduler.step = paced_step
+    try:
+        chunks = list(client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=20, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+    finally:
+        svc.scheduler.step = real_step
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(deltas) == ref_text and sum(bool(d) for d in deltas) > 3  # many pieces, not one blob
     assert chunks[-1].usage.completion_tokens == len(ref)
@@ -235,6 +244,17 @@ def test_completions_logprobs_echo_score_the_prompt(server):
     assert len(c0.tokens) == len(ids) + 1 and c0.token_logprobs[1:len(ids)] == pytest.approx(want[1:], abs=1e-4)
     # greedy: the generated token is the most likely one
     assert c0.token_logprobs[-1] == pytest.approx(max(c0.top_logprobs[-1].values()), abs=1e-5)
+
+    # streaming completions, n=2: the same text as without streaming, one finish_reason per answer
+    kw = dict(model=svc.name, prompt=text, max_tokens=12, temperature=0, n=2)
+    plain = client.completions.create(**kw)
+    got, finishes = ["", ""], []
+    for chunk in client.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            got[ch.index] += ch.text
+            if ch.finish_reason:
+                finishes.append((ch.index, ch.finish_reason))
+    assert got == [c.text for c in plain.choices] and sorted(finishes) == [(c.index, c.finish_reason) for c in plain.choices]
 
     # plain generation with logprobs
     g = client.completions.create(model=svc.name, prompt=text, max_tokens=5, logprobs=0, temperature=0)

@@ -451,15 +451,26 @@ def create_app(svc: Service):
             for c in choices:
                 yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
+            pending: dict[int, str] = {}  # text not sent yet, per answer
             try:
                 async for c, text, st in events(choices, queue):
-                    lp = None
-                    if want_lp and st.token is not None and st.token not in svc.stop_ids and text:
-                        one = Choice(c.index, svc.tok, [], svc.stop_ids)
-                        one.logprobs = [c.logprobs[-1]]
-                        lp = chat_logprobs(one, top_lp)
-                    if text:
-                        yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]})
+                    if want_lp:  # one chunk per token, with its log-probs
+                        lp = None
+                        if st.token is not None and st.token not in svc.stop_ids and text:
+                            one = Choice(c.index, svc.tok, [], svc.stop_ids)
+                            one.logprobs = [c.logprobs[-1]]
+                            lp = chat_logprobs(one, top_lp)
+                        if text:
+                            yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]})
+                    else:
+                        # tokens that arrived together leave as one chunk per answer: when the server
+                        # falls behind, it sends fewer, bigger events instead of falling further behind
+                        if text:
+                            pending[c.index] = pending.get(c.index, "") + text
+                        if c.finish or queue.empty():
+                            for i, t in pending.items():
+                                yield sse({**head, "choices": [{"index": i, "delta": {"content": t}, "logprobs": None, "finish_reason": None}]})
+                            pending.clear()
                     if c.finish:
                         yield sse({**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
                                                         "finish_reason": finish_reason(c)}]})
@@ -539,10 +550,16 @@ def create_app(svc: Service):
             async def gen():
                 try:
                     if queue is not None:
+                        pending: dict[int, str] = {}
                         async for c, text, st in events(choices, queue):
-                            if text or c.finish:
-                                yield sse({**head, "choices": [{"index": c.index, "text": text, "logprobs": None,
-                                                                "finish_reason": finish_reason(c) if c.finish else None}]})
+                            pending[c.index] = pending.get(c.index, "") + text
+                            if c.finish or queue.empty():  # coalesce what arrived together, as in chat
+                                for i, t in pending.items():
+                                    done = choices[i].finish  # choices[i].index == i
+                                    if t or done:
+                                        yield sse({**head, "choices": [{"index": i, "text": t, "logprobs": None,
+                                                                        "finish_reason": finish_reason(choices[i]) if done else None}]})
+                                pending.clear()
                 except APIError as e:
                     yield sse(e.body())
                 yield "data: [DONE]\n\n"
