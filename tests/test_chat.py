@@ -120,3 +120,34 @@ def test_context_overflow_drops_oldest_turns_and_says_so(run):
     assert conv[-2]["content"] == "hello how are you today 11"
     assert len(tok.chat_prompt(conv[:-1])) <= 96  # what the model saw for the last answer fitted
     assert "today 0" not in str(conv)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_reply_not_the_program(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    tok = Tokenizer.train(TEXT, vocab_size=300)
+    tok.save(tmp_path / "tokenizer.json")
+    cfg = GPTConfig(depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=4096)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():  # never a special token: the reply runs until Ctrl-C (or 4000 tokens)
+        model.lm_head.weight[list(tok.special.values())] = 0.0
+    save_checkpoint(tmp_path / "sft", unique_state_dict(model), {"stage": "sft", "model": cfg.to_dict(), "finished": True})
+    cmd = cli_cmd("chat", "--run", tmp_path, "--temperature", "0", "--max-tokens", "4000")
+    child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", codec_errors="replace", timeout=60)
+    try:
+        child.expect("you> ")
+        child.sendline("hello")
+        child.expect("assistant> ")
+        child.expect(".{20}")  # the reply is streaming
+        child.sendintr()
+        child.expect(r"\[stopped\]")
+        child.expect("you> ")  # still running, ready for the next message
+        child.sendline("/history")
+        child.expect("you> ")
+        assert "user: hello" in child.before and "assistant: " in child.before  # the partial reply is kept
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
