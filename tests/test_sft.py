@@ -233,3 +233,20 @@ def test_sft_under_torchrun_matches_one_process(tmp_path):
     key = lambda rows, k: [r[k] for r in rows if k in r]  # noqa: E731
     assert len(key(r1, "loss")) == 6 and len(key(r1, "val_loss")) == 2
     assert max(abs(x - y) for x, y in zip(key(r1, "loss") + key(r1, "val_loss"), key(r2, "loss") + key(r2, "val_loss"))) < 2e-3
+
+
+def test_run_sft_errors_name_what_is_wrong(tmp_path):
+    from chatfactory.checkpoint import CheckpointError
+    from chatfactory.train.sft import run_sft
+
+    run, data, _, _ = make_run(tmp_path, n=40, n_test=5)
+    with pytest.raises(CheckpointError, match=r"sft.init_from='nowhere'"):
+        run_sft(load_config(None, sft_args(data, "sft.init_from=nowhere")), run)
+    with pytest.raises(ValueError, match=r"sft.seq_len=128 exceeds the model's block_size=64"):
+        run_sft(load_config(None, sft_args(data, "sft.seq_len=128")), run)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [CHAT, CHAT, {"messages": [{"role": "user", "content": "no answer"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:3: conversation has no assistant message"):
+        run_sft(load_config(None, sft_args(bad)), run)
+    with pytest.raises(ValueError, match=r"unknown config key 'sft.bogus'"):
+        load_config(None, ["sft.bogus=1"])
+    assert not (run / "sft").exists()  # nothing was written by the failed starts
