@@ -244,6 +244,26 @@ def test_ptx_mixes_in_the_pretraining_loss(world):
     assert losses[1] - losses[0] == pytest.approx(2.0 * lm, rel=1e-4)
 
 
+def test_bad_inputs_name_what_is_wrong(world, tmp_path):
+    from chatfactory.data.sources import DataError
+
+    root, run, tok = world
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + '{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        run_ppo(ppo_config(root, prompts=str(bad), reward="zero", critic_from="sft"), run)
+    with pytest.raises(ValueError, match="no_such_module"):
+        run_ppo(ppo_config(root, reward="no_such_module:score", critic_from="sft"), run)
+    (root / "rl_nan.py").write_text("def score(row, answer):\n    return float('nan')\n")
+    with pytest.raises(ValueError, match="rl_nan:score.*finite"):
+        run_ppo(ppo_config(root, reward="rl_nan:score", init_from=str(run / "sft"), critic_from=str(run / "sft")),
+                tmp_path / "nan")
+    assert not (tmp_path / "nan" / "ppo" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="ppo.prompts is not set"):
+        run_ppo(ppo_config(root, prompts=""), run)
+    assert not (run / "ppo").exists()  # nothing was written for any of these
+
+
 @torch.no_grad()
 def policy_kl(policy, ref, tok, rows, n_new=6, seed=0) -> float:
     """Mean over the policy's sampled answers of the summed exact per-token KL(policy || ref)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -177,14 +178,8 @@ def resolve_stage(run_dir, spec: str, what: str) -> Path:
 
 def load_scorer_spec(spec: str):
     """A "module:function" scorer: ``score(row, answer) -> float``."""
-    try:
-        from ..data.comparisons import load_scorer
-    except ImportError:  # until the comparisons module lands
-        import importlib
+    from ..data.comparisons import load_scorer
 
-        def load_scorer(s):
-            mod, _, fn = s.partition(":")
-            return getattr(importlib.import_module(mod), fn)
     return load_scorer(spec)
 
 
@@ -212,7 +207,13 @@ class Reward:
                                     attn_mask=attention_mask(batch["valid"])).float()
         if self.fn is None:
             return torch.zeros(len(rows), device=dev)
-        return torch.tensor([float(self.fn(r, self.answer_text(batch, i))) for i, r in enumerate(rows)], device=dev)
+        scores = []
+        for i, r in enumerate(rows):
+            s = self.fn(r, self.answer_text(batch, i))
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise ValueError(f"scorer {self.spec!r} returned {s!r} (expected a finite number) for prompt {r['messages']!r}")
+            scores.append(float(s))
+        return torch.tensor(scores, device=dev)
 
     def answer_text(self, batch: dict, i: int) -> str:
         ids = batch["tokens"][i, batch["start"]:][batch["answer_mask"][i]].tolist()
@@ -324,7 +325,6 @@ class RLStage(Stage):
             self.iter_stats.update(kl=kl.sum(1).mean(), entropy=masked_mean(torch.cat(ent), mask))
         # where the time goes: sampling vs. scoring (policy, reference, critic, reward); updates are the rest
         self.iter_stats.update(t_rollout=torch.tensor(t1 - t0), t_score=torch.tensor(t2 - t1))
-        self.rows_now = rows
         return batch
 
     # ---- the loop's interface
