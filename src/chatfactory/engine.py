@@ -9,6 +9,11 @@ position ids, so a row's tokens do not depend on its neighbours.
     for step in engine.stream([ids], SamplingParams(max_tokens=50, temperature=0.8, seed=0)):
         print(step[0])                           # the new id of row 0, or None once it has stopped
     outs = engine.generate([ids_a, ids_b], SamplingParams(temperature=0))   # greedy, batched
+
+Batches whose prompts have equal lengths run without any mask (plain causal prefill, mask-free decode
+steps); only the last position's logits are computed at prefill. When a conversation outgrows the
+context, ``fit_messages`` drops its oldest turns (keeping the system prompt) before it reaches here.
+``bench/decode_speed.py`` measures this engine against Hugging Face ``generate``.
 """
 
 from __future__ import annotations
@@ -109,18 +114,21 @@ class Engine:
         """Yield, per decode step, the new id of each row (None for rows already stopped)."""
         want = self._threads_for(len(prompts))
         steps = self._stream(prompts, p)
+        if not want:
+            yield from steps
+            return
         while True:
             # set the thread count only while our own code runs: the caller's code between two
             # yields (and after the last) keeps the caller's setting
             before = torch.get_num_threads()
-            if want and want != before:
+            if want != before:
                 torch.set_num_threads(want)
             try:
                 out = next(steps)
             except StopIteration:
                 return
             finally:
-                if want and want != before:
+                if want != before:
                     torch.set_num_threads(before)
             yield out
 
