@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_model, load_weights, unique_state_dict
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
-from .loop import Dist, Stage, all_reduce_sum, setup_dist, train
+from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
 from .rollout import answer_logprobs, attention_mask, entropy, forward_answers, gold_score, rollout
 
 
@@ -292,18 +292,12 @@ class RLStage(Stage):
         mbs = len(rows) // (tc.minibatches * tc.grad_accum)
         need_old = self.needs_old_logp()
         old_logp, values, ent, ref_logp = [], [], [], []
+        # the same autocast as the loss (bf16 on CUDA), so the first ratio is 1 there too
+        amp = autocast_for(Dist(device=mask.device), tc.dtype)
         for i in range(0, len(rows), mbs):
             chunk = select(batch, torch.arange(i, min(i + mbs, len(rows)), device=mask.device))
-            if need_old or self.ac.critic is not None:
-                out = self.ac(chunk, policy=need_old)
-                if need_old:
-                    old_logp.append(answer_logprobs(out["logits"], chunk["tokens"], chunk["start"], tc.temperature))
-                    ent.append(entropy(out["logits"], tc.temperature))
-                if out["values"] is not None:
-                    values.append(out["values"])
-            if self.ref is not None:
-                ref_logits = forward_answers(self.ref, chunk)
-                ref_logp.append(answer_logprobs(ref_logits, chunk["tokens"], chunk["start"], tc.temperature))
+            with amp:
+                self._score_chunk(chunk, need_old, old_logp, ent, values, ref_logp)
         if old_logp:
             batch["old_logp"] = torch.cat(old_logp) * mask
         if ref_logp:
@@ -326,6 +320,19 @@ class RLStage(Stage):
         # where the time goes: sampling vs. scoring (policy, reference, critic, reward); updates are the rest
         self.iter_stats.update(t_rollout=torch.tensor(t1 - t0), t_score=torch.tensor(t2 - t1))
         return batch
+
+    def _score_chunk(self, chunk, need_old, old_logp, ent, values, ref_logp) -> None:
+        """Old log-probs and entropy (policy), values (critic), reference log-probs of one chunk."""
+        T = self.tc.temperature
+        if need_old or self.ac.critic is not None:
+            out = self.ac(chunk, policy=need_old)
+            if need_old:
+                old_logp.append(answer_logprobs(out["logits"], chunk["tokens"], chunk["start"], T))
+                ent.append(entropy(out["logits"], T))
+            if out["values"] is not None:
+                values.append(out["values"].float())
+        if self.ref is not None:
+            ref_logp.append(answer_logprobs(forward_answers(self.ref, chunk), chunk["tokens"], chunk["start"], T))
 
     # ---- the loop's interface
     def micro_batch(self, step, micro, rank, world):
