@@ -93,10 +93,11 @@ def test_packed_rows_keep_mask_aligned(tok):
     assert all(pos[s] == 0 for s in starts) and (doc[len(expect):] == -1).all()
 
 
-def test_packing_equals_one_by_one(tok):
+@pytest.mark.parametrize("flavour", ["gpt2", "modern"])  # gpt2's learned positions catch a position offset
+def test_packing_equals_one_by_one(tok, flavour):
     """Packed rows give each conversation exactly the loss it has alone: no attention across them."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=64)).eval()
+    model = GPT(GPTConfig(flavour=flavour, depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=64)).eval()
     convs = [CHAT["messages"], [{"role": "user", "content": "reverse a b x"}, {"role": "assistant", "content": "x b a"}],
              [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"}]]
     xs, ys, _ = tokenize_conversations(convs, tok, seq_len=64)
