@@ -221,4 +221,20 @@ def test_real_model_reply_and_thumbs_down(browser, run_dir):
         shown = page.locator(".msg.assistant .content").text_content()
         bare = lambda t: re.sub(r"[\s*`#\-.]|\d+\.", "", t)  # Markdown marks and whitespace aside,
         assert bare(shown) == bare(r[-1]["answer"])  # what was shown is what was rated
+
+        # a conversation that outgrows the 128-token context: the page stops sending the oldest
+        # exchange and answers the newest message instead of failing
+        long_msg = next(m for k in range(1, 60) for end in ("", ".", " ok", " ok.")
+                        if 60 <= len(svc.tok.encode(m := " ".join(["fox"] * k) + end)) <= 61)
+        # two of these (+ the template's 8 tokens) overflow 128, one fits
+        sent, real_submit = [], svc.scheduler.submit
+        svc.scheduler.submit = lambda req: (sent.append(req.prompt), real_submit(req))[1]
+        for _ in range(2):
+            n = page.locator("#chat > .msg.assistant .thumb-up").count()
+            page.fill("#input", long_msg)
+            page.click("#send")
+            page.wait_for_function(f"document.querySelectorAll('#chat > .msg.assistant .thumb-up').length > {n}", timeout=30_000)
+        assert "no longer sent" in page.text_content("#status")
+        assert sent[-1] == svc.tok.chat_prompt([{"role": "user", "content": long_msg}])
+        assert page.locator(".msg.error").count() == 0
         page.close()

@@ -12,6 +12,7 @@ const state = {
   model: null,        // the served model's id (GET /v1/models)
   controller: null,   // AbortController of the reply being streamed
   pendingCompare: null, // a comparison waiting for the person's choice
+  dropped: 0,         // oldest history messages no longer sent: the chat outgrew the model's context
 };
 
 // ---------------------------------------------------------------- safe Markdown
@@ -77,10 +78,17 @@ function headers() {
   return h;
 }
 
-async function errorText(res) {
-  try { const j = await res.json(); return (j.error && j.error.message) || res.statusText; }
-  catch (e) { return res.status + " " + res.statusText; }
+// an Error from the server's OpenAI-style error JSON, with its code (e.g. "context_length_exceeded")
+async function apiError(res) {
+  const err = new Error(res.status + " " + res.statusText);
+  try {
+    const j = await res.json();
+    if (j.error) { err.message = j.error.message || err.message; err.code = j.error.code; }
+  } catch (e) { /* not JSON: keep the status line */ }
+  return err;
 }
+
+async function errorText(res) { return (await apiError(res)).message; }
 
 async function loadModel() {
   try {
@@ -104,7 +112,7 @@ async function streamChat(messages, n, onText) {
   const res = await fetch("/v1/chat/completions", {
     method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
   });
-  if (!res.ok) throw new Error(await errorText(res));
+  if (!res.ok) throw await apiError(res);
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
@@ -149,7 +157,16 @@ async function sendFeedback(item) {
 
 function conversation() {
   const sys = $("system").value.trim();
-  return (sys ? [{ role: "system", content: sys }] : []).concat(state.history);
+  return (sys ? [{ role: "system", content: sys }] : []).concat(state.history.slice(state.dropped));
+}
+
+// The conversation no longer fits the model's context: stop sending its oldest exchange (it stays on
+// screen). False when only the newest message is left to send.
+function dropOldestTurn() {
+  for (let i = state.dropped + 1; i < state.history.length; i++) {
+    if (state.history[i].role === "user") { state.dropped = i; return true; }
+  }
+  return false;
 }
 
 function addUser(text) {
@@ -212,37 +229,54 @@ function addRating(box, context, answer) {
   box.appendChild(actions);
 }
 
-async function reply() {
-  const context = conversation();
-  const compare = $("compare").checked;
-  busy(true);
-  $("status").textContent = "…";
-  try {
-    if (!compare) {
-      const box = addAnswerBox($("chat"));
-      const content = box.querySelector(".content");
+// One answer (or two, in compare mode) to the conversation as it stands.
+async function answer(context, compare) {
+  if (!compare) {
+    const box = addAnswerBox($("chat"));
+    const content = box.querySelector(".content");
+    try {
       const { texts } = await streamChat(context, 1, (i, t) => setMarkdown(content, t));
       state.history.push({ role: "assistant", content: texts[0] });
       box.dataset.turn = String(state.history.length - 1);
       addRating(box, context, texts[0]);
-    } else {
-      const row = document.createElement("div");
-      row.className = "compare";
-      $("chat").appendChild(row);
-      const boxes = [addAnswerBox(row), addAnswerBox(row)];
-      const { texts } = await streamChat(context, 2, (i, t) => setMarkdown(boxes[i].querySelector(".content"), t));
-      state.pendingCompare = { row, boxes, texts, context };
-      boxes.forEach((box, i) => {
-        const actions = document.createElement("div");
-        actions.className = "actions";
-        const b = button(i === 0 ? "Prefer A" : "Prefer B", "This answer is better", () => choose(i));
-        b.className = "prefer";
-        actions.appendChild(b);
-        box.appendChild(actions);
-      });
-      $("status").textContent = "Pick the better answer to continue.";
+    } catch (e) { box.remove(); throw e; }
+    return;
+  }
+  const row = document.createElement("div");
+  row.className = "compare";
+  $("chat").appendChild(row);
+  const boxes = [addAnswerBox(row), addAnswerBox(row)];
+  let texts;
+  try {
+    ({ texts } = await streamChat(context, 2, (i, t) => setMarkdown(boxes[i].querySelector(".content"), t)));
+  } catch (e) { row.remove(); throw e; }
+  state.pendingCompare = { row, boxes, texts, context };
+  boxes.forEach((box, i) => {
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    const b = button(i === 0 ? "Prefer A" : "Prefer B", "This answer is better", () => choose(i));
+    b.className = "prefer";
+    actions.appendChild(b);
+    box.appendChild(actions);
+  });
+}
+
+async function reply() {
+  const compare = $("compare").checked;
+  busy(true);
+  $("status").textContent = "…";
+  let note = "";
+  try {
+    for (;;) {
+      try {
+        await answer(conversation(), compare);
+        break;
+      } catch (e) {
+        if (e.code !== "context_length_exceeded" || !dropOldestTurn()) throw e;
+        note = "Older turns are no longer sent: the conversation outgrew the model's context. ";
+      }
     }
-    if (!compare) $("status").textContent = "";
+    $("status").textContent = note + (compare ? "Pick the better answer to continue." : "");
   } catch (e) {
     showError(e.message);
     $("status").textContent = "";
@@ -298,6 +332,7 @@ $("regenerate").addEventListener("click", () => {
 $("new-chat").addEventListener("click", () => {
   if (state.controller) state.controller.abort();
   state.history = [];
+  state.dropped = 0;
   state.pendingCompare = null;
   $("chat").replaceChildren();
   $("status").textContent = "";
