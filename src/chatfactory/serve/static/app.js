@@ -221,7 +221,7 @@ function addRating(box, context, answer) {
       $("status").textContent = "Thanks: rating saved.";
     } catch (e) { showError(e.message); }
   };
-  const up = button("👍", "Good answer", null), down = button("👎", "Bad answer", null);
+  const up = button("👍 Good", "Good answer", null), down = button("👎 Bad", "Bad answer", null);
   up.className = "thumb-up"; down.className = "thumb-down";
   up.addEventListener("click", rate(1, up));
   down.addEventListener("click", rate(-1, down));
