@@ -169,6 +169,8 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
     if "pretrain" in evals and evals["pretrain"].get("win_rate_vs_sft"):
         rep["base"]["sft_win_rate_vs_base"] = 1 - evals["pretrain"]["win_rate_vs_sft"]["win_rate"]
 
+    rep["eval"] = {"seconds": round(st.get("eval", {}).get("seconds", 0.0), 1),
+                   "temperature": None, "note": "every policy answers the held-out prompts; the rubric scores them"}
     acc = lambda s: rep.get(s, {}).get("heldout_accuracy")
     rep["bars"] = {
         "sft_beats_base": None if acc("sft") is None or acc("base") is None else acc("sft") > acc("base"),
@@ -239,10 +241,12 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
             continue
         done = sec["status"] == "done"
         L.append(f"| {s} | {sec['status']} | {_fmt(sec.get('seconds'), 1)} | {sec.get('tokens', '—') if done else '—'} | {ach[s] if done else '—'} |")
+    L.append(f"| evaluation | done | {_fmt(rep['eval']['seconds'], 1)} | — | {len(evals)} models × {rep['heldout_prompts']} held-out prompts, few-shot table |")
     L.append("")
 
     L += ["## Held-out evaluation (gold judge: the rubric)", "",
-          "Every policy answers the same held-out prompts (sampled replies); the rubric below scores each. "
+          f"Every policy answers the same held-out prompts (replies sampled at temperature {rep['eval'].get('temperature')}, "
+          f"at most {rep['eval'].get('max_tokens')} tokens); the rubric below scores each. "
           "Accuracy: the reply holds the right answer. Win rate: the policy's reply scores higher than SFT's on "
           "the same prompt (ties count half). KL: mean over replies of log π(reply) − log π_SFT(reply), nats.", "",
           "| policy | accuracy | gold score | win rate vs SFT | KL vs SFT | mean words |", "|---|---|---|---|---|---|"]
@@ -305,6 +309,9 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
 
     run_dir = Path(run_dir)
     rep = build_json(run_dir, ledger, evals)
+    pc = getattr(cfg, "pipeline", None)
+    if pc is not None:
+        rep["eval"].update(temperature=pc.eval_temperature, max_tokens=pc.eval_max_tokens)
     plots = {"losses": plot_losses(run_dir, ["pretrain", "sft", "reward", "dpo"])}
     for s in ("ppo", "grpo"):
         plots[s] = plot_rl(run_dir, s)
@@ -317,7 +324,15 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
 if __name__ == "__main__":
     import sys
 
+    from ..config import load_config
+    from ..pipeline import win_vs
+
     rd = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
     ev = {p.stem: json.loads(p.read_text()) for p in sorted((rd / "eval").glob("*.json"))}
+    rows = [json.loads(line) for line in open(rd / "tasks" / "heldout.jsonl", encoding="utf-8") if line.strip()]
+    for s, e in ev.items():
+        if s != "sft" and "sft" in ev:
+            e["win_rate_vs_sft"] = win_vs(rows, e["replies"], ev["sft"]["replies"])
     led = json.loads((rd / "pipeline.json").read_text())
-    print(json.dumps(write_report(None, rd, led, ev), indent=2))
+    rep = write_report(load_config(str(rd / "config.yaml")), rd, led, ev)
+    print(f"{rd / 'report.md'}: total {rep['total_seconds']} s; bars {rep['bars']}")
