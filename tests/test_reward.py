@@ -349,14 +349,15 @@ def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
-    """The hh-rlhf preset's comparisons: the four HH-RLHF splits as they are (a few cut-off rows skipped
+    """The hh-rlhf-small preset's comparisons: the four HH-RLHF splits as they are (a few cut-off rows skipped
     and counted), and a reward-model run on a small slice of them."""
     import shutil
 
     from chatfactory.config import load_config
     from chatfactory.train.reward import run_reward
 
-    cfg = load_config("hh-rlhf")
+    cfg = load_config("hh-rlhf-small")
+    assert cfg.reward.skip_bad and load_config("hh-rlhf").reward.skip_bad  # the HH files hold a few cut-off rows
     pairs, skipped = read_comparisons(str(ROOT_DIR / cfg.reward.data), skip_bad=True)
     assert len(pairs) > 7500 and 0 < skipped < 0.01 * len(pairs)
     assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in pairs[:50])
@@ -364,7 +365,7 @@ def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(src / "sft", run / "sft")
     shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
-    cfg = load_config("hh-rlhf", [f"reward.data={ROOT_DIR / cfg.reward.data}", "reward.max_pairs=40", "reward.seq_len=64",
+    cfg = load_config("hh-rlhf-small", [f"reward.data={ROOT_DIR / cfg.reward.data}", "reward.max_pairs=40", "reward.seq_len=64",
                                   "reward.batch_size=4", "reward.val_fraction=0.2", "reward.progress=false",
                                   "reward.device=cpu", "reward.calib_pairs=8"])
     res = run_reward(cfg, run)
