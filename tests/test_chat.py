@@ -84,6 +84,7 @@ def test_two_turn_conversation_and_clear_through_a_pty(run):
         assert "assistant> " + tty(fresh) + "\r\n" in out3
         assert "temperature 0.5" in say("/temperature 0.5")
         assert "unknown command" in say("/bogus")
+        assert "shorten it" in say("word " * 200)  # longer than the whole context: an error, not the end
         child.sendintr()  # Ctrl-C at the prompt does not end the program
         child.expect("you> ")
         assert "Ctrl-D leaves" in child.before

@@ -178,5 +178,8 @@ def run_chat(a) -> int:
                 return 0
             continue
         write("assistant> ")
-        session.reply(line, write=write, note=lambda s: write(s if s.startswith(" ") else "\n" + s + "\n"))
+        try:
+            session.reply(line, write=write, note=lambda s: write(s if s.startswith(" ") else "\n" + s + "\n"))
+        except ValueError as e:  # e.g. one message longer than the whole context: say so, keep chatting
+            write(f"[{e}]")
         write("\n")
