@@ -180,9 +180,9 @@ class SFTStage(Stage):
 
 def init_dir(cfg: Config, run_dir: Path) -> Path:
     """The stage directory SFT starts from: a stage of this run, or a path to one."""
-    src = Path(cfg.sft.init_from).expanduser()
+    src = run_dir / cfg.sft.init_from  # a stage of this run wins over a same-named folder elsewhere
     if not has_checkpoint(src):
-        src = run_dir / cfg.sft.init_from
+        src = Path(cfg.sft.init_from).expanduser()
     if not has_checkpoint(src):
         raise CheckpointError(f"sft.init_from={cfg.sft.init_from!r}: no checkpoint at {src} "
                               f"(run `chatfactory pretrain --out {run_dir}` first, or name a stage directory)")
