@@ -251,3 +251,14 @@ def test_run_sft_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'sft.bogus'"):
         load_config(None, ["sft.bogus=1"])
     assert not (run / "sft").exists()  # nothing was written by the failed starts
+
+
+def test_sft_from_a_stage_directory_elsewhere(tmp_path):
+    """init_from may be a path to any stage directory (e.g. an imported model); its tokenizer comes along."""
+    from chatfactory.train.sft import run_sft
+
+    run, data, _, _ = make_run(tmp_path, n=60, n_test=5)
+    fresh = tmp_path / "fresh"
+    res = run_sft(load_config(None, sft_args(data, f"sft.init_from={run / 'pretrain'}", "sft.steps=2", "sft.batch_size=2")), fresh)
+    assert (fresh / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
+    assert json.loads((fresh / "sft" / "config.json").read_text())["finished"] and res["val_loss"] > 0
