@@ -98,7 +98,7 @@ def bench_ours_grpo(run: Path, root: Path, a) -> tuple[list[float], float, dict]
                           progress=False, device="cpu", no_end_penalty=0.0)
     run_grpo(cfg, run)
     iters, rows = iteration_times(run / "grpo", 1)
-    split = {k: statistics.median(r[k] for r in rows[1:]) for k in ("t_rollout", "t_score")}
+    split = {k: [r[k] for r in rows[1:]] for k in ("t_rollout", "t_score")}
     return iters[1:], statistics.mean(r["answer_len"] for r in rows[1:]), split
 
 
@@ -176,14 +176,17 @@ def main():
         print(f"model: depth {a.layers}, width {a.width}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M parameters; "
               f"{a.prompts} prompts x {a.samples} answers of <= {a.answer} tokens per iteration; beta {a.kl}; "
               f"torch threads {torch.get_num_threads()}")
-        ours_t, trl_t = [], []
+        ours_t, trl_t, split = [], [], {"t_rollout": [], "t_score": []}
         for _ in range(a.rounds):
-            t, ours_len, split = bench_ours_grpo(run, root, a)
+            t, ours_len, sp = bench_ours_grpo(run, root, a)
             ours_t += t
+            for k in split:
+                split[k] += sp[k]
             t, trl_len = bench_trl(run, root, a)
             trl_t += t
         ppo = bench_ours_ppo(run, root, a)
     ours, trl = statistics.median(ours_t), statistics.median(trl_t)
+    split = {k: statistics.median(v) for k, v in split.items()}
     print(f"GRPO iteration   ours {ours:.3f} s (mean answer {ours_len:.1f} tokens; rollout {split['t_rollout']:.3f} s, "
           f"reference {split['t_score']:.3f} s, update the rest)   TRL GRPOTrainer {trl:.3f} s "
           f"(mean answer {trl_len:.1f} tokens)   ours is {trl / ours:.2f}x faster")
