@@ -14,8 +14,8 @@ answers, or the PPO ratio would compare two different distributions.
 
     prompts = [tok.chat_prompt(row["messages"]) for row in rows]
     batch = rollout(policy, prompts, max_new_tokens=32, temperature=1.0, end_id=tok.end_id, pad_id=tok.pad_id, seed=0)
-    logits = policy(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
-    logp = answer_logprobs(logits, batch, temperature=1.0)         # (B, A), 0 on padding
+    logits = forward_answers(policy, batch)                         # (B, A, V): the positions predicting answers
+    logp = answer_logprobs(logits, batch["tokens"], batch["start"], 1.0) * batch["answer_mask"]   # (B, A)
 """
 
 from __future__ import annotations
