@@ -371,3 +371,40 @@ def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
     res = run_reward(cfg, run)
     assert 0.0 <= res["val_accuracy"] <= 1.0 and res["loss"] > 0
     assert json.loads((run / "reward" / "config.json").read_text())["step"] == 8  # 32 train pairs, 4 a step
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(sft_run, tmp_path):
+    """Two processes (gloo), each taking its slice of the global batch of pairs, train like one process
+    accumulating the same two micro-batches: same losses, same held-out metrics. (The reward model drops
+    the backbone's LM head: DDP would refuse a parameter that never gets a gradient.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from chatfactory.config import load_config
+    from chatfactory.train.reward import run_reward
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    src, _ = sft_run
+    data = write_jsonl(tmp_path / "c.jsonl", comparison_rows(96, TRAIN_TOPICS, 3))
+    common = [f"reward.data={data}", "reward.steps=6", "reward.batch_size=4", "reward.seq_len=64", "reward.lr=1e-3",
+              "reward.eval_every=3", "reward.progress=false", "reward.device=cpu", "reward.val_fraction=0.25"]
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp_path / name
+        shutil.copytree(src / "sft", runs[name] / "sft")
+        shutil.copy(src / "tokenizer.json", runs[name] / "tokenizer.json")
+    run_reward(load_config("tiny", common + ["reward.grad_accum=2"]), runs["one"])
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "chatfactory.cli", "reward", "--config",
+                        "tiny", "--out", str(runs["two"]), *common], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m1, m2 = ([json.loads(x) for x in open(runs[n] / "reward" / "metrics.jsonl")] for n in ("one", "two"))
+    assert [sorted(r) for r in m1] == [sorted(r) for r in m2] and len([r for r in m1 if "loss" in r]) == 6
+    for a, b in zip(m1, m2):
+        for k in a:
+            if k.startswith("val_") or k == "loss":
+                assert abs(a[k] - b[k]) < 2e-3, (k, a, b)
+    evals = [r["val_loss"] for r in m1 if "val_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]  # and it learned something
