@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from chatfactory.checkpoint import load_model
-from chatfactory.config import Config, DPOConfig
 from chatfactory.engine import Engine, SamplingParams
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.train.dpo import answer_logps, dpo_loss
@@ -56,17 +55,19 @@ def gold_rate(model, tok, topics, n_per_topic=32, seed=0) -> tuple[float, float]
 
 @pytest.mark.slow
 def test_dpo_raises_the_gold_score_of_held_out_prompts(tmp_path):
-    from chatfactory.train.dpo import run_dpo
+    from chatfactory.cli import main
 
     run = tmp_path / "run"
     tok = make_sft_run(run)
     train_f = write_jsonl(tmp_path / "train.jsonl", comparison_rows(320, TRAIN_TOPICS, 1))
     val_f = write_jsonl(tmp_path / "val.jsonl", comparison_rows(64, HELD_OUT_TOPICS, 2))
-    cfg = Config(dpo=DPOConfig(data=str(train_f), val_data=str(val_f), batch_size=16, seq_len=64, lr=5e-4, beta=0.5, epochs=2,
-                               eval_every=10, eval_batches=0, progress=False, device="cpu"))
-    res = run_dpo(cfg, run)
+    # through the command line's entry point (in this process): chatfactory dpo --config tiny --out RUN ...
+    args = {"data": train_f, "val_data": val_f, "batch_size": 16, "seq_len": 64, "lr": 5e-4, "beta": 0.5, "epochs": 2,
+            "eval_every": 10, "eval_batches": 0, "progress": "false", "device": "cpu"}
+    assert main(["dpo", "--config", "tiny", "--out", str(run), *(f"dpo.{k}={v}" for k, v in args.items())]) == 0
     evals = [r for r in map(json.loads, open(run / "dpo" / "metrics.jsonl")) if "val_reward_accuracy" in r]
     assert [r["step"] for r in evals] == [10, 20, 30, 40]  # two epochs: 320 pairs, 16 a step
+    res = evals[-1]
     assert res["val_reward_accuracy"] >= 0.9 and res["val_margin"] > evals[0]["val_margin"] > 0
     assert res["val_loss"] < 0.69  # below log 2, where policy == reference
     ref, _ = load_model(run / "sft")
