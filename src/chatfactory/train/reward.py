@@ -172,7 +172,7 @@ def run_reward(cfg: Config, run_dir) -> dict:
         calib = [train_pairs[stage.batches.index(k)] for k in range(min(rc.calib_pairs, len(train_pairs)))]
         shift = mean_score(model, calib, tok.pad_id, rc.batch_size, d.device)
         model.head.bias.data -= shift
-        weights, info, state = load_checkpoint(out, with_state=True)
+        _, info, state = load_checkpoint(out, with_state=True)
         info.update(kind="reward", bias_shift=info.get("bias_shift", 0.0) + shift)
         save_checkpoint(out, unique_state_dict(model), {k: v for k, v in info.items() if k != "step"}, state, info["step"])
         result["bias_shift"] = shift
