@@ -1,9 +1,12 @@
-"""``chatfactory <command>``: the command line.
+"""``chatfactory <command>``: the command line, one command per pipeline step.
 
+    chatfactory run       --config demo --out runs/demo          the whole pipeline + report.md
     chatfactory tokenizer --config tiny --out runs/tiny          train the run's BPE tokenizer
     chatfactory pretrain  --config tiny --out runs/tiny [k=v …]  pretrain (resumes if interrupted)
+    chatfactory sft | reward | dpo | ppo | grpo  --config … --out runs/NAME   the later stages
     chatfactory sample    --run runs/tiny --prompt "The"         continue a prompt
     chatfactory chat      --run runs/tiny                        talk to the last finished stage
+    chatfactory serve     --run runs/tiny                        OpenAI-compatible API + web UI
 
 ``--config`` takes a preset name from configs/ (tiny, shakespeare, gpt2-124m, …) or a YAML file; any
 ``section.key=value`` after it overrides one setting (``pretrain.steps=500 model.depth=6``). Every
@@ -16,6 +19,7 @@ import argparse
 import sys
 
 EPILOG = """examples:
+  chatfactory run                                   # the embedded default, into runs/demo
   chatfactory pretrain --config tiny --out runs/tiny pretrain.steps=100
   torchrun --nproc_per_node=2 -m chatfactory.cli pretrain --config tiny --out runs/tiny
   chatfactory sample --run runs/tiny --prompt "def " --max-tokens 60 --temperature 0.8 --seed 1
@@ -38,54 +42,22 @@ def cmd_tokenizer(a):
     print(f"{a.out}/tokenizer.json: {tok.vocab_size} tokens")
 
 
-def cmd_pretrain(a):
-    from .config import load_config
-    from .train.pretrain import run_pretrain
+# training stages: name -> (module, entry point); each takes (Config, run_dir) and returns final metrics
+STAGE_ENTRY = {"pretrain": ("train.pretrain", "run_pretrain"), "sft": ("train.sft", "run_sft"),
+               "reward": ("train.reward", "run_reward"), "dpo": ("train.dpo", "run_dpo"),
+               "ppo": ("train.ppo", "run_ppo"), "grpo": ("train.grpo", "run_grpo")}
 
-    res = run_pretrain(load_config(a.config, a.overrides), a.out)
+
+def cmd_stage(a):
+    import importlib
+
+    from .config import load_config
+
+    module, fn = STAGE_ENTRY[a.command]
+    run = getattr(importlib.import_module(f".{module}", __package__), fn)
+    res = run(load_config(a.config, a.overrides), a.out)
     if res:
-        print("pretrain: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
-
-
-def cmd_sft(a):
-    from .config import load_config
-    from .train.sft import run_sft
-
-    res = run_sft(load_config(a.config, a.overrides), a.out)
-    if res:
-        print("sft: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
-
-
-def cmd_reward(a):
-    from .config import load_config
-    from .train.reward import run_reward
-
-    res = run_reward(load_config(a.config, a.overrides), a.out)
-    print("reward: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
-
-
-def cmd_dpo(a):
-    from .config import load_config
-    from .train.dpo import run_dpo
-
-    res = run_dpo(load_config(a.config, a.overrides), a.out)
-    print("dpo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
-
-
-def cmd_ppo(a):
-    from .config import load_config
-    from .train.ppo import run_ppo
-
-    res = run_ppo(load_config(a.config, a.overrides), a.out)
-    print("ppo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
-
-
-def cmd_grpo(a):
-    from .config import load_config
-    from .train.grpo import run_grpo
-
-    res = run_grpo(load_config(a.config, a.overrides), a.out)
-    print("grpo: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+        print(f"{a.command}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, (int, float))))
 
 
 def cmd_rlhf(a):
@@ -202,7 +174,8 @@ def _add_serve_parsers(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="chatfactory", description=__doc__.split("\n\n")[0].strip("`: "),
+    ap = argparse.ArgumentParser(prog="chatfactory", description="Build a ChatGPT-style assistant end to end: pretrain, SFT, "
+                                 "reward model, RLHF (PPO/DPO/GRPO), chat, serve and evaluate.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("run", help="the whole pipeline: tokenizer, pretrain, SFT, comparisons, reward, PPO, DPO, "
@@ -216,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tokenizer)
     p = sub.add_parser("pretrain", help="pretrain a GPT on raw text (next-token prediction); resumes if interrupted")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_pretrain)
+    p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_sft)
+    p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("comparisons", help="sample K answers per prompt from the run's policy, label them with "
                                            "comparisons.labeler, write chosen/rejected pairs (JSONL)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
@@ -232,19 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reward", help="train the reward model on comparisons (reward.data), from reward.init_from; "
                                       "resumes if interrupted")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_reward)
+    p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("dpo", help="direct preference optimisation on comparisons (dpo.data), SFT as reference; "
                                    "resumes if interrupted")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_dpo)
+    p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("ppo", help="RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; "
                                    "resumes if interrupted")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_ppo)
+    p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("grpo", help="GRPO: K answers per prompt, group-normalised advantages, reward = a scorer "
                                     "module:function or the reward model; resumes if interrupted")
     _add_config_args(p)
-    p.set_defaults(fn=cmd_grpo)
+    p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("rlhf", help="repeated rounds: comparisons from the current policy -> reward model -> PPO "
                                     "(RUN/rlhf/roundN/)")
     _add_config_args(p)
