@@ -74,6 +74,17 @@ def test_rubric_prefers_right_concise_clean_and_declines():
     assert "Right over wrong" in T.RUBRIC and "Concise" in T.RUBRIC
 
 
+def test_some_demonstrations_are_chatty_and_the_rubric_prefers_concise():
+    rows = T.task_rows("sft")
+    chatty = [r for r in rows if T.demonstration(r) != r["reference"]]
+    assert 0.3 < len(chatty) / len(rows) < 0.5  # CHATTY_PERCENT, by hash
+    for r in chatty[:50]:
+        demo = T.demonstration(r)
+        assert demo.startswith(r["reference"]) and T.is_correct(r, demo)
+        assert T.rubric_score(r, demo) < T.rubric_score(r, r["reference"]) == 1.0
+    assert T.sft_row(chatty[0])["messages"][-1]["content"] == T.demonstration(chatty[0])
+
+
 def test_fewshot_rows_point_at_the_right_choice():
     rows = T.fewshot_rows(60)
     assert len(rows) == 60
