@@ -13,7 +13,8 @@ from chatfactory.batching import Request, Scheduler
 from chatfactory.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.engine import Engine, SamplingParams
 from chatfactory.model import GPT, GPTConfig
-from chatfactory.serve.api import Detokenizer, ServerThread, Service, create_app, load_service
+from chatfactory.serve.api import ServerThread, Service, create_app, load_service
+from chatfactory.serve.protocol import Detokenizer
 from chatfactory.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")

@@ -8,7 +8,8 @@ Existing clients work unchanged (the ``openai`` SDK, chat front ends, evaluation
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
     client.chat.completions.create(model="NAME/sft", messages=[{"role": "user", "content": "Hi"}])
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream via SSE), ``POST /v1/completions``
+The request format, its checks and the error shape live in ``protocol.py``; this module is the HTTP
+side. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream via SSE), ``POST /v1/completions``
 (``logprobs`` and ``echo``: with ``echo=true, max_tokens=0`` it scores the prompt, as lm-eval's
 ``local-completions`` needs), ``POST /v1/feedback`` (see serve/feedback.py), ``GET /health``, and the
 web UI at ``/``. Bad requests get OpenAI's error JSON with a 4xx status; with ``--api-key`` every
@@ -28,7 +29,6 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,37 +37,15 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batching import QueueFull, Request, Scheduler, Step
+from ..batching import QueueFull, Request, Scheduler
 from ..engine import SamplingParams
-from ..tokenizer import ROLES, Tokenizer
+from ..tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
+from .protocol import (APIError, Choice, Limits, parse_field, parse_max_tokens, parse_messages,
+                       parse_sampling)
 
 STATIC = Path(__file__).parent / "static"
-
-
-@dataclass
-class Limits:
-    max_body_bytes: int = 1_000_000
-    max_messages: int = 256
-    max_message_chars: int = 32_000
-    max_n: int = 8
-    max_stop: int = 4
-    max_prompts: int = 64  # prompts in one /v1/completions call
-    max_logprobs: int = 20
-
-
-class APIError(Exception):
-    """Becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 class Service:
@@ -115,166 +93,6 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only {model.cfg.vocab_size}")
     return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots)
-
-
-# ---------------------------------------------------------------- request validation
-
-def _field(body: dict, key: str, types, default=None, *, check=None, why: str = ""):
-    """body[key] if present and of the right JSON type (bool is never a number), else APIError 400."""
-    v = body.get(key)
-    if v is None:
-        return default
-    numeric = types in (int, float, (int, float))
-    if (numeric and isinstance(v, bool)) or not isinstance(v, types if types is not float else (int, float)):
-        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
-        raise APIError(400, f"'{key}' must be {names.get(types, 'a number')}, got {type(v).__name__}", key, "invalid_type")
-    if check is not None and not check(v):
-        raise APIError(400, f"'{key}' {why} (got {v!r})", key, "invalid_value")
-    return v
-
-
-def _stops(body: dict, lim: Limits) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
-    if len(stops) > lim.max_stop:
-        raise APIError(400, f"'stop' takes at most {lim.max_stop} sequences, got {len(stops)}", "stop", "invalid_value")
-    return [s for s in stops if s]
-
-
-def _sampling(body: dict, lim: Limits) -> dict:
-    """The sampling settings shared by both completion endpoints (unknown extra keys are ignored)."""
-    top_k = _field(body, "top_k", int, 0, check=lambda v: v >= -1, why="must be >= 0 (0 or -1: off)")
-    rep = _field(body, "repetition_penalty", float, 1.0, check=lambda v: 0 < v <= 10, why="must be in (0, 10]")
-    return dict(
-        temperature=float(_field(body, "temperature", float, 1.0, check=lambda v: 0 <= v <= 2, why="must be between 0 and 2")),
-        top_p=float(_field(body, "top_p", float, 1.0, check=lambda v: 0 < v <= 1, why="must be in (0, 1]")),
-        top_k=max(0, top_k), repetition_penalty=float(rep),
-        seed=_field(body, "seed", int, None),
-        n=_field(body, "n", int, 1, check=lambda v: 1 <= v <= lim.max_n, why=f"must be between 1 and {lim.max_n}"),
-        stream=_field(body, "stream", bool, False),
-        stop=_stops(body, lim),
-    )
-
-
-def _content(m: dict, i: int) -> str:
-    c = m.get("content")
-    if isinstance(c, list):  # OpenAI's content parts: only text parts can mean anything to this model
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-            raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content", "invalid_value")
-        return "".join(p["text"] for p in c)
-    if not isinstance(c, str):
-        raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
-    return c
-
-
-def _messages(body: dict, lim: Limits) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list):
-        raise APIError(400, "'messages' is required and must be a list", "messages", "invalid_type" if msgs is not None else "missing")
-    if not msgs:
-        raise APIError(400, "'messages' must not be empty", "messages", "invalid_value")
-    if len(msgs) > lim.max_messages:
-        raise APIError(400, f"'messages' has {len(msgs)} entries; the limit is {lim.max_messages}", "messages", "too_many_messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
-        role = m.get("role")
-        if role == "developer":  # OpenAI's newer name for the system role
-            role = "system"
-        if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role: unknown role {role!r} (expected one of {', '.join(ROLES)})",
-                           f"messages[{i}].role", "invalid_value")
-        if role == "system" and i != 0:
-            raise APIError(400, f"messages[{i}]: a system message may only come first", f"messages[{i}].role", "invalid_value")
-        text = _content(m, i)
-        if len(text) > lim.max_message_chars:
-            raise APIError(400, f"messages[{i}].content has {len(text)} characters; the limit is {lim.max_message_chars}",
-                           f"messages[{i}].content", "message_too_long")
-        out.append({"role": role, "content": text})
-    return out
-
-
-def _max_tokens(body: dict, prompt_len: int, block: int, default: int | None, allow_zero: bool = False) -> int:
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    lo = 0 if allow_zero else 1
-    asked = _field(body, key, int, None, check=lambda v: v >= lo, why=f"must be >= {lo}")
-    if prompt_len >= block:
-        raise APIError(400, f"This model's maximum context length is {block} tokens; the prompt has {prompt_len}.",
-                       "messages" if "messages" in body else "prompt", "context_length_exceeded")
-    room = block - prompt_len
-    if asked is None:
-        return min(default, room) if default is not None else room
-    if asked > room:
-        raise APIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
-                       f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
-                       key, "context_length_exceeded")
-    return asked
-
-
-# ---------------------------------------------------------------- text out
-
-class Detokenizer:
-    """Token ids -> text deltas, whole characters only, cut at the first stop string.
-
-    Text that could still turn out to be the start of a stop string is held back until it cannot."""
-
-    def __init__(self, tok: Tokenizer, stops: list[str]):
-        self.tok, self.stops = tok, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, token: int | None, final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        if token is not None:
-            self.text += self.utf8.decode(self.tok.decode_bytes([token]))
-        if final:
-            self.text += self.utf8.decode(b"", final=True)
-        cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-        end = len(self.text) if (final or self.stopped) else len(self.text) - self.hold
-        if end <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-
-class Choice:
-    """One sampled answer being collected (one of ``n``)."""
-
-    def __init__(self, index: int, tok: Tokenizer, stops: list[str], stop_ids: tuple[int, ...]):
-        self.index, self.tok, self.stop_ids = index, tok, stop_ids
-        self.detok = Detokenizer(tok, stops)
-        self.tokens: list[int] = []
-        self.logprobs: list[tuple[int, float | None, list | None]] = []
-        self.finish: str | None = None
-        self.req: Request | None = None
-
-    def feed(self, step: Step) -> str:
-        """Take the scheduler's Step -> new text for the client ('' if none yet)."""
-        text = ""
-        if step.token is not None:
-            self.tokens.append(step.token)
-            self.logprobs.append((step.token, step.logprob, step.top))  # a stop id too, as OpenAI lists it
-            if step.token not in self.stop_ids:
-                text = self.detok.add(step.token)
-        if self.detok.stopped:  # a stop string: the rest of this answer is not wanted
-            self.finish = "stop"
-            if self.req is not None:
-                self.req.cancel()
-        elif step.finish:
-            text += self.detok.add(None, final=True)
-            self.finish = step.finish
-            if self.detok.stopped:
-                self.finish = "stop"
-        return text
 
 
 # ---------------------------------------------------------------- the app
@@ -425,13 +243,13 @@ def create_app(svc: Service):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         body = await read_json(request)
-        msgs = _messages(body, lim)
-        s = _sampling(body, lim)
-        want_lp = _field(body, "logprobs", bool, False)
-        top_lp = _field(body, "top_logprobs", int, 0, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
-        include_usage = bool((_field(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        msgs = parse_messages(body, lim)
+        s = parse_sampling(body, lim)
+        want_lp = parse_field(body, "logprobs", bool, False)
+        top_lp = parse_field(body, "top_logprobs", int, 0, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
+        include_usage = bool((parse_field(body, "stream_options", dict, {}) or {}).get("include_usage"))
         prompt = svc.tok.chat_prompt(msgs)
-        max_tokens = _max_tokens(body, len(prompt), svc.block_size, None)
+        max_tokens = parse_max_tokens(body, len(prompt), svc.block_size, None)
         choices, queue = start([prompt], s, max_tokens, logprobs=top_lp if want_lp else None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name}
@@ -525,12 +343,12 @@ def create_app(svc: Service):
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = await read_json(request)
-        s = _sampling(body, lim)
-        echo = _field(body, "echo", bool, False)
-        logprobs = _field(body, "logprobs", int, None, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
+        s = parse_sampling(body, lim)
+        echo = parse_field(body, "echo", bool, False)
+        logprobs = parse_field(body, "logprobs", int, None, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
         prompts = completion_prompts(body)
         longest = max(len(ids) for ids, _ in prompts)
-        max_tokens = _max_tokens(body, longest, svc.block_size, 16, allow_zero=True)
+        max_tokens = parse_max_tokens(body, longest, svc.block_size, 16, allow_zero=True)
         if s["stream"] and (echo or logprobs is not None):
             raise APIError(400, "'echo' and 'logprobs' are supported without 'stream' only", "stream", "invalid_value")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -614,16 +432,16 @@ def create_app(svc: Service):
     async def tokenize(request: HTTPRequest):
         body = await read_json(request)
         if "messages" in body:
-            ids = svc.tok.chat_prompt(_messages(body, lim)) if _field(body, "add_generation_prompt", bool, True) \
-                else svc.tok.render_chat(_messages(body, lim))[0]
+            ids = svc.tok.chat_prompt(parse_messages(body, lim)) if parse_field(body, "add_generation_prompt", bool, True) \
+                else svc.tok.render_chat(parse_messages(body, lim))[0]
         else:
-            text = _field(body, "prompt", str, None)
+            text = parse_field(body, "prompt", str, None)
             if text is None:
                 raise APIError(400, "'prompt' (a string) or 'messages' is required", "prompt", "missing")
             if len(text) > lim.max_body_bytes:
                 raise APIError(400, "'prompt' is too long", "prompt", "message_too_long")
             ids = svc.tok.hf.encode(text, add_special_tokens=False).ids
-            if _field(body, "add_special_tokens", bool, True):
+            if parse_field(body, "add_special_tokens", bool, True):
                 ids = [svc.tok.bos_id] + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
 
