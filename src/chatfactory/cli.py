@@ -48,6 +48,12 @@ STAGE_ENTRY = {"pretrain": ("train.pretrain", "run_pretrain"), "sft": ("train.sf
                "ppo": ("train.ppo", "run_ppo"), "grpo": ("train.grpo", "run_grpo")}
 
 
+def _stage_parser(sub, name: str, help: str) -> None:
+    p = sub.add_parser(name, help=help)
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_stage)
+
+
 def cmd_stage(a):
     import importlib
 
@@ -187,12 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer of a run on its text")
     _add_config_args(p)
     p.set_defaults(fn=cmd_tokenizer)
-    p = sub.add_parser("pretrain", help="pretrain a GPT on raw text (next-token prediction); resumes if interrupted")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
+    _stage_parser(sub, "pretrain", "pretrain a GPT on raw text (next-token prediction); resumes if interrupted")
+    _stage_parser(sub, "sft", "supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted")
     p = sub.add_parser("comparisons", help="sample K answers per prompt from the run's policy, label them with "
                                            "comparisons.labeler, write chosen/rejected pairs (JSONL)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
@@ -202,22 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="preset or YAML (default: RUN/config.yaml if present)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. comparisons.labeler=pkg.mod:fn")
     p.set_defaults(fn=cmd_comparisons)
-    p = sub.add_parser("reward", help="train the reward model on comparisons (reward.data), from reward.init_from; "
-                                      "resumes if interrupted")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
-    p = sub.add_parser("dpo", help="direct preference optimisation on comparisons (dpo.data), SFT as reference; "
-                                   "resumes if interrupted")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
-    p = sub.add_parser("ppo", help="RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; "
-                                   "resumes if interrupted")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
-    p = sub.add_parser("grpo", help="GRPO: K answers per prompt, group-normalised advantages, reward = a scorer "
-                                    "module:function or the reward model; resumes if interrupted")
-    _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
+    _stage_parser(sub, "reward", "train the reward model on comparisons (reward.data), from reward.init_from; "
+                                 "resumes if interrupted")
+    _stage_parser(sub, "dpo", "direct preference optimisation on comparisons (dpo.data), SFT as reference; "
+                              "resumes if interrupted")
+    _stage_parser(sub, "ppo", "RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; "
+                              "resumes if interrupted")
+    _stage_parser(sub, "grpo", "GRPO: K answers per prompt, group-normalised advantages, reward = a scorer "
+                               "module:function or the reward model; resumes if interrupted")
     p = sub.add_parser("rlhf", help="repeated rounds: comparisons from the current policy -> reward model -> PPO "
                                     "(RUN/rlhf/roundN/)")
     _add_config_args(p)
