@@ -1,7 +1,6 @@
 """GRPO: group-normalised advantages by hand, and learning on the gold rule itself (the tiny world of
 test_ppo.py: the SFT policy answers "blue" about a quarter of the time)."""
 
-import sys
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from chatfactory.checkpoint import load_model
 from chatfactory.config import Config, GRPOConfig
 from chatfactory.train.grpo import group_advantages, run_grpo
 from chatfactory.train.rollout import gold_score
-from test_ppo import build_world, gold, policy_kl
+from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
 
 
 def test_group_advantages_hand_computed():
@@ -30,15 +29,6 @@ def test_grpo_rejects_bad_settings(tmp_path):
     cfg.grpo = GRPOConfig(group_size=1)
     with pytest.raises(ValueError, match="group_size"):
         run_grpo(cfg, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    run, tok = build_world(root)
-    sys.path.insert(0, str(root))
-    yield root, run, tok
-    sys.path.remove(str(root))
 
 
 @pytest.mark.slow
