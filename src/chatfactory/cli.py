@@ -42,12 +42,6 @@ def cmd_tokenizer(a):
     print(f"{a.out}/tokenizer.json: {tok.vocab_size} tokens")
 
 
-# training stages: name -> (module, entry point); each takes (Config, run_dir) and returns final metrics
-STAGE_ENTRY = {"pretrain": ("train.pretrain", "run_pretrain"), "sft": ("train.sft", "run_sft"),
-               "reward": ("train.reward", "run_reward"), "dpo": ("train.dpo", "run_dpo"),
-               "ppo": ("train.ppo", "run_ppo"), "grpo": ("train.grpo", "run_grpo")}
-
-
 def _stage_parser(sub, name: str, help: str) -> None:
     p = sub.add_parser(name, help=help)
     _add_config_args(p)
@@ -55,13 +49,11 @@ def _stage_parser(sub, name: str, help: str) -> None:
 
 
 def cmd_stage(a):
-    import importlib
-
+    """pretrain, sft, reward, dpo, ppo, grpo: the pipeline's entry point of that stage, run alone."""
     from .config import load_config
+    from .pipeline import entry_point
 
-    module, fn = STAGE_ENTRY[a.command]
-    run = getattr(importlib.import_module(f".{module}", __package__), fn)
-    res = run(load_config(a.config, a.overrides), a.out)
+    res = entry_point(a.command)(load_config(a.config, a.overrides), a.out)
     if res:
         print(f"{a.command}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, (int, float))))
 

@@ -335,25 +335,15 @@ def score_replies(rows: list[dict], replies: list[str]) -> dict:
 
 def win_vs(rows, replies_a, replies_b) -> dict:
     """Gold-judged win rate of A over B on the same prompts; ties count half."""
-    try:
-        from .eval.winrate import compare
-    except ImportError:  # the eval package is optional to the pipeline: the same count, inline
-        compare = None
-    if compare is not None:
-        return compare(rows, replies_a, replies_b, T.rubric_score)
-    a = [T.rubric_score(r, x) for r, x in zip(rows, replies_a)]
-    b = [T.rubric_score(r, x) for r, x in zip(rows, replies_b)]
-    wins, ties = sum(x > y for x, y in zip(a, b)), sum(x == y for x, y in zip(a, b))
-    return {"win_rate": (wins + 0.5 * ties) / len(rows), "wins": wins, "ties": ties, "losses": len(rows) - wins - ties,
-            "n": len(rows), "score_a": sum(a) / len(a), "score_b": sum(b) / len(b)}
+    from .eval.winrate import compare
+
+    return compare(rows, replies_a, replies_b, T.rubric_score)
 
 
 def few_shot(model, tok, path, pc) -> dict:
     """The base model's zero/one/few-shot multiple-choice accuracy per task (eval/fewshot.py)."""
-    try:
-        from .eval.fewshot import few_shot_table
-    except ImportError:
-        return {"status": "not run: eval.fewshot not available"}
+    from .eval.fewshot import few_shot_table
+
     shots = tuple(int(s) for s in str(pc.fewshot_shots).split(",") if s.strip())
     rows = _read_jsonl(path)
     count: dict[str, int] = {}

@@ -14,32 +14,15 @@ CLI: ``chatfactory eval --run runs/NAME --stage ppo --against sft --prompts held
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..data.comparisons import load_scorer
 from ..engine import Engine, SamplingParams
 
 Judge = Callable[[dict, str], float]
-
-
-def _resolve_scorer(spec: str) -> Judge:
-    try:  # the one resolver lives with the comparisons command
-        from ..data.comparisons import load_scorer
-    except ImportError:
-        load_scorer = None
-    if load_scorer is not None:
-        return load_scorer(spec)
-    mod, sep, name = spec.partition(":")
-    if not sep:
-        raise ValueError(f"scorer {spec!r} must look like 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r}: {e}") from None
-    return fn
 
 
 def reward_judge(rm, tok, batch_size: int = 16) -> Judge:
@@ -62,7 +45,7 @@ def load_judge(spec: str, tok) -> Judge:
         from ..train.reward import load_reward_model
 
         return reward_judge(load_reward_model(spec).eval(), tok)
-    return _resolve_scorer(spec)
+    return load_scorer(spec)
 
 
 def answers(model, tok, rows: list[dict], max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
