@@ -158,6 +158,19 @@ def load_checkpoint(stage_dir, with_state: bool = False):
 STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 
+def resolve_stage(run_dir, spec: str, what: str = "init_from") -> Path:
+    """A stage named by a setting (``init_from``, ``ref_from``, ``--stage``, …): a stage directory of this
+    run ("sft", "rlhf/round1/ppo", …) when it holds weights, else a path to any stage directory (e.g. an
+    imported model). Raises CheckpointError naming the setting when neither holds weights."""
+    p = Path(run_dir) / spec  # a stage of this run wins over a same-named folder elsewhere
+    if not has_checkpoint(p):
+        p = Path(spec).expanduser()
+    if not has_checkpoint(p):
+        raise CheckpointError(f"{what}={spec!r}: no trained weights in {Path(run_dir) / spec} nor at {p} "
+                              f"(train that stage first, or name a stage directory)")
+    return p
+
+
 def latest_stage(run_dir, candidates=("ppo", "grpo", "dpo", "sft", "pretrain")) -> str:
     """The most advanced stage of a run that has weights."""
     for s in candidates:

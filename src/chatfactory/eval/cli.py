@@ -43,19 +43,15 @@ def add_eval_parser(sub, fn) -> None:
     p.set_defaults(fn=fn)
 
 
-def _stage_dir(run: Path, stage: str) -> Path:
-    return run / stage if (run / stage).exists() or not Path(stage).exists() else Path(stage)
-
-
 def run_eval(a) -> dict:
-    from ..checkpoint import atomic_write_text, latest_stage, load_model
+    from ..checkpoint import atomic_write_text, latest_stage, load_model, resolve_stage
     from ..tokenizer import Tokenizer
     from .fewshot import few_shot_table, format_table, load_task
     from .lm import text_loss
 
     run = Path(a.run)
     stage = a.stage or latest_stage(run)
-    model, _ = load_model(_stage_dir(run, stage))
+    model, _ = load_model(resolve_stage(run, stage, "--stage"))
     tok = Tokenizer.load(run / "tokenizer.json")
     chat = a.chat if a.chat is not None else Path(stage).name not in ("pretrain",)
     try:
@@ -83,7 +79,7 @@ def run_eval(a) -> dict:
 
         if not (a.prompts and a.judge):
             raise ValueError("--against needs --prompts (a prompts JSONL) and --judge (reward model dir or module:function)")
-        other, _ = load_model(_stage_dir(run, a.against))
+        other, _ = load_model(resolve_stage(run, a.against, "--against"))
         rows = load_prompts(a.prompts)[: a.limit or None]
         r = win_rate(model, other, tok, rows, load_judge(a.judge, tok), max_tokens=a.max_tokens or 64,
                      temperature=a.temperature, seed=a.seed)

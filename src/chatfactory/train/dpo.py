@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_stage
 from ..config import Config
 from ..data.preferences import PairBatches, collate, pair_data, val_chunks
 from .loop import Stage, all_reduce_sum, setup_dist, train
-from .reward import run_tokenizer, stage_dir
+from .reward import run_tokenizer
 
 
 def answer_logps(model, idx: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -89,13 +89,14 @@ def run_dpo(cfg: Config, run_dir) -> dict:
     run_dir, dc = Path(run_dir), cfg.dpo
     dc = dataclasses.replace(dc, data=dc.data or str(run_dir / "comparisons.jsonl"))
     d = setup_dist(dc.device)
-    init_dir = stage_dir(run_dir, dc.init_from)
+    init_dir = resolve_stage(run_dir, dc.init_from, "dpo.init_from")
     tok = run_tokenizer(run_dir, init_dir)
     train_pairs, val_pairs, skipped = pair_data(dc, tok)
     policy, _ = load_model(init_dir)
     if dc.seq_len > policy.cfg.block_size:
         raise ValueError(f"dpo.seq_len={dc.seq_len} exceeds the model's block_size={policy.cfg.block_size} ({init_dir})")
-    reference, _ = load_model(stage_dir(run_dir, dc.ref_from or dc.init_from), device=d.device)
+    reference, _ = load_model(resolve_stage(run_dir, dc.ref_from or dc.init_from, "dpo.ref_from" if dc.ref_from else "dpo.init_from"),
+                              device=d.device)
     reference.requires_grad_(False)
     if reference.cfg != policy.cfg:
         raise ValueError(f"dpo: the reference ({dc.ref_from}) and the policy ({dc.init_from}) have different model shapes")

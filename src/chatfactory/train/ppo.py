@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..checkpoint import load_model, load_weights, unique_state_dict
+from ..checkpoint import load_model, load_weights, resolve_stage, unique_state_dict
+from ..data.comparisons import load_scorer
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
@@ -167,22 +167,6 @@ class ActorCritic(nn.Module):
         return out
 
 
-def resolve_stage(run_dir, spec: str, what: str) -> Path:
-    from .reward import stage_dir
-
-    try:
-        return stage_dir(run_dir, spec)
-    except Exception as e:
-        raise type(e)(f"{what}: {e}") from None
-
-
-def load_scorer_spec(spec: str):
-    """A "module:function" scorer: ``score(row, answer) -> float``."""
-    from ..data.comparisons import load_scorer
-
-    return load_scorer(spec)
-
-
 class Reward:
     """What scores a rollout: a reward model (read at the last real token), a scorer function of the
     prompt row and the decoded answer, or zero."""
@@ -192,7 +176,7 @@ class Reward:
         if spec == "zero":
             pass
         elif ":" in spec and not Path(spec).exists():
-            self.fn = load_scorer_spec(spec)
+            self.fn = load_scorer(spec)
         else:
             from .reward import load_reward_model
 
@@ -487,7 +471,7 @@ def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_
     for p in ac.policy.parameters():
         p.requires_grad_(True)
     eval_rows = load_prompts(tc.eval_prompts) if tc.eval_prompts else []
-    gold = load_scorer_spec(tc.gold) if tc.gold else None
+    gold = load_scorer(tc.gold) if tc.gold else None
     ptx = None
     if getattr(tc, "ptx_coef", 0.0) > 0:
         from ..data.shards import PretrainBatches, open_split

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import STAGES, CheckpointError, has_checkpoint, load_checkpoint, load_model, load_weights, save_checkpoint, unique_state_dict
+from ..checkpoint import CheckpointError, load_checkpoint, load_model, load_weights, resolve_stage, save_checkpoint, unique_state_dict
 from ..config import Config
 from ..data.preferences import PairBatches, collate, pair_data, val_chunks
 from ..model import GPT, GPTConfig
@@ -57,15 +57,6 @@ class RewardModel(nn.Module):
 
     def flops_per_token(self, seq_len=None) -> float:
         return self.backbone.flops_per_token(seq_len)
-
-
-def stage_dir(run_dir, name: str) -> Path:
-    """``init_from``: a stage of this run ("sft", "pretrain", …) or a path to a stage directory."""
-    p = Path(run_dir) / name if name in STAGES else Path(name)
-    if not has_checkpoint(p):
-        raise CheckpointError(f"{p}: no trained weights to start from (init_from={name!r}; train that stage first "
-                              f"or point init_from at a stage directory)")
-    return p
 
 
 def run_tokenizer(run_dir, init_dir: Path) -> Tokenizer:
@@ -150,7 +141,7 @@ def run_reward(cfg: Config, run_dir) -> dict:
     run_dir, rc = Path(run_dir), cfg.reward
     rc = dataclasses.replace(rc, data=rc.data or str(run_dir / "comparisons.jsonl"))
     d = setup_dist(rc.device)
-    init_dir = stage_dir(run_dir, rc.init_from)
+    init_dir = resolve_stage(run_dir, rc.init_from, "reward.init_from")
     tok = run_tokenizer(run_dir, init_dir)
     train_pairs, val_pairs, skipped = pair_data(rc, tok)
     gpt, _ = load_model(init_dir)

@@ -15,9 +15,8 @@ import copy
 import json
 from pathlib import Path
 
-from ..checkpoint import has_checkpoint
+from ..checkpoint import has_checkpoint, resolve_stage
 from ..config import Config
-from .ppo import resolve_stage
 
 
 def _finished(stage_dir: Path) -> bool:

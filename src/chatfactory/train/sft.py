@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, has_checkpoint, load_model
+from ..checkpoint import CheckpointError, load_model, resolve_stage
 from ..config import Config, SFTConfig, save_config
 from ..data.chat import load_conversations
 from ..tokenizer import Tokenizer
@@ -178,17 +178,6 @@ class SFTStage(Stage):
         return {"val_loss": (tot[0] / tot[1].clamp(min=1)).item()}
 
 
-def init_dir(cfg: Config, run_dir: Path) -> Path:
-    """The stage directory SFT starts from: a stage of this run, or a path to one."""
-    src = run_dir / cfg.sft.init_from  # a stage of this run wins over a same-named folder elsewhere
-    if not has_checkpoint(src):
-        src = Path(cfg.sft.init_from).expanduser()
-    if not has_checkpoint(src):
-        raise CheckpointError(f"sft.init_from={cfg.sft.init_from!r}: no checkpoint at {src} "
-                              f"(run `chatfactory pretrain --out {run_dir}` first, or name a stage directory)")
-    return src
-
-
 def split_conversations(convs: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """A seeded shuffle, then the last ``val_fraction`` (at least one, if asked for) is held out."""
     order = torch.randperm(len(convs), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -201,7 +190,7 @@ def run_sft(cfg: Config, run_dir) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.sft
     d = setup_dist(tc.device)
-    src = init_dir(cfg, run_dir)
+    src = resolve_stage(run_dir, tc.init_from, "sft.init_from")
     tok_path = run_dir / "tokenizer.json"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
