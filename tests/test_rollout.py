@@ -47,3 +47,36 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_ids():
     assert torch.allclose(freq, probs[0], atol=0.015), freq
     edge = sample_probs(torch.tensor([[0.0, 1.0, 0.0]]), None)  # a one-hot row: always its id
     assert edge.tolist() == [1]
+
+
+@pytest.mark.parametrize("lengths", [(6, 6, 6), (4, 9, 6)])  # equal prompts (causal pass) and left-padded
+def test_grouped_forward_equals_the_full_forward_with_gradients(model, lengths):
+    """One prompt pass per group gives the logits and the parameter gradients of running every row whole
+    (answers of unequal length, so answer padding is covered too)."""
+    from chatfactory.train.rollout import forward_answers, pad_batch
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [x for n in lengths for x in [torch.randint(3, 97, (n,), generator=g).tolist()] * 4]
+    answers = [torch.randint(3, 97, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in prompts]
+    batch = pad_batch(prompts, answers, pad_id=0, end_id=1)
+    out = {}
+    for group in (1, 4):
+        model.zero_grad()
+        logits = forward_answers(model, {**batch, "group": group})
+        (logits.log_softmax(-1)[..., 5] * batch["answer_mask"]).sum().backward()
+        out[group] = logits.detach(), [p.grad.clone() for p in model.parameters()]
+    assert torch.allclose(out[1][0], out[4][0], atol=1e-5)
+    for a, b in zip(out[1][1], out[4][1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+
+
+def test_minibatches_keep_the_group_mark_only_for_whole_groups():
+    from chatfactory.train.ppo import select
+
+    batch = {"tokens": torch.zeros(8, 3), "group": 4, "start": 1}
+    assert select(batch, torch.arange(4, 8))["group"] == 4
+    assert select(batch, torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))["group"] == 4
+    for idx in ([2, 3, 4, 5], [0, 1, 3, 2], [0, 1]):
+        assert select(batch, torch.tensor(idx))["group"] == 1

@@ -195,8 +195,8 @@ class Engine:
         logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
         if distinct is not None:
             rows = torch.tensor(share, device=dev)
-            cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]  # (depth, B, heads, len, head_dim)
-            logits = logits[rows]
+            cache.k, cache.v = cache.k.index_select(1, rows), cache.v.index_select(1, rows)  # (depth, B, heads, len, dim)
+            logits = logits.index_select(0, rows)
         seen = None
         if p.repetition_penalty != 1.0:  # ids each row has seen, preallocated (no torch.cat per step)
             seen = torch.empty(B, L + max_new, dtype=torch.long, device=dev)

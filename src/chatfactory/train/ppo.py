@@ -270,6 +270,7 @@ class RLStage(Stage):
         t0 = time.perf_counter()
         batch = rollout(self.ac.policy, [self.prompt_ids[i] for i in picks], tc.max_new_tokens, tc.temperature,
                         self.tok.end_id, self.tok.pad_id, seed)
+        batch["group"] = group  # rows i*group … (i+1)*group-1 share a prompt: it runs once per group
         mask = batch["answer_mask"].float()
         t1 = time.perf_counter()
         # old log-probs (and values) in the minibatch shapes the updates will use
@@ -389,9 +390,23 @@ def _sync(device) -> None:
 
 
 def select(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of every per-row tensor of a rollout batch (the padding width is kept)."""
-    return {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == len(batch["tokens"]) else v)
-            for k, v in batch.items()}
+    """Rows ``idx`` of every per-row tensor of a rollout batch (the padding width is kept). Rows that
+    share a prompt stay marked as groups (``group``, see rollout.forward_answers) only if ``idx`` takes
+    whole groups, each in order."""
+    out = {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == len(batch["tokens"]) else v)
+           for k, v in batch.items()}
+    g = batch.get("group", 1)
+    if g > 1 and not _whole_groups(idx, g):
+        out["group"] = 1
+    return out
+
+
+def _whole_groups(idx: torch.Tensor, g: int) -> bool:
+    """``idx`` lists whole groups of ``g`` rows (rows k*g … k*g+g-1), each in order."""
+    if len(idx) % g:
+        return False
+    rows = idx.view(-1, g)
+    return bool(((rows[:, :1] % g == 0) & (rows == rows[:, :1] + torch.arange(g, device=idx.device))).all())
 
 
 class PPOStage(RLStage):

@@ -83,10 +83,50 @@ def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def forward_answers(model, batch: dict):
     """A GPT over a rollout batch -> logits of the positions that predict answer tokens, (B, A, V).
-    Only those positions go through the LM head (the prompt's logits are never needed)."""
+    Only those positions go through the LM head (the prompt's logits are never needed). A batch whose
+    rows come in groups sharing one prompt (``batch["group"]`` > 1: GRPO) runs each prompt once."""
     s = batch["start"]
+    if batch.get("group", 1) > 1:
+        return _forward_groups(model, batch)
     h = model.hidden_states(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
     return model.lm_head(h[:, s - 1:-1])
+
+
+class _SharedPrompt:
+    """Stands in for the KV cache ``GPT.hidden_states`` accepts (``pos``, ``update(layer, k, v)``), with
+    gradients flowing: the prompt pass keeps each layer's keys and values; the answer pass puts them,
+    copied to every row of the group, in front of the answers' own. Autograd sums the copies' gradients."""
+
+    def __init__(self, group: int):
+        self.group, self.pos, self.k, self.v = group, 0, [], []
+
+    def update(self, layer, k, v):
+        if self.pos == 0:  # the prompt pass
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        g = self.group
+        return (torch.cat([self.k[layer].repeat_interleave(g, 0), k], 2),
+                torch.cat([self.v[layer].repeat_interleave(g, 0), v], 2))
+
+
+def _forward_groups(model, batch: dict):
+    """``forward_answers`` for rows in contiguous groups of ``batch["group"]`` with the same (padded)
+    prompt: the prompt columns run once per group, so the prompt's share of the work shrinks by the
+    group size — the same function up to float rounding (tests/test_rollout.py)."""
+    s, g = batch["start"], batch["group"]
+    tokens, positions, valid = batch["tokens"], batch["positions"], batch["valid"]
+    kv = _SharedPrompt(g)
+    p_valid = valid[::g, :s]
+    # equal-length prompts: plain causal attention; else pad keys hidden
+    p_mask = None if bool(p_valid.all()) else attention_mask(p_valid)
+    h_prompt = model.hidden_states(tokens[::g, :s], cache=kv, positions=positions[::g, :s], attn_mask=p_mask)
+    # answer queries see their group's real prompt keys and their own earlier answer tokens
+    a_mask = attention_mask(valid)[:, :, s:].contiguous()
+    h_answer = model.hidden_states(tokens[:, s:], cache=kv, positions=positions[:, s:], attn_mask=a_mask)
+    # the last prompt position predicts the first answer token
+    h = torch.cat([h_prompt[:, -1:].repeat_interleave(g, 0), h_answer[:, :-1]], 1)
+    return model.lm_head(h)
 
 
 @torch.no_grad()
