@@ -53,7 +53,7 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_skips_zero_ids():
 def test_grouped_forward_equals_the_full_forward_with_gradients(model, lengths):
     """One prompt pass per group gives the logits and the parameter gradients of running every row whole
     (answers of unequal length, so answer padding is covered too)."""
-    from chatfactory.train.rollout import forward_answers, pad_batch
+    from chatfactory.train.rollout import attention_mask, forward_answers, pad_batch
 
     g = torch.Generator().manual_seed(3)
     prompts = [x for n in lengths for x in [torch.randint(3, 97, (n,), generator=g).tolist()] * 4]
@@ -66,6 +66,10 @@ def test_grouped_forward_equals_the_full_forward_with_gradients(model, lengths):
         logits = forward_answers(model, {**batch, "group": group})
         (logits.log_softmax(-1)[..., 5] * batch["answer_mask"]).sum().backward()
         out[group] = logits.detach(), [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():  # both equal the plain forward over every column
+        h = model.hidden_states(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
+        whole = model.lm_head(h)[:, batch["start"] - 1:-1]
+    assert torch.allclose(out[1][0], whole, atol=1e-5)
     assert torch.allclose(out[1][0], out[4][0], atol=1e-5)
     for a, b in zip(out[1][1], out[4][1]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
@@ -80,3 +84,11 @@ def test_minibatches_keep_the_group_mark_only_for_whole_groups():
     assert select(batch, torch.tensor([4, 5, 6, 7, 0, 1, 2, 3]))["group"] == 4
     for idx in ([2, 3, 4, 5], [0, 1, 3, 2], [0, 1]):
         assert select(batch, torch.tensor(idx))["group"] == 1
+
+
+def test_grouped_forward_of_one_token_answers(model):
+    from chatfactory.train.rollout import forward_answers, pad_batch
+
+    batch = pad_batch([[5, 6, 7]] * 2 + [[8, 9]] * 2, [[3], [4], [1], [3]], pad_id=0, end_id=1)
+    with torch.no_grad():
+        assert torch.allclose(forward_answers(model, {**batch, "group": 2}), forward_answers(model, batch), atol=1e-5)

@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config
 from .ppo import RLStage, kl_k1, kl_k3, masked_mean, policy_loss, run_rl
-from .rollout import answer_logprobs, entropy
+from .rollout import answer_logprobs, logprobs_and_entropy
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -45,14 +45,17 @@ class GRPOStage(RLStage):
         tc = self.tc
         mask = batch["answer_mask"].float()
         logits = model(batch)["logits"]
-        logp = answer_logprobs(logits, batch["tokens"], batch["start"], tc.temperature)
+        if "old_logp" in batch:
+            logp = answer_logprobs(logits, batch["tokens"], batch["start"], tc.temperature)
+        else:  # the rollout skipped the pass that logs entropy (and KL): log them from this one
+            logp, ent = logprobs_and_entropy(logits, batch["tokens"], batch["start"], tc.temperature)
         # one update per rollout: the sampling policy is the live one (ratio 1, gradient unchanged)
         old = batch["old_logp"] if "old_logp" in batch else logp.detach()
         loss, stats = policy_loss(logp, old, batch["advantages"], mask, tc.clip)
         stats["pg_loss"] = loss.detach()
-        if "old_logp" not in batch:  # the rollout skipped the pass that logs these
+        if "old_logp" not in batch:
             with torch.no_grad():
-                stats["entropy"] = masked_mean(entropy(logits, tc.temperature), mask)
+                stats["entropy"] = masked_mean(ent, mask)
                 if "ref_logp" in batch:
                     stats["kl"] = (kl_k1(logp, batch["ref_logp"]) * mask).sum(1).mean()
         if tc.kl_coef > 0:

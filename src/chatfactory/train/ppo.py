@@ -38,7 +38,7 @@ from ..data.comparisons import load_scorer
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
-from .rollout import answer_logprobs, attention_mask, entropy, forward_answers, gold_score, rollout
+from .rollout import answer_logprobs, attention_mask, forward_answers, gold_score, logprobs_and_entropy, rollout
 
 
 # ---------------------------------------------------------------- the math (unit-tested by hand)
@@ -159,9 +159,10 @@ class ActorCritic(nn.Module):
         or None, "ptx_loss": next-token loss on ``ptx = (x, y)`` or None}."""
         out = {"logits": forward_answers(self.policy, batch) if policy else None, "values": None, "ptx_loss": None}
         if self.critic is not None:
-            s = batch["start"]
-            v = self.critic.values(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
-            out["values"] = v[:, s - 1:-1]  # V(state before each answer token), aligned with the logits
+            # V(state before each answer token), aligned with the logits; the last column is not needed
+            v = self.critic.values(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                                   attn_mask=attention_mask(batch["valid"][:, :-1]))
+            out["values"] = v[:, batch["start"] - 1:]
         if ptx is not None:
             out["ptx_loss"] = self.policy(ptx[0], targets=ptx[1])
         return out
@@ -312,8 +313,9 @@ class RLStage(Stage):
         if need_old or self.ac.critic is not None:
             out = self.ac(chunk, policy=need_old)
             if need_old:
-                old_logp.append(answer_logprobs(out["logits"], chunk["tokens"], chunk["start"], T))
-                ent.append(entropy(out["logits"], T))
+                lp, e = logprobs_and_entropy(out["logits"], chunk["tokens"], chunk["start"], T)
+                old_logp.append(lp)
+                ent.append(e)
             if out["values"] is not None:
                 values.append(out["values"].float())
         if self.ref is not None:

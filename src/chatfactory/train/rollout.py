@@ -37,17 +37,15 @@ def pad_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int, e
         raise ValueError(f"need one answer per prompt (got {len(prompts)} prompts, {len(answers)} answers)")
     P = max(len(p) for p in prompts)
     A = max(1, max(len(a) for a in answers))  # at least one column, so every row has a slot
-    B, T = len(prompts), P + A
-    tokens = torch.full((B, T), pad_id, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        tokens[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        if a:
-            tokens[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long)
-        valid[i, P - len(p):P + len(a)] = True
+    T = P + A
+    # one tensor from Python lists (not two small copies per row)
+    tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) + list(a) + [pad_id] * (A - len(a))
+                           for p, a in zip(prompts, answers)], dtype=torch.long)
     left = torch.tensor([P - len(p) for p in prompts])
-    positions = (torch.arange(T)[None] - left[:, None]).clamp(min=0)
     lengths = torch.tensor([len(a) for a in answers])
+    cols = torch.arange(T)[None]
+    valid = (cols >= left[:, None]) & (cols < P + lengths[:, None])
+    positions = (cols - left[:, None]).clamp(min=0)
     return {
         "tokens": tokens, "positions": positions, "valid": valid,
         "answer_mask": valid[:, P:].clone(),
@@ -66,30 +64,43 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | eye[None])[:, None]
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.float()
+    return F.log_softmax(x if temperature == 1.0 else x / temperature, dim=-1)
+
+
 def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor, start: int, temperature: float) -> torch.Tensor:
     """Log-probs of the answer tokens under ``logits / temperature``.
 
     logits: (B, A, V) for the positions that PREDICT the answer tokens (columns start-1 … T-2), tokens:
     (B, T). Returns (B, A); callers multiply by the answer mask."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens[:, start:, None]).squeeze(-1)
+    return _log_softmax(logits, temperature).gather(-1, tokens[:, start:, None]).squeeze(-1)
 
 
 def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-position entropy (nats) of the sampling distribution, (B, A, V) -> (B, A)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = _log_softmax(logits, temperature)
     return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, start: int, temperature: float):
+    """``answer_logprobs`` and ``entropy`` (without gradient) from one log-softmax -> two (B, A)."""
+    logp = _log_softmax(logits, temperature)
+    with torch.no_grad():
+        ent = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, tokens[:, start:, None]).squeeze(-1), ent
 
 
 def forward_answers(model, batch: dict):
     """A GPT over a rollout batch -> logits of the positions that predict answer tokens, (B, A, V).
     Only those positions go through the LM head (the prompt's logits are never needed). A batch whose
     rows come in groups sharing one prompt (``batch["group"]`` > 1: GRPO) runs each prompt once."""
-    s = batch["start"]
     if batch.get("group", 1) > 1:
         return _forward_groups(model, batch)
-    h = model.hidden_states(batch["tokens"], positions=batch["positions"], attn_mask=attention_mask(batch["valid"]))
-    return model.lm_head(h[:, s - 1:-1])
+    # the last column predicts nothing and, attention being causal, changes no other column: left out
+    h = model.hidden_states(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                            attn_mask=attention_mask(batch["valid"][:, :-1]))
+    return model.lm_head(h[:, batch["start"] - 1:])
 
 
 class _SharedPrompt:
@@ -121,11 +132,13 @@ def _forward_groups(model, batch: dict):
     # equal-length prompts: plain causal attention; else pad keys hidden
     p_mask = None if bool(p_valid.all()) else attention_mask(p_valid)
     h_prompt = model.hidden_states(tokens[::g, :s], cache=kv, positions=positions[::g, :s], attn_mask=p_mask)
-    # answer queries see their group's real prompt keys and their own earlier answer tokens
-    a_mask = attention_mask(valid)[:, :, s:].contiguous()
-    h_answer = model.hidden_states(tokens[:, s:], cache=kv, positions=positions[:, s:], attn_mask=a_mask)
     # the last prompt position predicts the first answer token
-    h = torch.cat([h_prompt[:, -1:].repeat_interleave(g, 0), h_answer[:, :-1]], 1)
+    h = h_prompt[:, -1:].repeat_interleave(g, 0)
+    if tokens.size(1) > s + 1:  # the answers but their last token (it predicts nothing)
+        # answer queries see their group's real prompt keys and their own earlier answer tokens
+        a_mask = attention_mask(valid[:, :-1])[:, :, s:].contiguous()
+        h_answer = model.hidden_states(tokens[:, s:-1], cache=kv, positions=positions[:, s:-1], attn_mask=a_mask)
+        h = torch.cat([h, h_answer], 1)
     return model.lm_head(h)
 
 
