@@ -261,6 +261,38 @@ def test_load_scorer_and_pick_pairs():
         pick_pairs(answers, scores, "most")
 
 
+def test_mismatched_answers_come_from_prompts_of_another_task():
+    from chatfactory.data.comparisons import add_mismatched
+
+    rows = [{"messages": [], "task": t} for t in ("add", "add", "greet", "sort")]
+    samples = [[f"{i}.{j}" for j in range(3)] for i in range(4)]
+    out = add_mismatched(rows, samples, 2, seed=7)
+    assert out == add_mismatched(rows, samples, 2, seed=7)  # seeded: a function of the inputs
+    for i, (row, answers) in enumerate(zip(rows, out)):
+        assert answers[:3] == samples[i] and len(answers) == 5
+        owners = [int(a.split(".")[0]) for a in answers[3:]]
+        assert len(set(owners)) == 2 and all(rows[o]["task"] != row["task"] for o in owners)
+    untagged = [{"messages": []} for _ in range(3)]  # rows without tasks: any other prompt
+    assert all(int(a.split(".")[0]) != i for i, ans in enumerate(add_mismatched(untagged, samples[:3], 1, 0))
+               for a in ans[3:])
+
+
+def test_max_pairs_takes_a_seeded_subset_spanning_the_file(tmp_path):
+    import re
+
+    from chatfactory.data.preferences import pair_data
+
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "yes", "rejected": "no"} for i in range(200)]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = Tokenizer.train([" ".join(f"q{i}" for i in range(200)) + " yes no"] * 5, vocab_size=400, min_frequency=1)
+    pc = RewardConfig(data=str(path), max_pairs=50, val_fraction=0.0, seq_len=32)
+    picked = [int(re.search(r"q(\d+)", tok.decode(p.chosen)).group(1)) for p in pair_data(pc, tok)[0]]
+    assert len(set(picked)) == 50 and picked == [int(re.search(r"q(\d+)", tok.decode(p.chosen)).group(1))
+                                                 for p in pair_data(pc, tok)[0]]
+    assert max(picked) >= 100  # not the head of the file (q0 … q49)
+
+
 @pytest.mark.slow
 def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     """The InstructGPT loop's data step: K samples of the SFT policy per prompt, labeled by the gold rule,

@@ -93,6 +93,10 @@ class ComparisonsConfig:
     max_tokens: int = 64
     batch_prompts: int = 16  # prompts per generation batch (each expands to k rows)
     seed: int = 1234
+    # answers the policy gave to *other* prompts (of another task, when rows name one) added to each
+    # prompt's K before labeling: a fluent reply to the wrong question is what a policy drifts to
+    # under RL, and a reward model that never saw one in training cannot tell it apart
+    mismatched: int = 0
 
 
 @dataclass
@@ -102,7 +106,7 @@ class PairTrainConfig(TrainConfig):
     data: str = ""  # "" = RUN/comparisons.jsonl (what `chatfactory comparisons` writes)
     val_data: str = ""  # held-out comparisons; "" = hold out the val_fraction tail of a seeded shuffle
     val_fraction: float = 0.05
-    max_pairs: int = 0  # 0: every pair
+    max_pairs: int = 0  # train on a seeded random subset of this many pairs (0: every pair)
     skip_bad: bool = False  # skip (and count) malformed rows instead of stopping at the first one
     init_from: str = "sft"  # a stage of the same run, or a path to a stage directory
     epochs: float = 1.0  # used when steps = 0

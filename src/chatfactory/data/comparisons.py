@@ -10,6 +10,10 @@ Which pairs are written (``comparisons.pairs``):
     clearest signal per prompt, and no prompt weighs more than another;
   * ``all``: every pair of distinct answers whose scores differ (up to K(K−1)/2 per prompt; more pairs,
     correlated within a prompt, as InstructGPT trained on all pairs of a ranking).
+``comparisons.mismatched`` = M adds to each prompt's K answers M that the policy gave to other prompts
+(of another task) before labeling, so the reward model also learns that a fluent reply to a different
+question is a bad one — the kind of reply a policy drifts to under RL, which samples of one prompt alone
+never show it.
 A prompt whose K answers all score alike gives no pair (counted as ``ties``). Each row is
 ``{"prompt": [messages], "chosen": str, "rejected": str, "chosen_score": x, "rejected_score": y}``.
 
@@ -91,6 +95,20 @@ def sample_answers(model, tok, rows: list[dict], k: int, p: SamplingParams, batc
     return out
 
 
+def add_mismatched(rows: list[dict], samples: list[list[str]], m: int, seed: int) -> list[list[str]]:
+    """Each prompt's answers plus ``m`` answers sampled for other prompts — of another task where the
+    rows name tasks — drawn with a seeded generator, so the result is a function of the inputs."""
+    import random
+
+    out = []
+    for i, (row, answers) in enumerate(zip(rows, samples)):
+        others = [j for j, r in enumerate(rows) if j != i and (not row.get("task") or r.get("task") != row.get("task"))]
+        rng = random.Random(f"{seed}:{i}")
+        picked = rng.sample(others, min(m, len(others)))
+        out.append(answers + [samples[j][rng.randrange(len(samples[j]))] for j in picked])
+    return out
+
+
 def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | None = None) -> dict:
     """Sample ``k`` answers per prompt of ``prompts_path`` from the run's policy, label them with
     ``cfg.comparisons.labeler`` and write pairs to ``out_path`` (default RUN/comparisons.jsonl)."""
@@ -108,6 +126,8 @@ def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | 
     t0 = time.perf_counter()
     p = SamplingParams(max_tokens=cc.max_tokens, temperature=cc.temperature, top_p=cc.top_p, seed=cc.seed)
     samples = sample_answers(model, tok, rows, k, p, cc.batch_prompts, progress=True)
+    if cc.mismatched:
+        samples = add_mismatched(rows, samples, cc.mismatched, cc.seed)
     pairs, ties, all_scores = [], 0, []
     for row, answers in zip(rows, samples):
         scores = []

@@ -247,9 +247,15 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
 def pair_data(pc, tok) -> tuple[list[EncodedPair], list[EncodedPair], int]:
     """The train and held-out pairs a ``PairTrainConfig`` (reward, dpo) names, tokenized.
     -> (train, val, rows skipped as malformed)."""
-    pairs, skipped = read_comparisons(pc.data, pc.skip_bad, pc.max_pairs)
+    pairs, skipped = read_comparisons(pc.data, pc.skip_bad)
+    if pc.max_pairs and len(pairs) > pc.max_pairs:
+        # a seeded random subset, not the head of the file: files hold a prompt's pairs together, so
+        # the head would cover only the first few prompts
+        pairs = split_pairs(pairs, 1 - pc.max_pairs / len(pairs), pc.seed)[0]
     if pc.val_data:
         val, more = read_comparisons(pc.val_data, pc.skip_bad)
+        # a seeded shuffle, so an evaluation capped at eval_batches still spans every prompt
+        val = split_pairs(val, 0.0, pc.seed)[0]
         train, skipped = pairs, skipped + more
     else:
         train, val = split_pairs(pairs, pc.val_fraction, pc.seed)

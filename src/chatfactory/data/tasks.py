@@ -266,12 +266,21 @@ def plain_prompt(row: dict) -> str:
 
 def pretrain_texts(seed: int = 0, pairs_per_doc: int = 12) -> list[str]:
     """Documents of plain-text exchanges from the sft and rl splits (never heldout), so the base model
-    has seen the formats before SFT."""
+    has seen the formats before SFT. Each document holds exchanges of one task, separated by a blank
+    line — the shape of a few-shot prompt. Such "bursty" text, where what came earlier in a document
+    predicts what comes next, is what lets in-context learning emerge (Chan et al., 2022); documents
+    of mixed tasks teach the model to ignore its examples."""
     rows = task_rows("sft", seed=seed) + task_rows("rl", seed=seed)
     random.Random(seed).shuffle(rows)
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
     docs = []
-    for i in range(0, len(rows), pairs_per_doc):
-        docs.append("\n".join(plain_prompt(r) + " " + r["reference"] + "\n" for r in rows[i:i + pairs_per_doc]))
+    for task in sorted(by_task):
+        same = by_task[task]
+        for i in range(0, len(same), pairs_per_doc):
+            docs.append("\n".join(plain_prompt(r) + " " + r["reference"] + "\n" for r in same[i:i + pairs_per_doc]))
+    random.Random(f"{seed}:docs").shuffle(docs)
     return docs
 
 

@@ -283,7 +283,13 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
           f"validation loss on assistant tokens {_fmt(rep['sft'].get('val_loss'))}.", ""]
     c = rep["comparisons"]
     L += ["## Comparisons (the simulated labeler)", "", f"{c['status']}; {_fmt(c.get('pairs'))} pairs from the SFT policy's own "
-          f"samples on rl prompts, {_fmt(c.get('heldout_pairs'))} on held-out prompts, labeled by the rubric.", ""]
+          f"samples on rl prompts, {_fmt(c.get('heldout_pairs'))} on held-out prompts, labeled by the rubric."]
+    if c.get("k"):
+        more = (f" plus {c['mismatched']} replies it gave to prompts of other tasks (a fluent answer to the wrong "
+                f"question, which RL drifts to and SFT samples alone never show)") if c.get("mismatched") else ""
+        L += [f"Each prompt's candidates: {c['k']} samples of the SFT policy{more}; every two candidates whose "
+              f"rubric scores differ make a pair, the higher-scored one chosen."]
+    L.append("")
     L += ["## Reward model", "", f"{rep['reward']['status']}; held-out pairwise accuracy **{_fmt(rep['reward'].get('heldout_accuracy'))}** "
           f"(mean margin {_fmt(rep['reward'].get('val_margin'))}).", ""]
     for s in ("ppo", "dpo", "grpo"):
@@ -312,6 +318,8 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
     pc = getattr(cfg, "pipeline", None)
     if pc is not None:
         rep["eval"].update(temperature=pc.eval_temperature, max_tokens=pc.eval_max_tokens)
+    if getattr(cfg, "comparisons", None) is not None:
+        rep["comparisons"].update(k=cfg.comparisons.k, mismatched=cfg.comparisons.mismatched)
     plots = {"losses": plot_losses(run_dir, ["pretrain", "sft", "reward", "dpo"])}
     for s in ("ppo", "grpo"):
         plots[s] = plot_rl(run_dir, s)
