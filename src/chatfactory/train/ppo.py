@@ -193,16 +193,19 @@ class Reward:
         if self.fn is None:
             return torch.zeros(len(rows), device=dev)
         scores = []
-        for i, r in enumerate(rows):
-            s = self.fn(r, self.answer_text(batch, i))
+        for r, text in zip(rows, self.answer_texts(batch)):
+            s = self.fn(r, text)
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise ValueError(f"scorer {self.spec!r} returned {s!r} (expected a finite number) for prompt {r['messages']!r}")
             scores.append(float(s))
         return torch.tensor(scores, device=dev)
 
-    def answer_text(self, batch: dict, i: int) -> str:
-        ids = batch["tokens"][i, batch["start"]:][batch["answer_mask"][i]].tolist()
-        return self.tok.decode([t for t in ids if t != self.tok.end_id])
+    def answer_texts(self, batch: dict) -> list[str]:
+        """Each row's answer as text (``<|end|>`` dropped); answers are right-padded, so a row's real
+        tokens are its first ``answer_mask.sum()`` (one transfer for the batch, not one per row)."""
+        ids = batch["tokens"][:, batch["start"]:].tolist()
+        lengths = batch["answer_mask"].sum(1).tolist()
+        return [self.tok.decode([t for t in row[:n] if t != self.tok.end_id]) for row, n in zip(ids, lengths)]
 
 
 # ---------------------------------------------------------------- the stage
