@@ -9,6 +9,11 @@ frozen reference, and take one optimizer step. A random-init model rarely emits 
 run to the length limit in both (the mean lengths are printed). Seconds per iteration are the median
 over ``--iters`` iterations after the first (warm-up) of each of ``--rounds`` alternating runs.
 
+The work is the same; how it is done differs. Ours prefills each prompt once for its group of samples
+and runs it once per group in the reference and policy forwards (train/rollout.py), samples by inverse
+CDF (engine.sample_probs), and skips the last answer column in every forward; TRL runs every
+prompt+answer row whole and samples with torch.multinomial.
+
     .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 --iters 4]
 
 Last line: ``RESULT ours_s=… trl_s=… ratio=… ppo_s=…`` (ratio = trl_s / ours_s; > 1 means ours is faster).
