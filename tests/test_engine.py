@@ -2,14 +2,23 @@
 import pytest
 import torch
 
+from chatfactory.decode_step import DecodeStep
 from chatfactory.engine import Engine, SamplingParams
 from chatfactory.model import GPT, GPTConfig
 
 
-@pytest.fixture(scope="module", params=["gpt2", "modern"])
+@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2-static", "modern-static"])
 def engine(request):
+    """Each flavour twice: the eager decode step, and the static-shape step of Engine(compile=True)
+    run uncompiled (same code as compiled, none of the compile time), so every test below covers both."""
+    flavour = request.param.split("-")[0]
     torch.manual_seed(0)
-    return Engine(GPT(GPTConfig(flavour=request.param, depth=2, vocab_size=97, block_size=64)))
+    # grouped-query attention in the modern flavour: the static step handles head groups itself
+    cfg = dict(n_embd=128, head_dim=32, n_kv_head=2) if flavour == "modern" else {}
+    engine = Engine(GPT(GPTConfig(flavour=flavour, depth=2, vocab_size=97, block_size=64, **cfg)))
+    if request.param.endswith("static"):
+        engine.compiled = DecodeStep(engine.model, compile=False)
+    return engine
 
 
 def test_batched_greedy_equals_one_by_one(engine):
@@ -119,3 +128,19 @@ def test_fit_messages_drops_oldest_turns_and_keeps_system():
     assert kept == [sys_msg, conv[-1]] and dropped == 8
     with pytest.raises(ValueError, match="shorten"):
         fit_messages(conv, count, budget=count([sys_msg, conv[-1]]) - 1)
+
+
+def test_compiled_decode_equals_eager_greedy():
+    """Engine(compile=True) really compiles (no fallback warning) and gives the eager engine's greedy
+    tokens, for a single prompt (multiply-sum linears) and a padded batch of 5 (BLAS linears)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(flavour="gpt2", depth=1, n_embd=64, vocab_size=97, block_size=48))
+    eager = Engine(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Engine.compile=True.")  # a fallback would warn: fail instead
+        compiled = Engine(model, compile=True)
+        p = SamplingParams(max_tokens=20, temperature=0)
+        for prompts in ([[5, 6, 7]], [[1, 2], [3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15]]):
+            assert compiled.generate(prompts, p) == eager.generate(prompts, p)

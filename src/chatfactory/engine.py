@@ -18,11 +18,13 @@ context, ``fit_messages`` drops its oldest turns (keeping the system prompt) bef
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
+from .decode_step import DecodeStep
 from .model import GPT
 
 
@@ -123,12 +125,31 @@ class Engine:
     lives in batching.py and reuses ``sample_next``).
 
     ``threads`` maps a batch size to the torch thread count used while decoding it on CPU
-    (default: ``default_threads``); the caller's setting is restored between steps."""
+    (default: ``default_threads``); the caller's setting is restored between steps.
 
-    def __init__(self, model: GPT, threads: dict[int, int] | None = None):
+    ``compile=True`` decodes with ``decode_step.DecodeStep``: the one-token step compiled by
+    ``torch.compile`` with static shapes (its key/value buffers span the whole context). The first
+    generation of each batch size pays the compile (seconds to a minute on a small CPU); later ones
+    reuse it. Where compiling fails (no C++ compiler, an unsupported Python) the engine says so in
+    one warning and decodes eagerly from then on. Prefill stays eager either way."""
+
+    def __init__(self, model: GPT, threads: dict[int, int] | None = None, compile: bool = False):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.threads = threads or {}
+        self.compiled = None
+        if compile:
+            try:
+                self.compiled = DecodeStep(self.model)
+            except Exception as e:  # torch.compile refuses at once on an unsupported Python
+                self._compile_failed(e)
+
+    def _compile_failed(self, e: Exception) -> None:
+        self.compiled = None
+        e = getattr(e, "inner_exception", None) or e  # dynamo wraps what the compiler raised
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"Engine(compile=True): torch.compile failed ({type(e).__name__}: {first}); "
+                      f"decoding eagerly instead", RuntimeWarning, stacklevel=3)
 
     def _threads_for(self, batch_size: int) -> int | None:
         if self.device.type != "cpu":
@@ -203,6 +224,9 @@ class Engine:
             seen[:, :L] = torch.where(pad[:, None] > torch.arange(L, device=dev)[None], idx[:, -1:], idx)  # pads repeat a real id
         stop = set(p.stop_ids)
         done = [False] * B  # rows that have emitted a stop id (plain Python: no tensor op per step)
+        # the compiled step decodes from static copies of the prefilled keys/values; ``cache`` stays
+        # as the prefill left it, so the eager step can take over if the first compiled step fails
+        compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
         for i in range(max_new):
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen)
             ids = nxt.tolist()
@@ -213,6 +237,15 @@ class Engine:
             if seen is not None:
                 seen[:, L + i] = nxt
             pos = pos + 1
+            if compiled is not None:
+                try:
+                    logits = compiled(nxt[:, None], pos)
+                    continue
+                except Exception as e:  # compiling happens on the first call: fall back once, loudly
+                    if i > 0:
+                        raise
+                    self._compile_failed(e)
+                    compiled = None
             step_mask = key_valid[..., : cache.pos + 1] if padded else None
             logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
