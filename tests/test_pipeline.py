@@ -42,6 +42,11 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
         assert rep[s]["status"] == "done", (s, rep[s]["status"])
     # KL is a Monte-Carlo estimate on 24 replies of a policy that barely moved: near 0, maybe a hair below
     assert 0 <= rep["ppo"]["win_rate_vs_sft"] <= 1 and -0.1 < rep["ppo"]["kl"] < 50
+    # the reward model is scored on held-out pairs after training, with the own-sample pairs apart
+    rw, rows = rep["reward"], [json.loads(x) for x in (out / "comparisons_heldout.jsonl").read_text().splitlines()]
+    assert rw["heldout_pairs"] == min(2000, len(rows)) and 0 < rw["own_sample_pairs"] < rw["heldout_pairs"]
+    assert rw["own_sample_pairs"] == sum(not r.get("mismatched") for r in rows) or len(rows) > 2000
+    assert 0 <= rw["own_sample_accuracy"] <= 1 and f"the {rw['own_sample_pairs']:,} between" in (out / "report.md").read_text()
 
     md = (out / "report.md").read_text()
     for heading in ("What each stage cost", "Held-out evaluation", "Pretraining", "zero-, one- and few-shot", "## SFT",

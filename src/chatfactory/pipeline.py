@@ -35,6 +35,7 @@ import torch
 from .checkpoint import atomic_write_text, has_checkpoint, load_model
 from .config import Config, save_config
 from .data import tasks as T
+from .tokenizer import Tokenizer
 
 # stage -> (module, entry point); run in this order
 TRAIN_STAGES = {
@@ -173,6 +174,9 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
 
     t = time.perf_counter()
     evals = evaluate_all(cfg, run_dir, paths, log)
+    if finished(run_dir / "reward") and paths["comparisons_heldout"].exists() and (run_dir / "tokenizer.json").exists():
+        ledger.update("reward", heldout=reward_accuracy(run_dir / "reward", paths["comparisons_heldout"],
+                                                        Tokenizer.load(run_dir / "tokenizer.json")))
     ledger.add_time("eval", time.perf_counter() - t)
     ledger.update("eval", status="done")
 
@@ -273,8 +277,6 @@ def chat_replies(model, tok, rows, max_tokens: int, temperature: float, seed: in
 def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
     """Every trained policy answers the held-out prompts; the rubric scores each reply. Cached per stage
     in RUN/eval/<stage>.json (keyed by the checkpoint and the settings), so a resumed run reuses them."""
-    from .tokenizer import Tokenizer
-
     pc = cfg.pipeline
     rows = _read_jsonl(paths["heldout"])
     tok_path = run_dir / "tokenizer.json"
@@ -319,6 +321,31 @@ def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
             if stage in out:
                 out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
     return out
+
+
+@torch.no_grad()
+def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: int = 2000, batch_size: int = 64) -> dict:
+    """The reward model's pairwise accuracy on a seeded sample of ``n`` held-out comparisons, and on
+    those of them between the policy's own samples alone (no reply to another prompt)."""
+    import random
+
+    from .data.preferences import collate, encode_pairs, read_comparisons
+    from .train.reward import bradley_terry, load_reward_model
+
+    rm = load_reward_model(stage_dir, device)
+    pairs, _ = read_comparisons(str(path))
+    own = [not r.get("mismatched") for r in _read_jsonl(path)]
+    keep = sorted(random.Random(0).sample(range(len(pairs)), min(n, len(pairs))))
+    pairs, own = [pairs[i] for i in keep], [own[i] for i in keep]
+    enc = encode_pairs(tok, pairs, rm.backbone.cfg.block_size)
+    right = []
+    for i in range(0, len(enc), batch_size):
+        b = collate(enc[i:i + batch_size], tok.pad_id)
+        margin = bradley_terry(rm(b["idx"].to(device), b["last"].to(device)))[1]
+        right += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()
+    mine = [r for r, o in zip(right, own) if o]
+    return {"pairs": len(right), "accuracy": sum(right) / max(1, len(right)),
+            "own_sample_pairs": len(mine), "own_sample_accuracy": sum(mine) / len(mine) if mine else None}
 
 
 def score_replies(rows: list[dict], replies: list[str]) -> dict:

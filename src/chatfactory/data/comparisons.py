@@ -13,7 +13,7 @@ Which pairs are written (``comparisons.pairs``):
 ``comparisons.mismatched`` = M adds to each prompt's K answers M that the policy gave to other prompts
 (of another task) before labeling, so the reward model also learns that a fluent reply to a different
 question is a bad one — the kind of reply a policy drifts to under RL, which samples of one prompt alone
-never show it.
+never show it. A pair holding such a reply carries ``"mismatched": true``.
 A prompt whose K answers all score alike gives no pair (counted as ``ties``). Each row is
 ``{"prompt": [messages], "chosen": str, "rejected": str, "chosen_score": x, "rejected_score": y}``.
 
@@ -140,7 +140,8 @@ def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | 
         chosen = pick_pairs(answers, scores, cc.pairs)
         ties += not chosen
         pairs += [{"prompt": row["messages"], "chosen": answers[i], "rejected": answers[j],
-                   "chosen_score": scores[i], "rejected_score": scores[j]} for i, j in chosen]
+                   "chosen_score": scores[i], "rejected_score": scores[j]}
+                  | ({"mismatched": True} if max(i, j) >= k else {}) for i, j in chosen]
     write_comparisons(out_path, pairs)
     res = {"prompts": len(rows), "pairs": len(pairs), "ties": ties, "mean_score": sum(all_scores) / max(1, len(all_scores)),
            "seconds": time.perf_counter() - t0}

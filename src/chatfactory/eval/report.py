@@ -144,6 +144,10 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
     m = read_metrics(run_dir / "reward" / "metrics.jsonl")
     rw.update(heldout_accuracy=last_with(m, "val_accuracy"), val_loss=last_with(m, "val_loss"),
               val_margin=last_with(m, "val_margin"))
+    full = st.get("reward", {}).get("heldout")  # 2,000 held-out pairs, scored after training (pipeline.py)
+    if full:
+        rw.update(heldout_accuracy=full["accuracy"], heldout_pairs=full["pairs"],
+                  own_sample_accuracy=full["own_sample_accuracy"], own_sample_pairs=full["own_sample_pairs"])
     rep["reward"] = rw
 
     for s in ("ppo", "dpo", "grpo"):
@@ -290,8 +294,11 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         L += [f"Each prompt's candidates: {c['k']} samples of the SFT policy{more}; every two candidates whose "
               f"rubric scores differ make a pair, the higher-scored one chosen."]
     L.append("")
-    L += ["## Reward model", "", f"{rep['reward']['status']}; held-out pairwise accuracy **{_fmt(rep['reward'].get('heldout_accuracy'))}** "
-          f"(mean margin {_fmt(rep['reward'].get('val_margin'))}).", ""]
+    rw = rep["reward"]
+    L += ["## Reward model", "", f"{rw['status']}; held-out pairwise accuracy **{_fmt(rw.get('heldout_accuracy'))}**"
+          + (f" on {rw['heldout_pairs']:,} held-out pairs; {_fmt(rw.get('own_sample_accuracy'))} on the "
+             f"{rw['own_sample_pairs']:,} between the SFT policy's own samples" if rw.get("heldout_pairs") else "")
+          + f" (mean margin {_fmt(rw.get('val_margin'))} on the sample evaluated in training).", ""]
     for s in ("ppo", "dpo", "grpo"):
         sec = rep[s]
         if s == "grpo" and sec["status"].startswith("not run: not in"):
