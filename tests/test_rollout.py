@@ -11,26 +11,37 @@ from chatfactory.model import GPT, GPTConfig
 @pytest.fixture(scope="module", params=["gpt2", "modern"])
 def model(request):
     torch.manual_seed(0)
-    return GPT(GPTConfig(flavour=request.param, depth=2, n_embd=64, head_dim=16, vocab_size=97, block_size=64)).eval()
+    gqa = {"n_kv_head": 2} if request.param == "modern" else {}  # grouped-query attention covered too
+    return GPT(GPTConfig(flavour=request.param, depth=2, n_embd=64, head_dim=16, vocab_size=97, block_size=64, **gqa)).eval()
 
 
 def no_sharing(prompts):
     return list(range(len(prompts))), list(range(len(prompts)))
 
 
+def make_engine(model, static: bool) -> Engine:
+    engine = Engine(model)
+    if static:  # the static-shape decode step of Engine(compile=True), run uncompiled
+        from chatfactory.decode_step import DecodeStep
+
+        engine.compiled = DecodeStep(model, compile=False)
+    return engine
+
+
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("lengths", [(5, 5), (3, 7)])  # equal lengths (mask-free) and left-padded
-def test_shared_prompt_prefill_gives_the_same_tokens_as_copies(model, lengths, monkeypatch):
+def test_shared_prompt_prefill_gives_the_same_tokens_as_copies(model, lengths, static, monkeypatch):
     """Rows repeating a prompt share one prefill; the sampled tokens (seeded, T=1) and greedy tokens are
-    exactly those of prefilling every copy on its own."""
+    exactly those of prefilling every copy on its own (with either decode step)."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
     rows = [x for x in prompts for _ in range(4)]
     for p in (SamplingParams(max_tokens=16, temperature=1.0, seed=5), SamplingParams(max_tokens=16, temperature=0),
               SamplingParams(max_tokens=16, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=2)):
-        shared = Engine(model).generate(rows, p)
+        shared = make_engine(model, static).generate(rows, p)
         with monkeypatch.context() as m:
             m.setattr(engine_mod, "distinct_rows", no_sharing)
-            copies = Engine(model).generate(rows, p)
+            copies = make_engine(model, static).generate(rows, p)
         assert shared == copies
     assert len({tuple(x) for x in shared[:4]}) > 1  # the copies did sample different answers
 

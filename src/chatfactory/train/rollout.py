@@ -12,6 +12,10 @@ log-probs do not depend on how much padding its neighbours forced on it (tests c
 unpadded). Log-probs are always taken from ``logits / temperature`` at the temperature that sampled the
 answers, or the PPO ratio would compare two different distributions.
 
+GRPO samples K answers to each prompt, in contiguous rows (``batch["group"] = K``): the engine prefills
+each prompt once, and ``forward_answers`` runs each prompt once per group, its keys and values shared
+by the group's answers, in the reference and policy forwards alike (gradients included).
+
     prompts = [tok.chat_prompt(row["messages"]) for row in rows]
     batch = rollout(policy, prompts, max_new_tokens=32, temperature=1.0, end_id=tok.end_id, pad_id=tok.pad_id, seed=0)
     logits = forward_answers(policy, batch)                         # (B, A, V): the positions predicting answers
