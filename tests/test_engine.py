@@ -132,7 +132,8 @@ def test_fit_messages_drops_oldest_turns_and_keeps_system():
 
 def test_compiled_decode_equals_eager_greedy():
     """Engine(compile=True) really compiles (no fallback warning) and gives the eager engine's greedy
-    tokens, for a single prompt (multiply-sum linears) and a padded batch of 5 (BLAS linears)."""
+    tokens, for a single prompt (the compiled multiply-sum step) and a padded batch of 5 (the step
+    on oneDNN-packed weights, where the CPU build has oneDNN)."""
     import warnings
 
     torch.manual_seed(0)
@@ -144,3 +145,21 @@ def test_compiled_decode_equals_eager_greedy():
         p = SamplingParams(max_tokens=20, temperature=0)
         for prompts in ([[5, 6, 7]], [[1, 2], [3, 4, 5, 6, 7], [8], [9, 10, 11], [12, 13, 14, 15]]):
             assert compiled.generate(prompts, p) == eager.generate(prompts, p)
+
+
+def test_fast_step_follows_weight_changes():
+    """The fast step reads the weights as they are now: after an in-place update (an optimizer step)
+    its tokens follow the eager engine's, for the multiply-sum (1 row) and packed (3 rows) forms."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(flavour="modern", depth=1, n_embd=64, head_dim=32, vocab_size=97, block_size=48))
+    eager, fast = Engine(model), Engine(model)
+    fast.compiled = DecodeStep(model, compile=False)
+    p = SamplingParams(max_tokens=10, temperature=0)
+    for prompts in ([[5, 6, 7]], [[1, 2], [3, 4, 5], [6]]):
+        before = fast.generate(prompts, p)
+        assert before == eager.generate(prompts, p)
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(torch.randn_like(w) * 0.5)
+        after = fast.generate(prompts, p)
+        assert after == eager.generate(prompts, p) and after != before

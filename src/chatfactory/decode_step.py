@@ -1,64 +1,80 @@
-"""One decode step with static shapes, written for ``torch.compile`` (the engine's opt-in fast path).
+"""The engine's fast decode step (``Engine(model, compile=True)``): one token per row, on CPU or GPU.
 
-On a CPU at small batch a decode step of a small model is not arithmetic-bound. Measured on a 2-core
-AMD EPYC (depth 4, width 256, vocab 4096, batch 1): MKL's matrix-vector products stream the weights
-at ~6 GB/s where a plain sum over the same bytes reaches ~30 GB/s, and ~40 small dispatched ops add
-the rest. This step is the same computation as ``GPT.forward`` on one token per row, written so that
-inductor compiles the whole of it into a few fused C++ loops (gpt-fast's recipe):
+A decode step of a small model on a CPU is not arithmetic-bound. Measured on a 2-core AMD EPYC
+(depth 4, width 256, vocab 4096): MKL's matrix-vector products stream the weights at ~6 GB/s where a
+plain sum over the same bytes reaches ~30 GB/s, about 40 small dispatched ops add the rest, and at
+batch 8 MKL's small matrix products run ~2.3x slower than oneDNN's on weights packed in advance.
+So the step comes in two forms, the same computation as ``GPT.forward`` on one token per row:
 
-* shapes never change from one step to the next: each layer has its own key/value buffer spanning
+* **compiled** (batches of up to ``GEMV_MAX_ROWS`` rows, and any batch on a GPU): written so that
+  ``torch.compile`` (inductor) turns the whole step into a few fused loops, gpt-fast's recipe.
+  Shapes never change from one step to the next: each layer has its own key/value buffer spanning
   the whole context (separate tensors, so the in-place write stays in place instead of copying a
-  shared base), the new key/value is written at a slot given as a tensor, and attention runs over
-  every slot with a mask (slots past the current one and left pads are hidden). One compiled graph
-  serves every step of a generation, and every later generation of the same batch size;
-* at small batch a linear is written as broadcast-multiply-sum, which inductor emits as one
-  vectorised reduction streaming each weight matrix once (fused with its bias and what follows);
-  larger batches keep the matrix multiply (BLAS wins once a weight is reused across rows);
-* attention is matmul, masked softmax, matmul: CPU's fused attention kernel costs more than the
-  work for one query against a few hundred keys.
+  shared base), the new key/value goes to a slot given as a tensor, and attention (matmul, masked
+  softmax, matmul) runs over every slot with a mask hiding later slots and left pads. A linear at
+  such a batch is a broadcast-multiply-sum, which inductor emits as one vectorised reduction that
+  streams each weight matrix once. One graph per batch size serves every later step and generation.
+* **packed** (larger batches on a CPU with oneDNN): eager, each linear a oneDNN matrix product on
+  weights reordered once into oneDNN's blocked layout (``torch.compile`` cannot take such tensors as
+  inputs, and freezing them in as constants would go stale when the weights change). Attention is
+  ``scaled_dot_product_attention`` over the filled slots only.
 
-The weights are read from the model at every call (graph inputs, not constants folded in at compile
-time), so the step stays right when the weights change between generations (RL rollouts).
+Weights are read from the model at every compiled call (graph inputs, not constants); the packed
+copies are remade whenever a weight tensor has changed since packing (its version counter moved), so
+the step stays right when the weights change between generations (RL rollouts).
 
-    step = DecodeStep(model).begin(cache)         # after a prefill into ``cache`` (a KVCache)
-    logits = step(ids, positions)                 # (B, vocab); compiles on a batch size's first step
+    step = DecodeStep(model).begin(cache)   # after a prefill into ``cache`` (a KVCache)
+    logits = step(ids, positions)           # (B, vocab); compiles on a batch size's first step
 
-``step_logits`` is the uncompiled function (tests compare it with ``GPT.forward``); the engine's
-``Engine(model, compile=True)`` drives all of this and falls back to its eager step with a one-line
-warning when compiling fails (no C++ compiler, an unsupported Python).
+``step_logits`` is the step itself; tests run it uncompiled (``DecodeStep(model, compile=False)``)
+against ``GPT.forward``. ``Engine`` falls back to its eager step, with one warning, when compiling
+fails (no C++ compiler, an unsupported Python).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import GPT, KVCache, apply_rope, rope_cos_sin
 
-# Up to this many rows a linear is a multiply-sum (one pass over the weights); above it, BLAS.
-GEMV_MAX_ROWS = 4
+# Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones the
+# packed step (measured on the bench's model: at 2 rows compiled 2.8 vs packed 3.3 ms per step, at 4
+# rows 4.3 vs 3.0).
+GEMV_MAX_ROWS = 2
 
 
-def _linear(x: torch.Tensor, layer: torch.nn.Linear, gemv: bool) -> torch.Tensor:
-    if not gemv:
-        return layer(x)
-    y = (x.unsqueeze(-2) * layer.weight).sum(-1)  # (..., out): inductor fuses this into one loop
+def gemv(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """A linear as multiply-sum: under inductor one loop streaming the weight once (small batches)."""
+    y = (x.unsqueeze(-2) * layer.weight).sum(-1)
     return y if layer.bias is None else y + layer.bias
 
 
+def blas(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return layer(x)
+
+
 def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids: torch.Tensor,
-                positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor, gemv: bool) -> torch.Tensor:
+                positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
+                linear: Callable[[torch.Tensor, nn.Linear], torch.Tensor], span: int | None = None) -> torch.Tensor:
     """One token per row through the model -> logits (B, vocab).
 
     ks[layer], vs[layer]: (B, kv_heads, S, head_dim) buffers; this step's keys/values go to slot
-    ``slot`` (a 1-element long tensor) and it attends to slots <= slot where ``key_valid`` (B, S)
-    is True. ids, positions: (B, 1)."""
+    ``slot`` (a 1-element long tensor). Attention sees the slots <= slot where ``key_valid`` (B, S)
+    is True: with ``span`` None over all S slots through a mask (static shapes, for compiling),
+    with ``span`` = slot + 1 over those slots only (eager; there ``key_valid`` may be None: no
+    pads). ids, positions: (B, 1)."""
     cfg = model.cfg
     B, H, G, D = ids.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
     S = ks[0].size(2)
-    visible = (key_valid & (torch.arange(S, device=ids.device) <= slot))[:, None, None, :]  # (B, 1, 1, S)
+    if span is None:
+        visible = (key_valid & (torch.arange(S, device=ids.device) <= slot))[:, None, None, :]  # (B, 1, 1, S)
+    else:  # eager: key_valid None when every prompt slot is real (no mask, SDPA's fastest path)
+        visible = None if key_valid is None else key_valid[:, None, None, :span]
     x = model.tok_emb(ids)
     rope = None
     if model.pos_emb is not None:
@@ -67,7 +83,7 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
         rope = rope_cos_sin(D, positions, cfg.rope_theta)
     for layer, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
-        q, k, v = _linear(block.norm1(x), attn.qkv, gemv).split([H * D, G * D, G * D], dim=-1)
+        q, k, v = linear(block.norm1(x), attn.qkv).split([H * D, G * D, G * D], dim=-1)
         q = q.view(B, 1, H, D).transpose(1, 2)
         k = k.view(B, 1, G, D).transpose(1, 2)
         v = v.view(B, 1, G, D).transpose(1, 2)
@@ -75,35 +91,78 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         ks[layer].index_copy_(2, slot, k)
         vs[layer].index_copy_(2, slot, v)
-        # grouped-query attention without repeating keys: the H // G query heads of a key head
-        # become that head's rows
-        qg = q.reshape(B, G, H // G, D)
-        scores = (qg @ ks[layer].transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, G, H // G, S)
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        y = (probs @ vs[layer]).reshape(B, 1, H * D)
-        x = x + _linear(y, attn.proj, gemv)
-        h = _linear(block.norm2(x), mlp.fc, gemv)
+        if span is None:
+            # grouped-query attention without repeating keys: the H // G query heads of a key
+            # head become that head's rows
+            qg = q.reshape(B, G, H // G, D)
+            scores = (qg @ ks[layer].transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, G, H // G, S)
+            probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+            y = (probs @ vs[layer]).reshape(B, 1, H * D)
+        else:
+            y = F.scaled_dot_product_attention(q, ks[layer][:, :, :span], vs[layer][:, :, :span],
+                                               attn_mask=visible, enable_gqa=G != H)
+            y = y.transpose(1, 2).reshape(B, 1, H * D)
+        x = x + linear(y, attn.proj)
+        h = linear(block.norm2(x), mlp.fc)
         if mlp.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
-        x = x + _linear(h, mlp.proj, gemv)
-    return _linear(model.norm_f(x), model.lm_head, gemv)[:, -1]
+        x = x + linear(h, mlp.proj)
+    return linear(model.norm_f(x), model.lm_head)[:, -1]
+
+
+class _Packed:
+    """oneDNN-packed copies of every linear's weight for one batch size, remade when a weight changes."""
+
+    def __init__(self, model: GPT, batch_size: int):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.batch_size = batch_size
+        self.stamp = None
+
+    def _current(self):
+        return [(id(m.weight), _version(m.weight), m.weight.data_ptr()) for m in self.layers]
+
+    def linear(self) -> Callable[[torch.Tensor, nn.Linear], torch.Tensor]:
+        if self.stamp != self._current():
+            self.packs = {id(m): torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), self.batch_size)
+                          for m in self.layers}
+            self.stamp = self._current()
+        packs = self.packs
+
+        def packed(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, packs[id(layer)], layer.bias, "none", [], "")
+
+        return packed
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version  # moves on every in-place change (optimizer steps, load_state_dict)
+    except RuntimeError:  # an inference tensor has no version counter (and no in-place change outside inference mode)
+        return -1
+
+
+def _packs_on(model: GPT, batch_size: int) -> bool:
+    p = model.tok_emb.weight
+    return (batch_size > GEMV_MAX_ROWS and p.device.type == "cpu" and p.dtype == torch.float32
+            and torch.backends.mkldnn.is_available())
 
 
 class DecodeStep:
-    """The compiled step; ``begin`` gives one generation its own static buffers and step function.
+    """The step functions of one model; ``begin`` gives one generation its buffers and its step.
 
-    Buffers belong to one generation (nothing is shared between two streams of one engine); they are
-    allocated zeroed, so slots not yet written hold zeros, never a stale value that a masked softmax
-    weight of 0 could turn into NaN (0 * inf)."""
+    Buffers belong to one generation (two streams of one engine share nothing); they are allocated
+    zeroed, so a slot not yet written holds zeros, never a stale value that a masked softmax weight
+    of 0 could turn into NaN (0 * inf)."""
 
     def __init__(self, model: GPT, compile: bool = True):
         self.model = model
         # dynamic=False: one graph per batch size, every shape static (inductor's best code). The
         # graphs are cached on ``step_logits`` itself, so later engines over the same model reuse them.
         self.fn = torch.compile(step_logits, dynamic=False, fullgraph=True) if compile else step_logits
+        self.packed: dict[int, _Packed] = {}
 
     def begin(self, cache: KVCache, valid: torch.Tensor | None = None):
         """Start decoding after a prefill: ``cache`` holds the prompts' keys/values (``cache.pos``
@@ -122,11 +181,24 @@ class DecodeStep:
         if valid is not None:
             key_valid[:, :n] = valid
         slot = torch.tensor([n], device=cache.k.device)
-        gemv = B <= GEMV_MAX_ROWS
 
-        def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            logits = self.fn(model, ks, vs, ids, positions, slot, key_valid, gemv)
-            slot.add_(1)
-            return logits
+        if _packs_on(model, B):
+            linear = self.packed.setdefault(B, _Packed(model, B)).linear()
+            span = [n]  # filled slots after this step's write, kept on the host
+
+            mask = key_valid if valid is not None else None
+
+            def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                span[0] += 1
+                logits = step_logits(model, ks, vs, ids, positions, slot, mask, linear, span[0])
+                slot.add_(1)
+                return logits
+        else:
+            linear = gemv if B <= GEMV_MAX_ROWS else blas
+
+            def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                logits = self.fn(model, ks, vs, ids, positions, slot, key_valid, linear)
+                slot.add_(1)
+                return logits
 
         return step
