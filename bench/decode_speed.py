@@ -9,9 +9,10 @@ produced the same tokens.
 
 Ours runs ``Engine(model, compile=True)``, the fast decode step of ``chatfactory/decode_step.py``:
 at batch 1 the step compiled by ``torch.compile``, at batch 8 an eager step on oneDNN-packed
-weights. Compiling (and packing) happens on the first generation of each batch size; that call is
-the warm-up every measurement here starts with (for both sides), so compile time is excluded from
-tokens/s and printed on its own ("first call ... s"). ``--no-compile`` measures the eager engine.
+weights. Compiling (and packing) happens on the first generation of each batch size, and again
+when the thread count changes; that call is the warm-up every measurement here starts with (for
+both sides), so compile time is excluded from tokens/s, and the first one is printed on its own
+("first call ... s"). ``--no-compile`` measures the eager engine.
 
     .venv/bin/python bench/decode_speed.py [--new 256 --prompt 32 --repeats 3 --no-compile]
 

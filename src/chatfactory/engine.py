@@ -11,7 +11,8 @@ position ids, so a row's tokens do not depend on its neighbours.
     outs = engine.generate([ids_a, ids_b], SamplingParams(temperature=0))   # greedy, batched
 
 Batches whose prompts have equal lengths run without any mask (plain causal prefill, mask-free decode
-steps); only the last position's logits are computed at prefill. When a conversation outgrows the
+steps); only the last position's logits are computed at prefill. ``Engine(model, compile=True)``
+swaps the decode step for the faster one of ``decode_step.py``. When a conversation outgrows the
 context, ``fit_messages`` drops its oldest turns (keeping the system prompt) before it reaches here.
 ``bench/decode_speed.py`` measures this engine against Hugging Face ``generate``.
 """
@@ -127,11 +128,14 @@ class Engine:
     ``threads`` maps a batch size to the torch thread count used while decoding it on CPU
     (default: ``default_threads``); the caller's setting is restored between steps.
 
-    ``compile=True`` decodes with ``decode_step.DecodeStep``: the one-token step compiled by
-    ``torch.compile`` with static shapes (its key/value buffers span the whole context). The first
-    generation of each batch size pays the compile (seconds to a minute on a small CPU); later ones
-    reuse it. Where compiling fails (no C++ compiler, an unsupported Python) the engine says so in
-    one warning and decodes eagerly from then on. Prefill stays eager either way."""
+    ``compile=True`` decodes with ``decode_step.DecodeStep`` (2-3x the eager step on a small CPU
+    model): batches of 1-2 rows (any batch on a GPU) run the one-token step compiled by
+    ``torch.compile`` with static shapes (key/value buffers spanning the whole context), larger
+    CPU batches an eager step on oneDNN-packed weights (a second copy of the weights, remade when
+    they change). The first generation of each batch size (and thread count) pays the compile,
+    seconds to a minute on a small CPU; later ones, in any engine over the model, reuse it. Where
+    compiling fails (no C++ compiler, an unsupported Python) the engine says so in one warning and
+    decodes eagerly from then on. Prefill stays eager either way."""
 
     def __init__(self, model: GPT, threads: dict[int, int] | None = None, compile: bool = False):
         self.model = model.eval()
