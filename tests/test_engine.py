@@ -163,3 +163,19 @@ def test_fast_step_follows_weight_changes():
                 w.add_(torch.randn_like(w) * 0.5)
         after = fast.generate(prompts, p)
         assert after == eager.generate(prompts, p) and after != before
+
+
+def test_failed_compile_warns_once_and_decodes_eagerly():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(flavour="gpt2", depth=1, n_embd=64, vocab_size=97, block_size=48))
+    fast = Engine(model)
+    fast.compiled = DecodeStep(model, compile=False)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    fast.compiled.fn = broken
+    p = SamplingParams(max_tokens=8, temperature=0)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: no C.. compiler found.; decoding eagerly"):
+        out = fast.generate([[5, 6, 7]], p)
+    assert out == Engine(model).generate([[5, 6, 7]], p) and fast.compiled is None
