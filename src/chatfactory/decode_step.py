@@ -170,7 +170,10 @@ class DecodeStep:
         Returns ``step(ids (B, 1), positions (B, 1)) -> logits (B, vocab)``; call i writes slot
         cache.pos + i."""
         model, n = self.model, cache.pos
-        B, length = cache.k.size(1), model.cfg.block_size
+        B = cache.k.size(1)
+        packed = _packs_on(model, B)
+        # the compiled step's shapes must not depend on the prompt: its buffers span the context
+        length = cache.k.size(3) if packed else model.cfg.block_size
         ks, vs = [], []
         for layer in range(model.cfg.depth):
             for bufs, src in ((ks, cache.k), (vs, cache.v)):
@@ -182,7 +185,7 @@ class DecodeStep:
             key_valid[:, :n] = valid
         slot = torch.tensor([n], device=cache.k.device)
 
-        if _packs_on(model, B):
+        if packed:
             linear = self.packed.setdefault(B, _Packed(model, B)).linear()
             span = [n]  # filled slots after this step's write, kept on the host
 

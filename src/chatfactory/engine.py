@@ -128,8 +128,8 @@ class Engine:
     ``threads`` maps a batch size to the torch thread count used while decoding it on CPU
     (default: ``default_threads``); the caller's setting is restored between steps.
 
-    ``compile=True`` decodes with ``decode_step.DecodeStep`` (2-3x the eager step on a small CPU
-    model): batches of 1-2 rows (any batch on a GPU) run the one-token step compiled by
+    ``compile=True`` decodes with ``decode_step.DecodeStep`` (on the bench's small CPU model, ~2x
+    the eager step at batch 1, ~1.4x at batch 8): batches of 1-2 rows (any batch on a GPU) run the one-token step compiled by
     ``torch.compile`` with static shapes (key/value buffers spanning the whole context), larger
     CPU batches an eager step on oneDNN-packed weights (a second copy of the weights, remade when
     they change). The first generation of each batch size (and thread count) pays the compile,
