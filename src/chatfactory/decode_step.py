@@ -153,9 +153,9 @@ def _packs_on(model: GPT, batch_size: int) -> bool:
 class DecodeStep:
     """The step functions of one model; ``begin`` gives one generation its buffers and its step.
 
-    Buffers belong to one generation (two streams of one engine share nothing); they are allocated
-    zeroed, so a slot not yet written holds zeros, never a stale value that a masked softmax weight
-    of 0 could turn into NaN (0 * inf)."""
+    Buffers belong to one generation (two streams of one engine share nothing); the compiled step's
+    are allocated zeroed, so a slot not yet written holds zeros, never a stale value that a masked
+    softmax weight of 0 could turn into NaN (0 * inf)."""
 
     def __init__(self, model: GPT, compile: bool = True):
         self.model = model
@@ -169,39 +169,42 @@ class DecodeStep:
         positions), ``valid`` (B, cache.pos) marks real (not pad) prompt tokens, None for all.
         Returns ``step(ids (B, 1), positions (B, 1)) -> logits (B, vocab)``; call i writes slot
         cache.pos + i."""
-        model, n = self.model, cache.pos
+        model, n, dev = self.model, cache.pos, cache.k.device
         B = cache.k.size(1)
-        packed = _packs_on(model, B)
-        # the compiled step's shapes must not depend on the prompt: its buffers span the context
-        length = cache.k.size(3) if packed else model.cfg.block_size
-        ks, vs = [], []
-        for layer in range(model.cfg.depth):
-            for bufs, src in ((ks, cache.k), (vs, cache.v)):
-                buf = src.new_zeros(B, src.size(2), length, src.size(4))
-                buf[:, :, :n] = src[layer, :, :, :n]
-                bufs.append(buf)
-        key_valid = torch.ones(B, length, dtype=torch.bool, device=cache.k.device)
-        if valid is not None:
-            key_valid[:, :n] = valid
-        slot = torch.tensor([n], device=cache.k.device)
-
-        if packed:
+        slot = torch.tensor([n], device=dev)
+        if _packs_on(model, B):  # eager: it writes into the prefill's own cache and reads its filled part
             linear = self.packed.setdefault(B, _Packed(model, B)).linear()
-            span = [n]  # filled slots after this step's write, kept on the host
-
-            mask = key_valid if valid is not None else None
+            ks, vs = list(cache.k.unbind(0)), list(cache.v.unbind(0))
+            mask = None
+            if valid is not None:
+                mask = torch.ones(B, cache.k.size(3), dtype=torch.bool, device=dev)
+                mask[:, :n] = valid
+            span = [n]  # slots filled once this step has written its own, kept on the host
 
             def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                 span[0] += 1
                 logits = step_logits(model, ks, vs, ids, positions, slot, mask, linear, span[0])
                 slot.add_(1)
                 return logits
-        else:
-            linear = gemv if B <= GEMV_MAX_ROWS else blas
 
-            def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-                logits = self.fn(model, ks, vs, ids, positions, slot, key_valid, linear)
-                slot.add_(1)
-                return logits
+            return step
+
+        # compiled: shapes must not depend on the prompt, so the buffers span the whole context;
+        # the prefill's cache is copied, not written, so the engine's eager step can still take over
+        ks, vs = [], []
+        for layer in range(model.cfg.depth):
+            for bufs, src in ((ks, cache.k), (vs, cache.v)):
+                buf = src.new_zeros(B, src.size(2), model.cfg.block_size, src.size(4))
+                buf[:, :, :n] = src[layer, :, :, :n]
+                bufs.append(buf)
+        key_valid = torch.ones(B, model.cfg.block_size, dtype=torch.bool, device=dev)
+        if valid is not None:
+            key_valid[:, :n] = valid
+        linear = gemv if B <= GEMV_MAX_ROWS else blas
+
+        def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            logits = self.fn(model, ks, vs, ids, positions, slot, key_valid, linear)
+            slot.add_(1)
+            return logits
 
         return step

@@ -228,8 +228,8 @@ class Engine:
             seen[:, :L] = torch.where(pad[:, None] > torch.arange(L, device=dev)[None], idx[:, -1:], idx)  # pads repeat a real id
         stop = set(p.stop_ids)
         done = [False] * B  # rows that have emitted a stop id (plain Python: no tensor op per step)
-        # the compiled step decodes from static copies of the prefilled keys/values; ``cache`` stays
-        # as the prefill left it, so the eager step can take over if the first compiled step fails
+        # the fast step never moves ``cache.pos`` (it copies the prefill's keys/values, or writes
+        # past them), so the eager step can still take over if the first fast step fails
         compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
         for i in range(max_new):
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen)
