@@ -115,7 +115,9 @@ def default_threads(batch_size: int) -> int | None:
 
     Measured with bench/decode_speed.py (depth 4, width 256, vocab 4096, 256 new tokens) on an idle
     2-core slice of a Xeon: two threads beat one at batch 1 (620-800 vs 510-610 tokens/s) as well as
-    at batch 8, so no batch size is pinned. On a machine shared with other busy processes, one
+    at batch 8, so no batch size is pinned. The same holds for ``Engine(model, compile=True)`` on an
+    idle 2-core AMD EPYC (batch 1: 890-1520 tokens/s at two threads, 510-600 at one; batch 8:
+    2630-3130 vs 1930-1960). On a machine shared with other busy processes, one
     thread is far faster (oversubscribed threads wait on each other): pass ``Engine(model,
     threads={1: 1})`` there."""
     return None
