@@ -135,6 +135,9 @@ def test_ctrl_c_stops_a_reply_not_the_program(tmp_path):
         model.lm_head.weight[list(tok.special.values())] = 0.0
     save_checkpoint(tmp_path / "sft", unique_state_dict(model), {"stage": "sft", "model": cfg.to_dict(), "finished": True})
     cmd = cli_cmd("chat", "--run", tmp_path, "--temperature", "0", "--max-tokens", "4000")
+    # started with SIGINT ignored, as a background job of a non-interactive shell (CI under nohup)
+    # starts it: the chat must still stop a reply on Ctrl-C
+    cmd = ["bash", "-c", 'trap "" INT; exec "$0" "$@"', *map(str, cmd)]
     child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", codec_errors="replace", timeout=60)
     try:
         child.expect("you> ")

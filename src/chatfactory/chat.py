@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -157,6 +158,9 @@ def run_chat(a) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    # Ctrl-C must stop a reply even when we were started with SIGINT ignored (a background job of a
+    # non-interactive shell inherits that, and Python then never raises KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     out = lambda s: print(s, flush=True)  # noqa: E731
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
     print(f"chatting with {a.run}/{stage} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.block_size}-token "
