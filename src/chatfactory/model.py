@@ -88,6 +88,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32:  # no casts: a decode step is many tiny ops
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -102,12 +104,14 @@ def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, D); cos/sin: (T, D) or (B, T, D)."""
-    if cos.dim() == 3:
+    """x: (B, H, T, D) with cos/sin (T, D) or (B, T, D); or any x that cos/sin broadcast against."""
+    if cos.dim() == 3 and x.dim() == 4 and cos.size(-2) == x.size(-2):
         cos, sin = cos[:, None], sin[:, None]
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -146,12 +150,13 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, cache: KVCache | None = None, attn_mask=None):
         B, T, _ = x.shape
         c = self.cfg
-        q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
-        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x).view(B, T, c.n_head + 2 * c.n_kv_head, c.head_dim)
+        qk, v = qkv.split([c.n_head + c.n_kv_head, c.n_kv_head], dim=2)
+        if rope is not None:  # q and k rotate together: one set of ops instead of two
+            cos, sin = rope
+            qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q, k = qk.split([c.n_head, c.n_kv_head], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         gqa = c.n_kv_head != c.n_head
@@ -196,8 +201,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, attn_mask=None):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, attn_mask))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        a = self.attn(self.norm1(x), rope, cache, attn_mask)
+        x = x + (self.drop(a) if self.drop.p else a)
+        m = self.mlp(self.norm2(x))
+        return x + (self.drop(m) if self.drop.p else m)
 
 
 class GPT(nn.Module):
@@ -262,7 +269,8 @@ class GPT(nn.Module):
             x = x + self.pos_emb(positions)
         else:
             rope = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
-        x = self.drop(x)
+        if self.drop.p:
+            x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, attn_mask)
         if cache is not None:
