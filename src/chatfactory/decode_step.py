@@ -80,7 +80,7 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
     if model.pos_emb is not None:
         x = x + model.pos_emb(positions)
     else:
-        rope = rope_cos_sin(D, positions, cfg.rope_theta)
+        rope = tuple(t.unsqueeze(1) for t in rope_cos_sin(D, positions, cfg.rope_theta))  # (B, 1, 1, D): over heads
     for layer, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
         q, k, v = linear(block.norm1(x), attn.qkv).split([H * D, G * D, G * D], dim=-1)

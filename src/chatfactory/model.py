@@ -104,9 +104,8 @@ def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, D) with cos/sin (T, D) or (B, T, D); or any x that cos/sin broadcast against."""
-    if cos.dim() == 3 and x.dim() == 4 and cos.size(-2) == x.size(-2):
-        cos, sin = cos[:, None], sin[:, None]
+    """Rotate x (..., D) by cos/sin tables that broadcast against it: the caller puts their position
+    axis where x has its own (e.g. (T, 1, D) for x laid out (B, T, heads, D))."""
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     if cos.dtype != x.dtype:
