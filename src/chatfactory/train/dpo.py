@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, resolve_stage
 from ..config import Config
-from ..data.preferences import PairBatches, collate, pair_data, val_chunks
-from .loop import Stage, all_reduce_sum, setup_dist, train
-from .reward import run_tokenizer
+from ..data.preferences import PairBatches, collate, val_chunks
+from .loop import Stage, all_reduce_sum, train
+from .reward import pair_stage_inputs
 
 
 def answer_logps(model, idx: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -86,15 +86,8 @@ class DPOStage(Stage):
 
 def run_dpo(cfg: Config, run_dir) -> dict:
     """DPO from ``cfg.dpo.init_from`` (the reference too, unless ``ref_from``); writes ``run_dir/dpo``."""
-    run_dir, dc = Path(run_dir), cfg.dpo
-    dc = dataclasses.replace(dc, data=dc.data or str(run_dir / "comparisons.jsonl"))
-    d = setup_dist(dc.device)
-    init_dir = resolve_stage(run_dir, dc.init_from, "dpo.init_from")
-    tok = run_tokenizer(run_dir, init_dir)
-    train_pairs, val_pairs, skipped = pair_data(dc, tok)
-    policy, _ = load_model(init_dir)
-    if dc.seq_len > policy.cfg.block_size:
-        raise ValueError(f"dpo.seq_len={dc.seq_len} exceeds the model's block_size={policy.cfg.block_size} ({init_dir})")
+    run_dir = Path(run_dir)
+    dc, d, init_dir, tok, train_pairs, val_pairs, skipped, policy = pair_stage_inputs(run_dir, cfg.dpo, "dpo")
     reference, _ = load_model(resolve_stage(run_dir, dc.ref_from or dc.init_from, "dpo.ref_from" if dc.ref_from else "dpo.init_from"),
                               device=d.device)
     reference.requires_grad_(False)

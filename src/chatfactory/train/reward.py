@@ -136,17 +136,25 @@ def mean_score(model: RewardModel, pairs, pad_id: int, batch_size: int, device) 
     return total / max(1, n)
 
 
+def pair_stage_inputs(run_dir: Path, pc, name: str):
+    """What a stage trained on comparisons (``name``: reward, dpo) starts from -> (``pc`` with its data
+    defaulting to RUN/comparisons.jsonl, the distributed setup, the init stage's directory, the tokenizer,
+    train pairs, held-out pairs, malformed rows skipped, the init weights checked against ``pc.seq_len``)."""
+    pc = dataclasses.replace(pc, data=pc.data or str(run_dir / "comparisons.jsonl"))
+    d = setup_dist(pc.device)
+    init_dir = resolve_stage(run_dir, pc.init_from, f"{name}.init_from")
+    tok = run_tokenizer(run_dir, init_dir)
+    train_pairs, val_pairs, skipped = pair_data(pc, tok)
+    gpt, _ = load_model(init_dir)
+    if pc.seq_len > gpt.cfg.block_size:
+        raise ValueError(f"{name}.seq_len={pc.seq_len} exceeds the model's block_size={gpt.cfg.block_size} ({init_dir})")
+    return pc, d, init_dir, tok, train_pairs, val_pairs, skipped, gpt
+
+
 def run_reward(cfg: Config, run_dir) -> dict:
     """Train the reward model on ``cfg.reward.data``; writes ``run_dir/reward``. Safe to re-run: it resumes."""
-    run_dir, rc = Path(run_dir), cfg.reward
-    rc = dataclasses.replace(rc, data=rc.data or str(run_dir / "comparisons.jsonl"))
-    d = setup_dist(rc.device)
-    init_dir = resolve_stage(run_dir, rc.init_from, "reward.init_from")
-    tok = run_tokenizer(run_dir, init_dir)
-    train_pairs, val_pairs, skipped = pair_data(rc, tok)
-    gpt, _ = load_model(init_dir)
-    if rc.seq_len > gpt.cfg.block_size:
-        raise ValueError(f"reward.seq_len={rc.seq_len} exceeds the model's block_size={gpt.cfg.block_size} ({init_dir})")
+    run_dir = Path(run_dir)
+    rc, d, init_dir, tok, train_pairs, val_pairs, skipped, gpt = pair_stage_inputs(run_dir, cfg.reward, "reward")
     torch.manual_seed(rc.seed)  # the head's init
     model = RewardModel(gpt)
     stage = RewardStage(rc, train_pairs, val_pairs, tok.pad_id, model.cfg.to_dict())
