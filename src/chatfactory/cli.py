@@ -42,6 +42,15 @@ def cmd_tokenizer(a):
     print(f"{a.out}/tokenizer.json: {tok.vocab_size} tokens")
 
 
+def _add_sampling_args(p, max_tokens: int, temperature: float) -> None:
+    """The sampling options ``sample`` and ``chat`` share (engine.SamplingParams)."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def _stage_parser(sub, name: str, help: str) -> None:
     p = sub.add_parser(name, help=help)
     _add_config_args(p)
@@ -215,23 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="which weights: pretrain, sft, ppo, … (default: the last trained)")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
+    _add_sampling_args(p, max_tokens=100, temperature=0.8)
     p.set_defaults(fn=cmd_sample)
     p = sub.add_parser("chat", help="talk to a trained run in the terminal (streaming, history, /help for commands)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="pretrain, sft, ppo, dpo, grpo (default: the last finished stage)")
     p.add_argument("--prompt", default=None, help="answer this once, print only the answer and exit (for scripts)")
     p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
+    _add_sampling_args(p, max_tokens=256, temperature=0.7)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
-    p.add_argument("--seed", type=int, default=None)
     p.set_defaults(fn=cmd_chat)
     p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
