@@ -329,20 +329,20 @@ def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: in
     those of them between the policy's own samples alone (no reply to another prompt)."""
     import random
 
-    from .data.preferences import collate, encode_pairs, read_comparisons
-    from .train.reward import bradley_terry, load_reward_model
+    from .data.preferences import collate, encode_pairs, parse_pair
+    from .data.sources import read_jsonl
+    from .train.reward import bradley_terry, load_reward_model, pair_right
 
     rm = load_reward_model(stage_dir, device)
-    pairs, _ = read_comparisons(str(path))
-    own = [not r.get("mismatched") for r in _read_jsonl(path)]
-    keep = sorted(random.Random(0).sample(range(len(pairs)), min(n, len(pairs))))
-    pairs, own = [pairs[i] for i in keep], [own[i] for i in keep]
+    rows = list(read_jsonl(path))  # (line number, row)
+    keep = sorted(random.Random(0).sample(range(len(rows)), min(n, len(rows))))
+    pairs = [parse_pair(rows[i][1], f"{path}:{rows[i][0]}") for i in keep]
+    own = [not rows[i][1].get("mismatched") for i in keep]
     enc = encode_pairs(tok, pairs, rm.backbone.cfg.block_size)
     right = []
     for i in range(0, len(enc), batch_size):
         b = collate(enc[i:i + batch_size], tok.pad_id)
-        margin = bradley_terry(rm(b["idx"].to(device), b["last"].to(device)))[1]
-        right += ((margin > 0).float() + 0.5 * (margin == 0).float()).tolist()
+        right += pair_right(bradley_terry(rm(b["idx"].to(device), b["last"].to(device)))[1]).tolist()
     mine = [r for r, o in zip(right, own) if o]
     return {"pairs": len(right), "accuracy": sum(right) / max(1, len(right)),
             "own_sample_pairs": len(mine), "own_sample_accuracy": sum(mine) / len(mine) if mine else None}

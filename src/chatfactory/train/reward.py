@@ -91,6 +91,12 @@ def bradley_terry(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.logsigmoid(margin).mean(), margin
 
 
+def pair_right(margin: torch.Tensor) -> torch.Tensor:
+    """Per-pair credit from margins: 1 right, 0 wrong, and a tie half right — so a model that scores
+    everything alike sits at exactly 50%."""
+    return (margin > 0).double() + 0.5 * (margin == 0).double()
+
+
 class RewardStage(Stage):
     name = "reward"
 
@@ -116,8 +122,7 @@ class RewardStage(Stage):
             b = collate(chunk, self.pad_id)
             scores = model(b["idx"].to(d.device), b["last"])
             _, margin = bradley_terry(scores)
-            # a tie is half right: a model that scores everything alike sits at exactly 50%
-            tot += torch.stack([((margin > 0).double() + 0.5 * (margin == 0).double()).sum(),
+            tot += torch.stack([pair_right(margin).sum(),
                                 -F.logsigmoid(margin).double().sum(), margin.double().sum(),
                                 torch.tensor(float(len(chunk)), dtype=torch.float64, device=d.device)])
         tot = all_reduce_sum(tot)
