@@ -100,9 +100,16 @@ def add_mismatched(rows: list[dict], samples: list[list[str]], m: int, seed: int
     rows name tasks — drawn with a seeded generator, so the result is a function of the inputs."""
     import random
 
+    pools: dict = {}  # a task -> the rows of other tasks (built once per task, not once per row)
     out = []
     for i, (row, answers) in enumerate(zip(rows, samples)):
-        others = [j for j, r in enumerate(rows) if j != i and (not row.get("task") or r.get("task") != row.get("task"))]
+        task = row.get("task")
+        if task:
+            others = pools.get(task)
+            if others is None:
+                others = pools[task] = [j for j, r in enumerate(rows) if r.get("task") != task]
+        else:
+            others = [j for j in range(len(rows)) if j != i]
         rng = random.Random(f"{seed}:{i}")
         picked = rng.sample(others, min(m, len(others)))
         out.append(answers + [samples[j][rng.randrange(len(samples[j]))] for j in picked])
