@@ -100,18 +100,16 @@ def test_prompts_shots_and_chat_rendering(tok):
 
 def test_task_file_errors_name_file_and_line(tmp_path):
     p = tmp_path / "t.jsonl"
-    p.write_text('{"context": "a", "choices": [" x", " y"], "gold": 1}\n{"context": "b", "choices": [" x"], "gold": 0}\n')
-    with pytest.raises(DataError, match=r"t.jsonl:2: 'choices'"):
-        load_task(p)
-    p.write_text('{"context": "a", "choices": [" x", " y"], "gold": 5}\n')
-    with pytest.raises(DataError, match=r"t.jsonl:1: .*gold"):
-        load_task(p)
-    p.write_text('{"context": "a", "answer": "b"}\n{"text": "no context"}\n')
-    with pytest.raises(DataError, match=r"t.jsonl:2: .*context"):
-        load_task(p)
-    p.write_text('{"context": "a", "answer": "b"}\nnot json\n')
-    with pytest.raises(DataError, match=r"t.jsonl:2: not valid JSON"):
-        load_task(p)
+    for text, message in [
+        ('{"context": "a", "choices": [" x", " y"], "gold": 1}\n{"context": "b", "choices": [" x"], "gold": 0}\n',
+         r"t.jsonl:2: 'choices'"),
+        ('{"context": "a", "choices": [" x", " y"], "gold": 5}\n', r"t.jsonl:1: .*gold"),
+        ('{"context": "a", "answer": "b"}\n{"text": "no context"}\n', r"t.jsonl:2: .*context"),
+        ('{"context": "a", "answer": "b"}\nnot json\n', r"t.jsonl:2: not valid JSON"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_task(p)
     # "answer" as an index, as data/tasks.fewshot_rows writes it, is the gold choice
     p.write_text('{"context": "a", "choices": [" x", " y"], "answer": 1, "task": "t"}\n')
     assert load_task(p)[0]["gold"] == 1
