@@ -11,12 +11,16 @@ over ``--iters`` iterations after the first (warm-up) of each of ``--rounds`` al
 
 The work is the same; how it is done differs. Ours prefills each prompt once for its group of samples
 and runs it once per group in the reference and policy forwards (train/rollout.py), samples by inverse
-CDF (engine.sample_probs), and skips the last answer column in every forward; TRL runs every
-prompt+answer row whole and samples with torch.multinomial.
+CDF (engine.sample_probs), skips the last answer column in every forward, and decodes its rollouts
+with the compiled step of decode_step.py (``compile_rollout=true``: a one-off compile in the first
+iteration, which the median leaves out like TRL's first; both first iterations are printed, and so is
+ours with the default eager step); TRL runs every prompt+answer row whole and samples with
+torch.multinomial. Our PPO iteration also decodes with the compiled step.
 
-    .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 --iters 4]
+    .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 --iters 8 --rounds 3]
 
-Last line: ``RESULT ours_s=… trl_s=… ratio=… ppo_s=…`` (ratio = trl_s / ours_s; > 1 means ours is faster).
+Last line: ``RESULT ours_s=… trl_s=… ratio=… ppo_s=… eager_s=… eager_ratio=…`` (ratio = trl_s / ours_s;
+> 1 means ours is faster; eager_*: ours with the default eager rollout).
 Run it alone: on a 2-core machine anything else running is noise.
 """
 
@@ -89,7 +93,7 @@ def iteration_times(stage_dir: Path, updates: int) -> tuple[list[float], list[di
     return iters, [r for r in rows if "iteration" in r]
 
 
-def bench_ours_grpo(run: Path, root: Path, a) -> tuple[list[float], float, dict]:
+def bench_ours_grpo(run: Path, root: Path, a, compile_rollout: bool) -> tuple[list[float], float, dict]:
     import shutil
 
     from chatfactory.train.grpo import run_grpo
@@ -100,10 +104,11 @@ def bench_ours_grpo(run: Path, root: Path, a) -> tuple[list[float], float, dict]
     cfg.grpo = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="bench_scorer:score", steps=a.iters + 1,
                           rollout_batch=a.prompts, group_size=a.samples, max_new_tokens=a.answer, temperature=1.0,
                           kl_coef=a.kl, lr=1e-6, ppo_epochs=1, minibatches=1, ckpt_every=0, eval_every=0,
-                          progress=False, device="cpu", no_end_penalty=0.0)
+                          progress=False, device="cpu", no_end_penalty=0.0, compile_rollout=compile_rollout)
     run_grpo(cfg, run)
     iters, rows = iteration_times(run / "grpo", 1)
     split = {k: [r[k] for r in rows[1:]] for k in ("t_rollout", "t_score")}
+    split["warmup"] = [iters[0]]
     return iters[1:], statistics.mean(r["answer_len"] for r in rows[1:]), split
 
 
@@ -114,7 +119,7 @@ def bench_ours_ppo(run: Path, root: Path, a) -> dict:
     cfg.ppo = PPOConfig(prompts=str(root / "prompts.jsonl"), reward="reward", steps=a.iters + 1,
                         rollout_batch=a.prompts * a.samples, max_new_tokens=a.answer, temperature=1.0, kl_coef=a.kl,
                         lr=1e-6, ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, ckpt_every=0, eval_every=0,
-                        progress=False, device="cpu", no_end_penalty=0.0)
+                        progress=False, device="cpu", no_end_penalty=0.0, compile_rollout=True)
     run_ppo(cfg, run)
     u = a.ppo_epochs * a.minibatches
     iters, rows = iteration_times(run / "ppo", u)
@@ -158,7 +163,7 @@ def bench_trl(run: Path, root: Path, a) -> tuple[list[float], float]:
     trainer = GRPOTrainer(model=model, reward_funcs=bench_scorer.trl_reward, args=args, train_dataset=ds,
                           processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    return times[1:], statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan")
+    return times, statistics.mean(lengths[1:]) if len(lengths) > 1 else float("nan")
 
 
 def main():
@@ -170,10 +175,10 @@ def main():
     ap.add_argument("--samples", type=int, default=4, help="answers per prompt (GRPO's group)")
     ap.add_argument("--answer", type=int, default=32, help="max answer tokens")
     ap.add_argument("--kl", type=float, default=0.04, help="KL coefficient (both keep a frozen reference)")
-    ap.add_argument("--iters", type=int, default=4, help="timed iterations (after one warm-up)")
+    ap.add_argument("--iters", type=int, default=8, help="timed iterations (after one warm-up)")
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=2, help="alternate ours / TRL this many times (load drift hits both)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate ours / TRL this many times (load drift hits both)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -181,26 +186,39 @@ def main():
         print(f"model: depth {a.layers}, width {a.width}, vocab {tok.vocab_size}, {n_params / 1e6:.2f}M parameters; "
               f"{a.prompts} prompts x {a.samples} answers of <= {a.answer} tokens per iteration; beta {a.kl}; "
               f"torch threads {torch.get_num_threads()}")
-        ours_t, trl_t, split = [], [], {"t_rollout": [], "t_score": []}
+        ours_t, eager_t, trl_t, trl_warm = [], [], [], []
+        split = {"t_rollout": [], "t_score": [], "warmup": []}
+        eager_split = {"t_rollout": [], "warmup": []}
         for _ in range(a.rounds):
-            t, ours_len, sp = bench_ours_grpo(run, root, a)
+            t, ours_len, sp = bench_ours_grpo(run, root, a, compile_rollout=True)
             ours_t += t
             for k in split:
                 split[k] += sp[k]
+            t, _, sp = bench_ours_grpo(run, root, a, compile_rollout=False)
+            eager_t += t
+            for k in eager_split:
+                eager_split[k] += sp[k]
             t, trl_len = bench_trl(run, root, a)
-            trl_t += t
+            trl_t += t[1:]
+            trl_warm.append(t[0])
         ppo = bench_ours_ppo(run, root, a)
-    ours, trl = statistics.median(ours_t), statistics.median(trl_t)
+    ours, eager, trl = statistics.median(ours_t), statistics.median(eager_t), statistics.median(trl_t)
+    warm = max(split.pop("warmup"))
+    eager_warm = max(eager_split.pop("warmup"))
     split = {k: statistics.median(v) for k, v in split.items()}
     print(f"GRPO iteration   ours {ours:.3f} s (mean answer {ours_len:.1f} tokens; rollout {split['t_rollout']:.3f} s, "
           f"reference {split['t_score']:.3f} s, update the rest)   TRL GRPOTrainer {trl:.3f} s "
           f"(mean answer {trl_len:.1f} tokens)   ours is {trl / ours:.2f}x faster")
+    print(f"  ours decodes rollouts with the compiled step (grpo.compile_rollout=true); its first iteration, "
+          f"compile included, took up to {warm:.1f} s (TRL's first: up to {max(trl_warm):.1f} s). With the eager "
+          f"step (the default): {eager:.3f} s per iteration, rollout {statistics.median(eager_split['t_rollout']):.3f} s "
+          f"(first iteration up to {eager_warm:.1f} s), {trl / eager:.2f}x TRL")
     print(f"PPO iteration    {ppo['total']:.3f} s = rollout {ppo['rollout']:.3f} s ({ppo['rollout'] / ppo['total']:.0%}) "
           f"+ scoring (policy, reference, critic, reward model) {ppo['score']:.3f} s ({ppo['score'] / ppo['total']:.0%}) "
           f"+ updates ({a.ppo_epochs} epochs x {a.minibatches} minibatches) {ppo['updates']:.3f} s "
           f"({ppo['updates'] / ppo['total']:.0%})")
-    print(f"RESULT ours_s={ours:.4f} trl_s={trl:.4f} ratio={trl / ours:.2f} ppo_s={ppo['total']:.4f}")
-
+    print(f"RESULT ours_s={ours:.4f} trl_s={trl:.4f} ratio={trl / ours:.2f} ppo_s={ppo['total']:.4f} "
+          f"eager_s={eager:.4f} eager_ratio={trl / eager:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -7,17 +7,20 @@ from chatfactory.engine import Engine, SamplingParams
 from chatfactory.model import GPT, GPTConfig
 
 
-@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2-static", "modern-static"])
+@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2-static", "modern-static", "gpt2-packed", "modern-packed"])
 def engine(request):
-    """Each flavour twice: the eager decode step, and the static-shape step of Engine(compile=True)
-    run uncompiled (same code as compiled, none of the compile time), so every test below covers both."""
+    """Each flavour three times: the eager decode step, the static-shape step of Engine(compile=True)
+    run uncompiled (same code as compiled, none of the compile time), and the step on oneDNN-packed
+    weights that Engine(compile=True) takes for batches of 3+ rows of wide models, so every test
+    below covers all three."""
     flavour = request.param.split("-")[0]
     torch.manual_seed(0)
     # grouped-query attention in the modern flavour: the static step handles head groups itself
     cfg = dict(n_embd=128, head_dim=32, n_kv_head=2) if flavour == "modern" else {}
     engine = Engine(GPT(GPTConfig(flavour=flavour, depth=2, vocab_size=97, block_size=64, **cfg)))
-    if request.param.endswith("static"):
+    if not request.param.endswith(("gpt2", "modern")):
         engine.compiled = DecodeStep(engine.model, compile=False)
+        engine.compiled.packed_min_width = 0 if request.param.endswith("packed") else 10**9
     return engine
 
 
@@ -132,12 +135,12 @@ def test_fit_messages_drops_oldest_turns_and_keeps_system():
 
 def test_compiled_decode_equals_eager_greedy():
     """Engine(compile=True) really compiles (no fallback warning) and gives the eager engine's greedy
-    tokens, for a single prompt (the compiled multiply-sum step) and a padded batch of 5 (the step
-    on oneDNN-packed weights, where the CPU build has oneDNN)."""
+    tokens, for a single prompt (the compiled multiply-sum step) and a padded batch of 5 (the compiled
+    step with BLAS products; rotary positions from the table looked up outside the graph)."""
     import warnings
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(flavour="gpt2", depth=1, n_embd=64, vocab_size=97, block_size=48))
+    model = GPT(GPTConfig(flavour="modern", depth=1, n_embd=64, head_dim=32, vocab_size=97, block_size=48))
     eager = Engine(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Engine.compile=True.")  # a fallback would warn: fail instead
@@ -149,13 +152,16 @@ def test_compiled_decode_equals_eager_greedy():
 
 def test_fast_step_follows_weight_changes():
     """The fast step reads the weights as they are now: after an in-place update (an optimizer step)
-    its tokens follow the eager engine's, for the multiply-sum (1 row) and packed (3 rows) forms."""
+    its tokens follow the eager engine's, for the multiply-sum (1 row), BLAS (3 rows) and packed
+    (3 rows) forms."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(flavour="modern", depth=1, n_embd=64, head_dim=32, vocab_size=97, block_size=48))
-    eager, fast = Engine(model), Engine(model)
-    fast.compiled = DecodeStep(model, compile=False)
+    eager = Engine(model)
     p = SamplingParams(max_tokens=10, temperature=0)
-    for prompts in ([[5, 6, 7]], [[1, 2], [3, 4, 5], [6]]):
+    for prompts, packed_min_width in (([[5, 6, 7]], 0), ([[1, 2], [3, 4, 5], [6]], 10**9), ([[1, 2], [3, 4, 5], [6]], 0)):
+        fast = Engine(model)
+        fast.compiled = DecodeStep(model, compile=False)
+        fast.compiled.packed_min_width = packed_min_width
         before = fast.generate(prompts, p)
         assert before == eager.generate(prompts, p)
         with torch.no_grad():
@@ -163,6 +169,15 @@ def test_fast_step_follows_weight_changes():
                 w.add_(torch.randn_like(w) * 0.5)
         after = fast.generate(prompts, p)
         assert after == eager.generate(prompts, p) and after != before
+
+
+def test_compiled_span_holds_prompt_and_answer():
+    """Above 2 rows the compiled step's key/value buffers span the power of two (>= 32) holding prompt
+    + answer, capped by the context; 1-2 rows span the whole context (one graph per batch size)."""
+    from chatfactory.decode_step import span_for
+
+    assert [span_for(32, n, 128) for n in (1, 32, 33, 46, 64, 65, 128)] == [32, 32, 64, 64, 64, 128, 128]
+    assert span_for(32, 100, 96) == 96 and span_for(2, 10, 128) == 128 and span_for(1, 10, 64) == 64
 
 
 def test_failed_compile_warns_once_and_decodes_eagerly():

@@ -82,3 +82,28 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(world):
     assert torch.allclose(loss, loss2, atol=1e-6)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(g1, ac.parameters()))
     assert stage.update_stats[0]["ratio"] == 1.0 and "entropy" in stage.update_stats[0]
+
+
+def test_compile_rollout_decodes_with_the_static_step(world):
+    """``compile_rollout`` gives the stage one Engine(compile=True) for all its rollouts; its static
+    step (run uncompiled here, none of the compile time) samples the eager rollout's tokens."""
+    from chatfactory.data.preferences import load_prompts
+    from chatfactory.decode_step import DecodeStep
+    from chatfactory.train.grpo import GRPOStage
+    from chatfactory.train.ppo import ActorCritic, Reward
+
+    root, run, tok = world
+    batches = []
+    for compile_rollout in (False, True):
+        tc = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", rollout_batch=4, group_size=4,
+                        max_new_tokens=6, kl_coef=0.05, seed=5, compile_rollout=compile_rollout)
+        policy, info = load_model(run / "sft")
+        policy.train()
+        stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ActorCritic(policy), load_model(run / "sft")[0],
+                          Reward(tc.reward, run, tok, "cpu"), info["model"])
+        assert (stage.engine.compiled is not None) == compile_rollout
+        assert policy.training  # making the engine left the policy's mode alone
+        if compile_rollout:
+            stage.engine.compiled = DecodeStep(policy, compile=False)
+        batches.append(stage.micro_batch(0, 0, 0, 1))
+    assert torch.equal(batches[0]["tokens"], batches[1]["tokens"])

@@ -6,18 +6,25 @@ plain sum over the same bytes reaches ~30 GB/s, about 40 small dispatched ops ad
 batch 8 MKL's small matrix products run ~2.3x slower than oneDNN's on weights packed in advance.
 So the step comes in two forms, the same computation as ``GPT.forward`` on one token per row:
 
-* **compiled** (batches of up to ``GEMV_MAX_ROWS`` rows, and any batch on a GPU): written so that
-  ``torch.compile`` (inductor) turns the whole step into a few fused loops, gpt-fast's recipe.
-  Shapes never change from one step to the next: each layer has its own key/value buffer spanning
-  the whole context (separate tensors, so the in-place write stays in place instead of copying a
-  shared base), the new key/value goes to a slot given as a tensor, and attention (matmul, masked
-  softmax, matmul) runs over every slot with a mask hiding later slots and left pads. A linear at
-  such a batch is a broadcast-multiply-sum, which inductor emits as one vectorised reduction that
-  streams each weight matrix once. One graph per batch size serves every later step and generation.
-* **packed** (larger batches on a CPU with oneDNN): eager, each linear a oneDNN matrix product on
-  weights reordered once into oneDNN's blocked layout (``torch.compile`` cannot take such tensors as
-  inputs, and freezing them in as constants would go stale when the weights change). Attention is
-  ``scaled_dot_product_attention`` over the filled slots only.
+* **compiled**: written so that ``torch.compile`` (inductor) turns the whole step into a few fused
+  loops around the matrix products, gpt-fast's recipe. Shapes never change from one step to the
+  next: each layer has its own key/value buffer of a fixed span (separate tensors, so the in-place
+  write stays in place instead of copying a shared base), the new key/value goes to a slot given as
+  a tensor, and attention (matmul, masked softmax, matmul) runs over every slot with a mask hiding
+  later slots and left pads. The rotary cos/sin come in from a table looked up outside the graph
+  (computed inside, inductor recomputed them for every key slot: 2.6x slower at 32 rows). For 1-2
+  rows (``GEMV_MAX_ROWS``) a linear is a broadcast-multiply-sum, which inductor emits as one
+  vectorised reduction streaming each weight matrix once, and the span is the whole context: one
+  graph per batch size serves every generation. For more rows a linear is a BLAS product and the
+  span is the power of two (>= 32) that holds prompt + answer, so attention reads no idle slots:
+  one graph per batch size and span.
+* **packed** (more than 2 rows of a model at least ``PACKED_MIN_WIDTH`` wide, on a CPU with
+  oneDNN): eager, each linear a oneDNN matrix product on weights reordered once into oneDNN's
+  blocked layout (``torch.compile`` cannot take such tensors as inputs, and freezing them in as
+  constants would go stale when the weights change). Attention is ``scaled_dot_product_attention``
+  over the filled slots only. Measured on the 2-core EPYC, 8 rows: width 256 (vocab 4096) packed
+  963 vs compiled 1,399 ms per 256 tokens; width 128 compiled wins at every vocab tried
+  (vocab 512: 18 vs 31 ms per 32 tokens; vocab 4096: 85 vs 144 ms per 64).
 
 Weights are read from the model at every compiled call (graph inputs, not constants); the packed
 copies are remade whenever a weight tensor has changed since packing (its version counter moved), so
@@ -42,10 +49,13 @@ import torch.nn.functional as F
 
 from .model import GPT, KVCache, apply_rope, rope_cos_sin
 
-# Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones the
-# packed step (measured on the bench's model: at 2 rows compiled 2.8 vs packed 3.3 ms per step, at 4
-# rows 4.3 vs 3.0).
+# Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones BLAS
+# products (measured on the bench's model: at 2 rows multiply-sum 2.8 vs packed 3.3 ms per step, at
+# 4 rows 4.3 vs 3.0).
 GEMV_MAX_ROWS = 2
+# Larger batches of models at least this wide take the packed step on a CPU, narrower ones the
+# compiled step with BLAS products (measurements in the module docstring).
+PACKED_MIN_WIDTH = 256
 
 
 def gemv(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -59,7 +69,7 @@ def blas(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids: torch.Tensor,
-                positions: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
+                positions: torch.Tensor, rope, slot: torch.Tensor, key_valid: torch.Tensor,
                 linear: Callable[[torch.Tensor, nn.Linear], torch.Tensor], span: int | None = None) -> torch.Tensor:
     """One token per row through the model -> logits (B, vocab).
 
@@ -76,11 +86,8 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
     else:  # eager: key_valid None when every prompt slot is real (no mask, SDPA's fastest path)
         visible = None if key_valid is None else key_valid[:, None, None, :span]
     x = model.tok_emb(ids)
-    rope = None
     if model.pos_emb is not None:
         x = x + model.pos_emb(positions)
-    else:
-        rope = tuple(t.unsqueeze(1) for t in rope_cos_sin(D, positions, cfg.rope_theta))  # (B, 1, 1, D): over heads
     for layer, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
         q, k, v = linear(block.norm1(x), attn.qkv).split([H * D, G * D, G * D], dim=-1)
@@ -137,17 +144,22 @@ class _Packed:
         return packed
 
 
+def span_for(batch_size: int, needed: int, block_size: int) -> int:
+    """Key/value slots of the compiled step's buffers: the whole context for 1-2 rows (one graph per
+    batch size), else the power of two >= 32 that holds ``needed`` (one graph per batch and span)."""
+    S = block_size
+    if batch_size > GEMV_MAX_ROWS:
+        S = 32
+        while S < needed:
+            S *= 2
+    return min(S, block_size)
+
+
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version  # moves on every in-place change (optimizer steps, load_state_dict)
     except RuntimeError:  # an inference tensor has no version counter (and no in-place change outside inference mode)
         return -1
-
-
-def _packs_on(model: GPT, batch_size: int) -> bool:
-    p = model.tok_emb.weight
-    return (batch_size > GEMV_MAX_ROWS and p.device.type == "cpu" and p.dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
 
 
 class DecodeStep:
@@ -163,6 +175,21 @@ class DecodeStep:
         # graphs are cached on ``step_logits`` itself, so later engines over the same model reuse them.
         self.fn = torch.compile(step_logits, dynamic=False, fullgraph=True) if compile else step_logits
         self.packed: dict[int, _Packed] = {}
+        self.packed_min_width = PACKED_MIN_WIDTH  # tests set 0 to take the packed step on a small model
+        cfg, dev = model.cfg, model.tok_emb.weight.device
+        self.tables = None if model.pos_emb is not None else rope_cos_sin(
+            cfg.head_dim, torch.arange(cfg.block_size, device=dev), cfg.rope_theta)
+
+    def rope(self, positions: torch.Tensor):
+        """cos/sin of positions (B, 1) as (B, 1, 1, head_dim) (None for learned positions)."""
+        if self.tables is None:
+            return None
+        return tuple(t[positions].unsqueeze(1) for t in self.tables)
+
+    def packs(self, batch_size: int) -> bool:
+        p = self.model.tok_emb.weight
+        return (batch_size > GEMV_MAX_ROWS and self.model.cfg.n_embd >= self.packed_min_width
+                and p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available())
 
     def begin(self, cache: KVCache, valid: torch.Tensor | None = None):
         """Start decoding after a prefill: ``cache`` holds the prompts' keys/values (``cache.pos``
@@ -172,7 +199,7 @@ class DecodeStep:
         model, n, dev = self.model, cache.pos, cache.k.device
         B = cache.k.size(1)
         slot = torch.tensor([n], device=dev)
-        if _packs_on(model, B):  # eager: it writes into the prefill's own cache and reads its filled part
+        if self.packs(B):  # eager: it writes into the prefill's own cache and reads its filled part
             linear = self.packed.setdefault(B, _Packed(model, B)).linear()
             ks, vs = list(cache.k.unbind(0)), list(cache.v.unbind(0))
             mask = None
@@ -183,27 +210,28 @@ class DecodeStep:
 
             def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                 span[0] += 1
-                logits = step_logits(model, ks, vs, ids, positions, slot, mask, linear, span[0])
+                logits = step_logits(model, ks, vs, ids, positions, self.rope(positions), slot, mask, linear, span[0])
                 slot.add_(1)
                 return logits
 
             return step
 
-        # compiled: shapes must not depend on the prompt, so the buffers span the whole context;
+        # compiled: shapes must not depend on the prompt, so the buffers have a fixed span;
         # the prefill's cache is copied, not written, so the engine's eager step can still take over
         ks, vs = [], []
+        S = span_for(B, cache.k.size(3), model.cfg.block_size)
         for layer in range(model.cfg.depth):
             for bufs, src in ((ks, cache.k), (vs, cache.v)):
-                buf = src.new_zeros(B, src.size(2), model.cfg.block_size, src.size(4))
+                buf = src.new_zeros(B, src.size(2), S, src.size(4))
                 buf[:, :, :n] = src[layer, :, :, :n]
                 bufs.append(buf)
-        key_valid = torch.ones(B, model.cfg.block_size, dtype=torch.bool, device=dev)
+        key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
         if valid is not None:
             key_valid[:, :n] = valid
         linear = gemv if B <= GEMV_MAX_ROWS else blas
 
         def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            logits = self.fn(model, ks, vs, ids, positions, slot, key_valid, linear)
+            logits = self.fn(model, ks, vs, ids, positions, self.rope(positions), slot, key_valid, linear)
             slot.add_(1)
             return logits
 

@@ -131,11 +131,12 @@ class Engine:
     (default: ``default_threads``); the caller's setting is restored between steps.
 
     ``compile=True`` decodes with ``decode_step.DecodeStep`` (on the bench's small CPU model, ~2x
-    the eager step at batch 1, ~1.4x at batch 8): batches of 1-2 rows (any batch on a GPU) run the one-token step compiled by
-    ``torch.compile`` with static shapes (key/value buffers spanning the whole context), larger
-    CPU batches an eager step on oneDNN-packed weights (a second copy of the weights, remade when
-    they change). The first generation of each batch size (and thread count) pays the compile,
-    seconds to a minute on a small CPU; later ones, in any engine over the model, reuse it. Where
+    the eager step at batch 1, ~1.4x at batch 8): the one-token step compiled by ``torch.compile``
+    with static shapes, except for batches of more than 2 rows of a model at least 256 wide on a CPU,
+    which take an eager step on oneDNN-packed weights (a second copy of the weights, remade when
+    they change). The first generation of each batch size (and, above 2 rows, each power-of-two
+    span of prompt + answer) pays the compile, seconds to a minute on a small CPU; later ones, in any
+    engine over the model, reuse it. Where
     compiling fails (no C++ compiler, an unsupported Python) the engine says so in one warning and
     decodes eagerly from then on. Prefill stays eager either way."""
 

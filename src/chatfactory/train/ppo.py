@@ -37,6 +37,7 @@ from ..checkpoint import load_model, load_weights, resolve_stage, unique_state_d
 from ..data.comparisons import load_scorer
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
+from ..engine import Engine
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
 from .rollout import answer_logprobs, attention_mask, forward_answers, gold_score, logprobs_and_entropy, rollout
 
@@ -232,6 +233,9 @@ class RLStage(Stage):
             raise ValueError(f"{self.name}.max_new_tokens={tc.max_new_tokens} leaves no room for a prompt "
                              f"in block_size={ac.policy.cfg.block_size}")
         self.prompt_ids = [tok.chat_prompt(r["messages"])[-room:] for r in rows]
+        training = ac.policy.training
+        self.engine = Engine(ac.policy, compile=tc.compile_rollout)  # one for every rollout: compiled once
+        ac.policy.train(training)
         self.kl_coef = tc.kl_coef
         self.buffer, self.buffer_iter, self.iter_stats, self.update_stats = None, -1, {}, []
         self._perm_epoch, self._perm = -1, None
@@ -273,7 +277,7 @@ class RLStage(Stage):
         seed = (tc.seed * 1_000_003 + it * 7919 + rank * 104_729) % (2**31)
         t0 = time.perf_counter()
         batch = rollout(self.ac.policy, [self.prompt_ids[i] for i in picks], tc.max_new_tokens, tc.temperature,
-                        self.tok.end_id, self.tok.pad_id, seed)
+                        self.tok.end_id, self.tok.pad_id, seed, self.engine)
         batch["group"] = group  # rows i*group … (i+1)*group-1 share a prompt: it runs once per group
         mask = batch["answer_mask"].float()
         t1 = time.perf_counter()

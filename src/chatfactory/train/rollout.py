@@ -148,21 +148,24 @@ def _forward_groups(model, batch: dict):
 
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int,
-             seed: int | None = None) -> list[list[int]]:
-    """Sample one answer per prompt with the KV-cache engine (stops at ``end_id``, which is kept)."""
+             seed: int | None = None, engine: Engine | None = None) -> list[list[int]]:
+    """Sample one answer per prompt with the KV-cache engine (stops at ``end_id``, which is kept).
+    ``engine``: one kept across rollouts (e.g. ``Engine(policy, compile=True)``, compiled once)."""
     if temperature <= 0:
         raise ValueError("RL rollouts need temperature > 0 (log-probs of a greedy policy are undefined)")
     was_training = policy.training
-    out = Engine(policy).generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                          seed=seed, stop_ids=(end_id,)))
-    policy.train(was_training)  # the engine switches to eval mode; put it back
+    engine = engine or Engine(policy)
+    policy.eval()
+    out = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                  seed=seed, stop_ids=(end_id,)))
+    policy.train(was_training)  # the engine decodes in eval mode; put it back
     return out
 
 
 def rollout(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int, pad_id: int,
-            seed: int | None = None) -> dict:
+            seed: int | None = None, engine: Engine | None = None) -> dict:
     """Sample answers and return the padded batch (see ``pad_batch``) on the policy's device."""
-    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed)
+    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed, engine)
     dev = next(policy.parameters()).device
     batch = pad_batch(prompts, answers, pad_id, end_id)
     return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
