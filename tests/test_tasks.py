@@ -91,9 +91,30 @@ def test_fewshot_rows_point_at_the_right_choice():
     heldout = {T.plain_prompt(r): r for r in T.task_rows("heldout")}
     for fs in rows:
         assert len(set(fs["choices"])) == len(fs["choices"]) >= 2
+        if fs["task"].startswith("pattern_"):
+            continue
         r = heldout[fs["context"]]
         ok = [T.is_correct(r, c) for c in fs["choices"]]
         assert ok[fs["answer"]] and sum(ok) == 1, fs
+
+
+def test_word_patterns_ask_only_held_out_pairs_and_only_examples_name_the_rule():
+    """The few-shot table's pattern rows are held-out (transformation, word) pairs, never written in
+    pretraining; each offers the word under all four transformations, the right one its answer;
+    pretraining documents keep one transformation each, lines split by blank lines like shots."""
+    rows = [r for r in T.fewshot_rows(10**6) if r["task"].startswith("pattern_")]
+    assert {r["task"] for r in rows} == {f"pattern_{k}" for k in T.PATTERNS} and len(rows) >= 150
+    docs = T.pattern_docs()
+    pretrain = "\n\n".join(T.pretrain_texts())
+    for r in rows:
+        kind, word = r["task"].removeprefix("pattern_"), r["context"].removesuffix(" ->")
+        assert T.pattern_split(kind, word) == "heldout" and r["choices"][r["answer"]] == " " + T.PATTERNS[kind](word)
+        assert sorted(r["choices"]) == sorted(" " + fn(word) for fn in T.PATTERNS.values())
+        assert f"{word} -> {T.PATTERNS[kind](word)}\n" not in pretrain + "\n"
+    for doc in docs:
+        assert doc in pretrain
+        pairs = [line.split(" -> ") for line in doc.split("\n\n")]
+        assert len({next(k for k, fn in T.PATTERNS.items() if fn(w) == out) for w, out in pairs}) == 1
 
 
 def test_task_files_and_the_mixed_pretraining_source(tmp_path, monkeypatch):

@@ -193,6 +193,72 @@ def declines() -> list[dict]:
 FAMILIES = (arithmetic, strings, comparisons, python_facts, small_talk, declines)
 
 
+# ---------------------------------------------------------------- word patterns (base model only)
+# Lines "word -> output" where one transformation holds through a document but is never named: only
+# the earlier lines show which. The chat tasks above say what to do, so examples add nothing a model
+# needs (and the demo's base model gains nothing from them, README log); these need the examples, the
+# case the GPT-3 paper's few-shot prompting is about (its word-manipulation tasks are given with no
+# instruction). Pretraining sees the (transformation, word) pairs of the sft and rl splits, in
+# documents of one transformation each; the few-shot table asks about held-out pairs. Not chat tasks:
+# SFT, RL and the rubric never see them.
+PATTERNS = {"upper": str.upper, "reverse": lambda w: w[::-1], "first": lambda w: w[0], "count": lambda w: str(len(w))}
+PATTERN_WORDS = """
+able acid aged also area army away baby back ball band bank base bath bear beat bed beer bell belt best bike bird
+bite blow blue boat body bone book boot born boss both bowl burn bush busy cake calm camp card care cart case cash cast
+chip city clay club coal coat code cold cook cool copy corn cost crew crop cube cup cure dark data dawn dear deep
+desk diet dirt dish door down draw drop drum duck dust duty earn east easy edge face fact fair farm fast fear feet
+film find fire firm fish flag flat flow food foot fork form fort free frog fuel full fund gain game gate gift girl
+glad glass goal goat gold golf good gray grid grow hair half hall hand hard harm head heat help hero hill hint hole
+home hope horn host hour huge hunt idea inch iron item jazz job join joke jump jury keep kind king kite knee knot lake
+lamp land lane last late lawn lazy lead leaf lens life lift line lion list load loan lock long loop lord loud luck
+mail main malt map mark mask meal meat menu mild milk mind mine mint mist mode moon most move much nail name navy neck
+nest news nice node nose note oak odd oven pace pack page pain pair palm park part path peak pear pink pipe plan play
+plot plum poem pond pool port post pull pump pure push quiz race rail rank rare rest rice rich ride ring road rock
+roof room root rope rose rule rush safe sail salt sand seat seed ship shoe shop side sign silk sink size skin slow
+snow soap sock soft soil song sort soup spot star stem step stop suit swim tail talk tank tape team tent test text
+tide tile time tiny tone tool tour town toy tree trip tube tune type unit vast verb vote wage wall warm wash wave wax
+weak wide wife wild wind wine wing wire wise wolf wood wool word work yard year zero zone
+""".split()
+
+
+def pattern_split(kind: str, word: str) -> str:
+    """The split of one (transformation, word) pair, by hash as ``split_of``: 15% heldout."""
+    h = int(hashlib.sha256(f"pattern:{kind}:{word}".encode()).hexdigest()[:8], 16) % 100
+    return "heldout" if h < 15 else "sft" if h < 55 else "rl"
+
+
+def pattern_docs(seed: int = 0, lines_per_doc: int = 12, passes: int = 3) -> list[str]:
+    """Pretraining documents of ``word -> output`` lines, one transformation per document, lines
+    separated by a blank line as the shots of a few-shot prompt are; ``passes`` groupings of the
+    training pairs, each shuffled anew."""
+    rng = random.Random(f"patterns:{seed}")
+    docs = []
+    for kind, fn in PATTERNS.items():
+        words = [w for w in PATTERN_WORDS if pattern_split(kind, w) != "heldout"]
+        for _ in range(passes):
+            rng.shuffle(words)
+            for i in range(0, len(words), lines_per_doc):
+                docs.append("\n\n".join(f"{w} -> {fn(w)}" for w in words[i:i + lines_per_doc]))
+    return docs
+
+
+def pattern_fewshot_rows(seed: int = 0) -> list[dict]:
+    """Multiple-choice rows for the held-out pairs: the context ``word ->`` and the word under each of
+    the four transformations as choices, task ``pattern_<kind>``. Without examples nothing says which
+    transformation is asked for (chance is 0.25); k examples of the same task show it."""
+    rng = random.Random(f"pattern-fewshot:{seed}")
+    out = []
+    for kind in PATTERNS:
+        for w in PATTERN_WORDS:
+            if pattern_split(kind, w) != "heldout":
+                continue
+            kinds = list(PATTERNS)
+            rng.shuffle(kinds)
+            out.append({"task": f"pattern_{kind}", "context": f"{w} ->",
+                        "choices": [" " + PATTERNS[k](w) for k in kinds], "answer": kinds.index(kind)})
+    return out
+
+
 # ---------------------------------------------------------------- splits
 def prompt_text(row: dict) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
@@ -280,6 +346,7 @@ def pretrain_texts(seed: int = 0, pairs_per_doc: int = 12) -> list[str]:
         same = by_task[task]
         for i in range(0, len(same), pairs_per_doc):
             docs.append("\n".join(plain_prompt(r) + " " + r["reference"] + "\n" for r in same[i:i + pairs_per_doc]))
+    docs += pattern_docs(seed)
     random.Random(f"{seed}:docs").shuffle(docs)
     return docs
 
@@ -296,11 +363,12 @@ def interleave(docs: list[str], extra: list[str]) -> list[str]:
 
 
 def fewshot_rows(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
-    """Multiple-choice rows ``{"context", "choices", "answer": index, "task"}`` from held-out prompts,
-    for the base model's zero/one/few-shot table (the GPT-3 paper's way of prompting)."""
+    """Multiple-choice rows ``{"context", "choices", "answer": index, "task"}`` from held-out prompts and
+    held-out word patterns, for the base model's zero/one/few-shot table (the GPT-3 paper's way of
+    prompting); the first ``n`` taken round-robin over the tasks, so each task gets its share."""
     rng = random.Random(f"fewshot:{seed}")
     facts = list(builtin_facts().values())
-    out = []
+    out = pattern_fewshot_rows(seed)
     for r in task_rows("heldout", seed=seed):
         task, ans = r["task"], r["answer"]
         if task in ("arithmetic", "compare", "string_count"):
@@ -323,9 +391,16 @@ def fewshot_rows(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
         rng.shuffle(order)
         out.append({"task": task, "context": plain_prompt(r), "choices": [" " + choices[i] for i in order],
                     "answer": order.index(0)})
-        if len(out) >= n:
-            break
-    return out
+    by_task: dict[str, list[dict]] = {}
+    for row in out:
+        by_task.setdefault(row["task"], []).append(row)
+    queues = [by_task[t][::-1] for t in sorted(by_task)]
+    picked = []
+    while any(queues) and len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return picked
 
 
 # ---------------------------------------------------------------- the rubric

@@ -189,15 +189,20 @@ def _few_shot_md(fs: dict) -> list[str]:
     if not isinstance(fs, dict) or not fs or "status" in fs:
         return [f"Few-shot table: {fs.get('status') if isinstance(fs, dict) and fs else 'not run'}.", ""]
     shots = sorted({k for per in fs.values() for k in per}, key=int)
-    lines = ["| task | " + " | ".join(f"{k}-shot acc" for k in shots) + " | n |",
-             "|---|" + "---|" * (len(shots) + 1)]
+    metrics = ("acc", "acc_norm")
+    lines = ["| task | " + " | ".join(f"{k}-shot {m}" for m in metrics for k in shots) + " | n |",
+             "|---|" + "---|" * (2 * len(shots) + 1)]
     for task, per in sorted(fs.items()):
         n = next(iter(per.values())).get("n", "")
-        lines.append(f"| {task} | " + " | ".join(_fmt(per.get(k, {}).get("acc")) for k in shots) + f" | {n} |")
-    means = [sum(per[k]["acc"] * per[k]["n"] for per in fs.values() if k in per) / max(1, sum(per[k]["n"] for per in fs.values() if k in per)) for k in shots]
-    lines.append("| **all** | " + " | ".join(f"**{m:.3f}**" for m in means) + " | |")
-    return lines + ["", "Multiple choice (4 options, chance 0.25), scored by log-likelihood as in the GPT-3 paper; "
-                        "k solved examples of the same task precede the question.", ""]
+        lines.append(f"| {task} | " + " | ".join(_fmt(per.get(k, {}).get(m)) for m in metrics for k in shots) + f" | {n} |")
+    means = [sum(per[k].get(m, 0.0) * per[k]["n"] for per in fs.values() if k in per)
+             / max(1, sum(per[k]["n"] for per in fs.values() if k in per)) for m in metrics for k in shots]
+    lines.append("| **all** | " + " | ".join(f"**{v:.3f}**" for v in means) + " | |")
+    return lines + ["", "Multiple choice (4 options, chance 0.25), scored by log-likelihood as in the GPT-3 paper "
+                        "(acc: the likeliest choice; acc_norm: the likeliest per character); k solved examples "
+                        "of the same task precede the question. The chat tasks' questions say what to do; the "
+                        "`pattern_*` tasks (`word -> output`) do not: only the examples show which "
+                        "transformation is meant, the case few-shot prompting is for.", ""]
 
 
 def _samples_md(run_dir: Path, evals: dict, n: int) -> list[str]:
