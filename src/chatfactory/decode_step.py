@@ -77,7 +77,8 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
     ``slot`` (a 1-element long tensor). Attention sees the slots <= slot where ``key_valid`` (B, S)
     is True: with ``span`` None over all S slots through a mask (static shapes, for compiling),
     with ``span`` = slot + 1 over those slots only (eager; there ``key_valid`` may be None: no
-    pads). ids, positions: (B, 1)."""
+    pads). ids, positions: (B, 1). rope: the rotary (cos, sin) of the positions, each (B, 1, 1,
+    head_dim) (``DecodeStep.rope``), None for a model with learned positions."""
     cfg = model.cfg
     B, H, G, D = ids.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
     S = ks[0].size(2)
@@ -184,6 +185,8 @@ class DecodeStep:
         """cos/sin of positions (B, 1) as (B, 1, 1, head_dim) (None for learned positions)."""
         if self.tables is None:
             return None
+        if self.tables[0].device != positions.device:  # the model moved after this step was made
+            self.tables = tuple(t.to(positions.device) for t in self.tables)
         return tuple(t[positions].unsqueeze(1) for t in self.tables)
 
     def packs(self, batch_size: int) -> bool:
