@@ -73,6 +73,9 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
     for s in ("ppo", "dpo"):
         shutil.rmtree(out / s)
     (out / "report.md").unlink()
+    ledger = json.loads((out / "pipeline.json").read_text())
+    ledger["stages"]["ppo"]["seconds"] = 1e6  # time spent on the deleted result: must not count again
+    (out / "pipeline.json").write_text(json.dumps(ledger))
     r = run_cli("run", "--config", "pipeline-tiny", "--out", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for s in ("pretrain", "sft", "comparisons", "reward"):
@@ -82,7 +85,10 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
     assert (out / "report.md").exists()
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["pretrain"]["val_bpb"] == rep["pretrain"]["val_bpb"]
-    assert rep2["total_seconds"] > rep["total_seconds"]  # times add up across restarts
+    assert 0 < rep2["ppo"]["seconds"] < 1e6  # ppo started again from nothing: only its new run counts
+    for s in ("pretrain", "sft", "reward"):  # skipped stages keep their time
+        assert rep2[s]["seconds"] == rep[s]["seconds"], s
+    assert rep2["eval"]["seconds"] > rep["eval"]["seconds"]  # the evaluation's times add up across restarts
 
 
 def test_missing_stage_is_reported_not_faked(tmp_path, monkeypatch):

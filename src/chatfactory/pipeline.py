@@ -79,7 +79,8 @@ def finished(stage_dir) -> bool:
 
 
 class Ledger:
-    """RUN/pipeline.json: per-stage status, seconds (summed over restarts) and results."""
+    """RUN/pipeline.json: per-stage status, seconds (summed over restarts of one stage's run; reset
+    when a stage starts again from nothing) and results."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -158,6 +159,8 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
             log(f"[run] {stage}: {ledger.get(stage)['status']}")
             continue
         log(f"[run] {stage} ...")
+        if stage == "comparisons" or not has_checkpoint(run_dir / stage):
+            ledger.update(stage, seconds=0.0)  # a fresh start: time spent on a result since deleted no longer counts
         t = time.perf_counter()
         if stage == "comparisons":
             if not has_checkpoint(run_dir / "sft"):
