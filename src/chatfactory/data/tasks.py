@@ -222,9 +222,8 @@ weak wide wife wild wind wine wing wire wise wolf wood wool word work yard year 
 
 
 def pattern_split(kind: str, word: str) -> str:
-    """The split of one (transformation, word) pair, by hash as ``split_of``: 15% heldout."""
-    h = int(hashlib.sha256(f"pattern:{kind}:{word}".encode()).hexdigest()[:8], 16) % 100
-    return "heldout" if h < 15 else "sft" if h < 55 else "rl"
+    """The split of one (transformation, word) pair, by hash as ``split_of``."""
+    return split_of_text(f"pattern:{kind}:{word}")
 
 
 def pattern_docs(seed: int = 0, lines_per_doc: int = 12, passes: int = 3) -> list[str]:
@@ -264,10 +263,25 @@ def prompt_text(row: dict) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
 
 
-def split_of(row: dict) -> str:
-    """A fixed function of the prompt text: 15% heldout, 40% sft, 45% rl."""
-    h = int(hashlib.sha256(prompt_text(row).encode()).hexdigest()[:8], 16) % 100
+def split_of_text(text: str) -> str:
+    """A fixed function of the text: 15% heldout, 40% sft, 45% rl."""
+    h = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 100
     return "heldout" if h < 15 else "sft" if h < 55 else "rl"
+
+
+def split_of(row: dict) -> str:
+    """The split of a prompt row, by its prompt text."""
+    return split_of_text(prompt_text(row))
+
+
+def round_robin(queues: list[list]) -> list:
+    """One item from the end of each queue in turn until all are empty (so a prefix covers every queue)."""
+    out = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop())
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -293,11 +307,7 @@ def task_rows(split: str, n: int = 0, seed: int = 0) -> list[dict]:
     for task in sorted(by_task):
         rng.shuffle(by_task[task])
         queues.append(by_task[task])
-    out = []
-    while any(queues):  # round-robin so a small n still covers every task
-        for q in queues:
-            if q:
-                out.append(q.pop())
+    out = round_robin(queues)  # so a small n still covers every task
     return out[:n] if n else out
 
 
@@ -394,13 +404,7 @@ def fewshot_rows(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
     by_task: dict[str, list[dict]] = {}
     for row in out:
         by_task.setdefault(row["task"], []).append(row)
-    queues = [by_task[t][::-1] for t in sorted(by_task)]
-    picked = []
-    while any(queues) and len(picked) < n:
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop())
-    return picked
+    return round_robin([by_task[t][::-1] for t in sorted(by_task)])[:n]
 
 
 # ---------------------------------------------------------------- the rubric

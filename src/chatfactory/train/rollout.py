@@ -81,14 +81,9 @@ def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor, start: int, temp
     return _log_softmax(logits, temperature).gather(-1, tokens[:, start:, None]).squeeze(-1)
 
 
-def entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-position entropy (nats) of the sampling distribution, (B, A, V) -> (B, A)."""
-    logp = _log_softmax(logits, temperature)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, start: int, temperature: float):
-    """``answer_logprobs`` and ``entropy`` (without gradient) from one log-softmax -> two (B, A)."""
+    """``answer_logprobs`` and the per-position entropy (nats, without gradient) of the sampling
+    distribution, from one log-softmax -> two (B, A)."""
     logp = _log_softmax(logits, temperature)
     with torch.no_grad():
         ent = -(logp.exp() * logp).sum(-1)
