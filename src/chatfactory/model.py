@@ -5,7 +5,8 @@ Two flavours share one code path:
 * ``gpt2``   — learned positions, LayerNorm, GELU (tanh), biases, tied embeddings: exactly Hugging
   Face's ``GPT2LMHeadModel`` (``hf.py`` converts weights both ways).
 * ``modern`` — RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings: exactly
-  expressible as Hugging Face's Llama layout, so export is lossless.
+  expressible as Hugging Face's Llama layout, so export is lossless. Two switches cover the imported
+  families: ``tie_embeddings`` (SmolLM2, small Qwen2) and ``qkv_bias`` (Qwen2).
 
 One dial sets the size: ``depth`` (number of blocks). Width is ``depth * aspect`` (nanochat's rule),
 heads follow from ``head_dim``. Any field may still be set by hand.
@@ -42,6 +43,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    tie_embeddings: bool = False  # LM head shares the embedding matrix (always for gpt2; SmolLM2, Qwen2-0.5B)
+    qkv_bias: bool = False  # biases on the q/k/v projection (Qwen2); gpt2 has every bias anyway
 
     def __post_init__(self):
         if self.flavour not in ("gpt2", "modern"):
@@ -57,6 +60,8 @@ class GPTConfig:
         self.head_dim = self.n_embd // self.n_head
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
+        if self.flavour == "gpt2":
+            self.tie_embeddings = self.qkv_bias = True
         if self.flavour == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError("grouped-query attention (n_kv_head < n_head) needs flavour 'modern'")
         if self.n_head % self.n_kv_head:
@@ -140,10 +145,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        bias = cfg.flavour == "gpt2"
         # q, k and v in one matmul: one big GEMM is faster than three small ones
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.flavour == "gpt2")
         self.proj.is_residual = True
 
     def forward(self, x, rope=None, cache: KVCache | None = None, attn_mask=None):
@@ -216,8 +220,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.flavour == "gpt2" else RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.flavour == "gpt2":
-            self.lm_head.weight = self.tok_emb.weight  # tied, as in GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # tied, as in GPT-2 (and many small modern models)
         self.apply(self._init)
 
     def _init(self, m):
