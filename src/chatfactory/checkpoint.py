@@ -179,9 +179,12 @@ def latest_stage(run_dir, candidates=("ppo", "grpo", "dpo", "sft", "pretrain")) 
     raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(candidates)})")
 
 
-def load_model(stage_dir, device="cpu"):
-    """-> (GPT with the stage's weights, the checkpoint's config.json)."""
+def load_model(stage_dir, device="cpu", merge_lora: bool = True):
+    """-> (GPT with the stage's weights, the checkpoint's config.json). A stage trained with LoRA
+    adapters (train/lora.py) comes back as a plain GPT with the adapters merged into its weights, or
+    with ``merge_lora=False`` as its frozen base with the adapters in place."""
     from .model import GPT, GPTConfig
+    from .train.lora import apply_lora, merge_weights
 
     weights, info, _ = load_checkpoint(stage_dir)
     try:
@@ -189,5 +192,9 @@ def load_model(stage_dir, device="cpu"):
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(stage_dir) / CONFIG}: bad model config ({e})") from None
     model = GPT(cfg)
+    if info.get("lora") and not merge_lora:
+        apply_lora(model, info["lora"], seed=0)  # the init is overwritten by the saved adapters
+    else:
+        weights = merge_weights(weights, info)
     load_weights(model, weights, str(Path(stage_dir) / MODEL))
     return model.to(device).eval(), info

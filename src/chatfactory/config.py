@@ -191,6 +191,18 @@ class GRPOConfig(RLConfig):
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (train/lora.py) for the fine-tuning stages: with ``rank`` > 0 the stages named
+    in ``stages`` freeze the model and train only adapters (and the reward / value head)."""
+    rank: int = 0  # 0: off (every weight trains)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input only
+    # which linears get adapters: attn.qkv, attn.proj, mlp.fc, mlp.proj, or the groups attn, mlp, all
+    targets: str = "all"
+    stages: str = "sft,reward,dpo,ppo,grpo"  # the stages that use them (others train every weight)
+
+
+@dataclass
 class PipelineConfig:
     """`chatfactory run` (pipeline.py): the task data it writes and the held-out evaluation it reports."""
     stages: str = "pretrain,sft,comparisons,reward,ppo,dpo"  # which to run, of these and grpo
@@ -220,6 +232,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_model, resolve_stage
 from ..config import Config
 from ..data.preferences import PairBatches, collate, val_chunks
+from .lora import apply_lora, as_reference, lora_settings, summary
 from .loop import Stage, all_reduce_sum, train
 from .reward import pair_stage_inputs
 
@@ -57,7 +58,7 @@ class DPOStage(Stage):
         return self.batches.micro_batch(step, micro, self.dc.grad_accum, rank, world)
 
     def _ref_logps(self, batch):
-        with torch.no_grad():
+        with torch.no_grad(), as_reference(self.ref):  # a LoRA policy: its base, adapters off
             return answer_logps(self.ref, batch["idx"], batch["answer_mask"])
 
     def loss(self, model, batch):
@@ -88,17 +89,24 @@ def run_dpo(cfg: Config, run_dir) -> dict:
     """DPO from ``cfg.dpo.init_from`` (the reference too, unless ``ref_from``); writes ``run_dir/dpo``."""
     run_dir = Path(run_dir)
     dc, d, init_dir, tok, train_pairs, val_pairs, skipped, policy = pair_stage_inputs(run_dir, cfg.dpo, "dpo")
-    reference, _ = load_model(resolve_stage(run_dir, dc.ref_from or dc.init_from, "dpo.ref_from" if dc.ref_from else "dpo.init_from"),
-                              device=d.device)
-    reference.requires_grad_(False)
-    if reference.cfg != policy.cfg:
-        raise ValueError(f"dpo: the reference ({dc.ref_from}) and the policy ({dc.init_from}) have different model shapes")
+    lora = lora_settings(cfg, "dpo")
+    if lora and not dc.ref_from:
+        reference = policy  # run with its adapters off: the init model itself, no second copy of it
+    else:
+        reference, _ = load_model(resolve_stage(run_dir, dc.ref_from or dc.init_from, "dpo.ref_from" if dc.ref_from else "dpo.init_from"),
+                                  device=d.device)
+        reference.requires_grad_(False)
+        if reference.cfg != policy.cfg:
+            raise ValueError(f"dpo: the reference ({dc.ref_from}) and the policy ({dc.init_from}) have different model shapes")
     stage = DPOStage(dc, train_pairs, val_pairs, tok.pad_id, reference, policy.cfg.to_dict())
+    if lora:
+        apply_lora(policy, lora, dc.seed)
+        stage.info = {"lora": lora}
     steps = dc.steps or math.ceil(dc.epochs * stage.batches.steps_per_epoch(dc.grad_accum, d.world))
     if d.main:
         print(f"dpo: {len(train_pairs):,} train pairs, {len(val_pairs):,} held out"
               + (f", {skipped} malformed rows skipped" if skipped else "")
-              + f"; {steps} steps from {init_dir}, beta={dc.beta}")
+              + f"; {steps} steps from {init_dir}, beta={dc.beta}" + (f"; {summary(policy)}" if lora else ""))
     result = train(stage, policy, dataclasses.replace(dc, steps=steps), run_dir / "dpo", d)
     if d.world > 1:
         torch.distributed.destroy_process_group()

@@ -38,6 +38,7 @@ from ..data.comparisons import load_scorer
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
 from ..engine import Engine
+from .lora import apply_lora, as_reference, lora_layers, lora_settings, summary
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
 from .rollout import answer_logprobs, attention_mask, forward_answers, gold_score, logprobs_and_entropy, rollout
 
@@ -233,6 +234,9 @@ class RLStage(Stage):
             raise ValueError(f"{self.name}.max_new_tokens={tc.max_new_tokens} leaves no room for a prompt "
                              f"in block_size={ac.policy.cfg.block_size}")
         self.prompt_ids = [tok.chat_prompt(r["messages"])[-room:] for r in rows]
+        if tc.compile_rollout and lora_layers(ac.policy):
+            raise ValueError(f"{self.name}.compile_rollout=true cannot sample a LoRA policy: the compiled decode step reads "
+                             f"each linear's weight and would skip the adapters (set {self.name}.compile_rollout=false)")
         training = ac.policy.training
         self.engine = Engine(ac.policy, compile=tc.compile_rollout)  # one for every rollout: compiled once
         ac.policy.train(training)
@@ -326,7 +330,8 @@ class RLStage(Stage):
             if out["values"] is not None:
                 values.append(out["values"].float())
         if self.ref is not None:
-            ref_logp.append(answer_logprobs(forward_answers(self.ref, chunk), chunk["tokens"], chunk["start"], T))
+            with as_reference(self.ref):  # a LoRA policy: its base, adapters off
+                ref_logp.append(answer_logprobs(forward_answers(self.ref, chunk), chunk["tokens"], chunk["start"], T))
 
     # ---- the loop's interface
     def micro_batch(self, step, micro, rank, world):
@@ -457,8 +462,10 @@ class PPOStage(RLStage):
 
 
 # ---------------------------------------------------------------- building a run
-def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_critic: bool):
-    """Everything the RL stages load: tokenizer, prompts, policy, reference, reward, critic, gold."""
+def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_critic: bool, lora: dict | None = None):
+    """Everything the RL stages load: tokenizer, prompts, policy, reference, reward, critic, gold. With
+    ``lora`` settings the policy and the critic's backbone train adapters only (the critic's head whole),
+    and the reference is the policy itself with its adapters off, unless ``ref_from`` names another."""
     from .reward import RewardModel, load_reward_model, run_tokenizer
 
     init = resolve_stage(run_dir, tc.init_from, f"{name}.init_from")
@@ -475,7 +482,7 @@ def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_
     ref = None
     if tc.kl_coef > 0 or (with_critic and getattr(tc, "adaptive_kl", False)):
         ref_dir = resolve_stage(run_dir, tc.ref_from, f"{name}.ref_from") if tc.ref_from else init
-        ref = frozen(load_model(ref_dir, d.device)[0])
+        ref = policy if lora and not tc.ref_from else frozen(load_model(ref_dir, d.device)[0])
     reward = Reward(tc.reward, run_dir, tok, d.device)
     critic = None
     if with_critic:
@@ -494,6 +501,10 @@ def build_rl(cfg: Config, tc: RLConfig, run_dir: Path, d: Dist, name: str, with_
     ac = ActorCritic(policy, critic)
     for p in ac.policy.parameters():
         p.requires_grad_(True)
+    if lora:
+        apply_lora(ac.policy, lora, tc.seed)
+        if critic is not None:
+            apply_lora(critic.backbone, lora, tc.seed + 1)
     eval_rows = load_prompts(tc.eval_prompts) if tc.eval_prompts else []
     gold = load_scorer(tc.gold) if tc.gold else None
     ptx = None
@@ -513,16 +524,20 @@ def loop_config(tc: RLConfig, updates: int):
 def run_rl(cfg: Config, run_dir, name: str, stage_cls, with_critic: bool) -> dict:
     run_dir = Path(run_dir)
     tc = getattr(cfg, name)
+    lora = lora_settings(cfg, name)
     d = setup_dist(tc.device)
     if d.main and not (run_dir / "config.yaml").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    tok, rows, ac, ref, reward, model_config, eval_rows, gold, ptx, init = build_rl(cfg, tc, run_dir, d, name, with_critic)
+    tok, rows, ac, ref, reward, model_config, eval_rows, gold, ptx, init = build_rl(cfg, tc, run_dir, d, name, with_critic, lora)
     stage = stage_cls(tc, tok, rows, ac, ref, reward, model_config, eval_rows, gold, ptx)
+    if lora:
+        stage.info = {"lora": lora}
     if d.main:
         what = f"reward model {reward.dir}" if reward.model is not None else f"reward {tc.reward}"
         print(f"{name}: {len(rows):,} prompts, {tc.steps} iterations of {stage.rollout_rows()} answers x "
-              f"{stage.updates_per_iter} updates; policy from {init}; {what}; beta={tc.kl_coef}")
+              f"{stage.updates_per_iter} updates; policy from {init}; {what}; beta={tc.kl_coef}"
+              + (f"; {summary(ac)}" if lora else ""))
     result = train(stage, ac, loop_config(tc, stage.updates_per_iter), run_dir / name, d)
     if d.world > 1:
         torch.distributed.destroy_process_group()

@@ -27,6 +27,7 @@ from ..config import Config
 from ..data.preferences import PairBatches, collate, pair_data, val_chunks
 from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer
+from .lora import apply_lora, lora_settings, merge_weights, summary
 from .loop import Stage, all_reduce_sum, setup_dist, train
 
 
@@ -80,7 +81,7 @@ def load_reward_model(stage_dir, device="cpu") -> RewardModel:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(stage_dir) / 'config.json'}: bad model config ({e})") from None
     model = RewardModel(cfg)
-    load_weights(model, weights, str(Path(stage_dir) / "model.safetensors"))
+    load_weights(model, merge_weights(weights, info), str(Path(stage_dir) / "model.safetensors"))
     return model.to(device).eval()
 
 
@@ -163,11 +164,16 @@ def run_reward(cfg: Config, run_dir) -> dict:
     torch.manual_seed(rc.seed)  # the head's init
     model = RewardModel(gpt)
     stage = RewardStage(rc, train_pairs, val_pairs, tok.pad_id, model.cfg.to_dict())
+    lora = lora_settings(cfg, "reward")
+    if lora:  # adapters on the backbone (frozen); the new head trains whole
+        apply_lora(model.backbone, lora, rc.seed)
+        stage.info = {"lora": lora}
     steps = rc.steps or math.ceil(rc.epochs * stage.batches.steps_per_epoch(rc.grad_accum, d.world))
     if d.main:
         print(f"reward: {len(train_pairs):,} train pairs, {len(val_pairs):,} held out"
               + (f", {skipped} malformed rows skipped" if skipped else "")
-              + f"; {steps} steps from {init_dir}; {model.backbone.num_params() / 1e6:.2f}M parameters")
+              + f"; {steps} steps from {init_dir}; {model.backbone.num_params() / 1e6:.2f}M parameters"
+              + (f"; {summary(model)}" if lora else ""))
     out = run_dir / "reward"
     result = train(stage, model, dataclasses.replace(rc, steps=steps), out, d)
     if d.main:

@@ -28,6 +28,7 @@ from ..checkpoint import CheckpointError, load_model, resolve_stage
 from ..config import Config, SFTConfig, save_config
 from ..data.chat import load_conversations
 from ..tokenizer import Tokenizer
+from .lora import apply_lora, lora_settings, summary
 from .loop import Dist, Stage, all_reduce_sum, setup_dist, train
 
 IGNORE = -100
@@ -189,6 +190,7 @@ def run_sft(cfg: Config, run_dir) -> dict:
     """Fine-tune ``sft.init_from`` on ``sft.data``; writes ``run_dir/sft``. Safe to re-run: it resumes."""
     run_dir = Path(run_dir)
     tc = cfg.sft
+    lora = lora_settings(cfg, "sft")
     d = setup_dist(tc.device)
     src = resolve_stage(run_dir, tc.init_from, "sft.init_from")
     tok_path = run_dir / "tokenizer.json"
@@ -212,13 +214,16 @@ def run_sft(cfg: Config, run_dir) -> dict:
     tx, ty, stats = tokenize_conversations(train_convs, tok, tc.seq_len)
     vx, vy, _ = tokenize_conversations(val_convs, tok, tc.seq_len)
     stage = SFTStage(tc, (tx, ty), (vx, vy), tok.pad_id, model.cfg.to_dict())
+    if lora:
+        apply_lora(model, lora, tc.seed)
+        stage.info = {"lora": lora}
     if d.main:
         n_tok = sum(len(x) for x in tx)
         n_rows = len(stage.batches.epoch_rows(0))
         print(f"sft: {len(tx):,} train / {len(vx):,} held-out conversations from {tc.data} "
               f"({stats['truncated']} cut to {tc.seq_len} tokens, {stats['dropped']} dropped); "
               f"{n_tok:,} tokens packed into {n_rows:,} rows ({n_tok / (n_rows * tc.seq_len):.0%} full); "
-              f"starting from {src}")
+              f"starting from {src}" + (f"; {summary(model)}" if lora else ""))
     result = train(stage, model, tc, run_dir / "sft", d)
     if d.world > 1:
         torch.distributed.destroy_process_group()
