@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, has_checkpoint, load_checkpoint, load_weights, save_checkpoint, unique_state_dict
 from ..config import TrainConfig
-from . import memory
 
 
 # ---------------------------------------------------------------- distributed / device
@@ -180,7 +179,6 @@ class Stage:
     name = "stage"
     model_config: dict = {}
     info: dict = {}  # more entries for config.json (a LoRA stage's settings: train/lora.py)
-    fsdp_unsupported: str = ""  # why this stage cannot train under FSDP2 ("": it can)
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int):
         raise NotImplementedError
@@ -222,11 +220,9 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(stage_dir / "metrics.jsonl", d.main)
-    fsdp = use_fsdp(stage, cfg, d)
-    # sharding moves the weights to the device block by block; unsharded, the whole model goes now
-    home = torch.device("cpu") if fsdp else d.device
-    model.to(home)
-    start, elapsed, state = 0, 0.0, None
+    model.to(d.device)
+    opt = make_optimizer(model, cfg, d.device)
+    start, elapsed = 0, 0.0
 
     if has_checkpoint(stage_dir):
         weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
@@ -236,7 +232,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         if saved_cfg.get("lora") != stage.info.get("lora"):
             raise CheckpointError(f"{stage_dir}: trained with lora={saved_cfg.get('lora')}, but this run asks for "
                                   f"lora={stage.info.get('lora')} (resume with the same lora settings, or use a new output directory)")
-        stage.restore_weights(model, {k: v.to(home) for k, v in weights.items()}, state, str(stage_dir / "model.safetensors"))
+        stage.restore_weights(model, {k: v.to(d.device) for k, v in weights.items()}, state, str(stage_dir / "model.safetensors"))
+        opt.load_state_dict(state["optimizer"])
         start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
         metrics.truncate_after(start)
         if d.main and start < cfg.steps:
@@ -244,22 +241,11 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     if d.world > 1:
         dist.barrier()  # rank 0 has truncated metrics before anyone writes
 
-    if cfg.activation_checkpointing:
-        memory.checkpoint_blocks(model)
     raw_model = model
-    if fsdp:
-        if cfg.compile:  # blocks compiled before sharding, as torchtitan does; FSDP's hooks stay eager
-            for block in memory.transformer_blocks(model):
-                block.compile()
-        memory.shard(model, d.device, d.world)
-    elif cfg.compile:
+    if cfg.compile:
         model = torch.compile(model)
-    if d.world > 1 and not fsdp:
+    if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    # made after sharding: FSDP2 replaces each parameter with its shard
-    opt = make_optimizer(raw_model, cfg, d.device)
-    if state is not None:
-        memory.load_optimizer_state(opt, state["optimizer"])
     autocast = autocast_for(d, cfg.dtype)
 
     flops_tok = raw_model.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw_model, "flops_per_token") else 0
@@ -267,12 +253,9 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     last: dict = {}
 
     def checkpoint(step: int) -> None:
-        if fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps the result
-            weights, extra, opt_state = memory.full_weights(raw_model, d.main), {}, memory.full_optimizer_state(opt, d.main)
-        elif d.main:
-            (weights, extra), opt_state = stage.checkpoint_weights(raw_model), opt.state_dict()
         if d.main:
-            state = {"optimizer": opt_state, "elapsed": elapsed, **extra}
+            weights, extra = stage.checkpoint_weights(raw_model)
+            state = {"optimizer": opt.state_dict(), "elapsed": elapsed, **extra}
             info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps, **stage.info}
             save_checkpoint(stage_dir, weights, info, state, step)
         if d.world > 1:
@@ -280,7 +263,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
 
     def evaluate(step: int) -> None:
         model.eval()
-        with torch.no_grad(), autocast, memory.gathered(raw_model):
+        with torch.no_grad(), autocast:
             res = stage.evaluate(raw_model, d)
         model.train()
         if res:
@@ -301,16 +284,14 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         n_tok = 0
         for micro in range(cfg.grad_accum):
             batch = _to(stage.micro_batch(step, micro, d.rank, d.world), d.device)
-            # DDP all-reduces only the last micro-batch's gradients; FSDP reduce-scatters each one (its
-            # gradients stay sharded, which is the memory it saves)
-            sync = model.no_sync() if (d.world > 1 and not fsdp and micro < cfg.grad_accum - 1) else contextlib.nullcontext()
+            sync = contextlib.nullcontext() if (d.world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
             with sync:
                 with autocast:
                     loss = stage.loss(model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             n_tok += stage.tokens(batch)
-        grad_norm = memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else torch.zeros(())
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
         opt.step()
         opt.zero_grad(set_to_none=True)
         stats = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(n_tok), device=d.device)]).float())
