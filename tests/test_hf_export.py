@@ -125,7 +125,8 @@ def test_import_random_hf_model_round_trips(tmp_path, flavour):
     tok = Tokenizer.load(run / "tokenizer.json")
     assert info["added_tokens"] == SPECIAL_TOKENS
     # the new special tokens come after the foreign vocabulary, which keeps its ids
-    assert sorted(tok.special.values()) == list(range(n_tok, n_tok + len(SPECIAL_TOKENS)))
+    assert [tok.special[t] for t in SPECIAL_TOKENS] == list(range(n_tok, n_tok + len(SPECIAL_TOKENS)))
+    assert tok.special["<|endoftext|>"] < n_tok  # the foreign tokenizer's own special token keeps its id
     assert ours.cfg.vocab_size == max(V, n_tok + len(SPECIAL_TOKENS))
     text = "The quick brown fox jumps"
     hf_tok = transformers.AutoTokenizer.from_pretrained(src)

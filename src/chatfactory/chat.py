@@ -57,7 +57,7 @@ class ChatSession:
         self.history: list[dict] = []
         self.turn = 0
         # generation stops at <|end|> and at any other special token (a role token means the turn is over)
-        self.params = replace(params, stop_ids=tuple(tok.special.values()))
+        self.params = replace(params, stop_ids=tok.stop_ids)
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history

@@ -111,10 +111,10 @@ def cmd_sample(a):
     model, _ = load_model(f"{a.run}/{stage}")
     tok = Tokenizer.load(f"{a.run}/tokenizer.json")
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            seed=a.seed, stop_ids=(tok.bos_id, tok.end_id))
+                            seed=a.seed, stop_ids=tok.stop_ids)
     sys.stdout.write(a.prompt)
     pending = b""
-    for step in Engine(model).stream([[tok.bos_id] + tok.encode(a.prompt)], params):
+    for step in Engine(model).stream([tok.document(a.prompt)], params):
         if step[0] is None or step[0] in params.stop_ids:
             break
         pending += tok.decode_bytes([step[0]])
@@ -130,14 +130,26 @@ def cmd_sample(a):
 def cmd_export(a):
     from .hf import export_run
 
-    print(f"wrote {export_run(a.run, a.stage, a.to)} (load with transformers.AutoModelForCausalLM / AutoTokenizer)")
+    print(f"wrote {export_run(a.run, a.stage, a.to, a.peft)} (load with transformers.AutoModelForCausalLM / AutoTokenizer)")
+    if a.peft:
+        print(f"wrote the LoRA adapters to {a.peft} (load with peft.PeftModel.from_pretrained(model, {a.peft!r}))")
 
 
 def cmd_import(a):
-    from .hf import import_hf
+    src = getattr(a, "from")
+    if src.lower().endswith(".gguf"):
+        from .gguf import import_gguf
 
-    res = import_hf(getattr(a, "from"), a.out, a.stage)
-    print(f"imported {res['flavour']} model into {res['stage_dir']} (vocab {res['vocab_size']}, added {', '.join(res['added_tokens']) or 'no tokens'})")
+        res = import_gguf(src, a.out, a.stage)
+        how = f"its own chat template; weights {', '.join(res['quantization'])} dequantized to fp32"
+    else:
+        from .hf import import_hf
+
+        res = import_hf(src, a.out, a.stage)
+        how = "its own chat template" if res["chat_template"] else \
+            f"our chat template, added {', '.join(res['added_tokens']) or 'no tokens'}"
+    print(f"imported a {res['params'] / 1e6:.1f}M-parameter {res['flavour']} model into {res['stage_dir']} "
+          f"(vocab {res['vocab_size']}, {how})")
 
 
 def cmd_eval(a):
@@ -238,9 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default="sft", help="which weights: pretrain, sft, ppo, … or a stage directory (default: sft)")
     p.add_argument("--to", required=True, help="output directory (config.json, model.safetensors, tokenizer, chat template)")
+    p.add_argument("--peft", default=None, metavar="DIR",
+                   help="a stage trained with LoRA: write its base model to --to and its adapters to DIR as a PEFT "
+                        "adapter (default: the adapters are merged into the exported weights)")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("import", help="bring a local Hugging Face GPT-2 / Llama-layout model and tokenizer into a run")
-    p.add_argument("--from", required=True, help="Hugging Face model directory (config.json, model.safetensors, tokenizer)")
+    p = sub.add_parser("import", help="bring a pretrained model (a GGUF file, or a Hugging Face GPT-2 / Llama / Mistral / "
+                                      "Qwen2 directory) and its tokenizer and chat template into a run")
+    p.add_argument("--from", required=True, help="a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), or a Hugging Face "
+                                                 "model directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")
     p.add_argument("--stage", default="pretrain", help="stage name to write (default: pretrain)")
     p.set_defaults(fn=cmd_import)

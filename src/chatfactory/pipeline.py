@@ -230,10 +230,10 @@ def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: flo
     engine, out = Engine(model), []
     limit = model.cfg.block_size - max_tokens
     for b in range(0, len(rows), batch_size):
-        prompts = [([tok.bos_id] + tok.encode(T.plain_prompt(r)))[-limit:] for r in rows[b:b + batch_size]]
-        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=(tok.bos_id, tok.end_id))
+        prompts = [tok.document(T.plain_prompt(r))[-limit:] for r in rows[b:b + batch_size]]
+        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=tok.stop_ids)
         for ids in engine.generate(prompts, p):
-            text = tok.decode([t for t in ids if t not in (tok.bos_id, tok.end_id)])
+            text = tok.decode([t for t in ids if t not in p.stop_ids])
             out.append(text.strip().split("\n")[0].strip())
     return out
 

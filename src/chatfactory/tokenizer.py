@@ -10,14 +10,15 @@ Chinese, emoji, code — encodes and decodes losslessly; no unknown token exists
 ``encode`` never produces a special token, even if the text spells one out (``"<|end|>"`` typed by a
 user stays ordinary text); special ids are placed only by code, e.g. the chat template.
 
-The chat template (one place; the export's Jinja template renders the same ids)::
+The chat template of runs trained here (``chat_template.OURS``; an imported chat model keeps its own,
+rendered exactly as ``transformers`` renders it — see chat_template.py)::
 
     <|bos|> [<|system|> text <|end|>] ( <|user|> text <|end|> <|assistant|> text <|end|> )*
 
     ids, mask = tok.render_chat(messages)       # mask 1 on assistant text and its <|end|> only
     prompt = tok.chat_prompt(messages)           # ... <|user|> text <|end|> <|assistant|>  (generate from here)
 
-Generation stops at ``<|end|>``. A conversation is a list of ``{"role": "system"|"user"|"assistant",
+Generation stops at ``<|end|>`` (``end_id``; ``stop_ids`` adds the other control tokens). A conversation is a list of ``{"role": "system"|"user"|"assistant",
 "content": str}``; a system message may appear only first.
 """
 
@@ -30,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"]
+CHAT_CONFIG = "tokenizer_config.json"  # an imported model's chat template, beside tokenizer.json
 ROLES = ("system", "user", "assistant")
 
 
@@ -47,14 +49,53 @@ def check_messages(messages, where: str = "messages") -> None:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer):
+    """A byte-level BPE tokenizer and the chat template its run uses.
+
+    ``chat`` describes an imported chat model's own template, in ``tokenizer_config.json``'s keys:
+    ``chat_template`` (Jinja), ``bos_token``, ``eos_token`` (the end of a turn: generation stops there),
+    ``pad_token`` (never the end token) and ``add_bos_token`` (whether plain text opens with bos). None
+    means ours (the module docstring)."""
+
+    def __init__(self, hf: HFTokenizer, chat: dict | None = None):
+        from .chat_template import OURS, ChatTemplate, special_pattern
+
         self.hf = hf
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}")
-        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.bos_id, self.end_id, self.pad_id = self.special["<|bos|>"], self.special["<|end|>"], self.special["<|pad|>"]
+        self.chat = chat
+        added = {t.content for t in hf.get_added_tokens_decoder().values()}
+        if chat is None:
+            missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+            if missing:
+                raise ValueError(f"tokenizer lacks the special tokens {missing}")
+            names = {"bos": "<|bos|>", "eos": "<|end|>", "pad": "<|pad|>"}
+            self.add_bos, source = True, OURS
+        else:
+            names = {k: chat.get(f"{k}_token") for k in ("bos", "eos", "pad")}
+            for k, t in names.items():
+                if not isinstance(t, str) or hf.token_to_id(t) is None:
+                    raise ValueError(f"chat template's {k}_token {t!r} is not a token of this tokenizer")
+            if names["pad"] == names["eos"]:
+                raise ValueError(f"pad_token equals the end token {names['eos']!r}: a model trained so never learns to stop")
+            self.add_bos, source = bool(chat.get("add_bos_token", False)), chat.get("chat_template")
+            if not isinstance(source, str) or not source.strip():
+                raise ValueError("an imported chat model needs its chat_template (Jinja source)")
+        # every added token is matched whole by the HF tokenizer: those are the ones a message may spell
+        self.special = {t: hf.token_to_id(t) for t in sorted(added | set(names.values()))}
+        self.special_pattern = special_pattern(self.special)
+        self.bos_id, self.end_id, self.pad_id = (hf.token_to_id(names[k]) for k in ("bos", "eos", "pad"))
+        self.template = ChatTemplate(source, bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"])
+        self.chat_config = {"chat_template": source, "bos_token": names["bos"], "eos_token": names["eos"],
+                            "pad_token": names["pad"], "add_bos_token": self.add_bos}  # what an export writes
         self._token_bytes = None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a reply in chat and serving: the end of turn and every other control token
+        (a model that opens a new turn, or a new document, has finished its answer)."""
+        return tuple(sorted(i for t, i in self.special.items() if i != self.pad_id))
+
+    def document(self, text: str) -> list[int]:
+        """Plain text as a document the model reads: opened with bos when the model's tokenizer does that."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
     # ---- building ----
     @classmethod
@@ -70,18 +111,40 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
+        """``tokenizer.json``, with the chat template of ``tokenizer_config.json`` beside it if there is one."""
+        import json
+
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            hf = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        chat, cpath = None, path.with_name(CHAT_CONFIG)
+        if cpath.exists():
+            try:
+                chat = json.loads(cpath.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+            from .chat_template import OURS
+
+            keys = ("chat_template", "bos_token", "eos_token", "pad_token", "add_bos_token")
+            chat = None if chat.get("chat_template") == OURS else {k: chat.get(k) for k in keys}  # ours, exported
+        try:
+            return cls(hf, chat)
+        except ValueError as e:
+            raise ValueError(f"{cpath if chat else path}: {e}") from None
 
     def save(self, path) -> None:
+        """``tokenizer.json`` (plus ``tokenizer_config.json`` for an imported chat template)."""
+        import json
+
         from .checkpoint import atomic_write_text
 
         atomic_write_text(path, self.hf.to_str(pretty=True))
+        if self.chat is not None:
+            atomic_write_text(Path(path).with_name(CHAT_CONFIG), json.dumps(self.chat, indent=2, ensure_ascii=False))
 
     # ---- using ----
     @property
@@ -90,40 +153,27 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text -> ids. Spelled-out special tokens are split so they stay ordinary text."""
-        if "<|" not in text:
+        if not self.special_pattern.search(text):
             return self.hf.encode(text, add_special_tokens=False).ids
         return [i for piece in self._split_specials(text) for i in self.hf.encode(piece, add_special_tokens=False).ids]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if not any("<|" in t for t in texts):  # the fast, multi-threaded path
+        if not any(self.special_pattern.search(t) for t in texts):  # the fast, multi-threaded path
             return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         return [self.encode(t) for t in texts]
 
     def _split_specials(self, text: str) -> list[str]:
-        # encode "<|end|>" as "<|" + "end|>": the added-token matcher never sees the whole string
-        pieces = [text]
-        for tok in SPECIAL_TOKENS:
-            pieces = [p for chunk in pieces for p in _split_keep(chunk, tok)]
-        return pieces
+        # encode "<|end|>" as "<" + "|end|>": the added-token matcher never sees the whole string
+        cuts = [m.start() + 1 for m in self.special_pattern.finditer(text)]
+        return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
     # ---- chat template ----
     def render_chat(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """A conversation -> (ids, loss mask). The mask is 1 on every assistant message's text and its
-        closing ``<|end|>`` and 0 elsewhere (role tokens, system and user text). With
-        ``add_generation_prompt`` an open ``<|assistant|>`` is appended (mask 0)."""
+        """A conversation -> (ids, loss mask), rendered by the run's chat template. The mask is 1 on
+        every assistant message's text and its end-of-turn token and 0 elsewhere (role markers, system
+        and user text). With ``add_generation_prompt`` the opening of an assistant turn is appended."""
         check_messages(messages)
-        sp = self.special
-        ids, mask = [self.bos_id], [0]
-        for m in messages:
-            body = self.encode(m["content"]) + [self.end_id]
-            ids.append(sp[f"<|{m['role']}|>"])
-            mask.append(0)
-            ids += body
-            mask += [1 if m["role"] == "assistant" else 0] * len(body)
-        if add_generation_prompt:
-            ids.append(sp["<|assistant|>"])
-            mask.append(0)
-        return ids, mask
+        return self.template.render(self, messages, add_generation_prompt)
 
     def chat_prompt(self, messages) -> list[int]:
         """Ids of a conversation followed by an open assistant turn: what generation continues."""
@@ -148,16 +198,6 @@ class Tokenizer:
                 out[i] = tok.encode("utf-8") if tok in special else bytes(inverse[c] for c in tok)
             self._token_bytes = out
         return self._token_bytes
-
-
-def _split_keep(text: str, token: str) -> list[str]:
-    if token not in text:
-        return [text]
-    parts = text.split(token)
-    out = [parts[0]]
-    for p in parts[1:]:
-        out += [token[:2], token[2:], p]
-    return [p for p in out if p]
 
 
 def _bytes_to_unicode() -> dict[int, str]:

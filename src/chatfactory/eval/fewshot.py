@@ -107,8 +107,8 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    ctx = [tok.bos_id] + tok.encode(context)
-    whole = [tok.bos_id] + tok.encode(context + continuation)
+    ctx = tok.document(context)
+    whole = tok.document(context + continuation)
     return ctx, whole[len(ctx):]
 
 
@@ -180,14 +180,14 @@ def _generate_exact(model, tok, rows, shot_lists, chat: bool, batch_size: int = 
         if chat:
             prompts = [tok.chat_prompt(chat_messages(r, s)) for r, s in zip(rs, ss)]
         else:
-            prompts = [[tok.bos_id] + tok.encode(base_prompt(r, s)) for r, s in zip(rs, ss)]
+            prompts = [tok.document(base_prompt(r, s)) for r, s in zip(rs, ss)]
         limit = model.cfg.block_size
         n_new = max(len(tok.encode(r["answer"])) for r in rs) + 8
         prompts = [p[-(limit - n_new):] for p in prompts]
         outs = engine.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0,
-                                                               stop_ids=(tok.end_id, tok.bos_id)))
+                                                               stop_ids=tok.stop_ids))
         for r, o in zip(rs, outs):
-            text = tok.decode([t for t in o if t not in (tok.end_id, tok.bos_id)])
+            text = tok.decode([t for t in o if t not in tok.stop_ids])
             text = text.split(SHOT_SEP)[0] if not chat else text
             right.append(text.strip() == r["answer"].strip())
     return right

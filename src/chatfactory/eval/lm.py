@@ -58,7 +58,7 @@ def text_loss(model, tok, path, text_key: str = "text", seq_len: int = 0, batch_
     """Loss and bits/byte on a text source (a .txt/.jsonl(.gz)/.parquet file or folder, as ``data.source``)."""
     ids: list[int] = []
     for text in iter_texts(DataConfig(source=str(path), text_key=text_key)):
-        ids += [tok.bos_id] + tok.encode(text)
+        ids += tok.document(text)
         if max_tokens and len(ids) > max_tokens:
             break
     return stream_loss(model, tok, ids, seq_len, batch_size, max_tokens)

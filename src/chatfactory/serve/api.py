@@ -61,7 +61,7 @@ class Service:
         self.limits = limits or Limits()
         self.created = int(time.time())
         # every special token ends a reply: a model that opens a new turn or document has finished
-        self.stop_ids = tuple(sorted(tok.special.values()))
+        self.stop_ids = tok.stop_ids
 
     def close(self) -> None:
         self.scheduler.close()
@@ -323,8 +323,9 @@ def create_app(svc: Service):
                     raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary", "prompt", "invalid_value")
             else:
                 raise APIError(400, f"prompt[{i}] must be a string or a list of token ids", "prompt", "invalid_type")
-            # documents begin with <|bos|> in pretraining: condition on it, but do not echo it
-            if not ids or ids[0] != svc.tok.bos_id:
+            # documents begin with bos in pretraining (when the tokenizer opens them so): condition on it,
+            # but do not echo it; an empty prompt gets it in any case, as there is nothing else to read
+            if (svc.tok.add_bos or not ids) and (not ids or ids[0] != svc.tok.bos_id):
                 out.append(([svc.tok.bos_id] + ids, 1))
             else:
                 out.append((ids, 0))
@@ -423,10 +424,8 @@ def create_app(svc: Service):
     # the Hugging Face export does: spelled-out special tokens are special here.
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        from ..hf import CHAT_TEMPLATE
-
-        return {"tokenizer_class": "chatfactory", "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>",
-                "model_max_length": svc.block_size, "vocab_size": svc.tok.vocab_size, "chat_template": CHAT_TEMPLATE}
+        return {"tokenizer_class": "chatfactory", **svc.tok.chat_config,
+                "model_max_length": svc.block_size, "vocab_size": svc.tok.vocab_size}
 
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
@@ -441,7 +440,7 @@ def create_app(svc: Service):
             if len(text) > lim.max_body_bytes:
                 raise APIError(400, "'prompt' is too long", "prompt", "message_too_long")
             ids = svc.tok.hf.encode(text, add_special_tokens=False).ids
-            if parse_field(body, "add_special_tokens", bool, True):
+            if parse_field(body, "add_special_tokens", bool, True) and svc.tok.add_bos:
                 ids = [svc.tok.bos_id] + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
 

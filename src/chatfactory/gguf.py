@@ -1,0 +1,301 @@
+"""GGUF files (llama.cpp's format): read the metadata, the tensors and the tokenizer; dequantize to fp32.
+
+A GGUF file is a header, a table of typed key/value metadata (architecture, sizes, the tokenizer's
+tokens and merges, the chat template), a table of tensor descriptions and then the tensor data,
+aligned. Quantized tensors are stored in blocks: 32 weights sharing one fp16 scale (Q8_0, Q4_0,
+Q4_1), or 256-weight super-blocks whose 8 or 16 sub-blocks have their own 6- or 8-bit scales (Q4_K,
+Q6_K). Everything here is numpy over a memory map: nothing is loaded that is not asked for.
+
+    g = GGUFFile("SmolLM2-135M-Instruct.Q4_1.gguf")
+    g.meta["llama.block_count"]         # 30
+    w = g.tensor("blk.0.attn_q.weight")  # torch.float32, (576, 576) (rows = outputs, as in nn.Linear)
+    import_gguf("model.gguf", "runs/smol")   # a run directory: tokenizer, chat template, weights
+
+``transformers`` loads the same file (``from_pretrained(dir, gguf_file=NAME)``); the tests check that both
+give the same logits and token ids.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# metadata value types
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+
+# tensor types: name, weights per block, bytes per block
+TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
+         12: ("Q4_K", 256, 144), 14: ("Q6_K", 256, 210), 30: ("BF16", 1, 2)}
+# the rest of ggml's types, so an error can name the one a file uses
+_OTHER = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 13: "Q5_K", 15: "Q8_K", 16: "IQ2_XXS",
+          17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
+          24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
+
+class GGUFError(ValueError):
+    """The file is not GGUF, is truncated, or uses something we do not read; the message names it."""
+
+
+class GGUFFile:
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.pos = 4  # after the magic
+        if bytes(self.data[:4]) != b"GGUF":
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {bytes(self.data[:4])!r})")
+        try:
+            self._read_header()
+        except (IndexError, struct.error, UnicodeDecodeError, ValueError) as e:
+            raise GGUFError(f"{self.path}: truncated or corrupt header ({e})") from None
+
+    # ---- the header ----
+    def _take(self, fmt: str):
+        n = struct.calcsize(fmt)
+        if self.pos + n > len(self.data):
+            raise ValueError(f"header runs past the end of the file at byte {self.pos}")
+        v = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += n
+        return v[0] if len(v) == 1 else v
+
+    def _string(self) -> str:
+        n = self._take("<Q")
+        s = bytes(self.data[self.pos:self.pos + n]).decode("utf-8")
+        self.pos += n
+        return s
+
+    def _value(self, vtype: int):
+        if vtype == _STRING:
+            return self._string()
+        if vtype == _ARRAY:
+            etype, n = self._take("<I"), self._take("<Q")
+            if etype in _SCALARS:  # numeric arrays (token types, scores) in one read
+                dt = np.dtype(_SCALARS[etype])
+                arr = np.frombuffer(self.data, dtype=dt, count=n, offset=self.pos)
+                self.pos += n * dt.itemsize
+                return arr.tolist()
+            return [self._value(etype) for _ in range(n)]
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        dt = np.dtype(_SCALARS[vtype])
+        v = np.frombuffer(self.data, dtype=dt, count=1, offset=self.pos)[0].item()
+        self.pos += dt.itemsize
+        return bool(v) if vtype == _BOOL else v
+
+    def _read_header(self):
+        self.version = self._take("<I")
+        if self.version not in (2, 3):
+            raise ValueError(f"GGUF version {self.version} (versions 2 and 3 are read)")
+        n_tensors, n_kv = self._take("<Q"), self._take("<Q")
+        self.meta = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.meta[key] = self._value(self._take("<I"))
+        self.tensors = {}  # name -> (ggml type, torch shape, byte offset)
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._take("<Q") for _ in range(self._take("<I"))]
+            self.tensors[name] = (self._take("<I"), tuple(reversed(dims)), self._take("<Q"))
+        align = int(self.meta.get("general.alignment", 32))
+        self.start = (self.pos + align - 1) // align * align
+
+    # ---- tensors ----
+    def tensor_type(self, name: str) -> str:
+        t = self.tensors[name][0]
+        return TYPES[t][0] if t in TYPES else _OTHER.get(t, f"type {t}")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, dequantized to fp32, in torch's layout (the last dimension is ggml's first)."""
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: no tensor {name!r}")
+        ttype, shape, offset = self.tensors[name]
+        if ttype not in TYPES:
+            raise GGUFError(f"{self.path}: tensor {name} is {self.tensor_type(name)}, a quantization type we do not read "
+                            f"(supported: {', '.join(t[0] for t in TYPES.values())})")
+        kind, per_block, block_bytes = TYPES[ttype]
+        n = int(np.prod(shape))
+        nbytes = n // per_block * block_bytes
+        begin = self.start + offset
+        if begin + nbytes > len(self.data):
+            raise GGUFError(f"{self.path}: tensor {name} runs past the end of the file (truncated download?)")
+        raw = self.data[begin:begin + nbytes]
+        return torch.from_numpy(np.ascontiguousarray(dequantize(raw, kind).reshape(shape)))
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 at byte ``at`` of every block, as an (n, 1) fp32 column."""
+    return blocks[:, at:at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
+    """Bytes of one tensor in ggml's ``kind`` -> flat fp32 weights (numpy)."""
+    if kind == "F32":
+        return raw.view(np.float32).copy()
+    if kind == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if kind == "BF16":  # the top half of an fp32
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    _, _, size = next(t for t in TYPES.values() if t[0] == kind)
+    b = raw.reshape(-1, size)
+    if kind == "Q8_0":  # d, then 32 int8: w = d * q
+        return (_f16(b, 0) * b[:, 2:].view(np.int8)).reshape(-1)
+    if kind in ("Q4_0", "Q4_1"):  # d [, m], then 16 bytes: low nibbles are weights 0-15, high 16-31
+        qs = b[:, 4 if kind == "Q4_1" else 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+        if kind == "Q4_0":
+            return (_f16(b, 0) * (q - 8)).reshape(-1)
+        return (_f16(b, 0) * q + _f16(b, 2)).reshape(-1)
+    if kind == "Q4_K":
+        return _q4_k(b)
+    return _q6_k(b)
+
+
+def _q4_k(b: np.ndarray) -> np.ndarray:
+    """d, dmin (fp16), 12 bytes packing eight 6-bit scales and mins, 128 bytes of nibbles. Each 64
+    weights are two sub-blocks of 32: the low nibbles, then the high ones; w = d*sc*q - dmin*m."""
+    d, dmin, s = _f16(b, 0), _f16(b, 2), b[:, 4:16].astype(np.uint8)
+    sc = np.empty((len(b), 8), np.uint8)
+    mn = np.empty((len(b), 8), np.uint8)
+    sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    qs = b[:, 16:].reshape(-1, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).reshape(-1)
+
+
+def _q6_k(b: np.ndarray) -> np.ndarray:
+    """128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, d (fp16). Each half
+    (128 weights) takes 64 low bytes and 32 high bytes; 16 weights share a scale; w = d*sc*(q-32)."""
+    ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+    sc, d = b[:, 192:208].view(np.int8).astype(np.float32), _f16(b, 208)
+    lo = np.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], axis=2)
+    hi = np.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=2)
+    q = (lo | (hi << 4)).astype(np.float32) - 32  # (n, half, quarter, 32)
+    scale = sc.reshape(-1, 2, 4, 2).repeat(16, axis=3)  # 16 weights per scale, 2 scales per 32
+    return (d[:, :, None, None] * scale * q).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A GGUF model -> our GPT config, weights and tokenizer (``chatfactory import --from FILE.gguf``)
+# ---------------------------------------------------------------------------------------------------
+
+ARCHITECTURES = ("llama", "qwen2")  # Llama, SmolLM2 and Mistral files say "llama"
+
+# How the text is split before BPE, by ``tokenizer.ggml.pre`` (the split the vocabulary was learned on)
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"default": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT], "smollm": [r"\p{N}", _GPT2_SPLIT],
+                  "llama-bpe": [_LLAMA3_SPLIT], "llama3": [_LLAMA3_SPLIT], "qwen2": [_QWEN2_SPLIT]}
+
+
+def gguf_config(g: GGUFFile):
+    """The architecture in the metadata -> GPTConfig (an unsupported one is an error naming it)."""
+    from .model import GPTConfig
+
+    arch = g.meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{g.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    m = lambda key, default=None: g.meta.get(f"{arch}.{key}", default)  # noqa: E731
+    scaling = m("rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise GGUFError(f"{g.path}: RoPE scaling {scaling!r} is not supported")
+    d, n_head = m("embedding_length"), m("attention.head_count")
+    if m("rope.dimension_count", d // n_head) != d // n_head or m("attention.key_length", d // n_head) != d // n_head:
+        raise GGUFError(f"{g.path}: head size differs from embedding_length / head_count (not supported)")
+    rows = g.tensors["token_embd.weight"][1][0]
+    return GPTConfig(flavour="modern", depth=m("block_count"), vocab_size=rows, block_size=m("context_length", 2048),
+                     n_embd=d, n_head=n_head, n_kv_head=m("attention.head_count_kv", n_head),
+                     ffn_hidden=m("feed_forward_length"), norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
+                     rope_theta=float(m("rope.freq_base", 10000.0)), tie_embeddings="output.weight" not in g.tensors,
+                     qkv_bias=arch == "qwen2")
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp stores Llama's q and k rows reordered for its interleaved RoPE; put them back in the
+    "rotate half" order Hugging Face (and our model) use."""
+    return w.reshape(heads, w.size(0) // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_state_dict(g: GGUFFile, cfg) -> dict:
+    """Our state dict (fp32) from the file's tensors."""
+    arch = g.meta["general.architecture"]
+    sd = {"tok_emb.weight": g.tensor("token_embd.weight"), "norm_f.weight": g.tensor("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = g.tensor("output.weight")
+    for i in range(cfg.depth):
+        b = f"blk.{i}."
+        q, k, v = (g.tensor(b + f"attn_{n}.weight") for n in "qkv")
+        if arch == "llama":
+            q, k = _unpermute(q, cfg.n_head), _unpermute(k, cfg.n_kv_head)
+        ours = f"blocks.{i}."
+        sd[ours + "attn.qkv.weight"] = torch.cat([q, k, v])
+        if cfg.qkv_bias:
+            sd[ours + "attn.qkv.bias"] = torch.cat([g.tensor(b + f"attn_{n}.bias") for n in "qkv"])
+        sd[ours + "attn.proj.weight"] = g.tensor(b + "attn_output.weight")
+        sd[ours + "norm1.weight"] = g.tensor(b + "attn_norm.weight")
+        sd[ours + "norm2.weight"] = g.tensor(b + "ffn_norm.weight")
+        sd[ours + "mlp.fc.weight"] = torch.cat([g.tensor(b + "ffn_gate.weight"), g.tensor(b + "ffn_up.weight")])
+        sd[ours + "mlp.proj.weight"] = g.tensor(b + "ffn_down.weight")
+    return sd
+
+
+def gguf_tokenizer(g: GGUFFile):
+    """The byte-level BPE tokenizer and chat template in the metadata -> our Tokenizer."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import Tokenizer
+
+    kind, pre = g.meta.get("tokenizer.ggml.model"), g.meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise GGUFError(f"{g.path}: tokenizer {kind!r} is not byte-level BPE ('gpt2'), the only kind supported")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFError(f"{g.path}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
+    tokens, types = g.meta["tokenizer.ggml.tokens"], g.meta.get("tokenizer.ggml.token_type") or [1] * len(g.meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in g.meta.get("tokenizer.ggml.merges", [])]
+    hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+
+    template = g.meta.get("tokenizer.chat_template")
+    if not template:
+        raise GGUFError(f"{g.path}: no tokenizer.chat_template (a base model; import a chat model, or its "
+                        f"Hugging Face directory, which gets our template)")
+    tid = lambda key: g.meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
+    end = tid("eot") if tid("eot") is not None else tid("eos")
+    control = [i for i, k in enumerate(types) if k == 3]
+    pad = next((i for i in [tid("padding"), tid("unknown")] + control if i is not None and i != end), None)
+    if end is None or pad is None:
+        raise GGUFError(f"{g.path}: tokenizer names no end-of-turn token, or no pad token apart from it")
+    bos = tid("bos") if tid("bos") is not None else end
+    chat = {"chat_template": template, "bos_token": tokens[bos], "eos_token": tokens[end], "pad_token": tokens[pad],
+            "add_bos_token": bool(g.meta.get("tokenizer.ggml.add_bos_token", False))}
+    return Tokenizer(hf, chat)
+
+
+def import_gguf(path, out_run, stage: str = "pretrain") -> dict:
+    """Write ``out_run/`` (tokenizer.json, tokenizer_config.json with the chat template, config.yaml and
+    ``<stage>/`` with the weights in fp32) from a GGUF chat model, as ``hf.import_hf`` does for a directory."""
+    from .hf import save_imported
+
+    g = GGUFFile(path)
+    cfg = gguf_config(g)
+    tok = gguf_tokenizer(g)
+    if tok.vocab_size != cfg.vocab_size:
+        raise GGUFError(f"{g.path}: {tok.vocab_size} tokens but {cfg.vocab_size} embedding rows")
+    kinds = sorted({g.tensor_type(n) for n in g.tensors})
+    return save_imported(out_run, stage, cfg, gguf_state_dict(g, cfg), tok,
+                         {"source": str(g.path.resolve()), "quantization": kinds})
