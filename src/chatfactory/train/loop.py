@@ -2,10 +2,10 @@
 
 A stage (pretrain, SFT, reward, …) supplies only what is particular to it, as a ``Stage``:
 ``micro_batch(step, micro, rank, world)``, ``loss(model, batch)``, ``evaluate(model)`` and how many
-tokens a micro-batch holds. This loop owns the rest: device and DDP set-up, AdamW with a
-warmup + cosine schedule, gradient accumulation and clipping, bf16 autocast and ``torch.compile`` on
-CUDA, validation, ``metrics.jsonl``, a progress bar with tokens/s and MFU, atomic checkpoints and
-exact resume.
+tokens a micro-batch holds. This loop owns the rest: device and DDP set-up (or FSDP2, and activation
+checkpointing: memory.py), AdamW with a warmup + cosine schedule, gradient accumulation and clipping,
+bf16 autocast and ``torch.compile`` on CUDA, validation, ``metrics.jsonl``, a progress bar with
+tokens/s and MFU, atomic checkpoints and exact resume.
 
 Exact resume rests on two rules: batches are a pure function of the step (the stage's loaders are
 stateless), and the random generators are re-seeded from (seed, step, rank) at the start of every
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, has_checkpoint, load_checkpoint, load_weights, save_checkpoint, unique_state_dict
 from ..config import TrainConfig
+from . import memory
 
 
 # ---------------------------------------------------------------- distributed / device
@@ -58,6 +59,24 @@ def setup_dist(device: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, dev)
+
+
+def use_fsdp(stage, cfg: TrainConfig, d: Dist) -> bool:
+    """Whether this run shards with FSDP2: asked for (``fsdp=true``), by a stage that supports it, over
+    more than one process. One process has nothing to shard across: it trains unsharded, with a note,
+    so one config serves a laptop run and a torchrun."""
+    if not cfg.fsdp:
+        return False
+    why = memory.fsdp_refusal(stage)
+    if why:
+        raise ValueError(f"{stage.name}.fsdp=true: the {stage.name} stage cannot train under FSDP2: {why}; "
+                         f"set {stage.name}.fsdp=false (torchrun then uses DDP)")
+    if d.world == 1:
+        if d.main:
+            print(f"[{stage.name}] {stage.name}.fsdp=true with one process: training unsharded "
+                  f"(start with torchrun --nproc_per_node=N to shard over N processes)")
+        return False
+    return True
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -179,6 +198,7 @@ class Stage:
     name = "stage"
     model_config: dict = {}
     info: dict = {}  # more entries for config.json (a LoRA stage's settings: train/lora.py)
+    fsdp_unsupported: str = ""  # why this stage cannot train under FSDP2 ("": it can)
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int):
         raise NotImplementedError
@@ -220,9 +240,11 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(stage_dir / "metrics.jsonl", d.main)
-    model.to(d.device)
-    opt = make_optimizer(model, cfg, d.device)
-    start, elapsed = 0, 0.0
+    fsdp = use_fsdp(stage, cfg, d)
+    # sharding moves the weights to the device block by block; unsharded, the whole model goes now
+    home = torch.device("cpu") if fsdp else d.device
+    model.to(home)
+    start, elapsed, saved_opt = 0, 0.0, None
 
     if has_checkpoint(stage_dir):
         weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
@@ -232,20 +254,32 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         if saved_cfg.get("lora") != stage.info.get("lora"):
             raise CheckpointError(f"{stage_dir}: trained with lora={saved_cfg.get('lora')}, but this run asks for "
                                   f"lora={stage.info.get('lora')} (resume with the same lora settings, or use a new output directory)")
-        stage.restore_weights(model, {k: v.to(d.device) for k, v in weights.items()}, state, str(stage_dir / "model.safetensors"))
-        opt.load_state_dict(state["optimizer"])
-        start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        stage.restore_weights(model, {k: v.to(home) for k, v in weights.items()}, state, str(stage_dir / "model.safetensors"))
+        del weights  # a whole copy of the model: not kept for the run
+        saved_opt, start, elapsed = state.pop("optimizer"), int(state["step"]), float(state.get("elapsed", 0.0))
         metrics.truncate_after(start)
         if d.main and start < cfg.steps:
             print(f"[{stage.name}] resuming from step {start} in {stage_dir}")
     if d.world > 1:
         dist.barrier()  # rank 0 has truncated metrics before anyone writes
 
+    if cfg.activation_checkpointing:
+        memory.checkpoint_blocks(model)
     raw_model = model
-    if cfg.compile:
+    if fsdp:
+        if cfg.compile:  # blocks compiled before sharding, as torchtitan does; FSDP's hooks stay eager
+            for block in memory.transformer_blocks(model):
+                block.compile()
+        memory.shard(model, d.device, d.world)
+    elif cfg.compile:
         model = torch.compile(model)
-    if d.world > 1:
+    if d.world > 1 and not fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    # made after sharding: FSDP2 replaces each parameter with its shard
+    opt = make_optimizer(raw_model, cfg, d.device)
+    if saved_opt is not None:
+        memory.load_optimizer_state(opt, saved_opt)
+        saved_opt = None  # the whole optimizer state (twice the model) is not kept for the run either
     autocast = autocast_for(d, cfg.dtype)
 
     flops_tok = raw_model.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw_model, "flops_per_token") else 0
@@ -253,9 +287,12 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     last: dict = {}
 
     def checkpoint(step: int) -> None:
+        if fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps the result
+            weights, extra, opt_state = memory.full_weights(raw_model, d.main), {}, memory.full_optimizer_state(opt, d.main)
+        elif d.main:
+            (weights, extra), opt_state = stage.checkpoint_weights(raw_model), opt.state_dict()
         if d.main:
-            weights, extra = stage.checkpoint_weights(raw_model)
-            state = {"optimizer": opt.state_dict(), "elapsed": elapsed, **extra}
+            state = {"optimizer": opt_state, "elapsed": elapsed, **extra}
             info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps, **stage.info}
             save_checkpoint(stage_dir, weights, info, state, step)
         if d.world > 1:
@@ -263,7 +300,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
 
     def evaluate(step: int) -> None:
         model.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, memory.gathered(raw_model):
             res = stage.evaluate(raw_model, d)
         model.train()
         if res:
@@ -284,14 +321,16 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         n_tok = 0
         for micro in range(cfg.grad_accum):
             batch = _to(stage.micro_batch(step, micro, d.rank, d.world), d.device)
-            sync = contextlib.nullcontext() if (d.world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
+            # DDP all-reduces only the last micro-batch's gradients; FSDP reduce-scatters each one (its
+            # gradients stay sharded, which is the memory it saves)
+            sync = model.no_sync() if (d.world > 1 and not fsdp and micro < cfg.grad_accum - 1) else contextlib.nullcontext()
             with sync:
                 with autocast:
                     loss = stage.loss(model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             n_tok += stage.tokens(batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        grad_norm = memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else torch.zeros(())
         opt.step()
         opt.zero_grad(set_to_none=True)
         stats = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(n_tok), device=d.device)]).float())

@@ -216,6 +216,9 @@ class RLStage(Stage):
     Subclasses say how experience turns into advantages (``advantages``) and what the loss is."""
 
     name = "rl"
+    fsdp_unsupported = ("each rank samples its rollouts on its own, a different number of forward passes per "
+                        "rank, which FSDP2's per-forward all-gathers cannot follow; and its checkpoint holds "
+                        "a critic and beta beside the policy")
 
     def __init__(self, tc: RLConfig, tok, rows: list[dict], ac: ActorCritic, ref, reward: Reward,
                  model_config: dict, eval_rows=None, gold=None, ptx=None):

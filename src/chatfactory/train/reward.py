@@ -27,6 +27,7 @@ from ..config import Config
 from ..data.preferences import PairBatches, collate, pair_data, val_chunks
 from ..model import GPT, GPTConfig
 from ..tokenizer import Tokenizer
+from . import memory
 from .lora import apply_lora, lora_settings, merge_weights, summary
 from .loop import Stage, all_reduce_sum, setup_dist, train
 
@@ -176,15 +177,19 @@ def run_reward(cfg: Config, run_dir) -> dict:
               + (f"; {summary(model)}" if lora else ""))
     out = run_dir / "reward"
     result = train(stage, model, dataclasses.replace(rc, steps=steps), out, d)
-    if d.main:
+    sharded = memory.is_sharded(model)
+    if d.main or sharded:  # a model sharded by FSDP scores on every rank (weights gathered); rank 0 writes
         # centre the scores: SFT-like answers (those of the comparisons) average 0
-        model.to(d.device).eval()
+        model.eval()
         calib = [train_pairs[stage.batches.index(k)] for k in range(min(rc.calib_pairs, len(train_pairs)))]
-        shift = mean_score(model, calib, tok.pad_id, rc.batch_size, d.device)
+        with memory.gathered(model):
+            shift = mean_score(model, calib, tok.pad_id, rc.batch_size, d.device)
         model.head.bias.data -= shift
+        weights = memory.full_weights(model, d.main) if sharded else unique_state_dict(model)
+    if d.main:
         _, info, state = load_checkpoint(out, with_state=True)
         info.update(kind="reward", bias_shift=info.get("bias_shift", 0.0) + shift)
-        save_checkpoint(out, unique_state_dict(model), {k: v for k, v in info.items() if k != "step"}, state, info["step"])
+        save_checkpoint(out, weights, {k: v for k, v in info.items() if k != "step"}, state, info["step"])
         result["bias_shift"] = shift
     if d.world > 1:
         torch.distributed.barrier()
