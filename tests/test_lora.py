@@ -4,6 +4,7 @@ adapters (and heads), with the policy's own base as DPO's and RL's reference; a 
 SIGKILL resumes to the same weights; LoRA SFT learns, and a LoRA reward model beats chance."""
 import copy
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from chatfactory.train.lora import (TARGETS, LoRALinear, adapters_disabled, appl
 from conftest import cli_cmd
 from test_ppo import ppo_config, world  # noqa: F401  (world: the tiny RL run, a pytest fixture)
 from test_reward import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, sft_run, write_jsonl  # noqa: F401
-from test_sft import make_run, sft_args
+from test_sft import LETTERS, SYS, make_run, sft_args, write_jsonl as write_chat
 
 SETTINGS = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(TARGETS)}
 LORA_ARGS = ["lora.rank=8", "lora.alpha=16"]
@@ -172,22 +173,30 @@ def test_peft_export_of_a_stage_without_adapters_is_an_error(tmp_path):
 # ---------------------------------------------------------------- SFT: learning, exact resume
 @pytest.mark.slow
 def test_lora_sft_learns_and_trains_only_the_adapters(tmp_path):
-    """On the reverse-3-letters task of test_sft.py, from a randomly initialised base: the held-out
-    assistant loss falls far below where it starts, while every base weight stays bit for bit."""
+    """A base that answers "reverse: a b c" with "a b c" (fully fine-tuned to copy) learns to reverse
+    through rank-8 adapters: its held-out assistant loss falls to well under 60% of where it starts, while
+    every base weight stays bit for bit (adapters that did not train or were skipped would leave it flat)."""
     from chatfactory.train.sft import run_sft
 
     run, data, _, _ = make_run(tmp_path, n=600, n_test=40)
-    res = run_sft(load_config(None, sft_args(data, "sft.steps=60", "sft.eval_every=20", "sft.ckpt_every=0", "sft.lr=1e-2",
-                                             *LORA_ARGS)), run)
+    rng = random.Random(1)
+    copying = []
+    for _ in range(500):
+        w = " ".join(rng.sample(LETTERS, 3))
+        copying.append({"messages": [SYS, {"role": "user", "content": "reverse: " + w}, {"role": "assistant", "content": w}]})
+    run_sft(load_config(None, sft_args(write_chat(tmp_path / "copy.jsonl", copying), "sft.steps=120", "sft.eval_every=0",
+                                       "sft.ckpt_every=0")), run)
+    shutil.move(run / "sft", run / "copy")
+    res = run_sft(load_config(None, sft_args(data, "sft.init_from=copy", "sft.steps=100", "sft.eval_every=20",
+                                             "sft.ckpt_every=0", "sft.lr=1e-2", *LORA_ARGS)), run)
     rows = [json.loads(x) for x in open(run / "sft" / "metrics.jsonl")]
     first, val = rows[0]["loss"], [r["val_loss"] for r in rows if "val_loss" in r]
-    print(f"LoRA SFT: train loss {first:.3f} -> {rows[-2]['loss']:.3f}, held-out loss {val}")
-    assert val[-1] < 0.5 * first and val[-1] < 2.0
+    print(f"LoRA SFT: train loss {first:.3f} -> {rows[-2]['loss']:.3f}, held-out loss {[round(v, 3) for v in val]}")
+    assert val[-1] < 0.6 * first
     info = json.loads((run / "sft" / "config.json").read_text())
     assert info["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(TARGETS)}
-    after, before = load_file(run / "sft" / "model.safetensors"), load_file(run / "pretrain" / "model.safetensors")
+    after, before = load_file(run / "sft" / "model.safetensors"), load_file(run / "copy" / "model.safetensors")
     assert all(torch.equal(after[k], before[k]) for k in before)  # the base did not move
-    assert any(after[k].abs().max() > 0 for k in after if k.endswith(".lora_B"))  # the adapters did
     state = torch.load(run / "sft" / "state.pt", weights_only=True)
     n_adapters = sum(1 for k in after if k.endswith((".lora_A", ".lora_B")))
     assert len(state["optimizer"]["state"]) == n_adapters  # the optimizer holds the adapters alone
@@ -247,7 +256,9 @@ def test_lora_reward_model_beats_chance_with_its_backbone_frozen(sft_run, tmp_pa
     res = run_reward(cfg, run)
     evals = [r for r in map(json.loads, open(run / "reward" / "metrics.jsonl")) if "val_accuracy" in r]
     print(f"LoRA reward model: held-out accuracy {[r['val_accuracy'] for r in evals]}")
-    assert res["val_accuracy"] >= 0.85  # held-out topics; chance is 0.5
+    # held-out topics; chance is 0.5, and the head alone on the frozen SFT features reaches about 0.77
+    # with a held-out loss of 0.62 (measured): the adapters must do the rest
+    assert res["val_accuracy"] >= 0.9 and res["val_loss"] < 0.2
     saved, sft = load_file(run / "reward" / "model.safetensors"), load_file(run / "sft" / "model.safetensors")
     backbone = {k[len("backbone."):]: v for k, v in base_keys(saved).items() if k.startswith("backbone.")}
     assert backbone and all(torch.equal(v, sft[k]) for k, v in backbone.items())  # only adapters and head trained

@@ -7,7 +7,8 @@ Bradley–Terry loss can be written on the policy itself:
     loss = −log σ(β·[(log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))])
 
 with log π(y) summed over the answer's tokens (its <|end|> included) and the SFT model as the frozen
-reference. Same comparisons, batches and run-directory layout as the reward model. Evaluation on the
+reference (with LoRA, train/lora.py: the policy itself with its adapters off, no second copy). Same
+comparisons, batches and run-directory layout as the reward model. Evaluation on the
 held-out pairs logs the implicit rewards β·log(π/π_ref): their accuracy (chosen above rejected), the
 margin, and each side's mean (the chosen reward going negative is the known "both fall" effect).
 

@@ -11,8 +11,9 @@ optimizer steps on that experience:
 * loss = clipped-ratio policy loss + vf_coef * clipped value loss (+ ptx_coef * pretraining loss);
 * beta is fixed, or adapted toward ``target_kl`` (Ziegler et al. 2019).
 
-The policy, reference, reward model and critic all run with dropout off. The shared loop
-(train/loop.py) does the optimizer steps, checkpoints and resume: one loop step is one minibatch
+The policy, reference, reward model and critic all run with dropout off. With LoRA (train/lora.py) the
+policy and the critic's backbone train adapters only, and the reference is the policy with them off.
+The shared loop (train/loop.py) does the optimizer steps, checkpoints and resume: one loop step is one minibatch
 update, so one iteration is ``ppo_epochs * minibatches`` loop steps, and checkpoints fall on iteration
 boundaries (the next rollout is a pure function of the weights and the seed, so resume is exact).
 ``model.safetensors`` holds the policy (``load_model`` reads it); the critic and beta ride in state.pt.

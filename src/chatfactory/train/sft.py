@@ -8,7 +8,8 @@ that restart at every conversation keep packed conversations from seeing each ot
 trains exactly like the same conversations one by one. Validation reports the mean loss on the
 assistant tokens of held-out conversations.
 
-Runs on the shared loop (train/loop.py): same exact resume and torchrun DDP as pretraining.
+Runs on the shared loop (train/loop.py): same exact resume and torchrun DDP as pretraining. With
+``lora.rank`` > 0 only low-rank adapters train (train/lora.py).
 
     chatfactory sft --config dolly --out runs/dolly            # after `chatfactory pretrain` on the same run
     torchrun --nproc_per_node=2 -m chatfactory.cli sft --config dolly --out runs/dolly
