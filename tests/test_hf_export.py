@@ -188,3 +188,80 @@ def test_import_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors.*corrupt"):
         import_hf(src, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Mistral's own: [INST] … [/INST], the system text folded into the first user turn, and spaces around
+# the markers that BPE must see joined to the message text (a cut there would change the ids)
+MISTRAL = ("{{ bos_token }}{% for message in messages %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_import_hf_chat_model_keeps_its_template(tmp_path, family):
+    """A chat model's directory (a random Qwen2 with q/k/v biases and a tied head, or a Mistral) imports
+    with its own template: same logits, tokens, chat ids and greedy tokens as transformers, and back."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if family == "qwen2" else ["<s>", "</s>", "<unk>"]
+    t = HFTok(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    src = tmp_path / "src"
+    if family == "qwen2":  # Qwen2-Instruct's settings: no bos, pad = <|endoftext|>, eos = <|im_end|>
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                                    chat_template=CHATML)
+    else:  # pad = eos, as many chat models ship: the import must choose another pad
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
+                                                    pad_token="</s>", chat_template=MISTRAL)
+    fast.save_pretrained(src)
+    torch.manual_seed(0)
+    common = dict(vocab_size=t.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0)
+    if family == "qwen2":
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    else:
+        hf = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=4096))
+    hf.eval().save_pretrained(src)
+
+    run = tmp_path / "run"
+    assert cli_main(["import", "--from", str(src), "--out", str(run)]) == 0
+    ours, info = load_model(run / "pretrain")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    assert info["added_tokens"] == [] and info["chat_template"] and tok.vocab_size == t.get_vocab_size()
+    assert ours.cfg.qkv_bias == ours.cfg.tie_embeddings == (family == "qwen2")
+    assert tok.pad_id != tok.end_id and tok.end_id == t.token_to_id(fast.eos_token)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    conv = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"},
+            {"role": "user", "content": " what is 12 + 30?\n"}]
+    prompt = tok.chat_prompt(conv)
+    assert prompt == hf_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    ids, mask = tok.render_chat(conv[:2])
+    assert ids == hf_tok.apply_chat_template(conv[:2], tokenize=True, return_dict=True)["input_ids"][:len(ids)]
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode("the quick fox" if family == "qwen2" else " the quick fox") + [tok.end_id]
+    x = torch.tensor([tok.encode(TEXTS[1])])
+    assert x.tolist()[0] == hf_tok(TEXTS[1], add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < 1e-4
+        theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_id)
+    theirs = theirs[0, len(prompt):].tolist()
+    assert Engine(ours).generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0] == theirs
+
+    out = tmp_path / "back"  # and out again, template included
+    export_run(run, "pretrain", out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    back_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert type(back).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
+    assert back_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == prompt
+    with torch.no_grad():
+        assert (back(x).logits - ours(x)).abs().max().item() < 1e-4

@@ -276,11 +276,13 @@ def gguf_tokenizer(g: GGUFFile):
                         f"Hugging Face directory, which gets our template)")
     tid = lambda key: g.meta.get(f"tokenizer.ggml.{key}_token_id")  # noqa: E731
     end = tid("eot") if tid("eot") is not None else tid("eos")
-    control = [i for i, k in enumerate(types) if k == 3]
-    pad = next((i for i in [tid("padding"), tid("unknown")] + control if i is not None and i != end), None)
-    if end is None or pad is None:
-        raise GGUFError(f"{g.path}: tokenizer names no end-of-turn token, or no pad token apart from it")
     bos = tid("bos") if tid("bos") is not None else end
+    # a pad that real text never holds (SmolLM2's file names its end token): the file's own, else its
+    # unknown token, else a control token that is neither the end nor the bos
+    control = [i for i, k in enumerate(types) if k == 3]
+    pad = next((i for i in [tid("padding"), tid("unknown")] + control if i is not None and i not in (end, bos)), None)
+    if end is None or pad is None:
+        raise GGUFError(f"{g.path}: tokenizer names no end-of-turn token, or no pad token apart from it and bos")
     chat = {"chat_template": template, "bos_token": tokens[bos], "eos_token": tokens[end], "pad_token": tokens[pad],
             "add_bos_token": bool(g.meta.get("tokenizer.ggml.add_bos_token", False))}
     return Tokenizer(hf, chat)

