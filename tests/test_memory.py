@@ -181,3 +181,19 @@ def test_activation_checkpointing_cuts_peak_memory():
         peak[mode] = float(out.stdout)
     print(f"activation memory: {peak['off']:.0f} MB plain, {peak['on']:.0f} MB checkpointed")
     assert peak["on"] < 0.5 * peak["off"]
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_checkpointed_blocks_in_rl_forwards(group):
+    """PPO's and GRPO's training forward over a rollout batch; with groups (GRPO) the prompt runs once
+    and its keys/values reach the answers through a cache that carries gradients."""
+    from chatfactory.train.rollout import forward_answers, pad_batch
+
+    plain, ckpt = _models(n_kv_head=2)
+    g = torch.Generator().manual_seed(6)
+    prompts = [x for n in (4, 7) for x in [torch.randint(3, 101, (n,), generator=g).tolist()] * 4]
+    answers = [torch.randint(3, 101, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist() for _ in prompts]
+    batch = {**pad_batch(prompts, answers, pad_id=0, end_id=1), "group": group}
+    (la, ga), (lb, gb) = (_grads(m, lambda m: (forward_answers(m, batch).log_softmax(-1)[..., 5] * batch["answer_mask"]).sum())
+                          for m in (plain, ckpt))
+    assert torch.equal(la, lb) and all(torch.equal(ga[n], gb[n]) for n in ga)

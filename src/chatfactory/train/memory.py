@@ -8,6 +8,7 @@ whatever model the stage hands it; model.py knows nothing of them (torchtitan's 
   its activations in the backward pass (``torch.utils.checkpoint``, non-reentrant). The random state is
   replayed, so dropout draws the same masks: gradients are those of the plain run. Costs about one more
   forward pass of the blocks; saves their activations (the bulk of training memory at long context).
+  A block run without gradients or with a cache (GRPO's shared-prompt pass) runs as it is.
 * ``fsdp`` under ``torchrun``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each block, then
   the root (embeddings, final norm, LM head or scalar head, tied weights together), over all
   processes. Each process holds 1/N of the weights, gradients and AdamW state; a block's weights are
@@ -24,6 +25,7 @@ whatever model the stage hands it; model.py knows nothing of them (torchtitan's 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn as nn
@@ -50,11 +52,13 @@ def checkpoint_blocks(model: nn.Module) -> int:
         if "forward" in vars(block):
             continue
         plain = block.forward
+        signature = inspect.signature(plain)
 
-        def forward(*args, _plain=plain, **kwargs):
-            # only when a backward will follow: generation (no grad) writes a KV cache, which a
-            # recomputation must not write twice
-            if torch.is_grad_enabled():
+        def forward(*args, _plain=plain, _signature=signature, **kwargs):
+            # only when a backward will follow, and never with a cache: a recomputation would write it
+            # twice (generation's KV cache has no gradients anyway; GRPO's shared-prompt pass keeps
+            # keys and values with gradients in one, so those blocks keep their activations)
+            if torch.is_grad_enabled() and _signature.bind(*args, **kwargs).arguments.get("cache") is None:
                 return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
             return _plain(*args, **kwargs)
 
