@@ -89,8 +89,8 @@ class DPOStage(Stage):
 def run_dpo(cfg: Config, run_dir) -> dict:
     """DPO from ``cfg.dpo.init_from`` (the reference too, unless ``ref_from``); writes ``run_dir/dpo``."""
     run_dir = Path(run_dir)
-    dc, d, init_dir, tok, train_pairs, val_pairs, skipped, policy = pair_stage_inputs(run_dir, cfg.dpo, "dpo")
     lora = lora_settings(cfg, "dpo")
+    dc, d, init_dir, tok, train_pairs, val_pairs, skipped, policy = pair_stage_inputs(run_dir, cfg.dpo, "dpo")
     if lora and not dc.ref_from:
         reference = policy  # run with its adapters off: the init model itself, no second copy of it
     else:

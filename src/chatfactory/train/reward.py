@@ -162,11 +162,11 @@ def pair_stage_inputs(run_dir: Path, pc, name: str):
 def run_reward(cfg: Config, run_dir) -> dict:
     """Train the reward model on ``cfg.reward.data``; writes ``run_dir/reward``. Safe to re-run: it resumes."""
     run_dir = Path(run_dir)
+    lora = lora_settings(cfg, "reward")
     rc, d, init_dir, tok, train_pairs, val_pairs, skipped, gpt = pair_stage_inputs(run_dir, cfg.reward, "reward")
     torch.manual_seed(rc.seed)  # the head's init
     model = RewardModel(gpt)
     stage = RewardStage(rc, train_pairs, val_pairs, tok.pad_id, model.cfg.to_dict())
-    lora = lora_settings(cfg, "reward")
     if lora:  # adapters on the backbone (frozen); the new head trains whole
         apply_lora(model.backbone, lora, rc.seed)
         stage.info = {"lora": lora}
