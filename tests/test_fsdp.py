@@ -113,9 +113,11 @@ def test_fsdp_sft_with_activation_checkpointing_matches_one_process(tmp_path):
     assert_trains_alike(tmp_path / "one" / "sft", tmp_path / "two" / "sft")
 
 
-def test_fsdp_reward_model_matches_one_process(tmp_path):
+def test_fsdp_reward_model_and_lora_dpo_match_one_process(tmp_path):
     """The reward model (a backbone without LM head, plus a scalar head) shards the same way; its
-    score calibration after training runs on every rank and lands in the saved head."""
+    score calibration after training runs on every rank and lands in the saved head. DPO with LoRA:
+    frozen base weights and trainable adapters in one shard group, the reference being the sharded
+    policy with its adapters off."""
     from test_reward import TRAIN_TOPICS, comparison_rows, make_tokenizer, write_jsonl
 
     from chatfactory.checkpoint import save_checkpoint, unique_state_dict
@@ -142,3 +144,10 @@ def test_fsdp_reward_model_matches_one_process(tmp_path):
     assert_trains_alike(tmp_path / "one" / "reward", tmp_path / "two" / "reward")
     info = [json.loads((tmp_path / n / "reward" / "config.json").read_text()) for n in ("one", "two")]
     assert all(i["kind"] == "reward" and i["bias_shift"] != 0 for i in info)
+
+    common = [a.replace("reward.", "dpo.") for a in common if "calib" not in a] + ["lora.rank=4"]
+    subprocess.run(cli_cmd("dpo", "--config", "tiny", "--out", tmp_path / "one", *common, "dpo.grad_accum=2"),
+                   check=True, capture_output=True)
+    torchrun("-m", "chatfactory.cli", "dpo", "--config", "tiny", "--out", tmp_path / "two", *common, "dpo.fsdp=true",
+             "dpo.activation_checkpointing=true")
+    assert_trains_alike(tmp_path / "one" / "dpo", tmp_path / "two" / "dpo")
