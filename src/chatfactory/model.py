@@ -281,13 +281,18 @@ class GPT(nn.Module):
         return self.norm_f(x)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, positions=None, attn_mask=None,
-                ignore_index: int = -100):
+                ignore_index: int = -100, reduction: str = "mean"):
         """idx: (B, T) token ids; arguments as in ``hidden_states``. With ``targets`` returns the mean
-        cross-entropy over targets != ignore_index; otherwise the logits (B, T, vocab)."""
-        logits = self.lm_head(self.hidden_states(idx, cache, positions, attn_mask))
+        (or ``reduction="sum"``) cross-entropy over targets != ignore_index; otherwise the logits (B, T, vocab)."""
+        h = self.hidden_states(idx, cache, positions, attn_mask)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=ignore_index)
+            return self.lm_head(h)
+        # the LM head only where a target is scored: SFT masks every non-assistant token, and at a real
+        # vocabulary (49k) the head's logits are a fifth of the model's work and most of its memory
+        t = targets.reshape(-1)
+        keep = t != ignore_index
+        logits = self.lm_head(h.reshape(-1, h.size(-1))[keep])
+        return F.cross_entropy(logits.float(), t[keep], reduction=reduction)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.tok_emb.weight

@@ -6,7 +6,9 @@
 Stages, in order, each writing ``RUN/<stage>/`` through its own ``run_<stage>``:
 
     tasks        RUN/tasks/{sft,prompts,heldout,fewshot}.jsonl from data/tasks.py (cheap; always rewritten)
-    pretrain     tokenizer + GPT on the embedded text (``data.source: embedded+tasks``)
+    pretrain     tokenizer + GPT on the embedded text (``data.source: embedded+tasks``); or, with
+                 ``pipeline.base`` set, a pretrained chat model imported with its tokenizer and template
+                 (``chatfactory run --config smollm2``: SmolLM2-135M-Instruct, then LoRA for the rest)
     sft          demonstrations of the tasks (RUN/tasks/sft.jsonl)
     comparisons  K samples of the SFT policy per rl prompt, labeled by the rubric (the simulated labeler)
                  -> RUN/comparisons.jsonl; the same on held-out prompts -> RUN/comparisons_heldout.jsonl,
@@ -162,7 +164,9 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         if stage == "comparisons" or not has_checkpoint(run_dir / stage):
             ledger.update(stage, seconds=0.0)  # a fresh start: time spent on a result since deleted no longer counts
         t = time.perf_counter()
-        if stage == "comparisons":
+        if stage == "pretrain" and pc.base:
+            res = import_base(cfg, run_dir)
+        elif stage == "comparisons":
             if not has_checkpoint(run_dir / "sft"):
                 ledger.update(stage, status="not run: no sft checkpoint to sample from")
                 continue
@@ -190,6 +194,18 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     ledger.add_time("report", time.perf_counter() - t)
     log(f"[run] report: {run_dir / 'report.md'} ({report['total_seconds']:.0f} s in all)")
     return report
+
+
+def import_base(cfg: Config, run_dir: Path) -> dict:
+    """``pipeline.base``: a pretrained model, imported into RUN/pretrain (with its tokenizer and chat
+    template), takes pretraining's place; the later stages start from it as from a model trained here."""
+    from .gguf import import_model
+    from .model import GPTConfig
+
+    res = import_model(cfg.pipeline.base, run_dir, "pretrain")
+    cfg.model = GPTConfig.from_dict(res["model"])
+    save_config(cfg, run_dir / "config.yaml")  # the import wrote the model section alone
+    return {k: res.get(k) for k in ("source", "params", "vocab_size", "quantization", "chat_template")}
 
 
 def _init_missing(cfg: Config, run_dir: Path, stage: str) -> str:
@@ -306,7 +322,7 @@ def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
         t = time.perf_counter()
         model, _ = load_model(sdir, device)
         torch.manual_seed(pc.eval_seed)
-        if stage == "pretrain":
+        if stage == "pretrain" and tok.chat is None:  # a base model trained here knows no chat template
             replies, ids = base_answers(model, tok, rows, pc.eval_max_tokens, pc.eval_temperature, pc.eval_seed), None
         else:
             replies, ids = chat_replies(model, tok, rows, pc.eval_max_tokens, pc.eval_temperature, pc.eval_seed)

@@ -120,6 +120,9 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
         return sec
 
     pre = base_section("pretrain")
+    imported = (st.get("pretrain", {}).get("result") or {}).get("source")
+    if imported:  # pipeline.base: a pretrained model took pretraining's place
+        pre["imported"] = {k: st["pretrain"]["result"].get(k) for k in ("source", "params", "quantization")}
     m = read_metrics(run_dir / "pretrain" / "metrics.jsonl")
     pre.update(val_bpb=last_with(m, "val_bpb"), val_loss=last_with(m, "val_loss"), final_loss=last_with(m, "loss"))
     rep["pretrain"] = pre
@@ -205,7 +208,14 @@ def _few_shot_md(fs: dict) -> list[str]:
                         "transformation is meant, the case few-shot prompting is for.", ""]
 
 
-def _samples_md(run_dir: Path, evals: dict, n: int) -> list[str]:
+def _base_name(rep: dict, short: bool = False) -> str:
+    """What the report calls the model the pipeline started from."""
+    if rep["pretrain"].get("imported"):
+        return "base" if short else "base (imported, its own chat template)"
+    return "base" if short else "base (pretrain)"
+
+
+def _samples_md(run_dir: Path, rep: dict, evals: dict, n: int) -> list[str]:
     path = run_dir / "tasks" / "heldout.jsonl"
     if not path.exists() or not evals:
         return []
@@ -223,7 +233,7 @@ def _samples_md(run_dir: Path, evals: dict, n: int) -> list[str]:
         convo = " / ".join(f"**{m['role']}**: {m['content']}" for m in r["messages"])
         out += [f"**{r['task']}** — {convo}", ""]
         for s, e in evals.items():
-            name = "base (plain-text prompt)" if s == "pretrain" else s
+            name = ("base (plain-text prompt)" if not rep["pretrain"].get("imported") else _base_name(rep)) if s == "pretrain" else s
             reply = e["replies"][i].replace("\n", " ").replace("|", "\\|")
             out.append(f"- {name} ({e['scores'][i]:.2f}): {reply[:200]!s}")
         out.append("")
@@ -235,8 +245,10 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
          f"Total time: **{rep['total_seconds']:.0f} s** · held-out prompts: **{rep['heldout_prompts']}** "
          "(never seen by any training stage, pretraining included).", ""]
     L += ["## What each stage cost and achieved", "", "| stage | status | seconds | tokens | achieved |", "|---|---|---|---|---|"]
+    imp = rep["pretrain"].get("imported")
     ach = {
-        "pretrain": f"val bits/byte {_fmt(rep['pretrain'].get('val_bpb'))}",
+        "pretrain": f"imported {Path(imp['source']).name} ({(imp.get('params') or 0) / 1e6:.0f}M parameters)" if imp
+        else f"val bits/byte {_fmt(rep['pretrain'].get('val_bpb'))}",
         "sft": f"held-out accuracy {_fmt(rep['sft'].get('heldout_accuracy'))} (base {_fmt(rep['base'].get('heldout_accuracy'))})",
         "comparisons": f"{_fmt(rep['comparisons'].get('pairs'))} pairs (+{_fmt(rep['comparisons'].get('heldout_pairs'))} held out)",
         "reward": f"held-out pairwise accuracy {_fmt(rep['reward'].get('heldout_accuracy'))}",
@@ -264,7 +276,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         if not e:
             continue
         wr = (e.get("win_rate_vs_sft") or {}).get("win_rate")
-        name = "base (pretrain)" if s == "pretrain" else s
+        name = _base_name(rep) if s == "pretrain" else s
         L.append(f"| {name} | {_fmt(e['heldout_accuracy'])} | {_fmt(e['gold_score'])} | {_fmt(wr) if s != 'sft' else '—'} | "
                  f"{_fmt(e.get('kl_vs_sft'), 2)} | {e['mean_words']:.1f} |")
     tasks = sorted({t for e in evals.values() for t in e.get("accuracy_by_task", {})})
@@ -279,15 +291,26 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
     L.append("")
 
     pre = rep["pretrain"]
-    L += ["## Pretraining", "",
-          f"{pre['status']}; {pre.get('steps', 0)} steps, {pre.get('tokens', 0):,} tokens, {pre.get('train_seconds', 0)} s of training; "
-          f"validation loss {_fmt(pre.get('val_loss'))} nats/token, **{_fmt(pre.get('val_bpb'))} bits/byte**.", ""]
-    if plots.get("losses"):
-        L += [f"![loss curves]({plots['losses']})", ""]
-    L += ["## Base model: zero-, one- and few-shot (prompt engineering, as in GPT-3)", ""]
-    L += _few_shot_md(rep["base"].get("few_shot") or {})
-    L += [f"Generating a reply to the plain-text prompt `User: …\\nAssistant:` (no examples), the base model is right on "
-          f"{_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
+    if imp:
+        L += ["## The base model (imported, not pretrained here)", "",
+              f"`{imp['source']}`: {(imp.get('params') or 0) / 1e6:.1f}M parameters"
+              + (f", stored as {', '.join(imp['quantization'])} and dequantized to fp32" if imp.get("quantization") else "")
+              + ". Prompted through its own chat template (no examples), it is right on "
+              f"{_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
+        if plots.get("losses"):
+            L += [f"![loss curves]({plots['losses']})", ""]
+    else:
+        L += ["## Pretraining", "",
+              f"{pre['status']}; {pre.get('steps', 0)} steps, {pre.get('tokens', 0):,} tokens, {pre.get('train_seconds', 0)} s of training; "
+              f"validation loss {_fmt(pre.get('val_loss'))} nats/token, **{_fmt(pre.get('val_bpb'))} bits/byte**.", ""]
+        if plots.get("losses"):
+            L += [f"![loss curves]({plots['losses']})", ""]
+    if rep["base"].get("few_shot") or not imp:
+        L += ["## Base model: zero-, one- and few-shot (prompt engineering, as in GPT-3)", ""]
+        L += _few_shot_md(rep["base"].get("few_shot") or {})
+    if not imp:
+        L += [f"Generating a reply to the plain-text prompt `User: …\\nAssistant:` (no examples), the base model is right on "
+              f"{_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
     L += ["## SFT", "", f"{rep['sft']['status']}; held-out accuracy **{_fmt(rep['sft'].get('heldout_accuracy'))}**, "
           f"validation loss on assistant tokens {_fmt(rep['sft'].get('val_loss'))}.", ""]
     c = rep["comparisons"]
@@ -316,7 +339,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
               f"(wins/ties/losses {sec.get('wins_ties_losses')}), KL vs SFT {_fmt(sec.get('kl'), 2)} nats per reply.", ""]
         if plots.get(s):
             L += [f"![{s} curves]({plots[s]})", ""]
-    L += _samples_md(run_dir, evals, samples)
+    L += _samples_md(run_dir, rep, evals, samples)
     L += ["## The rubric (simulated labeler and gold judge)", "", "```", rubric.rstrip(), "```", ""]
     return "\n".join(L)
 

@@ -34,9 +34,11 @@ from .reward import pair_stage_inputs
 
 def answer_logps(model, idx: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
     """(N, T) right-padded rows and a mask over their answer tokens -> (N,) Σ log p(answer token)."""
-    logits = model(idx[:, :-1])
-    nll = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none").view_as(idx[:, 1:])
-    return -(nll * answer_mask[:, 1:]).sum(-1)
+    keep = answer_mask[:, 1:]
+    # the model scores the answer tokens alone (no logits for the prompt: at a 49k vocabulary they dominate memory)
+    nll = model(idx[:, :-1], targets=idx[:, 1:].masked_fill(~keep, -100), reduction="none")
+    rows = torch.arange(len(idx), device=idx.device)[:, None].expand_as(keep)[keep]
+    return -torch.zeros(len(idx), dtype=nll.dtype, device=idx.device).index_add(0, rows, nll)
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import CheckpointError, load_model, resolve_stage
 from ..config import Config, SFTConfig, save_config
@@ -142,8 +141,8 @@ class PackedBatches:
 
 def masked_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy on the assistant targets of a packed batch."""
-    logits = model(batch["x"], positions=batch["pos"], attn_mask=packed_mask(batch["doc"]))
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=IGNORE, reduction=reduction)
+    return model(batch["x"], targets=batch["y"], positions=batch["pos"], attn_mask=packed_mask(batch["doc"]),
+                 ignore_index=IGNORE, reduction=reduction)
 
 
 class SFTStage(Stage):
