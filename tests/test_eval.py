@@ -64,6 +64,9 @@ def test_multiple_choice_acc_and_length_normalised_acc_by_hand():
         def encode(self, s):
             return [int(c) for c in s if c.isdigit()]
 
+        def document(self, s):  # a document opens with bos, as Tokenizer.document does for our tokenizers
+            return [self.bos_id] + self.encode(s)
+
     # context "2"; choice A "1" -> p(1|2)=0.125 (ll -2.08, -2.08/1 char);
     # choice B "0 1 1 1" -> 0.5*0.5*0.25*0.25 (ll -3.47, -0.87/char): acc picks A, acc_norm picks B
     rows = task_rows_from([{"context": "2", "choices": [" 1", " 0 1 1 1"], "gold": 1}])
