@@ -116,3 +116,35 @@ def test_bad_stage_name_and_unfinished_checkpoint(tmp_path):
     assert not pipeline.finished(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"finished": True}))
     assert pipeline.finished(tmp_path)
+
+
+@pytest.mark.slow
+def test_pipeline_from_an_imported_chat_model(tmp_path):
+    """pipeline.base: a pretrained chat model (here a small random GGUF with a ChatML template) takes
+    pretraining's place; every later stage trains LoRA adapters on it, and the report evaluates the
+    imported model itself through its own template."""
+    from test_gguf import write_gguf
+
+    from chatfactory.checkpoint import load_model
+    from chatfactory.tokenizer import Tokenizer
+
+    gguf = tmp_path / "base.gguf"
+    write_gguf(gguf, "llama", {"token_embd": "Q8_0", "attn_q": "Q4_1"})
+    out = tmp_path / "run"
+    r = run_cli("run", "--config", "pipeline-tiny", "--out", out, f"pipeline.base={gguf}", "lora.rank=4",
+                "pipeline.fewshot_shots=")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo"):
+        assert rep[s]["status"] == "done", (s, rep[s]["status"])
+    assert rep["pretrain"]["imported"]["source"] == str(gguf) and isinstance(rep["base"]["heldout_accuracy"], float)
+    md = (out / "report.md").read_text()
+    assert "imported, not pretrained here" in md and "base (imported, its own chat template)" in md
+    tok = Tokenizer.load(out / "tokenizer.json")
+    assert tok.chat_config["eos_token"] == "<|im_end|>"  # the run carries the model's own template
+    base, _ = load_model(out / "pretrain")
+    for s in ("sft", "reward", "ppo", "dpo"):
+        info = json.loads((out / s / "config.json").read_text())
+        assert info["lora"]["rank"] == 4, s  # adapters trained, not the whole model
+    sft, _ = load_model(out / "sft")  # merged for use: the same architecture, moved weights
+    assert sft.cfg == base.cfg and any((a != b).any() for a, b in zip(sft.state_dict().values(), base.state_dict().values()))
