@@ -17,7 +17,8 @@ So the step comes in two forms, the same computation as ``GPT.forward`` on one t
   vectorised reduction streaming each weight matrix once, and the span is the whole context: one
   graph per batch size serves every generation. For more rows a linear is a BLAS product and the
   span is the power of two (>= 32) that holds prompt + answer, so attention reads no idle slots:
-  one graph per batch size and span.
+  one graph per batch size and span. A model whose weights are far larger than the last-level
+  cache (``STREAMED_MIN_BYTES``) takes that second form at 1-2 rows too; see "Big models" below.
 * **packed** (more than 2 rows of a model at least ``PACKED_MIN_WIDTH`` wide, on a CPU with
   oneDNN): eager, each linear a oneDNN matrix product on weights reordered once into oneDNN's
   blocked layout (``torch.compile`` cannot take such tensors as inputs, and freezing them in as
@@ -25,6 +26,21 @@ So the step comes in two forms, the same computation as ``GPT.forward`` on one t
   over the filled slots only. Measured on the 2-core EPYC, 8 rows: width 256 (vocab 4096) packed
   963 vs compiled 1,399 ms per 256 tokens; width 128 compiled wins at every vocab tried
   (vocab 512: 18 vs 31 ms per 32 tokens; vocab 4096: 85 vs 144 ms per 64).
+
+Big models. Both choices for 1-2 rows were tuned on a model whose weights (17 MB) stay in the cache.
+On SmolLM2-135M (540 MB of fp32 weights, context 8192) they made the compiled step 2x slower than the
+eager one (32 new tokens, two threads: 2.5 vs 1.14 s), for two reasons, measured on one thread of a
+2-core Xeon (48 MB L3). Keys/values spanning the whole context are 30 x 2 x 3 x 8192 x 64 fp32 =
+377 MB, which attention streamed every step beside the 540 MB of weights (the step run eagerly,
+masked over 8192 slots: 109 ms, over 64 slots: 51 ms). And with the weights streaming from DRAM,
+MKL's matrix-vector product (14-17 GB/s per matrix, 30 copies of each so none stays cached) beats
+inductor's multiply-sum loop (compiled, 64 slots: multiply-sum 47.6 ms, BLAS 40.8 ms per step; the
+eager engine 47-50 ms). So a model of at least ``STREAMED_MIN_BYTES`` of weights takes BLAS
+products and power-of-two spans at every batch size (one graph per batch size and span; compiling
+SmolLM2's step takes 30-55 s on one core). At 8 rows the packed step spends ~86% of its time in the
+oneDNN products (M=8 reads ~8-10 GB/s on one core, partly compute-bound), the rest in ~40 small ops
+per layer; q and k rotate together, halving the rotary ops (10.2 -> 9.2 ms per step outside the
+products).
 
 Weights are read from the model at every compiled call (graph inputs, not constants); the packed
 copies are remade whenever a weight tensor has changed since packing (its version counter moved), so
@@ -56,6 +72,9 @@ GEMV_MAX_ROWS = 2
 # Larger batches of models at least this wide take the packed step on a CPU, narrower ones the
 # compiled step with BLAS products (measurements in the module docstring).
 PACKED_MIN_WIDTH = 256
+# Models with at least this many bytes of weights stream them from DRAM at every step: they take BLAS
+# products and power-of-two spans at 1-2 rows as well (measurements in the module docstring).
+STREAMED_MIN_BYTES = 128 << 20
 
 
 def gemv(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -91,12 +110,11 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
         x = x + model.pos_emb(positions)
     for layer, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
-        q, k, v = linear(block.norm1(x), attn.qkv).split([H * D, G * D, G * D], dim=-1)
-        q = q.view(B, 1, H, D).transpose(1, 2)
-        k = k.view(B, 1, G, D).transpose(1, 2)
-        v = v.view(B, 1, G, D).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = linear(block.norm1(x), attn.qkv).view(B, 1, H + 2 * G, D)
+        qk = qkv[:, :, : H + G]
+        if rope is not None:  # q and k rotate together: half the small ops of the eager (packed) step
+            qk = apply_rope(qk, *rope)
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2)
         ks[layer].index_copy_(2, slot, k)
         vs[layer].index_copy_(2, slot, v)
         if span is None:
@@ -145,11 +163,12 @@ class _Packed:
         return packed
 
 
-def span_for(batch_size: int, needed: int, block_size: int) -> int:
-    """Key/value slots of the compiled step's buffers: the whole context for 1-2 rows (one graph per
-    batch size), else the power of two >= 32 that holds ``needed`` (one graph per batch and span)."""
+def span_for(batch_size: int, needed: int, block_size: int, streamed: bool = False) -> int:
+    """Key/value slots of the compiled step's buffers: the whole context for 1-2 rows of a model not
+    ``streamed`` (one graph per batch size), else the power of two >= 32 that holds ``needed`` (one
+    graph per batch and span)."""
     S = block_size
-    if batch_size > GEMV_MAX_ROWS:
+    if batch_size > GEMV_MAX_ROWS or streamed:
         S = 32
         while S < needed:
             S *= 2
@@ -177,6 +196,8 @@ class DecodeStep:
         self.fn = torch.compile(step_logits, dynamic=False, fullgraph=True) if compile else step_logits
         self.packed: dict[int, _Packed] = {}
         self.packed_min_width = PACKED_MIN_WIDTH  # tests set 0 to take the packed step on a small model
+        self.streamed_min_bytes = STREAMED_MIN_BYTES  # tests set 0 to take the big-model choices
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         cfg, dev = model.cfg, model.tok_emb.weight.device
         self.tables = None if model.pos_emb is not None else rope_cos_sin(
             cfg.head_dim, torch.arange(cfg.block_size, device=dev), cfg.rope_theta)
@@ -188,6 +209,10 @@ class DecodeStep:
         if self.tables[0].device != positions.device:  # the model moved after this step was made
             self.tables = tuple(t.to(positions.device) for t in self.tables)
         return tuple(t[positions].unsqueeze(1) for t in self.tables)
+
+    def streamed(self) -> bool:
+        """Whether the weights are far larger than a CPU's cache (they stream from memory every step)."""
+        return self.weight_bytes >= self.streamed_min_bytes
 
     def packs(self, batch_size: int) -> bool:
         p = self.model.tok_emb.weight
@@ -222,7 +247,8 @@ class DecodeStep:
         # compiled: shapes must not depend on the prompt, so the buffers have a fixed span;
         # the prefill's cache is copied, not written, so the engine's eager step can still take over
         ks, vs = [], []
-        S = span_for(B, cache.k.size(3), model.cfg.block_size)
+        streamed = self.streamed()
+        S = span_for(B, cache.k.size(3), model.cfg.block_size, streamed)
         for layer in range(model.cfg.depth):
             for bufs, src in ((ks, cache.k), (vs, cache.v)):
                 buf = src.new_zeros(B, src.size(2), S, src.size(4))
@@ -231,7 +257,7 @@ class DecodeStep:
         key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
         if valid is not None:
             key_valid[:, :n] = valid
-        linear = gemv if B <= GEMV_MAX_ROWS else blas
+        linear = gemv if B <= GEMV_MAX_ROWS and not streamed else blas
 
         def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             logits = self.fn(model, ks, vs, ids, positions, self.rope(positions), slot, key_valid, linear)

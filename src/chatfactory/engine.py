@@ -134,8 +134,10 @@ class Engine:
     the eager step at batch 1, ~1.4x at batch 8): the one-token step compiled by ``torch.compile``
     with static shapes, except for batches of more than 2 rows of a model at least 256 wide on a CPU,
     which take an eager step on oneDNN-packed weights (a second copy of the weights, remade when
-    they change). The first generation of each batch size (and, above 2 rows, each power-of-two
-    span of prompt + answer) pays the compile, seconds to a minute on a small CPU; later ones, in any
+    they change); a model of 128 MB or more of weights (SmolLM2-135M) compiles BLAS products at 1-2
+    rows too, over keys/values spanning a power of two rather than the whole context. The first
+    generation of each batch size (and, above 2 rows or for such a model, each power-of-two span of
+    prompt + answer) pays the compile, seconds to a minute on a small CPU; later ones, in any
     engine over the model, reuse it. Where
     compiling fails (no C++ compiler, an unsupported Python) the engine says so in one warning and
     decodes eagerly from then on. Prefill stays eager either way."""
