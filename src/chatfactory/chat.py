@@ -140,7 +140,11 @@ def run_chat(a) -> int:
     """The ``chat`` command (arguments from cli.py)."""
     import torch
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # (not set_grad_enabled: a caller in the same process keeps its own mode)
+        return _chat(a)
+
+
+def _chat(a) -> int:
     stage = a.stage or last_finished_stage(a.run)
     model, _ = load_model(Path(a.run) / stage)
     tok = Tokenizer.load(Path(a.run) / "tokenizer.json")
