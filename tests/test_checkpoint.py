@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from chatfactory.checkpoint import (CheckpointError, MODEL, STATE, load_checkpoint, load_model, save_checkpoint,
+from chatfactory.checkpoint import (CONFIG, CheckpointError, MODEL, STATE, load_checkpoint, load_model, save_checkpoint,
                                     unique_state_dict)
 from chatfactory.model import GPT, GPTConfig
 
@@ -51,14 +51,39 @@ def test_interrupted_save_rolls_forward_or_back(tmp_path):
     for name in os.listdir(tmp_path / "next"):
         os.replace(tmp_path / "next" / name, tmp_path / (name + ".tmp"))
     os.replace(tmp_path / (MODEL + ".tmp"), tmp_path / MODEL)  # the first rename had happened
-    _, _, state = load_checkpoint(tmp_path, with_state=True)
+    _, _, state = load_checkpoint(tmp_path, with_state=True, repair=True)  # the writer resuming
     assert state["step"] == 9 and not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
     # a torn temp (the process died while writing it): discarded, the old checkpoint stands
     (tmp_path / (STATE + ".tmp")).write_bytes(b"PK\x03\x04 torn")
-    _, _, state = load_checkpoint(tmp_path, with_state=True)
+    _, _, state = load_checkpoint(tmp_path, with_state=True, repair=True)
     assert state["step"] == 9 and not (tmp_path / (STATE + ".tmp")).exists()
 
 
 def _parts(step):
     cfg = GPTConfig(flavour="gpt2", depth=1, vocab_size=64, block_size=16)
     return unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()}, {"optimizer": {}}, step
+
+
+def test_a_reader_leaves_the_writers_temps_alone(tmp_path):
+    """chat/serve/eval open a stage while its trainer checkpoints: the reader must not finish or discard
+    the writer's temps (the writer may be renaming them); it reads the last complete checkpoint."""
+    _save(tmp_path, step=5)
+    save_checkpoint(tmp_path / "next", *_parts(step=9))
+    for name in os.listdir(tmp_path / "next"):  # the writer's temps for step 9, not yet renamed
+        os.replace(tmp_path / "next" / name, tmp_path / (name + ".tmp"))
+    temps = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tmp"))
+    _, info, _ = load_checkpoint(tmp_path, repair=False)
+    assert info["step"] == 5
+    model, info = load_model(tmp_path)  # load_model is a reader
+    assert info["step"] == 5 and sorted(n for n in os.listdir(tmp_path) if n.endswith(".tmp")) == temps
+    # between the writer's renames: weights of step 9, config of step 5 -> the complete set of step 9 is read
+    os.replace(tmp_path / (MODEL + ".tmp"), tmp_path / MODEL)
+    _, info, _ = load_checkpoint(tmp_path, repair=False)
+    assert info["step"] == 9 and (tmp_path / (CONFIG + ".tmp")).exists() and (tmp_path / (STATE + ".tmp")).exists()
+    # the writer's temps of a first save, torn: nothing complete to read, a clear error; the temp stays
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / (MODEL + ".tmp")).write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint.*save in progress"):
+        load_model(first)
+    assert (first / (MODEL + ".tmp")).exists()

@@ -2,9 +2,11 @@
 
 Every file is written to ``NAME.tmp``, flushed to disk and renamed over the old one, so a reader never
 sees half a file. The three files of one checkpoint are written as temps first and renamed in a fixed
-order; if the process dies between two renames, the next ``load_checkpoint`` finds the complete set of
-temps and finishes the job (a torn set is discarded). A run killed at any moment therefore resumes
-from a consistent checkpoint.
+order; if the process dies between two renames, the writer's next ``load_checkpoint(repair=True)`` (the
+training loop resuming) finds the complete set of temps and finishes the job (a torn set is discarded).
+A run killed at any moment therefore resumes from a consistent checkpoint. Readers (chat, serve, eval:
+``load_model``) never touch the files: the writer may be renaming them as they read, so they read the
+last complete checkpoint as it stands.
 
 Weights are safetensors; the resume state (optimizer, step, RNG) is loaded with
 ``torch.load(weights_only=True)`` — nothing is ever unpickled.
@@ -103,17 +105,27 @@ def _step_of(path: Path):
         return None
 
 
-def _recover(stage_dir: Path) -> None:
-    """Finish an interrupted save (all temps present and agreeing) or discard a torn one."""
-    temps = {n: stage_dir / (n + ".tmp") for n in (MODEL, CONFIG, STATE) if (stage_dir / (n + ".tmp")).exists()}
-    if not temps:
-        return
-    # the candidate set: the temp where one exists, else the already-renamed file
+def _temps(stage_dir: Path) -> dict:
+    return {n: stage_dir / (n + ".tmp") for n in (MODEL, CONFIG, STATE) if (stage_dir / (n + ".tmp")).exists()}
+
+
+def _candidate(stage_dir: Path, temps: dict) -> tuple[dict, bool]:
+    """The checkpoint an interrupted save was writing -> ({name: path}, whether it is complete): the temp
+    where one exists, else the already-renamed file; complete when every file is there and agrees on the step."""
     candidate = {n: temps.get(n, stage_dir / n) for n in (MODEL, CONFIG, STATE)}
     if not candidate[STATE].exists():
         candidate.pop(STATE)
     steps = {_step_of(p) for p in candidate.values() if p.exists()}
-    complete = all(p.exists() for p in candidate.values()) and len(steps) == 1 and None not in steps
+    return candidate, all(p.exists() for p in candidate.values()) and len(steps) == 1 and None not in steps
+
+
+def _recover(stage_dir: Path) -> None:
+    """Finish an interrupted save (all temps present and agreeing) or discard a torn one. Only the writer
+    may do this: a reader would race a live writer's renames (or delete the temps it is writing)."""
+    temps = _temps(stage_dir)
+    if not temps:
+        return
+    _, complete = _candidate(stage_dir, temps)
     for n, t in temps.items():
         if complete:
             os.replace(t, stage_dir / n)
@@ -126,11 +138,42 @@ def has_checkpoint(stage_dir) -> bool:
     return (stage_dir / MODEL).exists() or (stage_dir / (MODEL + ".tmp")).exists()
 
 
-def load_checkpoint(stage_dir, with_state: bool = False):
-    """-> (weights, config dict, state dict or None). Raises CheckpointError naming the bad file."""
+def _reader_paths(stage_dir: Path, temps: dict) -> dict:
+    """What a reader reads while a save is in progress (or was interrupted), leaving every file as it is:
+    the renamed files when they form a checkpoint, else the complete set the writer is renaming."""
+    steps = {_step_of(stage_dir / n) for n in (MODEL, CONFIG) if (stage_dir / n).exists()}
+    if (stage_dir / MODEL).exists() and (stage_dir / CONFIG).exists() and len(steps) == 1 and None not in steps:
+        return {n: stage_dir / n for n in (MODEL, CONFIG, STATE)}
+    candidate, complete = _candidate(stage_dir, temps)
+    if complete:
+        return {STATE: stage_dir / STATE, **candidate}
+    raise CheckpointError(f"{stage_dir}: no complete checkpoint to read (a save in progress or interrupted: "
+                          f"{', '.join(t.name for t in temps.values())}; the training command that writes this "
+                          f"stage finishes or discards it when it resumes)")
+
+
+def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False):
+    """-> (weights, config dict, state dict or None). Raises CheckpointError naming the bad file.
+
+    ``repair=True`` is for the writer only (the training loop resuming its own stage): it finishes or
+    discards an interrupted save first. Readers leave the writer's temps alone."""
     stage_dir = Path(stage_dir)
-    _recover(stage_dir)
-    mpath, cpath, spath = stage_dir / MODEL, stage_dir / CONFIG, stage_dir / STATE
+    if repair:
+        _recover(stage_dir)
+        return _read({n: stage_dir / n for n in (MODEL, CONFIG, STATE)}, with_state)
+    for attempt in range(3):
+        temps = _temps(stage_dir)
+        paths = _reader_paths(stage_dir, temps) if temps else {n: stage_dir / n for n in (MODEL, CONFIG, STATE)}
+        try:
+            return _read(paths, with_state)
+        except CheckpointError:
+            # a live writer renamed a file between our look and our read: look again
+            if attempt == 2 or _temps(stage_dir) == temps:
+                raise
+
+
+def _read(paths: dict, with_state: bool):
+    mpath, cpath, spath = paths[MODEL], paths[CONFIG], paths[STATE]
     for p in (mpath, cpath):
         if not p.exists():
             raise CheckpointError(f"{p}: checkpoint file is missing")
@@ -142,8 +185,8 @@ def load_checkpoint(stage_dir, with_state: bool = False):
         raise CheckpointError(f"{mpath}: corrupt or truncated checkpoint ({e})") from None
     try:
         config = json.loads(cpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cpath}: corrupt checkpoint config ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:  # OSError: a live writer renamed it away
+        raise CheckpointError(f"{cpath}: corrupt or unreadable checkpoint config ({e})") from None
     state = None
     if with_state and spath.exists():
         try:

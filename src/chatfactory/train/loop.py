@@ -247,7 +247,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     start, elapsed, saved_opt = 0, 0.0, None
 
     if has_checkpoint(stage_dir):
-        weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
+        weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True, repair=True)  # the writer
         if state is None:
             raise CheckpointError(f"{stage_dir / 'state.pt'}: missing, so the run in {stage_dir} cannot resume "
                                   f"(it holds final weights only; use a new output directory)")
