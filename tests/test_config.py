@@ -44,3 +44,32 @@ def test_every_preset_loads():
     assert {"tiny", "demo", "shakespeare", "gpt2-124m"} <= set(presets)
     for name in presets:
         load_config(name)
+
+
+def test_presets_ship_inside_a_non_editable_install(tmp_path):
+    """`pip install .` (not -e): the presets come with the package, so `--config tiny` works anywhere."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    src = tmp_path / "src"  # a copy of what the sdist holds: nothing is built inside the repo itself
+    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import chatfactory.config as c; cfg = c.load_config('tiny'); "
+            "print(c.__file__); print(sorted(p.stem for p in c.CONFIG_DIR.glob('*.yaml')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(target)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    where, presets = r.stdout.splitlines()[:2]
+    assert where.startswith(str(target)), where  # the installed copy, not the repo's
+    assert {"tiny", "demo"} <= set(eval(presets))

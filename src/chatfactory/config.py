@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses, YAML presets and ``key=value`` overrides — one source of truth.
 
 A run's config has one section per concern (``model``, ``tokenizer``, ``data``, ``pretrain``).
-Presets live in ``configs/NAME.yaml``; every key must exist in the dataclasses, so a typo is an
+Presets live in ``src/chatfactory/configs/NAME.yaml`` (shipped with the package; ``configs/`` at the top
+of the repo links there); every key must exist in the dataclasses, so a typo is an
 error that names it instead of a setting that silently does nothing.
 
     cfg = load_config("tiny", ["pretrain.steps=50", "model.depth=2"])
@@ -19,7 +20,9 @@ import yaml
 
 from .model import GPTConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# inside the package, so an installed (non-editable) copy has its presets; the repo's top-level configs/
+# is a link here
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
