@@ -380,6 +380,56 @@ def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_a_crash_before_the_calibration_leaves_the_stage_unfinished(sft_run, tmp_path, monkeypatch):
+    """The bias shift is part of the finished reward model: killed after training but before the shift is
+    saved, the stage is not marked finished (later stages would use an uncentred model); run again, it
+    calibrates once and ends exactly as an uninterrupted run, and a third run shifts nothing."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from chatfactory.train import reward as R
+
+    src, tok = sft_run
+    data = write_jsonl(tmp_path / "c.jsonl", comparison_rows(64, TRAIN_TOPICS, 6))
+    cfg = Config(reward=RewardConfig(data=str(data), steps=4, batch_size=8, seq_len=64, lr=1e-3, eval_every=0,
+                                     val_fraction=0.0, calib_pairs=16, progress=False, device="cpu"))
+    runs = []
+    for name in ("straight", "crashed"):
+        run = tmp_path / name
+        shutil.copytree(src / "sft", run / "sft")
+        shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
+        runs.append(run)
+    R.run_reward(cfg, runs[0])
+    real, calls = R.mean_score, []
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed before the calibration was saved")
+
+    monkeypatch.setattr(R, "mean_score", killed)
+    with pytest.raises(KeyboardInterrupt):
+        R.run_reward(cfg, runs[1])
+    info = json.loads((runs[1] / "reward" / "config.json").read_text())
+    assert info["step"] == 4 and not info["finished"] and "bias_shift" not in info
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "mean_score", counted)
+    res = R.run_reward(cfg, runs[1])
+    infos = [json.loads((r / "reward" / "config.json").read_text()) for r in runs]
+    assert calls == [1] and infos[1]["finished"] and infos[1]["kind"] == "reward"
+    assert infos[1]["bias_shift"] == infos[0]["bias_shift"] == res["bias_shift"] != 0.0
+    a, b = (load_file(str(r / "reward" / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # shifted once, as uninterrupted
+    res = R.run_reward(cfg, runs[1])  # finished: nothing to train, nothing to shift
+    assert calls == [1] and res["bias_shift"] == infos[0]["bias_shift"]
+    c = load_file(str(runs[1] / "reward" / "model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+@pytest.mark.slow
 def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
     """The hh-rlhf-small preset's comparisons: the four HH-RLHF splits as they are (a few cut-off rows skipped
     and counted), and a reward-model run on a small slice of them."""

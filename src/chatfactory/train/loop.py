@@ -199,6 +199,10 @@ class Stage:
     model_config: dict = {}
     info: dict = {}  # more entries for config.json (a LoRA stage's settings: train/lora.py)
     fsdp_unsupported: str = ""  # why this stage cannot train under FSDP2 ("": it can)
+    # a stage with work after training that belongs to its final weights (the reward model's bias shift)
+    # marks its checkpoint finished itself once that work is saved: the loop's last save is then left
+    # unfinished, so a crash in between never leaves a finished stage without it
+    finishes_itself: bool = False
 
     def micro_batch(self, step: int, micro: int, rank: int, world: int):
         raise NotImplementedError
@@ -293,7 +297,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
             (weights, extra), opt_state = stage.checkpoint_weights(raw_model), opt.state_dict()
         if d.main:
             state = {"optimizer": opt_state, "elapsed": elapsed, **extra}
-            info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps, **stage.info}
+            info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps and not stage.finishes_itself,
+                    **stage.info}
             save_checkpoint(stage_dir, weights, info, state, step)
         if d.world > 1:
             dist.barrier()

@@ -16,6 +16,7 @@ adapters and the head trains whole.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def pair_right(margin: torch.Tensor) -> torch.Tensor:
 
 class RewardStage(Stage):
     name = "reward"
+    finishes_itself = True  # run_reward marks the checkpoint finished with the bias shift saved
 
     def __init__(self, rc, train_pairs, val_pairs, pad_id: int, model_config: dict):
         self.rc, self.val, self.pad_id, self.model_config = rc, val_pairs, pad_id, model_config
@@ -178,8 +180,17 @@ def run_reward(cfg: Config, run_dir) -> dict:
               + (f"; {summary(model)}" if lora else ""))
     out = run_dir / "reward"
     result = train(stage, model, dataclasses.replace(rc, steps=steps), out, d)
+    # The loop saved the trained weights unfinished (finishes_itself); the calibrated save below marks the
+    # stage finished, so the mark is the last thing written. A stage found finished was calibrated by an
+    # earlier run and is not shifted again; one finished without a bias_shift (an older version killed
+    # between its two saves) is uncentred and is calibrated now. Every rank learns rank 0's answer:
+    # under FSDP the calibration is a collective.
+    info = json.loads((out / "config.json").read_text(encoding="utf-8")) if d.main else {}
+    todo = not info.get("finished") or "bias_shift" not in info
+    calibrate = bool(all_reduce_sum(torch.tensor(float(d.main and todo), device=d.device)).item())
     sharded = memory.is_sharded(model)
-    if d.main or sharded:  # a model sharded by FSDP scores on every rank (weights gathered); rank 0 writes
+    # a model sharded by FSDP scores on every rank (weights gathered); rank 0 writes
+    if calibrate and (d.main or sharded):
         # centre the scores: SFT-like answers (those of the comparisons) average 0
         model.eval()
         calib = [train_pairs[stage.batches.index(k)] for k in range(min(rc.calib_pairs, len(train_pairs)))]
@@ -187,11 +198,12 @@ def run_reward(cfg: Config, run_dir) -> dict:
             shift = mean_score(model, calib, tok.pad_id, rc.batch_size, d.device)
         model.head.bias.data -= shift
         weights = memory.full_weights(model, d.main) if sharded else unique_state_dict(model)
-    if d.main:
+    if calibrate and d.main:
         _, info, state = load_checkpoint(out, with_state=True)
-        info.update(kind="reward", bias_shift=info.get("bias_shift", 0.0) + shift)
+        info.update(kind="reward", bias_shift=shift, finished=True)
         save_checkpoint(out, weights, {k: v for k, v in info.items() if k != "step"}, state, info["step"])
-        result["bias_shift"] = shift
+    if d.main:
+        result["bias_shift"] = info["bias_shift"]
     if d.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
