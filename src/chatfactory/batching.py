@@ -113,10 +113,14 @@ class Request:
     finished: bool = False
     slot: int = -1
     _gen: torch.Generator | None = None
+    _scheduler: "Scheduler | None" = None  # set by submit: where a waiting request is withdrawn from
 
     def cancel(self) -> None:
-        """Safe from any thread: the scheduler frees the slot at its next iteration."""
+        """Safe from any thread: a waiting request leaves the queue now (it must not count toward the
+        429 limit), a running one frees its slot at the scheduler's next iteration."""
         self.cancelled = True
+        if self._scheduler is not None:
+            self._scheduler._withdraw(self)
 
 
 class QueueFull(RuntimeError):
@@ -162,9 +166,20 @@ class Scheduler:
                 raise RuntimeError("scheduler is closed")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting")
+            req._scheduler = self
             self.waiting.append(req)
             self.cv.notify()
         return req
+
+    def _withdraw(self, req: Request) -> None:
+        with self.cv:
+            # under the lock, so _admit cannot take it meanwhile; by identity (dataclass == compares fields)
+            at = next((i for i, r in enumerate(self.waiting) if r is req), None)
+            if at is None:
+                return  # running (its slot is freed at the next step) or already done
+            del self.waiting[at]
+        req.finished = True
+        _safe_emit(req, Step(None, finish="cancelled"))
 
     def active(self) -> int:
         return sum(r is not None for r in self.rows)

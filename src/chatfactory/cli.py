@@ -157,7 +157,7 @@ def cmd_eval(a):
 def cmd_serve(a):
     from .serve.api import serve
 
-    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device)
+    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin)
 
 
 def cmd_feedback(a):
@@ -177,6 +177,9 @@ def _add_serve_parsers(sub):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("CHATFACTORY_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $CHATFACTORY_API_KEY, else none)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="another front end that may call the API from a browser, e.g. http://localhost:3000 "
+                        "(repeatable or comma-separated; * allows any); other origins and hosts get 403")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default auto: cuda if available)")
     p.set_defaults(fn=cmd_serve)

@@ -42,6 +42,7 @@ from ..engine import SamplingParams
 from ..tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
+from .guard import client_gone, install_guards, read_body
 from .protocol import (APIError, Choice, Limits, parse_field, parse_max_tokens, parse_messages,
                        parse_sampling)
 
@@ -97,7 +98,7 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
 
 # ---------------------------------------------------------------- the app
 
-def create_app(svc: Service):
+def create_app(svc: Service, allow_origins=()):
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -131,12 +132,7 @@ def create_app(svc: Service):
         return await call_next(request)
 
     async def read_json(request) -> dict:
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > lim.max_body_bytes:
-            raise APIError(413, f"request body of {size} bytes is over the {lim.max_body_bytes}-byte limit", code="body_too_large")
-        raw = await request.body()
-        if len(raw) > lim.max_body_bytes:
-            raise APIError(413, f"request body of {len(raw)} bytes is over the {lim.max_body_bytes}-byte limit", code="body_too_large")
+        raw = await read_body(request, lim.max_body_bytes)  # 413 as soon as a streamed body passes the limit
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -184,16 +180,17 @@ def create_app(svc: Service):
                 c.req.cancel()
 
     async def events(choices, queue, request=None):
-        """(choice, new text) as tokens arrive, until every choice has finished. Always cancels the
-        choices' requests when left early (client gone, error), which frees their slots."""
+        """(choice, new text) as tokens arrive until every choice has finished; cancels the requests when left
+        early. The hang-up is watched alongside the tokens: waiting for a slot sends nothing to fail."""
+        gone = asyncio.ensure_future(client_gone(request)) if request is not None else asyncio.Future()
         try:
             while any(c.finish is None for c in choices):
-                try:
-                    c, st = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    get.cancel()
+                    return
+                c, st = get.result()
                 if c.finish is not None:
                     continue  # late Steps of an answer already cut by a stop string
                 text = c.feed(st)
@@ -201,6 +198,7 @@ def create_app(svc: Service):
                     raise APIError(500, f"generation failed: {c.finish}", code="engine_error")
                 yield c, text, st
         finally:
+            gone.cancel()
             cancel(choices)
 
     def usage(prompts, choices) -> dict:
@@ -271,7 +269,7 @@ def create_app(svc: Service):
                                                 "logprobs": None, "finish_reason": None}]})
             pending: dict[int, str] = {}  # text not sent yet, per answer
             try:
-                async for c, text, st in events(choices, queue):
+                async for c, text, st in events(choices, queue, request):
                     if want_lp:  # one chunk per token, with its log-probs
                         lp = None
                         if st.token is not None and st.token not in svc.stop_ids and text:
@@ -370,7 +368,7 @@ def create_app(svc: Service):
                 try:
                     if queue is not None:
                         pending: dict[int, str] = {}
-                        async for c, text, st in events(choices, queue):
+                        async for c, text, st in events(choices, queue, request):
                             pending[c.index] = pending.get(c.index, "") + text
                             if c.finish or queue.empty():  # coalesce what arrived together, as in chat
                                 for i, t in pending.items():
@@ -480,6 +478,7 @@ def create_app(svc: Service):
             raise APIError(404, f"no static file {name!r}")
         return FileResponse(path, headers={"Content-Security-Policy": csp})
 
+    install_guards(app, allow_origins)  # outermost: foreign pages and non-JSON writes are refused first
     return app
 
 
@@ -516,8 +515,8 @@ class ServerThread:
         self.sock.close()
 
 
-def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16, device="auto") -> None:
-    """``chatfactory serve``: load the run and serve it until interrupted."""
+def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16, device="auto", allow_origin=()) -> None:
+    """``chatfactory serve``: load the run and serve it until interrupted (``allow_origin``: serve/guard.py)."""
     import uvicorn
 
     svc = load_service(run_dir, stage, api_key, slots, device)
@@ -525,4 +524,4 @@ def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     where = next(svc.model.parameters()).device
     print(f"serving {svc.name} at http://{host}:{port}/  (API: http://{host}:{port}/v1, {slots} batch slots, {where})", flush=True)
-    uvicorn.run(create_app(svc), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(svc, allow_origin), host=host, port=port, log_level="warning")

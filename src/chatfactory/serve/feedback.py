@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ..checkpoint import atomic_write_text
 from ..tokenizer import check_messages
@@ -49,11 +51,17 @@ class FeedbackStore:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
             db.executescript(SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
-        # one short-lived connection per call: safe from any thread of the server
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # one short-lived connection per call: safe from any thread of the server. ``with db`` only
+        # commits (or rolls back); the connection is closed here, not left to the garbage collector
         db = sqlite3.connect(self.path, timeout=10)
-        db.execute("PRAGMA busy_timeout=10000")
-        return db
+        try:
+            db.execute("PRAGMA busy_timeout=10000")
+            with db:
+                yield db
+        finally:
+            db.close()
 
     def add(self, item: dict, model: str | None = None, stage: str | None = None) -> int:
         """Validate one feedback item (the body of ``POST /v1/feedback``) and store it -> its id.

@@ -1,0 +1,131 @@
+"""Request guards for the server: who may write, in what format, and how much.
+
+Without ``--api-key`` (the default on 127.0.0.1) the only thing between a web page the user happens
+to visit and ``POST /v1/feedback`` is the browser. A page may send a "simple" cross-site POST
+(``text/plain``, no CORS preflight) and poison the comparisons that train the reward model, and a
+DNS-rebinding page may even talk to the server as if it were same-origin. So:
+
+* a POST must say ``Content-Type: application/json`` (415 otherwise): a cross-site page can only send
+  that after a CORS preflight, which this server does not grant to foreign origins;
+* a connection that arrives on a loopback address must name a loopback host (``Host: localhost``,
+  ``127.0.0.1``, ``[::1]``) or an allowed one: a rebinding page sends its own domain as the Host;
+* an ``Origin`` header (browsers send it on cross-origin requests and on same-origin POSTs) must be
+  the server's own (the origin of the request's Host) or an allowed one;
+* a body may be at most ``max_body_bytes``, counted while it streams in (a chunked body has no
+  Content-Length to check up front), so an oversized upload is refused without being read whole;
+* a client's hang-up is watched for while its answer is generated (``client_gone``), so a request
+  that is still queued, or whose sends have not failed yet, is cancelled at once.
+
+Other front ends (a chat app at another origin, a reverse proxy with its own host name) are let in
+with ``--allow-origin URL`` (repeatable or comma-separated; ``*`` turns the origin and host checks off).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import urlsplit
+
+from .protocol import APIError
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def parse_allowed(values) -> set[str]:
+    """``--allow-origin`` values (each maybe comma-separated) -> normalised origins, or {"*"}."""
+    out = set()
+    for v in [values] if isinstance(values, str) else (values or []):
+        for part in str(v).split(","):
+            part = part.strip().rstrip("/")
+            if not part:
+                continue
+            if part != "*" and not urlsplit(part).hostname:
+                raise ValueError(f"--allow-origin {part!r}: expected an origin such as http://localhost:3000, or *")
+            out.add(part if part == "*" else _origin(part))
+    return out
+
+
+def _origin(url: str) -> str:
+    u = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(u.scheme)
+    port = u.port if u.port not in (None, default) else None
+    host = f"[{u.hostname}]" if u.hostname and ":" in u.hostname else u.hostname
+    return f"{u.scheme}://{host}" + (f":{port}" if port else "")
+
+
+def _is_loopback(addr: str | None) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except (TypeError, ValueError):
+        return False
+
+
+def check_request(request, allowed: set[str]) -> None:
+    """Refuse (APIError 403/415) a request that a foreign page may have sent; see the module docstring."""
+    headers = request.headers
+    if "*" not in allowed:
+        host = headers.get("host", "")
+        host_name = urlsplit(f"//{host}").hostname or ""
+        allowed_hosts = LOOPBACK_NAMES | {urlsplit(o).hostname for o in allowed}
+        local = (request.scope.get("server") or (None,))[0]
+        # only a loopback listener knows all its own names; a server on another address is reachable by
+        # names it cannot list (and is told to use --api-key)
+        if _is_loopback(local) and host_name not in allowed_hosts:
+            raise APIError(403, f"Host {host!r} is not this server's (a DNS-rebinding page?); "
+                                "allow it with --allow-origin", code="forbidden_host")
+        origin = headers.get("origin")
+        if origin is not None:
+            own = _origin(f"{request.url.scheme}://{host}") if host else None
+            try:
+                theirs = _origin(origin)
+            except ValueError:
+                theirs = origin
+            if theirs != own and theirs not in allowed:
+                raise APIError(403, f"cross-origin request from {origin!r} refused; allow that front end "
+                                    "with --allow-origin", code="forbidden_origin")
+    if request.method == "POST":
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                           code="unsupported_media_type")
+
+
+def install_guards(app, allow_origins=()) -> None:
+    """Check every request (``check_request``) before anything else runs; CORS for allowed front ends."""
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import JSONResponse
+
+    allowed = parse_allowed(allow_origins)
+
+    @app.middleware("http")
+    async def _guard(request, call_next):
+        try:
+            check_request(request, allowed)
+        except APIError as e:  # raised in a middleware, so the app's exception handlers never see it
+            return JSONResponse(e.body(), status_code=e.status)
+        return await call_next(request)
+
+    if allowed:  # added last, so outermost: it answers the allowed front ends' CORS preflights itself
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(allowed), allow_methods=["*"], allow_headers=["*"])
+
+
+async def client_gone(request) -> None:
+    """Returns once the client has hung up. For after the body is read, when the only message left to
+    receive is the disconnect; ``request.is_disconnected()`` cannot stand in for it, as its instant
+    (cancelled) receive never gets through Starlette's middleware wrappers."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > limit:
+        raise APIError(413, f"request body of {size} bytes is over the {limit}-byte limit", code="body_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:  # stop reading here: the rest of a huge (chunked) upload never lands in memory
+            raise APIError(413, f"request body is over the {limit}-byte limit ({total} bytes "
+                                "arrived before reading stopped)", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
