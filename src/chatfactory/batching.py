@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .engine import SamplingParams, sample_next
+from .engine import SamplingParams, bad_rows, sample_next
 from .model import GPT, GPTConfig
 
 
@@ -160,6 +160,8 @@ class Scheduler:
         if any(not 0 <= t < self.cfg.vocab_size for t in req.prompt):
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
         if req.params.seed is not None:
+            if not -2**63 <= req.params.seed < 2**64:
+                raise ValueError(f"seed {req.params.seed!r} is outside the generator's range [-2**63, 2**64)")
             req._gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
         with self.cv:
             if self._closed:
@@ -286,11 +288,13 @@ class Scheduler:
         idx = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
         rows = torch.tensor([r.slot for r in reqs], device=self.device)
         self.cache.prefill(rows)
-        out = self.model(idx, cache=self.cache, positions=torch.arange(T, device=self.device))
+        hidden = self.model.hidden_states(idx, cache=self.cache, positions=torch.arange(T, device=self.device))
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
         for r in reqs:
             self.cache.lengths[r.slot] = len(r.prompt)
-        picked = out[torch.arange(len(reqs), device=self.device), last]
+        # the LM head on each row's last real position only, as the engine does: every position's
+        # logits would be rows x T x vocab floats (gigabytes at a real vocabulary and context)
+        picked = self.model.lm_head(hidden[torch.arange(len(reqs), device=self.device), last])
         return {r.slot: picked[i] for i, r in enumerate(reqs)}
 
     def _sample_and_emit(self, logits: dict[int, torch.Tensor]) -> None:
@@ -306,16 +310,29 @@ class Scheduler:
         stacked = torch.stack([logits[s] for s in slots])
         if self.vocab_limit is not None:
             stacked[:, self.vocab_limit:] = float("-inf")
-        picked = [0] * len(reqs)
+        # a row the model broke on (NaN or inf logits) fails its own request only; the rest sample on
+        failed: dict[int, str] = {i: "error: SamplingError: the model gave non-finite logits (NaN or inf) for this request"
+                                  for i in bad_rows(stacked)}
+        picked: list[int | None] = [None] * len(reqs)
         for key, members in groups.items():
+            members = [i for i in members if i not in failed]
+            if not members:
+                continue
             r0 = reqs[members[0]]
             seen = None
             if r0.params.repetition_penalty != 1.0:
                 seen = torch.tensor([r0.prompt + r0.generated], device=self.device)
-            ids = sample_next(stacked[members], r0.params, seen, r0._gen).tolist()
+            try:
+                ids = sample_next(stacked[members], r0.params, seen, r0._gen, self.vocab_limit).tolist()
+            except Exception as e:  # whatever breaks one group's sampling fails that group only
+                failed.update({i: f"error: {type(e).__name__}: {e}" for i in members})
+                continue
             for i, t in zip(members, ids):
                 picked[i] = t
         for i, r in enumerate(reqs):
+            if i in failed:
+                self._finish(r, Step(None, finish=failed[i]))
+                continue
             t = picked[i]
             lp = top = None
             if r.logprobs is not None:

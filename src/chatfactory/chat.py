@@ -51,7 +51,7 @@ class ChatSession:
     """A conversation with one model: history, system prompt and sampling settings."""
 
     def __init__(self, model, tok: Tokenizer, params: SamplingParams, system: str = ""):
-        self.engine, self.tok, self.params = Engine(model), tok, params
+        self.engine, self.tok, self.params = Engine(model, vocab_limit=tok.vocab_size), tok, params
         self.block_size = model.cfg.block_size
         self.system = system
         self.history: list[dict] = []

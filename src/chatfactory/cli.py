@@ -114,7 +114,7 @@ def cmd_sample(a):
                             seed=a.seed, stop_ids=tok.stop_ids)
     sys.stdout.write(a.prompt)
     pending = b""
-    for step in Engine(model).stream([tok.document(a.prompt)], params):
+    for step in Engine(model, vocab_limit=tok.vocab_size).stream([tok.document(a.prompt)], params):
         if step[0] is None or step[0] in params.stop_ids:
             break
         pending += tok.decode_bytes([step[0]])

@@ -243,7 +243,7 @@ def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: flo
     (``User: …\\nAssistant:``); its reply is the text up to the first line break."""
     from .engine import Engine, SamplingParams
 
-    engine, out = Engine(model), []
+    engine, out = Engine(model, vocab_limit=tok.vocab_size), []
     limit = model.cfg.block_size - max_tokens
     for b in range(0, len(rows), batch_size):
         prompts = [tok.document(T.plain_prompt(r))[-limit:] for r in rows[b:b + batch_size]]
@@ -282,7 +282,7 @@ def chat_replies(model, tok, rows, max_tokens: int, temperature: float, seed: in
     """(texts, ids) of one sampled reply per prompt row; ids keep their <|end|>, texts do not."""
     from .engine import Engine, SamplingParams
 
-    engine, texts, ids_out = Engine(model), [], []
+    engine, texts, ids_out = Engine(model, vocab_limit=tok.vocab_size), [], []
     limit = model.cfg.block_size - max_tokens
     for b in range(0, len(rows), batch_size):
         prompts = [tok.chat_prompt(r["messages"])[-limit:] for r in rows[b:b + batch_size]]

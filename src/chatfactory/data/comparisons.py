@@ -76,7 +76,7 @@ def sample_answers(model, tok, rows: list[dict], k: int, p: SamplingParams, batc
                    progress: bool = False) -> list[list[str]]:
     """K sampled answers (text, up to <|end|>) per prompt row, through the Engine in batches. Batch b
     samples with seed ``p.seed + b``, so the output is a function of the inputs alone."""
-    engine = Engine(model)
+    engine = Engine(model, vocab_limit=tok.vocab_size)
     room = model.cfg.block_size - p.max_tokens
     if room < 2:
         raise ValueError(f"comparisons.max_tokens={p.max_tokens} leaves no room for a prompt in a "

@@ -173,7 +173,7 @@ def score_continuations(model, pairs, batch_size: int = 16) -> list[tuple[float,
 def _generate_exact(model, tok, rows, shot_lists, chat: bool, batch_size: int = 16) -> list[bool]:
     from ..engine import Engine, SamplingParams
 
-    engine = Engine(model)
+    engine = Engine(model, vocab_limit=tok.vocab_size)
     right = []
     for b in range(0, len(rows), batch_size):
         rs, ss = rows[b:b + batch_size], shot_lists[b:b + batch_size]

@@ -51,7 +51,7 @@ def load_judge(spec: str, tok) -> Judge:
 def answers(model, tok, rows: list[dict], max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
             batch_size: int = 16) -> list[str]:
     """One reply per prompt row (``{"messages": [... ending in a user turn]}``), decoded up to ``<|end|>``."""
-    engine = Engine(model)
+    engine = Engine(model, vocab_limit=tok.vocab_size)
     out = []
     limit = model.cfg.block_size - max(1, min(max_tokens, model.cfg.block_size // 2))
     for b in range(0, len(rows), batch_size):

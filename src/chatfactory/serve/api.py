@@ -169,7 +169,7 @@ def create_app(svc: Service, allow_origins=()):
                     p = SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                        repetition_penalty=s["repetition_penalty"], seed=seed, stop_ids=svc.stop_ids)
                     submit(prompt, p, c, queue, logprobs)
-        except APIError:
+        except BaseException:  # any failure: siblings already started would generate for no reader
             cancel(choices)
             raise
         return choices, queue

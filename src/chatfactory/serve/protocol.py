@@ -68,14 +68,18 @@ def parse_stops(body: dict, lim: Limits) -> list[str]:
 
 
 def parse_sampling(body: dict, lim: Limits) -> dict:
-    """The sampling settings shared by both completion endpoints (unknown extra keys are ignored)."""
+    """The sampling settings shared by both completion endpoints (unknown extra keys are ignored).
+
+    NaN and infinities fail every range check. Any temperature in (0, 2] is valid, tiny ones too
+    (OpenAI accepts them; the sampler shifts logits by their maximum, so they sample greedily)."""
     top_k = parse_field(body, "top_k", int, 0, check=lambda v: v >= -1, why="must be >= 0 (0 or -1: off)")
     rep = parse_field(body, "repetition_penalty", float, 1.0, check=lambda v: 0 < v <= 10, why="must be in (0, 10]")
     return dict(
         temperature=float(parse_field(body, "temperature", float, 1.0, check=lambda v: 0 <= v <= 2, why="must be between 0 and 2")),
         top_p=float(parse_field(body, "top_p", float, 1.0, check=lambda v: 0 < v <= 1, why="must be in (0, 1]")),
         top_k=max(0, top_k), repetition_penalty=float(rep),
-        seed=parse_field(body, "seed", int, None),
+        # int64, as OpenAI documents it; sibling answers of n > 1 take seed + j, still in torch's range
+        seed=parse_field(body, "seed", int, None, check=lambda v: -2**63 <= v < 2**63, why="must be a 64-bit signed integer"),
         n=parse_field(body, "n", int, 1, check=lambda v: 1 <= v <= lim.max_n, why=f"must be between 1 and {lim.max_n}"),
         stream=parse_field(body, "stream", bool, False),
         stop=parse_stops(body, lim),

@@ -242,7 +242,7 @@ class RLStage(Stage):
             raise ValueError(f"{self.name}.compile_rollout=true cannot sample a LoRA policy: the compiled decode step reads "
                              f"each linear's weight and would skip the adapters (set {self.name}.compile_rollout=false)")
         training = ac.policy.training
-        self.engine = Engine(ac.policy, compile=tc.compile_rollout)  # one for every rollout: compiled once
+        self.engine = Engine(ac.policy, compile=tc.compile_rollout, vocab_limit=tok.vocab_size)  # one for every rollout: compiled once
         ac.policy.train(training)
         self.kl_coef = tc.kl_coef
         self.buffer, self.buffer_iter, self.iter_stats, self.update_stats = None, -1, {}, []
