@@ -27,11 +27,16 @@ pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32 round-off: the sharded run sums the two micro-batches' gradients in another order
 
 
+# every process on one thread, the single-process side too: a two-thread run on a busy machine rounded
+# differently from run to run, and AdamW magnifies that in weights whose gradients are round-off
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(*args, check=True):
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert exe, "torchrun should be installed beside python"
     out = subprocess.run([exe, "--standalone", "--nproc_per_node=2", *map(str, args)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=300, env=ONE_THREAD)
     assert out.returncode == 0 or not check, out.stderr[-3000:]
     return out
 
@@ -82,7 +87,7 @@ def test_fsdp_pretraining_matches_one_process_and_resumes(tmp_path, tokenizer_js
               "pretrain.batch_size=4"]
     one = _seeded_run(tmp_path / "one", tokenizer_json)
     subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", one, *common, "pretrain.grad_accum=2"),
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=ONE_THREAD)
     two = _seeded_run(tmp_path / "two", tokenizer_json)
     torchrun("-m", "chatfactory.cli", "pretrain", "--config", "tiny", "--out", two, *common, "pretrain.fsdp=true")
     assert "lm_head.weight" not in load_file(two / "pretrain" / "model.safetensors")  # tied: stored once
@@ -107,7 +112,8 @@ def test_fsdp_sft_with_activation_checkpointing_matches_one_process(tmp_path):
     for name in ("one", "two"):
         shutil.copytree(run, tmp_path / name)
     common = sft_args(data, "sft.steps=6", "sft.eval_every=3", "sft.batch_size=4", "sft.ckpt_every=0")
-    subprocess.run(cli_cmd("sft", "--out", tmp_path / "one", *common, "sft.grad_accum=2"), check=True, capture_output=True)
+    subprocess.run(cli_cmd("sft", "--out", tmp_path / "one", *common, "sft.grad_accum=2"), check=True, capture_output=True,
+                   env=ONE_THREAD)
     torchrun("-m", "chatfactory.cli", "sft", "--out", tmp_path / "two", *common, "sft.fsdp=true",
              "sft.activation_checkpointing=true")
     assert_trains_alike(tmp_path / "one" / "sft", tmp_path / "two" / "sft")
@@ -136,7 +142,7 @@ def test_fsdp_reward_model_and_lora_dpo_match_one_process(tmp_path):
               "reward.eval_every=3", "reward.progress=false", "reward.device=cpu", "reward.val_fraction=0.25",
               "reward.calib_pairs=32"]
     subprocess.run(cli_cmd("reward", "--config", "tiny", "--out", tmp_path / "one", *common, "reward.grad_accum=2"),
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=ONE_THREAD)
     torchrun("-m", "chatfactory.cli", "reward", "--config", "tiny", "--out", tmp_path / "two", *common, "reward.fsdp=true")
     # the saved weights are after calibration; the shifts themselves may differ by more than TOL: the
     # pairwise loss gives the head's bias no gradient, so Adam moves it by amplified round-off, which
@@ -147,7 +153,7 @@ def test_fsdp_reward_model_and_lora_dpo_match_one_process(tmp_path):
 
     common = [a.replace("reward.", "dpo.") for a in common if "calib" not in a] + ["lora.rank=4"]
     subprocess.run(cli_cmd("dpo", "--config", "tiny", "--out", tmp_path / "one", *common, "dpo.grad_accum=2"),
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=ONE_THREAD)
     torchrun("-m", "chatfactory.cli", "dpo", "--config", "tiny", "--out", tmp_path / "two", *common, "dpo.fsdp=true",
              "dpo.activation_checkpointing=true")
     assert_trains_alike(tmp_path / "one" / "dpo", tmp_path / "two" / "dpo")

@@ -4,6 +4,7 @@ adapters (and heads), with the policy's own base as DPO's and RL's reference; a 
 SIGKILL resumes to the same weights; LoRA SFT learns, and a LoRA reward model beats chance."""
 import copy
 import json
+import os
 import random
 import shutil
 import signal
@@ -210,11 +211,16 @@ def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
                     "lora.rank=4", "lora.dropout=0.1")  # dropout: random numbers in every step, restored too
     for name in ("whole", "killed"):
         shutil.copytree(run, tmp_path / name)
-    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "whole", *args), capture_output=True, text=True, timeout=600)
+    # one thread, as the PPO kill test: with two, a busy machine (the full suite) made the killed run's
+    # gradients differ from the whole run's in the last bits from its first step on, 2 times in 6 (the
+    # drift is in multi-threaded CPU kernels, not in resuming: whole runs repeat, killed ones diverge alike)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "whole", *args), capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
     cfg_json = tmp_path / "killed" / "sft" / "config.json"
-    proc = subprocess.Popen(cli_cmd("sft", "--out", tmp_path / "killed", *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cli_cmd("sft", "--out", tmp_path / "killed", *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -228,13 +234,15 @@ def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     step = torch.load(tmp_path / "killed" / "sft" / "state.pt", weights_only=True)["step"]
     assert 5 <= step < 40
-    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "killed", *args), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "killed", *args), capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0 and f"resuming from step {step}" in out.stdout, out.stderr[-3000:]
     a, b = load_file(tmp_path / "whole" / "sft" / "model.safetensors"), load_file(tmp_path / "killed" / "sft" / "model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith(".lora_A") for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
     curve = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("tok_s", "mfu", "elapsed")}  # noqa: E731
                        for x in open(d / "sft" / "metrics.jsonl")]
+    differ = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    first = next(((x, y) for x, y in zip(curve(tmp_path / "whole"), curve(tmp_path / "killed")) if x != y), None)
+    assert not differ, f"resumed from step {step}: {len(differ)} tensors differ {sorted(differ.items())[:4]}; first curve row apart {first}"
     assert curve(tmp_path / "whole") == curve(tmp_path / "killed")
     # resuming with other adapters is refused, naming both settings
     out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "killed", *args, "lora.rank=8", "sft.steps=50"),
