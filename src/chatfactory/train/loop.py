@@ -67,7 +67,9 @@ def use_fsdp(stage, cfg: TrainConfig, d: Dist) -> bool:
     so one config serves a laptop run and a torchrun."""
     if not cfg.fsdp:
         return False
-    why = memory.fsdp_refusal(stage)
+    why = stage.fsdp_unsupported
+    if not why and type(stage).checkpoint_weights is not Stage.checkpoint_weights:
+        why = "it writes its own checkpoint contents (checkpoint_weights), which the sharded save does not gather"
     if why:
         raise ValueError(f"{stage.name}.fsdp=true: the {stage.name} stage cannot train under FSDP2: {why}; "
                          f"set {stage.name}.fsdp=false (torchrun then uses DDP)")

@@ -68,17 +68,6 @@ def checkpoint_blocks(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- FSDP2
-def fsdp_refusal(stage) -> str:
-    """Why ``stage`` cannot train under FSDP2, or "" if it can."""
-    from .loop import Stage
-
-    if stage.fsdp_unsupported:
-        return stage.fsdp_unsupported
-    if type(stage).checkpoint_weights is not Stage.checkpoint_weights:
-        return "it writes its own checkpoint contents (checkpoint_weights), which the sharded save does not gather"
-    return ""
-
-
 def shard(model: nn.Module, device: torch.device, world: int) -> None:
     """FSDP2 in place: each block, then the root. Parameters on the CPU move to ``device`` block by
     block as they are sharded, so the whole model never has to fit there."""
