@@ -335,12 +335,23 @@ def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     assert r.returncode == 2 and "must look like 'package.module:function'" in r.stderr
 
 
+def copies_of(src, tmp_path, names) -> list:
+    """One run directory per name, each holding ``src``'s SFT stage and tokenizer."""
+    import shutil
+
+    runs = []
+    for name in names:
+        run = tmp_path / name
+        shutil.copytree(src / "sft", run / "sft")
+        shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
+        runs.append(run)
+    return runs
+
+
 @pytest.mark.slow
 def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeypatch):
     """Killed mid-run (here: an exception at step 9, after the step-8 checkpoint) and run again, the reward
     model ends with exactly the weights of an uninterrupted run."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from chatfactory.train import reward as R
@@ -349,12 +360,7 @@ def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeyp
     data = write_jsonl(tmp_path / "c.jsonl", comparison_rows(200, TRAIN_TOPICS, 5))
     cfg = Config(reward=RewardConfig(data=str(data), steps=12, batch_size=8, seq_len=64, lr=1e-3, ckpt_every=4,
                                      eval_every=6, progress=False, device="cpu"))
-    runs = []
-    for name in ("straight", "interrupted"):
-        run = tmp_path / name
-        shutil.copytree(src / "sft", run / "sft")
-        shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
-        runs.append(run)
+    runs = copies_of(src, tmp_path, ("straight", "interrupted"))
     R.run_reward(cfg, runs[0])
     real = R.RewardStage.micro_batch
 
@@ -384,8 +390,6 @@ def test_a_crash_before_the_calibration_leaves_the_stage_unfinished(sft_run, tmp
     """The bias shift is part of the finished reward model: killed after training but before the shift is
     saved, the stage is not marked finished (later stages would use an uncentred model); run again, it
     calibrates once and ends exactly as an uninterrupted run, and a third run shifts nothing."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from chatfactory.train import reward as R
@@ -394,12 +398,7 @@ def test_a_crash_before_the_calibration_leaves_the_stage_unfinished(sft_run, tmp
     data = write_jsonl(tmp_path / "c.jsonl", comparison_rows(64, TRAIN_TOPICS, 6))
     cfg = Config(reward=RewardConfig(data=str(data), steps=4, batch_size=8, seq_len=64, lr=1e-3, eval_every=0,
                                      val_fraction=0.0, calib_pairs=16, progress=False, device="cpu"))
-    runs = []
-    for name in ("straight", "crashed"):
-        run = tmp_path / name
-        shutil.copytree(src / "sft", run / "sft")
-        shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
-        runs.append(run)
+    runs = copies_of(src, tmp_path, ("straight", "crashed"))
     R.run_reward(cfg, runs[0])
     real, calls = R.mean_score, []
 
