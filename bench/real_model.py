@@ -74,6 +74,7 @@ from chatfactory.hf import to_hf_config, to_hf_state_dict
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
 from chatfactory.train.loop import measure_matmul_peak
+from decode_speed import best_time  # bench/ is on sys.path: this script (and its children) run by path
 
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,16 +87,6 @@ def vm_hwm_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up (allocations, thread pool)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 # ---------------------------------------------------------------- the run both sides start from
