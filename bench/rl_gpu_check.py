@@ -20,7 +20,7 @@ from chatfactory.config import Config, GRPOConfig  # noqa: E402
 from chatfactory.data.preferences import load_prompts  # noqa: E402
 from chatfactory.train.grpo import run_grpo  # noqa: E402
 from chatfactory.train.ppo import run_ppo  # noqa: E402
-from chatfactory.train.rollout import gold_score  # noqa: E402
+from chatfactory.eval.winrate import gold_score  # noqa: E402
 
 
 def main():

@@ -8,7 +8,7 @@ import torch
 from chatfactory.checkpoint import load_model
 from chatfactory.config import Config, GRPOConfig
 from chatfactory.train.grpo import group_advantages, run_grpo
-from chatfactory.train.rollout import gold_score
+from chatfactory.eval.winrate import gold_score
 from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
 
 

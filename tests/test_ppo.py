@@ -15,7 +15,8 @@ from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
 from chatfactory.train.ppo import (ActorCritic, PPOStage, Reward, gae, kl_k1, kl_k3, masked_whiten, run_ppo,
                                    token_rewards)
-from chatfactory.train.rollout import answer_logprobs, attention_mask, forward_answers, gold_score, pad_batch
+from chatfactory.eval.winrate import gold_score
+from chatfactory.train.rollout import answer_logprobs, attention_mask, forward_answers, pad_batch
 
 COLORS = ["red", "blue", "green", "pink"]
 THINGS = ["car", "house", "door", "kite", "boat", "shirt", "cup", "bike", "lamp", "chair", "hat", "bag", "box",

@@ -246,7 +246,8 @@ def test_reward_model_learns_the_gold_rule(sft_run, tmp_path):
 
 # ---------------------------------------------------------------- comparisons command
 def test_load_scorer_and_pick_pairs():
-    from chatfactory.data.comparisons import load_scorer, pick_pairs
+    from chatfactory.data.comparisons import pick_pairs
+    from chatfactory.scorer import load_scorer
 
     assert load_scorer("test_reward:gold_score") is gold_score
     for spec, msg in [("nocolon", "must look like"), ("no_such_mod_xyz:f", "cannot import"),

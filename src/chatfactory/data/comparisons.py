@@ -22,7 +22,6 @@ A prompt whose K answers all score alike gives no pair (counted as ``ties``). Ea
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from pathlib import Path
@@ -33,26 +32,9 @@ from tqdm import tqdm
 from ..checkpoint import latest_stage, load_model
 from ..config import Config
 from ..engine import Engine, SamplingParams
+from ..scorer import load_scorer
 from ..tokenizer import Tokenizer
 from .preferences import load_prompts, write_comparisons
-
-
-def load_scorer(spec: str):
-    """"package.module:function" -> the function. Errors name the spec and what is wrong with it."""
-    mod, sep, name = (spec or "").partition(":")
-    if not sep or not mod or not name:
-        raise ValueError(f"scorer {spec!r} must look like 'package.module:function' "
-                         f"(e.g. chatfactory.data.tasks:rubric_score)")
-    try:
-        module = importlib.import_module(mod)
-    except ImportError as e:
-        raise ValueError(f"scorer {spec!r}: cannot import module {mod!r} ({e})") from None
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise ValueError(f"scorer {spec!r}: module {mod!r} has no {name!r}")
-    if not callable(fn):
-        raise ValueError(f"scorer {spec!r}: {name!r} is not a function")
-    return fn
 
 
 def pick_pairs(answers: list[str], scores: list[float], mode: str) -> list[tuple[int, int]]:

@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from ..data.comparisons import load_scorer
 from ..engine import Engine, SamplingParams
+from ..scorer import load_scorer
 
 Judge = Callable[[dict, str], float]
 
@@ -83,3 +83,19 @@ def compare(rows: list[dict], replies_a: list[str], replies_b: list[str], judge:
     n = len(rows)
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": losses, "n": n,
             "score_a": sa / n, "score_b": sb / n}
+
+
+@torch.no_grad()
+def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, temperature: float = 1.0,
+               seed: int = 0, batch_size: int = 64) -> float:
+    """Mean ``scorer(row, answer_text)`` of the policy's sampled answers to prompt ``rows`` (an answer that
+    never ends is scored as it stands). Temperature 0 is greedy."""
+    total = 0.0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        prompts = [tok.chat_prompt(r["messages"]) for r in chunk]
+        outs = Engine(policy, vocab_limit=tok.vocab_size).generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                                seed=seed + i, stop_ids=(tok.end_id,)))
+        for r, ids in zip(chunk, outs):
+            total += float(scorer(r, tok.decode([t for t in ids if t != tok.end_id])))
+    return total / max(1, len(rows))

@@ -35,13 +35,14 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import load_model, load_weights, resolve_stage, unique_state_dict
-from ..data.comparisons import load_scorer
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
 from ..engine import Engine
+from ..eval.winrate import gold_score
+from ..scorer import load_scorer
 from .lora import apply_lora, as_reference, lora_layers, lora_settings, summary
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
-from .rollout import answer_logprobs, attention_mask, forward_answers, gold_score, logprobs_and_entropy, rollout
+from .rollout import answer_logprobs, attention_mask, forward_answers, logprobs_and_entropy, rollout
 
 
 # ---------------------------------------------------------------- the math (unit-tested by hand)

@@ -164,19 +164,3 @@ def rollout(policy, prompts: list[list[int]], max_new_tokens: int, temperature: 
     dev = next(policy.parameters()).device
     batch = pad_batch(prompts, answers, pad_id, end_id)
     return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, temperature: float = 1.0,
-               seed: int = 0, batch_size: int = 64) -> float:
-    """Mean ``scorer(row, answer_text)`` of the policy's sampled answers to prompt ``rows`` (an answer that
-    never ends is scored as it stands). Temperature 0 is greedy."""
-    total = 0.0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        prompts = [tok.chat_prompt(r["messages"]) for r in chunk]
-        outs = Engine(policy, vocab_limit=tok.vocab_size).generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                                seed=seed + i, stop_ids=(tok.end_id,)))
-        for r, ids in zip(chunk, outs):
-            total += float(scorer(r, tok.decode([t for t in ids if t != tok.end_id])))
-    return total / max(1, len(rows))
