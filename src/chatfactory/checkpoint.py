@@ -2,11 +2,16 @@
 
 Every file is written to ``NAME.tmp``, flushed to disk and renamed over the old one, so a reader never
 sees half a file. The three files of one checkpoint are written as temps first and renamed in a fixed
-order; if the process dies between two renames, the writer's next ``load_checkpoint(repair=True)`` (the
-training loop resuming) finds the complete set of temps and finishes the job (a torn set is discarded).
-A run killed at any moment therefore resumes from a consistent checkpoint. Readers (chat, serve, eval:
-``load_model``) never touch the files: the writer may be renaming them as they read, so they read the
-last complete checkpoint as it stands.
+order; each records the save it belongs to (its step and a nonce, ``save_id``). If the process dies
+between two renames, the writer's next ``repair_checkpoint`` (the training loop, before it resumes)
+finds the complete set of one save and finishes the job; a torn set (a temp cut short, or temps beside
+files of another save) is discarded. A run killed at any moment therefore resumes from a consistent
+checkpoint. Readers (chat, serve, eval: ``load_model``) never touch the files: the writer may be
+renaming them as they read, so they read the last complete checkpoint as it stands.
+
+A write that fails — a full disk above all — removes the partial temps, leaves the previous checkpoint
+as it was and raises ``DiskFullError`` / ``CheckpointError`` naming the file (the CLI prints it, no
+traceback); running the same command again after freeing space resumes from that checkpoint.
 
 Weights are safetensors; the resume state (optimizer, step, RNG) is loaded with
 ``torch.load(weights_only=True)`` — nothing is ever unpickled.
@@ -14,6 +19,8 @@ Weights are safetensors; the resume state (optimizer, step, RNG) is loaded with
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -29,18 +36,104 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or inconsistent; the message names it."""
 
 
-def _fsync_rename(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class DiskFullError(CheckpointError):
+    """The disk filled up while a file was written. The message names the file; the partial temp is
+    gone and the file it was to replace (the previous checkpoint) is as it was."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the device or the quota is full (an OSError, or a library's error that wraps
+    one in its message: safetensors reports ``No space left on device (os error 28)``)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(m in text for m in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "StorageFull",
+                                   f"os error {errno.ENOSPC}"))
+
+
+def _write_error(path: Path, tmp: Path, e: BaseException, what: str) -> CheckpointError:
+    """The error to raise when writing ``tmp`` (to become ``path``) failed with ``e``."""
+    if _disk_full(e):
+        return DiskFullError(f"{path}: disk full (no space left on device) while writing {what} to {tmp.name}; "
+                             f"the partial {tmp.name} was removed and {path.name} is as it was before; "
+                             f"free some space and run the same command again")
+    return CheckpointError(f"{path}: could not write {what} ({type(e).__name__}: {e}); the partial {tmp.name} was "
+                           f"removed and {path.name} is as it was before")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make renames in ``d`` durable (a power cut after a save keeps it); a no-op where unsupported."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _RecordingWriter:
+    """A file object for ``torch.save`` that keeps the OSError of a failed write: torch reports a full
+    disk as ``unexpected pos 704 vs 598`` and drops the reason."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_file(path: Path, tmp: Path, write, what: str) -> None:
+    """``write(tmp)``, then flush it to disk. On any failure the partial ``tmp`` is removed and a
+    CheckpointError (a DiskFullError for a full disk) naming ``path`` is raised; ``path`` is not touched."""
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, Exception) and not isinstance(e, CheckpointError):
+            raise _write_error(path, tmp, e, what) from None
+        raise
 
 
 def atomic_write_text(path, text: str) -> None:
+    """Write ``path`` through ``path.tmp`` + fsync + rename: a reader sees the old text or the new one,
+    and a failed write (a full disk: DiskFullError naming ``path``) leaves the old one in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_rename(tmp, path)
+    _write_file(path, tmp, lambda t: t.write_text(text, encoding="utf-8"), "it")
+    os.replace(tmp, path)
+
+
+def append_text(path, text: str) -> None:
+    """Append ``text`` to a log (``metrics.jsonl``). A full disk raises DiskFullError naming the file; a
+    line cut short is dropped when the run resumes (train/loop.py's Metrics)."""
+    path = Path(path)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        if _disk_full(e):
+            raise DiskFullError(f"{path}: disk full (no space left on device) while appending to it; "
+                                f"free some space and run the same command again") from None
+        raise
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict:
@@ -64,45 +157,82 @@ def load_weights(model: torch.nn.Module, sd: dict, where: str = "weights") -> No
         raise CheckpointError(f"{where}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
 
 
+def _save_torch(obj, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except Exception:
+            if w.error is not None:
+                raise w.error from None
+            raise
+
+
 def _write_temps(stage_dir: Path, weights: dict, config: dict, state: dict | None, step: int) -> list[Path]:
-    temps = []
-    t = stage_dir / (MODEL + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(t), metadata={"step": str(step)})
-    temps.append(t)
-    t = stage_dir / (CONFIG + ".tmp")
-    t.write_text(json.dumps({**config, "step": step}, indent=2), encoding="utf-8")
-    temps.append(t)
+    """Every file of the checkpoint as ``NAME.tmp``, flushed to disk. Each carries the save's id (the step
+    and a nonce): a set of files agrees only when it comes from one save, even where two saves share a
+    step (the reward model's calibrated save re-saves its last step). On failure every temp of this save
+    is removed (the error names the file) and the previous checkpoint is untouched."""
+    save_id = f"{step}-{os.urandom(6).hex()}"
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    parts = [(MODEL, "the weights", lambda t: save_file(weights, str(t), metadata={"step": str(step), "save_id": save_id})),
+             (CONFIG, "the checkpoint config", lambda t: t.write_text(
+                 json.dumps({**config, "step": step, "save_id": save_id}, indent=2), encoding="utf-8"))]
     if state is not None:
-        t = stage_dir / (STATE + ".tmp")
-        torch.save({**state, "step": step}, t)
-        temps.append(t)
-    for t in temps:
-        with open(t, "rb+") as f:
-            os.fsync(f.fileno())
+        parts.append((STATE, "the resume state", lambda t: _save_torch({**state, "step": step, "save_id": save_id}, t)))
+    temps = []
+    try:
+        for name, what, write in parts:
+            t = stage_dir / (name + ".tmp")
+            _write_file(stage_dir / name, t, write, what)
+            temps.append(t)
+    except BaseException:
+        for t in temps:
+            _remove(t)
+        raise
     return temps
 
 
 def save_checkpoint(stage_dir, weights: dict, config: dict, state: dict | None = None, step: int = 0) -> None:
-    """Write weights (+ model config, + optional resume state) for ``step`` atomically."""
+    """Write weights (+ model config, + optional resume state) for ``step`` atomically. A failed write (a
+    full disk: DiskFullError) removes this save's temps and leaves the previous checkpoint as it was."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    for t in _write_temps(stage_dir, weights, config, state, step):
+    try:
+        temps = _write_temps(stage_dir, weights, config, state, step)
+    except CheckpointError as e:
+        prev = _mark_of(stage_dir / MODEL) if (stage_dir / MODEL).exists() else None
+        kept = (f"the previous checkpoint (step {prev[0]}) in {stage_dir} is intact" if prev else
+                f"{stage_dir} holds no earlier checkpoint")
+        raise type(e)(f"{e} [saving the checkpoint of step {step}; {kept}]") from None
+    for t in temps:
         os.replace(t, stage_dir / t.name[: -len(".tmp")])
     if state is None and (stage_dir / STATE).exists():
         os.remove(stage_dir / STATE)  # a final export without resume state must not pair with an older one
+    _fsync_dir(stage_dir)
 
 
-def _step_of(path: Path):
-    """The step a checkpoint file records, or None if the file is unreadable."""
+def _mark_of(path: Path):
+    """(step, save id) a checkpoint file records — the save id is None in files written before save ids
+    existed — or None if the file is unreadable."""
     try:
         if path.name.startswith(MODEL):
             with safe_open(str(path), "pt") as f:
-                return int((f.metadata() or {}).get("step", -1))
-        if path.name.startswith(CONFIG):
-            return int(json.loads(path.read_text(encoding="utf-8")).get("step", -1))
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+                meta = f.metadata() or {}
+        elif path.name.startswith(CONFIG):
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            meta = torch.load(path, map_location="cpu", weights_only=True)
+        return int(meta.get("step", -1)), meta.get("save_id")
     except Exception:
         return None
+
+
+def _agree(paths) -> bool:
+    """Whether every file exists, is readable and comes from the same save (same save id; files from
+    before save ids: the same step)."""
+    marks = {_mark_of(p) if p.exists() else None for p in paths}
+    return len(marks) == 1 and None not in marks
 
 
 def _temps(stage_dir: Path) -> dict:
@@ -111,17 +241,21 @@ def _temps(stage_dir: Path) -> dict:
 
 def _candidate(stage_dir: Path, temps: dict) -> tuple[dict, bool]:
     """The checkpoint an interrupted save was writing -> ({name: path}, whether it is complete): the temp
-    where one exists, else the already-renamed file; complete when every file is there and agrees on the step."""
+    where one exists, else the already-renamed file; complete when every file is there and all come from
+    one save. (A temp beside an older renamed file, e.g. a save killed after writing the weights' temp
+    only, is torn — even when both saves are of the same step.)"""
     candidate = {n: temps.get(n, stage_dir / n) for n in (MODEL, CONFIG, STATE)}
     if not candidate[STATE].exists():
         candidate.pop(STATE)
-    steps = {_step_of(p) for p in candidate.values() if p.exists()}
-    return candidate, all(p.exists() for p in candidate.values()) and len(steps) == 1 and None not in steps
+    return candidate, _agree(candidate.values())
 
 
-def _recover(stage_dir: Path) -> None:
-    """Finish an interrupted save (all temps present and agreeing) or discard a torn one. Only the writer
-    may do this: a reader would race a live writer's renames (or delete the temps it is writing)."""
+def repair_checkpoint(stage_dir) -> None:
+    """Finish an interrupted save (all of its files present and agreeing) or discard a torn one. Only the
+    writer may do this (the training loop, before it resumes): a reader would race a live writer's
+    renames (or delete the temps it is writing). After it, the stage holds a complete checkpoint or, when
+    a first save was cut short, none (``has_checkpoint`` is then False)."""
+    stage_dir = Path(stage_dir)
     temps = _temps(stage_dir)
     if not temps:
         return
@@ -131,6 +265,8 @@ def _recover(stage_dir: Path) -> None:
             os.replace(t, stage_dir / n)
         else:
             os.remove(t)
+    _fsync_dir(stage_dir)
+
 
 
 def has_checkpoint(stage_dir) -> bool:
@@ -141,8 +277,7 @@ def has_checkpoint(stage_dir) -> bool:
 def _reader_paths(stage_dir: Path, temps: dict) -> dict:
     """What a reader reads while a save is in progress (or was interrupted), leaving every file as it is:
     the renamed files when they form a checkpoint, else the complete set the writer is renaming."""
-    steps = {_step_of(stage_dir / n) for n in (MODEL, CONFIG) if (stage_dir / n).exists()}
-    if (stage_dir / MODEL).exists() and (stage_dir / CONFIG).exists() and len(steps) == 1 and None not in steps:
+    if _agree([stage_dir / MODEL, stage_dir / CONFIG]):
         return {n: stage_dir / n for n in (MODEL, CONFIG, STATE)}
     candidate, complete = _candidate(stage_dir, temps)
     if complete:
@@ -159,7 +294,7 @@ def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False):
     discards an interrupted save first. Readers leave the writer's temps alone."""
     stage_dir = Path(stage_dir)
     if repair:
-        _recover(stage_dir)
+        repair_checkpoint(stage_dir)
         return _read({n: stage_dir / n for n in (MODEL, CONFIG, STATE)}, with_state)
     for attempt in range(3):
         temps = _temps(stage_dir)
@@ -180,21 +315,29 @@ def _read(paths: dict, with_state: bool):
     try:
         weights = load_file(str(mpath))
         with safe_open(str(mpath), "pt") as f:
-            wstep = int((f.metadata() or {}).get("step", -1))
+            meta = f.metadata() or {}
+        wstep, wid = int(meta.get("step", -1)), meta.get("save_id")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{mpath}: corrupt or truncated checkpoint ({e})") from None
     try:
         config = json.loads(cpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:  # OSError: a live writer renamed it away
         raise CheckpointError(f"{cpath}: corrupt or unreadable checkpoint config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cpath}: corrupt checkpoint config (a JSON {type(config).__name__}, not an object)")
+    if wid and config.get("save_id") and config["save_id"] != wid:
+        raise CheckpointError(f"{cpath}: belongs to another save (step {config.get('step')}) than {mpath} (step {wstep})")
     state = None
     if with_state and spath.exists():
         try:
             state = torch.load(spath, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, bad pickle opcode, ...
             raise CheckpointError(f"{spath}: corrupt or truncated resume state ({type(e).__name__}: {e})") from None
-        if state.get("step") != wstep:
-            raise CheckpointError(f"{spath}: resume state is for step {state.get('step')} but {mpath} is step {wstep}")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{spath}: corrupt resume state (a {type(state).__name__}, not a dict)")
+        if state.get("step") != wstep or (wid and state.get("save_id") and state["save_id"] != wid):
+            raise CheckpointError(f"{spath}: resume state is for step {state.get('step')} but {mpath} is step {wstep}"
+                                  + (" (another save of the same step)" if state.get("step") == wstep else ""))
     return weights, config, state
 
 

@@ -125,8 +125,10 @@ class Tokenizer:
         if cpath.exists():
             try:
                 chat = json.loads(cpath.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+            if not isinstance(chat, dict):
+                raise ValueError(f"{cpath}: expected a JSON object, found a {type(chat).__name__}")
             from .chat_template import OURS
 
             keys = ("chat_template", "bos_token", "eos_token", "pad_token", "add_bos_token")

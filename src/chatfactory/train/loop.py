@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, has_checkpoint, load_checkpoint, load_weights, save_checkpoint, unique_state_dict
+from ..checkpoint import (CheckpointError, append_text, has_checkpoint, load_checkpoint, load_weights, repair_checkpoint,
+                          save_checkpoint, unique_state_dict)
 from ..config import TrainConfig
 from . import memory
 
@@ -182,8 +183,7 @@ class Metrics:
 
     def log(self, row: dict) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            append_text(self.path, json.dumps(row) + "\n")  # a full disk: DiskFullError naming the file
 
 
 def read_metrics(path) -> list[dict]:
@@ -252,8 +252,12 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     model.to(home)
     start, elapsed, saved_opt = 0, 0.0, None
 
+    if d.main and has_checkpoint(stage_dir):
+        repair_checkpoint(stage_dir)  # the writer: finish or discard a save a kill cut short (maybe the first)
+    if d.world > 1:
+        dist.barrier()
     if has_checkpoint(stage_dir):
-        weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True, repair=True)  # the writer
+        weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
         if state is None:
             raise CheckpointError(f"{stage_dir / 'state.pt'}: missing, so the run in {stage_dir} cannot resume "
                                   f"(it holds final weights only; use a new output directory)")
