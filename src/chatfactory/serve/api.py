@@ -12,8 +12,9 @@ The request format, its checks and the error shape live in ``protocol.py``; this
 side. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream via SSE), ``POST /v1/completions``
 (``logprobs`` and ``echo``: with ``echo=true, max_tokens=0`` it scores the prompt, as lm-eval's
 ``local-completions`` needs), ``POST /v1/feedback`` (see serve/feedback.py), ``GET /health``, and the
-web UI at ``/``. Bad requests get OpenAI's error JSON with a 4xx status; with ``--api-key`` every
-``/v1/`` request needs ``Authorization: Bearer KEY``. Generation goes through the continuous-batching
+web UI at ``/``. ``GET /openapi.json`` describes every endpoint: its request body (the pydantic models in
+protocol.py, which also validate it) and each answer, errors included. Bad requests get OpenAI's error
+JSON with a 4xx status; with ``--api-key`` every ``/v1/`` request needs ``Authorization: Bearer KEY``. Generation goes through the continuous-batching
 scheduler (batching.py): concurrent requests share the model's decode steps, and a client that
 disconnects frees its slot.
 """
@@ -24,6 +25,7 @@ import asyncio
 import codecs
 import hmac
 import json
+import mimetypes
 import socket
 import threading
 import time
@@ -34,7 +36,9 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batching import QueueFull, Request, Scheduler
@@ -43,8 +47,10 @@ from ..tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
 from .guard import client_gone, install_guards, read_body
-from .protocol import (APIError, Choice, Limits, parse_field, parse_max_tokens, parse_messages,
-                       parse_sampling)
+from .protocol import (LIMITS, APIError, ChatCompletion, ChatCompletionRequest, Choice, Completion, CompletionRequest,
+                       DetokenizeRequest, DetokenizeResponse, ErrorResponse, FeedbackCreated, FeedbackRequest, Health,
+                       ModelList, TokenizeChat, TokenizeRequest, TokenizeResponse, TokenizerInfo, parse_body,
+                       parse_feedback, parse_tokenize)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -53,13 +59,13 @@ class Service:
     """What the endpoints need: the tokenizer, the scheduler (which owns the model), names, limits."""
 
     def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
-                 api_key: str | None = None, slots: int = 16, limits: Limits | None = None, scheduler=None):
+                 api_key: str | None = None, slots: int = 16, scheduler=None):
         self.model, self.tok, self.name, self.stage = model, tok, name, stage
         self.block_size = model.cfg.block_size
         self.scheduler = scheduler if scheduler is not None else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size)
         self.feedback = FeedbackStore(feedback_path) if feedback_path else None
         self.api_key = api_key or None
-        self.limits = limits or Limits()
+        self.limits = LIMITS
         self.created = int(time.time())
         # every special token ends a reply: a model that opens a new turn or document has finished
         self.stop_ids = tok.stop_ids
@@ -104,7 +110,8 @@ def create_app(svc: Service, allow_origins=()):
         yield
         svc.close()
 
-    app = FastAPI(title="chatfactory", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="chatfactory", description=API_DESCRIPTION, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", lifespan=lifespan)
     lim = svc.limits
 
     @app.exception_handler(APIError)
@@ -132,6 +139,7 @@ def create_app(svc: Service, allow_origins=()):
         return await call_next(request)
 
     async def read_json(request) -> dict:
+        """The body as a JSON object, read under the size limit; a model other than this one is a 404."""
         raw = await read_body(request, lim.max_body_bytes)  # 413 as soon as a streamed body passes the limit
         try:
             body = json.loads(raw)
@@ -217,12 +225,16 @@ def create_app(svc: Service, allow_origins=()):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- routes ----
-    @app.get("/health")
+    def messages(conv) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in conv]
+
+    @app.get("/health", summary="liveness, and how busy the scheduler is", responses=doc(Health, 403))
     async def health():
         sch = svc.scheduler
-        return {"status": "ok", "model": svc.name, "active": sch.active(), "waiting": len(sch.waiting)}
+        return {"status": "ok", "model": svc.name, "active": sch.active(), "waiting": len(sch.waiting),
+                "slots": sch.slots, "cached_tokens": sum(sch.cache.lengths)}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", summary="the one model this server serves", responses=doc(ModelList, 401, 403))
     async def models():
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
                                              "owned_by": "chatfactory", "max_model_len": svc.block_size}]}
@@ -238,16 +250,15 @@ def create_app(svc: Service, allow_origins=()):
                                          for i, v in (alts or [])[:top]]})
         return {"content": out}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", summary="a chat completion (stream: true for server-sent events)",
+              responses=doc(ChatCompletion, *POST_ERRORS, 429, 500, stream=True), openapi_extra=body_doc("ChatCompletionRequest"))
     async def chat_completions(request: HTTPRequest):
-        body = await read_json(request)
-        msgs = parse_messages(body, lim)
-        s = parse_sampling(body, lim)
-        want_lp = parse_field(body, "logprobs", bool, False)
-        top_lp = parse_field(body, "top_logprobs", int, 0, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
-        include_usage = bool((parse_field(body, "stream_options", dict, {}) or {}).get("include_usage"))
-        prompt = svc.tok.chat_prompt(msgs)
-        max_tokens = parse_max_tokens(body, len(prompt), svc.block_size, None)
+        req = parse_body(ChatCompletionRequest, await read_json(request))
+        s = req.sampling()
+        want_lp, top_lp = bool(req.logprobs), req.top_logprobs or 0
+        include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
+        prompt = svc.tok.chat_prompt(messages(req.messages))
+        max_tokens = req.max_tokens_for(len(prompt), svc.block_size, None)
         choices, queue = start([prompt], s, max_tokens, logprobs=top_lp if want_lp else None)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name}
@@ -298,29 +309,17 @@ def create_app(svc: Service, allow_origins=()):
 
         return stream_response(gen())
 
-    def completion_prompts(body) -> list[tuple[list[int], int]]:
+    def completion_prompts(prompts: list[str | list[int]]) -> list[tuple[list[int], int]]:
         """-> (ids fed to the model, how many of them are a conditioning <|bos|> not shown to the client)."""
-        p = body.get("prompt")
-        if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)):
-            p = [p]
-        if not isinstance(p, list) or not p:
-            raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
-                           "prompt", "invalid_type" if p is not None else "missing")
-        if len(p) > lim.max_prompts:
-            raise APIError(400, f"'prompt' holds {len(p)} prompts; the limit is {lim.max_prompts}", "prompt", "invalid_value")
         out = []
-        for i, x in enumerate(p):
+        for i, x in enumerate(prompts):
             if isinstance(x, str):
-                if len(x) > lim.max_message_chars:
-                    raise APIError(400, f"prompt[{i}] has {len(x)} characters; the limit is {lim.max_message_chars}", "prompt", "message_too_long")
                 ids = svc.tok.encode(x)
-            elif isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            else:
                 ids = list(x)
                 bad = [t for t in ids if not 0 <= t < svc.model.cfg.vocab_size]
                 if bad:
                     raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary", "prompt", "invalid_value")
-            else:
-                raise APIError(400, f"prompt[{i}] must be a string or a list of token ids", "prompt", "invalid_type")
             # documents begin with bos in pretraining (when the tokenizer opens them so): condition on it,
             # but do not echo it; an empty prompt gets it in any case, as there is nothing else to read
             if (svc.tok.add_bos or not ids) and (not ids or ids[0] != svc.tok.bos_id):
@@ -339,15 +338,15 @@ def create_app(svc: Service, allow_origins=()):
             top_out.append(None if alts is None else {svc.tok.decode([i]): v for i, v in alts})
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out, "text_offset": offsets}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", summary="a text completion; with echo and logprobs it scores the prompt",
+              responses=doc(Completion, *POST_ERRORS, 429, 500, stream=True), openapi_extra=body_doc("CompletionRequest"))
     async def completions(request: HTTPRequest):
-        body = await read_json(request)
-        s = parse_sampling(body, lim)
-        echo = parse_field(body, "echo", bool, False)
-        logprobs = parse_field(body, "logprobs", int, None, check=lambda v: 0 <= v <= lim.max_logprobs, why=f"must be 0..{lim.max_logprobs}")
-        prompts = completion_prompts(body)
+        req = parse_body(CompletionRequest, await read_json(request))
+        s = req.sampling()
+        echo, logprobs = bool(req.echo), req.logprobs
+        prompts = completion_prompts(req.prompts())
         longest = max(len(ids) for ids, _ in prompts)
-        max_tokens = parse_max_tokens(body, longest, svc.block_size, 16, allow_zero=True)
+        max_tokens = req.max_tokens_for(longest, svc.block_size, 16)
         if s["stream"] and (echo or logprobs is not None):
             raise APIError(400, "'echo' and 'logprobs' are supported without 'stream' only", "stream", "invalid_value")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -420,45 +419,42 @@ def create_app(svc: Service, allow_origins=()):
     # ---- tokenizer endpoints, as vLLM serves them: lm-eval's local-completions finds them by itself
     # and then needs no tokenizer files of its own ("remote" tokenizer backend). Text is tokenized as
     # the Hugging Face export does: spelled-out special tokens are special here.
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", summary="the tokenizer and its chat template (vLLM's endpoint)",
+             responses=doc(TokenizerInfo, 401, 403))
     async def tokenizer_info():
         return {"tokenizer_class": "chatfactory", **svc.tok.chat_config,
                 "model_max_length": svc.block_size, "vocab_size": svc.tok.vocab_size}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", summary="text, or a conversation rendered by the chat template, to token ids",
+              responses=doc(TokenizeResponse, *POST_ERRORS), openapi_extra=body_doc("TokenizeRequest"))
     async def tokenize(request: HTTPRequest):
-        body = await read_json(request)
-        if "messages" in body:
-            ids = svc.tok.chat_prompt(parse_messages(body, lim)) if parse_field(body, "add_generation_prompt", bool, True) \
-                else svc.tok.render_chat(parse_messages(body, lim))[0]
+        req = parse_tokenize(await read_json(request))
+        if isinstance(req, TokenizeChat):
+            msgs = messages(req.messages)
+            ids = svc.tok.chat_prompt(msgs) if req.add_generation_prompt is not False else svc.tok.render_chat(msgs)[0]
         else:
-            text = parse_field(body, "prompt", str, None)
-            if text is None:
-                raise APIError(400, "'prompt' (a string) or 'messages' is required", "prompt", "missing")
-            if len(text) > lim.max_body_bytes:
-                raise APIError(400, "'prompt' is too long", "prompt", "message_too_long")
-            ids = svc.tok.hf.encode(text, add_special_tokens=False).ids
-            if parse_field(body, "add_special_tokens", bool, True) and svc.tok.add_bos:
+            ids = svc.tok.hf.encode(req.prompt, add_special_tokens=False).ids
+            if req.add_special_tokens is not False and svc.tok.add_bos:
                 ids = [svc.tok.bos_id] + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", summary="token ids to text", responses=doc(DetokenizeResponse, *POST_ERRORS),
+              openapi_extra=body_doc("DetokenizeRequest"))
     async def detokenize(request: HTTPRequest):
-        body = await read_json(request)
-        ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise APIError(400, "'tokens' must be a list of token ids", "tokens", "invalid_type")
+        ids = parse_body(DetokenizeRequest, await read_json(request)).tokens
         if any(not 0 <= t < svc.tok.vocab_size for t in ids):
             raise APIError(400, "'tokens' holds an id outside the vocabulary", "tokens", "invalid_value")
         return {"prompt": svc.tok.decode(ids)}
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", summary="a thumbs up/down rating, or a preference between two answers (SQLite)",
+              responses=doc(FeedbackCreated, *POST_ERRORS), openapi_extra=body_doc("FeedbackRequest"))
     async def feedback(request: HTTPRequest):
         body = await read_json(request)
         if svc.feedback is None:
             raise APIError(404, "this server keeps no feedback store", code="feedback_disabled")
+        item = parse_feedback(body).model_dump(exclude={"model"})
         try:
-            fid = await asyncio.to_thread(svc.feedback.add, body, svc.name, svc.stage)
+            fid = await asyncio.to_thread(svc.feedback.add, item, svc.name, svc.stage)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
         return {"id": fid, "object": "feedback"}
@@ -467,11 +463,12 @@ def create_app(svc: Service, allow_origins=()):
     csp = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
-    @app.get("/")
+    @app.get("/", summary="the web chat", response_class=Response, responses=file_doc("index.html"))
     async def index():
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": csp})
 
-    @app.get("/static/{name}")
+    @app.get("/static/{name}", summary="the web chat's script and style", response_class=Response,
+             responses=file_doc(*(p.name for p in STATIC.iterdir()), missing=True))
     async def static(name: str):
         path = STATIC / name
         if name not in {p.name for p in STATIC.iterdir()} or not path.is_file():
@@ -479,7 +476,103 @@ def create_app(svc: Service, allow_origins=()):
         return FileResponse(path, headers={"Content-Security-Policy": csp})
 
     install_guards(app, allow_origins)  # outermost: foreign pages and non-JSON writes are refused first
+
+    def openapi():
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, svc)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+# ---------------------------------------------------------------- the OpenAPI schema
+
+API_DESCRIPTION = ("An OpenAI-compatible API for one chatfactory model, its tokenizer endpoints (as vLLM serves "
+                   "them), human feedback, and a web chat. Errors are OpenAI's error JSON.")
+ERRORS = {
+    400: "a bad request: error.param names the field, error.code says what is wrong",
+    401: "the server runs with --api-key and the request lacks 'Authorization: Bearer KEY' (or has a wrong one)",
+    403: "a foreign page: an Origin or (on a loopback address) a Host that is not this server's nor allowed "
+         "with --allow-origin",
+    404: "the body names another model (code model_not_found), or feedback is off (feedback_disabled)",
+    413: "the body is over the size limit (counted while it streams in)",
+    415: "a POST whose Content-Type is not application/json",
+    429: "the queue of requests waiting for a batch slot is full: retry later",
+    500: "generation failed (code engine_error)",
+}
+POST_ERRORS = (400, 401, 403, 404, 413, 415)
+# what each request body is, by its schema's name in components/schemas
+REQUEST_BODIES = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest,
+                  "FeedbackRequest": FeedbackRequest, "TokenizeRequest": TokenizeRequest,
+                  "DetokenizeRequest": DetokenizeRequest}
+
+
+def doc(model, *errors: int, stream: bool = False) -> dict:
+    """``responses=`` for a route answering ``model`` as JSON (or an SSE stream too) and these errors."""
+    ok: dict = {"model": model, "description": "OK"}
+    if stream:
+        ok["content"] = {"text/event-stream": {"schema": {
+            "type": "string", "description": "with stream: true, 'data: {chunk JSON}' events ending in 'data: [DONE]'"}}}
+    return {200: ok, **{c: {"model": ErrorResponse, "description": ERRORS[c]} for c in errors}}
+
+
+def file_doc(*names: str, missing: bool = False) -> dict:
+    types = sorted({mimetypes.guess_type(n)[0] or "application/octet-stream" for n in names})
+    out = {200: {"description": "the file", "content": {t: {"schema": {"type": "string"}} for t in types}},
+           403: {"model": ErrorResponse, "description": ERRORS[403]}}
+    if missing:
+        out[404] = {"model": ErrorResponse, "description": "no such file"}
+    return out
+
+
+def body_doc(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def build_openapi(app, svc: Service) -> dict:
+    """FastAPI's schema of the routes, plus the request bodies (generated from the same pydantic models
+    that validate them), narrowed to what this server accepts: its model id, its context length, its
+    vocabulary and its static files."""
+    doc_ = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
+    schemas = doc_.setdefault("components", {}).setdefault("schemas", {})
+    request_defs: dict = {}
+    for name, t in REQUEST_BODIES.items():
+        js = TypeAdapter(t).json_schema(ref_template="#/components/schemas/{model}")
+        request_defs.update(js.pop("$defs", {}))
+        request_defs[name] = js
+    ids_below, room = svc.tok.vocab_size, svc.block_size - 1
+
+    def narrow(node):
+        if isinstance(node, dict):
+            props = node.get("properties", {})
+            if "model" in props:  # the one model served (null or absent: that one too)
+                props["model"] = {"anyOf": [{"type": "string", "enum": [svc.name]}, {"type": "null"}],
+                                  "default": None, "description": props["model"].get("description", "")}
+            for key in ("max_tokens", "max_completion_tokens"):
+                if key in props:  # never more than the context holds (the prompt's share is checked per request)
+                    for alt in props[key].get("anyOf", []):
+                        if alt.get("type") == "integer":
+                            alt["maximum"] = room
+            if node.get("type") == "integer" and str(node.get("description", "")).startswith("a token id"):
+                node["maximum"] = ids_below - 1
+            for v in node.values():
+                narrow(v)
+        elif isinstance(node, list):
+            for v in node:
+                narrow(v)
+
+    narrow(request_defs)
+    schemas.update(request_defs)
+    for path in doc_["paths"].values():  # nothing here answers FastAPI's 422: bad bodies get OpenAI's 400
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+            for p in op.get("parameters", []):
+                if p["name"] == "name" and p["in"] == "path":  # /static/{name}
+                    p["schema"]["enum"] = sorted(f.name for f in STATIC.iterdir())
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return doc_
 
 
 # ---------------------------------------------------------------- running it

@@ -1,21 +1,27 @@
-"""OpenAI's wire format as this server speaks it: request validation, the error shape, text out.
+"""OpenAI's wire format as this server speaks it: request and response bodies, the error shape, text out.
 
-What a request may hold (``Limits``), how a bad one is refused (``APIError`` → OpenAI's error JSON with
-a 4xx), how its fields are read and checked (``parse_*``), and how sampled ids become the text a client
-sees (``Detokenizer``: whole characters, cut at stop strings; ``Choice``: one of ``n`` answers). No
-HTTP and no model here: ``api.py`` wires these to FastAPI and the scheduler.
+What a request may hold (``Limits``; one pydantic model per request body, from which the OpenAPI schema
+is generated too), how a bad one is refused (``APIError`` → OpenAI's error JSON with a 4xx naming the
+field), what the endpoints answer (response models, for the schema), and how sampled ids become the
+text a client sees (``Detokenizer``: whole characters, cut at stop strings; ``Choice``: one of ``n``
+answers). No HTTP and no model here: ``api.py`` wires these to FastAPI and the scheduler.
 """
 
 from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError,
+                      WithJsonSchema, field_validator)
+from pydantic_core import PydanticCustomError
 
 from ..batching import Request, Step
 from ..tokenizer import ROLES, Tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 1_000_000
     max_messages: int = 256
@@ -24,6 +30,9 @@ class Limits:
     max_stop: int = 4
     max_prompts: int = 64  # prompts in one /v1/completions call
     max_logprobs: int = 20
+
+
+LIMITS = Limits()  # what the request models below check: the OpenAPI schema shows the same numbers
 
 
 class APIError(Exception):
@@ -39,107 +48,397 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-# ---------------------------------------------------------------- request validation
+# ---------------------------------------------------------------- request bodies
+# One pydantic model per request body. The server validates each body with its model (after reading
+# the bytes itself, so that the size limit holds while a body streams in: guard.read_body), and the
+# OpenAPI schema at /openapi.json is generated from the same models, so the two cannot drift apart.
+# JSON types are strict, as OpenAI's are: a boolean is never a number and "5" is not an integer (an
+# integer is a number). null means "not given" for every optional field. Unknown keys are ignored
+# (OpenAI's other parameters: a client that sends them still works). Unions are told apart by the
+# JSON value's shape (a callable discriminator), so an error names the field, not a union member.
 
-def parse_field(body: dict, key: str, types, default=None, *, check=None, why: str = ""):
-    """body[key] if present and of the right JSON type (bool is never a number), else APIError 400."""
-    v = body.get(key)
-    if v is None:
-        return default
-    numeric = types in (int, float, (int, float))
-    if (numeric and isinstance(v, bool)) or not isinstance(v, types if types is not float else (int, float)):
-        names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
-        raise APIError(400, f"'{key}' must be {names.get(types, 'a number')}, got {type(v).__name__}", key, "invalid_type")
-    if check is not None and not check(v):
-        raise APIError(400, f"'{key}' {why} (got {v!r})", key, "invalid_value")
-    return v
-
-
-def parse_stops(body: dict, lim: Limits) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
-    if len(stops) > lim.max_stop:
-        raise APIError(400, f"'stop' takes at most {lim.max_stop} sequences, got {len(stops)}", "stop", "invalid_value")
-    return [s for s in stops if s]
+SInt = Annotated[int, Strict()]
+SFloat = Annotated[float, Strict()]  # an integer is a number too; a boolean or a string is not
+SBool = Annotated[bool, Strict()]
+SStr = Annotated[str, Strict()]
+TokenId = Annotated[int, Strict(), Field(ge=0, description="a token id: below the tokenizer's vocab_size (GET /tokenizer_info)")]
+Text = Annotated[str, Strict(), Field(max_length=LIMITS.max_message_chars)]
+CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 
 
-def parse_sampling(body: dict, lim: Limits) -> dict:
-    """The sampling settings shared by both completion endpoints (unknown extra keys are ignored).
-
-    NaN and infinities fail every range check. Any temperature in (0, 2] is valid, tiny ones too
-    (OpenAI accepts them; the sampler shifts logits by their maximum, so they sample greedily)."""
-    top_k = parse_field(body, "top_k", int, 0, check=lambda v: v >= -1, why="must be >= 0 (0 or -1: off)")
-    rep = parse_field(body, "repetition_penalty", float, 1.0, check=lambda v: 0 < v <= 10, why="must be in (0, 10]")
-    return dict(
-        temperature=float(parse_field(body, "temperature", float, 1.0, check=lambda v: 0 <= v <= 2, why="must be between 0 and 2")),
-        top_p=float(parse_field(body, "top_p", float, 1.0, check=lambda v: 0 < v <= 1, why="must be in (0, 1]")),
-        top_k=max(0, top_k), repetition_penalty=float(rep),
-        # int64, as OpenAI documents it; sibling answers of n > 1 take seed + j, still in torch's range
-        seed=parse_field(body, "seed", int, None, check=lambda v: -2**63 <= v < 2**63, why="must be a 64-bit signed integer"),
-        n=parse_field(body, "n", int, 1, check=lambda v: 1 <= v <= lim.max_n, why=f"must be between 1 and {lim.max_n}"),
-        stream=parse_field(body, "stream", bool, False),
-        stop=parse_stops(body, lim),
-    )
+def int_choice(*values: int):
+    """An integer that must be one of ``values`` (a pydantic Literal would take true for 1 and 1.0 too)."""
+    def check(v):
+        if v not in values:
+            raise PydanticCustomError("invalid_value", "must be one of {values}", {"values": ", ".join(map(str, values))})
+        return v
+    return Annotated[int, Strict(), AfterValidator(check), WithJsonSchema({"type": "integer", "enum": list(values)})]
 
 
-def parse_content(m: dict, i: int) -> str:
-    c = m.get("content")
-    if isinstance(c, list):  # OpenAI's content parts: only text parts can mean anything to this model
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
-            raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content", "invalid_value")
-        return "".join(p["text"] for p in c)
-    if not isinstance(c, str):
-        raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_type")
-    return c
+def by_shape(shape, what: str):
+    """A union's discriminator: ``shape(value)`` names the member (None: no member fits -> invalid_type)."""
+    return Discriminator(shape, custom_error_type="invalid_type", custom_error_message=f"must be {what}")
 
 
-def parse_messages(body: dict, lim: Limits) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list):
-        raise APIError(400, "'messages' is required and must be a list", "messages", "invalid_type" if msgs is not None else "missing")
-    if not msgs:
-        raise APIError(400, "'messages' must not be empty", "messages", "invalid_value")
-    if len(msgs) > lim.max_messages:
-        raise APIError(400, f"'messages' has {len(msgs)} entries; the limit is {lim.max_messages}", "messages", "too_many_messages")
-    out = []
+def _list_of(v, kind) -> bool:
+    return isinstance(v, list) and bool(v) and isinstance(v[0], kind) and not isinstance(v[0], bool)
+
+
+class Body(BaseModel):
+    """What every request body may hold: the model it is meant for (this server's only, when given)."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[SStr] = Field(None, description="the served model's id (GET /v1/models); null or absent: that one")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+Content = Annotated[
+    Union[Annotated[Text, Tag("as text")], Annotated[list[TextPart], Tag("as parts")]],
+    by_shape(lambda v: "as text" if isinstance(v, str) else "as parts" if isinstance(v, list) else None,
+             "a string or a list of text parts")]
+
+
+class ChatMessage(BaseModel):
+    role: Literal[CHAT_ROLES]
+    content: Content
+
+    @field_validator("content")
+    @classmethod
+    def _length(cls, c):
+        if not isinstance(c, str) and sum(len(p.text) for p in c) > LIMITS.max_message_chars:
+            raise PydanticCustomError("string_too_long", "its text parts hold more than {limit} characters",
+                                      {"limit": LIMITS.max_message_chars})
+        return c
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+def _system_first(msgs):
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
-        role = m.get("role")
-        if role == "developer":  # OpenAI's newer name for the system role
-            role = "system"
-        if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role: unknown role {role!r} (expected one of {', '.join(ROLES)})",
-                           f"messages[{i}].role", "invalid_value")
-        if role == "system" and i != 0:
-            raise APIError(400, f"messages[{i}]: a system message may only come first", f"messages[{i}].role", "invalid_value")
-        text = parse_content(m, i)
-        if len(text) > lim.max_message_chars:
-            raise APIError(400, f"messages[{i}].content has {len(text)} characters; the limit is {lim.max_message_chars}",
-                           f"messages[{i}].content", "message_too_long")
-        out.append({"role": role, "content": text})
-    return out
+        if i and m.role in ("system", "developer"):
+            raise PydanticCustomError("invalid_value", "a system message may only come first (messages[{i}] is one)", {"i": i})
+    return msgs
 
 
-def parse_max_tokens(body: dict, prompt_len: int, block: int, default: int | None, allow_zero: bool = False) -> int:
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    lo = 0 if allow_zero else 1
-    asked = parse_field(body, key, int, None, check=lambda v: v >= lo, why=f"must be >= {lo}")
-    if prompt_len >= block:
-        raise APIError(400, f"This model's maximum context length is {block} tokens; the prompt has {prompt_len}.",
-                       "messages" if "messages" in body else "prompt", "context_length_exceeded")
-    room = block - prompt_len
-    if asked is None:
-        return min(default, room) if default is not None else room
-    if asked > room:
-        raise APIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
-                       f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
-                       key, "context_length_exceeded")
-    return asked
+Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages), AfterValidator(_system_first)]
+
+Stop = Annotated[
+    Union[Annotated[SStr, Tag("as text")], Annotated[list[SStr], Field(max_length=LIMITS.max_stop), Tag("as list")]],
+    by_shape(lambda v: "as text" if isinstance(v, str) else "as list" if isinstance(v, list) else None,
+             "a string or a list of strings")]
+
+
+class SamplingBody(Body):
+    """The sampling settings both completion endpoints share. Any temperature in (0, 2] is valid, tiny
+    ones too (OpenAI accepts them; the sampler shifts logits by their maximum, so they sample greedily)."""
+    temperature: Optional[SFloat] = Field(None, ge=0, le=2, description="default 1; 0 is greedy")
+    top_p: Optional[SFloat] = Field(None, gt=0, le=1, description="default 1 (off)")
+    top_k: Optional[SInt] = Field(None, ge=-1, description="default 0 (off); -1 is off too")
+    repetition_penalty: Optional[SFloat] = Field(None, gt=0, le=10, description="default 1 (off)")
+    # int64, as OpenAI documents it; sibling answers of n > 1 take seed + j, still in torch's range
+    seed: Optional[SInt] = Field(None, ge=-2**63, lt=2**63)
+    n: Optional[SInt] = Field(None, ge=1, le=LIMITS.max_n, description="answers per prompt, default 1")
+    stream: Optional[SBool] = Field(None, description="server-sent events (text/event-stream) ending in 'data: [DONE]'")
+    stop: Optional[Stop] = None
+
+    def sampling(self) -> dict:
+        """-> the settings with defaults filled in (what api.py hands the scheduler)."""
+        stops = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        return dict(temperature=float(_given(self.temperature, 1.0)), top_p=float(_given(self.top_p, 1.0)),
+                    top_k=max(0, self.top_k or 0), repetition_penalty=float(_given(self.repetition_penalty, 1.0)),
+                    seed=self.seed, n=self.n or 1, stream=bool(self.stream), stop=[s for s in stops if s])
+
+    def max_tokens_for(self, prompt_len: int, block: int, default: int | None) -> int:
+        """The completion length asked for (``max_completion_tokens`` wins), checked against the context."""
+        key = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        asked = getattr(self, key)
+        if prompt_len >= block:
+            raise APIError(400, f"This model's maximum context length is {block} tokens; the prompt has {prompt_len}.",
+                           "messages" if hasattr(self, "messages") else "prompt", "context_length_exceeded")
+        room = block - prompt_len
+        if asked is None:
+            return min(default, room) if default is not None else room
+        if asked > room:
+            raise APIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
+                           f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
+                           key, "context_length_exceeded")
+        return asked
+
+
+def _given(v, default):
+    return default if v is None else v
+
+
+class StreamOptions(BaseModel):
+    include_usage: Optional[SBool] = Field(None, description="a last chunk with the usage and no choices")
+
+
+class ChatCompletionRequest(SamplingBody):
+    messages: Conversation
+    max_tokens: Optional[SInt] = Field(None, ge=1, description="default: the room left in the context")
+    max_completion_tokens: Optional[SInt] = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    logprobs: Optional[SBool] = None
+    top_logprobs: Optional[SInt] = Field(None, ge=0, le=LIMITS.max_logprobs)
+    stream_options: Optional[StreamOptions] = None
+
+
+def _prompt_shape(v):
+    if isinstance(v, str):
+        return "as text"
+    for kind, tag in ((str, "as texts"), (int, "as ids"), (list, "as id lists")):
+        if _list_of(v, kind):
+            return tag
+    return None
+
+
+Prompt = Annotated[
+    Union[Annotated[Text, Tag("as text")],
+          Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as texts")],
+          Annotated[list[TokenId], Field(min_length=1), Tag("as ids")],
+          Annotated[list[list[TokenId]], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as id lists")]],
+    by_shape(_prompt_shape, "a string, a list of strings, a list of token ids or a list of such lists")]
+
+
+class CompletionRequest(SamplingBody):
+    prompt: Prompt
+    max_tokens: Optional[SInt] = Field(None, ge=0, description="default 16; 0 with echo and logprobs scores the prompt")
+    max_completion_tokens: Optional[SInt] = Field(None, ge=0)
+    echo: Optional[SBool] = Field(None, description="the prompt comes back before the completion (not with stream)")
+    logprobs: Optional[SInt] = Field(None, ge=0, le=LIMITS.max_logprobs,
+                                     description="log-probs of each token and this many alternatives (not with stream)")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+
+class TokenizeText(Body):
+    prompt: Annotated[str, Strict(), Field(max_length=LIMITS.max_body_bytes)]
+    add_special_tokens: Optional[SBool] = Field(None, description="default true: open with <|bos|> where the model's documents do")
+    messages: None = None  # a body with messages is the other kind
+
+
+class TokenizeChat(Body):
+    messages: Conversation
+    add_generation_prompt: Optional[SBool] = Field(None, description="default true: end with the assistant's turn opening")
+
+
+class DetokenizeRequest(Body):
+    tokens: list[TokenId]
+
+
+class FeedbackTurn(BaseModel):
+    role: Literal[ROLES]
+    content: SStr
+
+
+FeedbackConversation = Annotated[list[FeedbackTurn], Field(min_length=1), AfterValidator(_system_first)]
+
+
+class RatingFeedback(Body):
+    """Thumbs up (1) or down (-1) on one answer to ``messages``."""
+    kind: Literal["rating"]
+    messages: FeedbackConversation = Field(description="the conversation the answer replies to (it ends before it)")
+    answer: SStr
+    rating: int_choice(1, -1)
+
+
+class ComparisonFeedback(Body):
+    """Two answers to ``messages`` side by side; ``preferred`` is the index of the better one."""
+    kind: Literal["comparison"]
+    messages: FeedbackConversation = Field(description="the conversation the answers reply to (it ends before them)")
+    answers: Annotated[list[SStr], Field(min_length=2, max_length=2)]
+    preferred: int_choice(0, 1)
+
+
+# bodies that are one of two kinds, told apart by a key as api.py reads them
+FeedbackRequest = Annotated[Union[RatingFeedback, ComparisonFeedback], Field(discriminator="kind")]
+TokenizeRequest = Union[TokenizeChat, TokenizeText]
+
+
+def parse_body(model, body: dict):
+    """``body`` (a JSON object) as ``model`` -> the model instance, or APIError 400 naming the field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def parse_feedback(body: dict) -> RatingFeedback | ComparisonFeedback:
+    kind = body.get("kind")
+    model = {"rating": RatingFeedback, "comparison": ComparisonFeedback}.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise APIError(400, f"kind: expected 'rating' or 'comparison', got {kind!r}", "kind",
+                       "missing" if kind is None else "invalid_value")
+    return parse_body(model, body)
+
+
+def parse_tokenize(body: dict) -> TokenizeChat | TokenizeText:
+    return parse_body(TokenizeChat if body.get("messages") is not None else TokenizeText, body)
+
+
+def _param(loc) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif " " not in part:  # "as text" and the like name a union member, not a key
+            out += ("." if out else "") + part
+    return out or None
+
+
+def validation_error(e: ValidationError) -> APIError:
+    """pydantic's first complaint -> OpenAI's error: the field as ``param``, a code clients can test."""
+    err = e.errors(include_url=False)[0]
+    kind, param = err["type"], _param(err["loc"])
+    if kind == "too_long" and param == "messages":
+        code = "too_many_messages"
+    elif kind == "string_too_long":
+        code = "message_too_long"
+    elif kind in ("missing", "invalid_type", "invalid_value"):
+        code = kind
+    elif kind.endswith("_type"):
+        code = "invalid_type"
+    else:
+        code = "invalid_value"
+    msg = f"{param}: {err['msg']}" if param else err["msg"]
+    got = err.get("input")
+    if kind != "missing" and (got is None or isinstance(got, (bool, int, float, str))):
+        shown = repr(got)
+        msg += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+    return APIError(400, msg, param, code)
+
+
+# ---------------------------------------------------------------- responses (documentation)
+# What the endpoints answer, for the OpenAPI schema (api.py builds the dicts itself; the fuzzing bench,
+# bench/fuzz_and_soak.py, checks every answer against these).
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs]
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class FeedbackCreated(BaseModel):
+    id: int
+    object: Literal["feedback"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    active: int = Field(description="requests holding a batch slot now")
+    waiting: int = Field(description="requests queued for a slot")
+    slots: int = Field(description="batch slots in all")
+    cached_tokens: int = Field(description="KV-cache positions held by all slots (0 when idle: nothing leaked)")
+
+
+class TokenizerInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    model_max_length: int
+    vocab_size: int
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # ---------------------------------------------------------------- text out
