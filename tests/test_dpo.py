@@ -1,15 +1,18 @@
 """DPO: the loss and log-probs by hand, and a learning test — on held-out prompts, samples of the DPO
 policy score higher by the gold rule than the SFT reference's (the synthetic task of test_reward.py)."""
 import json
+import math
 
 import pytest
 import torch
 
-from chatfactory.checkpoint import load_model
+from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
+from chatfactory.config import Config, DPOConfig, LoRAConfig
 from chatfactory.engine import Engine, SamplingParams
 from chatfactory.model import GPT, GPTConfig
-from chatfactory.train.dpo import answer_logps, dpo_loss
-from test_reward import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, gold_score, make_sft_run, prompt_of, write_jsonl
+from chatfactory.train.dpo import answer_logps, build_dpo, dpo_loss, run_dpo
+from test_reward import (HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, gold_score, make_sft_run, make_tokenizer, prompt_of,
+                         write_jsonl)
 
 
 def test_dpo_loss_by_hand():
@@ -42,6 +45,40 @@ def test_answer_logps_sum_only_answer_tokens_and_ignore_padding():
         pmask[1, 2:4] = True
         both = answer_logps(model, padded, pmask)
     assert abs(solo.item() - by_hand.item()) < 1e-4 and abs(both[0].item() - solo.item()) < 1e-4
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_implicit_rewards_are_exactly_zero_at_step_0_with_a_dropout_model(tmp_path, lora_rank):
+    """A model with dropout 0.1 (as an imported GPT-2 has): the policy trains with dropout off, as the
+    reference is scored, so at step 0 every implicit reward β·log(π/π_ref) is exactly 0 and the first
+    logged loss is log 2. With LoRA the reference is the policy with its adapters off (and the adapters'
+    own dropout is off too)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    tok = make_tokenizer(run / "tokenizer.json")
+    torch.manual_seed(0)
+    mcfg = GPTConfig(depth=1, n_embd=64, n_head=2, vocab_size=tok.vocab_size, block_size=64, dropout=0.1)
+    save_checkpoint(run / "sft", unique_state_dict(GPT(mcfg)), {"stage": "sft", "model": mcfg.to_dict()}, None, 0)
+    cfg = Config()
+    cfg.dpo = DPOConfig(data=str(write_jsonl(tmp_path / "pairs.jsonl", comparison_rows(32, TRAIN_TOPICS, 1))), steps=1,
+                        batch_size=8, seq_len=64, val_fraction=0.0, beta=0.5, progress=False, device="cpu")
+    cfg.lora = LoRAConfig(rank=lora_rank, dropout=0.1)
+    stage, policy, _, _ = build_dpo(cfg, run)
+    policy.train()  # as the loop trains it
+    batch = stage.micro_batch(0, 0, 0, 1)
+    with torch.no_grad():
+        _, chosen, rejected = stage.implicit_rewards(policy, batch)
+    assert chosen.abs().max().item() == 0.0 and rejected.abs().max().item() == 0.0
+    # the check has teeth: the same weights with dropout on score the answers differently
+    with torch.no_grad():
+        on = answer_logps(load_model(run / "sft")[0].train(), batch["idx"], batch["answer_mask"])
+        off = answer_logps(load_model(run / "sft")[0], batch["idx"], batch["answer_mask"])
+    assert (on - off).abs().max().item() > 1e-3
+    # trained through the loop: the loss logged for step 1 is the one before the update, log 2
+    run_dpo(cfg, run)
+    first = json.loads(open(run / "dpo" / "metrics.jsonl").readline())
+    assert first["step"] == 1 and first["loss"] == round(math.log(2), 6)
+    assert json.loads((run / "dpo" / "config.json").read_text())["model"]["dropout"] == 0.1  # the model keeps its own
 
 
 def gold_rate(model, tok, topics, n_per_topic=32, seed=0) -> tuple[float, float]:

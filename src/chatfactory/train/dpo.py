@@ -29,6 +29,7 @@ from ..config import Config
 from ..data.preferences import PairBatches, collate, val_chunks
 from .lora import apply_lora, as_reference, lora_settings, summary
 from .loop import Stage, all_reduce_sum, train
+from .ppo import frozen, no_dropout
 from .reward import pair_stage_inputs
 
 
@@ -64,9 +65,12 @@ class DPOStage(Stage):
         with torch.no_grad(), as_reference(self.ref):  # a LoRA policy: its base, adapters off
             return answer_logps(self.ref, batch["idx"], batch["answer_mask"])
 
+    def implicit_rewards(self, model, batch):
+        """-> (loss, (B,) chosen rewards, (B,) rejected rewards) of one batch of pairs."""
+        return dpo_loss(answer_logps(model, batch["idx"], batch["answer_mask"]), self._ref_logps(batch), self.dc.beta)
+
     def loss(self, model, batch):
-        ref = self._ref_logps(batch)
-        return dpo_loss(answer_logps(model, batch["idx"], batch["answer_mask"]), ref, self.dc.beta)[0]
+        return self.implicit_rewards(model, batch)[0]
 
     def tokens(self, batch):
         return int(batch["last"].sum()) + len(batch["last"])
@@ -78,7 +82,7 @@ class DPOStage(Stage):
         tot = torch.zeros(6, dtype=torch.float64, device=d.device)
         for chunk in val_chunks(self.val, self.dc.batch_size, self.dc.eval_batches, d.rank, d.world):
             b = {k: v.to(d.device) for k, v in collate(chunk, self.pad_id).items()}
-            loss, rc, rr = dpo_loss(answer_logps(model, b["idx"], b["answer_mask"]), self._ref_logps(b), self.dc.beta)
+            loss, rc, rr = self.implicit_rewards(model, b)
             m = (rc - rr).double()
             tot += torch.stack([loss.double() * len(chunk), ((m > 0).double() + 0.5 * (m == 0).double()).sum(), m.sum(),
                                 rc.double().sum(), rr.double().sum(), torch.tensor(float(len(chunk)), dtype=torch.float64, device=d.device)])
@@ -88,8 +92,8 @@ class DPOStage(Stage):
                 "val_chosen_reward": tot[3].item() / n, "val_rejected_reward": tot[4].item() / n}
 
 
-def run_dpo(cfg: Config, run_dir) -> dict:
-    """DPO from ``cfg.dpo.init_from`` (the reference too, unless ``ref_from``); writes ``run_dir/dpo``."""
+def build_dpo(cfg: Config, run_dir):
+    """The DPO stage of ``cfg.dpo`` as ``run_dpo`` trains it -> (stage, policy, optimizer steps, distributed setup)."""
     run_dir = Path(run_dir)
     lora = lora_settings(cfg, "dpo")
     dc, d, init_dir, tok, train_pairs, val_pairs, skipped, policy = pair_stage_inputs(run_dir, cfg.dpo, "dpo")
@@ -98,19 +102,28 @@ def run_dpo(cfg: Config, run_dir) -> dict:
     else:
         reference, _ = load_model(resolve_stage(run_dir, dc.ref_from or dc.init_from, "dpo.ref_from" if dc.ref_from else "dpo.init_from"),
                                   device=d.device)
-        reference.requires_grad_(False)
         if reference.cfg != policy.cfg:
             raise ValueError(f"dpo: the reference ({dc.ref_from}) and the policy ({dc.init_from}) have different model shapes")
+        frozen(reference)
     stage = DPOStage(dc, train_pairs, val_pairs, tok.pad_id, reference, policy.cfg.to_dict())
     if lora:
         apply_lora(policy, lora, dc.seed)
         stage.info = {"lora": lora}
+    # Dropout off in the policy (its adapters' too): the reference is scored without it, so with it on the
+    # implicit rewards β·log(π/π_ref) would start as dropout noise instead of 0 (an imported GPT-2 has 0.1)
+    no_dropout(policy)
     steps = dc.steps or math.ceil(dc.epochs * stage.batches.steps_per_epoch(dc.grad_accum, d.world))
     if d.main:
         print(f"dpo: {len(train_pairs):,} train pairs, {len(val_pairs):,} held out"
               + (f", {skipped} malformed rows skipped" if skipped else "")
               + f"; {steps} steps from {init_dir}, beta={dc.beta}" + (f"; {summary(policy)}" if lora else ""))
-    result = train(stage, policy, dataclasses.replace(dc, steps=steps), run_dir / "dpo", d)
+    return stage, policy, steps, d
+
+
+def run_dpo(cfg: Config, run_dir) -> dict:
+    """DPO from ``cfg.dpo.init_from`` (the reference too, unless ``ref_from``); writes ``run_dir/dpo``."""
+    stage, policy, steps, d = build_dpo(cfg, run_dir)
+    result = train(stage, policy, dataclasses.replace(stage.dc, steps=steps), Path(run_dir) / "dpo", d)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return result
