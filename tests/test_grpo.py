@@ -7,7 +7,7 @@ import torch
 
 from chatfactory.checkpoint import load_model
 from chatfactory.config import Config, GRPOConfig
-from chatfactory.train.grpo import group_advantages, run_grpo
+from chatfactory.train.grpo import group_advantages, kl_shaped_advantages, run_grpo
 from chatfactory.eval.winrate import gold_score
 from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
 
@@ -19,6 +19,43 @@ def test_group_advantages_hand_computed():
     assert torch.allclose(adv, torch.tensor([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0, 0, 0, 0]), atol=1e-3)
     # without scaling (Dr. GRPO): the mean is still removed, the scale kept
     assert torch.allclose(group_advantages(r, 4, scale=False), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_k1_is_a_per_token_reward_hand_computed():
+    """kl_estimator=k1: -beta * k1 on every token and the answer's advantage on its last; a token's
+    advantage is the sum from it to the end."""
+    adv = torch.tensor([1.0, -1.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    got = kl_shaped_advantages(adv, kl * m, m, kl_coef=0.5)
+    # row 0: rewards -0.05, -0.1, -0.15 + 1 -> 0.7, 0.75, 0.85; row 1: -0.25 - 1 on its only token
+    assert torch.allclose(got, torch.tensor([[0.7, 0.75, 0.85], [-1.25, 0.0, 0.0]]), atol=1e-6)
+
+
+def test_k1_kl_is_measured_on_the_sampling_policy_not_a_loss_term(world):
+    """With k1 the old log-probs are computed even for one update per rollout (the KL reward needs
+    them), the advantages vary along an answer with the KL still to come, and the loss has no KL term."""
+    from chatfactory.data.preferences import load_prompts
+    from chatfactory.train.grpo import GRPOStage
+    from chatfactory.train.ppo import ActorCritic, Reward
+
+    root, run, tok = world
+    tc = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", rollout_batch=4, group_size=4,
+                    max_new_tokens=6, kl_coef=0.5, kl_estimator="k1", seed=5)
+    policy, info = load_model(run / "sft")
+    ac = ActorCritic(policy)
+    ref = load_model(run / "pretrain")[0]  # far from the policy: a large KL
+    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, ref, Reward(tc.reward, run, tok, "cpu"), info["model"])
+    batch = stage.micro_batch(0, 0, 0, 1)
+    assert "old_logp" in batch
+    exp, m = stage.buffer, stage.buffer["answer_mask"]
+    kl = (exp["old_logp"] - exp["ref_logp"]) * m
+    # along each answer, consecutive advantages differ by exactly beta * k1 of the earlier token
+    step = exp["advantages"][:, 1:] - exp["advantages"][:, :-1]
+    both = m[:, 1:] & m[:, :-1]
+    assert both.any() and torch.allclose(step[both], 0.5 * kl[:, :-1][both], atol=1e-5)
+    stage.loss(ac, batch)
+    assert "kl_loss" not in stage.update_stats[0]
 
 
 def test_grpo_rejects_bad_settings(tmp_path):

@@ -195,7 +195,9 @@ class GRPOConfig(RLConfig):
     group_size: int = 4  # answers sampled per prompt; advantages are normalised within the group
     rollout_batch: int = 4  # prompts per iteration, per process (x group_size answers)
     kl_coef: float = 0.0  # 0 = no reference model at all
-    kl_estimator: str = "k3"  # k1 | k3 (unbiased, always >= 0; DeepSeekMath's choice)
+    # how the KL to the reference enters: k3 = a loss term (unbiased, always >= 0; DeepSeekMath's choice) |
+    # k1 = a per-token reward -kl_coef * (log pi - log pi_ref) on the sampled tokens, as in PPO
+    kl_estimator: str = "k3"
     scale_rewards: bool = True  # divide by the group's std (Dr. GRPO turns this off)
 
 

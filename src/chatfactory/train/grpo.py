@@ -4,8 +4,13 @@ Each iteration samples ``group_size`` answers to each of ``rollout_batch`` promp
 (a scorer ``module:function`` such as the task rubric, or a reward model), and gives each answer's
 tokens the advantage (r - mean of its group) / std of its group: no critic, no GAE — the group is
 the baseline. The loss is PPO's clipped surrogate (shared with train/ppo.py, as are the rollouts,
-minibatching, logging, checkpoints and exact resume), plus, if ``kl_coef > 0``, kl_coef times the k3
-estimate of KL(pi || ref) on every answer token.
+minibatching, logging, checkpoints and exact resume). With ``kl_coef > 0`` the KL to the reference
+enters one of two ways (``kl_estimator``):
+
+* ``k3`` (DeepSeekMath): a loss term, kl_coef times the k3 estimate of KL(pi || ref) on every token;
+* ``k1``: a per-token reward -kl_coef * (log pi - log pi_ref), measured on the sampling policy as in
+  PPO, so a token's advantage is its group advantage minus kl_coef times the KL still to come from it.
+  (k1 as a *loss* term would do nothing: its gradient is zero in expectation on the policy's samples.)
 
     chatfactory grpo --config tiny --out runs/NAME grpo.prompts=prompts.jsonl \\
         grpo.reward=chatfactory.data.tasks:rubric_score grpo.steps=50
@@ -16,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from .ppo import RLStage, kl_k1, kl_k3, masked_mean, policy_loss, run_rl
+from .ppo import RLStage, gae, kl_k1, kl_k3, masked_mean, policy_loss, run_rl, token_rewards
 from .rollout import answer_logprobs, logprobs_and_entropy
 
 
@@ -30,15 +35,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     return adv.view(-1)
 
 
+def kl_shaped_advantages(adv: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """(B,) answer advantages and (B, A) per-token k1 -> (B, A): each token's reward is -kl_coef * k1 (and the
+    answer's advantage lands on its last token, as PPO's score does); with no critic, a token's advantage
+    is the sum of the rewards from it to the end (GAE with V = 0, gamma = lambda = 1)."""
+    rewards = token_rewards(adv, kl, mask, kl_coef)
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)[0]
+
+
 class GRPOStage(RLStage):
     name = "grpo"
 
     def rollout_rows(self) -> int:
         return self.tc.rollout_batch * self.tc.group_size
 
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.tc.kl_coef > 0 and self.tc.kl_estimator == "k1"
+
+    def needs_old_logp(self) -> bool:
+        return super().needs_old_logp() or self.kl_in_reward  # k1 is measured on the sampling policy, as PPO's
+
     def advantages(self, exp, score):
         mask = exp["answer_mask"].float()
         adv = group_advantages(score, self.tc.group_size, self.tc.scale_rewards)
+        if self.kl_in_reward:
+            kl = kl_k1(exp["old_logp"], exp["ref_logp"]) * mask
+            return {"advantages": kl_shaped_advantages(adv, kl, mask, self.tc.kl_coef),
+                    "seq_reward": score - self.tc.kl_coef * kl.sum(1)}
         return {"advantages": adv[:, None] * mask, "seq_reward": score}
 
     def loss(self, model, batch):
@@ -58,9 +82,8 @@ class GRPOStage(RLStage):
                 stats["entropy"] = masked_mean(ent, mask)
                 if "ref_logp" in batch:
                     stats["kl"] = (kl_k1(logp, batch["ref_logp"]) * mask).sum(1).mean()
-        if tc.kl_coef > 0:
-            est = kl_k3 if tc.kl_estimator == "k3" else kl_k1
-            kl = masked_mean(est(logp, batch["ref_logp"]), mask)
+        if tc.kl_coef > 0 and not self.kl_in_reward:
+            kl = masked_mean(kl_k3(logp, batch["ref_logp"]), mask)
             loss = loss + tc.kl_coef * kl
             stats["kl_loss"] = kl.detach()
         self.record(stats)
