@@ -221,3 +221,16 @@ def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
     (tmp_path / CONFIG).write_text(json.dumps([1, 2]))
     with pytest.raises(CheckpointError, match=str(tmp_path / CONFIG)):
         load_checkpoint(tmp_path)
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    d = tmp_path / "toy"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # then the kill (torn row)
+    train(Toy(), _model(), _cfg(steps=2), d)
+    assert [r["step"] for r in loop.read_metrics(d / "metrics.jsonl")] == [1, 2]
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+    assert loop.read_metrics(tmp_path / "m.jsonl") == [{"step": 1}]

@@ -190,7 +190,13 @@ def read_metrics(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the torn last line of a run killed while it logged
+            continue
+    return rows
 
 
 # ---------------------------------------------------------------- the loop
@@ -270,6 +276,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         metrics.truncate_after(start)
         if d.main and start < cfg.steps:
             print(f"[{stage.name}] resuming from step {start} in {stage_dir}")
+    else:
+        metrics.truncate_after(0)  # rows of a run killed before its first checkpoint: work that is redone
     if d.world > 1:
         dist.barrier()  # rank 0 has truncated metrics before anyone writes
 
