@@ -87,3 +87,20 @@ def test_loader_is_a_pure_function_of_step_and_ddp_slices_it(shards):
     n = (len(a.stream) - 1 - a._plan(0)[0]) // 32
     windows = {tuple(a.window(k).tolist()) for k in range(n)}
     assert len(windows) == n
+
+
+def test_one_hh_parser_for_sft_and_comparisons():
+    """data/chat.py's parser reads HH transcripts for SFT and for comparisons alike: consecutive turns of
+    one speaker merge, so a comparison's prompt is the conversation SFT would see."""
+    from chatfactory.data.chat import parse_hh_transcript, row_to_messages
+    from chatfactory.data.preferences import parse_pair
+
+    t = "\n\nHuman: hi\n\nHuman: are you there?\n\nAssistant: yes\n\nHuman: 2+2?\n\nAssistant:"
+    pair = parse_pair({"chosen": t + " 4", "rejected": t + " 5\n\nAssistant: or so"}, "x.jsonl:1")
+    assert pair.prompt == parse_hh_transcript(t + " 4")[:-1] == [
+        {"role": "user", "content": "hi\n\nare you there?"}, {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "2+2?"}]
+    assert (pair.chosen, pair.rejected) == ("4", "5\n\nor so")  # the two last Assistant turns merge
+    assert row_to_messages({"chosen": t + " 4"}, "x")[:-1] == pair.prompt
+    with pytest.raises(DataError, match="x.jsonl:2: chosen: not an HH transcript"):
+        parse_pair({"chosen": "no turns", "rejected": t + " 5"}, "x.jsonl:2")

@@ -33,8 +33,9 @@ _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
     """``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` -> [{"role": "user", …}, {"role": "assistant", …}].
 
-    Consecutive turns of the same speaker are merged (HH has a few); text before the first turn
-    marker is an error, since it belongs to no speaker."""
+    The one HH parser, for SFT and for comparisons (data/preferences.py) alike. Consecutive turns of
+    the same speaker are merged (HH has a few); text before the first turn marker is an error, since
+    it belongs to no speaker."""
     if not isinstance(text, str):
         raise DataError(f"{where}: an HH transcript must be a string, got {type(text).__name__}")
     parts = _HH_TURN.split(text)

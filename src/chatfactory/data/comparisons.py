@@ -101,32 +101,33 @@ def add_mismatched(rows: list[dict], samples: list[list[str]], m: int, seed: int
 def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | None = None) -> dict:
     """Sample ``k`` answers per prompt of ``prompts_path`` from the run's policy, label them with
     ``cfg.comparisons.labeler`` and write pairs to ``out_path`` (default RUN/comparisons.jsonl)."""
-    cc, run_dir = cfg.comparisons, Path(run_dir)
-    k = k or cc.k
+    settings, run_dir = cfg.comparisons, Path(run_dir)
+    k = k or settings.k
     if k < 2:
         raise ValueError(f"comparisons: k={k}; at least 2 answers per prompt are needed to compare")
     out_path = Path(out_path) if out_path else run_dir / "comparisons.jsonl"
-    scorer = load_scorer(cc.labeler)
+    scorer = load_scorer(settings.labeler)
     rows = load_prompts(str(prompts_path))
-    stage = cc.stage or latest_stage(run_dir)
+    stage = settings.stage or latest_stage(run_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(run_dir / stage, device)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     t0 = time.perf_counter()
-    p = SamplingParams(max_tokens=cc.max_tokens, temperature=cc.temperature, top_p=cc.top_p, seed=cc.seed)
-    samples = sample_answers(model, tok, rows, k, p, cc.batch_prompts, progress=True)
-    if cc.mismatched:
-        samples = add_mismatched(rows, samples, cc.mismatched, cc.seed)
+    p = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                       seed=settings.seed)
+    samples = sample_answers(model, tok, rows, k, p, settings.batch_prompts, progress=True)
+    if settings.mismatched:
+        samples = add_mismatched(rows, samples, settings.mismatched, settings.seed)
     pairs, ties, all_scores = [], 0, []
     for row, answers in zip(rows, samples):
         scores = []
         for a in answers:
             s = scorer(row, a)
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
-                raise ValueError(f"scorer {cc.labeler!r} returned {s!r} (expected a finite number) for a prompt of {prompts_path}")
+                raise ValueError(f"scorer {settings.labeler!r} returned {s!r} (expected a finite number) for a prompt of {prompts_path}")
             scores.append(float(s))
         all_scores += scores
-        chosen = pick_pairs(answers, scores, cc.pairs)
+        chosen = pick_pairs(answers, scores, settings.pairs)
         ties += not chosen
         pairs += [{"prompt": row["messages"], "chosen": answers[i], "rejected": answers[j],
                    "chosen_score": scores[i], "rejected_score": scores[j]}

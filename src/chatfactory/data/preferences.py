@@ -5,8 +5,9 @@ Comparisons (JSONL, gzip accepted), either format on any line:
     {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}
     {"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}
 
-The second is Anthropic's HH-RLHF layout, read as it is: both transcripts are split into turns, the
-conversation before the last ``Assistant:`` turn is the prompt and the two last turns are the answers.
+The second is Anthropic's HH-RLHF layout, read as it is: both transcripts are split into turns by the
+parser SFT uses (data/chat.py: consecutive turns of one speaker merged), the conversation before the
+last ``Assistant:`` turn is the prompt and the two last turns are the answers.
 Prompts (JSONL) are ``{"messages": [... ending in a user turn], ...any extra keys}``.
 A malformed row raises DataError naming ``file:line``.
 
@@ -22,16 +23,14 @@ the answer tokens (what DPO sums log-probabilities over).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..tokenizer import check_messages
+from .chat import parse_hh_transcript
 from .sources import DataError, read_jsonl
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
 @dataclass
@@ -42,18 +41,9 @@ class Pair:
     where: str = ""  # "file:line", for error messages
 
 
-def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> [{"role": "user", ...}, {"role": "assistant", ...}]."""
-    if not isinstance(text, str):
-        raise DataError(f"{where}: an HH transcript must be a string, got {type(text).__name__}")
-    parts = _HH_TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        raise DataError(f"{where}: not an HH transcript (expected '\\n\\nHuman: …\\n\\nAssistant: …')")
-    role = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": role[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
-
-
 def _split_hh(text: str, where: str) -> tuple[list[dict], str]:
+    """An HH transcript -> (the conversation before its last turn, that last Assistant turn's text). The
+    transcript is read as SFT reads it (data/chat.py): consecutive turns of one speaker are merged."""
     msgs = parse_hh_transcript(text, where)
     if msgs[-1]["role"] != "assistant" or len(msgs) < 2 or msgs[-2]["role"] != "user":
         raise DataError(f"{where}: an HH transcript must end in a Human turn followed by an Assistant turn")
@@ -77,15 +67,15 @@ def parse_pair(row: dict, where: str) -> Pair:
             raise DataError(f"{where}: the prompt must end in a user turn, not {prompt[-1]['role']!r}")
         return Pair(prompt, row["chosen"], row["rejected"], where)
     # HH-RLHF: two full transcripts that share everything but the last assistant turn
-    pc, chosen = _split_hh(row["chosen"], f"{where}: chosen")
-    pr, rejected = _split_hh(row["rejected"], f"{where}: rejected")
-    if pc != pr:
+    prompt, chosen = _split_hh(row["chosen"], f"{where}: chosen")
+    other_prompt, rejected = _split_hh(row["rejected"], f"{where}: rejected")
+    if prompt != other_prompt:
         raise DataError(f"{where}: the chosen and rejected transcripts differ before their last Assistant turn")
     try:
-        check_messages(pc, f"{where}: prompt")
+        check_messages(prompt, f"{where}: prompt")
     except ValueError as e:
         raise DataError(str(e)) from None
-    return Pair(pc, chosen, rejected, where)
+    return Pair(prompt, chosen, rejected, where)
 
 
 def _files(spec: str) -> list[Path]:
@@ -185,9 +175,9 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[EncodedPair]:
     answers = tok.encode_batch([p.chosen for p in pairs] + [p.rejected for p in pairs])
     out = []
     for i, prompt in enumerate(prompts):
-        pc, c = fit(prompt, answers[i] + [tok.end_id], max_len)
-        pr, r = fit(prompt, answers[len(pairs) + i] + [tok.end_id], max_len)
-        out.append(EncodedPair(pc + c, pr + r, len(pc), len(pr)))
+        prompt_c, c = fit(prompt, answers[i] + [tok.end_id], max_len)
+        prompt_r, r = fit(prompt, answers[len(pairs) + i] + [tok.end_id], max_len)
+        out.append(EncodedPair(prompt_c + c, prompt_r + r, len(prompt_c), len(prompt_r)))
     return out
 
 
@@ -244,24 +234,24 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
     return train, val
 
 
-def pair_data(pc, tok) -> tuple[list[EncodedPair], list[EncodedPair], int]:
-    """The train and held-out pairs a ``PairTrainConfig`` (reward, dpo) names, tokenized.
+def pair_data(section, tok) -> tuple[list[EncodedPair], list[EncodedPair], int]:
+    """The train and held-out pairs a ``PairTrainConfig`` section (reward, dpo) names, tokenized.
     -> (train, val, rows skipped as malformed)."""
-    pairs, skipped = read_comparisons(pc.data, pc.skip_bad)
-    if pc.max_pairs and len(pairs) > pc.max_pairs:
+    pairs, skipped = read_comparisons(section.data, section.skip_bad)
+    if section.max_pairs and len(pairs) > section.max_pairs:
         # a seeded random subset, not the head of the file: files hold a prompt's pairs together, so
         # the head would cover only the first few prompts
-        pairs = split_pairs(pairs, 1 - pc.max_pairs / len(pairs), pc.seed)[0]
-    if pc.val_data:
-        val, more = read_comparisons(pc.val_data, pc.skip_bad)
+        pairs = split_pairs(pairs, 1 - section.max_pairs / len(pairs), section.seed)[0]
+    if section.val_data:
+        val, more = read_comparisons(section.val_data, section.skip_bad)
         # a seeded shuffle, so an evaluation capped at eval_batches still spans every prompt
-        val = split_pairs(val, 0.0, pc.seed)[0]
+        val = split_pairs(val, 0.0, section.seed)[0]
         train, skipped = pairs, skipped + more
     else:
-        train, val = split_pairs(pairs, pc.val_fraction, pc.seed)
+        train, val = split_pairs(pairs, section.val_fraction, section.seed)
     if not train:
-        raise DataError(f"{pc.data}: no comparison pairs left to train on")
-    return encode_pairs(tok, train, pc.seq_len), encode_pairs(tok, val, pc.seq_len), skipped
+        raise DataError(f"{section.data}: no comparison pairs left to train on")
+    return encode_pairs(tok, train, section.seq_len), encode_pairs(tok, val, section.seq_len), skipped
 
 
 def val_chunks(val: list[EncodedPair], batch_size: int, max_batches: int, rank: int, world: int):
