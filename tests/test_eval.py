@@ -329,3 +329,39 @@ def test_win_rate_cli_and_reward_model_judge(tmp_path, tok):
     assert wr["wins"] + wr["ties"] + wr["losses"] == 3 and wr["judge"].endswith("rubric_score")
     assert cli_main(args + ["--against", "sft"]) == 2  # no judge: a clear error
     assert cli_main(args + ["--against", "sft", "--judge", "nomodule:nofn"]) == 2
+
+
+def test_dev_scores_judge_a_policy_against_sft_and_choose_on_dev(tmp_path, tok):
+    """eval/heldout.py on the dev split: a policy (a stage of the run or a model in memory) answers the
+    dev prompts; the rubric gives accuracy, gold score and win rate vs SFT (whose replies are cached);
+    choose_on_dev picks the best candidate and says what it chose."""
+    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
+    from chatfactory.config import load_config
+    from chatfactory.data.tasks import task_rows
+    from chatfactory.eval.heldout import choose_on_dev, dev_scores
+
+    torch.manual_seed(0)
+    gcfg = GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=64, n_embd=64, init_std=0.3)
+    run = tmp_path / "run"
+    tok.save(run / "tokenizer.json")
+    sft = GPT(gcfg)
+    save_checkpoint(run / "sft", unique_state_dict(sft), {"model": gcfg.to_dict(), "finished": True})
+    (run / "tasks").mkdir()
+    (run / "tasks" / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows("dev", 6)))
+    cfg = load_config("tiny", ["pipeline.eval_max_tokens=6"])
+
+    own = dev_scores(cfg, run, "sft")
+    assert own["n"] == 6 and own["win_rate_vs_sft"] == 0.5 and own["wins_ties_losses"] == [0, 6, 0]
+    assert (run / "eval" / "dev" / "sft.json").exists()  # SFT's replies, sampled once
+    other = GPT(gcfg)
+    other.train()
+    theirs = dev_scores(cfg, run, other, n=4)
+    assert theirs["n"] == 4 and 0 <= theirs["win_rate_vs_sft"] <= 1 and other.training  # its mode restored
+    assert set(theirs) >= {"accuracy", "gold_score", "accuracy_by_task"}
+
+    a, b = dict(own, gold_score=0.4), dict(own, gold_score=0.6)
+    pick = choose_on_dev("ppo iteration", {"10": a, "20": b, "30": dict(b)})
+    assert pick["chose"] == "20" and pick["by"] == "gold_score" and pick["n"] == 6  # a tie: the first listed
+    assert list(pick["candidates"]) == ["10", "20", "30"] and pick["candidates"]["20"]["gold_score"] == 0.6
+    with pytest.raises(ValueError, match="no candidates"):
+        choose_on_dev("beta", {})

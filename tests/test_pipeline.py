@@ -1,5 +1,6 @@
-"""`chatfactory run` (pipeline.py + eval/report.py): the whole pipeline end to end on the tiny preset,
-its report, resume by skipping finished stages, and what it does when a stage is missing."""
+"""`chatfactory run` (pipeline.py, eval/heldout.py, eval/report.py): the whole pipeline end to end on the
+tiny preset, its report, resume by skipping finished stages, what it does when a stage is missing, and
+the report's account of what the dev split chose."""
 
 import json
 import subprocess
@@ -38,6 +39,7 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
         v = dig(rep, key)
         assert isinstance(v, float), f"report.json {key} = {v!r}"
     assert rep["heldout_prompts"] == 24 and rep["total_seconds"] > 0
+    assert rep["dev"] == {"prompts": 160, "chose": []}  # written for choosing; nothing in the tiny run chooses yet
     for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo"):
         assert rep[s]["status"] == "done", (s, rep[s]["status"])
     # KL is a Monte-Carlo estimate on 24 replies of a policy that barely moved: near 0, maybe a hair below
@@ -49,7 +51,7 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
     assert 0 <= rw["own_sample_accuracy"] <= 1 and f"the {rw['own_sample_pairs']:,} between" in (out / "report.md").read_text()
 
     md = (out / "report.md").read_text()
-    for heading in ("What each stage cost", "Held-out evaluation", "Pretraining", "zero-, one- and few-shot", "## SFT",
+    for heading in ("What each stage cost", "Held-out evaluation", "Chosen on the dev split", "Pretraining", "zero-, one- and few-shot", "## SFT",
                     "Reward model", "## PPO", "## DPO", "Sample conversations", "The rubric"):
         assert heading in md, heading
     assert "not run" not in md
@@ -104,6 +106,27 @@ def test_missing_stage_is_reported_not_faked(tmp_path, monkeypatch):
     assert rep["bars"]["ppo_win_rate"] is None
     md = write_markdown(tmp_path, rep, {}, {}, 2, "rubric")
     assert "not run: ppo not available" in md
+
+
+def test_the_report_states_what_dev_chose(tmp_path):
+    """A stage that chose something on the dev split returns a ``dev_choice`` in its result (kept in
+    pipeline.json); report.json lists it under "dev" and report.md says it in a line."""
+    from chatfactory.eval.heldout import choose_on_dev
+    from chatfactory.eval.report import build_json, write_markdown
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "dev.jsonl").write_text('{"messages": []}\n' * 3)
+    rep = build_json(tmp_path, {"stages": {}}, {})
+    assert rep["dev"] == {"prompts": 3, "chose": []}
+    assert "Chosen on the dev split (3 prompts" in write_markdown(tmp_path, rep, {}, {}, 2, "rubric")
+
+    scores = {it: {"n": 3, "accuracy": 0.3, "gold_score": g, "win_rate_vs_sft": 0.6} for it, g in (("10", 0.5), ("20", 0.7))}
+    ledger = {"stages": {"ppo": {"status": "done", "seconds": 1.0,
+                                 "result": {"steps": 20, "dev_choice": choose_on_dev("iteration", scores)}}}}
+    rep = build_json(tmp_path, ledger, {})
+    assert [(c["stage"], c["what"], c["chose"]) for c in rep["dev"]["chose"]] == [("ppo", "iteration", "20")]
+    md = write_markdown(tmp_path, rep, {}, {}, 2, "rubric")
+    assert "ppo iteration **20** by gold score (accuracy 0.300, gold 0.700, win rate vs SFT 0.600; of 10, 20)" in md
 
 
 def test_bad_stage_name_and_unfinished_checkpoint(tmp_path):

@@ -3,9 +3,9 @@
     chatfactory run                                   # configs/demo.yaml into runs/demo
     chatfactory run --config pipeline-tiny --out runs/t pretrain.steps=20
 
-Stages, in order, each writing ``RUN/<stage>/`` through its own ``run_<stage>``:
+This module only sequences the stages; each lives in its own module and writes ``RUN/<stage>/``:
 
-    tasks        RUN/tasks/{sft,prompts,heldout,fewshot}.jsonl from data/tasks.py (cheap; always rewritten)
+    tasks        RUN/tasks/{sft,prompts,dev,heldout,fewshot}.jsonl from data/tasks.py (cheap; always rewritten)
     pretrain     tokenizer + GPT on the embedded text (``data.source: embedded+tasks``); or, with
                  ``pipeline.base`` set, a pretrained chat model imported with its tokenizer and template
                  (``chatfactory run --config smollm2``: SmolLM2-135M-Instruct, then LoRA for the rest)
@@ -16,6 +16,7 @@ Stages, in order, each writing ``RUN/<stage>/`` through its own ``run_<stage>``:
     reward       the reward model on those comparisons
     ppo · dpo    RLHF with a KL penalty to SFT, and DPO beside it on the same comparisons
     eval         every policy answers the same held-out prompts; the rubric is the gold judge
+                 (eval/heldout.py, which also scores policies on the dev prompts that choices are made on)
     report       RUN/report.md, RUN/report.json and PNG plots (eval/report.py)
 
 A stage whose checkpoint says ``"finished": true`` is skipped, and so is a comparisons file or an
@@ -23,20 +24,18 @@ evaluation that is already written, so a killed run picks up where it was. Stage
 across restarts in RUN/pipeline.json. A stage whose module is not in this checkout is reported as
 "not run: <stage> not available" — never with made-up numbers.
 """
-
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import time
 from pathlib import Path
 
-import torch
-
-from .checkpoint import atomic_write_text, has_checkpoint, load_model
+from .checkpoint import atomic_write_text, has_checkpoint
 from .config import Config, save_config
-from .data import tasks as T
+from .data.tasks import write_task_files
+from .eval.heldout import POLICIES, evaluate_all, reward_accuracy
+from .eval.report import write_report
 from .tokenizer import Tokenizer
 
 # stage -> (module, entry point); run in this order
@@ -49,7 +48,6 @@ TRAIN_STAGES = {
     "dpo": ("chatfactory.train.dpo", "run_dpo"),
     "grpo": ("chatfactory.train.grpo", "run_grpo"),
 }
-POLICIES = ("sft", "ppo", "dpo", "grpo")  # chat policies evaluated on the held-out prompts
 
 
 class NotAvailable(Exception):
@@ -120,16 +118,17 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     """Run every stage that is not finished, evaluate, and write the report. Returns report.json's dict."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    pc = cfg.pipeline
+    settings = cfg.pipeline
     ledger = Ledger(run_dir / "pipeline.json")
-    wanted = [s.strip() for s in pc.stages.split(",") if s.strip()]
+    wanted = [s.strip() for s in settings.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in TRAIN_STAGES]
     if unknown:
         raise ValueError(f"pipeline.stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(TRAIN_STAGES)})")
 
     t0 = time.perf_counter()
     tdir = run_dir / "tasks"
-    paths = T.write_task_files(tdir, pc.tasks_seed, pc.sft_rows, pc.rl_prompts, pc.heldout, pc.fewshot)
+    paths = write_task_files(tdir, settings.tasks_seed, n_sft=settings.sft_rows, n_prompts=settings.rl_prompts,
+                             n_heldout=settings.heldout, n_fewshot=settings.fewshot, n_dev=settings.dev)
     paths["comparisons"] = run_dir / "comparisons.jsonl"
     paths["comparisons_heldout"] = run_dir / "comparisons_heldout.jsonl"
     _use_tasks(cfg, paths)
@@ -164,7 +163,7 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         if stage == "comparisons" or not has_checkpoint(run_dir / stage):
             ledger.update(stage, seconds=0.0)  # a fresh start: time spent on a result since deleted no longer counts
         t = time.perf_counter()
-        if stage == "pretrain" and pc.base:
+        if stage == "pretrain" and settings.base:
             res = import_base(cfg, run_dir)
         elif stage == "comparisons":
             if not has_checkpoint(run_dir / "sft"):
@@ -180,14 +179,13 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         ledger.update(stage, status="done", result=_jsonable(res))
 
     t = time.perf_counter()
-    evals = evaluate_all(cfg, run_dir, paths, log)
+    evaluated = [s for s in ("pretrain",) + POLICIES if finished(run_dir / s)]
+    evals = evaluate_all(cfg, run_dir, paths, evaluated, log)
     if finished(run_dir / "reward") and paths["comparisons_heldout"].exists() and (run_dir / "tokenizer.json").exists():
         ledger.update("reward", heldout=reward_accuracy(run_dir / "reward", paths["comparisons_heldout"],
                                                         Tokenizer.load(run_dir / "tokenizer.json")))
     ledger.add_time("eval", time.perf_counter() - t)
     ledger.update("eval", status="done")
-
-    from .eval.report import write_report
 
     t = time.perf_counter()
     report = write_report(cfg, run_dir, ledger.data, evals)
@@ -230,173 +228,3 @@ def _count_lines(p: Path) -> int:
 
 def _jsonable(x):
     return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-# ---------------------------------------------------------------- evaluation on held-out prompts
-def _read_jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-
-
-@torch.no_grad()
-def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: float, seed: int, batch_size: int = 64) -> list[str]:
-    """The base model has no chat template: it continues the plain-text form pretraining showed it
-    (``User: …\\nAssistant:``); its reply is the text up to the first line break."""
-    from .engine import Engine, SamplingParams
-
-    engine, out = Engine(model, vocab_limit=tok.vocab_size), []
-    limit = model.cfg.block_size - max_tokens
-    for b in range(0, len(rows), batch_size):
-        prompts = [tok.document(T.plain_prompt(r))[-limit:] for r in rows[b:b + batch_size]]
-        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=tok.stop_ids)
-        for ids in engine.generate(prompts, p):
-            text = tok.decode([t for t in ids if t not in p.stop_ids])
-            out.append(text.strip().split("\n")[0].strip())
-    return out
-
-
-def _fingerprint(stage_dir: Path, settings: dict) -> str:
-    st = (stage_dir / "model.safetensors").stat()
-    return hashlib.sha256(json.dumps([st.st_mtime_ns, st.st_size, settings]).encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], temperature: float, batch_size: int = 32) -> float:
-    """Mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t) for the policy's own sampled replies:
-    a Monte-Carlo estimate of KL(pi || pi_ref) per reply, in nats, at the sampling temperature."""
-    from .train.rollout import answer_logprobs, forward_answers, pad_batch
-
-    total = 0.0
-    for b in range(0, len(rows), batch_size):
-        prompts = [tok.chat_prompt(r["messages"]) for r in rows[b:b + batch_size]]
-        batch = pad_batch(prompts, replies_ids[b:b + batch_size], tok.pad_id, tok.end_id)
-        dev = next(model.parameters()).device
-        batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        lp = answer_logprobs(forward_answers(model, batch), batch["tokens"], batch["start"], temperature)
-        lr = answer_logprobs(forward_answers(ref, batch), batch["tokens"], batch["start"], temperature)
-        total += float(((lp - lr) * batch["answer_mask"]).sum())
-    return total / max(1, len(rows))
-
-
-@torch.no_grad()
-def chat_replies(model, tok, rows, max_tokens: int, temperature: float, seed: int, batch_size: int = 64):
-    """(texts, ids) of one sampled reply per prompt row; ids keep their <|end|>, texts do not."""
-    from .engine import Engine, SamplingParams
-
-    engine, texts, ids_out = Engine(model, vocab_limit=tok.vocab_size), [], []
-    limit = model.cfg.block_size - max_tokens
-    for b in range(0, len(rows), batch_size):
-        prompts = [tok.chat_prompt(r["messages"])[-limit:] for r in rows[b:b + batch_size]]
-        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=(tok.end_id,))
-        for ids in engine.generate(prompts, p):
-            ids_out.append(ids)
-            texts.append(tok.decode([t for t in ids if t != tok.end_id]))
-    return texts, ids_out
-
-
-def evaluate_all(cfg: Config, run_dir: Path, paths: dict, log=print) -> dict:
-    """Every trained policy answers the held-out prompts; the rubric scores each reply. Cached per stage
-    in RUN/eval/<stage>.json (keyed by the checkpoint and the settings), so a resumed run reuses them."""
-    pc = cfg.pipeline
-    rows = _read_jsonl(paths["heldout"])
-    tok_path = run_dir / "tokenizer.json"
-    if not rows or not tok_path.exists():
-        return {}
-    tok = Tokenizer.load(tok_path)
-    settings = {"n": len(rows), "T": pc.eval_temperature, "max_tokens": pc.eval_max_tokens, "seed": pc.eval_seed,
-                "shots": pc.fewshot_shots}
-    edir = run_dir / "eval"
-    device = "cuda" if torch.cuda.is_available() and cfg.sft.device in ("auto", "cuda") else "cpu"
-    out = {}
-    for stage in ("pretrain",) + POLICIES:
-        sdir = run_dir / stage
-        if not finished(sdir):
-            continue
-        fp = _fingerprint(sdir, settings)
-        cache = edir / f"{stage}.json"
-        if cache.exists():
-            got = json.loads(cache.read_text(encoding="utf-8"))
-            if got.get("fingerprint") == fp:
-                out[stage] = got
-                continue
-        log(f"[run] eval {stage} on {len(rows)} held-out prompts")
-        t = time.perf_counter()
-        model, _ = load_model(sdir, device)
-        torch.manual_seed(pc.eval_seed)
-        if stage == "pretrain" and tok.chat is None:  # a base model trained here knows no chat template
-            replies, ids = base_answers(model, tok, rows, pc.eval_max_tokens, pc.eval_temperature, pc.eval_seed), None
-        else:
-            replies, ids = chat_replies(model, tok, rows, pc.eval_max_tokens, pc.eval_temperature, pc.eval_seed)
-        res = score_replies(rows, replies)
-        if stage == "pretrain" and pc.fewshot_shots:
-            res["few_shot"] = few_shot(model, tok, paths["fewshot"], pc)
-        if stage != "sft" and ids is not None and finished(run_dir / "sft") and pc.eval_temperature > 0:
-            ref, _ = load_model(run_dir / "sft", device)
-            res["kl_vs_sft"] = policy_kl(model, ref, tok, rows, ids, pc.eval_temperature)
-        res.update(fingerprint=fp, seconds=time.perf_counter() - t, replies=replies)
-        atomic_write_text(cache, json.dumps(res, indent=1))
-        out[stage] = res
-    if "sft" in out:
-        for stage in ("ppo", "dpo", "grpo", "pretrain"):
-            if stage in out:
-                out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
-    return out
-
-
-@torch.no_grad()
-def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: int = 2000, batch_size: int = 64) -> dict:
-    """The reward model's pairwise accuracy on a seeded sample of ``n`` held-out comparisons, and on
-    those of them between the policy's own samples alone (no reply to another prompt)."""
-    import random
-
-    from .data.preferences import collate, encode_pairs, parse_pair
-    from .data.sources import read_jsonl
-    from .train.reward import bradley_terry, load_reward_model, pair_right
-
-    rm = load_reward_model(stage_dir, device)
-    rows = list(read_jsonl(path))  # (line number, row)
-    keep = sorted(random.Random(0).sample(range(len(rows)), min(n, len(rows))))
-    pairs = [parse_pair(rows[i][1], f"{path}:{rows[i][0]}") for i in keep]
-    own = [not rows[i][1].get("mismatched") for i in keep]
-    enc = encode_pairs(tok, pairs, rm.backbone.cfg.block_size)
-    right = []
-    for i in range(0, len(enc), batch_size):
-        b = collate(enc[i:i + batch_size], tok.pad_id)
-        right += pair_right(bradley_terry(rm(b["idx"].to(device), b["last"].to(device)))[1]).tolist()
-    mine = [r for r, o in zip(right, own) if o]
-    return {"pairs": len(right), "accuracy": sum(right) / max(1, len(right)),
-            "own_sample_pairs": len(mine), "own_sample_accuracy": sum(mine) / len(mine) if mine else None}
-
-
-def score_replies(rows: list[dict], replies: list[str]) -> dict:
-    scores = [T.rubric_score(r, a) for r, a in zip(rows, replies)]
-    right = [T.is_correct(r, a) for r, a in zip(rows, replies)]
-    by_task: dict[str, list] = {}
-    for r, ok in zip(rows, right):
-        by_task.setdefault(r["task"], []).append(ok)
-    return {"heldout_accuracy": sum(right) / len(rows), "gold_score": sum(scores) / len(rows), "n": len(rows),
-            "scores": scores, "correct": right,
-            "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
-            "mean_words": sum(len(a.split()) for a in replies) / len(replies)}
-
-
-def win_vs(rows, replies_a, replies_b) -> dict:
-    """Gold-judged win rate of A over B on the same prompts; ties count half."""
-    from .eval.winrate import compare
-
-    return compare(rows, replies_a, replies_b, T.rubric_score)
-
-
-def few_shot(model, tok, path, pc) -> dict:
-    """The base model's zero/one/few-shot multiple-choice accuracy per task (eval/fewshot.py)."""
-    from .eval.fewshot import few_shot_table
-
-    shots = tuple(int(s) for s in str(pc.fewshot_shots).split(",") if s.strip())
-    rows = _read_jsonl(path)
-    count: dict[str, int] = {}
-    for r in rows:
-        count[r["task"]] = count.get(r["task"], 0) + 1
-    rows = [r for r in rows if count[r["task"]] > max(shots)]  # k shots need k other rows of the task
-    if not rows:
-        return {"status": f"not run: no task has more than {max(shots)} rows"}
-    table = few_shot_table(model, tok, rows, shots=shots, seed=pc.eval_seed)
-    return {task: {str(k): v for k, v in per.items()} for task, per in table.items()}

@@ -1,4 +1,6 @@
-"""Evaluation: loss and bits/byte (lm.py), the zero/one/few-shot table (fewshot.py), win rate (winrate.py).
+"""Evaluation: loss and bits/byte (lm.py), the zero/one/few-shot table (fewshot.py), win rate (winrate.py);
+for ``chatfactory run``, the held-out and dev evaluation of every policy (heldout.py) and the report
+(report.py); ``chatfactory eval`` (cli.py) measures one checkpoint.
 
     from chatfactory.eval import few_shot_table, format_table, text_loss, win_rate
 """

@@ -1,14 +1,14 @@
 """The run report: ``report.md``, ``report.json`` and PNG plots of what every stage cost and achieved.
 
 Written by ``chatfactory run`` (pipeline.py) from the run directory alone: each stage's
-``metrics.jsonl``, the pipeline's ledger (``pipeline.json``: status and seconds per stage) and the
-held-out evaluation (``eval/<stage>.json``: every policy's replies to the same held-out prompts, scored
-by the rubric of data/tasks.py). A stage that did not run is reported as "not run: <why>", never with
-a number. To rebuild the report of a finished run:
+``metrics.jsonl``, the pipeline's ledger (``pipeline.json``: status, seconds and result per stage) and
+the held-out evaluation (eval/heldout.py: ``eval/<stage>.json``, every policy's replies to the same
+held-out prompts, scored by the rubric of data/rubric.py). What a stage chose on the dev prompts (a
+``dev_choice`` in its result) is stated; the held-out numbers only report. A stage that did not run is
+reported as "not run: <why>", never with a number. To rebuild the report of a finished run:
 
     python -m chatfactory.eval.report runs/demo
 """
-
 from __future__ import annotations
 
 import json
@@ -176,6 +176,7 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
     if "pretrain" in evals and evals["pretrain"].get("win_rate_vs_sft"):
         rep["base"]["sft_win_rate_vs_base"] = 1 - evals["pretrain"]["win_rate_vs_sft"]["win_rate"]
 
+    rep["dev"] = dev_choices(run_dir, st)
     rep["eval"] = {"seconds": round(st.get("eval", {}).get("seconds", 0.0), 1),
                    "temperature": None, "note": "every policy answers the held-out prompts; the rubric scores them"}
     acc = lambda s: rep.get(s, {}).get("heldout_accuracy")
@@ -186,6 +187,34 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
         "heldout_prompts_at_least_200": rep["heldout_prompts"] >= 200,
     }
     return rep
+
+
+def dev_choices(run_dir: Path, stages: dict) -> dict:
+    """What the dev split chose: {"prompts": rows of RUN/tasks/dev.jsonl, "chose": [each ``dev_choice``
+    record (eval/heldout.py's ``choose_on_dev``) a stage returned in its result, with the stage named]}."""
+    path = run_dir / "tasks" / "dev.jsonl"
+    n = sum(1 for line in open(path, encoding="utf-8") if line.strip()) if path.exists() else 0
+    chose = []
+    for stage, entry in stages.items():
+        result = entry.get("result") if isinstance(entry.get("result"), dict) else {}
+        records = result.get("dev_choice") or []
+        for record in records if isinstance(records, list) else [records]:
+            chose.append({"stage": stage, **record})
+    return {"prompts": n, "chose": chose}
+
+
+def _dev_md(dev: dict) -> str:
+    head = (f"Chosen on the dev split ({dev['prompts']} prompts no stage trained on, judged by the rubric; "
+            "the held-out prompts only report): ")
+    if not dev["chose"]:
+        return head + "nothing in this run — every setting and checkpoint is the config's."
+    said = []
+    for c in dev["chose"]:
+        best = c.get("candidates", {}).get(str(c["chose"]), {})
+        said.append(f"{c['stage']} {c['what']} **{c['chose']}** by {c['by'].replace('_', ' ')} (accuracy {_fmt(best.get('accuracy'))}, "
+                    f"gold {_fmt(best.get('gold_score'))}, win rate vs SFT {_fmt(best.get('win_rate_vs_sft'))}; "
+                    f"of {', '.join(map(str, c.get('candidates', {})))})")
+    return head + "; ".join(said) + "."
 
 
 def _few_shot_md(fs: dict) -> list[str]:
@@ -279,6 +308,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         name = _base_name(rep) if s == "pretrain" else s
         L.append(f"| {name} | {_fmt(e['heldout_accuracy'])} | {_fmt(e['gold_score'])} | {_fmt(wr) if s != 'sft' else '—'} | "
                  f"{_fmt(e.get('kl_vs_sft'), 2)} | {e['mean_words']:.1f} |")
+    L += ["", _dev_md(rep["dev"])]
     tasks = sorted({t for e in evals.values() for t in e.get("accuracy_by_task", {})})
     if tasks:
         L += ["", "Accuracy by task:", "", "| task | " + " | ".join("base" if s == "pretrain" else s for s in evals) + " |",
@@ -347,7 +377,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
 
 def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
     """Write report.md, report.json and the plots; return report.json's content."""
-    from ..data.tasks import RUBRIC
+    from ..data.rubric import RUBRIC
 
     run_dir = Path(run_dir)
     rep = build_json(run_dir, ledger, evals)
@@ -369,7 +399,7 @@ if __name__ == "__main__":
     import sys
 
     from ..config import load_config
-    from ..pipeline import win_vs
+    from .heldout import win_vs
 
     rd = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
     ev = {p.stem: json.loads(p.read_text()) for p in sorted((rd / "eval").glob("*.json"))}

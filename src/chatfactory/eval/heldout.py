@@ -1,0 +1,269 @@
+"""The pipeline's evaluation on prompts no training stage saw, judged by the rubric (data/rubric.py).
+
+Two splits of the embedded tasks (data/tasks.py), two uses:
+
+  heldout  only reports. ``evaluate_all`` has every finished policy answer the same held-out prompts
+           (RUN/tasks/heldout.jsonl) and scores each reply: accuracy, gold (rubric) score, win rate vs
+           SFT (ties half), KL vs SFT; the base model also gets its zero/one/few-shot table. Cached per
+           stage in RUN/eval/<stage>.json. ``reward_accuracy`` scores the reward model on held-out pairs.
+  dev      chooses. ``dev_scores`` judges one policy (a stage of the run, or a model in memory such as
+           a PPO iteration under consideration) on RUN/tasks/dev.jsonl the same way, against SFT's
+           replies to the same prompts; ``choose_on_dev`` picks the best of several candidates and
+           returns the record a stage puts in its result as ``dev_choice``, which the report states.
+
+    from chatfactory.eval.heldout import dev_scores, choose_on_dev
+    scores = {str(it): dev_scores(cfg, run_dir, policy_at[it]) for it in (10, 20, 30)}
+    result["dev_choice"] = choose_on_dev("ppo iteration", scores)
+
+``chatfactory run`` (pipeline.py) calls ``evaluate_all`` and ``reward_accuracy`` after the training
+stages; eval/report.py turns what they return into report.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text, has_checkpoint, load_model
+from ..data.rubric import is_correct, rubric_score
+from ..data.tasks import plain_prompt
+from ..engine import Engine, SamplingParams
+from ..tokenizer import Tokenizer
+from .fewshot import few_shot_table
+from .winrate import compare
+
+POLICIES = ("sft", "ppo", "dpo", "grpo")  # chat policies evaluated on the held-out prompts
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a JSONL file the pipeline wrote (RUN/tasks/*.jsonl)."""
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def _device(cfg) -> str:
+    return "cuda" if torch.cuda.is_available() and cfg.sft.device in ("auto", "cuda") else "cpu"
+
+
+def _fingerprint(stage_dir: Path, settings: dict) -> str:
+    st = (stage_dir / "model.safetensors").stat()
+    return hashlib.sha256(json.dumps([st.st_mtime_ns, st.st_size, settings]).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- replies
+@torch.no_grad()
+def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: float, seed: int, batch_size: int = 64) -> list[str]:
+    """The base model has no chat template: it continues the plain-text form pretraining showed it
+    (``User: …\\nAssistant:``); its reply is the text up to the first line break."""
+    engine, out = Engine(model, vocab_limit=tok.vocab_size), []
+    limit = model.cfg.block_size - max_tokens
+    for b in range(0, len(rows), batch_size):
+        prompts = [tok.document(plain_prompt(r))[-limit:] for r in rows[b:b + batch_size]]
+        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=tok.stop_ids)
+        for ids in engine.generate(prompts, p):
+            text = tok.decode([t for t in ids if t not in p.stop_ids])
+            out.append(text.strip().split("\n")[0].strip())
+    return out
+
+
+@torch.no_grad()
+def chat_replies(model, tok, rows, max_tokens: int, temperature: float, seed: int, batch_size: int = 64):
+    """(texts, ids) of one sampled reply per prompt row; ids keep their <|end|>, texts do not."""
+    engine, texts, ids_out = Engine(model, vocab_limit=tok.vocab_size), [], []
+    limit = model.cfg.block_size - max_tokens
+    for b in range(0, len(rows), batch_size):
+        prompts = [tok.chat_prompt(r["messages"])[-limit:] for r in rows[b:b + batch_size]]
+        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=(tok.end_id,))
+        for ids in engine.generate(prompts, p):
+            ids_out.append(ids)
+            texts.append(tok.decode([t for t in ids if t != tok.end_id]))
+    return texts, ids_out
+
+
+def replies_of(model, tok, rows: list[dict], settings, plain: bool = False):
+    """(texts, ids) of the replies the evaluation samples (``pipeline`` settings: temperature, length,
+    seed); ``plain``: a base model without a chat template, prompted with plain text (ids None)."""
+    torch.manual_seed(settings.eval_seed)
+    args = (model, tok, rows, settings.eval_max_tokens, settings.eval_temperature, settings.eval_seed)
+    return (base_answers(*args), None) if plain else chat_replies(*args)
+
+
+@torch.no_grad()
+def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], temperature: float, batch_size: int = 32) -> float:
+    """Mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t) for the policy's own sampled replies:
+    a Monte-Carlo estimate of KL(pi || pi_ref) per reply, in nats, at the sampling temperature."""
+    from ..train.rollout import answer_logprobs, forward_answers, pad_batch
+
+    total = 0.0
+    for b in range(0, len(rows), batch_size):
+        prompts = [tok.chat_prompt(r["messages"]) for r in rows[b:b + batch_size]]
+        batch = pad_batch(prompts, replies_ids[b:b + batch_size], tok.pad_id, tok.end_id)
+        device = next(model.parameters()).device
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        lp = answer_logprobs(forward_answers(model, batch), batch["tokens"], batch["start"], temperature)
+        lr = answer_logprobs(forward_answers(ref, batch), batch["tokens"], batch["start"], temperature)
+        total += float(((lp - lr) * batch["answer_mask"]).sum())
+    return total / max(1, len(rows))
+
+
+# ---------------------------------------------------------------- scores
+def score_replies(rows: list[dict], replies: list[str]) -> dict:
+    """The rubric on each reply: accuracy (rules 1-2), mean gold score, accuracy per task, length."""
+    scores = [rubric_score(r, a) for r, a in zip(rows, replies)]
+    right = [is_correct(r, a) for r, a in zip(rows, replies)]
+    by_task: dict[str, list] = {}
+    for r, ok in zip(rows, right):
+        by_task.setdefault(r["task"], []).append(ok)
+    return {"accuracy": sum(right) / len(rows), "gold_score": sum(scores) / len(rows), "n": len(rows),
+            "scores": scores, "correct": right,
+            "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
+            "mean_words": sum(len(a.split()) for a in replies) / len(replies)}
+
+
+def win_vs(rows, replies_a, replies_b) -> dict:
+    """Gold-judged win rate of A over B on the same prompts; ties count half."""
+    return compare(rows, replies_a, replies_b, rubric_score)
+
+
+def few_shot(model, tok, path, settings) -> dict:
+    """The base model's zero/one/few-shot multiple-choice accuracy per task (eval/fewshot.py)."""
+    shots = tuple(int(s) for s in str(settings.fewshot_shots).split(",") if s.strip())
+    rows = read_rows(path)
+    count: dict[str, int] = {}
+    for r in rows:
+        count[r["task"]] = count.get(r["task"], 0) + 1
+    rows = [r for r in rows if count[r["task"]] > max(shots)]  # k shots need k other rows of the task
+    if not rows:
+        return {"status": f"not run: no task has more than {max(shots)} rows"}
+    table = few_shot_table(model, tok, rows, shots=shots, seed=settings.eval_seed)
+    return {task: {str(k): v for k, v in per.items()} for task, per in table.items()}
+
+
+# ---------------------------------------------------------------- held-out: the report's numbers
+def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
+    """Each of ``stages`` (finished ones, of "pretrain" and POLICIES) answers the held-out prompts; the
+    rubric scores each reply. Cached per stage in RUN/eval/<stage>.json (keyed by the checkpoint and
+    the settings), so a resumed run reuses them."""
+    settings = cfg.pipeline
+    rows = read_rows(paths["heldout"])
+    tok_path = run_dir / "tokenizer.json"
+    if not rows or not tok_path.exists():
+        return {}
+    tok = Tokenizer.load(tok_path)
+    key = {"n": len(rows), "T": settings.eval_temperature, "max_tokens": settings.eval_max_tokens,
+           "seed": settings.eval_seed, "shots": settings.fewshot_shots}
+    device = _device(cfg)
+    out = {}
+    for stage in stages:
+        sdir = run_dir / stage
+        fp = _fingerprint(sdir, key)
+        cache = run_dir / "eval" / f"{stage}.json"
+        if cache.exists():
+            got = json.loads(cache.read_text(encoding="utf-8"))
+            if got.get("fingerprint") == fp:
+                out[stage] = got
+                continue
+        log(f"[run] eval {stage} on {len(rows)} held-out prompts")
+        t = time.perf_counter()
+        model, _ = load_model(sdir, device)
+        # a base model trained here knows no chat template
+        replies, ids = replies_of(model, tok, rows, settings, plain=stage == "pretrain" and tok.chat is None)
+        res = score_replies(rows, replies)
+        res["heldout_accuracy"] = res.pop("accuracy")
+        if stage == "pretrain" and settings.fewshot_shots:
+            res["few_shot"] = few_shot(model, tok, paths["fewshot"], settings)
+        if stage != "sft" and ids is not None and "sft" in stages and settings.eval_temperature > 0:
+            ref, _ = load_model(run_dir / "sft", device)
+            res["kl_vs_sft"] = policy_kl(model, ref, tok, rows, ids, settings.eval_temperature)
+        res.update(fingerprint=fp, seconds=time.perf_counter() - t, replies=replies)
+        atomic_write_text(cache, json.dumps(res, indent=1))
+        out[stage] = res
+    if "sft" in out:
+        for stage in ("ppo", "dpo", "grpo", "pretrain"):
+            if stage in out:
+                out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
+    return out
+
+
+@torch.no_grad()
+def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: int = 2000, batch_size: int = 64) -> dict:
+    """The reward model's pairwise accuracy on a seeded sample of ``n`` held-out comparisons, and on
+    those of them between the policy's own samples alone (no reply to another prompt)."""
+    import random
+
+    from ..data.preferences import collate, encode_pairs, parse_pair
+    from ..data.sources import read_jsonl
+    from ..train.reward import bradley_terry, load_reward_model, pair_right
+
+    rm = load_reward_model(stage_dir, device)
+    rows = list(read_jsonl(path))  # (line number, row)
+    keep = sorted(random.Random(0).sample(range(len(rows)), min(n, len(rows))))
+    pairs = [parse_pair(rows[i][1], f"{path}:{rows[i][0]}") for i in keep]
+    own = [not rows[i][1].get("mismatched") for i in keep]
+    enc = encode_pairs(tok, pairs, rm.backbone.cfg.block_size)
+    right = []
+    for i in range(0, len(enc), batch_size):
+        b = collate(enc[i:i + batch_size], tok.pad_id)
+        right += pair_right(bradley_terry(rm(b["idx"].to(device), b["last"].to(device)))[1]).tolist()
+    mine = [r for r, o in zip(right, own) if o]
+    return {"pairs": len(right), "accuracy": sum(right) / max(1, len(right)),
+            "own_sample_pairs": len(mine), "own_sample_accuracy": sum(mine) / len(mine) if mine else None}
+
+
+# ---------------------------------------------------------------- dev: what settings and checkpoints are chosen on
+def _sft_dev_replies(cfg, run_dir: Path, rows: list[dict], tok) -> list[str] | None:
+    """SFT's replies to the dev prompts (what a candidate's win rate is counted against), sampled once
+    and cached in RUN/eval/dev/sft.json; None without a finished SFT checkpoint."""
+    sdir = run_dir / "sft"
+    if not has_checkpoint(sdir):
+        return None
+    settings = cfg.pipeline
+    fp = _fingerprint(sdir, {"dev": [r["messages"] for r in rows], "T": settings.eval_temperature,
+                             "max_tokens": settings.eval_max_tokens, "seed": settings.eval_seed})
+    cache = run_dir / "eval" / "dev" / "sft.json"
+    if cache.exists():
+        got = json.loads(cache.read_text(encoding="utf-8"))
+        if got.get("fingerprint") == fp:
+            return got["replies"]
+    model, _ = load_model(sdir, _device(cfg))
+    replies = replies_of(model, tok, rows, settings)[0]
+    atomic_write_text(cache, json.dumps({"fingerprint": fp, "replies": replies}, indent=1))
+    return replies
+
+
+def dev_scores(cfg, run_dir, policy, n: int = 0) -> dict:
+    """The rubric's verdict on one policy's replies to the dev prompts (RUN/tasks/dev.jsonl, the first
+    ``n``; 0: all), sampled as the held-out evaluation samples: {"n", "accuracy", "gold_score",
+    "win_rate_vs_sft" (None without an SFT checkpoint), "wins_ties_losses", "accuracy_by_task"}.
+    ``policy``: a stage of the run ("ppo") or a model in memory (e.g. a PPO iteration under consideration)."""
+    run_dir = Path(run_dir)
+    rows = read_rows(run_dir / "tasks" / "dev.jsonl")[: n or None]
+    if not rows:
+        raise ValueError(f"{run_dir / 'tasks' / 'dev.jsonl'}: no dev prompts to choose on")
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    model = load_model(run_dir / policy, _device(cfg))[0] if isinstance(policy, str) else policy
+    was_training = model.training
+    model.eval()
+    replies = replies_of(model, tok, rows, cfg.pipeline)[0]
+    model.train(was_training)
+    res = score_replies(rows, replies)
+    out = {k: res[k] for k in ("n", "accuracy", "gold_score", "accuracy_by_task")}
+    sft = _sft_dev_replies(cfg, run_dir, rows, tok)
+    wr = win_vs(rows, replies, sft) if sft is not None else {}
+    out.update(win_rate_vs_sft=wr.get("win_rate"), wins_ties_losses=[wr.get(k) for k in ("wins", "ties", "losses")])
+    return out
+
+
+def choose_on_dev(what: str, candidates: dict[str, dict], by: str = "gold_score") -> dict:
+    """The candidate (e.g. a PPO iteration, a β) whose ``dev_scores`` are highest on ``by``; the first
+    listed wins a tie. Returns the record the report states: {"what", "chose", "by", "n", "candidates":
+    {name: {"accuracy", "gold_score", "win_rate_vs_sft"}}}."""
+    if not candidates:
+        raise ValueError(f"choose_on_dev({what!r}): no candidates")
+    best = max(candidates, key=lambda name: (candidates[name][by] is not None, candidates[name][by] or 0.0))
+    keep = ("accuracy", "gold_score", "win_rate_vs_sft")
+    return {"what": what, "chose": best, "by": by, "n": next(iter(candidates.values())).get("n"),
+            "candidates": {name: {k: s.get(k) for k in keep} for name, s in candidates.items()}}
