@@ -86,67 +86,61 @@ def _gpt2_names(i):
     }
 
 
+def _renamed(cfg: GPTConfig) -> dict:
+    """Our name -> Hugging Face's, for every tensor that only changes name (GPT-2's linear weights also
+    change layout: see ``_conv1d``); Llama's fused qkv and gate+up are split and joined by the callers."""
+    if cfg.flavour == "gpt2":
+        names = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight",
+                 "norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}
+        for i in range(cfg.depth):
+            names.update(_gpt2_names(i))
+        return names
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:  # a tied head is the embedding; transformers ties it on load
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.depth):
+        p = f"model.layers.{i}."
+        names.update({f"blocks.{i}.norm1.weight": p + "input_layernorm.weight",
+                      f"blocks.{i}.norm2.weight": p + "post_attention_layernorm.weight",
+                      f"blocks.{i}.attn.proj.weight": p + "self_attn.o_proj.weight",
+                      f"blocks.{i}.mlp.proj.weight": p + "mlp.down_proj.weight"})
+    return names
+
+
+def _conv1d(cfg: GPTConfig, ours: str, w):
+    """GPT-2 stores the linear layers of its blocks as Conv1D, with (in, out) weights: transposed both ways."""
+    return w.t() if cfg.flavour == "gpt2" and ours.startswith("blocks.") and ours.endswith("weight") and w.dim() == 2 else w
+
+
 def from_hf_state_dict(hf: dict, cfg: GPTConfig) -> dict:
     """Hugging Face GPT-2 / Llama weights -> our state dict (fresh tensors)."""
-    sd = {}
+    sd = {ours: _conv1d(cfg, ours, hf[theirs]) for ours, theirs in _renamed(cfg).items()}
     if cfg.flavour == "gpt2":
-        sd["tok_emb.weight"] = hf["transformer.wte.weight"]
-        sd["pos_emb.weight"] = hf["transformer.wpe.weight"]
-        sd["norm_f.weight"], sd["norm_f.bias"] = hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"]
-        for i in range(cfg.depth):
-            for ours, theirs in _gpt2_names(i).items():
-                w = hf[theirs]
-                # GPT-2 stores its linear layers as Conv1D with (in, out) weights
-                sd[ours] = w.t() if ours.endswith("weight") and w.dim() == 2 else w
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     else:
-        sd["tok_emb.weight"] = hf["model.embed_tokens.weight"]
-        sd["norm_f.weight"] = hf["model.norm.weight"]
-        if not cfg.tie_embeddings:
-            sd["lm_head.weight"] = hf["lm_head.weight"]
         for i in range(cfg.depth):
             p = f"model.layers.{i}."
-            sd[f"blocks.{i}.norm1.weight"] = hf[p + "input_layernorm.weight"]
-            sd[f"blocks.{i}.norm2.weight"] = hf[p + "post_attention_layernorm.weight"]
             sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0)
             if cfg.qkv_bias:
                 sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat([hf[p + f"self_attn.{n}_proj.bias"] for n in "qkv"], 0)
-            sd[f"blocks.{i}.attn.proj.weight"] = hf[p + "self_attn.o_proj.weight"]
             sd[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], 0)
-            sd[f"blocks.{i}.mlp.proj.weight"] = hf[p + "mlp.down_proj.weight"]
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
 def to_hf_state_dict(sd: dict, cfg: GPTConfig) -> dict:
     """Our state dict -> Hugging Face GPT-2 / Llama names and shapes (tied head left out for GPT-2)."""
-    hf = {}
-    if cfg.flavour == "gpt2":
-        hf["transformer.wte.weight"] = sd["tok_emb.weight"]
-        hf["transformer.wpe.weight"] = sd["pos_emb.weight"]
-        hf["transformer.ln_f.weight"], hf["transformer.ln_f.bias"] = sd["norm_f.weight"], sd["norm_f.bias"]
-        for i in range(cfg.depth):
-            for ours, theirs in _gpt2_names(i).items():
-                w = sd[ours]
-                hf[theirs] = w.t() if ours.endswith("weight") and w.dim() == 2 else w
-    else:
-        hf["model.embed_tokens.weight"] = sd["tok_emb.weight"]
-        hf["model.norm.weight"] = sd["norm_f.weight"]
-        if not cfg.tie_embeddings:  # a tied head is the embedding; transformers ties it on load
-            hf["lm_head.weight"] = sd["lm_head.weight"]
+    hf = {theirs: _conv1d(cfg, ours, sd[ours]) for ours, theirs in _renamed(cfg).items()}
+    if cfg.flavour != "gpt2":
         qkv_split = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
         for i in range(cfg.depth):
             p = f"model.layers.{i}."
-            hf[p + "input_layernorm.weight"] = sd[f"blocks.{i}.norm1.weight"]
-            hf[p + "post_attention_layernorm.weight"] = sd[f"blocks.{i}.norm2.weight"]
             for n, w in zip("qkv", sd[f"blocks.{i}.attn.qkv.weight"].split(qkv_split, 0)):
                 hf[p + f"self_attn.{n}_proj.weight"] = w
             if cfg.qkv_bias:
                 for n, b in zip("qkv", sd[f"blocks.{i}.attn.qkv.bias"].split(qkv_split, 0)):
                     hf[p + f"self_attn.{n}_proj.bias"] = b
-            hf[p + "self_attn.o_proj.weight"] = sd[f"blocks.{i}.attn.proj.weight"]
             gate, up = sd[f"blocks.{i}.mlp.fc.weight"].chunk(2, 0)
             hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
-            hf[p + "mlp.down_proj.weight"] = sd[f"blocks.{i}.mlp.proj.weight"]
     return {k: v.detach().clone().contiguous() for k, v in hf.items()}
 
 
