@@ -41,6 +41,28 @@ class DiskFullError(CheckpointError):
     gone and the file it was to replace (the previous checkpoint) is as it was."""
 
 
+class _WriteFailed(CheckpointError):
+    """Writing ``tmp`` (to become ``path``) failed with ``cause``; the partial ``tmp`` is removed."""
+
+    def __init__(self, path: Path, tmp: Path, what: str, cause: BaseException, tail: str):
+        self.path, self.tmp, self.what, self.cause, self.full = path, tmp, what, cause, _disk_full(cause)
+        super().__init__(f"{path}: {self.reason()} while writing {what} (the partial {tmp.name} was removed); {tail}")
+
+    def reason(self) -> str:
+        if self.full:
+            return "disk full (no space left on device)"
+        return f"could not write ({type(self.cause).__name__}: {_first_line(self.cause)})"
+
+
+class _DiskFull(_WriteFailed, DiskFullError):
+    pass
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
 def _disk_full(e: BaseException) -> bool:
     """Whether ``e`` says the device or the quota is full (an OSError, or a library's error that wraps
     one in its message: safetensors reports ``No space left on device (os error 28)``)."""
@@ -53,12 +75,8 @@ def _disk_full(e: BaseException) -> bool:
 
 def _write_error(path: Path, tmp: Path, e: BaseException, what: str) -> CheckpointError:
     """The error to raise when writing ``tmp`` (to become ``path``) failed with ``e``."""
-    if _disk_full(e):
-        return DiskFullError(f"{path}: disk full (no space left on device) while writing {what} to {tmp.name}; "
-                             f"the partial {tmp.name} was removed and {path.name} is as it was before; "
-                             f"free some space and run the same command again")
-    return CheckpointError(f"{path}: could not write {what} ({type(e).__name__}: {e}); the partial {tmp.name} was "
-                           f"removed and {path.name} is as it was before")
+    tail = (f"{path.name} is as it was" + ("; free some space and run the same command again" if _disk_full(e) else ""))
+    return (_DiskFull if _disk_full(e) else _WriteFailed)(path, tmp, what, e, tail)
 
 
 def _remove(path: Path) -> None:
@@ -200,11 +218,13 @@ def save_checkpoint(stage_dir, weights: dict, config: dict, state: dict | None =
     stage_dir.mkdir(parents=True, exist_ok=True)
     try:
         temps = _write_temps(stage_dir, weights, config, state, step)
-    except CheckpointError as e:
+    except _WriteFailed as e:
         prev = _mark_of(stage_dir / MODEL) if (stage_dir / MODEL).exists() else None
         kept = (f"the previous checkpoint (step {prev[0]}) in {stage_dir} is intact" if prev else
                 f"{stage_dir} holds no earlier checkpoint")
-        raise type(e)(f"{e} [saving the checkpoint of step {step}; {kept}]") from None
+        again = ": free some space and run the same command again" + (" to resume from it" if prev else "")
+        raise type(e)(e.path, e.tmp, f"{e.what} of the checkpoint of step {step}", e.cause,
+                      kept + (again if e.full else "")) from None
     for t in temps:
         os.replace(t, stage_dir / t.name[: -len(".tmp")])
     if state is None and (stage_dir / STATE).exists():
@@ -332,7 +352,7 @@ def _read(paths: dict, with_state: bool):
         try:
             state = torch.load(spath, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, bad pickle opcode, ...
-            raise CheckpointError(f"{spath}: corrupt or truncated resume state ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{spath}: corrupt or truncated resume state ({type(e).__name__}: {_first_line(e)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{spath}: corrupt resume state (a {type(state).__name__}, not a dict)")
         if state.get("step") != wstep or (wid and state.get("save_id") and state["save_id"] != wid):
