@@ -37,7 +37,7 @@ def test_k1_kl_is_measured_on_the_sampling_policy_not_a_loss_term(world):
     them), the advantages vary along an answer with the KL still to come, and the loss has no KL term."""
     from chatfactory.data.preferences import load_prompts
     from chatfactory.train.grpo import GRPOStage
-    from chatfactory.train.ppo import ActorCritic, Reward
+    from chatfactory.train.rl import ActorCritic, Reward
 
     root, run, tok = world
     tc = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", rollout_batch=4, group_size=4,
@@ -48,7 +48,7 @@ def test_k1_kl_is_measured_on_the_sampling_policy_not_a_loss_term(world):
     stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, ref, Reward(tc.reward, run, tok, "cpu"), info["model"])
     batch = stage.micro_batch(0, 0, 0, 1)
     assert "old_logp" in batch
-    exp, m = stage.buffer, stage.buffer["answer_mask"]
+    exp, m = stage.experience, stage.experience["answer_mask"]
     kl = (exp["old_logp"] - exp["ref_logp"]) * m
     # along each answer, consecutive advantages differ by exactly beta * k1 of the earlier token
     step = exp["advantages"][:, 1:] - exp["advantages"][:, :-1]
@@ -96,7 +96,7 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(world):
     skips that forward pass, and the loss and its gradient are what the explicit old log-probs give."""
     from chatfactory.data.preferences import load_prompts
     from chatfactory.train.grpo import GRPOStage
-    from chatfactory.train.ppo import ActorCritic, Reward
+    from chatfactory.train.rl import ActorCritic, Reward
     from chatfactory.train.rollout import answer_logprobs, forward_answers
 
     root, run, tok = world
@@ -127,7 +127,7 @@ def test_compile_rollout_decodes_with_the_static_step(world):
     from chatfactory.data.preferences import load_prompts
     from chatfactory.decode_step import DecodeStep
     from chatfactory.train.grpo import GRPOStage
-    from chatfactory.train.ppo import ActorCritic, Reward
+    from chatfactory.train.rl import ActorCritic, Reward
 
     root, run, tok = world
     batches = []

@@ -13,8 +13,8 @@ from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dic
 from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
-from chatfactory.train.ppo import (ActorCritic, PPOStage, Reward, gae, kl_k1, kl_k3, masked_whiten, run_ppo,
-                                   token_rewards)
+from chatfactory.train.ppo import PPOStage, gae, masked_whiten, run_ppo, token_rewards
+from chatfactory.train.rl import ActorCritic, Reward, kl_k1, kl_k3
 from chatfactory.eval.winrate import gold_score
 from chatfactory.train.rollout import answer_logprobs, attention_mask, forward_answers, pad_batch
 
@@ -209,7 +209,7 @@ def test_first_minibatch_ratio_is_one(world):
     stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, ref, Reward("rl_gold:score", run, tok, "cpu"), info["model"])
     batch = stage.micro_batch(0, 0, 0, 1)
     # advantages are whitened over real tokens of the whole rollout
-    exp, m = stage.buffer, stage.buffer["answer_mask"]
+    exp, m = stage.experience, stage.experience["answer_mask"]
     assert abs(exp["advantages"][m].mean().item()) < 1e-5 and exp["advantages"][~m].abs().max().item() == 0
     # the policy is the reference: the KL penalty is exactly zero
     assert exp["old_logp"].equal(exp["ref_logp"])

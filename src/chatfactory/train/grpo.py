@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from .ppo import RLStage, gae, kl_k1, kl_k3, masked_mean, policy_loss, run_rl, token_rewards
+from .ppo import gae, policy_loss, token_rewards
+from .rl import RLStage, kl_k1, kl_k3, masked_mean, run_rl
 from .rollout import answer_logprobs, logprobs_and_entropy
 
 
@@ -47,44 +48,49 @@ class GRPOStage(RLStage):
     name = "grpo"
 
     def rollout_rows(self) -> int:
-        return self.tc.rollout_batch * self.tc.group_size
+        return self.settings.rollout_batch * self.settings.group_size
 
     @property
     def kl_in_reward(self) -> bool:
-        return self.tc.kl_coef > 0 and self.tc.kl_estimator == "k1"
+        return self.settings.kl_coef > 0 and self.settings.kl_estimator == "k1"
 
     def needs_old_logp(self) -> bool:
         return super().needs_old_logp() or self.kl_in_reward  # k1 is measured on the sampling policy, as PPO's
 
-    def advantages(self, exp, score):
-        mask = exp["answer_mask"].float()
-        adv = group_advantages(score, self.tc.group_size, self.tc.scale_rewards)
-        if self.kl_in_reward:
-            kl = kl_k1(exp["old_logp"], exp["ref_logp"]) * mask
-            return {"advantages": kl_shaped_advantages(adv, kl, mask, self.tc.kl_coef),
-                    "seq_reward": score - self.tc.kl_coef * kl.sum(1)}
-        return {"advantages": adv[:, None] * mask, "seq_reward": score}
+    def baseline(self, score: torch.Tensor) -> torch.Tensor:
+        """(B,) scores -> (B,) advantages: GRPO's group normalisation."""
+        return group_advantages(score, self.settings.group_size, self.settings.scale_rewards)
+
+    def advantages(self, exp):
+        s, mask, score = self.settings, exp["answer_mask"].float(), exp["score"]
+        adv = self.baseline(score)
+        if not self.kl_in_reward:
+            self.iter_stats["reward"] = score.mean()
+            return {"advantages": adv[:, None] * mask}
+        kl = kl_k1(exp["old_logp"], exp["ref_logp"]) * mask
+        self.iter_stats["reward"] = (score - s.kl_coef * kl.sum(1)).mean()
+        return {"advantages": kl_shaped_advantages(adv, kl, mask, s.kl_coef)}
 
     def loss(self, model, batch):
-        tc = self.tc
+        s = self.settings
         mask = batch["answer_mask"].float()
         logits = model(batch)["logits"]
         if "old_logp" in batch:
-            logp = answer_logprobs(logits, batch["tokens"], batch["start"], tc.temperature)
+            logp = answer_logprobs(logits, batch["tokens"], batch["start"], s.temperature)
         else:  # the rollout skipped the pass that logs entropy (and KL): log them from this one
-            logp, ent = logprobs_and_entropy(logits, batch["tokens"], batch["start"], tc.temperature)
+            logp, ent = logprobs_and_entropy(logits, batch["tokens"], batch["start"], s.temperature)
         # one update per rollout: the sampling policy is the live one (ratio 1, gradient unchanged)
         old = batch["old_logp"] if "old_logp" in batch else logp.detach()
-        loss, stats = policy_loss(logp, old, batch["advantages"], mask, tc.clip)
+        loss, stats = policy_loss(logp, old, batch["advantages"], mask, s.clip)
         stats["pg_loss"] = loss.detach()
         if "old_logp" not in batch:
             with torch.no_grad():
                 stats["entropy"] = masked_mean(ent, mask)
                 if "ref_logp" in batch:
                     stats["kl"] = (kl_k1(logp, batch["ref_logp"]) * mask).sum(1).mean()
-        if tc.kl_coef > 0 and not self.kl_in_reward:
+        if s.kl_coef > 0 and not self.kl_in_reward:
             kl = masked_mean(kl_k3(logp, batch["ref_logp"]), mask)
-            loss = loss + tc.kl_coef * kl
+            loss = loss + s.kl_coef * kl
             stats["kl_loss"] = kl.detach()
         self.record(stats)
         return loss
@@ -96,4 +102,4 @@ def run_grpo(cfg: Config, run_dir) -> dict:
         raise ValueError(f"grpo.kl_estimator must be 'k1' or 'k3', got {cfg.grpo.kl_estimator!r}")
     if cfg.grpo.group_size < 2:
         raise ValueError(f"grpo.group_size must be >= 2 (the group is the baseline), got {cfg.grpo.group_size}")
-    return run_rl(cfg, run_dir, "grpo", GRPOStage, with_critic=False)
+    return run_rl(cfg, run_dir, "grpo", GRPOStage)

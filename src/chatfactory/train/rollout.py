@@ -1,5 +1,5 @@
-"""Rollouts for the RL stages (PPO, GRPO): sample answers with the engine, pad them into one batch,
-and recompute per-token log-probabilities exactly as the trainer will.
+"""Rollouts for the RL stages (PPO, GRPO, RLOO): sample answers with the engine, pad them into one
+batch, and recompute per-token log-probabilities exactly as the trainer will.
 
 A rollout batch is one rectangle per prompt+answer, prompts padded on the LEFT (so every answer starts
 at the same column ``start``) and answers padded on the RIGHT, with the distinct ``<|pad|>`` id:
@@ -12,9 +12,9 @@ log-probs do not depend on how much padding its neighbours forced on it (tests c
 unpadded). Log-probs are always taken from ``logits / temperature`` at the temperature that sampled the
 answers, or the PPO ratio would compare two different distributions.
 
-GRPO samples K answers to each prompt, in contiguous rows (``batch["group"] = K``): the engine prefills
-each prompt once, and ``forward_answers`` runs each prompt once per group, its keys and values shared
-by the group's answers, in the reference and policy forwards alike (gradients included).
+GRPO and RLOO sample K answers to each prompt, in contiguous rows (``batch["group"] = K``): the engine
+prefills each prompt once, and ``forward_answers`` runs each prompt once per group, its keys and values
+shared by the group's answers, in the reference and policy forwards alike (gradients included).
 
     prompts = [tok.chat_prompt(row["messages"]) for row in rows]
     batch = rollout(policy, prompts, max_new_tokens=32, temperature=1.0, end_id=tok.end_id, pad_id=tok.pad_id, seed=0)
