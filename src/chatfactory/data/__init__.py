@@ -1,1 +1,3 @@
-"""Data: text sources, token shards and loaders (later: chat, comparisons and prompt datasets)."""
+"""Data: text sources and token shards (sources.py, shards.py, embedded.py), chat data for SFT (chat.py),
+comparisons and prompts (preferences.py, comparisons.py), and the embedded tasks with their rubric
+(tasks.py, rubric.py)."""

@@ -381,15 +381,15 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
 
     run_dir = Path(run_dir)
     rep = build_json(run_dir, ledger, evals)
-    pc = getattr(cfg, "pipeline", None)
-    if pc is not None:
-        rep["eval"].update(temperature=pc.eval_temperature, max_tokens=pc.eval_max_tokens)
+    settings = getattr(cfg, "pipeline", None)
+    if settings is not None:
+        rep["eval"].update(temperature=settings.eval_temperature, max_tokens=settings.eval_max_tokens)
     if getattr(cfg, "comparisons", None) is not None:
         rep["comparisons"].update(k=cfg.comparisons.k, mismatched=cfg.comparisons.mismatched)
     plots = {"losses": plot_losses(run_dir, ["pretrain", "sft", "reward", "dpo"])}
     for s in ("ppo", "grpo"):
         plots[s] = plot_rl(run_dir, s)
-    samples = getattr(getattr(cfg, "pipeline", None), "samples", 4)
+    samples = getattr(settings, "samples", 4)
     atomic_write_text(run_dir / "report.md", write_markdown(run_dir, rep, evals, plots, samples, RUBRIC))
     atomic_write_text(run_dir / "report.json", json.dumps(rep, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return rep
