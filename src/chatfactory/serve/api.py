@@ -47,10 +47,11 @@ from ..tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
 from .guard import client_gone, install_guards, read_body
-from .protocol import (LIMITS, APIError, ChatCompletion, ChatCompletionRequest, Choice, Completion, CompletionRequest,
-                       DetokenizeRequest, DetokenizeResponse, ErrorResponse, FeedbackCreated, FeedbackRequest, Health,
-                       ModelList, TokenizeChat, TokenizeRequest, TokenizeResponse, TokenizerInfo, parse_body,
-                       parse_feedback, parse_tokenize)
+from .protocol import (LIMITS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, Completion,
+                       CompletionChunk, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                       FeedbackCreated, FeedbackRequest, Health, LaterChatMessage, LaterFeedbackTurn, ModelList,
+                       TokenizeChat, TokenizeRequest, TokenizeResponse, TokenizerInfo, parse_body, parse_feedback,
+                       parse_tokenize)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -251,7 +252,7 @@ def create_app(svc: Service, allow_origins=()):
         return {"content": out}
 
     @app.post("/v1/chat/completions", summary="a chat completion (stream: true for server-sent events)",
-              responses=doc(ChatCompletion, *POST_ERRORS, 429, 500, stream=True), openapi_extra=body_doc("ChatCompletionRequest"))
+              responses=doc(ChatCompletion, *POST_ERRORS, 429, 500, stream=ChatCompletionChunk), openapi_extra=body_doc("ChatCompletionRequest"))
     async def chat_completions(request: HTTPRequest):
         req = parse_body(ChatCompletionRequest, await read_json(request))
         s = req.sampling()
@@ -317,9 +318,12 @@ def create_app(svc: Service, allow_origins=()):
                 ids = svc.tok.encode(x)
             else:
                 ids = list(x)
-                bad = [t for t in ids if not 0 <= t < svc.model.cfg.vocab_size]
+                # the tokenizer's vocabulary, not the model's: a padded id (an imported model's) has no
+                # text to echo and no column in the scored log-probs
+                bad = [t for t in ids if not 0 <= t < svc.tok.vocab_size]
                 if bad:
-                    raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary", "prompt", "invalid_value")
+                    raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary "
+                                        f"(0..{svc.tok.vocab_size - 1})", "prompt", "invalid_value")
             # documents begin with bos in pretraining (when the tokenizer opens them so): condition on it,
             # but do not echo it; an empty prompt gets it in any case, as there is nothing else to read
             if (svc.tok.add_bos or not ids) and (not ids or ids[0] != svc.tok.bos_id):
@@ -339,7 +343,7 @@ def create_app(svc: Service, allow_origins=()):
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out, "text_offset": offsets}
 
     @app.post("/v1/completions", summary="a text completion; with echo and logprobs it scores the prompt",
-              responses=doc(Completion, *POST_ERRORS, 429, 500, stream=True), openapi_extra=body_doc("CompletionRequest"))
+              responses=doc(Completion, *POST_ERRORS, 429, 500, stream=CompletionChunk), openapi_extra=body_doc("CompletionRequest"))
     async def completions(request: HTTPRequest):
         req = parse_body(CompletionRequest, await read_json(request))
         s = req.sampling()
@@ -505,16 +509,29 @@ POST_ERRORS = (400, 401, 403, 404, 413, 415)
 # what each request body is, by its schema's name in components/schemas
 REQUEST_BODIES = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest,
                   "FeedbackRequest": FeedbackRequest, "TokenizeRequest": TokenizeRequest,
-                  "DetokenizeRequest": DetokenizeRequest}
+                  "DetokenizeRequest": DetokenizeRequest,
+                  # only a conversation's first message may be a system message (JSON Schema's prefixItems)
+                  "LaterChatMessage": LaterChatMessage, "LaterFeedbackTurn": LaterFeedbackTurn}
+LATER = {"#/components/schemas/ChatMessage": "#/components/schemas/LaterChatMessage",
+         "#/components/schemas/FeedbackTurn": "#/components/schemas/LaterFeedbackTurn"}
 
 
-def doc(model, *errors: int, stream: bool = False) -> dict:
-    """``responses=`` for a route answering ``model`` as JSON (or an SSE stream too) and these errors."""
+def doc(model, *errors: int, stream=None) -> dict:
+    """``responses=`` for a route answering ``model`` as JSON (with stream: true, ``stream`` chunks as
+    server-sent events) and these errors."""
     ok: dict = {"model": model, "description": "OK"}
-    if stream:
-        ok["content"] = {"text/event-stream": {"schema": {
-            "type": "string", "description": "with stream: true, 'data: {chunk JSON}' events ending in 'data: [DONE]'"}}}
+    if stream is not None:
+        ok["content"] = {"text/event-stream": {"schema": sse_event(stream.__name__)}}
     return {200: ok, **{c: {"model": ErrorResponse, "description": ERRORS[c]} for c in errors}}
+
+
+def sse_event(chunk: str) -> dict:
+    """One server-sent event (OpenAPI 3.1: ``schema`` describes each event): ``data:`` a chunk as JSON, an
+    error (generation failed midway) or ``[DONE]``, the last."""
+    def json_of(name):
+        return {"contentMediaType": "application/json", "contentSchema": {"$ref": f"#/components/schemas/{name}"}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "anyOf": [{"const": "[DONE]"}, json_of(chunk), json_of("ErrorResponse")]}}}
 
 
 def file_doc(*names: str, missing: bool = False) -> dict:
@@ -541,11 +558,19 @@ def build_openapi(app, svc: Service) -> dict:
         js = TypeAdapter(t).json_schema(ref_template="#/components/schemas/{model}")
         request_defs.update(js.pop("$defs", {}))
         request_defs[name] = js
+    for chunk in (ChatCompletionChunk, CompletionChunk):  # referred to by the event streams' schemas only
+        js = chunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        schemas.update(js.pop("$defs", {}))
+        schemas[chunk.__name__] = js
     ids_below, room = svc.tok.vocab_size, svc.block_size - 1
 
     def narrow(node):
         if isinstance(node, dict):
             props = node.get("properties", {})
+            msgs = props.get("messages", {})
+            if msgs.get("items", {}).get("$ref") in LATER:  # a system message comes first or not at all
+                first = msgs["items"]["$ref"]
+                msgs["prefixItems"], msgs["items"] = [{"$ref": first}], {"$ref": LATER[first]}
             if "model" in props:  # the one model served (null or absent: that one too)
                 props["model"] = {"anyOf": [{"type": "string", "enum": [svc.name]}, {"type": "null"}],
                                   "default": None, "description": props["model"].get("description", "")}

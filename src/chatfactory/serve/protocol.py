@@ -13,7 +13,7 @@ import codecs
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError,
                       WithJsonSchema, field_validator)
 from pydantic_core import PydanticCustomError
 
@@ -57,22 +57,34 @@ class APIError(Exception):
 # (OpenAI's other parameters: a client that sends them still works). Unions are told apart by the
 # JSON value's shape (a callable discriminator), so an error names the field, not a union member.
 
-SInt = Annotated[int, Strict()]
+def _integral(v):
+    """JSON has numbers, not integers: 5.0 is the integer 5 (as JSON Schema counts it); 5.5 and true are not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def Int(**constraints):
+    """A JSON integer with these constraints (ge=, le=, ...). They apply to the integer itself, before the
+    5.0 -> 5 conversion wraps it, so that the schema shows them as JSON Schema's minimum and maximum."""
+    return Annotated[int, Strict(), Field(**constraints), BeforeValidator(_integral)]
+
+
+SInt = Int()
 SFloat = Annotated[float, Strict()]  # an integer is a number too; a boolean or a string is not
 SBool = Annotated[bool, Strict()]
 SStr = Annotated[str, Strict()]
-TokenId = Annotated[int, Strict(), Field(ge=0, description="a token id: below the tokenizer's vocab_size (GET /tokenizer_info)")]
+TokenId = Int(ge=0, description="a token id: below the tokenizer's vocab_size (GET /tokenizer_info)")
 Text = Annotated[str, Strict(), Field(max_length=LIMITS.max_message_chars)]
+FLOAT32_TINY = 2.0 ** -126  # float32's smallest normal number (torch.finfo(torch.float32).tiny)
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 
 
 def int_choice(*values: int):
-    """An integer that must be one of ``values`` (a pydantic Literal would take true for 1 and 1.0 too)."""
+    """An integer that must be one of ``values`` (a pydantic Literal would take true for 1)."""
     def check(v):
         if v not in values:
             raise PydanticCustomError("invalid_value", "must be one of {values}", {"values": ", ".join(map(str, values))})
         return v
-    return Annotated[int, Strict(), AfterValidator(check), WithJsonSchema({"type": "integer", "enum": list(values)})]
+    return Annotated[SInt, AfterValidator(check), WithJsonSchema({"type": "integer", "enum": list(values)})]
 
 
 def by_shape(shape, what: str):
@@ -118,6 +130,11 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class LaterChatMessage(ChatMessage):
+    """A message after the first one: any role but system (for the schema: JSON Schema's prefixItems)."""
+    role: Literal["user", "assistant"]
+
+
 def _system_first(msgs):
     for i, m in enumerate(msgs):
         if i and m.role in ("system", "developer"):
@@ -138,18 +155,24 @@ class SamplingBody(Body):
     ones too (OpenAI accepts them; the sampler shifts logits by their maximum, so they sample greedily)."""
     temperature: Optional[SFloat] = Field(None, ge=0, le=2, description="default 1; 0 is greedy")
     top_p: Optional[SFloat] = Field(None, gt=0, le=1, description="default 1 (off)")
-    top_k: Optional[SInt] = Field(None, ge=-1, description="default 0 (off); -1 is off too")
+    top_k: Optional[Int(ge=-1)] = Field(None, description="default 0 (off); -1 is off too")
     repetition_penalty: Optional[SFloat] = Field(None, gt=0, le=10, description="default 1 (off)")
     # int64, as OpenAI documents it; sibling answers of n > 1 take seed + j, still in torch's range
-    seed: Optional[SInt] = Field(None, ge=-2**63, lt=2**63)
-    n: Optional[SInt] = Field(None, ge=1, le=LIMITS.max_n, description="answers per prompt, default 1")
+    seed: Optional[Int(ge=-2**63, lt=2**63)] = None
+    n: Optional[Int(ge=1, le=LIMITS.max_n)] = Field(None, description="answers per prompt, default 1")
     stream: Optional[SBool] = Field(None, description="server-sent events (text/event-stream) ending in 'data: [DONE]'")
     stop: Optional[Stop] = None
 
     def sampling(self) -> dict:
         """-> the settings with defaults filled in (what api.py hands the scheduler)."""
         stops = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
-        return dict(temperature=float(_given(self.temperature, 1.0)), top_p=float(_given(self.top_p, 1.0)),
+        temperature = float(_given(self.temperature, 1.0))
+        if temperature < FLOAT32_TINY:
+            # the sampler divides float32 logits by the temperature: below float32's smallest normal
+            # number it rounds to 0 (1e-117 -> 0/0 = NaN, and an id past the vocabulary came out). Such a
+            # temperature samples greedily anyway (its limit), so it is greedy here
+            temperature = 0.0
+        return dict(temperature=temperature, top_p=float(_given(self.top_p, 1.0)),
                     top_k=max(0, self.top_k or 0), repetition_penalty=float(_given(self.repetition_penalty, 1.0)),
                     seed=self.seed, n=self.n or 1, stream=bool(self.stream), stop=[s for s in stops if s])
 
@@ -180,17 +203,17 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(SamplingBody):
     messages: Conversation
-    max_tokens: Optional[SInt] = Field(None, ge=1, description="default: the room left in the context")
-    max_completion_tokens: Optional[SInt] = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    max_tokens: Optional[Int(ge=1)] = Field(None, description="default: the room left in the context")
+    max_completion_tokens: Optional[Int(ge=1)] = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: Optional[SBool] = None
-    top_logprobs: Optional[SInt] = Field(None, ge=0, le=LIMITS.max_logprobs)
+    top_logprobs: Optional[Int(ge=0, le=LIMITS.max_logprobs)] = None
     stream_options: Optional[StreamOptions] = None
 
 
 def _prompt_shape(v):
     if isinstance(v, str):
         return "as text"
-    for kind, tag in ((str, "as texts"), (int, "as ids"), (list, "as id lists")):
+    for kind, tag in ((str, "as texts"), ((int, float), "as ids"), (list, "as id lists")):
         if _list_of(v, kind):
             return tag
     return None
@@ -206,11 +229,11 @@ Prompt = Annotated[
 
 class CompletionRequest(SamplingBody):
     prompt: Prompt
-    max_tokens: Optional[SInt] = Field(None, ge=0, description="default 16; 0 with echo and logprobs scores the prompt")
-    max_completion_tokens: Optional[SInt] = Field(None, ge=0)
+    max_tokens: Optional[Int(ge=0)] = Field(None, description="default 16; 0 with echo and logprobs scores the prompt")
+    max_completion_tokens: Optional[Int(ge=0)] = None
     echo: Optional[SBool] = Field(None, description="the prompt comes back before the completion (not with stream)")
-    logprobs: Optional[SInt] = Field(None, ge=0, le=LIMITS.max_logprobs,
-                                     description="log-probs of each token and this many alternatives (not with stream)")
+    logprobs: Optional[Int(ge=0, le=LIMITS.max_logprobs)] = Field(
+        None, description="log-probs of each token and this many alternatives (not with stream)")
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a string, or token ids."""
@@ -236,6 +259,10 @@ class DetokenizeRequest(Body):
 class FeedbackTurn(BaseModel):
     role: Literal[ROLES]
     content: SStr
+
+
+class LaterFeedbackTurn(FeedbackTurn):
+    role: Literal["user", "assistant"]
 
 
 FeedbackConversation = Annotated[list[FeedbackTurn], Field(min_length=1), AfterValidator(_system_first)]
@@ -387,6 +414,28 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None  # in each answer's first chunk
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[FinishReason]
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (``data: {chunk}``)."""
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]  # empty in the last chunk of stream_options.include_usage
+    usage: Optional[Usage] = None
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[Optional[float]]
@@ -408,6 +457,22 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Optional[FinishReason]
+
+
+class CompletionChunk(BaseModel):
+    """One server-sent event of a streamed text completion."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
 
 
 class FeedbackCreated(BaseModel):

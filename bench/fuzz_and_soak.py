@@ -1,0 +1,413 @@
+"""Fuzz, load and soak a real `chatfactory serve` process (issue 14, "then measure" 1 and 2).
+
+Builds a tiny run in a temp directory (a BPE tokenizer trained here, a random-init GPT whose vocabulary
+is padded past the tokenizer's, as an imported model's often is; no download), starts
+`python -m chatfactory.cli serve` on 127.0.0.1 and a free port, and then:
+
+1. Fuzzing: schemathesis reads the server's own schema (/openapi.json) and generates requests for
+   every operation in it, schema-valid ("positive") and schema-breaking ("negative") ones, until at
+   least --fuzz-cases were sent. Each answer is checked: not a 5xx; status code, content type, headers
+   and body as the schema documents them. /health must answer afterwards. Whether negative data was
+   refused and positive data accepted is counted too (informative: e.g. a schema-valid prompt can still
+   be longer than the context, which the schema cannot know). max_tokens is bounded by the tiny
+   model's context (--block), so no request generates for long.
+2. Soak: --clients concurrent streaming chat completions (SSE) for --soak-minutes. Any non-200, error
+   event or stream without `data: [DONE]` is an error. The server's resident memory (VmRSS) is
+   sampled every second: rss_growth = RSS at the end / RSS after the warm-up (the first 10% of the
+   time, at least 10 s) - 1. Afterwards /health must show no slot, queue place or KV-cache position
+   still held. Time to first token (first content delta) p50/p95.
+3. Feedback: --fb-threads threads x --fb-posts concurrent POST /v1/feedback; exactly threads x posts
+   rows with this run's marker must be in the SQLite file.
+
+The last line is the RESULT line, with this host's measured fp32 matmul peak (GFLOP/s) for scale.
+
+    .venv/bin/python bench/fuzz_and_soak.py                       # 1,000+ fuzz cases, 10-minute soak
+    .venv/bin/python bench/fuzz_and_soak.py --soak-minutes 1      # a shorter soak
+    .venv/bin/python bench/fuzz_and_soak.py --quick               # smoke run: 200 cases, 20 s soak, 8 x 50 posts
+
+Run the full soak alone: on a 2-core machine the clients share the CPU with the server, and anything
+else running is noise in the time-to-first-token figures. Needs `schemathesis` (the dev extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import one_stream  # noqa: E402  one streaming chat completion -> {ok, ttft, tokens, error}
+
+TEXT = ["the quick brown fox jumps over the lazy dog. hello world, how are you today? " * 4,
+        "def add(x, y):\n    return x + y\n" * 4, "Markdown has **bold**, *italic* and `code`. " * 4,
+        "Unicode too: héllo wörld, 世界, emoji 🙂 and tabs\tand newlines\n" * 4]
+STREAMING = ("POST /v1/chat/completions", "POST /v1/completions")  # operations that answer with SSE too
+PROMPTS = ["Tell me about Python lists.", "What does the with statement do?", "Explain generators, briefly.",
+           "How do I read a file?", "What is a decorator?", "Say something about dictionaries."]
+
+
+# ---------------------------------------------------------------- the server under test
+
+def build_run(root: Path, block: int) -> Path:
+    """A run directory: tokenizer.json (trained here) and a random-init tiny GPT as the 'sft' stage."""
+    import torch
+
+    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
+    from chatfactory.model import GPT, GPTConfig
+    from chatfactory.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, vocab_size=400)
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    # 16 padding ids past the tokenizer's vocabulary: ids that no text spells must never come out
+    cfg = GPTConfig(depth=2, n_embd=64, head_dim=32, vocab_size=tok.vocab_size + 16, block_size=block)
+    save_checkpoint(root / "sft", unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()})
+    return root
+
+
+class Server:
+    """`chatfactory serve` in a subprocess on 127.0.0.1 (its output goes to a log file, never a pipe
+    that could fill up and stall it)."""
+
+    def __init__(self, run: Path, slots: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = run / "server.log"
+        self.cmd = [sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--port", str(self.port),
+                    "--slots", str(slots), "--device", "cpu"]
+
+    def __enter__(self) -> "Server":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "CHATFACTORY_API_KEY": ""})
+        deadline = time.time() + 120
+        while True:
+            try:
+                self.health()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"server did not start:\n{self.log_tail()}")
+                time.sleep(0.3)
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def health(self) -> dict:
+        return json.load(urllib.request.urlopen(self.url + "/health", timeout=10))
+
+    def rss_mb(self) -> float:
+        """The server process's resident memory (VmRSS), MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+# ---------------------------------------------------------------- 1. fuzzing
+
+def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
+    """schemathesis over every operation of the server's schema, positive and negative, until at least
+    ``cases`` requests were sent -> counts and the first few failures of each kind."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings, strategies
+    from hypothesis import seed as hypothesis_seed
+    from schemathesis import GenerationMode
+    from schemathesis.core.failures import FailureGroup  # a BaseExceptionGroup: not an Exception
+    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                                   positive_data_acceptance, response_headers_conformance,
+                                                   response_schema_conformance, status_code_conformance)
+
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    conformance = [status_code_conformance, content_type_conformance, response_headers_conformance,
+                   response_schema_conformance]
+    informative = [negative_data_rejection, positive_data_acceptance]
+    session = requests.Session()
+    st = {"cases": 0, "5xx": 0, "schema_failures": 0, "transport_errors": 0, "by_op": Counter(),
+          "status": Counter(), "failures": Counter(), "examples": [], "informative": Counter(), "answered": Counter(),
+          "informative_examples": []}
+
+    def record(kind: str, label: str, detail: str):
+        st["failures"][kind] += 1
+        if sum(1 for e in st["examples"] if e[0] == kind) < 3:
+            st["examples"].append((kind, label, detail[:1500]))
+
+    def run_case(case, mode):
+        st["cases"] += 1
+        st["by_op"][case.operation.label] += 1
+        try:
+            resp = case.call(session=session, timeout=120)
+        except Exception as e:  # the server dropped the connection or stalled: as bad as a 5xx
+            st["transport_errors"] += 1
+            record("transport", case.operation.label, f"{type(e).__name__}: {e}\n{case.as_curl_command()}")
+            return
+        st["status"][resp.status_code] += 1
+        if resp.status_code < 300:  # what was answered, by content type (SSE streams among them)
+            ctype = resp.headers.get("content-type") or [""]  # schemathesis keeps a list per header
+            st["answered"][f"{case.operation.label} {ctype[0].split(';')[0]}"] += 1
+        if resp.status_code >= 500 and save:
+            with open(save, "a") as f:
+                f.write(json.dumps({"operation": case.operation.label, "status": resp.status_code, "answer": resp.text,
+                                    "curl": case.as_curl_command()}) + "\n")
+        if resp.status_code >= 500:
+            st["5xx"] += 1
+            record("5xx", case.operation.label, f"{resp.status_code} {resp.text[:400]}\n{case.as_curl_command()}")
+        bad = False
+        for check in conformance:
+            try:
+                case.validate_response(resp, checks=[check])
+            except (Exception, FailureGroup) as e:
+                bad = True
+                record(check.__name__, case.operation.label, f"{e}")
+        st["schema_failures"] += bad
+        for check in informative:
+            if (check is positive_data_acceptance) != mode.is_positive:
+                continue
+            try:
+                case.validate_response(resp, checks=[check])
+            except (Exception, FailureGroup):
+                if check is negative_data_rejection and resp.status_code >= 400:
+                    continue  # refused, only with a status schemathesis does not expect (413: too large)
+                try:
+                    code = resp.json()["error"]["code"]
+                except Exception:
+                    code = "-"
+                key = f"{check.__name__}:{case.operation.label}:{resp.status_code}:{code}"
+                st["informative"][key] += 1
+                if st["informative"][key] == 1:
+                    st["informative_examples"].append((key, resp.text[:300]))
+
+    # parameterless GETs have one possible request; the rest share the budget, half positive, half negative
+    varied = [op for op in ops if len(op.body) or len(op.path_parameters)]
+    rounds = 0
+    while st["cases"] < cases and rounds < 20:  # hypothesis may stop early (few distinct inputs): go again
+        per = max(1, math.ceil((cases - st["cases"]) / max(1, 2 * len(varied))))
+        for op in ops:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                n, case_mode = (per if op in varied else 3), mode
+
+                @hypothesis_seed(seed + rounds)
+                @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+                          suppress_health_check=list(HealthCheck))
+                @given(case=op.as_strategy(generation_mode=mode), stream=strategies.booleans())
+                def test(case, stream):
+                    # schema-valid bodies rarely say stream: true by chance (about 1 in 75): half of them do
+                    # here, so that the event streams (SSE) are fuzzed and checked as often as JSON answers
+                    if stream and case_mode.is_positive and op.label in STREAMING and isinstance(case.body, dict):
+                        case.body["stream"] = True
+                    run_case(case, case_mode)
+                try:
+                    test()
+                except Exception as e:  # e.g. no negative data exists for a parameterless GET
+                    if mode is GenerationMode.POSITIVE:
+                        record("generation", op.label, f"{type(e).__name__}: {e}")
+        rounds += 1
+    st["operations"] = [op.label for op in ops]
+    return st
+
+
+# ---------------------------------------------------------------- 2. load and soak
+
+def soak(server: Server, model: str, minutes: float, clients: int, max_tokens: int) -> dict:
+    """``clients`` threads streaming chat completions back to back for ``minutes``; RSS sampled each second."""
+    total = minutes * 60
+    warm = max(10.0, 0.1 * total)
+    t0 = time.perf_counter()
+    stop_at = t0 + total
+    results, lock = [], threading.Lock()
+    rss: list[tuple[float, float]] = []
+
+    def client(c):
+        r = 0
+        while time.perf_counter() < stop_at:
+            res = one_stream(server.port, model, PROMPTS[(c + r) % len(PROMPTS)], max_tokens, seed=100_000 * c + r)
+            res["at"] = time.perf_counter() - t0
+            with lock:
+                results.append(res)
+            r += 1
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        rss.append((time.perf_counter() - t0, server.rss_mb()))
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    rss.append((time.perf_counter() - t0, server.rss_mb()))
+    # nothing may stay held once every stream has ended (give the scheduler a moment to free the last rows)
+    deadline = time.time() + 10
+    while True:
+        h = server.health()
+        if (h["active"], h["waiting"], h["cached_tokens"]) == (0, 0, 0) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    warm_rss = next(m for t, m in rss if t >= warm) if any(t >= warm for t, _ in rss) else rss[0][1]
+    end_rss = rss[-1][1]
+    ok = [r for r in results if r["ok"]]
+    errors = [r["error"] for r in results if not r["ok"]]
+    ttft = sorted(r["ttft"] for r in ok if r["at"] >= 0) or [float("nan")]
+    return {"streams": len(results), "errors": len(errors), "first_errors": Counter(errors).most_common(3),
+            "tokens": sum(r["tokens"] for r in ok), "wall": rss[-1][0], "ttft_p50": statistics.median(ttft),
+            "ttft_p95": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], "warm_s": warm, "warm_rss": warm_rss,
+            "end_rss": end_rss, "max_rss": max(m for _, m in rss), "rss_growth": end_rss / warm_rss - 1,
+            "health_after": h, "leak": (h["active"], h["waiting"], h["cached_tokens"]) != (0, 0, 0)}
+
+
+# ---------------------------------------------------------------- 3. concurrent feedback
+
+def feedback_burst(server: Server, model: str, threads: int, posts: int, db: Path) -> dict:
+    """``threads`` threads, each posting ``posts`` feedback items over one keep-alive connection."""
+    marker = f"fuzz_and_soak {time.time_ns()}"
+    failures, lock = [], threading.Lock()
+    start = threading.Barrier(threads)
+
+    def worker(w):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        start.wait()  # all at once
+        for i in range(posts):
+            conv = [{"role": "user", "content": f"{marker} thread {w} post {i}"}]
+            item = ({"kind": "rating", "messages": conv, "answer": f"answer {i}", "rating": 1 if i % 2 else -1}
+                    if i % 3 else {"kind": "comparison", "messages": conv, "answers": ["a", "b"], "preferred": i % 2})
+            try:
+                conn.request("POST", "/v1/feedback", body=json.dumps({**item, "model": model}),
+                             headers={"Content-Type": "application/json"})
+                r = conn.getresponse()
+                body = r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {body[:200]!r}")
+            except Exception as e:
+                with lock:
+                    failures.append(f"{type(e).__name__}: {e}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.close()
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    con = sqlite3.connect(db)
+    try:
+        rows, distinct = con.execute("SELECT COUNT(*), COUNT(DISTINCT messages) FROM feedback WHERE messages LIKE ?",
+                                     (f"%{marker}%",)).fetchone()
+    finally:
+        con.close()
+    return {"rows": rows, "distinct": distinct, "failures": len(failures), "first_failures": failures[:3],
+            "wall": wall, "posts_per_s": threads * posts / wall}
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fuzz-cases", type=int, default=1000, help="at least this many generated requests")
+    ap.add_argument("--soak-minutes", type=float, default=10.0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200 fuzz cases, a 20 s soak, 8 x 50 feedback posts")
+    ap.add_argument("--clients", type=int, default=32, help="concurrent streaming clients in the soak")
+    ap.add_argument("--max-tokens", type=int, default=32, help="per soak stream")
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--block", type=int, default=128, help="the tiny model's context: bounds every max_tokens")
+    ap.add_argument("--fb-threads", type=int, default=8)
+    ap.add_argument("--fb-posts", type=int, default=500, help="feedback posts per thread")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-failures", default=None, metavar="JSONL", help="append every 5xx case (with its curl) here")
+    a = ap.parse_args()
+    if a.quick:
+        a.fuzz_cases, a.soak_minutes, a.fb_posts = min(a.fuzz_cases, 200), min(a.soak_minutes, 1 / 3), min(a.fb_posts, 50)
+
+    import torch
+
+    from chatfactory.train.loop import measure_matmul_peak
+
+    peak = measure_matmul_peak(torch.device("cpu"), n=1024, seconds=1.0)  # before the server takes the CPU
+    print(f"fp32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    tmp = tempfile.TemporaryDirectory()
+    run = build_run(Path(tmp.name) / "fuzz", a.block)
+    failed = []
+    with Server(run, a.slots) as server:
+        model = server.health()["model"]
+        print(f"server: {model} at {server.url} (pid {server.proc.pid}), {a.slots} slots, context {a.block}", flush=True)
+
+        # 1. fuzzing
+        t = time.perf_counter()
+        fz = fuzz(server.url, a.fuzz_cases, a.seed, a.save_failures)
+        alive = server.health()["status"] == "ok"
+        print(f"\nfuzzing: {fz['cases']} cases in {time.perf_counter() - t:.0f} s over {len(fz['operations'])} operations; "
+              f"statuses {dict(sorted(fz['status'].items()))}")
+        for op in fz["operations"]:
+            ok = ", ".join(f"{n} {k.split()[-1]}" for k, n in sorted(fz["answered"].items()) if k.startswith(op + " "))
+            print(f"  {fz['by_op'][op]:>5}  {op}" + (f"  (2xx: {ok})" if ok else ""))
+        print(f"  5xx: {fz['5xx']}, schema failures: {fz['schema_failures']}, transport errors: {fz['transport_errors']}, "
+              f"/health after: {'ok' if alive else 'DOWN'}")
+        for kind, op, detail in fz["examples"]:
+            print(f"  --- {kind} on {op}:\n    " + detail.replace("\n", "\n    "))
+        if fz["informative"]:
+            print("  informative (not failures): " + ", ".join(f"{k} x{v}" for k, v in sorted(fz["informative"].items())))
+            for key, text in fz["informative_examples"]:
+                print(f"    e.g. {key}: {text}")
+        if fz["5xx"] or fz["schema_failures"] or fz["transport_errors"] or not alive or fz["cases"] < a.fuzz_cases:
+            failed.append("fuzzing")
+
+        # 2. load and soak
+        print(f"\nsoak: {a.clients} streaming clients for {a.soak_minutes:g} min, max_tokens={a.max_tokens}", flush=True)
+        sk = soak(server, model, a.soak_minutes, a.clients, a.max_tokens)
+        print(f"  {sk['streams']} streams, {sk['tokens']} tokens in {sk['wall']:.0f} s ({sk['tokens'] / sk['wall']:.0f} tok/s), "
+              f"errors {sk['errors']}" + (f" {sk['first_errors']}" if sk["errors"] else ""))
+        print(f"  TTFT p50 {sk['ttft_p50'] * 1000:.0f} ms, p95 {sk['ttft_p95'] * 1000:.0f} ms")
+        print(f"  server RSS: {sk['warm_rss']:.1f} MB after the {sk['warm_s']:.0f} s warm-up, {sk['end_rss']:.1f} MB at the end "
+              f"(max {sk['max_rss']:.1f}): growth {sk['rss_growth'] * 100:+.1f}% (limit ±10%)")
+        print(f"  /health after: {sk['health_after']}")
+        if sk["errors"] or abs(sk["rss_growth"]) > 0.10 or sk["leak"]:
+            failed.append("soak")
+
+        # 3. concurrent feedback
+        fb = feedback_burst(server, model, a.fb_threads, a.fb_posts, run / "feedback.sqlite")
+        want = a.fb_threads * a.fb_posts
+        print(f"\nfeedback: {a.fb_threads} threads x {a.fb_posts} posts in {fb['wall']:.1f} s ({fb['posts_per_s']:.0f}/s): "
+              f"{fb['rows']} rows ({fb['distinct']} distinct) in {run / 'feedback.sqlite'}, expected {want}; "
+              f"failed posts {fb['failures']}" + (f" {fb['first_failures']}" if fb["failures"] else ""))
+        if fb["rows"] != want or fb["distinct"] != want or fb["failures"]:
+            failed.append("feedback")
+        if server.proc.poll() is not None or server.health()["status"] != "ok":
+            failed.append("server down at the end")
+        if failed:
+            print(f"\nserver log tail:\n{server.log_tail()}")
+    tmp.cleanup()
+    print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}")
+    print(f"RESULT fuzz_cases={fz['cases']} fuzz_5xx={fz['5xx']} schema_failures={fz['schema_failures']} "
+          f"soak_errors={sk['errors']} rss_growth={sk['rss_growth']:+.3f} ttft_p95_ms={sk['ttft_p95'] * 1000:.0f} "
+          f"feedback_rows={fb['rows']} soak_minutes={a.soak_minutes:g} matmul_peak_gflops={peak / 1e9:.1f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
