@@ -14,7 +14,7 @@ from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
 from chatfactory.train.ppo import PPOStage, gae, masked_whiten, run_ppo, token_rewards
-from chatfactory.train.rl import ActorCritic, Reward, kl_k1, kl_k3
+from chatfactory.train.rl import ActorCritic, Reward, kl_k1, kl_k3, masked_mean
 from chatfactory.eval.winrate import gold_score
 from chatfactory.train.rollout import answer_logprobs, attention_mask, forward_answers, pad_batch
 
@@ -73,12 +73,12 @@ def test_clipped_losses_hand_computed():
     adv = torch.tensor([[1.0, 1.0, 5.0]])
     loss, st = policy_loss(logp, old, adv, m, clip=0.2)
     # token 1: min(1.5, 1.2) * 1 -> 1.2 (clipped); token 2: min(0.5, 0.8) -> 0.5 (not clipped: pessimistic)
-    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2)
+    assert masked_mean(loss, m).item() == pytest.approx(-(1.2 + 0.5) / 2)
     assert st["clipfrac"].item() == pytest.approx(0.5)
     v, old_v, ret = torch.tensor([[1.0, -1.0, 7.0]]), torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[2.0, 0.0, 0.0]])
     vl, vst = value_loss(v, old_v, ret, m, vf_clip=0.5)
     # token 1: max((1-2)^2, (0.5-2)^2) = 2.25; token 2: max((-1)^2, (-0.5)^2) = 1
-    assert vl.item() == pytest.approx(0.5 * (2.25 + 1.0) / 2)
+    assert masked_mean(vl, m).item() == pytest.approx(0.5 * (2.25 + 1.0) / 2)
     assert vst["vf_clipfrac"].item() == pytest.approx(0.5)
     # the adaptive controller moves beta by at most 20% x n / horizon toward the target
     assert adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=100, n=50) == pytest.approx(0.1 * 1.1)

@@ -159,6 +159,10 @@ class RLConfig(TrainConfig):
     # runs), then faster rollouts on small CPU models (bench/ppo_speed.py: 37 -> 28 ms per rollout)
     compile_rollout: bool = False
     clip: float = 0.2  # PPO ratio clip
+    # how a minibatch's per-token losses add up: token-mean (DAPO) | seq-mean-token-mean (the original
+    # GRPO) | seq-mean-token-sum-norm (Dr. GRPO: answer sums / max_new_tokens); always over the whole
+    # minibatch, however it is split into micro-batches (grad_accum) and ranks
+    loss_agg: str = "token-mean"
     ppo_epochs: int = 1  # passes over each rollout
     minibatches: int = 1  # optimizer steps per pass
     kl_coef: float = 0.05  # beta of the KL to the reference

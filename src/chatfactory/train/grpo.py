@@ -22,7 +22,7 @@ import torch
 
 from ..config import Config
 from .ppo import gae, policy_loss, token_rewards
-from .rl import RLStage, kl_k1, kl_k3, masked_mean, run_rl
+from .rl import RLStage, aggregate, kl_k1, kl_k3, masked_mean, run_rl
 from .rollout import answer_logprobs, logprobs_and_entropy
 
 
@@ -81,7 +81,8 @@ class GRPOStage(RLStage):
             logp, ent = logprobs_and_entropy(logits, batch["tokens"], batch["start"], s.temperature)
         # one update per rollout: the sampling policy is the live one (ratio 1, gradient unchanged)
         old = batch["old_logp"] if "old_logp" in batch else logp.detach()
-        loss, stats = policy_loss(logp, old, batch["advantages"], mask, s.clip)
+        per_token, stats = policy_loss(logp, old, batch["advantages"], mask, s.clip)
+        loss = aggregate(per_token, batch)
         stats["pg_loss"] = loss.detach()
         if "old_logp" not in batch:
             with torch.no_grad():
@@ -89,7 +90,7 @@ class GRPOStage(RLStage):
                 if "ref_logp" in batch:
                     stats["kl"] = (kl_k1(logp, batch["ref_logp"]) * mask).sum(1).mean()
         if s.kl_coef > 0 and not self.kl_in_reward:
-            kl = masked_mean(kl_k3(logp, batch["ref_logp"]), mask)
+            kl = aggregate(kl_k3(logp, batch["ref_logp"]), batch)
             loss = loss + s.kl_coef * kl
             stats["kl_loss"] = kl.detach()
         self.record(stats)

@@ -26,20 +26,22 @@ import torch
 
 from ..config import Config
 from .loop import all_reduce_sum
-from .rl import RLStage, kl_k1, masked_mean, run_rl
+from .rl import RLStage, aggregate, kl_k1, masked_mean, run_rl
 from .rollout import answer_logprobs
 
 
 # ---------------------------------------------------------------- the math (unit-tested by hand)
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise to mean 0 / variance 1 using real tokens only (padding would drag both toward 0);
-    padding comes out 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Normalise to mean 0 / variance 1 over the real tokens of every rank's rollout (padding would drag
+    both toward 0; a batch split over ranks whitens as it would whole); padding comes out 0."""
+    m = mask.to(x.dtype)
+    total, count = all_reduce_sum(torch.stack([(x * m).sum(), m.sum()]))
+    mean = total / count.clamp(min=1)
+    var = all_reduce_sum(((x - mean) ** 2 * m).sum()) / count.clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -71,27 +73,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logp, old_logp, adv, mask, clip: float):
-    """Clipped surrogate, averaged over real tokens -> (loss, stats). Stats: clip fraction, approx-KL
-    (the k3 estimate of KL(old || new)) and the mean ratio."""
+    """Clipped surrogate per token -> ((B, A) losses, stats over the real tokens): clip fraction,
+    approx-KL (the k3 estimate of KL(old || new)) and the mean ratio."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     loss1 = -adv * ratio
     loss2 = -adv * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(loss1, loss2), mask)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((loss2 > loss1).float(), mask),
                  "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
                  "ratio": masked_mean(ratio, mask)}
-    return loss, stats
+    return torch.maximum(loss1, loss2), stats
 
 
 def value_loss(values, old_values, returns, mask, vf_clip: float):
-    """0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped kept within vf_clip of the rollout's values."""
+    """0.5 * max((V - R)^2, (V_clipped - R)^2) per token, V_clipped kept within vf_clip of the rollout's
+    values -> ((B, A) losses, stats over the real tokens)."""
     clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
-    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
     with torch.no_grad():
         frac = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask)
-    return loss, {"vf_clipfrac": frac}
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), {"vf_clipfrac": frac}
 
 
 def adapt_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n: int) -> float:
@@ -126,6 +127,7 @@ class PPOStage(RLStage):
         logp = answer_logprobs(out["logits"], batch["tokens"], batch["start"], s.temperature)
         pg, stats = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, s.clip)
         vf, vstats = value_loss(out["values"], batch["old_values"], batch["returns"], mask, s.vf_clip)
+        pg, vf = aggregate(pg, batch), aggregate(vf, batch)  # both over the minibatch, by loss_agg
         loss = pg + s.vf_coef * vf
         stats.update(vstats, pg_loss=pg.detach(), value_loss=vf.detach())
         if out["ptx_loss"] is not None:

@@ -53,6 +53,37 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+# How a minibatch's per-token losses become one number (``loss_agg``). Its pieces are micro-batches
+# (grad_accum) and ranks, so each weighs its tokens against counts of the whole minibatch: one batch of 8
+# and 2 micro-batches or 2 ranks of 4 then have the same gradients (tests/test_rl_aggregation.py).
+AGGREGATIONS = {
+    "token-mean": "every real token of the minibatch counts alike (DAPO)",
+    "seq-mean-token-mean": "each answer's mean over its tokens, averaged over answers (the original GRPO)",
+    "seq-mean-token-sum-norm": "each answer's sum over its tokens / max_new_tokens, averaged over answers (Dr. GRPO)",
+}
+
+
+def loss_weights(mask: torch.Tensor, how: str, max_len: int, shares: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A minibatch's answer mask (this rank's rows) -> (per-token weights, norm) such that the minibatch's
+    loss is sum(weight * per-token loss) / norm, summed over every piece of it. The counts are of every
+    rank's rows (one all-reduce), and the norm is divided by ``shares`` = grad_accum * world because the
+    loop divides each micro-batch's loss by grad_accum and DDP averages the gradients over ranks."""
+    mask = mask.float()
+    tokens, answers = all_reduce_sum(torch.stack([mask.sum(), mask.new_tensor(float(len(mask)))]))
+    if how == "token-mean":
+        weight, norm = mask, tokens.clamp(min=1)
+    elif how == "seq-mean-token-mean":
+        weight, norm = mask / mask.sum(1, keepdim=True).clamp(min=1), answers
+    else:
+        weight, norm = mask, answers * max_len
+    return weight, norm / shares
+
+
+def aggregate(per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A micro-batch's share of its minibatch's loss (see ``loss_weights``)."""
+    return (per_token * batch["loss_weight"]).sum() / batch["loss_norm"]
+
+
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """log pi - log pi_ref: unbiased for KL(pi || ref) on samples of pi, but any single term can be < 0."""
     return logp - ref_logp
@@ -158,6 +189,8 @@ class RLStage(Stage):
         self.settings, self.tok, self.rows, self.ac, self.ref, self.reward = settings, tok, rows, ac, ref, reward
         self.model_config, self.eval_rows, self.gold, self.ptx = model_config, eval_rows or [], gold, ptx
         self.updates_per_iter = settings.ppo_epochs * settings.minibatches
+        if settings.loss_agg not in AGGREGATIONS:
+            raise ValueError(f"{self.name}.loss_agg must be one of {', '.join(AGGREGATIONS)}, got {settings.loss_agg!r}")
         n = self.rollout_rows()
         if n % (settings.minibatches * settings.grad_accum):
             raise ValueError(f"{self.name}: {n} rollout answers do not split into minibatches={settings.minibatches} "
@@ -294,7 +327,8 @@ class RLStage(Stage):
     def updates(self, exp: dict, it: int, rank: int, world: int):
         """The micro-batches of the iteration's ``ppo_epochs x minibatches`` updates, in the loop's order:
         each epoch cuts a shuffle of the rollout into minibatches of ``grad_accum`` micro-batches (the
-        first keeps rollout order, so its micro-batches are the chunks ``score`` measured)."""
+        first keeps rollout order, so its micro-batches are the chunks ``score`` measured). Each carries
+        its tokens' weights in the minibatch's loss (``loss_agg``, see ``loss_weights``)."""
         s, n = self.settings, len(exp["tokens"])
         per_update = n // s.minibatches
         size = per_update // s.grad_accum
@@ -303,8 +337,11 @@ class RLStage(Stage):
             order = (torch.randperm(n, generator=g) if epoch > 0 else torch.arange(n)).to(exp["tokens"].device)
             for mb in range(s.minibatches):
                 rows = order[mb * per_update:(mb + 1) * per_update]
+                weight, norm = loss_weights(exp["answer_mask"][rows], s.loss_agg, s.max_new_tokens, s.grad_accum * world)
                 for micro in range(s.grad_accum):
-                    batch = select(exp, rows[micro * size:(micro + 1) * size])
+                    part = slice(micro * size, (micro + 1) * size)
+                    batch = select(exp, rows[part])
+                    batch.update(loss_weight=weight[part], loss_norm=norm)
                     if self.ptx is not None:
                         step = it * self.updates_per_iter + epoch * s.minibatches + mb
                         batch["ptx"] = self.ptx.micro_batch(step, micro, s.grad_accum, s.batch_size, rank, world)
