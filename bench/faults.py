@@ -139,6 +139,13 @@ sys.argv[0] = "chatfactory"
 sys.exit(main(sys.argv[1:]))
 '''
 
+LOAD_CHECK = """
+import json, sys
+from chatfactory.checkpoint import load_checkpoint, load_model
+_, info, state = load_checkpoint(sys.argv[1], with_state=True)
+load_model(sys.argv[1])
+print(json.dumps({"state_step": state["step"], "config_step": info["step"]}))
+"""
 PRINT = threading.Lock()
 
 
@@ -373,7 +380,7 @@ def split_kills(total: int) -> dict[str, list[int]]:
 # ---------------------------------------------------------------- 2. full disk
 def disk_full(work: Path, upstream: Path, ref: Path) -> dict:
     mnt = work / "tmpfs"
-    mnt.mkdir()
+    mnt.mkdir(exist_ok=True)
     files = ["tokenizer.json", "config.yaml"]
     base = sum(-(-(upstream / f).stat().st_size // 4096) * 4096 for f in files)
     base += sum(-(-p.stat().st_size // 4096) * 4096 for p in (upstream / "data").iterdir())
@@ -399,30 +406,36 @@ def disk_full(work: Path, upstream: Path, ref: Path) -> dict:
         named = [n for n in ("model.safetensors", "config.json", "state.pt", "metrics.jsonl") if n in last]
         clear = (out.returncode not in (0, -signal.SIGKILL) and "Traceback" not in err and "disk full" in last
                  and bool(named) and str(run / "pretrain") in last)
-        from chatfactory.checkpoint import load_checkpoint, load_model
-
+        # the project's loaders, in a fresh process (this one keeps nothing of the tmpfs mapped: umount)
         stage_dir = run / "pretrain"
         temps = sorted(p.name for p in stage_dir.glob("*.tmp"))
-        try:
-            _, info, state = load_checkpoint(stage_dir, with_state=True)
-            load_model(stage_dir)
-            step = state["step"]
-            loadable = step == info["step"] == 6 and not temps
-            say(f"  full disk: previous checkpoint loads with load_checkpoint/load_model: step {step} "
-                f"(expected 6), temps left: {temps or 'none'}")
-        except Exception as e:
+        check = subprocess.run([sys.executable, "-c", LOAD_CHECK, str(stage_dir)], env=child_env(), capture_output=True,
+                               text=True, timeout=300)
+        if check.returncode == 0:
+            got = json.loads(check.stdout.strip().splitlines()[-1])
+            loadable = got["state_step"] == got["config_step"] == 6 and not temps
+            say(f"  full disk: previous checkpoint loads with load_checkpoint(with_state=True) and load_model: "
+                f"step {got['state_step']} (expected 6), temps left: {temps or 'none'}")
+        else:
             loadable = False
-            say(f"  full disk: previous checkpoint does NOT load: {type(e).__name__}: {e}")
+            say(f"  full disk: previous checkpoint does NOT load: {check.stderr.strip().splitlines()[-1:]}")
         # space freed: the same command resumes and ends where an uninterrupted run ends
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
         again = subprocess.run(child(args), env=child_env(), capture_output=True, text=True, timeout=600)
-        diff = compare("pretrain", ref, run) if again.returncode == 0 else f"exit {again.returncode}: {again.stderr[-500:]}"
+        if again.returncode == 0:
+            shutil.copytree(stage_dir, work / "diskfull-copy" / "pretrain", dirs_exist_ok=True)
+            diff = compare("pretrain", ref, work / "diskfull-copy")
+        else:
+            diff = f"exit {again.returncode}: {again.stderr[-500:]}"
         from_6 = "resuming from step 6" in again.stdout
         say(f"  full disk: tmpfs made larger; the same command again: {'resumed from step 6' if from_6 else 'did NOT resume from step 6'}, "
             + ("bitwise EQUAL to the uninterrupted run" if not diff else f"MISMATCH: {diff}"))
         return {"clear": clear, "loadable": loadable, "resumed_equal": not diff}
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        if r.returncode != 0:
+            say(f"  full disk: umount {mnt} failed: {r.stderr.strip()}; fuser: "
+                f"{subprocess.run(['fuser', '-vm', str(mnt)], capture_output=True, text=True).stderr.strip()}")
 
 
 # ---------------------------------------------------------------- 3. damaged files
