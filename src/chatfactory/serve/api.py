@@ -252,7 +252,8 @@ def create_app(svc: Service, allow_origins=()):
         return {"content": out}
 
     @app.post("/v1/chat/completions", summary="a chat completion (stream: true for server-sent events)",
-              responses=doc(ChatCompletion, *POST_ERRORS, 429, 500, stream=ChatCompletionChunk), openapi_extra=body_doc("ChatCompletionRequest"))
+              responses=doc(ChatCompletion, *POST_ERRORS, 429, 500, stream=ChatCompletionChunk),
+              openapi_extra=body_doc("ChatCompletionRequest"))
     async def chat_completions(request: HTTPRequest):
         req = parse_body(ChatCompletionRequest, await read_json(request))
         s = req.sampling()
@@ -343,7 +344,8 @@ def create_app(svc: Service, allow_origins=()):
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out, "text_offset": offsets}
 
     @app.post("/v1/completions", summary="a text completion; with echo and logprobs it scores the prompt",
-              responses=doc(Completion, *POST_ERRORS, 429, 500, stream=CompletionChunk), openapi_extra=body_doc("CompletionRequest"))
+              responses=doc(Completion, *POST_ERRORS, 429, 500, stream=CompletionChunk),
+              openapi_extra=body_doc("CompletionRequest"))
     async def completions(request: HTTPRequest):
         req = parse_body(CompletionRequest, await read_json(request))
         s = req.sampling()

@@ -13,8 +13,8 @@ import codecs
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError,
-                      WithJsonSchema, field_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag,
+                      ValidationError, WithJsonSchema, field_validator)
 from pydantic_core import PydanticCustomError
 
 from ..batching import Request, Step
