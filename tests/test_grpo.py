@@ -144,3 +144,46 @@ def test_compile_rollout_decodes_with_the_static_step(world):
             stage.engine.compiled = DecodeStep(policy, compile=False)
         batches.append(stage.micro_batch(0, 0, 0, 1))
     assert torch.equal(batches[0]["tokens"], batches[1]["tokens"])
+
+
+@pytest.mark.parametrize("updates", [1, 4])
+def test_rollout_and_training_logprobs_agree_and_a_gap_warns(world, updates, monkeypatch):
+    """Every iteration measures |log pi_rollout - log pi_train| on the sampled tokens: the log-probs the
+    engine sampled with (here the static decode step of compile_rollout, run uncompiled) against the
+    trainer's forward pass, from the old log-prob pass (several updates) or the loss's own (one). On
+    CPU in fp32 they agree to round-off; rollouts from another distribution make it large, and warn."""
+    from chatfactory.data.preferences import load_prompts
+    from chatfactory.decode_step import DecodeStep
+    from chatfactory.train import rl
+    from chatfactory.train.grpo import GRPOStage
+    from chatfactory.train.loop import Dist
+
+    root, run, tok = world
+    tc = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", rollout_batch=4, group_size=4,
+                    max_new_tokens=6, kl_coef=0.05, ppo_epochs=updates, seed=5, compile_rollout=True)
+    policy, info = load_model(run / "sft")
+    policy.train()
+    ac = rl.ActorCritic(policy)
+    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0], rl.Reward(tc.reward, run, tok, "cpu"),
+                      info["model"])
+    stage.engine.compiled = DecodeStep(policy, compile=False)
+
+    def iteration(it):
+        for u in range(updates):  # the loop's calls, without its optimizer steps: the weights stay those that sampled
+            stage.loss(ac, stage.micro_batch(it * updates + u, 0, 0, 1))
+        return stage.evaluate(ac, Dist())
+
+    res = iteration(0)
+    print(f"{updates} update(s): mismatch mean {res['logp_mismatch_mean']:.1e}, max {res['logp_mismatch_max']:.1e}")
+    assert res["logp_mismatch_max"] < 1e-4 and res["logp_mismatch_mean"] < 1e-5
+    real = rl.rollout
+
+    def off(*a, **k):  # rollouts that report log-probs 0.1 above what the policy gives their tokens
+        batch = real(*a, **k)
+        batch["rollout_logp"] = batch["rollout_logp"] + 0.1
+        return batch
+
+    monkeypatch.setattr(rl, "rollout", off)
+    with pytest.warns(UserWarning, match="log-probs differ from the trainer's by 0.1"):
+        res = iteration(1)
+    assert res["logp_mismatch_mean"] == pytest.approx(0.1, abs=1e-4)

@@ -297,6 +297,7 @@ def test_ppo_learned_reward_raises_gold_while_zero_reward_stays(world):
     assert before < 0.5 and after > before + 0.3
     assert 0.05 < kl < 10.0  # it moved, but the penalty bounds how far
     assert res["end_rate"] >= 0.8  # and it did not learn to ramble past the end
+    assert res["logp_mismatch_max"] < 1e-4  # it trained on the distribution it sampled from
 
     # the same PPO with the reward replaced by zero: nothing to gain, so the policy stays put
     cfg = ppo_config(root, reward="zero", init_from=str(run / "sft"), critic_from=str(run / "reward"))
@@ -393,6 +394,8 @@ def test_ppo_under_torchrun(world, tmp_path):
     assert info["finished"] and info["step"] == 2 * 2
     rows = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2]
+    # every iteration measures the rollouts' log-probs against the trainer's (both ranks' tokens): round-off
+    assert all(r["logp_mismatch_max"] < 1e-4 for r in rows if "iteration" in r)
 
 
 @pytest.mark.slow

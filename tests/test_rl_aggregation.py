@@ -45,6 +45,7 @@ def _fixed_rollout(order: list[tuple], group: int, tok):
             seen[p] += 1
             answers.append(tok.encode(ANSWERS[k])[:max_new_tokens - 1] + ([end_id] if k % 3 else []))
         batch = pad_batch(prompts, answers, pad_id, end_id)
+        batch["rollout_logp"] = torch.zeros(batch["answer_mask"].shape)  # (the mismatch it measures is not looked at)
         dev = next(policy.parameters()).device
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
     return fake

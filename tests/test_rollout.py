@@ -88,7 +88,7 @@ def test_grouped_forward_equals_the_full_forward_with_gradients(model, lengths):
 
 
 def test_minibatches_keep_the_group_mark_only_for_whole_groups():
-    from chatfactory.train.rl import select
+    from chatfactory.train.rollout import select
 
     batch = {"tokens": torch.zeros(8, 3), "group": 4, "start": 1}
     assert select(batch, torch.arange(4, 8))["group"] == 4

@@ -155,6 +155,9 @@ class RLConfig(TrainConfig):
     rollout_batch: int = 16  # prompts per iteration, per process
     max_new_tokens: int = 32
     temperature: float = 1.0  # sampling temperature; every log-prob is taken at the same one
+    # warn when the rollouts' log-probs of their tokens differ from the trainer's by more than this per token
+    # on average (logp_mismatch_mean in metrics.jsonl; fp32 on CPU: round-off, ~1e-7)
+    logp_mismatch_warn: float = 0.02
     # decode rollouts with Engine(compile=True): a one-off compile (seconds; cached on disk for later
     # runs), then faster rollouts on small CPU models (bench/ppo_speed.py: 37 -> 28 ms per rollout)
     compile_rollout: bool = False

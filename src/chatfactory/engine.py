@@ -211,10 +211,11 @@ class Engine:
             return None
         return self.threads.get(batch_size, default_threads(batch_size))
 
-    def stream(self, prompts: list[list[int]], p: SamplingParams) -> Iterator[list[int | None]]:
-        """Yield, per decode step, the new id of each row (None for rows already stopped)."""
+    def stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> Iterator[list[int | None]]:
+        """Yield, per decode step, the new id of each row (None for rows already stopped). ``logprobs``: a
+        list that receives, per step, every row's new id's log-probability under logits / temperature."""
         want = self._threads_for(len(prompts))
-        steps = self._stream(prompts, p)
+        steps = self._stream(prompts, p, logprobs)
         if not want:
             yield from steps
             return
@@ -234,7 +235,7 @@ class Engine:
             yield out
 
     @torch.inference_mode()
-    def _stream(self, prompts: list[list[int]], p: SamplingParams) -> Iterator[list[int | None]]:
+    def _stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> Iterator[list[int | None]]:
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ValueError("every prompt needs at least one token")
         dev = self.device
@@ -284,6 +285,8 @@ class Engine:
         compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
         for i in range(max_new):
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen, self.vocab_limit)
+            if logprobs is not None:  # what an RL trainer recomputes for these tokens (train/rl.py compares the two)
+                logprobs.append(torch.log_softmax(logits.float() / p.temperature, -1).gather(1, nxt[:, None]).squeeze(1))
             ids = nxt.tolist()
             yield [None if d else t for t, d in zip(ids, done)]
             done = [d or t in stop for t, d in zip(ids, done)]
@@ -304,11 +307,16 @@ class Engine:
             step_mask = key_valid[..., : cache.pos + 1] if padded else None
             logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
-    def generate(self, prompts: list[list[int]], p: SamplingParams) -> list[list[int]]:
-        """New ids per row, up to and including a stop id."""
+    def generate(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> list[list[int]]:
+        """New ids per row, up to and including a stop id. ``logprobs``: a list that receives, per row, the
+        log-probability of each new id under the model's logits / temperature."""
         outs: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, p):
+        steps: list | None = [] if logprobs is not None else None
+        for step in self.stream(prompts, p, steps):
             for row, t in enumerate(step):
                 if t is not None:
                     outs[row].append(t)
+        if logprobs is not None:
+            table = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+            logprobs.extend(row[:len(o)] for row, o in zip(table, outs))
         return outs

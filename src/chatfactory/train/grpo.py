@@ -85,6 +85,7 @@ class GRPOStage(RLStage):
         loss = aggregate(per_token, batch)
         stats["pg_loss"] = loss.detach()
         if "old_logp" not in batch:
+            self.mismatch.add(logp, batch)  # before the update: these are the weights that sampled
             with torch.no_grad():
                 stats["entropy"] = masked_mean(ent, mask)
                 if "ref_logp" in batch:

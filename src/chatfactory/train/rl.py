@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ from .lora import apply_lora, as_reference, lora_layers, lora_settings, summary
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
 from .pairs import run_tokenizer
 from .reward import RewardModel, load_reward_model
-from .rollout import answer_logprobs, attention_mask, forward_answers, logprobs_and_entropy, rollout
+from .rollout import LogpMismatch, answer_logprobs, attention_mask, forward_answers, logprobs_and_entropy, rollout, select
 
 
 # ---------------------------------------------------------------- shared math
@@ -212,6 +213,7 @@ class RLStage(Stage):
         self.kl_coef = settings.kl_coef
         self.experience, self.it, self.running = None, -1, None  # the running iteration: its experience, number, generator
         self.iter_stats, self.update_stats = {}, []
+        self.mismatch, self.mismatch_warned = LogpMismatch(), False
         self._perm_epoch, self._perm = -1, None
 
     # ---- what subclasses define
@@ -295,6 +297,7 @@ class RLStage(Stage):
                 self._score_chunk(chunk, need_old, old_logp, ent, values, ref_logp)
         if old_logp:
             exp["old_logp"] = torch.cat(old_logp) * mask
+            self.mismatch.add(exp["old_logp"], exp)  # else the loss measures it on its own forward pass
         if ref_logp:
             exp["ref_logp"] = torch.cat(ref_logp) * mask
         elif old_logp:
@@ -364,9 +367,14 @@ class RLStage(Stage):
         vals = torch.tensor([float(v) for v in self.iter_stats.values()] + upd, dtype=torch.float64, device=d.device)
         vals = all_reduce_sum(vals) / d.world
         res = {k: round(v, 6) for k, v in zip(keys, vals.tolist())}
-        res["kl_coef"] = self.kl_coef
-        it = self.it + 1
-        res["iteration"] = it
+        res.update(self.mismatch.result(d.device), kl_coef=self.kl_coef, iteration=self.it + 1)
+        if res["logp_mismatch_mean"] > s.logp_mismatch_warn and d.main and not self.mismatch_warned:
+            self.mismatch_warned = True  # once; metrics.jsonl has it every iteration
+            warnings.warn(f"{self.name}: the rollouts' log-probs differ from the trainer's by {res['logp_mismatch_mean']:.2g} "
+                          f"per token on average (max {res['logp_mismatch_max']:.2g}; > {self.name}.logp_mismatch_warn="
+                          f"{s.logp_mismatch_warn}): the answers are sampled from another distribution than the one "
+                          f"trained (a decode step, dtype or autocast that differs from the training forward?)")
+        it = res["iteration"]
         if self.eval_rows and self.gold is not None and (it % max(1, s.eval_every) == 0 or it == s.steps):
             mine = self.eval_rows[: s.eval_rows][d.rank:: d.world]
             g = gold_score(self.ac.policy, self.tok, mine, self.gold, s.max_new_tokens, s.temperature, seed=s.seed)
@@ -395,26 +403,6 @@ class RLStage(Stage):
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def select(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows ``idx`` of every per-row tensor of a rollout batch (the padding width is kept). Rows that
-    share a prompt stay marked as groups (``group``, see rollout.forward_answers) only if ``idx`` takes
-    whole groups, each in order."""
-    out = {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == len(batch["tokens"]) else v)
-           for k, v in batch.items()}
-    g = batch.get("group", 1)
-    if g > 1 and not _whole_groups(idx, g):
-        out["group"] = 1
-    return out
-
-
-def _whole_groups(idx: torch.Tensor, g: int) -> bool:
-    """``idx`` lists whole groups of ``g`` rows (rows k*g … k*g+g-1), each in order."""
-    if len(idx) % g:
-        return False
-    rows = idx.view(-1, g)
-    return bool(((rows[:, :1] % g == 0) & (rows == rows[:, :1] + torch.arange(g, device=idx.device))).all())
 
 
 # ---------------------------------------------------------------- building and running a stage

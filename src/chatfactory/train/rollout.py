@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import Engine, SamplingParams
+from .loop import all_reduce_sum
 
 
 def pad_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int, end_id: int) -> dict:
@@ -141,26 +142,76 @@ def _forward_groups(model, batch: dict):
     return model.lm_head(h)
 
 
+def select(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of every per-row tensor of a rollout batch (the padding width is kept). Rows that
+    share a prompt stay marked as groups (``group``, see rollout.forward_answers) only if ``idx`` takes
+    whole groups, each in order."""
+    out = {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == len(batch["tokens"]) else v)
+           for k, v in batch.items()}
+    g = batch.get("group", 1)
+    if g > 1 and not _whole_groups(idx, g):
+        out["group"] = 1
+    return out
+
+
+def _whole_groups(idx: torch.Tensor, g: int) -> bool:
+    """``idx`` lists whole groups of ``g`` rows (rows k*g … k*g+g-1), each in order."""
+    if len(idx) % g:
+        return False
+    rows = idx.view(-1, g)
+    return bool(((rows[:, :1] % g == 0) & (rows == rows[:, :1] + torch.arange(g, device=idx.device))).all())
+
+
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int,
-             seed: int | None = None, engine: Engine | None = None) -> list[list[int]]:
+             seed: int | None = None, engine: Engine | None = None, logprobs: list | None = None) -> list[list[int]]:
     """Sample one answer per prompt with the KV-cache engine (stops at ``end_id``, which is kept).
-    ``engine``: one kept across rollouts (e.g. ``Engine(policy, compile=True)``, compiled once)."""
+    ``engine``: one kept across rollouts (e.g. ``Engine(policy, compile=True)``, compiled once);
+    ``logprobs``: a list that receives each answer's tokens' log-probs as the engine sampled them."""
     if temperature <= 0:
         raise ValueError("RL rollouts need temperature > 0 (log-probs of a greedy policy are undefined)")
     was_training = policy.training
     engine = engine or Engine(policy)
     policy.eval()
     out = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                  seed=seed, stop_ids=(end_id,)))
+                                                  seed=seed, stop_ids=(end_id,)), logprobs)
     policy.train(was_training)  # the engine decodes in eval mode; put it back
     return out
 
 
 def rollout(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int, pad_id: int,
             seed: int | None = None, engine: Engine | None = None) -> dict:
-    """Sample answers and return the padded batch (see ``pad_batch``) on the policy's device."""
-    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed, engine)
-    dev = next(policy.parameters()).device
+    """Sample answers and return the padded batch (see ``pad_batch``) on the policy's device, with
+    ``rollout_logp`` (B, A): each answer token's log-prob as the engine sampled it (0 on padding)."""
+    sampled: list[list[float]] = []
+    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed, engine, sampled)
     batch = pad_batch(prompts, answers, pad_id, end_id)
+    width = batch["answer_mask"].size(1)
+    batch["rollout_logp"] = torch.tensor([row + [0.0] * (width - len(row)) for row in sampled])
+    dev = next(policy.parameters()).device
     return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class LogpMismatch:
+    """|log pi_rollout - log pi_train| on the sampled tokens: the log-probs the engine sampled with (its
+    decode step, compiled or not) against the trainer's forward pass over the same tokens with the same
+    weights. On CPU in fp32 the two agree to round-off; a large value means the answers come from
+    another distribution than the one trained (and PPO's first ratio is not 1)."""
+
+    def __init__(self):
+        self.total, self.count, self.max = 0.0, 0.0, None
+
+    def add(self, train_logp: torch.Tensor, batch: dict) -> None:
+        mask = batch["answer_mask"]
+        gap = (train_logp.detach().float() - batch["rollout_logp"]).abs() * mask
+        self.total, self.count = self.total + gap.sum(), self.count + mask.sum()
+        self.max = gap.max() if self.max is None else torch.maximum(self.max, gap.max())
+
+    def result(self, device) -> dict:
+        """{"logp_mismatch_mean", "logp_mismatch_max"} over every rank's tokens; starts a new count."""
+        total = all_reduce_sum(torch.tensor([float(self.total), float(self.count)], dtype=torch.float64, device=device))
+        worst = torch.tensor(float(self.max if self.max is not None else 0.0), dtype=torch.float64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        self.__init__()
+        return {"logp_mismatch_mean": (total[0] / total[1].clamp(min=1)).item(), "logp_mismatch_max": worst.item()}
