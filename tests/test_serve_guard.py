@@ -197,3 +197,25 @@ def test_feedback_store_closes_its_connections(tmp_path, monkeypatch):
     store.add({**RATING, "answer": "Go away.", "rating": -1})
     assert store.export(tmp_path / "pairs.jsonl") == 1
     assert len(opened) >= 4 and all(db.closed for db in opened)
+
+
+@pytest.mark.parametrize("allow", [(), ("*",)])
+def test_malformed_host_and_origin_headers_are_refused_not_crashed_on(tmp_path, allow):
+    """A Host or Origin that does not parse (an unclosed IPv6 bracket, a port past 65535) is a 403 from
+    the guard (it names no host this server answers to), or, with the checks off (*), just not looked
+    at: never a 500 from parsing it."""
+    svc = load_service(make_run(tmp_path / "h"), "sft", slots=1, api_key="k")
+    with ServerThread(create_app(svc, allow)) as url:
+        port = url.rsplit(":", 1)[1]
+        key = {"Authorization": "Bearer k"}
+        cases = [{"Host": "["}, {"Host": "[::1"}, {"Host": "localhost:99999", "Origin": "http://localhost:99999"},
+                 {"Host": "localhost:99999", "Origin": "null"}, {"Host": f"localhost:{port}", "Origin": "http://[::1"}]
+        for headers in cases:
+            for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/nowhere")):
+                status, err, _ = raw(url, method, path, headers={**key, **headers})
+                want = {"/health": 200, "/v1/models": 200, "/nowhere": 404}[path] if allow else 403
+                assert status == want, (headers, path, status, err)
+                if status != 200:
+                    assert err["error"]["type"] != "server_error", err
+        status, r, _ = raw(url, "GET", "/health", headers={"Host": f"localhost:{port}"})
+        assert status == 200 and r["status"] == "ok"

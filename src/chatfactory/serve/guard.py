@@ -38,9 +38,13 @@ def parse_allowed(values) -> set[str]:
             part = part.strip().rstrip("/")
             if not part:
                 continue
-            if part != "*" and not urlsplit(part).hostname:
+            try:
+                origin = part if part == "*" else _origin(part) if urlsplit(part).hostname else None
+            except ValueError:  # an unclosed IPv6 bracket, a port past 65535
+                origin = None
+            if origin is None:
                 raise ValueError(f"--allow-origin {part!r}: expected an origin such as http://localhost:3000, or *")
-            out.add(part if part == "*" else _origin(part))
+            out.add(origin)
     return out
 
 
@@ -64,7 +68,10 @@ def check_request(request, allowed: set[str]) -> None:
     headers = request.headers
     if "*" not in allowed:
         host = headers.get("host", "")
-        host_name = urlsplit(f"//{host}").hostname or ""
+        try:
+            host_name = urlsplit(f"//{host}").hostname or ""
+        except ValueError:  # an unclosed IPv6 bracket and the like: no name this server answers to
+            host_name = None
         allowed_hosts = LOOPBACK_NAMES | {urlsplit(o).hostname for o in allowed}
         local = (request.scope.get("server") or (None,))[0]
         # only a loopback listener knows all its own names; a server on another address is reachable by
@@ -74,7 +81,10 @@ def check_request(request, allowed: set[str]) -> None:
                                 "allow it with --allow-origin", code="forbidden_host")
         origin = headers.get("origin")
         if origin is not None:
-            own = _origin(f"{request.url.scheme}://{host}") if host else None
+            try:  # (not request.url: building it parses the Host header too)
+                own = _origin(f"{request.scope.get('scheme', 'http')}://{host}") if host else None
+            except ValueError:  # a Host that does not parse (a port past 65535...) is no origin of ours
+                own = None
             try:
                 theirs = _origin(origin)
             except ValueError:
