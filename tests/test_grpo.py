@@ -1,4 +1,5 @@
-"""GRPO: group-normalised advantages by hand, and learning on the gold rule itself (the tiny world of
+"""GRPO and RLOO: group-normalised and leave-one-out advantages by hand, the KL as a per-token reward
+(k1), the rollout/training log-prob mismatch, and learning on the gold rule itself (the tiny world of
 test_ppo.py: the SFT policy answers "blue" about a quarter of the time)."""
 
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from chatfactory.checkpoint import load_model
-from chatfactory.config import Config, GRPOConfig
+from chatfactory.config import Config, GRPOConfig, RLOOConfig
 from chatfactory.train.grpo import group_advantages, kl_shaped_advantages, run_grpo
+from chatfactory.train.rloo import leave_one_out_advantages, run_rloo
 from chatfactory.eval.winrate import gold_score
 from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
 
@@ -19,6 +21,15 @@ def test_group_advantages_hand_computed():
     assert torch.allclose(adv, torch.tensor([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0, 0, 0, 0]), atol=1e-3)
     # without scaling (Dr. GRPO): the mean is still removed, the scale kept
     assert torch.allclose(group_advantages(r, 4, scale=False), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_leave_one_out_advantages_hand_computed():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = leave_one_out_advantages(r, group_size=4)
+    # answer 0: 1 - mean(0, 0, 1) = 2/3; answer 1: 0 - mean(1, 0, 1) = -2/3; a tied group: 0
+    assert torch.allclose(adv, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0]), atol=1e-6)
+    # K/(K-1) times GRPO's unscaled advantage
+    assert torch.allclose(adv, 4 / 3 * group_advantages(r, 4, scale=False), atol=1e-6)
 
 
 def test_k1_is_a_per_token_reward_hand_computed():
@@ -58,34 +69,47 @@ def test_k1_kl_is_measured_on_the_sampling_policy_not_a_loss_term(world):
     assert "kl_loss" not in stage.update_stats[0]
 
 
-def test_grpo_rejects_bad_settings(tmp_path):
+def test_grpo_and_rloo_reject_bad_settings(tmp_path):
     cfg = Config()
     cfg.grpo = GRPOConfig(kl_estimator="k2")
-    with pytest.raises(ValueError, match="kl_estimator"):
+    with pytest.raises(ValueError, match="grpo.kl_estimator"):
         run_grpo(cfg, tmp_path)
     cfg.grpo = GRPOConfig(group_size=1)
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="grpo.group_size"):
         run_grpo(cfg, tmp_path)
+    cfg.rloo = RLOOConfig(group_size=1)
+    with pytest.raises(ValueError, match="rloo.group_size"):
+        run_rloo(cfg, tmp_path)
 
 
 @pytest.mark.slow
-def test_grpo_on_the_gold_rule_raises_gold(world):
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_group_baselines_on_the_gold_rule_raise_gold(world, algo):
+    """GRPO (run_grpo) and RLOO (`chatfactory rloo`, run in this process), 12 iterations of 8 prompts x 4
+    answers, rewarded by the gold rule itself: held-out gold rises by far, the KL to SFT stays bounded."""
+    import json
+
+    from chatfactory.cli import main
     from chatfactory.data.preferences import load_prompts
 
     root, run, tok = world
     held = load_prompts(str(root / "heldout.jsonl")) * 4
     sft = load_model(run / "sft")[0]
     before = gold_score(sft, tok, held, gold, max_new_tokens=6, seed=1)
-    cfg = Config()
-    cfg.grpo = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", steps=12, rollout_batch=8,
-                          group_size=4, max_new_tokens=6, lr=3e-4, kl_coef=0.05, ppo_epochs=2, minibatches=2, eval_every=0, ckpt_every=5,
-                          progress=False, device="cpu", seed=3, eval_prompts=str(root / "heldout.jsonl"),
-                          gold="rl_gold:score")
-    res = run_grpo(cfg, run)
-    policy = load_model(run / "grpo")[0]
+    settings = dict(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", steps=12, rollout_batch=8, group_size=4,
+                    max_new_tokens=6, lr=3e-4, kl_coef=0.05, ppo_epochs=2, minibatches=2, eval_every=0, ckpt_every=5,
+                    progress=False, device="cpu", seed=3, eval_prompts=str(root / "heldout.jsonl"), gold="rl_gold:score")
+    if algo == "grpo":
+        cfg = Config()
+        cfg.grpo = GRPOConfig(**settings)
+        res = run_grpo(cfg, run)
+    else:
+        assert main(["rloo", "--config", "tiny", "--out", str(run), *(f"rloo.{k}={v}" for k, v in settings.items())]) == 0
+        res = [r for r in map(json.loads, open(run / "rloo" / "metrics.jsonl")) if "gold" in r][-1]
+    policy = load_model(run / algo)[0]
     after = gold_score(policy, tok, held, gold, max_new_tokens=6, seed=1)
     kl = policy_kl(policy, sft, tok, held)
-    print(f"GRPO on the gold rule: gold {before:.3f} -> {after:.3f}, KL {kl:.3f}; {res}")
+    print(f"{algo} on the gold rule: gold {before:.3f} -> {after:.3f}, KL {kl:.3f}; {res}")
     assert before < 0.5 and after > before + 0.3
     assert kl < 10.0
     assert res["gold"] > before  # the stage's own held-out evaluation agrees

@@ -3,7 +3,7 @@
     chatfactory run       --config demo --out runs/demo          the whole pipeline + report.md
     chatfactory tokenizer --config tiny --out runs/tiny          train the run's BPE tokenizer
     chatfactory pretrain  --config tiny --out runs/tiny [k=v …]  pretrain (resumes if interrupted)
-    chatfactory sft | reward | dpo | ppo | grpo  --config … --out runs/NAME   the later stages
+    chatfactory sft | reward | dpo | ppo | grpo | rloo  --config … --out runs/NAME   the later stages
     chatfactory sample    --run runs/tiny --prompt "The"         continue a prompt
     chatfactory chat      --run runs/tiny                        talk to the last finished stage
     chatfactory serve     --run runs/tiny                        OpenAI-compatible API + web UI
@@ -51,10 +51,15 @@ def _add_sampling_args(p, max_tokens: int, temperature: float) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _stage_parser(sub, name: str, help: str) -> None:
+def _stage_parser(sub, name: str, help: str, fn=None) -> None:
     p = sub.add_parser(name, help=help)
     _add_config_args(p)
-    p.set_defaults(fn=cmd_stage)
+    p.set_defaults(fn=fn or cmd_stage)
+
+
+def _print_result(stage: str, res: dict) -> None:
+    if res:
+        print(f"{stage}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, (int, float))))
 
 
 def cmd_stage(a):
@@ -62,9 +67,15 @@ def cmd_stage(a):
     from .config import load_config
     from .pipeline import entry_point
 
-    res = entry_point(a.command)(load_config(a.config, a.overrides), a.out)
-    if res:
-        print(f"{a.command}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, (int, float))))
+    _print_result(a.command, entry_point(a.command)(load_config(a.config, a.overrides), a.out))
+
+
+def cmd_rloo(a):
+    """rloo: a stage of its own (``chatfactory run`` does not run it)."""
+    from .config import load_config
+    from .train.rloo import run_rloo
+
+    _print_result("rloo", run_rloo(load_config(a.config, a.overrides), a.out))
 
 
 def cmd_rlhf(a):
@@ -193,7 +204,7 @@ def _add_serve_parsers(sub):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatfactory", description="Build a ChatGPT-style assistant end to end: pretrain, SFT, "
-                                 "reward model, RLHF (PPO/DPO/GRPO), chat, serve and evaluate.",
+                                 "reward model, RLHF (PPO/DPO/GRPO/RLOO), chat, serve and evaluate.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("run", help="the whole pipeline: tokenizer, pretrain, SFT, comparisons, reward, PPO, DPO, "
@@ -224,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "resumes if interrupted")
     _stage_parser(sub, "grpo", "GRPO: K answers per prompt, group-normalised advantages, reward = a scorer "
                                "module:function or the reward model; resumes if interrupted")
+    _stage_parser(sub, "rloo", "RLOO: K answers per prompt, each against the mean score of the others, reward = "
+                               "a scorer module:function or the reward model; resumes if interrupted", cmd_rloo)
     p = sub.add_parser("rlhf", help="repeated rounds: comparisons from the current policy -> reward model -> PPO "
                                     "(RUN/rlhf/roundN/)")
     _add_config_args(p)

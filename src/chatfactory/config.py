@@ -144,7 +144,7 @@ class DPOConfig(PairTrainConfig):
 
 @dataclass
 class RLConfig(TrainConfig):
-    """What PPO and GRPO share. ``steps`` counts RL iterations (one rollout + its updates), and so do
+    """What PPO, GRPO and RLOO share. ``steps`` counts RL iterations (one rollout + its updates), and so do
     ``warmup_steps``, ``eval_every`` and ``ckpt_every``."""
     prompts: str = ""  # prompts JSONL {"messages": [... user]}; files or folders, comma-separated
     init_from: str = "sft"  # the policy's start: a stage of the same run or a stage directory
@@ -209,6 +209,13 @@ class GRPOConfig(RLConfig):
 
 
 @dataclass
+class RLOOConfig(GRPOConfig):
+    """RLOO (train/rloo.py): GRPO's settings; an answer's baseline is the mean score of the others."""
+    kl_estimator: str = "k1"  # the KL as a per-token reward, as RLOO puts it (used when kl_coef > 0)
+    scale_rewards: bool = False  # RLOO does not divide by the group's std
+
+
+@dataclass
 class LoRAConfig:
     """Low-rank adapters (train/lora.py) for the fine-tuning stages: with ``rank`` > 0 the stages named
     in ``stages`` freeze the model and train only adapters (and the reward / value head)."""
@@ -217,7 +224,7 @@ class LoRAConfig:
     dropout: float = 0.0  # on the adapters' input only
     # which linears get adapters: attn.qkv, attn.proj, mlp.fc, mlp.proj, or the groups attn, mlp, all
     targets: str = "all"
-    stages: str = "sft,reward,dpo,ppo,grpo"  # the stages that use them (others train every weight)
+    stages: str = "sft,reward,dpo,ppo,grpo,rloo"  # the stages that use them (others train every weight)
 
 
 @dataclass
@@ -252,6 +259,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 

@@ -3,9 +3,10 @@
 Each iteration samples ``group_size`` answers to each of ``rollout_batch`` prompts, scores every answer
 (a scorer ``module:function`` such as the task rubric, or a reward model), and gives each answer's
 tokens the advantage (r - mean of its group) / std of its group: no critic, no GAE — the group is
-the baseline. The loss is PPO's clipped surrogate (shared with train/ppo.py, as are the rollouts,
-minibatching, logging, checkpoints and exact resume). With ``kl_coef > 0`` the KL to the reference
-enters one of two ways (``kl_estimator``):
+the baseline (RLOO, train/rloo.py, changes only that). The loss is PPO's clipped surrogate
+(train/ppo.py) aggregated by ``loss_agg``; the rollouts, minibatches, logging, checkpoints and exact
+resume are every RL stage's (train/rl.py). With ``kl_coef > 0`` the KL to the reference enters one of
+two ways (``kl_estimator``):
 
 * ``k3`` (DeepSeekMath): a loss term, kl_coef times the k3 estimate of KL(pi || ref) on every token;
 * ``k1``: a per-token reward -kl_coef * (log pi - log pi_ref), measured on the sampling policy as in
@@ -98,10 +99,15 @@ class GRPOStage(RLStage):
         return loss
 
 
+def check_group_settings(settings, name: str) -> None:
+    """The settings of a stage whose baseline is a group of answers (GRPO, RLOO)."""
+    if settings.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"{name}.kl_estimator must be 'k1' or 'k3', got {settings.kl_estimator!r}")
+    if settings.group_size < 2:
+        raise ValueError(f"{name}.group_size must be >= 2 (the group is the baseline), got {settings.group_size}")
+
+
 def run_grpo(cfg: Config, run_dir) -> dict:
     """GRPO from ``grpo.init_from`` against ``grpo.reward``; writes ``run_dir/grpo``. Re-running resumes."""
-    if cfg.grpo.kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"grpo.kl_estimator must be 'k1' or 'k3', got {cfg.grpo.kl_estimator!r}")
-    if cfg.grpo.group_size < 2:
-        raise ValueError(f"grpo.group_size must be >= 2 (the group is the baseline), got {cfg.grpo.group_size}")
+    check_group_settings(cfg.grpo, "grpo")
     return run_rl(cfg, run_dir, "grpo", GRPOStage)

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters for the fine-tuning stages (SFT, reward, DPO, PPO, GRPO).
+"""LoRA: low-rank adapters for the fine-tuning stages (SFT, reward, DPO, PPO, GRPO, RLOO).
 
 Hu et al. (2021): a frozen linear ``W`` gets a trainable low-rank update,
 
@@ -12,7 +12,7 @@ so the model code knows nothing of them.
 Configured by the top-level ``lora`` section (config.py ``LoRAConfig``); off while ``lora.rank`` is 0:
 
     chatfactory sft --out runs/NAME lora.rank=8 lora.alpha=16 lora.dropout=0.05 lora.targets=all
-    lora.stages=sft,dpo                         # only these stages use adapters (default: all five)
+    lora.stages=sft,dpo                         # only these stages use adapters (default: all six)
 
 Targets name our modules: ``attn.qkv`` (q, k and v: one fused matrix), ``attn.proj`` (attention
 output), ``mlp.fc`` (SwiGLU's gate and up, fused; GPT-2's up), ``mlp.proj`` (down); the groups ``attn``,
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 GROUPS = {"attn": TARGETS[:2], "mlp": TARGETS[2:], "all": TARGETS}
-STAGES = ("sft", "reward", "dpo", "ppo", "grpo")
+STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 
 
 class LoRALinear(nn.Linear):
