@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from chatfactory import pipeline
+from chatfactory.checkpoint import CheckpointError, stage_finished
 from chatfactory.config import load_config
 
 from conftest import ROOT, cli_cmd
@@ -133,12 +134,30 @@ def test_bad_stage_name_and_unfinished_checkpoint(tmp_path):
     cfg = load_config("pipeline-tiny", ["pipeline.stages=pretrain,sfft"])
     with pytest.raises(ValueError, match="unknown stage.*sfft"):
         pipeline.run_pipeline(cfg, tmp_path / "run", log=lambda *_: None)
-    assert not pipeline.finished(tmp_path)
+    assert not stage_finished(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"x")
     (tmp_path / "config.json").write_text(json.dumps({"finished": False}))
-    assert not pipeline.finished(tmp_path)
+    assert not stage_finished(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"finished": True}))
-    assert pipeline.finished(tmp_path)
+    assert stage_finished(tmp_path)
+
+
+def test_a_damaged_stage_config_is_named_not_taken_for_unfinished(tmp_path):
+    """A config.json cut short or overwritten with bytes is an error naming it, in the pipeline's
+    "finished?" check and in chat's choice of stage (it used to fall back silently to another stage)."""
+    from chatfactory.chat import last_finished_stage
+
+    for s in ("sft", "ppo"):
+        (tmp_path / s).mkdir()
+        (tmp_path / s / "model.safetensors").write_bytes(b"x")
+        (tmp_path / s / "config.json").write_text(json.dumps({"finished": True, "kind": "gpt"}))
+    assert last_finished_stage(tmp_path) == "ppo"
+    good = (tmp_path / "ppo" / "config.json").read_bytes()
+    for damaged in (good[:len(good) // 2], b"\xca" * 300, b"[1, 2]"):
+        (tmp_path / "ppo" / "config.json").write_bytes(damaged)
+        for check in (lambda: stage_finished(tmp_path / "ppo"), lambda: last_finished_stage(tmp_path)):
+            with pytest.raises(CheckpointError, match=r"ppo/config\.json: corrupt"):
+                check()
 
 
 @pytest.mark.slow

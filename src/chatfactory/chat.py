@@ -13,13 +13,12 @@ dropped (the system prompt stays) and the chat says so (``engine.fit_messages``)
 from __future__ import annotations
 
 import codecs
-import json
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import CheckpointError, has_checkpoint, load_model
+from .checkpoint import CheckpointError, has_checkpoint, load_model, stage_config
 from .engine import Engine, SamplingParams, fit_messages
 from .tokenizer import Tokenizer
 
@@ -39,11 +38,8 @@ def last_finished_stage(run_dir) -> str:
     if not with_weights:
         raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(CHAT_STAGES)})")
     for s in with_weights:
-        try:
-            if json.loads((Path(run_dir) / s / "config.json").read_text(encoding="utf-8")).get("finished", True):
-                return s
-        except (OSError, json.JSONDecodeError):
-            continue
+        if stage_config(Path(run_dir) / s).get("finished", True):  # a damaged config.json is named, not skipped
+            return s
     return with_weights[0]
 
 

@@ -364,6 +364,26 @@ def _read(paths: dict, with_state: bool):
 STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 
+def stage_config(stage_dir) -> dict:
+    """A stage's config.json as a dict; a damaged one is a CheckpointError that names the file."""
+    path = Path(stage_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint config (a JSON {type(config).__name__}, not an object)")
+    return config
+
+
+def stage_finished(stage_dir) -> bool:
+    """Whether a stage has weights and its checkpoint is marked ``finished`` (train/loop.py writes the
+    mark last). A stage without weights is not finished; a damaged config.json is an error, never a
+    silent "no"."""
+    return has_checkpoint(stage_dir) and (Path(stage_dir) / "config.json").exists() \
+        and bool(stage_config(stage_dir).get("finished"))
+
+
 def resolve_stage(run_dir, spec: str, what: str = "init_from") -> Path:
     """A stage named by a setting (``init_from``, ``ref_from``, ``--stage``, …): a stage directory of this
     run ("sft", "rlhf/round1/ppo", …) when it holds weights, else a path to any stage directory (e.g. an

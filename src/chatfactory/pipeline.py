@@ -31,7 +31,7 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, has_checkpoint
+from .checkpoint import atomic_write_text, has_checkpoint, stage_finished
 from .config import Config, save_config
 from .data.tasks import write_task_files
 from .eval.heldout import POLICIES, evaluate_all, reward_accuracy
@@ -65,17 +65,6 @@ def entry_point(stage: str):
     if not hasattr(mod, fn):
         raise NotAvailable(f"{stage} not available ({module} has no {fn})")
     return getattr(mod, fn)
-
-
-def finished(stage_dir) -> bool:
-    """A stage is done when its checkpoint's config.json says so (train/loop.py writes it)."""
-    p = Path(stage_dir) / "config.json"
-    if not (has_checkpoint(stage_dir) and p.exists()):
-        return False
-    try:
-        return bool(json.loads(p.read_text(encoding="utf-8")).get("finished"))
-    except json.JSONDecodeError:
-        return False
 
 
 class Ledger:
@@ -149,7 +138,7 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         if stage == "comparisons":
             done = paths["comparisons"].exists() and paths["comparisons_heldout"].exists()
         else:
-            done = finished(run_dir / stage)
+            done = stage_finished(run_dir / stage)
         if done:
             log(f"[run] {stage}: finished earlier, skipped")
             if ledger.get(stage).get("status") != "done":
@@ -179,9 +168,9 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         ledger.update(stage, status="done", result=_jsonable(res))
 
     t = time.perf_counter()
-    evaluated = [s for s in ("pretrain",) + POLICIES if finished(run_dir / s)]
+    evaluated = [s for s in ("pretrain",) + POLICIES if stage_finished(run_dir / s)]
     evals = evaluate_all(cfg, run_dir, paths, evaluated, log)
-    if finished(run_dir / "reward") and paths["comparisons_heldout"].exists() and (run_dir / "tokenizer.json").exists():
+    if stage_finished(run_dir / "reward") and paths["comparisons_heldout"].exists() and (run_dir / "tokenizer.json").exists():
         ledger.update("reward", heldout=reward_accuracy(run_dir / "reward", paths["comparisons_heldout"],
                                                         Tokenizer.load(run_dir / "tokenizer.json")))
     ledger.add_time("eval", time.perf_counter() - t)
