@@ -159,7 +159,7 @@ class RLConfig(TrainConfig):
     # on average (logp_mismatch_mean in metrics.jsonl; fp32 on CPU: round-off, ~1e-7)
     logp_mismatch_warn: float = 0.02
     # decode rollouts with Engine(compile=True): a one-off compile (seconds; cached on disk for later
-    # runs), then faster rollouts on small CPU models (bench/ppo_speed.py: 37 -> 28 ms per rollout)
+    # runs), then faster rollouts on small CPU models (bench/ppo_speed.py; numbers in the README's log)
     compile_rollout: bool = False
     clip: float = 0.2  # PPO ratio clip
     # how a minibatch's per-token losses add up: token-mean (DAPO) | seq-mean-token-mean (the original

@@ -3,11 +3,11 @@ only their algorithm; the iteration, the scorer, the trained networks and the ru
 
 One iteration (one step of ``<stage>.steps``) reads top to bottom in ``RLStage.iteration``:
 
-    exp, rows = self.sample(it, rank, world)   # 1. answers to this iteration's prompts from the policy
-    self.score(exp, rows)                      # 2. log-probs (policy, reference), values, the reward
-    exp.update(self.advantages(exp))           # 3. the algorithm: GAE (PPO), a group baseline (GRPO, RLOO)
-    yield from self.updates(exp, it, world)    # 4. ppo_epochs x minibatches updates, one micro-batch at a time
-                                               # 5. the loop logs evaluate(): the iteration's statistics
+    exp, rows = self.sample(it, rank, world)       # 1. answers to this iteration's prompts from the policy
+    self.score(exp, rows)                          # 2. log-probs (policy, reference), values, the reward
+    exp.update(self.advantages(exp))               # 3. the algorithm: GAE (PPO), a group baseline (GRPO, RLOO)
+    yield from self.updates(exp, it, rank, world)  # 4. ppo_epochs x minibatches updates, in micro-batches
+                                                   # 5. the loop logs evaluate(): the iteration's statistics
 
 The shared loop (train/loop.py) stays the one place for the optimizer, schedule, gradient accumulation,
 checkpoints and logging. It asks a stage for micro-batches; an RL stage hands out those of the running
@@ -16,8 +16,11 @@ minibatch update, so an iteration is ``ppo_epochs * minibatches`` steps, its eva
 they are done, and checkpoints fall on iteration boundaries: the next rollout is a pure function of the
 weights and the seed, so a resumed run is exact.
 
-Also here: the scorer wrapper (``Reward``), the trained networks as one module (``ActorCritic``),
-``no_dropout``/``frozen``, selecting rows of a rollout, and building and running a stage (``run_rl``).
+Also here: the loss aggregation (``loss_agg``), the scorer wrapper (``Reward``), the trained networks as
+one module (``ActorCritic``), ``no_dropout``/``frozen``, and building and running a stage (``run_rl``).
+The rollout batch itself, its row selection and the rollout/training log-prob check: train/rollout.py.
+
+    chatfactory ppo --config tiny --out runs/NAME ppo.prompts=prompts.jsonl      # (or grpo, rloo)
 """
 
 from __future__ import annotations
