@@ -285,7 +285,7 @@ class RLStage(Stage):
     def score(self, exp: dict, rows: list[dict]) -> None:
         """Adds to ``exp``: the sampling policy's log-probs (``old_logp``, if needed), the reference's
         (``ref_logp``), the critic's values (``old_values``) and the ``score`` (minus ``no_end_penalty``
-        for an answer that never ended)."""
+        for an answer that never ended); the old log-probs are checked against the rollout's."""
         s = self.settings
         mask = exp["answer_mask"].float()
         # in the micro-batches the updates will use, under the loss's autocast (bf16 on CUDA), so the
