@@ -25,82 +25,27 @@ import asyncio
 import codecs
 import hmac
 import json
-import mimetypes
 import socket
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-import torch
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batching import QueueFull, Request, Scheduler
+from ..batching import QueueFull, Request
 from ..engine import SamplingParams
-from ..tokenizer import Tokenizer
-from .feedback import FILENAME as FEEDBACK_FILE
-from .feedback import FeedbackStore
 from .guard import client_gone, install_guards, read_body
-from .protocol import (LIMITS, APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, Completion,
-                       CompletionChunk, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
-                       FeedbackCreated, FeedbackRequest, Health, LaterChatMessage, LaterFeedbackTurn, ModelList,
-                       TokenizeChat, TokenizeRequest, TokenizeResponse, TokenizerInfo, parse_body, parse_feedback,
-                       parse_tokenize)
+from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_openapi, doc, file_doc
+from .protocol import (APIError, ChatCompletionRequest, Choice, CompletionRequest, DetokenizeRequest, TokenizeChat,
+                       parse_body, parse_feedback, parse_tokenize)
+from .responses import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, DetokenizeResponse,
+                        FeedbackCreated, Health, ModelList, TokenizeResponse, TokenizerInfo)
+from .service import Service, load_service
 
-STATIC = Path(__file__).parent / "static"
-
-
-class Service:
-    """What the endpoints need: the tokenizer, the scheduler (which owns the model), names, limits."""
-
-    def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
-                 api_key: str | None = None, slots: int = 16, scheduler=None):
-        self.model, self.tok, self.name, self.stage = model, tok, name, stage
-        self.block_size = model.cfg.block_size
-        self.scheduler = scheduler if scheduler is not None else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size)
-        self.feedback = FeedbackStore(feedback_path) if feedback_path else None
-        self.api_key = api_key or None
-        self.limits = LIMITS
-        self.created = int(time.time())
-        # every special token ends a reply: a model that opens a new turn or document has finished
-        self.stop_ids = tok.stop_ids
-
-    def close(self) -> None:
-        self.scheduler.close()
-
-    @torch.no_grad()
-    def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """Log-probability of each ids[i] given ids[:i] (i >= 1), and the ``top`` likeliest ids there."""
-        x = torch.tensor([ids], device=next(self.model.parameters()).device)
-        logp = torch.log_softmax(self.model(x)[0, :-1, : self.tok.vocab_size].float(), -1)  # as sampling does
-        target = x[0, 1:]
-        lps = logp.gather(1, target[:, None])[:, 0].tolist()
-        tops = [[]] * len(lps)
-        if top > 0:
-            vals, idx = logp.topk(min(top, logp.size(-1)), -1)
-            tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-        return lps, tops
-
-
-def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
-                 device: str = "cpu") -> Service:
-    from ..checkpoint import latest_stage, load_model
-
-    run_dir = Path(run_dir)
-    stage = stage or latest_stage(run_dir)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_model(run_dir / stage, device=device)
-    tok = Tokenizer.load(run_dir / "tokenizer.json")
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only {model.cfg.vocab_size}")
-    return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots)
 
 
 # ---------------------------------------------------------------- the app
@@ -226,6 +171,13 @@ def create_app(svc: Service, allow_origins=()):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- routes ----
+    def post(path: str, summary: str, body: str, answer, stream_chunk=None):
+        """A POST route documented with its JSON body (a schema named in openapi.py), its answer and its
+        errors; a generating route (one that streams ``stream_chunk`` events) may also answer 429 and 500."""
+        errors = POST_ERRORS + ((429, 500) if stream_chunk is not None else ())
+        return app.post(path, summary=summary, responses=doc(answer, *errors, stream=stream_chunk),
+                        openapi_extra=body_doc(body))
+
     def messages(conv) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in conv]
 
@@ -251,9 +203,8 @@ def create_app(svc: Service, allow_origins=()):
                                          for i, v in (alts or [])[:top]]})
         return {"content": out}
 
-    @app.post("/v1/chat/completions", summary="a chat completion (stream: true for server-sent events)",
-              responses=doc(ChatCompletion, *POST_ERRORS, 429, 500, stream=ChatCompletionChunk),
-              openapi_extra=body_doc("ChatCompletionRequest"))
+    @post("/v1/chat/completions", "a chat completion (stream: true for server-sent events)", "ChatCompletionRequest",
+          ChatCompletion, ChatCompletionChunk)
     async def chat_completions(request: HTTPRequest):
         req = parse_body(ChatCompletionRequest, await read_json(request))
         s = req.sampling()
@@ -343,9 +294,8 @@ def create_app(svc: Service, allow_origins=()):
             top_out.append(None if alts is None else {svc.tok.decode([i]): v for i, v in alts})
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out, "text_offset": offsets}
 
-    @app.post("/v1/completions", summary="a text completion; with echo and logprobs it scores the prompt",
-              responses=doc(Completion, *POST_ERRORS, 429, 500, stream=CompletionChunk),
-              openapi_extra=body_doc("CompletionRequest"))
+    @post("/v1/completions", "a text completion; with echo and logprobs it scores the prompt", "CompletionRequest",
+          Completion, CompletionChunk)
     async def completions(request: HTTPRequest):
         req = parse_body(CompletionRequest, await read_json(request))
         s = req.sampling()
@@ -431,8 +381,8 @@ def create_app(svc: Service, allow_origins=()):
         return {"tokenizer_class": "chatfactory", **svc.tok.chat_config,
                 "model_max_length": svc.block_size, "vocab_size": svc.tok.vocab_size}
 
-    @app.post("/tokenize", summary="text, or a conversation rendered by the chat template, to token ids",
-              responses=doc(TokenizeResponse, *POST_ERRORS), openapi_extra=body_doc("TokenizeRequest"))
+    @post("/tokenize", "text, or a conversation rendered by the chat template, to token ids", "TokenizeRequest",
+          TokenizeResponse)
     async def tokenize(request: HTTPRequest):
         req = parse_tokenize(await read_json(request))
         if isinstance(req, TokenizeChat):
@@ -444,16 +394,15 @@ def create_app(svc: Service, allow_origins=()):
                 ids = [svc.tok.bos_id] + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
 
-    @app.post("/detokenize", summary="token ids to text", responses=doc(DetokenizeResponse, *POST_ERRORS),
-              openapi_extra=body_doc("DetokenizeRequest"))
+    @post("/detokenize", "token ids to text", "DetokenizeRequest", DetokenizeResponse)
     async def detokenize(request: HTTPRequest):
         ids = parse_body(DetokenizeRequest, await read_json(request)).tokens
         if any(not 0 <= t < svc.tok.vocab_size for t in ids):
             raise APIError(400, "'tokens' holds an id outside the vocabulary", "tokens", "invalid_value")
         return {"prompt": svc.tok.decode(ids)}
 
-    @app.post("/v1/feedback", summary="a thumbs up/down rating, or a preference between two answers (SQLite)",
-              responses=doc(FeedbackCreated, *POST_ERRORS), openapi_extra=body_doc("FeedbackRequest"))
+    @post("/v1/feedback", "a thumbs up/down rating, or a preference between two answers (SQLite)", "FeedbackRequest",
+          FeedbackCreated)
     async def feedback(request: HTTPRequest):
         body = await read_json(request)
         if svc.feedback is None:
@@ -490,116 +439,6 @@ def create_app(svc: Service, allow_origins=()):
 
     app.openapi = openapi
     return app
-
-
-# ---------------------------------------------------------------- the OpenAPI schema
-
-API_DESCRIPTION = ("An OpenAI-compatible API for one chatfactory model, its tokenizer endpoints (as vLLM serves "
-                   "them), human feedback, and a web chat. Errors are OpenAI's error JSON.")
-ERRORS = {
-    400: "a bad request: error.param names the field, error.code says what is wrong",
-    401: "the server runs with --api-key and the request lacks 'Authorization: Bearer KEY' (or has a wrong one)",
-    403: "a foreign page: an Origin or (on a loopback address) a Host that is not this server's nor allowed "
-         "with --allow-origin",
-    404: "the body names another model (code model_not_found), or feedback is off (feedback_disabled)",
-    413: "the body is over the size limit (counted while it streams in)",
-    415: "a POST whose Content-Type is not application/json",
-    429: "the queue of requests waiting for a batch slot is full: retry later",
-    500: "generation failed (code engine_error)",
-}
-POST_ERRORS = (400, 401, 403, 404, 413, 415)
-# what each request body is, by its schema's name in components/schemas
-REQUEST_BODIES = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest,
-                  "FeedbackRequest": FeedbackRequest, "TokenizeRequest": TokenizeRequest,
-                  "DetokenizeRequest": DetokenizeRequest,
-                  # only a conversation's first message may be a system message (JSON Schema's prefixItems)
-                  "LaterChatMessage": LaterChatMessage, "LaterFeedbackTurn": LaterFeedbackTurn}
-LATER = {"#/components/schemas/ChatMessage": "#/components/schemas/LaterChatMessage",
-         "#/components/schemas/FeedbackTurn": "#/components/schemas/LaterFeedbackTurn"}
-
-
-def doc(model, *errors: int, stream=None) -> dict:
-    """``responses=`` for a route answering ``model`` as JSON (with stream: true, ``stream`` chunks as
-    server-sent events) and these errors."""
-    ok: dict = {"model": model, "description": "OK"}
-    if stream is not None:
-        ok["content"] = {"text/event-stream": {"schema": sse_event(stream.__name__)}}
-    return {200: ok, **{c: {"model": ErrorResponse, "description": ERRORS[c]} for c in errors}}
-
-
-def sse_event(chunk: str) -> dict:
-    """One server-sent event (OpenAPI 3.1: ``schema`` describes each event): ``data:`` a chunk as JSON, an
-    error (generation failed midway) or ``[DONE]``, the last."""
-    def json_of(name):
-        return {"contentMediaType": "application/json", "contentSchema": {"$ref": f"#/components/schemas/{name}"}}
-    return {"type": "object", "required": ["data"],
-            "properties": {"data": {"type": "string", "anyOf": [{"const": "[DONE]"}, json_of(chunk), json_of("ErrorResponse")]}}}
-
-
-def file_doc(*names: str, missing: bool = False) -> dict:
-    types = sorted({mimetypes.guess_type(n)[0] or "application/octet-stream" for n in names})
-    out = {200: {"description": "the file", "content": {t: {"schema": {"type": "string"}} for t in types}},
-           403: {"model": ErrorResponse, "description": ERRORS[403]}}
-    if missing:
-        out[404] = {"model": ErrorResponse, "description": "no such file"}
-    return out
-
-
-def body_doc(name: str) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
-
-
-def build_openapi(app, svc: Service) -> dict:
-    """FastAPI's schema of the routes, plus the request bodies (generated from the same pydantic models
-    that validate them), narrowed to what this server accepts: its model id, its context length, its
-    vocabulary and its static files."""
-    doc_ = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
-    schemas = doc_.setdefault("components", {}).setdefault("schemas", {})
-    request_defs: dict = {}
-    for name, t in REQUEST_BODIES.items():
-        js = TypeAdapter(t).json_schema(ref_template="#/components/schemas/{model}")
-        request_defs.update(js.pop("$defs", {}))
-        request_defs[name] = js
-    for chunk in (ChatCompletionChunk, CompletionChunk):  # referred to by the event streams' schemas only
-        js = chunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
-        schemas.update(js.pop("$defs", {}))
-        schemas[chunk.__name__] = js
-    ids_below, room = svc.tok.vocab_size, svc.block_size - 1
-
-    def narrow(node):
-        if isinstance(node, dict):
-            props = node.get("properties", {})
-            msgs = props.get("messages", {})
-            if msgs.get("items", {}).get("$ref") in LATER:  # a system message comes first or not at all
-                first = msgs["items"]["$ref"]
-                msgs["prefixItems"], msgs["items"] = [{"$ref": first}], {"$ref": LATER[first]}
-            if "model" in props:  # the one model served (null or absent: that one too)
-                props["model"] = {"anyOf": [{"type": "string", "enum": [svc.name]}, {"type": "null"}],
-                                  "default": None, "description": props["model"].get("description", "")}
-            for key in ("max_tokens", "max_completion_tokens"):
-                if key in props:  # never more than the context holds (the prompt's share is checked per request)
-                    for alt in props[key].get("anyOf", []):
-                        if alt.get("type") == "integer":
-                            alt["maximum"] = room
-            if node.get("type") == "integer" and str(node.get("description", "")).startswith("a token id"):
-                node["maximum"] = ids_below - 1
-            for v in node.values():
-                narrow(v)
-        elif isinstance(node, list):
-            for v in node:
-                narrow(v)
-
-    narrow(request_defs)
-    schemas.update(request_defs)
-    for path in doc_["paths"].values():  # nothing here answers FastAPI's 422: bad bodies get OpenAI's 400
-        for op in path.values():
-            op.get("responses", {}).pop("422", None)
-            for p in op.get("parameters", []):
-                if p["name"] == "name" and p["in"] == "path":  # /static/{name}
-                    p["schema"]["enum"] = sorted(f.name for f in STATIC.iterdir())
-    for unused in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(unused, None)
-    return doc_
 
 
 # ---------------------------------------------------------------- running it
