@@ -23,9 +23,10 @@ def test_tiny_temperature_and_penalty_sample_in_range():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 5
     gen = torch.Generator().manual_seed(0)
-    for top_p in (1.0, 0.9):
-        ids = sample_next(logits, SamplingParams(temperature=1e-40, top_p=top_p), generator=gen)
-        assert ids.tolist() == logits.argmax(-1).tolist()  # the limit of a tiny temperature: greedy
+    for t in (1e-40, 1e-117, 5e-324):  # 1e-117 and below: 0 as a float32 divisor (0 / 0 = NaN at the maximum)
+        for top_p in (1.0, 0.9):
+            ids = sample_next(logits, SamplingParams(temperature=t, top_p=top_p), generator=gen)
+            assert ids.tolist() == logits.argmax(-1).tolist()  # the limit of a tiny temperature: greedy
     seen = logits.argmax(-1, keepdim=True)
     for rep in (1e-40, 10.0):
         ids = sample_next(logits, SamplingParams(temperature=1e-40, repetition_penalty=rep), seen, gen)

@@ -65,7 +65,8 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
     models): an id at or above it has no text, so it is never picked. Raises ``SamplingError`` when a
     row's logits are not finite, rather than return an id from NaN probabilities (which used to be V:
     out of range). Any temperature > 0 and penalty > 0 is safe: a tiny temperature samples greedily,
-    its limit, because logits are shifted by their maximum before they are divided."""
+    its limit (below float32's smallest normal number, greedily outright), because logits are shifted
+    by their maximum before they are divided."""
     logits = logits.float()
     V = logits.size(-1)
     if vocab_limit is not None and vocab_limit < V:
@@ -78,7 +79,9 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
         picked = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
         # a tiny penalty overflows a positive logit to +inf (NaN after the shift below): keep it finite
         logits = logits.scatter(1, seen, picked).clamp(max=torch.finfo(torch.float32).max)
-    if p.temperature <= 0:
+    # a temperature below float32's smallest normal number is greedy, its limit: as a float32 divisor it
+    # would be 0 (or lose its precision), and 0 / 0 at the maximum is NaN
+    if p.temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(-1)
     # the maximum becomes 0 and every other logit <= 0, so dividing by a tiny temperature gives -inf,
     # never inf - inf = NaN; softmax is unchanged by the shift
