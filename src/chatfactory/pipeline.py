@@ -15,6 +15,7 @@ This module only sequences the stages; each lives in its own module and writes `
                  the reward model's held-out accuracy set
     reward       the reward model on those comparisons
     ppo · dpo    RLHF with a KL penalty to SFT, and DPO beside it on the same comparisons
+    grpo · rloo  group-baseline RL against the same reward model (when in pipeline.stages)
     eval         every policy answers the same held-out prompts; the rubric is the gold judge
                  (eval/heldout.py, which also scores policies on the dev prompts that choices are made on)
     report       RUN/report.md, RUN/report.json and PNG plots (eval/report.py)
@@ -47,6 +48,7 @@ TRAIN_STAGES = {
     "ppo": ("chatfactory.train.ppo", "run_ppo"),
     "dpo": ("chatfactory.train.dpo", "run_dpo"),
     "grpo": ("chatfactory.train.grpo", "run_grpo"),
+    "rloo": ("chatfactory.train.rloo", "run_rloo"),
 }
 
 
@@ -90,13 +92,15 @@ def _use_tasks(cfg: Config, paths: dict) -> None:
     """Point the stages' data at the task files (only what the config leaves at "tasks")."""
     if cfg.pipeline.tasks:
         cfg.sft.data = str(paths["sft"])
-        for section in ("ppo", "grpo"):
+        for section in ("ppo", "grpo", "rloo"):
             sec = getattr(cfg, section, None)
             if sec is None:
                 continue
             sec.prompts = str(paths["prompts"])
-            if hasattr(sec, "eval_prompts") and not sec.eval_prompts:  # the gold curve over RL iterations
-                sec.eval_prompts, sec.gold = str(paths["heldout"]), sec.gold or "chatfactory.data.tasks:rubric_score"
+            if hasattr(sec, "eval_prompts") and not sec.eval_prompts:
+                # the gold curve over RL iterations, on the dev prompts: keep_best chooses the iteration on
+                # it, and held-out prompts must only report
+                sec.eval_prompts, sec.gold = str(paths["dev"]), sec.gold or "chatfactory.data.tasks:rubric_score"
     if hasattr(cfg, "reward") and not cfg.reward.val_data:
         cfg.reward.val_data = str(paths["comparisons_heldout"])
     if hasattr(cfg, "dpo") and not cfg.dpo.val_data:
@@ -203,7 +207,7 @@ def _init_missing(cfg: Config, run_dir: Path, stage: str) -> str:
     if stage in ("reward", "dpo") and not sec.data and not (run_dir / "comparisons.jsonl").exists():
         return "no comparisons to train on"
     needs = [getattr(sec, "init_from", "")]
-    if stage in ("ppo", "grpo") and sec.reward == "reward":
+    if stage in ("ppo", "grpo", "rloo") and sec.reward == "reward":
         needs.append("reward")
     for src in filter(None, needs):
         if not (has_checkpoint(Path(src).expanduser()) or has_checkpoint(run_dir / src)):

@@ -36,7 +36,7 @@ from ..tokenizer import Tokenizer
 from .fewshot import few_shot_table
 from .winrate import compare
 
-POLICIES = ("sft", "ppo", "dpo", "grpo")  # chat policies evaluated on the held-out prompts
+POLICIES = ("sft", "ppo", "dpo", "grpo", "rloo")  # chat policies evaluated on the held-out prompts
 
 
 def read_rows(path) -> list[dict]:

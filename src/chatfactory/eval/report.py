@@ -17,6 +17,10 @@ from pathlib import Path
 
 from ..checkpoint import atomic_write_text
 from ..train.loop import read_metrics
+from .heldout import POLICIES
+
+RL_STAGES = ("ppo", "grpo", "rloo")  # stages with an RL curve (plots/rl.png) and a gold curve on dev
+OPTIONAL = ("grpo", "rloo")  # left out of the tables when the pipeline did not ask for them
 
 BARS = {  # the bars, checked in the report (on >= 200 held-out prompts)
     "sft_beats_base": "SFT held-out accuracy > base model's",
@@ -91,7 +95,7 @@ def plot_rl(run_dir: Path, stage: str) -> str | None:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     titles = {"score": "reward-model score", "reward": "reward incl. KL penalty", "kl": "KL to SFT (nats/answer)",
-              "gold": "gold (rubric) score, held-out"}
+              "gold": "gold (rubric) score, dev prompts"}
     for ax, k in zip(axes[0], keys):
         pts = [(r["iteration"], r[k]) for r in rows if k in r]
         ax.plot(*zip(*pts), "o-", ms=3)
@@ -153,14 +157,14 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
                   own_sample_accuracy=full["own_sample_accuracy"], own_sample_pairs=full["own_sample_pairs"])
     rep["reward"] = rw
 
-    for s in ("ppo", "dpo", "grpo"):
+    for s in ("ppo", "dpo", "grpo", "rloo"):
         sec = base_section(s)
         m = read_metrics(run_dir / s / "metrics.jsonl")
-        if s in ("ppo", "grpo"):
+        if s in RL_STAGES:
             sec.update(train_kl=last_with(m, "kl"), train_score=last_with(m, "score"), train_gold=last_with(m, "gold"))
         rep[s] = sec
 
-    for s in ("sft", "ppo", "dpo", "grpo"):
+    for s in POLICIES:
         e = evals.get(s)
         if not e:
             rep[s].setdefault("heldout_accuracy", None)
@@ -283,11 +287,12 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         "reward": f"held-out pairwise accuracy {_fmt(rep['reward'].get('heldout_accuracy'))}",
         "ppo": f"win rate vs SFT {_fmt(rep['ppo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['ppo'].get('kl'), 2)} nats",
         "dpo": f"win rate vs SFT {_fmt(rep['dpo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['dpo'].get('kl'), 2)} nats",
-        "grpo": f"win rate vs SFT {_fmt(rep['grpo'].get('win_rate_vs_sft'))}",
+        "grpo": f"win rate vs SFT {_fmt(rep['grpo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['grpo'].get('kl'), 2)} nats",
+        "rloo": f"win rate vs SFT {_fmt(rep['rloo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['rloo'].get('kl'), 2)} nats",
     }
-    for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo", "grpo"):
+    for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo", "grpo", "rloo"):
         sec = rep[s]
-        if s == "grpo" and sec["status"].startswith("not run: not in"):
+        if s in OPTIONAL and sec["status"].startswith("not run: not in"):
             continue
         done = sec["status"] == "done"
         L.append(f"| {s} | {sec['status']} | {_fmt(sec.get('seconds'), 1)} | {sec.get('tokens', '—') if done else '—'} | {ach[s] if done else '—'} |")
@@ -300,7 +305,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
           "Accuracy: the reply holds the right answer. Win rate: the policy's reply scores higher than SFT's on "
           "the same prompt (ties count half). KL: mean over replies of log π(reply) − log π_SFT(reply), nats.", "",
           "| policy | accuracy | gold score | win rate vs SFT | KL vs SFT | mean words |", "|---|---|---|---|---|---|"]
-    for s in ("pretrain", "sft", "ppo", "dpo", "grpo"):
+    for s in ("pretrain",) + POLICIES:
         e = evals.get(s)
         if not e:
             continue
@@ -358,9 +363,9 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
           + (f" on {rw['heldout_pairs']:,} held-out pairs; {_fmt(rw.get('own_sample_accuracy'))} on the "
              f"{rw['own_sample_pairs']:,} between the SFT policy's own samples" if rw.get("heldout_pairs") else "")
           + f" (mean margin {_fmt(rw.get('val_margin'))} on the sample evaluated in training).", ""]
-    for s in ("ppo", "dpo", "grpo"):
+    for s in ("ppo", "dpo", "grpo", "rloo"):
         sec = rep[s]
-        if s == "grpo" and sec["status"].startswith("not run: not in"):
+        if s in OPTIONAL and sec["status"].startswith("not run: not in"):
             continue
         L += [f"## {s.upper()}", ""]
         if sec["status"] != "done":
@@ -387,7 +392,7 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
     if getattr(cfg, "comparisons", None) is not None:
         rep["comparisons"].update(k=cfg.comparisons.k, mismatched=cfg.comparisons.mismatched)
     plots = {"losses": plot_losses(run_dir, ["pretrain", "sft", "reward", "dpo"])}
-    for s in ("ppo", "grpo"):
+    for s in RL_STAGES:
         plots[s] = plot_rl(run_dir, s)
     samples = getattr(settings, "samples", 4)
     atomic_write_text(run_dir / "report.md", write_markdown(run_dir, rep, evals, plots, samples, RUBRIC))

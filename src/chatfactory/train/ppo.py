@@ -22,10 +22,15 @@ policy and the critic's backbone train adapters only, and the reference is the p
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import torch
+import torch.nn as nn
+
+from ..checkpoint import load_model, resolve_stage, stage_config
 from ..config import Config
 from .loop import all_reduce_sum
+from .reward import RewardModel, load_reward_model
 from .rl import RLStage, aggregate, kl_k1, masked_mean, run_rl
 from .rollout import answer_logprobs
 
@@ -103,7 +108,19 @@ def adapt_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n: int
 
 class PPOStage(RLStage):
     name = "ppo"
-    with_critic = True
+
+    @staticmethod
+    def make_critic(settings, run_dir, reward, device):
+        """The value network: the reward model itself (InstructGPT), a reward-model stage, or a fresh zero
+        head on a copy of another stage's backbone (so the first advantages are the rewards alone)."""
+        if not settings.critic_from and reward.model is not None:
+            return copy.deepcopy(reward.model).train().requires_grad_(True)
+        src_dir = resolve_stage(run_dir, settings.critic_from or settings.init_from, "ppo.critic_from")
+        if stage_config(src_dir).get("kind") == "reward":
+            return load_reward_model(src_dir, device).train().requires_grad_(True)
+        critic = RewardModel(load_model(src_dir, device)[0]).to(device)
+        nn.init.zeros_(critic.head.weight)
+        return critic.requires_grad_(True)
 
     def needs_old_logp(self):
         return True  # the KL penalty in the rewards is measured on the sampling policy

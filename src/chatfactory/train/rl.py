@@ -25,9 +25,7 @@ The rollout batch itself, its row selection and the rollout/training log-prob ch
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import math
 import time
 import warnings
@@ -45,8 +43,9 @@ from ..scorer import load_scorer
 from .lora import apply_lora, as_reference, lora_layers, lora_settings, summary
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
 from .pairs import run_tokenizer
-from .reward import RewardModel, load_reward_model
+from .reward import load_reward_model
 from .rollout import LogpMismatch, answer_logprobs, attention_mask, forward_answers, logprobs_and_entropy, rollout, select
+from .selection import BestIteration, finish_with_best
 
 
 # ---------------------------------------------------------------- shared math
@@ -180,10 +179,9 @@ class Reward:
 # ---------------------------------------------------------------- the stage
 class RLStage(Stage):
     """The iteration and everything around it. A subclass gives ``advantages`` (experience -> the
-    per-token advantages its ``loss`` reads) and ``loss``; ``with_critic`` if it trains a value head."""
+    per-token advantages its ``loss`` reads) and ``loss``; ``make_critic`` if it trains a value head."""
 
     name = "rl"
-    with_critic = False
     fsdp_unsupported = ("each rank samples its rollouts on its own, a different number of forward passes per "
                         "rank, which FSDP2's per-forward all-gathers cannot follow; and its checkpoint holds "
                         "a critic and beta beside the policy")
@@ -217,9 +215,16 @@ class RLStage(Stage):
         self.experience, self.it, self.running = None, -1, None  # the running iteration: its experience, number, generator
         self.iter_stats, self.update_stats = {}, []
         self.mismatch, self.mismatch_warned = LogpMismatch(), False
+        self.selection = BestIteration.for_stage(self.name, settings, self.eval_rows, gold)  # None unless keep_best
+        self.finishes_itself = self.selection is not None  # finish_with_best writes the finished mark
         self._perm_epoch, self._perm = -1, None
 
     # ---- what subclasses define
+    @staticmethod
+    def make_critic(settings, run_dir: Path, reward: Reward, device) -> nn.Module | None:
+        """The value network the algorithm trains beside the policy (PPO); None: no critic."""
+        return None
+
     def rollout_rows(self) -> int:
         return self.settings.rollout_batch
 
@@ -383,12 +388,16 @@ class RLStage(Stage):
             g = gold_score(self.ac.policy, self.tok, mine, self.gold, s.max_new_tokens, s.temperature, seed=s.seed)
             tot = all_reduce_sum(torch.tensor([g * len(mine), len(mine)], dtype=torch.float64, device=d.device))
             res["gold"] = (tot[0] / tot[1].clamp(min=1)).item()
+            if self.selection is not None:
+                self.selection.observe(it, res["gold"], self.ac.policy)
         self.update_stats = []
         return res
 
     # ---- checkpoint hooks: the policy in model.safetensors, the critic and beta in state.pt
     def checkpoint_weights(self, model):
         extra = {"kl_coef": float(self.kl_coef)}
+        if self.selection is not None:
+            extra["selection"] = self.selection.state()
         if model.critic is not None:
             extra["critic"] = {k: v.detach().clone() for k, v in model.critic.state_dict().items()}
         return unique_state_dict(model.policy), extra
@@ -401,6 +410,8 @@ class RLStage(Stage):
             dev = next(model.critic.parameters()).device
             model.critic.load_state_dict({k: v.to(dev) for k, v in state["critic"].items()})
         self.kl_coef = float(state.get("kl_coef", self.kl_coef))
+        if self.selection is not None:
+            self.selection.load_state(state.get("selection"))
 
 
 def _sync(device) -> None:
@@ -409,22 +420,6 @@ def _sync(device) -> None:
 
 
 # ---------------------------------------------------------------- building and running a stage
-def _critic(settings, name: str, run_dir: Path, reward: Reward, device) -> nn.Module:
-    """The value network: the reward model itself (InstructGPT), a reward-model stage, or a fresh zero
-    head on a copy of another stage's backbone (so the first advantages are the rewards alone)."""
-    src = getattr(settings, "critic_from", "")
-    if not src and reward.model is not None:
-        critic = copy.deepcopy(reward.model).train()
-    else:
-        src_dir = resolve_stage(run_dir, src or settings.init_from, f"{name}.critic_from")
-        if json.loads((src_dir / "config.json").read_text()).get("kind") == "reward":
-            critic = load_reward_model(src_dir, device).train()
-        else:
-            critic = RewardModel(load_model(src_dir, device)[0]).to(device)
-            nn.init.zeros_(critic.head.weight)
-    return critic.requires_grad_(True)
-
-
 def build_rl(cfg: Config, run_dir: Path, d: Dist, name: str, stage_cls) -> tuple[RLStage, Path]:
     """The stage ``name`` of ``cfg`` with everything it loads: tokenizer, prompts, policy, reference,
     reward, critic, gold -> (stage, the policy's init directory). With LoRA settings the policy and the
@@ -446,7 +441,7 @@ def build_rl(cfg: Config, run_dir: Path, d: Dist, name: str, stage_cls) -> tuple
         ref_dir = resolve_stage(run_dir, settings.ref_from, f"{name}.ref_from") if settings.ref_from else init
         ref = policy if lora and not settings.ref_from else frozen(load_model(ref_dir, d.device)[0])
     reward = Reward(settings.reward, run_dir, tok, d.device)
-    ac = ActorCritic(policy.requires_grad_(True), _critic(settings, name, run_dir, reward, d.device) if stage_cls.with_critic else None)
+    ac = ActorCritic(policy.requires_grad_(True), stage_cls.make_critic(settings, run_dir, reward, d.device))
     if lora:
         apply_lora(ac.policy, lora, settings.seed)
         if ac.critic is not None:
@@ -487,6 +482,10 @@ def run_rl(cfg: Config, run_dir, name: str, stage_cls) -> dict:
               f"{stage.updates_per_iter} updates; policy from {init}; {what}; beta={settings.kl_coef}"
               + (f"; {summary(stage.ac)}" if stage.info.get("lora") else ""))
     result = train(stage, stage.ac, loop_config(settings, stage.updates_per_iter), run_dir / name, d)
+    if settings.keep_best:  # the kept iteration's weights, then the finished mark
+        choice = finish_with_best(run_dir / name, d.main)
+        if choice is not None:
+            result["dev_choice"] = choice
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return result

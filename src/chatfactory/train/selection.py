@@ -1,0 +1,80 @@
+"""Which RL iteration to keep, chosen on the dev prompts (``<stage>.keep_best=true``).
+
+A small reward model is easy to fool: under PPO its score keeps rising while the answers' true quality
+(the gold score) peaks and then falls. InstructGPT's labelers judged a validation set to pick among
+policies; here the RL stage's periodic gold evaluation runs on prompts no stage trains on (the pipeline
+points ``eval_prompts`` at RUN/tasks/dev.jsonl, scored by the rubric), and the stage keeps the policy of
+the iteration that scored highest there, not merely the last one. The held-out prompts only report.
+
+The best policy so far lives in the resume state (state.pt), so a killed run resumes exactly; when
+training ends the stage writes the kept weights and only then marks the checkpoint finished
+(``Stage.finishes_itself``), with the choice in config.json and in the stage's result as ``dev_choice``
+(the report states it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import load_checkpoint, save_checkpoint, unique_state_dict
+
+
+class BestIteration:
+    """The gold score of every evaluated iteration, and a copy of the best one's trainable weights."""
+
+    def __init__(self, n_rows: int):
+        self.n_rows = n_rows
+        self.curve: dict[int, float] = {}  # iteration -> gold on the dev prompts
+        self.best: dict | None = None  # {"iteration", "gold", "weights": trainable tensors on the CPU}
+
+    @classmethod
+    def for_stage(cls, name: str, settings, eval_rows: list, gold) -> "BestIteration | None":
+        if not settings.keep_best:
+            return None
+        if not (eval_rows and gold is not None):
+            raise ValueError(f"{name}.keep_best=true needs eval_prompts and gold: the prompts and the scorer that "
+                             f"choose the iteration to keep (chatfactory run sets the dev split and the rubric)")
+        return cls(len(eval_rows[: settings.eval_rows]))
+
+    def observe(self, iteration: int, gold: float, policy: torch.nn.Module) -> None:
+        """Record an evaluation; keep a copy of the policy if it is the best so far (the earlier of two
+        equal scores stays: less drift from SFT for the same quality)."""
+        self.curve[iteration] = gold
+        if self.best is None or gold > self.best["gold"]:
+            trainable = {n for n, p in policy.named_parameters() if p.requires_grad}  # LoRA: the adapters only
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in unique_state_dict(policy).items() if k in trainable}
+            self.best = {"iteration": iteration, "gold": gold, "weights": weights}
+
+    def state(self) -> dict:
+        return {"curve": dict(self.curve), "best": self.best, "n_rows": self.n_rows}
+
+    def load_state(self, state: dict | None) -> None:
+        if state:
+            self.curve = {int(k): float(v) for k, v in state["curve"].items()}
+            self.best, self.n_rows = state["best"], state["n_rows"]
+
+    def record(self) -> dict:
+        """The choice as the report states it (eval/heldout.py's ``choose_on_dev`` shape)."""
+        return {"what": "iteration", "chose": str(self.best["iteration"]), "by": "gold_score", "n": self.n_rows,
+                "candidates": {str(it): {"accuracy": None, "gold_score": round(g, 4), "win_rate_vs_sft": None}
+                               for it, g in sorted(self.curve.items())}}
+
+
+def finish_with_best(stage_dir, main: bool) -> dict | None:
+    """After training: put the best iteration's weights in the stage's checkpoint and mark it finished,
+    the mark written last. A stage found finished was done by an earlier run. Returns the choice."""
+    if not main:
+        return None
+    weights, info, state = load_checkpoint(stage_dir, with_state=True)
+    if info.get("finished"):
+        return info.get("dev_choice")
+    tracked = BestIteration(0)
+    tracked.load_state(state.get("selection"))
+    if tracked.best is None:
+        raise ValueError(f"{stage_dir}: keep_best is set but no iteration was evaluated on the dev prompts "
+                         f"(set eval_prompts, gold and an eval_every that the run reaches)")
+    weights.update(tracked.best["weights"])
+    choice = tracked.record()
+    info.update(finished=True, dev_choice=choice, kept_iteration=tracked.best["iteration"])
+    save_checkpoint(stage_dir, weights, {k: v for k, v in info.items() if k != "step"}, state, info["step"])
+    return choice
