@@ -95,7 +95,7 @@ class _Tokens(Stage):
     def loss(self, model, batch):
         return model(batch[0], targets=batch[1])
 
-    def tokens(self, batch):
+    def token_count(self, batch):
         return batch[0].numel()
 
 

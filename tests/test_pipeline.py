@@ -40,7 +40,12 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
         v = dig(rep, key)
         assert isinstance(v, float), f"report.json {key} = {v!r}"
     assert rep["heldout_prompts"] == 24 and rep["total_seconds"] > 0
-    assert rep["dev"] == {"prompts": 160, "chose": []}  # written for choosing; nothing in the tiny run chooses yet
+    # PPO kept the iteration that scored best on 8 dev prompts, and the kept policy was scored on dev again
+    (choice,) = rep["dev"]["chose"]
+    assert rep["dev"]["prompts"] == 160 and (choice["stage"], choice["what"], choice["n"]) == ("ppo", "iteration", 8)
+    assert choice["chose"] in ("1", "2") and set(choice["candidates"]) == {"1", "2"}
+    assert choice["kept"]["n"] == 160 and 0 <= choice["kept"]["win_rate_vs_sft"] <= 1
+    assert "ppo iteration **" in (out / "report.md").read_text()
     for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo"):
         assert rep[s]["status"] == "done", (s, rep[s]["status"])
     # KL is a Monte-Carlo estimate on 24 replies of a policy that barely moved: near 0, maybe a hair below

@@ -35,7 +35,7 @@ from pathlib import Path
 from .checkpoint import atomic_write_text, has_checkpoint, stage_finished
 from .config import Config, save_config
 from .data.tasks import write_task_files
-from .eval.heldout import POLICIES, evaluate_all, reward_accuracy
+from .eval.heldout import POLICIES, dev_scores, evaluate_all, reward_accuracy
 from .eval.report import write_report
 from .tokenizer import Tokenizer
 
@@ -168,6 +168,8 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
                    "heldout": fn(cfg, run_dir, str(paths["heldout"]), str(paths["comparisons_heldout"]), k)}
         else:
             res = fn(cfg, run_dir)
+            if isinstance(res, dict) and res.get("dev_choice"):  # the kept policy's own dev scores, for the report
+                res["dev_choice"]["kept"] = {k: v for k, v in dev_scores(cfg, run_dir, stage).items() if k != "accuracy_by_task"}
         ledger.add_time(stage, time.perf_counter() - t)
         ledger.update(stage, status="done", result=_jsonable(res))
 

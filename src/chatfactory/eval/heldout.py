@@ -182,7 +182,7 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         atomic_write_text(cache, json.dumps(res, indent=1))
         out[stage] = res
     if "sft" in out:
-        for stage in ("ppo", "dpo", "grpo", "pretrain"):
+        for stage in POLICIES[1:] + ("pretrain",):
             if stage in out:
                 out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
     return out

@@ -214,7 +214,9 @@ def _dev_md(dev: dict) -> str:
         return head + "nothing in this run — every setting and checkpoint is the config's."
     said = []
     for c in dev["chose"]:
-        best = c.get("candidates", {}).get(str(c["chose"]), {})
+        # the kept policy scored on dev again after training (its replies, its win rate vs SFT's), or else
+        # the score that chose it
+        best = c.get("kept") or c.get("candidates", {}).get(str(c["chose"]), {})
         said.append(f"{c['stage']} {c['what']} **{c['chose']}** by {c['by'].replace('_', ' ')} (accuracy {_fmt(best.get('accuracy'))}, "
                     f"gold {_fmt(best.get('gold_score'))}, win rate vs SFT {_fmt(best.get('win_rate_vs_sft'))}; "
                     f"of {', '.join(map(str, c.get('candidates', {})))})")

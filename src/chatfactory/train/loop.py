@@ -218,7 +218,8 @@ class Stage:
     def loss(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
 
-    def tokens(self, batch) -> int:
+    def token_count(self, batch) -> int:
+        """How many tokens the micro-batch trains on (the tok/s and MFU the loop logs)."""
         raise NotImplementedError
 
     def evaluate(self, model, d: Dist) -> dict:
@@ -348,7 +349,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
                     loss = stage.loss(model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-            n_tok += stage.tokens(batch)
+            n_tok += stage.token_count(batch)
         grad_norm = memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else torch.zeros(())
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -98,7 +98,7 @@ class PairStage(Stage):
     def micro_batch(self, step, micro, rank, world):
         return self.batches.micro_batch(step, micro, self.settings.grad_accum, rank, world)
 
-    def tokens(self, batch):
+    def token_count(self, batch):
         return int(batch["last"].sum()) + len(batch["last"])
 
     def val_values(self, model, batch: dict) -> dict[str, torch.Tensor]:

@@ -58,7 +58,7 @@ class PretrainStage(Stage):
         x, y = batch
         return model(x, targets=y)
 
-    def tokens(self, batch):
+    def token_count(self, batch):
         return batch[0].numel()
 
     def evaluate(self, model, d):

@@ -359,7 +359,7 @@ class RLStage(Stage):
                     yield batch
 
     # ---- the rest of the loop's interface
-    def tokens(self, batch):
+    def token_count(self, batch):
         return int(batch["valid"].sum())
 
     def record(self, stats: dict) -> None:

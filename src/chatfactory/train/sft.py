@@ -161,7 +161,7 @@ class SFTStage(Stage):
     def loss(self, model, batch):
         return masked_loss(model, batch)
 
-    def tokens(self, batch):
+    def token_count(self, batch):
         return int((batch["doc"] >= 0).sum())
 
     def evaluate(self, model, d: Dist) -> dict:
