@@ -405,6 +405,14 @@ def latest_stage(run_dir, candidates=("ppo", "grpo", "dpo", "sft", "pretrain")) 
     raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(candidates)})")
 
 
+# Set by ``quant.inference()`` around the inference commands (chat, sample, serve, eval):
+# ``quantized_loader(weights, info, stage_dir, device)`` builds the model of a quantized stage, and
+# ``quantize_on_load(model)`` (when --quantize asked for it) quantizes a full-precision one. Unset (training),
+# a quantized stage is refused: integer weights cannot be trained.
+quantized_loader = None
+quantize_on_load = None
+
+
 def load_model(stage_dir, device="cpu", merge_lora: bool = True):
     """-> (GPT with the stage's weights, the checkpoint's config.json). A stage trained with LoRA
     adapters (train/lora.py) comes back as a plain GPT with the adapters merged into its weights, or
@@ -413,6 +421,12 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
     from .train.lora import apply_lora, merge_weights
 
     weights, info, _ = load_checkpoint(stage_dir)
+    if info.get("quantization"):
+        if quantized_loader is None:
+            raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantization'].get('scheme')}), for inference "
+                                  f"only (chat, sample, serve, eval); train from the stage it was made from "
+                                  f"({info.get('quantized_from', 'its full-precision stage')})")
+        return quantized_loader(weights, info, stage_dir, device), info
     try:
         cfg = GPTConfig.from_dict(info["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -423,4 +437,5 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
     else:
         weights = merge_weights(weights, info)
     load_weights(model, weights, str(Path(stage_dir) / MODEL))
-    return model.to(device).eval(), info
+    model = model.to(device).eval()
+    return (quantize_on_load(model) if quantize_on_load else model), info

@@ -7,6 +7,7 @@
     chatfactory sample    --run runs/tiny --prompt "The"         continue a prompt
     chatfactory chat      --run runs/tiny                        talk to the last finished stage
     chatfactory serve     --run runs/tiny                        OpenAI-compatible API + web UI
+    chatfactory quantize  --run runs/tiny --stage sft --bits 4   int8/int4 weights: a stage sft-int4
 
 ``--config`` takes a preset name from configs/ (tiny, shakespeare, gpt2-124m, …) or a YAML file; any
 ``section.key=value`` after it overrides one setting (``pretrain.steps=500 model.depth=6``). Every
@@ -104,10 +105,31 @@ def cmd_run(a):
     print(f"chat with it:  chatfactory chat --run {a.out}\nserve it:      chatfactory serve --run {a.out}")
 
 
+def _inference(a):
+    """The loading mode of chat, sample, serve and eval: quantized stages load; --quantize quantizes on load."""
+    from .quant import inference
+
+    return inference(a.quantize)
+
+
+def _add_quantize_arg(p) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights on load: int8 (per channel) or int4 (groups of 64); see `quantize`")
+
+
+def cmd_quantize(a):
+    from .quant import quantize_stage
+
+    out = quantize_stage(a.run, a.stage, a.bits, a.group, a.out_stage, a.include_head)
+    print(f"wrote {out} (int{a.bits}{f', groups of {a.group}' if a.bits == 4 else ''}); "
+          f"chat with it: chatfactory chat --run {a.run} --stage {out.name}")
+
+
 def cmd_chat(a):
     from .chat import run_chat
 
-    run_chat(a)
+    with _inference(a):
+        run_chat(a)
 
 
 def cmd_sample(a):
@@ -119,7 +141,8 @@ def cmd_sample(a):
 
     torch.set_grad_enabled(False)
     stage = a.stage or latest_stage(a.run)
-    model, _ = load_model(f"{a.run}/{stage}")
+    with _inference(a):
+        model, _ = load_model(f"{a.run}/{stage}")
     tok = Tokenizer.load(f"{a.run}/tokenizer.json")
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                             seed=a.seed, stop_ids=tok.stop_ids)
@@ -162,13 +185,15 @@ def cmd_import(a):
 def cmd_eval(a):
     from .eval.cli import run_eval
 
-    run_eval(a)
+    with _inference(a):
+        run_eval(a)
 
 
 def cmd_serve(a):
     from .serve.api import serve
 
-    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin)
+    with _inference(a):
+        serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin)
 
 
 def cmd_feedback(a):
@@ -193,6 +218,7 @@ def _add_serve_parsers(sub):
                         "(repeatable or comma-separated; * allows any); other origins and hosts get 403")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default auto: cuda if available)")
+    _add_quantize_arg(p)
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("feedback", help="human feedback collected by `serve`: export it as comparisons JSONL")
     fsub = p.add_subparsers(dest="action", required=True, metavar="action")
@@ -249,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None, help="which weights: pretrain, sft, ppo, … (default: the last trained)")
     p.add_argument("--prompt", default="", help="text to continue")
     _add_sampling_args(p, max_tokens=100, temperature=0.8)
+    _add_quantize_arg(p)
     p.set_defaults(fn=cmd_sample)
     p = sub.add_parser("chat", help="talk to a trained run in the terminal (streaming, history, /help for commands)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
@@ -257,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="system prompt")
     _add_sampling_args(p, max_tokens=256, temperature=0.7)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    _add_quantize_arg(p)
     p.set_defaults(fn=cmd_chat)
     p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
@@ -277,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub, cmd_eval)
+    _add_quantize_arg(sub.choices["eval"])
+    p = sub.add_parser("quantize", help="write a stage with int8 or int4 weights (weight-only, for inference: "
+                                        "chat, sample, serve and eval load it)")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--stage", required=True, help="the full-precision stage to quantize: sft, ppo, … or a stage directory")
+    p.add_argument("--bits", type=int, required=True, help="8: int8 per output channel; 4: int4 in groups")
+    p.add_argument("--group", type=int, default=64, help="int4: columns per scale/offset group, 32, 64, 128 or 256 (default 64)")
+    p.add_argument("--out-stage", default=None, help="stage name to write in the run (default: STAGE-int4 / STAGE-int8)")
+    p.add_argument("--include-head", action="store_true", help="quantize the LM head too (default: it stays full precision)")
+    p.set_defaults(fn=cmd_quantize)
     _add_serve_parsers(sub)
     return ap
 

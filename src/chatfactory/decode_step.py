@@ -198,6 +198,8 @@ class DecodeStep:
         self.packed_min_width = PACKED_MIN_WIDTH  # tests set 0 to take the packed step on a small model
         self.streamed_min_bytes = STREAMED_MIN_BYTES  # tests set 0 to take the big-model choices
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # int8/int4 layers (quant.py) run their own kernels: eagerly, one product per layer, never compiled
+        self.quantized = any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules())
         cfg, dev = model.cfg, model.tok_emb.weight.device
         self.tables = None if model.pos_emb is not None else rope_cos_sin(
             cfg.head_dim, torch.arange(cfg.block_size, device=dev), cfg.rope_theta)
@@ -227,8 +229,8 @@ class DecodeStep:
         model, n, dev = self.model, cache.pos, cache.k.device
         B = cache.k.size(1)
         slot = torch.tensor([n], device=dev)
-        if self.packs(B):  # eager: it writes into the prefill's own cache and reads its filled part
-            linear = self.packed.setdefault(B, _Packed(model, B)).linear()
+        if self.packs(B) or self.quantized:  # eager: it writes into the prefill's own cache and reads its filled part
+            linear = blas if self.quantized else self.packed.setdefault(B, _Packed(model, B)).linear()
             ks, vs = list(cache.k.unbind(0)), list(cache.v.unbind(0))
             mask = None
             if valid is not None:

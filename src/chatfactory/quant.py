@@ -1,0 +1,398 @@
+"""Weight-only int8 / int4 quantization of the GPT's linear layers, for inference.
+
+Every ``nn.Linear`` of the transformer blocks (and, with ``include_head=True``, the LM head) becomes a
+``QuantLinear`` holding integer weights; activations, norms, embeddings and the KV cache stay in floating
+point. Two schemes:
+
+* **int8**: symmetric, one scale per output channel: ``w[n, k] ~= q[n, k] * scale[n]``, q in [-127, 127].
+* **int4**: group-wise along the input dimension (``group`` of 32, 64, 128 or 256 columns, default 64),
+  a scale and an offset per group: ``w[n, k] ~= (q[n, k] - 8) * scale[n, g] + offset[n, g]``, q in
+  [0, 15] (the offset is the value of the middle code 8: the asymmetric scheme of gpt-fast, whose
+  ``scales_and_zeros`` PyTorch's kernels read as they are).
+
+On a CPU the matrix products run in PyTorch's own weight-packed kernels, never on a dequantized copy:
+``aten._weight_int8pack_mm`` (int8 weights as they are) and ``aten._weight_int4pack_mm_for_cpu`` (on
+weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``). Measured on a 2-core AVX-512 Xeon
+with torch 2.13 (one thread, 1536 x 512 weight, one row): these kernels are vectorised for bfloat16
+activations only (int8 66 us, int4 60 us, fp32 ``F.linear`` 120 us), and run a scalar loop on fp32
+activations (int8 960 us, int4 1,530 us). So ``QuantLinear`` casts the activations to
+``QuantLinear.kernel_dtype`` (bfloat16) for the product and the result back; set it to torch.float32
+(``set_kernel_dtype``) for a product exact to fp32 round-off, at the scalar speed. Where no kernel fits
+(int4 with an output width not a multiple of 16, a group the kernel lacks, a tensor on a GPU, a PyTorch
+without the op), the layer dequantizes its weight on the fly at each call instead (``layout == "plain"``).
+
+A quantized stage on disk is portable: ``model.safetensors`` holds the raw quantized values, never a
+kernel's packed layout — int8 ``qweight`` (N, K) with ``scales`` (N,); int4 ``qweight`` uint8 (N, K/2),
+two codes per byte (low nibble = even column), with ``scales`` and ``offsets`` (N, K/group) — and
+``config.json`` holds the scheme under ``"quantization"``.
+
+    chatfactory quantize --run runs/NAME --stage sft --bits 4 [--group 64] [--out-stage sft-int4]
+    chatfactory chat --run runs/NAME --stage sft-int4              # a quantized stage loads as it is
+    chatfactory sample --run runs/NAME --stage sft --quantize int8  # or quantize on load (chat, eval, serve too)
+
+    from chatfactory.quant import quantize_model, load_quantized
+    quantize_model(model, bits=4, group=64)        # in place; returns the model
+    model, info = load_quantized("runs/NAME/sft-int4")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, unique_state_dict
+from .model import GPT, GPTConfig
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
+
+
+def _has_op(name: str) -> bool:
+    try:
+        return hasattr(torch.ops.aten, name)
+    except Exception:  # an op namespace that fails to resolve
+        return False
+
+
+HAS_INT8_KERNEL = _has_op("_weight_int8pack_mm")
+HAS_INT4_KERNEL = _has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
+
+
+def parse_bits(spec) -> int:
+    """4, 8, "4", "int4", "int8" -> 4 or 8; anything else a ValueError naming it."""
+    s = str(spec).strip().lower()
+    s = s[3:] if s.startswith("int") else s
+    if s not in ("4", "8"):
+        raise ValueError(f"quantization {spec!r}: only int8 (8 bits) and int4 (4 bits) are supported")
+    return int(s)
+
+
+# ---------------------------------------------------------------- the schemes
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q int8 (N, K), scales (N,) fp32 with w ~= q * scales[:, None]."""
+    w = w.detach().float()
+    scales = w.abs().amax(1).clamp(min=1e-10) / 127
+    q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q uint8 (N, K) in [0, 15], scales and offsets (N, K // group) fp32, with
+    w ~= (q - 8) * scale + offset on each group of ``group`` columns."""
+    w = w.detach().float()
+    N, K = w.shape
+    wg = w.reshape(N, K // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = (hi - lo).clamp(min=1e-10) / 15
+    offsets = lo + 8 * scales
+    q = ((wg - offsets[..., None]) / scales[..., None] + 8).round().clamp(0, 15).to(torch.uint8)
+    return q.reshape(N, K), scales, offsets
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (q.to(dtype) * scales.to(dtype)[:, None])
+
+
+def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
+                    dtype=torch.float32) -> torch.Tensor:
+    N, K = q.shape
+    qg = q.to(dtype).reshape(N, K // group, group)
+    return ((qg - 8) * scales.to(dtype)[..., None] + offsets.to(dtype)[..., None]).reshape(N, K)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> uint8 (N, K / 2): column 2j in the low nibble, 2j + 1 in the high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], -1).reshape(p.size(0), -1)
+
+
+# ---------------------------------------------------------------- the layer
+class QuantLinear(nn.Module):
+    """A linear layer with int8 or int4 weights (see the module docstring for the schemes).
+
+    Runtime buffers (``layout`` "cpu": PyTorch's CPU kernels; "plain": dequantized at each call):
+    int8 ``qweight`` (N, K) and ``scales`` (N,); int4 ``qweight`` (the kernel's packed layout, or the
+    portable nibble pairs (N, K/2)) and ``scales_zeros`` (K/group, N, 2). ``state_dict`` always holds
+    the portable form, whatever the layout."""
+
+    kernel_dtype = torch.bfloat16  # activations' dtype inside the CPU kernels (see the module docstring)
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int = 64, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        self.layout = "plain"
+        N, K = out_features, in_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(N))
+        else:
+            self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8))
+            self.register_buffer("scales_zeros", torch.zeros(K // group, N, 2))
+        self.register_buffer("bias", torch.zeros(N) if bias else None)
+        self._kernel_scales = None  # scales (int8) / scales_zeros (int4) in kernel_dtype, made once
+
+    def extra_repr(self) -> str:
+        g = f", group={self.group}" if self.bits == 4 else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}, layout={self.layout}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group: int = 64) -> "QuantLinear":
+        m = cls(linear.in_features, linear.out_features, bits, group, linear.bias is not None)
+        w = linear.weight.detach()
+        if bits == 8:
+            m.set_portable(*quantize_int8(w))
+        else:
+            q, s, o = quantize_int4(w, group)
+            m.set_portable(pack_nibbles(q), s, o)
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
+        return m.to(w.device)
+
+    # -- the portable form (what is saved) <-> the runtime layout
+    def set_portable(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
+        dev = self.qweight.device
+        if self.bits == 8:
+            self.qweight, self.scales = qweight.to(dev, torch.int8).contiguous(), scales.to(dev, torch.float32).contiguous()
+        else:
+            self.qweight = qweight.to(dev, torch.uint8).contiguous()
+            self.scales_zeros = torch.stack([scales.float().t(), offsets.float().t()], -1).to(dev).contiguous()
+        self.layout = "plain"
+        self.relayout()
+
+    def portable(self) -> dict:
+        if self.bits == 8:
+            return {"qweight": self.qweight, "scales": self.scales}
+        q = self.qweight if self.layout == "plain" else pack_nibbles(self._unpack_kernel_layout())
+        return {"qweight": q, "scales": self.scales_zeros[..., 0].t().contiguous(),
+                "offsets": self.scales_zeros[..., 1].t().contiguous()}
+
+    def kernel_fits(self) -> bool:
+        if self.qweight.device.type != "cpu":
+            return False  # the GPU kernels want other layouts (next step): dequantize on the fly there
+        if self.bits == 8:
+            return HAS_INT8_KERNEL
+        return HAS_INT4_KERNEL and self.out_features % 16 == 0 and self.group in INT4_GROUPS
+
+    def relayout(self) -> None:
+        """Take the kernel's layout where a kernel fits the layer and its device, else the plain one."""
+        want = "cpu" if self.kernel_fits() else "plain"
+        if want != self.layout and self.bits == 4:
+            if want == "cpu":
+                codes = unpack_nibbles(self.qweight).to(torch.int32)
+                self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            else:  # back from the CPU kernel's layout (on the CPU, before a move to another device)
+                self.qweight = pack_nibbles(self._unpack_kernel_layout().to(self.qweight.device))
+        self.layout = want
+        self._kernel_scales = None
+
+    def _unpack_kernel_layout(self) -> torch.Tensor:
+        """The int4 codes (N, K) read back out of the CPU kernel's packed layout, by the kernel itself:
+        the identity times the weight with scale 1 and offset 8 gives each code exactly (small
+        integers are exact in bfloat16)."""
+        K, N = self.in_features, self.out_features
+        eye = torch.eye(K, dtype=torch.bfloat16)
+        unit = torch.stack([torch.ones(K // self.group, N), torch.full((K // self.group, N), 8.0)], -1)
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight.cpu(), self.group, unit.to(torch.bfloat16))
+        return codes.t().float().round().to(torch.uint8)
+
+    def _apply(self, fn, recurse=True):
+        # a move to another device goes through the plain layout (the CPU kernel's is CPU-only)
+        if self.layout == "cpu" and self.bits == 4:
+            probe = fn(torch.zeros(1, dtype=torch.uint8, device=self.qweight.device))
+            if probe.device != self.qweight.device:
+                self.layout = "plain"
+                self.qweight = pack_nibbles(self._unpack_kernel_layout())
+        out = super()._apply(fn, recurse)
+        self.relayout()
+        return out
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The full-precision weight (N, K) these codes stand for (the reference and the fallback)."""
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales, dtype)
+        p = self.portable()
+        return dequantize_int4(unpack_nibbles(p["qweight"]), p["scales"], p["offsets"], self.group, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.layout == "cpu" and x.device.type == "cpu":
+            kd = self.kernel_dtype
+            if self._kernel_scales is None or self._kernel_scales.dtype != kd:
+                self._kernel_scales = (self.scales if self.bits == 8 else self.scales_zeros).to(kd).contiguous()
+            if self.bits == 8:
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(kd).contiguous(), self.qweight, self._kernel_scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), self.qweight, self.group,
+                                                               self._kernel_scales)
+            y = y.to(x.dtype)
+        else:  # no kernel for this layer or device: dequantize this layer's weight for this call only
+            y = F.linear(x2, self.dequantized(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape, self.out_features)
+
+    # -- state_dict: the portable form only
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for k, v in self.portable().items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        names = ["qweight", "scales"] + (["offsets"] if self.bits == 4 else []) + (["bias"] if self.bias is not None else [])
+        got = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        missing_keys.extend(prefix + n for n in names if n not in got)
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in names)
+        if len(got) != len(names):
+            return
+        N, K = self.out_features, self.in_features
+        want = {"qweight": (N, K) if self.bits == 8 else (N, K // 2), "scales": (N,) if self.bits == 8 else (N, K // self.group),
+                "offsets": (N, K // self.group), "bias": (N,)}
+        bad = [f"{prefix}{n} {tuple(t.shape)} (expected {want[n]})" for n, t in got.items() if tuple(t.shape) != want[n]]
+        if bad:
+            error_msgs.append("quantized weights of the wrong shape: " + ", ".join(bad))
+            return
+        with torch.no_grad():
+            self.set_portable(got["qweight"], got["scales"], got.get("offsets"))
+            if self.bias is not None:
+                self.bias = got["bias"].to(self.bias.device, torch.float32).clone()
+
+
+# ---------------------------------------------------------------- the model
+def _targets(model: GPT, include_head: bool):
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and (include_head or name != "lm_head"):
+            yield name, m
+
+
+def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False) -> None:
+    """ValueError naming what does not fit: bits other than 4/8, a group the int4 kernel lacks, a group
+    that does not divide a layer's input width."""
+    bits = parse_bits(bits)
+    if bits == 4:
+        if group not in INT4_GROUPS:
+            raise ValueError(f"--group {group}: int4 groups of {', '.join(map(str, INT4_GROUPS))} columns are supported")
+        for name, m in _targets(model, include_head):
+            if m.in_features % group:
+                raise ValueError(f"--group {group} does not divide the input width {m.in_features} of {name}: "
+                                 f"pick a group that divides every width (e.g. 32)")
+
+
+def quantize_model(model: GPT, bits, group: int = 64, include_head: bool = False, empty: bool = False) -> GPT:
+    """Replace every linear of the blocks (and the LM head if ``include_head``) by a ``QuantLinear`` in
+    place; returns the model. ``empty``: the layers' shapes only, for weights loaded next (``load_quantized``).
+    A tied LM head quantized this way gets its own int copy; the embedding stays full precision."""
+    bits = parse_bits(bits)
+    check_scheme(model, bits, group, include_head)
+    for name, m in list(_targets(model, include_head)):
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        q = (QuantLinear(m.in_features, m.out_features, bits, group, m.bias is not None).to(m.weight.device)
+             if empty else QuantLinear.from_linear(m, bits, group))
+        setattr(owner, attr, q)
+    model.quantization = scheme(bits, group, include_head)
+    return model.eval()
+
+
+def scheme(bits: int, group: int, include_head: bool) -> dict:
+    return {"scheme": f"int{bits}", "bits": bits, "group": group if bits == 4 else None, "include_head": include_head}
+
+
+def set_kernel_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """The activations' dtype inside the CPU kernels of every QuantLinear of ``model``."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel_dtype = dtype
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Resident bytes of the linear layers' weights (+ scales/offsets; biases excluded), tied weights once."""
+    seen, total = set(), 0
+    for m in model.modules():
+        ts = [m.weight] if isinstance(m, nn.Linear) else \
+            [t for n, t in m.named_buffers(recurse=False) if n != "bias"] if isinstance(m, QuantLinear) else []
+        for t in ts:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------- stages on disk
+def _build(weights: dict, info: dict, where, device="cpu") -> GPT:
+    q = info["quantization"]
+    try:
+        cfg = GPTConfig.from_dict(info["model"])
+        bits, group, head = parse_bits(q["bits"]), int(q.get("group") or 64), bool(q.get("include_head"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(where) / 'config.json'}: bad model or quantization config ({e})") from None
+    model = quantize_model(GPT(cfg), bits, group, head, empty=True)
+    load_weights(model, weights, str(Path(where) / "model.safetensors"))
+    return model.to(device).eval()
+
+
+def load_quantized(stage_dir, device="cpu") -> tuple[GPT, dict]:
+    """-> (the quantized GPT of a stage written by ``save_quantized``, its config.json)."""
+    weights, info, _ = load_checkpoint(stage_dir)
+    if not info.get("quantization"):
+        raise CheckpointError(f"{stage_dir}: not a quantized stage (quantize it: chatfactory quantize --run … --stage …)")
+    return _build(weights, info, stage_dir, device), info
+
+
+def save_quantized(model: GPT, stage_dir, info: dict) -> None:
+    """Write a quantized model as a stage: the portable codes in model.safetensors, the scheme in config.json."""
+    keep = {k: v for k, v in info.items() if k not in ("lora", "step", "save_id", "quantization")}
+    save_checkpoint(stage_dir, unique_state_dict(model), {**keep, "model": model.cfg.to_dict(),
+                                                          "quantization": model.quantization})
+
+
+def quantize_stage(run_dir, stage: str, bits, group: int = 64, out_stage: str | None = None,
+                   include_head: bool = False) -> Path:
+    """``chatfactory quantize``: the stage's weights (LoRA merged) quantized into RUN/OUT_STAGE."""
+    from .checkpoint import load_model, resolve_stage
+
+    if str(bits) not in ("4", "8"):
+        raise ValueError(f"--bits {bits}: only 8 (int8, per output channel) and 4 (int4, group-wise) are supported")
+    bits = int(bits)
+    src = resolve_stage(run_dir, stage, "--stage")
+    if checkpoint.stage_config(src).get("quantization"):
+        raise ValueError(f"--stage {stage}: {src} is quantized already; quantize the full-precision stage it came from")
+    model, info = load_model(src)
+    quantize_model(model, bits, group, include_head)
+    out = Path(run_dir) / (out_stage or f"{Path(stage).name}-int{bits}")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"--out-stage {out_stage}: would overwrite the stage it quantizes; name another")
+    save_quantized(model, out, {**info, "quantized_from": str(stage)})
+    return out
+
+
+@contextlib.contextmanager
+def inference(quantize: str | None = None):
+    """For inference commands (chat, sample, serve, eval): within it ``checkpoint.load_model`` loads
+    quantized stages, and quantizes full-precision ones on load when ``quantize`` ("int8"/"int4") is
+    given. Outside it a quantized stage is refused (training cannot update integer weights)."""
+    bits = parse_bits(quantize) if quantize else None
+    old = checkpoint.quantized_loader, checkpoint.quantize_on_load
+
+    def load(weights, info, where, device):
+        have = info["quantization"].get("bits")
+        if bits and have != bits:
+            raise ValueError(f"{where} is an int{have} stage already: --quantize int{bits} cannot requantize it "
+                             f"(drop --quantize, or quantize the full-precision stage)")
+        return _build(weights, info, where, device)
+
+    checkpoint.quantized_loader = load
+    checkpoint.quantize_on_load = (lambda model: quantize_model(model, bits)) if bits else None
+    try:
+        yield
+    finally:
+        checkpoint.quantized_loader, checkpoint.quantize_on_load = old

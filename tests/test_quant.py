@@ -1,0 +1,197 @@
+"""Weight-only int8/int4 quantization (quant.py): layers against fp32 and against their own dequantized
+reference, a quantized GPT through the engine (eager and decode-step paths), the portable file format
+round trip, the ``quantize`` command with ``sample``, and the errors a user can hit."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from chatfactory.checkpoint import CheckpointError, load_model, save_checkpoint, unique_state_dict
+from chatfactory.cli import main
+from chatfactory.decode_step import DecodeStep
+from chatfactory.engine import Engine, SamplingParams
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.quant import (QuantLinear, inference, linear_bytes, load_quantized, pack_nibbles, quantize_int4,
+                               quantize_model, save_quantized)
+from chatfactory.tokenizer import Tokenizer
+
+CFG = dict(depth=2, n_embd=64, vocab_size=256, block_size=64)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def linear(n_in=128, n_out=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    nn.init.normal_(lin.weight, 0, 0.02)
+    return lin
+
+
+@pytest.mark.parametrize("bits,group,tol", [(8, 64, 0.01), (4, 32, 0.08), (4, 64, 0.12), (4, 128, 0.14)])
+def test_quantized_linear_is_close_to_fp32(bits, group, tol):
+    """Stated tolerances (relative L2 error of the output, N(0, 0.02) weights): int8 1%, int4 8-14% by group."""
+    lin = linear()
+    x = torch.randn(5, 7, 128)
+    q = QuantLinear.from_linear(lin, bits, group)
+    assert q.layout == "cpu"  # both fit PyTorch's CPU kernels (96 outputs: a multiple of 16)
+    with torch.no_grad():
+        assert rel_err(q(x), lin(x)) < tol
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_path_agrees_with_the_dequantized_reference(bits):
+    lin = linear(bias=False)
+    q = QuantLinear.from_linear(lin, bits, 64)
+    x = torch.randn(9, 128)
+    ref = x @ q.dequantized().T
+    q.kernel_dtype = torch.float32  # the kernel on fp32 activations: fp32 round-off
+    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    q.kernel_dtype = torch.bfloat16  # the fast path: activations rounded to bfloat16 (8 bits of mantissa)
+    assert rel_err(q(x), ref) < 1e-2
+
+
+def test_plain_layout_where_no_kernel_fits_dequantizes_on_the_fly():
+    lin = linear(n_out=24)  # int4's CPU kernel wants output widths that are multiples of 16
+    q = QuantLinear.from_linear(lin, 4, 64)
+    assert q.layout == "plain"
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(q(x), x @ q.dequantized().T + lin.bias, rtol=1e-5, atol=1e-6)
+    assert rel_err(q(x), lin(x).detach()) < 0.12
+
+
+def test_int4_codes_survive_the_kernel_layout():
+    """The saved codes are read back out of the kernel's packed layout: they must be the codes put in."""
+    q = QuantLinear.from_linear(linear(bias=False), 4, 64)
+    assert q.layout == "cpu"
+    codes, scales, offsets = quantize_int4(linear(bias=False).weight, 64)
+    p = q.portable()
+    assert torch.equal(p["qweight"], pack_nibbles(codes))
+    assert torch.equal(p["scales"], scales) and torch.equal(p["offsets"], offsets)
+
+
+@pytest.mark.parametrize("flavour", ["modern", "gpt2"])
+@pytest.mark.parametrize("bits,tol", [(8, 0.02), (4, 0.15)])
+def test_quantized_gpt_logits_are_close_and_it_generates(flavour, bits, tol):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(flavour=flavour, **CFG)).eval()
+    q = quantize_model(copy.deepcopy(model), bits)
+    assert all(not isinstance(m, nn.Linear) for m in q.blocks.modules())
+    assert isinstance(q.lm_head, nn.Linear)  # the head stays full precision unless asked
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert rel_err(q(idx), model(idx)) < tol
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]  # unequal lengths: left padding, masked decode steps
+    p = SamplingParams(max_tokens=10, temperature=0)
+    eager = Engine(q).generate(prompts, p)
+    assert all(len(o) == 10 for o in eager)
+    # Engine(compile=True) takes the decode step of decode_step.py: eager for quantized layers, same ids
+    assert Engine(q, compile=True).generate(prompts, p) == eager
+    one = Engine(q).generate([prompts[0]], p)
+    assert Engine(q, compile=True).generate([prompts[0]], p) == one and DecodeStep(q, compile=False).quantized
+
+
+def test_include_head_quantizes_the_lm_head_and_shrinks_the_weights():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CFG))
+    full = linear_bytes(model)
+    q8 = quantize_model(copy.deepcopy(model), 8, include_head=True)
+    q4 = quantize_model(copy.deepcopy(model), 4, include_head=True)
+    assert isinstance(q4.lm_head, QuantLinear)
+    assert linear_bytes(q8) < full / 3.5 and linear_bytes(q4) < full / 6
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, bits):
+    torch.manual_seed(0)
+    q = quantize_model(GPT(GPTConfig(flavour="gpt2", **CFG)), bits, include_head=True)
+    save_quantized(q, tmp_path / "s", {"stage": "sft", "finished": True})
+    back, info = load_quantized(tmp_path / "s")
+    assert info["quantization"] == {"scheme": f"int{bits}", "bits": bits, "group": 64 if bits == 4 else None,
+                                    "include_head": True}
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(idx), q(idx))
+    raw = load_file(str(tmp_path / "s" / "model.safetensors"))  # raw codes, not a kernel's layout
+    w = raw["blocks.0.mlp.fc.qweight"]
+    assert w.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert tuple(w.shape) == (q.cfg.ffn_hidden, 64 if bits == 8 else 32)  # gpt2's MLP: 4 * 64 outputs
+
+
+def test_quantized_stage_is_refused_by_training_and_loaded_by_inference(tmp_path):
+    torch.manual_seed(0)
+    q = quantize_model(GPT(GPTConfig(**CFG)), 4)
+    save_quantized(q, tmp_path / "sft-int4", {"stage": "sft", "quantized_from": "sft"})
+    with pytest.raises(CheckpointError, match="quantized stage .*int4.*inference only.*from \\(sft\\)"):
+        load_model(tmp_path / "sft-int4")  # what every trainer calls
+    with inference():
+        model, _ = load_model(tmp_path / "sft-int4")
+    assert isinstance(model.blocks[0].attn.qkv, QuantLinear)
+    with inference("int8"), pytest.raises(ValueError, match="int4 stage already.*--quantize int8"):
+        load_model(tmp_path / "sft-int4")
+
+
+def test_bad_schemes_are_named():
+    model = GPT(GPTConfig(**CFG))
+    with pytest.raises(ValueError, match="only int8.*and int4"):
+        quantize_model(model, 3)
+    with pytest.raises(ValueError, match="--group 48: int4 groups of 32, 64, 128, 256"):
+        quantize_model(model, 4, group=48)
+    with pytest.raises(ValueError, match="--group 128 does not divide the input width 64 of blocks.0.attn.qkv"):
+        quantize_model(model, 4, group=128)
+
+
+TEXT = ["the cat sat on the mat and the dog ran in the park with a red ball " * 30]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantrun")
+    tok = Tokenizer.train(TEXT, vocab_size=300)
+    tok.save(root / "tokenizer.json")
+    cfg = GPTConfig(depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=64)
+    torch.manual_seed(0)
+    save_checkpoint(root / "sft", unique_state_dict(GPT(cfg)), {"stage": "sft", "model": cfg.to_dict(), "finished": True})
+    return root, tok
+
+
+def sample_text(capsys, *args):
+    grad = torch.is_grad_enabled()
+    try:
+        assert main(["sample", *map(str, args), "--temperature", "0", "--max-tokens", "12", "--prompt", "the cat"]) == 0
+    finally:
+        torch.set_grad_enabled(grad)  # cmd_sample turns grad off for the process
+    return capsys.readouterr().out
+
+
+def test_cli_quantize_then_sample(run, capsys):
+    root, tok = run
+    assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4"]) == 0
+    assert "sft-int4" in capsys.readouterr().out
+    info = json.loads((root / "sft-int4" / "config.json").read_text())
+    assert info["quantization"]["scheme"] == "int4" and info["quantized_from"] == "sft"
+    out = sample_text(capsys, "--run", root, "--stage", "sft-int4")
+    model, _ = load_quantized(root / "sft-int4")
+    ids = Engine(model, vocab_limit=tok.vocab_size).generate([tok.document("the cat")], SamplingParams(
+        max_tokens=12, temperature=0, stop_ids=tok.stop_ids))[0]
+    ids = [t for t in ids if t not in tok.stop_ids]
+    assert out == "the cat" + tok.decode(ids) + "\n"
+    # quantize on load: the same codes as the quantized stage, so the same text
+    assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4") == out
+    assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int8").startswith("the cat")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "3"], "--bits 3: only 8 (int8, per output channel) and 4 (int4, group-wise)"),
+    (["--bits", "4", "--group", "128"], "--group 128 does not divide the input width 64"),
+    (["--bits", "4", "--stage", "nope"], "--stage='nope': no trained weights"),
+])
+def test_cli_quantize_errors(run, capsys, args, message):
+    root, _ = run
+    argv = ["quantize", "--run", str(root), "--stage", "sft", *args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
