@@ -111,7 +111,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, bits):
     q = quantize_model(GPT(GPTConfig(flavour="gpt2", **CFG)), bits, include_head=True)
     save_quantized(q, tmp_path / "s", {"stage": "sft", "finished": True})
     back, info = load_quantized(tmp_path / "s")
-    assert info["quantization"] == {"scheme": f"int{bits}", "bits": bits, "group": 64 if bits == 4 else None,
+    assert info["quantized"] == {"scheme": f"int{bits}", "bits": bits, "group": 64 if bits == 4 else None,
                                     "include_head": True}
     idx = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
@@ -131,8 +131,12 @@ def test_quantized_stage_is_refused_by_training_and_loaded_by_inference(tmp_path
     with inference():
         model, _ = load_model(tmp_path / "sft-int4")
     assert isinstance(model.blocks[0].attn.qkv, QuantLinear)
-    with inference("int8"), pytest.raises(ValueError, match="int4 stage already.*--quantize int8"):
+    with inference("int8"), pytest.raises(ValueError, match="int4 stage already.*--quantize int8 cannot"):
         load_model(tmp_path / "sft-int4")
+    # an imported GGUF's stage names its source formats under "quantization" (weights fp32): it trains
+    cfg = GPTConfig(**CFG)
+    save_checkpoint(tmp_path / "imported", unique_state_dict(GPT(cfg)), {"model": cfg.to_dict(), "quantization": ["Q4_1"]})
+    assert isinstance(load_model(tmp_path / "imported")[0].blocks[0].attn.qkv, nn.Linear)
 
 
 def test_bad_schemes_are_named():
@@ -173,7 +177,7 @@ def test_cli_quantize_then_sample(run, capsys):
     assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4"]) == 0
     assert "sft-int4" in capsys.readouterr().out
     info = json.loads((root / "sft-int4" / "config.json").read_text())
-    assert info["quantization"]["scheme"] == "int4" and info["quantized_from"] == "sft"
+    assert info["quantized"]["scheme"] == "int4" and info["quantized_from"] == "sft"
     out = sample_text(capsys, "--run", root, "--stage", "sft-int4")
     model, _ = load_quantized(root / "sft-int4")
     ids = Engine(model, vocab_limit=tok.vocab_size).generate([tok.document("the cat")], SamplingParams(
@@ -183,6 +187,17 @@ def test_cli_quantize_then_sample(run, capsys):
     # quantize on load: the same codes as the quantized stage, so the same text
     assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4") == out
     assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int8").startswith("the cat")
+    for stage in (["--stage", "sft-int4"], ["--stage", "sft", "--quantize", "int8"]):
+        assert main(["chat", "--run", str(root), *stage, "--prompt", "hello", "--temperature", "0", "--max-tokens", "5"]) == 0
+    assert main(["chat", "--run", str(root), "--stage", "sft-int4", "--quantize", "int8", "--prompt", "hi"]) == 2
+    assert "int4 stage already (groups of 64): --quantize int8 cannot requantize it" in capsys.readouterr().err
+    assert main(["sample", "--run", str(root), "--stage", "sft", "--quantize", "int8:32"]) == 2
+    assert "--quantize int8:32: a group size goes with int4 only, one of 32, 64, 128, 256" in capsys.readouterr().err
+    # int4 with groups of 32 on load: the codes `quantize --group 32` would write
+    assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4", "--group", "32", "--out-stage", "g32"]) == 0
+    capsys.readouterr()
+    assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4:32") == \
+        sample_text(capsys, "--run", root, "--stage", "g32")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -195,3 +210,28 @@ def test_cli_quantize_errors(run, capsys, args, message):
     argv = ["quantize", "--run", str(root), "--stage", "sft", *args]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_and_serve_load_quantized_weights(run, tmp_path, capsys):
+    """``eval`` scores a quantized stage and quantizes on load (bits/byte near fp32's); ``serve``'s loader
+    builds a quantized stage's model inside ``quant.inference`` (what ``chatfactory serve`` runs in)."""
+    from chatfactory.quant import quantize_stage
+    from chatfactory.serve.service import load_service
+
+    root, _ = run
+    quantize_stage(root, "sft", 4, out_stage="sft-q4-eval")
+    text = tmp_path / "heldout.txt"
+    text.write_text(TEXT[0][:600])
+
+    def bpb(*args):
+        out = tmp_path / "r.json"
+        assert main(["eval", "--run", str(root), "--text", str(text), "--json", str(out), *args]) == 0
+        return json.loads(out.read_text())["text"][str(text)]["bpb"]
+
+    full = bpb("--stage", "sft")
+    assert abs(bpb("--stage", "sft", "--quantize", "int8") / full - 1) < 0.01
+    assert abs(bpb("--stage", "sft-q4-eval") / full - 1) < 0.05
+    capsys.readouterr()
+    with inference():
+        svc = load_service(root, "sft-q4-eval", device="cpu")
+    assert isinstance(svc.model.blocks[0].mlp.fc, QuantLinear)

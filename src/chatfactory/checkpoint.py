@@ -421,9 +421,9 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
     from .train.lora import apply_lora, merge_weights
 
     weights, info, _ = load_checkpoint(stage_dir)
-    if info.get("quantization"):
+    if info.get("quantized"):
         if quantized_loader is None:
-            raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantization'].get('scheme')}), for inference "
+            raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference "
                                   f"only (chat, sample, serve, eval); train from the stage it was made from "
                                   f"({info.get('quantized_from', 'its full-precision stage')})")
         return quantized_loader(weights, info, stage_dir, device), info

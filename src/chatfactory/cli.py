@@ -113,8 +113,9 @@ def _inference(a):
 
 
 def _add_quantize_arg(p) -> None:
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="quantize the weights on load: int8 (per channel) or int4 (groups of 64); see `quantize`")
+    p.add_argument("--quantize", default=None, metavar="int8|int4|int4:GROUP",
+                   help="quantize the weights on load: int8 (per output channel) or int4 (groups of 64 columns, "
+                        "or GROUP = 32, 128, 256); see `quantize`")
 
 
 def cmd_quantize(a):
