@@ -147,6 +147,9 @@ def test_bad_schemes_are_named():
         quantize_model(model, 4, group=48)
     with pytest.raises(ValueError, match="--group 128 does not divide the input width 64 of blocks.0.attn.qkv"):
         quantize_model(model, 4, group=128)
+    quantize_model(model, 8)
+    with pytest.raises(ValueError, match="quantized already \\(int8\\)"):
+        quantize_model(model, 4)
 
 
 TEXT = ["the cat sat on the mat and the dog ran in the park with a red ball " * 30]

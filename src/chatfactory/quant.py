@@ -23,8 +23,9 @@ without the op), the layer dequantizes its weight on the fly at each call instea
 
 Decode at batch 1 through the engine, on SmolLM2-135M's shape (random weights, one thread of that Xeon,
 shared with other work, 32 new tokens): fp32 19.6 tokens/s, int8 28.0, int4 34.8; with the (tied, 49k x 576)
-LM head quantized too, int8 34.1, int4 47.7. Linear weights of the blocks: fp32 405 MiB, int8 102 MiB
-(1/4), int4 63 MiB (1/6.4 at groups of 64: the fp32 scale and offset of each group cost 1/8 byte a weight).
+LM head quantized too, int8 34.1, int4 47.7; at batch 8 (one thread, 16 new tokens) fp32 59.4, int8 95.6,
+int4 110.6. Linear weights of the blocks: fp32 405 MiB, int8 102 MiB (1/4.0), int4 57 MiB at groups of 64
+(1/7.1; the bfloat16 scale and offset of a group cost 1/16 byte a weight), 63 MiB at groups of 32 (1/6.4).
 
 Quality, bits/byte on 4,095 tokens of Shakespeare (eval --text): the imported SmolLM2-135M-Instruct
 (runs/smol/pretrain) fp32 1.5964, int8 1.5993 (+0.18%), int4 groups of 64 1.7156 (+7.5%), int4 groups of
@@ -33,7 +34,8 @@ use ``--quantize int4:32`` / ``quantize --group 32`` for it.
 
 A quantized stage on disk is portable: ``model.safetensors`` holds the raw quantized values, never a
 kernel's packed layout — int8 ``qweight`` (N, K) with ``scales`` (N,); int4 ``qweight`` uint8 (N, K/2),
-two codes per byte (low nibble = even column), with ``scales`` and ``offsets`` (N, K/group) — and
+two codes per byte (low nibble = even column), with ``scales`` and ``offsets`` (N, K/group; fp32 holding
+bfloat16 values) — and
 ``config.json`` holds the scheme under ``"quantized"`` (``{"scheme": "int4", "bits": 4, "group": 64,
 "include_head": false}``; an imported GGUF's ``"quantization"`` names its source formats, its weights fp32).
 
@@ -61,6 +63,9 @@ from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_che
 from .model import GPT, GPTConfig
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
+# int4 scales and offsets are bfloat16 values (as in gpt-fast): the kernel reads them in the activations'
+# dtype, so one bfloat16 copy is all that stays resident (1/16 byte a weight at groups of 64, not 1/8)
+INT4_SCALE_DTYPE = torch.bfloat16
 
 
 def _has_op(name: str) -> bool:
@@ -105,14 +110,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w (N, K) -> q uint8 (N, K) in [0, 15], scales and offsets (N, K // group) fp32, with
-    w ~= (q - 8) * scale + offset on each group of ``group`` columns."""
+    """w (N, K) -> q uint8 (N, K) in [0, 15], scales and offsets (N, K // group) fp32 holding bfloat16
+    values, with w ~= (q - 8) * scale + offset on each group of ``group`` columns."""
     w = w.detach().float()
     N, K = w.shape
     wg = w.reshape(N, K // group, group)
     lo, hi = wg.amin(-1), wg.amax(-1)
-    scales = (hi - lo).clamp(min=1e-10) / 15
-    offsets = lo + 8 * scales
+    scales = ((hi - lo).clamp(min=1e-10) / 15).to(INT4_SCALE_DTYPE).float()
+    offsets = (lo + 8 * scales).to(INT4_SCALE_DTYPE).float()
     q = ((wg - offsets[..., None]) / scales[..., None] + 8).round().clamp(0, 15).to(torch.uint8)
     return q.reshape(N, K), scales, offsets
 
@@ -159,7 +164,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.ones(N))
         else:
             self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8))
-            self.register_buffer("scales_zeros", torch.zeros(K // group, N, 2))
+            self.register_buffer("scales_zeros", torch.zeros(K // group, N, 2, dtype=INT4_SCALE_DTYPE))
         self.register_buffer("bias", torch.zeros(N) if bias else None)
         self._kernel_scales = None  # scales (int8) / scales_zeros (int4) in kernel_dtype, made once
 
@@ -187,7 +192,7 @@ class QuantLinear(nn.Module):
             self.qweight, self.scales = qweight.to(dev, torch.int8).contiguous(), scales.to(dev, torch.float32).contiguous()
         else:
             self.qweight = qweight.to(dev, torch.uint8).contiguous()
-            self.scales_zeros = torch.stack([scales.float().t(), offsets.float().t()], -1).to(dev).contiguous()
+            self.scales_zeros = torch.stack([scales.t(), offsets.t()], -1).to(dev, INT4_SCALE_DTYPE).contiguous()
         self.layout = "plain"
         self.relayout()
 
@@ -195,8 +200,8 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             return {"qweight": self.qweight, "scales": self.scales}
         q = self.qweight if self.layout == "plain" else pack_nibbles(self._unpack_kernel_layout())
-        return {"qweight": q, "scales": self.scales_zeros[..., 0].t().contiguous(),
-                "offsets": self.scales_zeros[..., 1].t().contiguous()}
+        return {"qweight": q, "scales": self.scales_zeros[..., 0].t().float().contiguous(),
+                "offsets": self.scales_zeros[..., 1].t().float().contiguous()}
 
     def kernel_fits(self) -> bool:
         if self.qweight.device.type != "cpu":
@@ -316,6 +321,8 @@ def quantize_model(model: GPT, bits, group: int = 64, include_head: bool = False
     place; returns the model. ``empty``: the layers' shapes only, for weights loaded next (``load_quantized``).
     A tied LM head quantized this way gets its own int copy; the embedding stays full precision."""
     bits = parse_bits(bits)
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is quantized already ({model.quantization['scheme']}): quantize a full-precision one")
     check_scheme(model, bits, group, include_head)
     for name, m in list(_targets(model, include_head)):
         parent, _, attr = name.rpartition(".")
