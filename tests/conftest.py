@@ -20,3 +20,15 @@ def shared_data():
 def cli_cmd(*args):
     """The chatfactory CLI as a subprocess command line (same interpreter as the tests)."""
     return [sys.executable, "-m", "chatfactory.cli", *map(str, args)]
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_is_left_alone():
+    """A test (or the command it calls in-process) that turns autograd off for good breaks every test
+    after it with 'element 0 of tensors does not require grad': name the culprit instead."""
+    import torch
+
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left autograd disabled for the process (use torch.no_grad() as a context)")

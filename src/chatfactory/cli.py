@@ -140,26 +140,26 @@ def cmd_sample(a):
     from .engine import Engine, SamplingParams
     from .tokenizer import Tokenizer
 
-    torch.set_grad_enabled(False)
-    stage = a.stage or latest_stage(a.run)
-    with _inference(a):
-        model, _ = load_model(f"{a.run}/{stage}")
-    tok = Tokenizer.load(f"{a.run}/tokenizer.json")
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            seed=a.seed, stop_ids=tok.stop_ids)
-    sys.stdout.write(a.prompt)
-    pending = b""
-    for step in Engine(model, vocab_limit=tok.vocab_size).stream([tok.document(a.prompt)], params):
-        if step[0] is None or step[0] in params.stop_ids:
-            break
-        pending += tok.decode_bytes([step[0]])
-        try:  # print whole characters only: a multi-byte character may span tokens
-            sys.stdout.write(pending.decode("utf-8"))
-            pending = b""
-        except UnicodeDecodeError:
-            continue
-        sys.stdout.flush()
-    sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
+    with torch.no_grad():  # not set_grad_enabled(False): a caller in the same process keeps its own mode
+        stage = a.stage or latest_stage(a.run)
+        with _inference(a):
+            model, _ = load_model(f"{a.run}/{stage}")
+        tok = Tokenizer.load(f"{a.run}/tokenizer.json")
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                seed=a.seed, stop_ids=tok.stop_ids)
+        sys.stdout.write(a.prompt)
+        pending = b""
+        for step in Engine(model, vocab_limit=tok.vocab_size).stream([tok.document(a.prompt)], params):
+            if step[0] is None or step[0] in params.stop_ids:
+                break
+            pending += tok.decode_bytes([step[0]])
+            try:  # print whole characters only: a multi-byte character may span tokens
+                sys.stdout.write(pending.decode("utf-8"))
+                pending = b""
+            except UnicodeDecodeError:
+                continue
+            sys.stdout.flush()
+        sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
 
 
 def cmd_export(a):
