@@ -12,25 +12,15 @@ point. Two schemes:
 
 On a CPU the matrix products run in PyTorch's own weight-packed kernels, never on a dequantized copy:
 ``aten._weight_int8pack_mm`` (int8 weights as they are) and ``aten._weight_int4pack_mm_for_cpu`` (on
-weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``). Measured on a 2-core AVX-512 Xeon
-with torch 2.13 (one thread, 1536 x 512 weight, one row): these kernels are vectorised for bfloat16
-activations only (int8 66 us, int4 60 us, fp32 ``F.linear`` 120 us), and run a scalar loop on fp32
-activations (int8 960 us, int4 1,530 us). So ``QuantLinear`` casts the activations to
-``QuantLinear.kernel_dtype`` (bfloat16) for the product and the result back; set it to torch.float32
-(``set_kernel_dtype``) for a product exact to fp32 round-off, at the scalar speed. Where no kernel fits
-(int4 with an output width not a multiple of 16, a group the kernel lacks, a tensor on a GPU, a PyTorch
-without the op), the layer dequantizes its weight on the fly at each call instead (``layout == "plain"``).
-
-Decode at batch 1 through the engine, on SmolLM2-135M's shape (random weights, one thread of that Xeon,
-shared with other work, 32 new tokens): fp32 19.6 tokens/s, int8 28.0, int4 34.8; with the (tied, 49k x 576)
-LM head quantized too, int8 34.1, int4 47.7; at batch 8 (one thread, 16 new tokens) fp32 59.4, int8 95.6,
-int4 110.6. Linear weights of the blocks: fp32 405 MiB, int8 102 MiB (1/4.0), int4 57 MiB at groups of 64
-(1/7.1; the bfloat16 scale and offset of a group cost 1/16 byte a weight), 63 MiB at groups of 32 (1/6.4).
-
-Quality, bits/byte on 4,095 tokens of Shakespeare (eval --text): the imported SmolLM2-135M-Instruct
-(runs/smol/pretrain) fp32 1.5964, int8 1.5993 (+0.18%), int4 groups of 64 1.7156 (+7.5%), int4 groups of
-32 1.5967 (+0.02%) — its GGUF was Q4_1, 4-bit in blocks of 32, and groups of 32 land on that grid again:
-use ``--quantize int4:32`` / ``quantize --group 32`` for it.
+weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``). Those kernels are vectorised
+for bfloat16 activations only and run a scalar loop on fp32 ones (several times slower than fp32
+``F.linear``), so ``QuantLinear`` casts the activations to ``QuantLinear.kernel_dtype`` (bfloat16) for
+the product and the result back; set it to torch.float32 (``set_kernel_dtype``) for a product exact to
+fp32 round-off, at the scalar speed. Where no kernel fits (int4 with an output width not a multiple of
+16, a group the kernel lacks, a tensor on a GPU, a PyTorch without the op), the layer dequantizes its
+weight on the fly at each call instead (``layout == "plain"``). Speed, size and quality figures: the
+README's experiment log (2026-12-01, quantized inference). A GGUF file quantized in blocks of 32 (Q4_1,
+SmolLM2's) keeps its quality at ``--quantize int4:32``, not at the default groups of 64.
 
 A quantized stage on disk is portable: ``model.safetensors`` holds the raw quantized values, never a
 kernel's packed layout — int8 ``qweight`` (N, K) with ``scales`` (N,); int4 ``qweight`` uint8 (N, K/2),
