@@ -235,3 +235,5 @@ def test_eval_and_serve_load_quantized_weights(run, tmp_path, capsys):
     with inference():
         svc = load_service(root, "sft-q4-eval", device="cpu")
     assert isinstance(svc.model.blocks[0].mlp.fc, QuantLinear)
+    assert svc.precision == "int4 (groups of 64)"  # what /v1/models says (tests/test_serve.py checks the route)
+    svc.close()

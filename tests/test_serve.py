@@ -163,7 +163,8 @@ def greedy_reference(svc, messages, max_tokens):
 
 def test_openai_sdk_chat_stream_and_non_stream(server):
     svc, url, client = server
-    assert [m.id for m in client.models.list().data] == [svc.name]
+    (card,) = client.models.list().data
+    assert card.id == svc.name and (card.precision, card.memory) == ("float32", "resident")  # extra fields, as vLLM's max_model_len
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
     ref = greedy_reference(svc, msgs, 20)
     ref_text = svc.tok.decode([t for t in ref if t not in svc.stop_ids])

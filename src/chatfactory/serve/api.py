@@ -190,7 +190,8 @@ def create_app(svc: Service, allow_origins=()):
     @app.get("/v1/models", summary="the one model this server serves", responses=doc(ModelList, 401, 403))
     async def models():
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
-                                             "owned_by": "chatfactory", "max_model_len": svc.block_size}]}
+                                             "owned_by": "chatfactory", "max_model_len": svc.block_size,
+                                             "precision": svc.precision, "memory": "resident"}]}
 
     def chat_logprobs(c: Choice, top: int):
         out = []

@@ -26,6 +26,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    precision: str = Field(description="the weights: float32, bfloat16, int8, or int4 (groups of G)")
+    memory: Literal["resident"] = Field(description="where the weights live while serving: all in memory")
 
 
 class ModelList(BaseModel):

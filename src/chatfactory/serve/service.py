@@ -27,6 +27,7 @@ class Service:
         self.api_key = api_key or None
         self.limits = LIMITS
         self.created = int(time.time())
+        self.precision = precision_of(model)
         # every special token ends a reply: a model that opens a new turn or document has finished
         self.stop_ids = tok.stop_ids
 
@@ -60,3 +61,13 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only {model.cfg.vocab_size}")
     return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots)
+
+
+def precision_of(model) -> str:
+    """What /v1/models reports: "int8", "int4 (groups of 64)" for a quantized model (quant.py), else the
+    weights' floating-point type ("float32", "bfloat16")."""
+    q = getattr(model, "quantization", None)
+    if q:
+        return q["scheme"] + (f" (groups of {q['group']})" if q.get("group") and q["scheme"] == "int4" else "") \
+            + (", LM head too" if q.get("include_head") else "")
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
