@@ -17,6 +17,7 @@ from chatfactory.model import GPT, GPTConfig
 from chatfactory.quant import (QuantLinear, inference, linear_bytes, load_quantized, pack_nibbles, quantize_int4,
                                quantize_model, save_quantized)
 from chatfactory.tokenizer import Tokenizer
+from test_serve import TEXT, make_run
 
 CFG = dict(depth=2, n_embd=64, vocab_size=256, block_size=64)
 
@@ -152,18 +153,12 @@ def test_bad_schemes_are_named():
         quantize_model(model, 4)
 
 
-TEXT = ["the cat sat on the mat and the dog ran in the park with a red ball " * 30]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quantrun")
-    tok = Tokenizer.train(TEXT, vocab_size=300)
-    tok.save(root / "tokenizer.json")
-    cfg = GPTConfig(depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=64)
-    torch.manual_seed(0)
-    save_checkpoint(root / "sft", unique_state_dict(GPT(cfg)), {"stage": "sft", "model": cfg.to_dict(), "finished": True})
-    return root, tok
+    """test_serve's tiny run: a tokenizer and a random GPT as the 'sft' stage (its vocabulary padded past
+    the tokenizer's, as an imported model's may be)."""
+    root = make_run(tmp_path_factory.mktemp("quantrun"), block=64)
+    return root, Tokenizer.load(root / "tokenizer.json")
 
 
 def sample_text(capsys, *args):
