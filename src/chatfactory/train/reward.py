@@ -16,7 +16,6 @@ adapters and the head trains whole.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, unique_state_dict
+from ..checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, stage_config, unique_state_dict
 from ..config import Config
 from ..data.preferences import collate
 from ..model import GPT, GPTConfig
@@ -131,7 +130,7 @@ def run_reward(cfg: Config, run_dir) -> dict:
     # earlier run and is not shifted again; one finished without a bias_shift (an older version killed
     # between its two saves) is uncentred and is calibrated now. Every rank learns rank 0's answer:
     # under FSDP the calibration is a collective.
-    info = json.loads((out / "config.json").read_text(encoding="utf-8")) if d.main else {}
+    info = stage_config(out) if d.main else {}
     todo = not info.get("finished") or "bias_shift" not in info
     calibrate = bool(all_reduce_sum(torch.tensor(float(d.main and todo), device=d.device)).item())
     sharded = memory.is_sharded(model)

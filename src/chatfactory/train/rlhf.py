@@ -12,18 +12,10 @@ finished piece is skipped when the command is run again, and an interrupted one 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
-from ..checkpoint import has_checkpoint, resolve_stage
+from ..checkpoint import resolve_stage, stage_finished
 from ..config import Config
-
-
-def _finished(stage_dir: Path) -> bool:
-    try:
-        return has_checkpoint(stage_dir) and bool(json.loads((stage_dir / "config.json").read_text())["finished"])
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def run_rlhf(cfg: Config, run_dir, rounds: int, prompts: str = "", k: int = 0) -> list[dict]:
@@ -52,11 +44,11 @@ def run_rlhf(cfg: Config, run_dir, rounds: int, prompts: str = "", k: int = 0) -
         all_pairs.append(str(pairs))
         # the reward model starts from SFT each round and sees every comparison collected so far
         c.reward.init_from, c.reward.data = str(sft), ",".join(all_pairs)
-        if not _finished(rdir / "reward"):
+        if not stage_finished(rdir / "reward"):
             res["reward"] = run_reward(c, rdir)
         c.ppo.init_from, c.ppo.ref_from = str(policy), c.ppo.ref_from or str(sft)
         c.ppo.reward, c.ppo.prompts = str((rdir / "reward").resolve()), prompts
-        if not _finished(rdir / "ppo"):
+        if not stage_finished(rdir / "ppo"):
             res["ppo"] = run_ppo(c, rdir)
         policy = (rdir / "ppo").resolve()
         print(f"rlhf round {r}/{rounds}: policy {policy}")
