@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import load_checkpoint, save_checkpoint, unique_state_dict
+from ..eval.heldout import choose_on_dev
 
 
 class BestIteration:
@@ -54,10 +55,12 @@ class BestIteration:
             self.best, self.n_rows = state["best"], state["n_rows"]
 
     def record(self) -> dict:
-        """The choice as the report states it (eval/heldout.py's ``choose_on_dev`` shape)."""
-        return {"what": "iteration", "chose": str(self.best["iteration"]), "by": "gold_score", "n": self.n_rows,
-                "candidates": {str(it): {"accuracy": None, "gold_score": round(g, 4), "win_rate_vs_sft": None}
-                               for it, g in sorted(self.curve.items())}}
+        """The choice as the report states it: eval/heldout.py's ``choose_on_dev`` over the evaluated
+        iterations in order (the earlier of equal scores wins there too, so it names the kept one)."""
+        scores = {str(it): {"n": self.n_rows, "gold_score": g} for it, g in sorted(self.curve.items())}
+        choice = choose_on_dev("iteration", scores)
+        assert choice["chose"] == str(self.best["iteration"]), (choice["chose"], self.best["iteration"])
+        return choice
 
 
 def finish_with_best(stage_dir, main: bool) -> dict | None:
