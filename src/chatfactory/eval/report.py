@@ -157,7 +157,7 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
                   own_sample_accuracy=full["own_sample_accuracy"], own_sample_pairs=full["own_sample_pairs"])
     rep["reward"] = rw
 
-    for s in ("ppo", "dpo", "grpo", "rloo"):
+    for s in POLICIES[1:]:  # the aligned policies
         sec = base_section(s)
         m = read_metrics(run_dir / s / "metrics.jsonl")
         if s in RL_STAGES:
@@ -365,7 +365,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
           + (f" on {rw['heldout_pairs']:,} held-out pairs; {_fmt(rw.get('own_sample_accuracy'))} on the "
              f"{rw['own_sample_pairs']:,} between the SFT policy's own samples" if rw.get("heldout_pairs") else "")
           + f" (mean margin {_fmt(rw.get('val_margin'))} on the sample evaluated in training).", ""]
-    for s in ("ppo", "dpo", "grpo", "rloo"):
+    for s in POLICIES[1:]:
         sec = rep[s]
         if s in OPTIONAL and sec["status"].startswith("not run: not in"):
             continue
