@@ -12,7 +12,6 @@ dropped (the system prompt stays) and the chat says so (``engine.fit_messages``)
 
 from __future__ import annotations
 
-import codecs
 import signal
 import sys
 from dataclasses import replace
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, has_checkpoint, load_model, stage_config
 from .engine import Engine, SamplingParams, fit_messages
-from .tokenizer import Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
 CHAT_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")
 HELP = """commands:
@@ -60,7 +59,9 @@ class ChatSession:
 
     def reply(self, text: str, write=None, note=None) -> str:
         """Answer ``text``, streaming decoded pieces to ``write``; the reply joins the history.
-        A KeyboardInterrupt stops the reply; what was said so far is kept."""
+        Pieces are whole characters (``TextStream``: half a Chinese character or emoji waits for the
+        token that completes it); a reply cut mid-character ends in U+FFFD, as ``Tokenizer.decode``
+        shows it. A KeyboardInterrupt stops the reply; what was said so far is kept."""
         conv = self.messages() + [{"role": "user", "content": text}]
         reserve = max(1, min(self.params.max_tokens, self.block_size // 2))  # room left for the answer
         conv, dropped = fit_messages(conv, lambda m: len(self.tok.chat_prompt(m)), self.block_size - reserve)
@@ -71,7 +72,7 @@ class ChatSession:
         p = self.params
         if p.seed is not None:  # reproducible, yet not the same draw every turn
             p = replace(p, seed=p.seed + self.turn)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = TextStream(self.tok)
         out_ids: list[int] = []
         pieces: list[str] = []
         stops = set(p.stop_ids)
@@ -81,14 +82,14 @@ class ChatSession:
                 if t is None or t in stops:
                     break
                 out_ids.append(t)
-                piece = decoder.decode(self.tok.decode_bytes([t]))
+                piece = decoder.add(t)
                 pieces.append(piece)
                 if write and piece:
                     write(piece)
         except KeyboardInterrupt:
             if note:
                 note(" [stopped]")
-        tail = decoder.decode(b"", final=True)
+        tail = decoder.finish()
         if write and tail:
             write(tail)
         answer = "".join(pieces) + tail

@@ -20,9 +20,19 @@ rendered exactly as ``transformers`` renders it — see chat_template.py)::
 
 Generation stops at ``<|end|>`` (``end_id``; ``stop_ids`` adds the other control tokens). A conversation is a list of ``{"role": "system"|"user"|"assistant",
 "content": str}``; a system message may appear only first.
+
+A reply streamed token by token goes through ``TextStream`` (the terminal chat, the HTTP API and so the
+web UI): byte-level BPE splits a Chinese character or an emoji across tokens, and a delta must never
+show half of one::
+
+    stream = TextStream(tok)
+    for t in ids: print(stream.add(t), end="")   # whole characters only
+    print(stream.finish())                      # == tok.decode(ids) joined with the deltas
 """
 
 from __future__ import annotations
+
+import codecs
 
 from pathlib import Path
 from typing import Iterable
@@ -184,6 +194,16 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def token_text(self, i: int) -> str:
+        """One token as log-prob listings name it: its text, or ``bytes:\\xe4\\xbd`` when its bytes are not
+        whole characters (half a Chinese character would read as U+FFFD, and two different halves would
+        share that name; the escaped form keeps them apart and can be turned back into the bytes)."""
+        b = self.token_bytes[i]
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{c:02x}" for c in b)
+
     def decode_bytes(self, ids) -> bytes:
         """Exact bytes of the ids (specials as their text), for streaming and bits-per-byte."""
         tb = self.token_bytes
@@ -200,6 +220,32 @@ class Tokenizer:
                 out[i] = tok.encode("utf-8") if tok in special else bytes(inverse[c] for c in tok)
             self._token_bytes = out
         return self._token_bytes
+
+
+class TextStream:
+    """Token ids (or raw bytes) in, text deltas out, holding back the bytes of a character that the next
+    token may still complete, so that no delta shows a replacement character (U+FFFD) for half of one.
+
+    ``finish()`` flushes what is held: bytes that never became a character (a reply cut short by its
+    token limit, or a model that emitted invalid UTF-8) come out there as U+FFFD, one per maximal
+    invalid sequence. Bytes that can never start or continue a character are shown as U+FFFD at once
+    (no later token can repair them). Either way the joined deltas equal ``Tokenizer.decode`` of the
+    same ids (and what a browser's ``TextDecoder`` shows for the same bytes)."""
+
+    def __init__(self, tok: "Tokenizer | None" = None):
+        self.tok = tok  # needed by add(), not by add_bytes()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, ids) -> str:
+        """One id or a list of ids -> the characters they complete ('' while one is still open)."""
+        return self.add_bytes(self.tok.decode_bytes([ids] if isinstance(ids, int) else ids))
+
+    def add_bytes(self, data: bytes) -> str:
+        return self._utf8.decode(data)
+
+    def finish(self) -> str:
+        """The end of the reply: what is still held, as U+FFFD (usually '')."""
+        return self._utf8.decode(b"", final=True)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -22,7 +22,6 @@ disconnects frees its slot.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hmac
 import json
 import socket
@@ -38,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..batching import QueueFull, Request
 from ..engine import SamplingParams
+from ..tokenizer import TextStream
 from .guard import client_gone, install_guards, read_body
 from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_openapi, doc, file_doc
 from .protocol import (APIError, ChatCompletionRequest, Choice, CompletionRequest, DetokenizeRequest, TokenizeChat,
@@ -191,18 +191,18 @@ def create_app(svc: Service, allow_origins=()):
     async def models():
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
                                              "owned_by": "chatfactory", "max_model_len": svc.block_size,
-                                             "precision": svc.precision, "memory": "resident"}]}
+                                             "precision": svc.precision,
+                                             "memory": getattr(svc, "memory", "resident")}]}
 
-    def chat_logprobs(c: Choice, top: int):
-        out = []
-        for t, lp, alts in c.logprobs:
-            if t in svc.stop_ids:  # the chat format lists content tokens only
-                continue
-            piece = svc.tok.decode_bytes([t])
-            out.append({"token": piece.decode("utf-8", "replace"), "logprob": lp, "bytes": list(piece),
-                        "top_logprobs": [{"token": svc.tok.decode([i]), "logprob": v, "bytes": list(svc.tok.decode_bytes([i]))}
-                                         for i, v in (alts or [])[:top]]})
-        return {"content": out}
+    def chat_logprobs(entries, top: int):
+        """(id, log-prob, alternatives) per token -> the chat format's list. A token that is part of a
+        character is named ``bytes:\\x..`` (``Tokenizer.token_text``); ``bytes`` holds its exact bytes."""
+        def one(i, v):
+            return {"token": svc.tok.token_text(i), "logprob": v, "bytes": list(svc.tok.token_bytes[i])}
+
+        # the chat format lists content tokens only
+        return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in (alts or [])[:top]]}
+                            for t, lp, alts in entries if t not in svc.stop_ids]}
 
     @post("/v1/chat/completions", "a chat completion (stream: true for server-sent events)", "ChatCompletionRequest",
           ChatCompletion, ChatCompletionChunk)
@@ -224,7 +224,7 @@ def create_app(svc: Service, allow_origins=()):
                 return JSONResponse({}, status_code=499)  # the client went away; nobody reads this
             return {"id": rid, "object": "chat.completion", "created": created, "model": svc.name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.detok.text},
-                                 "logprobs": chat_logprobs(c, top_lp) if want_lp else None,
+                                 "logprobs": chat_logprobs(c.logprobs, top_lp) if want_lp else None,
                                  "finish_reason": finish_reason(c)} for c in choices],
                     "usage": usage([prompt], choices)}
 
@@ -233,16 +233,18 @@ def create_app(svc: Service, allow_origins=()):
                 yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
             pending: dict[int, str] = {}  # text not sent yet, per answer
+            lp_sent: dict[int, int] = {}  # log-prob entries sent, per answer
             try:
                 async for c, text, st in events(choices, queue, request):
-                    if want_lp:  # one chunk per token, with its log-probs
-                        lp = None
-                        if st.token is not None and st.token not in svc.stop_ids and text:
-                            one = Choice(c.index, svc.tok, [], svc.stop_ids)
-                            one.logprobs = [c.logprobs[-1]]
-                            lp = chat_logprobs(one, top_lp)
-                        if text:
-                            yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]})
+                    if want_lp:
+                        # a chunk per token that shows text, with the log-probs of every token since the
+                        # last one: a token holding half a character shows none yet, and its entry rides
+                        # with the token that completes the character (at the end, with what is left)
+                        new = c.logprobs[lp_sent.get(c.index, 0):]
+                        if text or (c.finish and any(t not in svc.stop_ids for t, _, _ in new)):
+                            lp_sent[c.index] = len(c.logprobs)
+                            yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text},
+                                                            "logprobs": chat_logprobs(new, top_lp), "finish_reason": None}]})
                     else:
                         # tokens that arrived together leave as one chunk per answer: when the server
                         # falls behind, it sends fewer, bigger events instead of falling further behind
@@ -287,12 +289,14 @@ def create_app(svc: Service, allow_origins=()):
 
     def legacy_logprobs(ids: list[int], lps: list[float | None], tops: list, start_offset: int) -> dict:
         tokens, offsets, top_out = [], [], []
-        utf8, off = codecs.getincrementaldecoder("utf-8")("replace"), start_offset
+        # a token's offset counts the characters before it; one that completes a character split across
+        # tokens counts it (TextStream), so offsets index the text the client got
+        text, off = TextStream(svc.tok), start_offset
         for t, alts in zip(ids, tops):
-            tokens.append(svc.tok.decode([t]))
+            tokens.append(svc.tok.token_text(t))
             offsets.append(off)
-            off += len(utf8.decode(svc.tok.decode_bytes([t])))
-            top_out.append(None if alts is None else {svc.tok.decode([i]): v for i, v in alts})
+            off += len(text.add(t))
+            top_out.append(None if alts is None else {svc.tok.token_text(i): v for i, v in alts})
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_out, "text_offset": offsets}
 
     @post("/v1/completions", "a text completion; with echo and logprobs it scores the prompt", "CompletionRequest",

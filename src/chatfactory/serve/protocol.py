@@ -9,7 +9,6 @@ answers). No HTTP and no model here: ``api.py`` wires these to FastAPI and the s
 
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional, Union
 
@@ -18,7 +17,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Di
 from pydantic_core import PydanticCustomError
 
 from ..batching import Request, Step
-from ..tokenizer import ROLES, Tokenizer
+from ..tokenizer import ROLES, TextStream, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -345,23 +344,27 @@ def validation_error(e: ValidationError) -> APIError:
 # ---------------------------------------------------------------- text out
 
 class Detokenizer:
-    """Token ids -> text deltas, whole characters only, cut at the first stop string.
+    """Token ids -> text deltas, whole characters only (``TextStream``: half a Chinese character or
+    emoji is held until the next token completes it), cut at the first stop string.
 
-    Text that could still turn out to be the start of a stop string is held back until it cannot."""
+    Text that could still turn out to be the start of a stop string is held back until it cannot. A
+    stop string is matched on characters, so one whose last character is split across tokens matches
+    once that character is whole; the rest of the token that completed it is dropped with the stop.
+    ``final`` flushes: bytes that never became a character show as U+FFFD, as ``Tokenizer.decode``."""
 
     def __init__(self, tok: Tokenizer, stops: list[str]):
         self.tok, self.stops = tok, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stream = TextStream(tok)
         self.text, self.sent, self.stopped = "", 0, False
 
     def add(self, token: int | None, final: bool = False) -> str:
         if self.stopped:
             return ""
         if token is not None:
-            self.text += self.utf8.decode(self.tok.decode_bytes([token]))
+            self.text += self.stream.add(token)
         if final:
-            self.text += self.utf8.decode(b"", final=True)
+            self.text += self.stream.finish()
         cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
