@@ -411,6 +411,9 @@ def latest_stage(run_dir, candidates=("ppo", "grpo", "dpo", "sft", "pretrain")) 
 # a quantized stage is refused: integer weights cannot be trained.
 quantized_loader = None
 quantize_on_load = None
+# Set by ``offload.streaming()`` (--max-memory): ``stream_loader(stage_dir, device)`` -> (model, info) with the
+# layers that do not fit the budget streamed from disk; it reads the file itself, never all of it at once.
+stream_loader = None
 
 
 def load_model(stage_dir, device="cpu", merge_lora: bool = True):
@@ -420,6 +423,8 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
     from .model import GPT, GPTConfig
     from .train.lora import apply_lora, merge_weights
 
+    if stream_loader is not None:
+        return stream_loader(stage_dir, device)
     weights, info, _ = load_checkpoint(stage_dir)
     if info.get("quantized"):
         if quantized_loader is None:
