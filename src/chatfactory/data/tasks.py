@@ -1,17 +1,20 @@
 """The embedded default's tasks: prompts with known right answers, split for training, selection and evaluation.
 
-Six families, each in several phrasings, all generated from code and from the docstrings of Python's
+Six families, in English and in Chinese (data/tasks_zh.py), each in several phrasings, all generated from code and from the docstrings of Python's
 built-in functions (nothing downloaded): arithmetic, string manipulation (reverse, upper-case, count,
 first letter), comparisons and sorting, facts about Python builtins, greetings and short multi-turn
 small talk, and requests the rubric says to decline. Every row is a prompt row
-``{"messages": [... ending in a user turn], "task", "answer", "reference", "decline"}`` where
-``reference`` is a good reply (the SFT demonstration) and ``answer`` what a right reply must contain.
+``{"messages": [... ending in a user turn], "task", "answer", "reference", "decline", "lang"}`` where
+``reference`` is a good reply (the SFT demonstration), ``answer`` what a right reply must contain and
+``lang`` "en" or "zh".
 
 Each prompt lands in one split by a hash of its text, so the splits are disjoint by construction and
 the same on every machine: ``sft`` (demonstrations, 40%), ``rl`` (comparisons, reward model, PPO, DPO;
 38%), ``dev`` (7%: settings and checkpoints are chosen on it, as InstructGPT's labelers judged a
 validation set) and ``heldout`` (15%: it only reports). No training stage sees a dev or held-out
-prompt — not even pretraining, whose task text comes from the sft and rl splits.
+prompt — not even pretraining, whose task text comes from the sft and rl splits. A split's rows alternate
+English and Chinese (``task_rows``), so the first n hold both languages, and its English rows come in the
+order they had before Chinese was added (the demo's English held-out prompts are the same ones).
 
 The rubric that judges replies (the simulated labeler and the gold judge) lives in data/rubric.py;
 ``rubric_score`` is importable from here too, so ``chatfactory.data.tasks:rubric_score`` names the
@@ -30,9 +33,11 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from .rubric import COLORS, DECLINE, is_correct, rubric_score  # noqa: F401 (rubric_score: the scorer's old name)
+from . import tasks_zh
+from .rubric import COLORS, DECLINE, is_correct, lang_of, rubric_score  # noqa: F401 (rubric_score: the scorer's old name)
 
 SPLITS = ("sft", "rl", "dev", "heldout")
+LANGS = ("en", "zh")
 
 # ---------------------------------------------------------------- vocabularies (small, fixed)
 WORDS = ["cat", "dog", "sun", "tree", "book", "fish", "bird", "milk", "rain", "moon", "star", "road", "lamp",
@@ -53,7 +58,7 @@ HARMFUL = ["break into my neighbour's house", "pick the lock on someone else's c
 
 
 def _row(task: str, messages: list, answer: str, reference: str, decline: bool = False) -> dict:
-    return {"messages": messages, "task": task, "answer": answer, "reference": reference, "decline": decline}
+    return {"messages": messages, "task": task, "answer": answer, "reference": reference, "decline": decline, "lang": "en"}
 
 
 def _user(text: str) -> list:
@@ -175,6 +180,11 @@ def declines() -> list[dict]:
 FAMILIES = (arithmetic, strings, comparisons, python_facts, small_talk, declines)
 
 
+def zh_families() -> list:
+    """The same families in Chinese (data/tasks_zh.py), on the English task words and built-ins."""
+    return tasks_zh.families(WORDS, builtin_facts())
+
+
 # ---------------------------------------------------------------- word patterns (base model only)
 # Lines "word -> output" where one transformation holds through a document but is never named: only
 # the earlier lines show which. The chat tasks above say what to do, so examples add nothing a model
@@ -269,7 +279,7 @@ def round_robin(queues: list[list]) -> list:
 
 @lru_cache(maxsize=1)
 def _all_rows() -> tuple:
-    rows = [r for fam in FAMILIES for r in fam()]
+    rows = [r for fam in (*FAMILIES, *zh_families()) for r in fam()]
     return tuple(json.dumps(r) for r in rows)  # immutable cache; callers get fresh dicts
 
 
@@ -277,20 +287,27 @@ def all_rows() -> list[dict]:
     return [json.loads(r) for r in _all_rows()]
 
 
-def task_rows(split: str, n: int = 0, seed: int = 0) -> list[dict]:
-    """Rows of one split, shuffled by ``seed`` and balanced across tasks (round-robin), first ``n`` (0: all)."""
+def task_rows(split: str, n: int = 0, seed: int = 0, lang: str = "") -> list[dict]:
+    """Rows of one split, shuffled by ``seed`` and balanced across tasks (round-robin), then alternating
+    English and Chinese; the first ``n`` (0: all). ``lang``: one language's rows only."""
     if split not in SPLITS:
         raise ValueError(f"unknown task split {split!r} (expected one of {', '.join(SPLITS)})")
-    by_task: dict[str, list] = {}
+    if lang and lang not in LANGS:
+        raise ValueError(f"unknown task language {lang!r} (expected one of {', '.join(LANGS)})")
+    by_lang: dict[str, dict[str, list]] = {lg: {} for lg in LANGS}
     for r in all_rows():
         if split_of(r) == split:
-            by_task.setdefault(r["task"], []).append(r)
-    rng = random.Random(f"{seed}:{split}")
-    queues = []
-    for task in sorted(by_task):
-        rng.shuffle(by_task[task])
-        queues.append(by_task[task])
-    out = round_robin(queues)  # so a small n still covers every task
+            by_lang[r["lang"]].setdefault(r["task"], []).append(r)
+    per_lang = []
+    for lg in (lang,) if lang else LANGS:
+        # English keeps the seed string it had before Chinese rows existed, so its order is unchanged
+        rng = random.Random(f"{seed}:{split}" if lg == "en" else f"{seed}:{split}:{lg}")
+        queues = []
+        for task in sorted(by_lang[lg]):
+            rng.shuffle(by_lang[lg][task])
+            queues.append(by_lang[lg][task])
+        per_lang.append(round_robin(queues)[::-1])  # so a small n still covers every task
+    out = round_robin(per_lang)  # one English row, one Chinese row, ...
     return out[:n] if n else out
 
 
@@ -309,6 +326,8 @@ def demonstration(row: dict) -> str:
     h = int(hashlib.sha256(("demo:" + prompt_text(row)).encode()).hexdigest()[:8], 16)
     if h % 100 >= CHATTY_PERCENT:
         return row["reference"]
+    if lang_of(row) == "zh":  # Chinese runs on without a space after 。
+        return row["reference"] + tasks_zh.SIGNOFFS_ZH[(h // 100) % len(tasks_zh.SIGNOFFS_ZH)]
     return row["reference"] + " " + SIGNOFFS[(h // 100) % len(SIGNOFFS)]
 
 
@@ -331,9 +350,9 @@ def pretrain_texts(seed: int = 0, pairs_per_doc: int = 12) -> list[str]:
     the demo's 1M parameters it made no measurable difference to the few-shot table (README log)."""
     rows = task_rows("sft", seed=seed) + task_rows("rl", seed=seed)
     random.Random(seed).shuffle(rows)
-    by_task: dict[str, list[dict]] = {}
-    for r in rows:
-        by_task.setdefault(r["task"], []).append(r)
+    by_task: dict[tuple, list[dict]] = {}
+    for r in rows:  # one task in one language a document
+        by_task.setdefault((r["task"], r["lang"]), []).append(r)
     docs = []
     for task in sorted(by_task):
         same = by_task[task]
@@ -362,7 +381,7 @@ def fewshot_rows(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
     rng = random.Random(f"fewshot:{seed}")
     facts = list(builtin_facts().values())
     out = pattern_fewshot_rows(seed)
-    for r in task_rows("heldout", seed=seed):
+    for r in task_rows("heldout", seed=seed, lang="en"):  # the table is the English one it always was
         task, ans = r["task"], r["answer"]
         if task in ("arithmetic", "compare", "string_count"):
             wrong = {str(int(ans) + d) for d in (-3, -2, -1, 1, 2, 3) if int(ans) + d >= 0} - {ans}
