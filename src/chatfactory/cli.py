@@ -8,6 +8,7 @@
     chatfactory chat      --run runs/tiny                        talk to the last finished stage
     chatfactory serve     --run runs/tiny                        OpenAI-compatible API + web UI
     chatfactory quantize  --run runs/tiny --stage sft --bits 4   int8/int4 weights: a stage sft-int4
+    chatfactory generate  --run runs/tiny --prompts p.jsonl --out a.jsonl --max-memory 300MB   offline batches
 
 ``--config`` takes a preset name from configs/ (tiny, shakespeare, gpt2-124m, …) or a YAML file; any
 ``section.key=value`` after it overrides one setting (``pretrain.steps=500 model.depth=6``). Every
@@ -106,16 +107,26 @@ def cmd_run(a):
 
 
 def _inference(a):
-    """The loading mode of chat, sample, serve and eval: quantized stages load; --quantize quantizes on load."""
+    """The loading mode of chat, sample, serve, eval and generate: quantized stages load; --quantize
+    quantizes on load; --max-memory streams the layers that do not fit (offload.py)."""
+    import contextlib
+
+    from .offload import streaming
     from .quant import inference
 
-    return inference(a.quantize)
+    stack = contextlib.ExitStack()
+    stack.enter_context(inference(a.quantize))
+    stack.enter_context(streaming(a.max_memory))
+    return stack
 
 
 def _add_quantize_arg(p) -> None:
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4:GROUP",
                    help="quantize the weights on load: int8 (per output channel) or int4 (groups of 64 columns, "
                         "or GROUP = 32, 128, 256); see `quantize`")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="weights memory budget, e.g. 300MB, 1.5GB, 64MiB: what does not fit stays on disk and "
+                        "each layer is read in just before it runs (a prefetch thread loads the next one)")
 
 
 def cmd_quantize(a):
@@ -160,6 +171,104 @@ def cmd_sample(a):
                 continue
             sys.stdout.flush()
         sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
+
+
+def _prompt_rows(path) -> list[tuple[int, dict]]:
+    """(line, row) of a prompts JSONL: ``{"prompt": str}`` or ``{"messages": [... ending in a user turn]}``."""
+    from .data.jsonl import DataError, read_jsonl
+    from .tokenizer import check_messages
+
+    rows = []
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        if isinstance(row.get("prompt"), str):
+            rows.append((n, row))
+            continue
+        if "messages" not in row:
+            raise DataError(f"{where}: a prompt row needs a string 'prompt' or 'messages' (keys: {', '.join(row) or 'none'})")
+        try:
+            check_messages(row["messages"], f"{where}: messages")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if row["messages"][-1]["role"] != "user":
+            raise DataError(f"{where}: messages must end in a user turn, not {row['messages'][-1]['role']!r}")
+        rows.append((n, row))
+    return rows
+
+
+def _answered(out) -> tuple[str, set]:
+    """The text of an earlier --out and the prompt lines it answers (a rerun skips them)."""
+    import json
+    from pathlib import Path
+
+    from .data.jsonl import DataError
+
+    out = Path(out)
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    done = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            done.add(int(json.loads(line)["line"]))
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{out}:{n}: not a row this command wrote; name another --out") from None
+    return text, done
+
+
+def cmd_generate(a):
+    """Answers for a file of prompts, ``--batch`` at a time (each loaded layer serves the whole batch), appended
+    to --out one batch at a time (atomically); a rerun skips the prompts already answered."""
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import atomic_write_text, latest_stage, load_model
+    from .data.jsonl import DataError
+    from .engine import Engine, SamplingParams
+    from .tokenizer import Tokenizer
+
+    if a.batch < 1 or a.max_new_tokens < 1:
+        raise ValueError(f"--batch {a.batch} / --max-new-tokens {a.max_new_tokens}: both must be at least 1")
+    rows = _prompt_rows(a.prompts)
+    text, done = _answered(a.out)
+    todo = [(n, r) for n, r in rows if n not in done]
+    stage = a.stage or latest_stage(a.run)
+    tok = Tokenizer.load(Path(a.run) / "tokenizer.json")
+    with _inference(a):
+        model, _ = load_model(Path(a.run) / stage)
+    if getattr(model, "offload", None):
+        print(f"{a.run}/{stage}: {model.offload.describe()}", file=sys.stderr)
+    engine, stop = Engine(model, vocab_limit=tok.vocab_size), set(tok.stop_ids)
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="prompt")
+    new_tokens, t0 = 0, time.perf_counter()
+    with torch.no_grad():
+        for b in range(0, len(todo), a.batch):
+            batch = todo[b: b + a.batch]
+            ids = []
+            for n, r in batch:
+                x = tok.chat_prompt(r.get("messages") or [{"role": "user", "content": r["prompt"]}])
+                if len(x) >= model.cfg.block_size:
+                    raise DataError(f"{a.prompts}:{n}: the prompt is {len(x)} tokens, the model's context {model.cfg.block_size}")
+                ids.append(x)
+            # the seed goes with the batch's first prompt, so a resumed run draws what an unbroken one would
+            params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0, stop_ids=tok.stop_ids,
+                                    seed=None if a.seed is None else a.seed + batch[0][0])
+            lines = []
+            for (n, r), x, out in zip(batch, ids, engine.generate(ids, params)):
+                ended = bool(out) and out[-1] in stop
+                answer = out[:-1] if ended else out
+                lines.append(json.dumps({"line": n, **r, "answer": tok.decode(answer), "prompt_tokens": len(x),
+                                         "completion_tokens": len(answer), "finish_reason": "stop" if ended else "length"},
+                                        ensure_ascii=False) + "\n")
+                new_tokens += len(out)
+            text += "".join(lines)
+            atomic_write_text(a.out, text)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.1f}s)")
 
 
 def cmd_export(a):
@@ -307,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub, cmd_eval)
     _add_quantize_arg(sub.choices["eval"])
+    p = sub.add_parser("generate", help="answer a file of prompts in batches (offline; pairs with --max-memory: "
+                                        "each loaded layer serves the whole batch); resumable")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--stage", default=None, help="which weights: sft, ppo, … (default: the last trained)")
+    p.add_argument("--prompts", required=True, help='prompts JSONL: {"prompt": "..."} or {"messages": [... ending in a user turn]}')
+    p.add_argument("--out", required=True, help="answers JSONL (the prompt row + answer, token counts); rerun to resume")
+    p.add_argument("--batch", type=int, default=64, help="prompts generated together (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None)
+    _add_quantize_arg(p)
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("quantize", help="write a stage with int8 or int4 weights (weight-only, for inference: "
                                         "chat, sample, serve and eval load it)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")

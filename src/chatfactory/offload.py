@@ -152,10 +152,12 @@ def _numel(shape) -> int:
     return n
 
 
-def _materialize(module: nn.Module, reader: SafetensorsReader, prefix: str) -> None:
+def _materialize(module: nn.Module, reader: SafetensorsReader, prefix: str, lora_scale: float = 0.0) -> None:
     """Give a meta-device (or slot) module the weights stored under ``prefix`` in place: its tensors
-    are read straight into its own storage; int4 QuantLinears get their codes packed for the kernel."""
+    are read straight into its own storage; int4 QuantLinears get their codes packed for the kernel; a
+    LoRA stage's adapters are merged as ``checkpoint.load_model`` merges them (train/lora.py: same ops)."""
     from .quant import QuantLinear
+    from .train.lora import delta_weight
 
     for name, m in module.named_modules():
         p = prefix + (name + "." if name else "")
@@ -174,6 +176,9 @@ def _materialize(module: nn.Module, reader: SafetensorsReader, prefix: str) -> N
                 else:
                     m._buffers[tname] = t
             reader.read_into(p + tname, t.data)
+            if tname == "weight" and p + "lora_A" in reader.entries:
+                delta = delta_weight(reader.read(p + "lora_A"), reader.read(p + "lora_B"), lora_scale)
+                t.data.copy_((t.data.float() + delta).to(t.dtype))
         if isinstance(m, QuantLinear):
             m.relayout()  # built on meta it chose the plain layout; also drops the old scales' bf16 copy
 
@@ -394,9 +399,8 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
     if str(device) != "cpu":
         raise ValueError(f"--max-memory streams layers on the CPU only for now (asked for device {device})")
     info = checkpoint.stage_config(stage_dir)
-    if info.get("lora"):
-        raise ValueError(f"{stage_dir}: a stage trained with LoRA adapters; --max-memory streams merged weights only "
-                         f"(export or merge it first, or drop --max-memory)")
+    lora = info.get("lora") or {}
+    scale = lora["alpha"] / lora["rank"] if lora else 0.0
     try:
         cfg = GPTConfig.from_dict(info["model"])
     except (KeyError, TypeError, ValueError) as e:
@@ -439,11 +443,12 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
     if p.streamed_blocks:
         proto = model.blocks[p.streamed_blocks[0]]
         bufs = [_empty_like_module(proto) for _ in range(min(slots, len(p.streamed_blocks)))]
-        streamer = Prefetcher(p.streamed_blocks, bufs, lambda blk, i: _materialize(blk, reader, f"blocks.{i}."), "blocks")
+        streamer = Prefetcher(p.streamed_blocks, bufs, lambda blk, i: _materialize(blk, reader, f"blocks.{i}.", scale),
+                               "blocks")
     wrapped = []
     for i, blk in enumerate(model.blocks):
         if i in p.resident_blocks:
-            _materialize(blk, reader, f"blocks.{i}.")
+            _materialize(blk, reader, f"blocks.{i}.", scale)
             wrapped.append(ScheduledBlock(i, blk, None, micro_tokens))
         else:
             wrapped.append(ScheduledBlock(i, None, streamer, micro_tokens))
@@ -463,12 +468,9 @@ def _empty_like_module(proto: nn.Module) -> nn.Module:
 
 
 def memory_mode(model) -> dict:
-    """What /v1/models reports: {"memory": "resident"} or {"memory": "streamed", "budget_mb", ...}."""
+    """What /v1/models reports: {"memory": "resident"}, or {"memory": "streamed", "memory_budget_mb": B}."""
     p = getattr(model, "offload", None)
-    if p is None:
-        return {"memory": "resident"}
-    return {"memory": "streamed", "budget_mb": round(p.budget / 1e6, 1), "resident_blocks": len(p.resident_blocks),
-            "streamed_blocks": len(p.streamed_blocks)}
+    return {"memory": "resident"} if p is None else {"memory": "streamed", "memory_budget_mb": round(p.budget / 1e6, 1)}
 
 
 @contextlib.contextmanager

@@ -27,7 +27,10 @@ class ModelCard(BaseModel):
     owned_by: str
     max_model_len: int
     precision: str = Field(description="the weights: float32, bfloat16, int8, or int4 (groups of G)")
-    memory: Literal["resident"] = Field(description="where the weights live while serving: all in memory")
+    memory: Literal["resident", "streamed"] = Field(
+        description="where the weights live while serving: all in memory (resident), or the layers beyond "
+                    "--max-memory read from disk just before they run (streamed)")
+    memory_budget_mb: Optional[float] = Field(None, description="streamed: the weights' memory budget, in MB")
 
 
 class ModelList(BaseModel):

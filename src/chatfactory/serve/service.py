@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..batching import Scheduler
+from ..offload import memory_mode
 from ..tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
@@ -28,6 +29,9 @@ class Service:
         self.limits = LIMITS
         self.created = int(time.time())
         self.precision = precision_of(model)
+        # what /v1/models says of where the weights live: {"memory": "resident"}, or with --max-memory
+        # {"memory": "streamed", "memory_budget_mb": …} (offload.py); api.py merges it into the model card
+        self.memory = memory_mode(model)
         # every special token ends a reply: a model that opens a new turn or document has finished
         self.stop_ids = tok.stop_ids
 
