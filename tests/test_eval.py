@@ -365,3 +365,80 @@ def test_dev_scores_judge_a_policy_against_sft_and_choose_on_dev(tmp_path, tok):
     assert list(pick["candidates"]) == ["10", "20", "30"] and pick["candidates"]["20"]["gold_score"] == 0.6
     with pytest.raises(ValueError, match="no candidates"):
         choose_on_dev("beta", {})
+
+
+# ---------------------------------------------------------------- per language (the bilingual embedded tasks)
+def _bilingual_rows():
+    from chatfactory.data import tasks
+
+    return [r for r in tasks.task_rows("heldout", 8) if r["task"] in ("arithmetic", "compare", "decline", "sort")][:4]
+
+
+def test_heldout_figures_per_language_by_hand():
+    """eval/heldout.by_language splits one policy's scores by the prompt's language and counts its win
+    rate against SFT's replies to the same prompts, ties half."""
+    from chatfactory.eval.heldout import by_language, score_replies
+
+    rows = _bilingual_rows()  # en, zh, en, zh
+    assert [r["lang"] for r in rows] == ["en", "zh", "en", "zh"]
+    mine = [rows[0]["reference"], rows[1]["reference"], "wrong", rows[3]["reference"]]
+    sft = [rows[0]["reference"], "错", rows[2]["reference"], "错"]
+    res = score_replies(rows, mine)
+    res["replies"] = mine
+    got = by_language(rows, res, sft)
+    assert set(got) == {"en", "zh"} and got["en"]["n"] == got["zh"]["n"] == 2
+    assert got["en"]["accuracy"] == 0.5 and got["zh"]["accuracy"] == 1.0
+    assert got["zh"]["gold_score"] == 1.0 and got["en"]["gold_score"] == pytest.approx((1.0 + res["scores"][2]) / 2)
+    assert got["en"]["win_rate_vs_sft"] == 0.25 and got["zh"]["win_rate_vs_sft"] == 1.0  # en: a tie and a loss
+    assert "win_rate_vs_sft" not in by_language(rows, res)["en"]
+
+
+def test_tokenizer_chars_per_token_on_chinese_and_english():
+    """Trained on bilingual task text, the byte-level BPE merges Chinese characters: more than one
+    character a token on held-out Chinese text (raw UTF-8 bytes would give 1/3), English above 2."""
+    from chatfactory.data import tasks
+    from chatfactory.eval.heldout import chars_per_token
+
+    train = ["\n".join(r["messages"][-1]["content"] + "\n" + r["reference"] for r in tasks.task_rows("sft", 3000))]
+    bpe = Tokenizer.train(train * 3, vocab_size=800)
+    rows = tasks.task_rows("heldout", 400)
+    got = chars_per_token(bpe, rows)
+    zh_chars = sum(len("\n".join([m["content"] for m in r["messages"]] + [r["reference"]])) for r in rows if r["lang"] == "zh")
+    assert got["zh"]["chars"] == zh_chars and got["zh"]["chars_per_token"] == zh_chars / got["zh"]["tokens"]
+    assert got["zh"]["chars_per_token"] > 1.0 and got["en"]["chars_per_token"] > 2.0
+    # the same text through the bytes alone (no merges): a Chinese character is three tokens
+    raw = Tokenizer.train(["ab"], vocab_size=270)
+    assert chars_per_token(raw, rows)["zh"]["chars_per_token"] < 0.6
+
+
+def test_report_has_the_per_language_table(tmp_path, tok):
+    """report.json's "by_language" and report.md's "By language" tables: held-out accuracy, gold and win
+    rate per language for each model, the reward model's accuracy per language, chars per token."""
+    from chatfactory.eval.heldout import by_language, score_replies
+    from chatfactory.eval.report import build_json, write_markdown
+
+    rows = _bilingual_rows()
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok.save(tmp_path / "tokenizer.json")
+    evals = {}
+    for stage, replies in (("sft", [r["reference"] for r in rows]), ("ppo", ["no", rows[1]["reference"], "no", "不"])):
+        e = score_replies(rows, replies)
+        e.update(replies=replies, heldout_accuracy=e.pop("accuracy"))
+        e["by_language"] = by_language(rows, e, evals["sft"]["replies"] if evals else None)
+        evals[stage] = e
+    reward = {"status": "done", "heldout": {"accuracy": 0.8, "pairs": 10, "own_sample_accuracy": 0.7, "own_sample_pairs": 6,
+                                            "by_language": {"en": {"pairs": 6, "accuracy": 5 / 6}, "zh": {"pairs": 4, "accuracy": 0.75}}}}
+    rep = build_json(tmp_path, {"stages": {"reward": reward}}, evals)
+    bl = rep["by_language"]
+    assert bl["langs"] == ["en", "zh"] and bl["reward"]["zh"] == {"pairs": 4, "accuracy": 0.75}
+    assert bl["heldout"]["ppo"]["en"]["accuracy"] == 0.0 and bl["heldout"]["ppo"]["zh"]["accuracy"] == 0.5
+    assert bl["heldout"]["ppo"]["zh"]["win_rate_vs_sft"] == 0.25 and bl["tokenizer"]["zh"]["chars_per_token"] > 0
+    md = write_markdown(tmp_path, rep, evals, {}, 4, "rubric")
+    assert "## By language" in md
+    assert "| model | accuracy en | accuracy zh | gold en | gold zh | win rate vs SFT en | win rate vs SFT zh |" in md
+    assert "| ppo | 0.000 | 0.500 |" in md and "| sft | 1.000 | 1.000 | 1.000 | 1.000 | — | — |" in md
+    assert "| reward model: held-out pairwise accuracy (pairs) | 0.833 (6) | 0.750 (4) |" in md
+    cpt = bl["tokenizer"]
+    assert f"| tokenizer: characters per token | {cpt['en']['chars_per_token']:.2f} | {cpt['zh']['chars_per_token']:.2f} |" in md
+    assert "| held-out prompts | 2 | 2 |" in md

@@ -58,8 +58,18 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
 
     md = (out / "report.md").read_text()
     for heading in ("What each stage cost", "Held-out evaluation", "Chosen on the dev split", "Pretraining", "zero-, one- and few-shot", "## SFT",
-                    "Reward model", "## PPO", "## DPO", "Sample conversations", "The rubric"):
+                    "Reward model", "## PPO", "## DPO", "Sample conversations", "The rubric", "## By language"):
         assert heading in md, heading
+    # the bilingual tasks: every figure per language too (12 English and 12 Chinese held-out prompts)
+    bl = rep["by_language"]
+    assert bl["langs"] == ["en", "zh"] and set(bl["heldout"]) == {"pretrain", "sft", "ppo", "dpo"}
+    for lang in ("en", "zh"):
+        assert bl["heldout"]["sft"][lang]["n"] == 12 and 0 <= bl["heldout"]["ppo"][lang]["win_rate_vs_sft"] <= 1
+        assert 0 < bl["tokenizer"][lang]["chars_per_token"] < 10 and 0 <= bl["reward"][lang]["accuracy"] <= 1
+    assert sum(v["pairs"] for v in bl["reward"].values()) == rw["heldout_pairs"]
+    en, zh = (bl["heldout"]["ppo"][lang]["accuracy"] for lang in ("en", "zh"))
+    assert rep["ppo"]["heldout_accuracy"] == pytest.approx((en + zh) / 2)  # the overall figure is kept: 12 and 12, the mean
+    assert "| tokenizer: characters per token |" in md and "win rate vs SFT zh" in md
     assert "not run" not in md
     for png in ("losses.png", "ppo.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

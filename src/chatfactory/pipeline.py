@@ -17,7 +17,8 @@ This module only sequences the stages; each lives in its own module and writes `
     ppo · dpo    RLHF with a KL penalty to SFT, and DPO beside it on the same comparisons
     grpo · rloo  group-baseline RL against the same reward model (when in pipeline.stages)
     eval         every policy answers the same held-out prompts; the rubric is the gold judge
-                 (eval/heldout.py, which also scores policies on the dev prompts that choices are made on)
+                 (eval/heldout.py, which also scores policies on the dev prompts that choices are made on);
+                 the embedded tasks are English and Chinese, so every figure is also given per language
     report       RUN/report.md, RUN/report.json and PNG plots (eval/report.py)
 
 A stage whose checkpoint says ``"finished": true`` is skipped, and so is a comparisons file or an
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text, has_checkpoint, stage_finished
 from .config import Config, save_config
-from .data.tasks import write_task_files
-from .eval.heldout import POLICIES, dev_scores, evaluate_all, reward_accuracy
+from .data.tasks import prompt_text, write_task_files
+from .eval.heldout import POLICIES, dev_scores, evaluate_all, read_rows, reward_accuracy
 from .eval.report import write_report
 from .tokenizer import Tokenizer
 
@@ -177,8 +178,9 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     evaluated = [s for s in ("pretrain",) + POLICIES if stage_finished(run_dir / s)]
     evals = evaluate_all(cfg, run_dir, paths, evaluated, log)
     if stage_finished(run_dir / "reward") and paths["comparisons_heldout"].exists() and (run_dir / "tokenizer.json").exists():
+        langs = {prompt_text(r): r.get("lang") for r in read_rows(paths["heldout"])}  # each pair's prompt language
         ledger.update("reward", heldout=reward_accuracy(run_dir / "reward", paths["comparisons_heldout"],
-                                                        Tokenizer.load(run_dir / "tokenizer.json")))
+                                                        Tokenizer.load(run_dir / "tokenizer.json"), langs=langs))
     ledger.add_time("eval", time.perf_counter() - t)
     ledger.update("eval", status="done")
 

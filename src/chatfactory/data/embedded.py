@@ -3,7 +3,9 @@
 No download and no file in the repo: the reference documentation in ``pydoc_data.topics`` (the
 language reference, ~0.5 MB of English prose with code) and the docstrings of the standard library's
 modules, classes and functions (~1.6 MB), read with ``ast`` so nothing is imported or executed.
-Documents come in a fixed order, so a given Python version always yields the same text.
+Documents come in a fixed order, so a given Python version always yields the same text. All of it is
+English: the Chinese the model and the tokenizer meet is the bilingual tasks' text (data/tasks.py's
+``pretrain_texts``, sft and rl splits only), which ``data.source: embedded+tasks`` spreads through it.
 
     from chatfactory.data.embedded import embedded_texts
     for doc in embedded_texts(): ...

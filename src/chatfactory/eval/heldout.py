@@ -4,8 +4,10 @@ Two splits of the embedded tasks (data/tasks.py), two uses:
 
   heldout  only reports. ``evaluate_all`` has every finished policy answer the same held-out prompts
            (RUN/tasks/heldout.jsonl) and scores each reply: accuracy, gold (rubric) score, win rate vs
-           SFT (ties half), KL vs SFT; the base model also gets its zero/one/few-shot table. Cached per
-           stage in RUN/eval/<stage>.json. ``reward_accuracy`` scores the reward model on held-out pairs.
+           SFT (ties half), KL vs SFT, and each of those per language of the prompts (``by_language``);
+           the base model also gets its zero/one/few-shot table. Cached per stage in RUN/eval/<stage>.json.
+           ``reward_accuracy`` scores the reward model on held-out pairs (overall and per language);
+           ``chars_per_token`` measures the tokenizer on the held-out prompts' text, per language.
   dev      chooses. ``dev_scores`` judges one policy (a stage of the run, or a model in memory such as
            a PPO iteration under consideration) on RUN/tasks/dev.jsonl the same way, against SFT's
            replies to the same prompts; ``choose_on_dev`` picks the best of several candidates and
@@ -29,8 +31,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write_text, has_checkpoint, load_model
-from ..data.rubric import is_correct, rubric_score
-from ..data.tasks import plain_prompt
+from ..data.rubric import is_correct, lang_of, rubric_score
+from ..data.tasks import plain_prompt, prompt_text
 from ..engine import Engine, SamplingParams
 from ..tokenizer import Tokenizer
 from .fewshot import few_shot_table
@@ -123,6 +125,33 @@ def score_replies(rows: list[dict], replies: list[str]) -> dict:
             "mean_words": sum(len(a.split()) for a in replies) / len(replies)}
 
 
+def by_language(rows: list[dict], res: dict, sft_replies: list[str] | None = None) -> dict:
+    """One policy's scored replies (``score_replies``' result, with its replies) per language of the
+    prompts: {lang: {"n", "accuracy", "gold_score"[, "win_rate_vs_sft"]}}, the win rate against SFT's
+    replies to the same prompts when given."""
+    out = {}
+    for lang in sorted({lang_of(r) for r in rows}):
+        idx = [i for i, r in enumerate(rows) if lang_of(r) == lang]
+        sec = {"n": len(idx), "accuracy": sum(res["correct"][i] for i in idx) / len(idx),
+               "gold_score": sum(res["scores"][i] for i in idx) / len(idx)}
+        if sft_replies is not None:
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            sec["win_rate_vs_sft"] = win_vs(pick(rows), pick(res["replies"]), pick(sft_replies))["win_rate"]
+        out[lang] = sec
+    return out
+
+
+def chars_per_token(tok, rows: list[dict]) -> dict:
+    """The tokenizer's characters per token on the text of prompt rows (every message and the reference
+    reply, a line each), per language: {lang: {"chars", "tokens", "chars_per_token"}}."""
+    out = {}
+    for lang in sorted({lang_of(r) for r in rows}):
+        texts = ["\n".join([m["content"] for m in r["messages"]] + [r.get("reference") or ""]) for r in rows if lang_of(r) == lang]
+        chars, tokens = sum(map(len, texts)), sum(len(tok.encode(t)) for t in texts)
+        out[lang] = {"chars": chars, "tokens": tokens, "chars_per_token": chars / max(1, tokens)}
+    return out
+
+
 def win_vs(rows, replies_a, replies_b) -> dict:
     """Gold-judged win rate of A over B on the same prompts; ties count half."""
     return compare(rows, replies_a, replies_b, rubric_score)
@@ -185,13 +214,18 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         for stage in POLICIES[1:] + ("pretrain",):
             if stage in out:
                 out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
+    for stage, res in out.items():
+        res["by_language"] = by_language(rows, res, out["sft"]["replies"] if "sft" in out and stage != "sft" else None)
     return out
 
 
 @torch.no_grad()
-def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: int = 2000, batch_size: int = 64) -> dict:
-    """The reward model's pairwise accuracy on a seeded sample of ``n`` held-out comparisons, and on
-    those of them between the policy's own samples alone (no reply to another prompt)."""
+def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: int = 2000, batch_size: int = 64,
+                    langs: dict[str, str] | None = None) -> dict:
+    """The reward model's pairwise accuracy on a seeded sample of ``n`` held-out comparisons, on those of
+    them between the policy's own samples alone (no reply to another prompt), and per language of the
+    prompt (``langs``: prompt text (data/tasks.py's ``prompt_text``) -> language, from the rows the pairs
+    were made from; a prompt not in it is Chinese when it holds a Han character)."""
     import random
 
     from ..data.preferences import collate, encode_pairs, parse_pair
@@ -209,8 +243,13 @@ def reward_accuracy(stage_dir: Path, path: Path, tok, device: str = "cpu", n: in
         b = collate(enc[i:i + batch_size], tok.pad_id)
         right += pair_right(bradley_terry(rm(b["idx"].to(device), b["last"].to(device)))[1]).tolist()
     mine = [r for r, o in zip(right, own) if o]
+    by_lang: dict[str, list] = {}
+    for pair, ok in zip(pairs, right):
+        lang = (langs or {}).get(prompt_text({"messages": pair.prompt})) or lang_of({"messages": pair.prompt})
+        by_lang.setdefault(lang, []).append(ok)
     return {"pairs": len(right), "accuracy": sum(right) / max(1, len(right)),
-            "own_sample_pairs": len(mine), "own_sample_accuracy": sum(mine) / len(mine) if mine else None}
+            "own_sample_pairs": len(mine), "own_sample_accuracy": sum(mine) / len(mine) if mine else None,
+            "by_language": {k: {"pairs": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(by_lang.items())}}
 
 
 # ---------------------------------------------------------------- dev: what settings and checkpoints are chosen on

@@ -3,7 +3,9 @@
 Written by ``chatfactory run`` (pipeline.py) from the run directory alone: each stage's
 ``metrics.jsonl``, the pipeline's ledger (``pipeline.json``: status, seconds and result per stage) and
 the held-out evaluation (eval/heldout.py: ``eval/<stage>.json``, every policy's replies to the same
-held-out prompts, scored by the rubric of data/rubric.py). What a stage chose on the dev prompts (a
+held-out prompts, scored by the rubric of data/rubric.py). Where the prompts are in more than one
+language (the embedded tasks: English and Chinese), "By language" gives held-out accuracy, gold score,
+win rate vs SFT, the reward model's accuracy and the tokenizer's characters per token for each. What a stage chose on the dev prompts (a
 ``dev_choice`` in its result) is stated; the held-out numbers only report. A stage that did not run is
 reported as "not run: <why>", never with a number. To rebuild the report of a finished run:
 
@@ -16,8 +18,9 @@ import math
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
+from ..tokenizer import Tokenizer
 from ..train.loop import read_metrics
-from .heldout import POLICIES
+from .heldout import POLICIES, chars_per_token, read_rows
 
 RL_STAGES = ("ppo", "grpo", "rloo")  # stages with an RL curve (plots/rl.png) and a gold curve on dev
 OPTIONAL = ("grpo", "rloo")  # left out of the tables when the pipeline did not ask for them
@@ -180,6 +183,7 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
     if "pretrain" in evals and evals["pretrain"].get("win_rate_vs_sft"):
         rep["base"]["sft_win_rate_vs_base"] = 1 - evals["pretrain"]["win_rate_vs_sft"]["win_rate"]
 
+    rep["by_language"] = by_language(run_dir, st, evals)
     rep["dev"] = dev_choices(run_dir, st)
     rep["eval"] = {"seconds": round(st.get("eval", {}).get("seconds", 0.0), 1),
                    "temperature": None, "note": "every policy answers the held-out prompts; the rubric scores them"}
@@ -191,6 +195,38 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
         "heldout_prompts_at_least_200": rep["heldout_prompts"] >= 200,
     }
     return rep
+
+
+def by_language(run_dir: Path, stages: dict, evals: dict) -> dict:
+    """The figures per language of the prompts: {"langs", "heldout": {model: {lang: {"n", "accuracy",
+    "gold_score", "win_rate_vs_sft"}}}, "reward": {lang: {"pairs", "accuracy"}} (held-out pairs),
+    "tokenizer": {lang: {"chars", "tokens", "chars_per_token"}} (the held-out prompts' text)}."""
+    heldout = {s: e["by_language"] for s, e in evals.items() if e.get("by_language")}
+    reward = ((stages.get("reward") or {}).get("heldout") or {}).get("by_language")
+    tp, hp = run_dir / "tokenizer.json", run_dir / "tasks" / "heldout.jsonl"
+    tok = chars_per_token(Tokenizer.load(tp), read_rows(hp)) if tp.exists() and hp.exists() else None
+    langs = sorted({lang for per in (*heldout.values(), reward or {}, tok or {}) for lang in per})
+    return {"langs": langs, "heldout": heldout, "reward": reward, "tokenizer": tok}
+
+
+def _languages_md(bl: dict) -> list[str]:
+    langs = bl["langs"]
+    if len(langs) < 2:
+        return []
+    cols = [("accuracy", "accuracy"), ("gold_score", "gold"), ("win_rate_vs_sft", "win rate vs SFT")]
+    L = ["## By language", "", "The same figures for the prompts of each language (held-out prompts; the reward model's "
+         "held-out pairs by their prompt's language; the tokenizer on the held-out prompts' text).", "",
+         "| model | " + " | ".join(f"{name} {lang}" for _, name in cols for lang in langs) + " |", "|---|" + "---|" * (3 * len(langs))]
+    for s, per in bl["heldout"].items():
+        L.append(f"| {'base' if s == 'pretrain' else s} | " + " | ".join(_fmt(per.get(lang, {}).get(k)) for k, _ in cols for lang in langs) + " |")
+    n = {lang: next((per[lang]["n"] for per in bl["heldout"].values() if lang in per), None) for lang in langs}
+    rw, tok = bl["reward"] or {}, bl["tokenizer"] or {}
+    L += ["", "| | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs),
+          "| held-out prompts | " + " | ".join(_fmt(n[lang]) for lang in langs) + " |",
+          "| reward model: held-out pairwise accuracy (pairs) | " + " | ".join(
+              f"{_fmt(rw[lang]['accuracy'])} ({rw[lang]['pairs']:,})" if lang in rw else "—" for lang in langs) + " |",
+          "| tokenizer: characters per token | " + " | ".join(_fmt(tok.get(lang, {}).get("chars_per_token"), 2) for lang in langs) + " |", ""]
+    return L
 
 
 def dev_choices(run_dir: Path, stages: dict) -> dict:
@@ -256,9 +292,9 @@ def _samples_md(run_dir: Path, rep: dict, evals: dict, n: int) -> list[str]:
         return []
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     picks, seen = [], set()
-    for i, r in enumerate(rows):  # one prompt per task, as many as asked
-        if r["task"] not in seen:
-            seen.add(r["task"])
+    for i, r in enumerate(rows):  # one prompt per task and language, as many as asked
+        if (r["task"], r.get("lang")) not in seen:
+            seen.add((r["task"], r.get("lang")))
             picks.append(i)
         if len(picks) >= n:
             break
@@ -322,6 +358,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
               "|---|" + "---|" * len(evals)]
         for t in tasks:
             L.append(f"| {t} | " + " | ".join(_fmt(e.get("accuracy_by_task", {}).get(t), 2) for e in evals.values()) + " |")
+    L += [""] + _languages_md(rep["by_language"])
     if not imp:  # the demo's bars (a model trained here from nothing, on the embedded default)
         L += ["", "Bars of the issue:", ""]
         for k, ok in rep["bars"].items():
@@ -406,14 +443,17 @@ if __name__ == "__main__":
     import sys
 
     from ..config import load_config
+    from .heldout import by_language as per_language
     from .heldout import win_vs
 
     rd = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
     ev = {p.stem: json.loads(p.read_text()) for p in sorted((rd / "eval").glob("*.json"))}
     rows = [json.loads(line) for line in open(rd / "tasks" / "heldout.jsonl", encoding="utf-8") if line.strip()]
     for s, e in ev.items():
-        if s != "sft" and "sft" in ev:
-            e["win_rate_vs_sft"] = win_vs(rows, e["replies"], ev["sft"]["replies"])
+        sft = ev["sft"]["replies"] if s != "sft" and "sft" in ev else None
+        if sft is not None:
+            e["win_rate_vs_sft"] = win_vs(rows, e["replies"], sft)
+        e["by_language"] = per_language(rows, e, sft)
     led = json.loads((rd / "pipeline.json").read_text())
     rep = write_report(load_config(str(rd / "config.yaml")), rd, led, ev)
     print(f"{rd / 'report.md'}: total {rep['total_seconds']} s; bars {rep['bars']}")
