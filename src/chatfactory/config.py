@@ -41,6 +41,9 @@ class DataConfig:
     hf_split: str = "train"
     max_chars: int = 0  # 0: use everything
     val_fraction: float = 0.05  # tail of the token stream held out for validation
+    # conversations of chat data set aside for good, by a hash of their first user turn (data/chat.py):
+    # SFT never trains on them, an ``assistant:`` source skips them, a ``heldout:`` source reads only them
+    chat_holdout: float = 0.0
     shard_tokens: int = 100_000_000  # tokens per memory-mapped shard file
 
 

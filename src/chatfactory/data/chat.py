@@ -11,19 +11,26 @@ Files are ``.jsonl`` (one object per line) or ``.json`` (one array of objects), 
 may join several with commas or name ``hf:NAME[:SUBSET]`` for a Hugging Face dataset. A bad row is a
 ``DataError`` naming the file and line (``path:line``; for ``.json`` arrays ``path[index]``).
 
+A *held-out slice* (``holdout`` > 0) sets some conversations aside for good: whether one is in it is a
+hash of its first user turn, so the rule needs no seed or file order, every reader agrees on it (SFT
+skips the slice; pretraining's ``heldout:`` source reads only its answers, for validation), and
+alternative answers to one prompt always fall on the same side.
+
     convs = load_conversations("../shared/data/sft/dolly/dolly_messages.jsonl.gz")
     ids, mask = tok.render_chat(convs[0])
+    heldout = [c for c in convs if in_holdout(c, 0.05)]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Iterator
 
 from ..tokenizer import check_messages
-from .sources import DataError, open_text, read_jsonl
+from .jsonl import DataError, open_text, read_jsonl
 
 # "\n\nHuman:" / "\n\nAssistant:" open the turns of an Anthropic HH transcript
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -107,8 +114,29 @@ def _hf_rows(spec: str, split: str) -> Iterator[tuple[str, dict]]:
         yield f"{spec}[{i}]", dict(row)
 
 
-def iter_chat_rows(spec: str, split: str = "train") -> Iterator[tuple[str, list[dict]]]:
-    """(where, conversation) for every row of the comma-separated sources in ``spec``."""
+def check_holdout(fraction: float, where: str) -> float:
+    """A held-out fraction must lie in [0, 1): at 1 nothing would be left to train on."""
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DataError(f"{where}={fraction!r}: a held-out fraction must be in [0, 1)")
+    return float(fraction)
+
+
+def in_holdout(conv: list[dict], fraction: float) -> bool:
+    """Whether ``conv`` falls in the held-out ``fraction``: the first 8 bytes of SHA-256 of its first user
+    turn, read as a number in [0, 1), are below ``fraction``."""
+    if fraction <= 0:
+        return False
+    first = next((m["content"] for m in conv if m["role"] == "user"), "")
+    digest = hashlib.sha256(("chatfactory-holdout\0" + first).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def iter_chat_rows(spec: str, split: str = "train", holdout: float = 0.0,
+                   heldout: bool = False) -> Iterator[tuple[str, list[dict]]]:
+    """(where, conversation) for every row of the comma-separated sources in ``spec``. With ``holdout``
+    > 0 only one side of the held-out slice: the rest (``heldout=False``) or the slice itself."""
+    if check_holdout(holdout, "holdout") == 0 and heldout:
+        raise DataError(f"{spec}: asked for the held-out slice, but holdout=0 holds nothing out")
     for one in [s.strip() for s in spec.split(",") if s.strip()]:
         if one.startswith("hf:"):
             rows = _hf_rows(one, split)
@@ -124,13 +152,23 @@ def iter_chat_rows(spec: str, split: str = "train") -> Iterator[tuple[str, list[
             else:
                 raise DataError(f"{one}: no such chat data file or folder")
         for where, row in rows:
-            yield where, row_to_messages(row, where)
+            conv = row_to_messages(row, where)
+            if holdout <= 0 or in_holdout(conv, holdout) == heldout:
+                yield where, conv
 
 
-def load_conversations(spec: str, max_rows: int = 0, split: str = "train") -> list[list[dict]]:
-    """Every conversation of ``spec`` (at most ``max_rows`` if > 0)."""
+def assistant_texts(spec: str, split: str = "train", holdout: float = 0.0, heldout: bool = False) -> Iterator[str]:
+    """Pretraining text from chat data: the assistant turns of each conversation of ``spec`` (one side
+    of the held-out slice, as in ``iter_chat_rows``), joined by a blank line into one document."""
+    for _, conv in iter_chat_rows(spec, split, holdout, heldout):
+        yield "\n\n".join(m["content"] for m in conv if m["role"] == "assistant")
+
+
+def load_conversations(spec: str, max_rows: int = 0, split: str = "train", holdout: float = 0.0) -> list[list[dict]]:
+    """Every conversation of ``spec`` (at most ``max_rows`` if > 0), less the held-out slice if
+    ``holdout`` > 0 (see ``in_holdout``)."""
     out = []
-    for _, conv in iter_chat_rows(spec, split):
+    for _, conv in iter_chat_rows(spec, split, holdout):
         out.append(conv)
         if max_rows and len(out) >= max_rows:
             break

@@ -30,7 +30,7 @@ import torch
 
 from ..tokenizer import check_messages
 from .chat import parse_hh_transcript
-from .sources import DataError, read_jsonl
+from .jsonl import DataError, read_jsonl
 
 
 @dataclass

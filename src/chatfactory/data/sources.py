@@ -8,50 +8,24 @@ A source spec (``data.source``) is one of:
   ``path/to/file.parquet``        a column named ``data.text_key`` (needs ``pyarrow``)
   ``path/to/folder``              every such file inside, in sorted order
   ``hf:NAME[:SUBSET]``            a Hugging Face dataset (needs ``datasets`` and a network)
+  ``assistant:CHAT``              the assistant turns of chat data (any file/folder/hf spec that SFT
+                                  reads, data/chat.py), one document per conversation, less the
+                                  held-out slice of ``data.chat_holdout``
+  ``heldout:CHAT``                only that held-out slice's assistant turns (listed last, it is the
+                                  validation tail: text no stage trains on)
 Several specs may be joined with commas. A bad row is an error naming the file and line.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 from pathlib import Path
 from typing import Iterator
 
 from ..config import DataConfig
+from .chat import assistant_texts, check_holdout
+from .jsonl import DataError, open_text, read_jsonl  # noqa: F401  (DataError: re-exported, as before)
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
-
-
-class DataError(ValueError):
-    """A data file is unreadable or a row is malformed; the message names the file and line."""
-
-
-def open_text(path: Path):
-    """Open a text file, transparently un-gzipping ``*.gz``."""
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line raises DataError naming it."""
-    path = Path(path)
-    try:
-        with open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _file_texts(path: Path, key: str) -> Iterator[str]:
@@ -92,8 +66,24 @@ def _hf_texts(spec: str, key: str, split: str) -> Iterator[str]:
         yield text
 
 
+def _chat_source(spec: str, cfg: DataConfig) -> Iterator[str]:
+    kind, _, chat_spec = spec.partition(":")
+    where = f"data.source {spec!r}"
+    if not chat_spec.strip():
+        raise DataError(f"{where}: name the chat data after '{kind}:' (a file, folder or hf:NAME)")
+    if kind == "heldout" and cfg.chat_holdout == 0:
+        raise DataError(f"{where}: the held-out slice is empty; set data.chat_holdout > 0 (e.g. 0.05)")
+    try:
+        check_holdout(cfg.chat_holdout, "data.chat_holdout")
+        yield from assistant_texts(chat_spec.strip(), cfg.hf_split, cfg.chat_holdout, heldout=kind == "heldout")
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def _one_source(spec: str, cfg: DataConfig) -> Iterator[str]:
-    if spec == "embedded":
+    if spec.startswith(("assistant:", "heldout:")):
+        yield from _chat_source(spec, cfg)
+    elif spec == "embedded":
         from .embedded import embedded_texts
 
         yield from embedded_texts()

@@ -209,7 +209,8 @@ def run_sft(cfg: Config, run_dir) -> dict:
     if tc.seq_len > model.cfg.block_size:
         raise ValueError(f"sft.seq_len={tc.seq_len} exceeds the model's block_size={model.cfg.block_size}")
 
-    convs = load_conversations(tc.data, tc.max_rows, tc.hf_split)
+    # data.chat_holdout's slice is never trained on (pretraining may validate on it; data/chat.py)
+    convs = load_conversations(tc.data, tc.max_rows, tc.hf_split, cfg.data.chat_holdout)
     train_convs, val_convs = split_conversations(convs, tc.val_fraction, tc.seed)
     tx, ty, stats = tokenize_conversations(train_convs, tok, tc.seq_len)
     vx, vy, _ = tokenize_conversations(val_convs, tok, tc.seq_len)
@@ -220,10 +221,11 @@ def run_sft(cfg: Config, run_dir) -> dict:
     if d.main:
         n_tok = sum(len(x) for x in tx)
         n_rows = len(stage.batches.epoch_rows(0))
+        held = f"; data.chat_holdout's {cfg.data.chat_holdout:.0%} slice left out" if cfg.data.chat_holdout else ""
         print(f"sft: {len(tx):,} train / {len(vx):,} held-out conversations from {tc.data} "
               f"({stats['truncated']} cut to {tc.seq_len} tokens, {stats['dropped']} dropped); "
               f"{n_tok:,} tokens packed into {n_rows:,} rows ({n_tok / (n_rows * tc.seq_len):.0%} full); "
-              f"starting from {src}" + (f"; {summary(model)}" if lora else ""))
+              f"starting from {src}" + (f"; {summary(model)}" if lora else "") + held)
     result = train(stage, model, tc, run_dir / "sft", d)
     if d.world > 1:
         torch.distributed.destroy_process_group()
