@@ -13,7 +13,6 @@ joined deltas equal the final text, and the final text equals the non-streamed a
 """
 import json
 import random
-import socket
 import subprocess
 import time
 import urllib.request
@@ -242,28 +241,11 @@ def test_terminal_chat_subprocess_prints_the_reply(echo_run):
 
 @pytest.fixture(scope="module")
 def served(echo_run):
+    from test_webui import serve_subprocess
+
     root, tok, ids = echo_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(cli_cmd("serve", "--run", root, "--port", port, "--slots", 4),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
-                time.sleep(0.3)
+    with serve_subprocess(root, "--slots", 4) as url:
         yield url, tok, ids
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def call(url, path, body) -> list[dict] | dict:

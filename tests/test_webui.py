@@ -1,6 +1,9 @@
 """The web UI in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright's Python package;
 no browser is downloaded): streaming, multi-turn history, settings, thumbs, compare mode, stop and
-regenerate, rows in the SQLite file, and model output that tries HTML/script injection shown as text.
+regenerate, rows in the SQLite file, and model output that tries HTML/script injection shown as text;
+Enter while an input method composes (CDP's real composition events) does not send; every label follows
+the browser's language (zh-CN, en-US); the weights' precision and memory mode of a `chatfactory serve
+--quantize int8` subprocess are shown. (Streaming Chinese and emoji: tests/test_streaming_utf8.py.)
 
 Most checks use a scripted stand-in for the scheduler (defined here, test-only) so the answer text is
 known, including ``<img onerror>`` and ``<script>``; everything else (server, detokenizer, SSE, the
@@ -8,9 +11,13 @@ page) is the real code. One test drives the real tiny model end to end."""
 import json
 import re
 import shutil
+import socket
 import sqlite3
+import subprocess
 import threading
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +25,8 @@ import pytest
 from chatfactory.batching import Step
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 from test_serve import make_run
+
+from conftest import cli_cmd
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
@@ -238,3 +247,144 @@ def test_real_model_reply_and_thumbs_down(browser, run_dir):
         assert sent[-1] == svc.tok.chat_prompt([{"role": "user", "content": long_msg}])
         assert page.locator(".msg.error").count() == 0
         page.close()
+
+
+# ---------------------------------------------------------------- input methods, language, precision
+
+@contextmanager
+def serve_subprocess(run, *args):
+    """`chatfactory serve --run RUN ARGS` on a free port, as a user starts it -> its URL while it runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--port", port, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def int8_url(run_dir):
+    with serve_subprocess(run_dir, "--quantize", "int8", "--slots", 2) as url:
+        yield url
+
+
+def open_page(browser, url, locale="en-US"):
+    ctx = browser.new_context(locale=locale, bypass_csp=True)  # Playwright's waits evaluate strings
+    page = ctx.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent !== ''")
+    return ctx, page, errors
+
+
+def test_enter_while_an_input_method_composes_does_not_send(browser, int8_url):
+    """Typing 你好 with pinyin: Enter picks the candidate while composing (isComposing; keyCode 229 in
+    browsers that report it so), and only the Enter after compositionend sends."""
+    ctx, page, errors = open_page(browser, int8_url)
+    cdp = ctx.new_cdp_session(page)
+    page.focus("#input")
+    cdp.send("Input.imeSetComposition", {"text": "ni", "selectionStart": 2, "selectionEnd": 2})  # compositionstart
+    assert page.evaluate("document.getElementById('input').value") == "ni"
+    page.keyboard.press("Enter")  # Chromium marks this keydown isComposing: the composition is open
+    # the keyCode-229 Enter (Safari's, just after compositionend) and one that says isComposing
+    page.evaluate("""() => {
+        const input = document.getElementById('input');
+        for (const init of [{keyCode: 229}, {isComposing: true}])
+          input.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true, cancelable: true, ...init}));
+    }""")
+    page.wait_for_timeout(300)
+    assert page.locator(".msg.user").count() == 0, "Enter sent a message while the input method was composing"
+    cdp.send("Input.insertText", {"text": "你好"})  # the candidate is chosen: compositionend
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg.user")
+    assert page.locator(".msg.user").count() == 1 and page.locator(".msg.user").text_content().strip() == "你好"
+    page.wait_for_selector(".msg.assistant .thumb-up", timeout=30_000)
+    assert not errors
+    ctx.close()
+
+
+VISIBLE_WORDS = """() => {
+    const out = [document.title];
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    for (let n; (n = walker.nextNode());) {
+      // the conversation's own text, the model's id and numbers are not the page's words
+      if (n.parentElement.closest('.msg .content, .msg.user, #model, #temperature-value, script')) continue;
+      if (n.textContent.trim()) out.push(n.textContent.trim());
+    }
+    for (const el of document.querySelectorAll('[placeholder]')) out.push(el.placeholder);
+    for (const el of document.querySelectorAll('[title]')) out.push(el.title);
+    for (const el of document.querySelectorAll('[aria-label]')) out.push(el.getAttribute('aria-label'));
+    return out;
+}"""
+CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
+NAMES = re.compile(r"chatfactory|API|Shift\+Enter|Enter|int8|float32|\b[AB]\b")  # the same in either language
+
+
+@pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
+def test_labels_follow_the_browser_language(browser, int8_url, locale):
+    """Every label, placeholder, button and title, including those the page writes later (thumbs, the
+    comparison's buttons, status lines), is Chinese for a zh browser and English for an en one."""
+    ctx, page, errors = open_page(browser, int8_url, locale)
+    zh = locale.startswith("zh")
+    page.click("#settings-toggle")
+    page.check("#compare")  # two answers: the comparison's buttons
+    page.fill("#input", "hello")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".compare button.prefer >> nth=1", timeout=30_000)
+    page.click(".compare button.prefer >> nth=0")
+    page.wait_for_function("document.querySelectorAll('.compare .preferred').length === 1")
+    page.uncheck("#compare")  # one answer: the thumbs
+    page.fill("#input", "hello")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .thumb-up", timeout=30_000)
+    page.click(".msg.assistant .thumb-up")
+    page.wait_for_selector(".msg.assistant .thumb-up.chosen")
+    words = page.evaluate(VISIBLE_WORDS)
+    assert page.evaluate("document.documentElement.lang") == ("zh-CN" if zh else "en")
+    want = {"发送", "停止", "重新生成", "设置", "新对话", "系统提示词", "温度", "选 A", "选 B", "👍 好", "👎 差",
+            "谢谢：评分已保存。", "int8 权重，常驻内存", "输入消息（Enter 发送，Shift+Enter 换行）"} if zh else \
+           {"Send", "Stop", "Regenerate", "Settings", "New chat", "System prompt", "Temperature", "Prefer A", "Prefer B",
+            "👍 Good", "👎 Bad", "Thanks: rating saved.", "int8 weights, resident in memory",
+            "Send a message (Enter to send, Shift+Enter for a new line)"}
+    assert want <= set(words), (want - set(words), words)
+    if zh:  # no English left, names aside
+        left = [w for w in words if re.search(r"[A-Za-z]", NAMES.sub("", w))]
+    else:
+        left = [w for w in words if CJK.search(w)]
+    assert not left, f"{locale}: words in the other language: {left}"
+    assert not errors
+    ctx.close()
+
+
+def test_precision_and_memory_mode_are_shown(browser, int8_url):
+    """`serve --quantize int8` -> /v1/models says int8, resident; the page says so beside the model's name,
+    and words the other schemes the server reports (int4 groups, the LM head, streamed layers)."""
+    card = json.loads(urllib.request.urlopen(int8_url + "/v1/models", timeout=10).read())["data"][0]
+    assert (card["precision"], card["memory"]) == ("int8", "resident")
+    other = {"precision": "int4 (groups of 32), LM head too", "memory": "streamed", "memory_budget_mb": 300.5}
+    for locale, shown, described in (
+            ("en-US", "int8 weights, resident in memory", "int4 (groups of 32), LM head too weights, layers streamed from disk (a 300.5 MB budget)"),
+            ("zh-CN", "int8 权重，常驻内存", "int4（每组 32 列），含输出层 权重，逐层从磁盘载入（内存预算 300.5 MB）")):
+        ctx, page, errors = open_page(browser, int8_url, locale)
+        assert page.text_content("#model") == card["id"] and page.text_content("#model-info") == shown
+        assert page.evaluate("(card) => describeModel(card)", other) == described
+        assert page.evaluate("(card) => describeModel(card)", {"precision": "bfloat16", "memory": "offloaded"}) == \
+            ("bfloat16 weights, offloaded" if locale == "en-US" else "bfloat16 权重，offloaded")  # unknown: as said
+        assert not errors
+        ctx.close()

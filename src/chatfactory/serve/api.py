@@ -191,8 +191,7 @@ def create_app(svc: Service, allow_origins=()):
     async def models():
         return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
                                              "owned_by": "chatfactory", "max_model_len": svc.block_size,
-                                             "precision": svc.precision,
-                                             "memory": getattr(svc, "memory", "resident")}]}
+                                             "precision": svc.precision, **svc.memory}]}
 
     def chat_logprobs(entries, top: int):
         """(id, log-prob, alternatives) per token -> the chat format's list. A token that is part of a

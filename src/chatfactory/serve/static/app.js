@@ -4,6 +4,8 @@
 // escapes every character that means something to HTML first, and only then adds a fixed set of
 // attribute-less tags (pre, code, strong, em, h3-h5, ul/ol/li, p, br) for a small Markdown subset.
 // There are no links and no images, so no URL from the model is ever followed or loaded.
+//
+// Every word the page writes comes from t() (i18n.js: English or Chinese, as the browser asks).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -97,8 +99,9 @@ async function loadModel() {
     const j = await res.json();
     state.model = j.data[0].id;
     $("model").textContent = state.model;
+    $("model-info").textContent = describeModel(j.data[0]);  // e.g. "int8 weights, resident in memory"
   } catch (e) {
-    $("model").textContent = "server unreachable";
+    $("model").textContent = t("unreachable");
   }
 }
 
@@ -114,6 +117,7 @@ async function streamChat(messages, n, onText) {
   });
   if (!res.ok) throw await apiError(res);
   const reader = res.body.getReader();
+  // stream: true holds the bytes of a character split between two network reads until the second one
   const decoder = new TextDecoder();
   let buf = "";
   try {
@@ -137,6 +141,7 @@ async function streamChat(messages, n, onText) {
         }
       }
     }
+    buf += decoder.decode();  // the end of the body: bytes of a character cut short show as U+FFFD here
   } catch (e) {
     if (e.name !== "AbortError") throw e;  // Stop: keep what arrived
   } finally {
@@ -199,7 +204,7 @@ function button(label, title, onClick) {
 function showError(msg) {
   const el = document.createElement("div");
   el.className = "msg error";
-  el.textContent = "Error: " + msg;
+  el.textContent = t("error") + msg;
   $("chat").appendChild(el);
 }
 
@@ -218,10 +223,10 @@ function addRating(box, context, answer) {
       actions.querySelectorAll("button").forEach((b) => b.classList.remove("chosen"));
       btn.classList.add("chosen");
       btn.dataset.feedbackId = r.id;
-      $("status").textContent = "Thanks: rating saved.";
+      $("status").textContent = t("ratingSaved");
     } catch (e) { showError(e.message); }
   };
-  const up = button("👍 Good", "Good answer", null), down = button("👎 Bad", "Bad answer", null);
+  const up = button(t("good"), t("goodTitle"), null), down = button(t("bad"), t("badTitle"), null);
   up.className = "thumb-up"; down.className = "thumb-down";
   up.addEventListener("click", rate(1, up));
   down.addEventListener("click", rate(-1, down));
@@ -254,7 +259,7 @@ async function answer(context, compare) {
   boxes.forEach((box, i) => {
     const actions = document.createElement("div");
     actions.className = "actions";
-    const b = button(i === 0 ? "Prefer A" : "Prefer B", "This answer is better", () => choose(i));
+    const b = button(t(i === 0 ? "preferA" : "preferB"), t("preferTitle"), () => choose(i));
     b.className = "prefer";
     actions.appendChild(b);
     box.appendChild(actions);
@@ -273,10 +278,10 @@ async function reply() {
         break;
       } catch (e) {
         if (e.code !== "context_length_exceeded" || !dropOldestTurn()) throw e;
-        note = "Older turns are no longer sent: the conversation outgrew the model's context. ";
+        note = t("olderDropped");
       }
     }
-    $("status").textContent = note + (compare ? "Pick the better answer to continue." : "");
+    $("status").textContent = note + (compare ? t("pickBetter") : "");
   } catch (e) {
     showError(e.message);
     $("status").textContent = "";
@@ -299,7 +304,7 @@ async function choose(i) {
   state.history.push({ role: "assistant", content: p.texts[i] });
   p.boxes[i].dataset.turn = String(state.history.length - 1);
   state.pendingCompare = null;
-  $("status").textContent = "Preference saved.";
+  $("status").textContent = t("preferenceSaved");
   busy(false);
 }
 
@@ -313,8 +318,14 @@ $("composer").addEventListener("submit", (ev) => {
   reply();
 });
 
+// Enter sends, Shift+Enter is a new line. While an input method composes (Chinese pinyin, Japanese
+// kana...) Enter belongs to it: it picks the candidate, and must not send the half-typed message.
+// isComposing says so during composition; keyCode 229 covers the Enter that some browsers (Safari)
+// deliver just after compositionend, and older ones that never set isComposing.
 $("input").addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
+  if (ev.key !== "Enter" || ev.shiftKey || ev.isComposing || ev.keyCode === 229) return;
+  ev.preventDefault();
+  $("composer").requestSubmit();
 });
 
 $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
@@ -357,5 +368,6 @@ $("compare").checked = localStorage.getItem("chatfactory.compare") === "1";
 $("compare").addEventListener("change", () => localStorage.setItem("chatfactory.compare", $("compare").checked ? "1" : "0"));
 $("temperature-value").textContent = $("temperature").value;
 
+translatePage();
 busy(false);
 loadModel();
