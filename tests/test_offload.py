@@ -1,0 +1,257 @@
+"""Streamed (offloaded) layers, the block schedule and ``chatfactory generate`` (offload.py, cli.py).
+
+A streamed model must compute *exactly* what the fully loaded one does (bitwise, fp32 on the CPU:
+the same modules run on the same bits, only fetched later), at every budget, for fp32, int8, int4 and
+LoRA stages; and its peak resident memory must stay under the budget plus a stated overhead."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from chatfactory import cli, quant
+from chatfactory.checkpoint import CheckpointError, load_model, save_checkpoint, unique_state_dict
+from chatfactory.engine import Engine, SamplingParams
+from chatfactory.model import GPT, GPTConfig
+from chatfactory.offload import SafetensorsReader, load_streamed, memory_mode, parse_size
+from test_serve import make_run
+
+
+def save_stage(path, cfg: GPTConfig, seed: int = 0, extra: dict | None = None) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    save_checkpoint(path, {**unique_state_dict(model), **(extra or {})}, {"model": cfg.to_dict()})
+    return model
+
+
+CFG = dict(depth=6, n_embd=128, head_dim=32, n_kv_head=2, vocab_size=1000, block_size=64)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # unequal: left padding and masks
+
+
+def decode_logits(model, prompts=PROMPTS, steps: int = 4) -> list[torch.Tensor]:
+    """The prefill's logits, then each decode step's (greedy), through the model's own KV cache."""
+    with torch.no_grad():
+        L = max(map(len, prompts))
+        idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+        cache = model.new_cache(len(prompts), L + steps)
+        pos = torch.tensor([[max(0, i - (L - len(p))) for i in range(L)] for p in prompts])
+        valid = pos.new_tensor([[i >= L - len(p) for i in range(L)] for p in prompts], dtype=torch.bool)
+        mask = (torch.ones(L, L, dtype=torch.bool).tril()[None] & valid[:, None]) | torch.eye(L, dtype=torch.bool)[None]
+        out = [model(idx, cache=cache, positions=pos, attn_mask=mask[:, None])]
+        keys = torch.cat([valid, torch.ones(len(prompts), steps, dtype=torch.bool)], 1)[:, None, None]
+        for _ in range(steps):
+            pos = pos[:, -1:] + 1
+            nxt = out[-1][:, -1].argmax(-1, keepdim=True)
+            out.append(model(nxt, cache=cache, positions=pos, attn_mask=keys[..., : cache.pos + 1]))
+        return out
+
+
+def assert_same(streamed, full):
+    a, b = decode_logits(streamed), decode_logits(full)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "streamed logits differ from the resident model's"
+    p = SamplingParams(max_tokens=10, temperature=0.9, seed=3)
+    la, lb = [], []
+    assert Engine(streamed).generate(PROMPTS, p, la) == Engine(full).generate(PROMPTS, p, lb)
+    assert all(torch.equal(torch.tensor(x), torch.tensor(y)) for x, y in zip(la, lb))
+
+
+def test_parse_size():
+    assert parse_size("300MB") == 300_000_000 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("64MiB") == 64 * 2**20 and parse_size(" 2048 ") == 2048 and parse_size("10kb") == 10_000
+    for bad in ("", "MB", "300 XB", "-5MB", "0MB", "1e3MB", "lots"):
+        with pytest.raises(ValueError, match="--max-memory"):
+            parse_size(bad)
+
+
+def budget_for(stage, depth: int, mode: str) -> int:
+    """A budget that makes the plan take ``mode``, from the stage's own sizes."""
+    r = SafetensorsReader(stage / "model.safetensors")
+    blk = r.nbytes("blocks.0.")
+    base = r.nbytes() - sum(r.nbytes(f"blocks.{i}.") for i in range(depth))  # embeddings, head, final norm
+    r.close()
+    return {"one-block-resident": base + 3 * blk, "all-blocks-streamed": base + 2 * blk,
+            "head-streamed": base + 2 * blk - 1}[mode]
+
+
+@pytest.mark.parametrize("flavour,tie", [("modern", True), ("modern", False), ("gpt2", True)])
+@pytest.mark.parametrize("mode", ["one-block-resident", "all-blocks-streamed", "head-streamed"])
+def test_streamed_fp32_is_bitwise_the_resident_model(tmp_path, flavour, tie, mode):
+    cfg = GPTConfig(**{**CFG, "vocab_size": 4000, "flavour": flavour, "tie_embeddings": tie,
+                       "n_kv_head": 2 if flavour == "modern" else 0})
+    save_stage(tmp_path / "s", cfg)
+    full, _ = load_model(tmp_path / "s")
+    budget = budget_for(tmp_path / "s", cfg.depth, mode)
+    streamed, _ = load_streamed(tmp_path / "s", budget)
+    plan = streamed.offload
+    assert plan.resident_bytes <= budget, plan.describe()
+    want = {"one-block-resident": cfg.depth - 1, "all-blocks-streamed": cfg.depth}.get(mode)
+    assert len(plan.streamed_blocks) == want if want else len(plan.streamed_blocks) > 0
+    # below embedding + head + two slots: the embedding is read by row, the head streamed in chunks
+    assert plan.base_resident == (mode != "head-streamed")
+    assert (type(streamed.lm_head).__name__ == "StreamedHead") == (mode == "head-streamed")
+    assert_same(streamed, full)
+
+
+def test_block_schedule_loads_each_streamed_layer_once_per_pass_for_the_whole_batch(tmp_path):
+    save_stage(tmp_path / "s", GPTConfig(**CFG))
+    full, _ = load_model(tmp_path / "s")
+    streamed, _ = load_streamed(tmp_path / "s", 2_800_000, micro_tokens=8)  # 8 tokens: one 7-token row a micro-batch
+    pf = streamed.blocks[-1]._streamer
+    n = len(streamed.offload.streamed_blocks)
+    assert n >= 3
+    x = torch.randint(0, 1000, (6, 7))
+    with torch.no_grad():
+        # what the micro-batches compute is exactly the resident model on each row alone (a whole batch of
+        # six differs from that by round-off, ~1e-7, as any change of batch size does on a CPU)
+        rowwise = torch.cat([full(x[i: i + 1]) for i in range(6)])
+        pf.jobs.join()  # the first slots' loads done (the thread keeps the count)
+        before = pf.loads
+        for _ in range(3):
+            assert torch.equal(streamed(x), rowwise)
+    pf.jobs.join()
+    # each pass loads every streamed block exactly once (the last pass's loads include the next pass's
+    # first slots, as the first pass's came before it): each layer serves all six micro-batches
+    assert pf.loads - before == 3 * n
+    p = SamplingParams(max_tokens=8, temperature=0)
+    assert Engine(streamed).generate(PROMPTS, p) == Engine(full).generate(PROMPTS, p)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_streamed_quantized_stage_is_bitwise_the_resident_one(tmp_path, bits):
+    save_stage(tmp_path / "fp32", GPTConfig(**CFG, tie_embeddings=False))
+    stage = quant.quantize_stage(tmp_path, "fp32", bits, 64, f"q{bits}")
+    # the reference quantizes the fp32 weights in memory: the same codes quantize_stage wrote
+    ref = quant.quantize_model(load_model(tmp_path / "fp32")[0], bits, 64)
+    budget = budget_for(stage, CFG["depth"], "all-blocks-streamed")
+    with quant.inference():
+        streamed, _ = load_streamed(stage, budget)
+    assert len(streamed.offload.streamed_blocks) == CFG["depth"] and streamed.quantization["bits"] == bits
+    assert memory_mode(streamed) == {"memory": "streamed", "memory_budget_mb": round(budget / 1e6, 1)}
+    assert_same(streamed, ref)
+
+
+def test_streamed_lora_stage_merges_as_load_model_does(tmp_path):
+    cfg = GPTConfig(**CFG)
+    torch.manual_seed(1)
+    rank, d = 4, cfg.n_embd
+    extra = {f"blocks.{i}.mlp.fc.lora_{ab}": torch.randn(*((rank, d) if ab == "A" else (2 * cfg.ffn_hidden, rank))) * 0.05
+             for i in range(cfg.depth) for ab in "AB"}
+    save_stage(tmp_path / "s", cfg, extra=extra)
+    info = json.loads((tmp_path / "s/config.json").read_text())
+    (tmp_path / "s/config.json").write_text(json.dumps({**info, "lora": {"rank": rank, "alpha": 8.0, "targets": ["mlp.fc"]}}))
+    full, _ = load_model(tmp_path / "s")
+    streamed, _ = load_streamed(tmp_path / "s", 3_000_000)
+    assert streamed.offload.streamed_blocks
+    assert_same(streamed, full)
+
+
+def test_bad_budget_and_bad_file_errors(tmp_path):
+    save_stage(tmp_path / "s", GPTConfig(**CFG))
+    with pytest.raises(ValueError, match=r"too small for this model: the smallest that streams it is"):
+        load_streamed(tmp_path / "s", 500_000)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: corrupt safetensors header"):
+        SafetensorsReader(tmp_path / "bad/model.safetensors")
+
+
+# ---------------------------------------------------------------- chatfactory generate
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = make_run(tmp_path_factory.mktemp("gen") / "r")
+    save_stage(root / "sft", GPTConfig(**{**CFG, "vocab_size": 320, "block_size": 128}))
+    rows = [{"prompt": f"hello {i} " * (1 + i % 3)} for i in range(5)]
+    rows.insert(2, {"messages": [{"role": "system", "content": "be short"}, {"role": "user", "content": "hi"}]})
+    (root / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def generate(run, out, *extra) -> int:
+    return cli.main(["generate", "--run", str(run), "--stage", "sft", "--prompts", str(run / "p.jsonl"), "--out",
+                     str(out), "--batch", "4", "--max-new-tokens", "12", *extra])
+
+
+def test_generate_streamed_matches_resident_and_resumes(run, tmp_path, capsys):
+    assert generate(run, tmp_path / "resident.jsonl") == 0
+    assert generate(run, tmp_path / "streamed.jsonl", "--max-memory", "2.2MB") == 0
+    assert "streamed" in capsys.readouterr().err  # the plan is printed
+    resident = (tmp_path / "resident.jsonl").read_text()
+    assert (tmp_path / "streamed.jsonl").read_text() == resident
+    rows = [json.loads(x) for x in resident.splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[2]["messages"][-1]["content"] == "hi"
+    assert all(r["completion_tokens"] > 0 and r["prompt_tokens"] > 2 and isinstance(r["answer"], str) for r in rows)
+    # resume: a run cut after its first batch answers the other rows only, the same way
+    (tmp_path / "cut.jsonl").write_text("".join(resident.splitlines(True)[:4]))
+    assert generate(run, tmp_path / "cut.jsonl", "--max-memory", "2.2MB") == 0
+    assert "6 answers (2 new" in capsys.readouterr().out
+    assert (tmp_path / "cut.jsonl").read_text() == resident
+    assert generate(run, tmp_path / "cut.jsonl") == 0 and "(0 new" in capsys.readouterr().out
+
+
+def test_generate_errors_name_the_file_line_and_the_budget(run, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n\n{"messages": [{"role": "user", "content": 3}]}\n')
+    assert cli.main(["generate", "--run", str(run), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{bad}:3: messages[0]: a message needs a string" in capsys.readouterr().err
+    bad.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
+    assert cli.main(["generate", "--run", str(run), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{bad}:2: a prompt row needs" in capsys.readouterr().err
+    assert generate(run, tmp_path / "o.jsonl", "--max-memory", "300 apples") == 2
+    assert "--max-memory '300 apples': give a size such as 300MB" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# ---------------------------------------------------------------- peak memory
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from chatfactory.model import GPT, GPTConfig
+    from chatfactory.offload import load_streamed
+    from chatfactory.engine import Engine, SamplingParams
+
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+    # torch's one-time costs come first, whatever the model: building on the meta device (~70 MB of
+    # kernel registrations) and a first forward; neither grows with the model
+    with torch.device("meta"):
+        GPT(GPTConfig(depth=1, n_embd=64, vocab_size=64))
+    tiny = GPT(GPTConfig(depth=1, n_embd=64, head_dim=32, vocab_size=64))
+    Engine(tiny).generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=2, temperature=0))
+    del tiny
+    base = status("VmRSS")
+    model, _ = load_streamed(sys.argv[1], int(sys.argv[2]))
+    prompts = [[(7 * i + j) % 4000 + 1 for j in range(24)] for i in range(4)]
+    out = Engine(model).generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+    print(json.dumps({"base": base, "hwm": status("VmHWM"), "tokens": sum(map(len, out)),
+                      "streamed": len(model.offload.streamed_blocks), "weights": model.offload.resident_bytes}))
+""")
+
+
+def test_peak_memory_stays_under_the_budget_plus_overhead(tmp_path):
+    cfg = GPTConfig(depth=16, n_embd=384, head_dim=64, vocab_size=4096, block_size=64)
+    model = save_stage(tmp_path / "big", cfg)
+    size = sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
+    del model
+    assert size >= 100e6
+    budget = size // 4
+    # the stated overhead beyond the budget (which pays for the resident weights and every slot):
+    kv = 2 * cfg.depth * 4 * cfg.n_kv_head * 40 * cfg.head_dim * 4  # KV cache: 4 rows x 40 positions, fp32
+    acts = 4 * 24 * (2 * cfg.ffn_hidden + 4 * cfg.n_embd + cfg.vocab_size) * 4 * 3  # prefill activations, ~3 alive
+    slack = 24 * 2**20  # allocator arenas of the prefetch thread, page rounding, Python objects
+    overhead = kv + acts + slack
+    assert budget + overhead < 0.6 * size  # a resident load (the whole size, and more) could not pass
+    res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "big"), str(budget)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["tokens"] == 4 * 16 and r["streamed"] >= cfg.depth // 2 and r["weights"] <= budget
+    grew = r["hwm"] - r["base"]
+    print(f"peak over baseline {grew / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB + overhead {overhead / 1e6:.1f} MB")
+    assert grew < budget + overhead, (f"peak grew {grew / 1e6:.1f} MB over the baseline: budget {budget / 1e6:.1f} MB "
+                                      f"+ overhead {overhead / 1e6:.1f} MB (model {size / 1e6:.1f} MB)")
