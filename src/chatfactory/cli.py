@@ -173,26 +173,31 @@ def cmd_sample(a):
         sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
 
 
-def _prompt_rows(path) -> list[tuple[int, dict]]:
-    """(line, row) of a prompts JSONL: ``{"prompt": str}`` or ``{"messages": [... ending in a user turn]}``."""
-    from .data.jsonl import DataError, read_jsonl
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with a prompt row (``{"prompt": str}`` or ``{"messages": [... ending in a user turn]}``), or None."""
     from .tokenizer import check_messages
 
-    rows = []
-    for n, row in read_jsonl(path):
-        where = f"{path}:{n}"
-        if isinstance(row.get("prompt"), str):
-            rows.append((n, row))
-            continue
-        if "messages" not in row:
-            raise DataError(f"{where}: a prompt row needs a string 'prompt' or 'messages' (keys: {', '.join(row) or 'none'})")
-        try:
-            check_messages(row["messages"], f"{where}: messages")
-        except ValueError as e:
-            raise DataError(str(e)) from None
-        if row["messages"][-1]["role"] != "user":
-            raise DataError(f"{where}: messages must end in a user turn, not {row['messages'][-1]['role']!r}")
-        rows.append((n, row))
+    if isinstance(row.get("prompt"), str):
+        return None
+    if "messages" not in row:
+        return f"a prompt row needs a string 'prompt' or 'messages' (keys: {', '.join(row) or 'none'})"
+    try:
+        check_messages(row["messages"], "messages")
+    except ValueError as e:
+        return str(e)
+    last = row["messages"][-1]["role"]
+    return None if last == "user" else f"messages must end in a user turn, not {last!r}"
+
+
+def _prompt_rows(path) -> list[tuple[int, dict]]:
+    """(line, row) of a prompts JSONL; a bad row is a DataError naming file:line."""
+    from .data.jsonl import DataError, read_jsonl
+
+    rows = list(read_jsonl(path))
+    for n, row in rows:
+        problem = _row_problem(row)
+        if problem:
+            raise DataError(f"{path}:{n}: {problem}")
     return rows
 
 
@@ -268,7 +273,7 @@ def cmd_generate(a):
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
-    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.1f}s)")
+    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.2f}s)")
 
 
 def cmd_export(a):
