@@ -151,6 +151,33 @@ def test_streamed_lora_stage_merges_as_load_model_does(tmp_path):
     assert_same(streamed, full)
 
 
+def test_server_scheduler_on_a_streamed_model(tmp_path):
+    from chatfactory.batching import Request, Scheduler
+    from chatfactory.serve.service import Service
+
+    save_stage(tmp_path / "s", GPTConfig(**CFG))
+    answers = []
+    for model in (load_model(tmp_path / "s")[0], load_streamed(tmp_path / "s", 2_800_000)[0]):
+        sched = Scheduler(model, slots=2, start=False)  # rows fill their own slots: the SlotCache path
+        got = {i: [] for i in range(3)}
+        for i, prompt in enumerate(PROMPTS):
+            sched.submit(Request(prompt, SamplingParams(max_tokens=6, temperature=0), emit=lambda st, i=i: got[i].append(st.token)))
+        sched.run_until_idle()
+        answers.append(got)
+        memory = Service(model, make_tok(), "x", scheduler=sched).memory
+    assert answers[0] == answers[1] and all(len(v) == 6 for v in answers[1].values())
+    assert memory == {"memory": "streamed", "memory_budget_mb": 2.8}
+    everything = load_streamed(tmp_path / "s", 10**9)[0]
+    assert memory_mode(everything) == {"memory": "resident", "memory_budget_mb": 1000.0}
+
+
+def make_tok():
+    from chatfactory.tokenizer import Tokenizer
+    from test_serve import TEXT
+
+    return Tokenizer.train(TEXT, vocab_size=300)
+
+
 def test_bad_budget_and_bad_file_errors(tmp_path):
     save_stage(tmp_path / "s", GPTConfig(**CFG))
     with pytest.raises(ValueError, match=r"too small for this model: the smallest that streams it is"):

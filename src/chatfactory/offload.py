@@ -38,6 +38,7 @@ import queue
 import re
 import struct
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -454,8 +455,16 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
             wrapped.append(ScheduledBlock(i, None, streamer, micro_tokens))
     model.blocks = nn.ModuleList(wrapped)
     model.offload = p
-    model._offload_reader = reader
+    # the prefetch threads and the file close with the model (they hold the slots, never the model)
+    threads = [t for t in (streamer, getattr(model.lm_head, "_streamer", None)) if t is not None]
+    weakref.finalize(model, _shut, threads, reader)
     return model.eval(), info
+
+
+def _shut(threads: list, reader: SafetensorsReader) -> None:
+    for t in threads:
+        t.close()
+    reader.close()
 
 
 def _empty_like_module(proto: nn.Module) -> nn.Module:
@@ -468,9 +477,13 @@ def _empty_like_module(proto: nn.Module) -> nn.Module:
 
 
 def memory_mode(model) -> dict:
-    """What /v1/models reports: {"memory": "resident"}, or {"memory": "streamed", "memory_budget_mb": B}."""
+    """What /v1/models reports: {"memory": "resident"}; with a budget {"memory": "streamed" (or "resident" when
+    everything fit), "memory_budget_mb": B}."""
     p = getattr(model, "offload", None)
-    return {"memory": "resident"} if p is None else {"memory": "streamed", "memory_budget_mb": round(p.budget / 1e6, 1)}
+    if p is None:
+        return {"memory": "resident"}
+    streams = bool(p.streamed_blocks) or not p.base_resident
+    return {"memory": "streamed" if streams else "resident", "memory_budget_mb": round(p.budget / 1e6, 1)}
 
 
 @contextlib.contextmanager
