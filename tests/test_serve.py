@@ -2,9 +2,13 @@
 ``openai`` SDK against a real uvicorn server on 127.0.0.1 (tiny random model, tokenizer trained here)."""
 import http.client
 import json
+import socket
 import sqlite3
+import subprocess
 import threading
 import time
+import urllib.request
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from chatfactory.model import GPT, GPTConfig
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 from chatfactory.serve.protocol import Detokenizer
 from chatfactory.tokenizer import Tokenizer
+
+from conftest import cli_cmd
 
 openai = pytest.importorskip("openai")
 
@@ -31,6 +37,32 @@ def make_run(root, vocab=320, block=128, flavour="modern"):
     cfg = GPTConfig(flavour=flavour, depth=1, n_embd=64, head_dim=32, vocab_size=vocab, block_size=block)
     save_checkpoint(root / "sft", unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()})
     return root
+
+
+@contextmanager
+def serve_subprocess(run, *args):
+    """`chatfactory serve --run RUN ARGS` on a free port, as a user starts it -> its URL while it runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--port", port, *args),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -468,28 +500,8 @@ def test_feedback_api_sqlite_and_export(server, tmp_path):
 @pytest.mark.slow
 def test_cli_serve_subprocess(tmp_path):
     """`chatfactory serve` as a user runs it: binds 127.0.0.1, needs the key, answers the SDK."""
-    import socket
-    import subprocess
-    import urllib.request
-
-    from conftest import cli_cmd
-
     run = make_run(tmp_path / "cli")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--port", port, "--api-key", "k1", "--slots", 4),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-                time.sleep(0.3)
+    with serve_subprocess(run, "--api-key", "k1", "--slots", 4) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
         name = c.models.list().data[0].id
         assert name == "cli/sft"
@@ -499,6 +511,3 @@ def test_cli_serve_subprocess(tmp_path):
             openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
         page = urllib.request.urlopen(url + "/", timeout=5)
         assert b"chatfactory" in page.read() and "script-src 'self'" in page.headers["Content-Security-Policy"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

@@ -9,13 +9,18 @@ joined deltas equal the final text, and the final text equals the non-streamed a
     the middle of characters (weights set by hand, see ``make_echo_run``), served by a real
     ``chatfactory serve`` subprocess (SSE: chat and completions, n=2, logprobs, a stop string whose last
     character is split, a token limit that cuts a character) and through the terminal chat;
-  * the web UI in Chromium: a MutationObserver records every text the reply shows while it streams.
+  * the web UI in Chromium: a MutationObserver records every text the reply shows while it streams, from
+    the real server, and from a bare stand-in that writes the SSE bytes a few at a time, so characters
+    are split between the browser's network reads too.
 """
 import json
 import random
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,7 @@ from chatfactory.serve.protocol import Detokenizer
 from chatfactory.tokenizer import SPECIAL_TOKENS, TextStream, Tokenizer, _bytes_to_unicode
 
 from conftest import cli_cmd
+from test_serve import serve_subprocess
 
 FFFD = "\ufffd"
 TEXTS = ["「你好，世界！」", "👋🏽 hi 👩‍💻 and 🇨🇳", "é中😀a", "你好，世界！👋🏽 我是👩‍💻。"]
@@ -241,8 +247,6 @@ def test_terminal_chat_subprocess_prints_the_reply(echo_run):
 
 @pytest.fixture(scope="module")
 def served(echo_run):
-    from test_webui import serve_subprocess
-
     root, tok, ids = echo_run
     with serve_subprocess(root, "--slots", 4) as url:
         yield url, tok, ids
@@ -337,12 +341,43 @@ def test_sse_completions_n2_and_stop_and_length_cuts(served):
 
 # ---------------------------------------------------------------- the web UI in Chromium
 
-def test_web_ui_never_shows_a_broken_character(echo_run):
-    from test_webui import CHROMIUM, FLAGS
-
+@pytest.fixture(scope="module")
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    from test_webui import CHROMIUM, FLAGS  # (imported here: that module skips as a whole without playwright)
+
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium); CI does")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+RECORD = """() => {
+    window.__seen = [];
+    new MutationObserver(() => {
+      for (const el of document.querySelectorAll('.msg.assistant .content')) window.__seen.push(el.textContent);
+    }).observe(document.getElementById('chat'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def chat_in_browser(browser, url: str, model: str) -> tuple[str, list[str]]:
+    """Send 你好 in the web UI at ``url`` -> (the reply shown at the end, every distinct text it showed)."""
+    page = browser.new_page(bypass_csp=True)  # Playwright's waits evaluate strings
+    page.goto(url + "/")
+    page.wait_for_function(f"document.getElementById('model').textContent === '{model}'")
+    page.evaluate(RECORD)
+    page.fill("#input", "你好")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant .thumb-up", timeout=30_000)
+    seen = page.evaluate("window.__seen")
+    shown = page.locator(".msg.assistant .content").text_content()
+    page.close()
+    return shown, [s for s in dict.fromkeys(seen) if s]
+
+
+def test_web_ui_never_shows_a_broken_character(browser, echo_run):
     from chatfactory.serve.api import ServerThread, create_app, load_service
 
     root, tok, ids = echo_run
@@ -353,24 +388,60 @@ def test_web_ui_never_shows_a_broken_character(echo_run):
         time.sleep(0.015)
         real_step()
     svc.scheduler.step = paced_step
-    with ServerThread(create_app(svc)) as url, sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(bypass_csp=True)
-        page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model').textContent === 'echo/sft'")
-        page.evaluate("""() => {
-            window.__seen = [];
-            new MutationObserver(() => {
-              for (const el of document.querySelectorAll('.msg.assistant .content')) window.__seen.push(el.textContent);
-            }).observe(document.getElementById('chat'), {subtree: true, childList: true, characterData: true});
-        }""")
-        page.fill("#input", "你好")
-        page.press("#input", "Enter")
-        page.wait_for_selector(".msg.assistant .thumb-up", timeout=30_000)
-        seen = page.evaluate("window.__seen")
-        shown = page.locator(".msg.assistant .content").text_content()
-        browser.close()
+    with ServerThread(create_app(svc)) as url:
+        shown, states = chat_in_browser(browser, url, "echo/sft")
     assert shown == REPLY
-    states = [s for s in dict.fromkeys(seen) if s]
     assert len(states) >= 8, states  # it streamed
+    assert all(FFFD not in s and REPLY.startswith(s) for s in states), [s for s in states if not REPLY.startswith(s)]
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """Test-only stand-in for the server: the page's files, a model card, and a chat stream whose SSE
+    bytes (one event per character of REPLY) leave ``step`` bytes at a time, so most network reads end
+    inside a character."""
+    step, protocol_version = 5, "HTTP/1.0"
+
+    def do_GET(self):
+        from chatfactory.serve.openapi import STATIC
+
+        if self.path == "/v1/models":
+            return self.send(json.dumps({"data": [{"id": "trickle", "precision": "float32", "memory": "resident"}]}).encode(),
+                             "application/json")
+        name = "index.html" if self.path == "/" else self.path.removeprefix("/static/")
+        kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".", 1)[-1]]
+        self.send((STATIC / name).read_bytes(), kind + "; charset=utf-8")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        events = [{"choices": [{"index": 0, "delta": {"content": ch}, "finish_reason": None}]} for ch in REPLY]
+        events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each write its own packet
+        for i in range(0, len(body), self.step):
+            self.wfile.write(body[i:i + self.step])
+            time.sleep(0.002)
+
+    def send(self, data: bytes, kind: str):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_web_ui_decodes_characters_split_between_network_reads(browser):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shown, states = chat_in_browser(browser, f"http://127.0.0.1:{server.server_address[1]}", "trickle")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert shown == REPLY and len(states) >= 8, states
     assert all(FFFD not in s and REPLY.startswith(s) for s in states), [s for s in states if not REPLY.startswith(s)]

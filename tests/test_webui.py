@@ -11,22 +11,17 @@ page) is the real code. One test drives the real tiny model end to end."""
 import json
 import re
 import shutil
-import socket
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from chatfactory.batching import Step
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
-from test_serve import make_run
-
-from conftest import cli_cmd
+from test_serve import make_run, serve_subprocess
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
@@ -250,32 +245,6 @@ def test_real_model_reply_and_thumbs_down(browser, run_dir):
 
 
 # ---------------------------------------------------------------- input methods, language, precision
-
-@contextmanager
-def serve_subprocess(run, *args):
-    """`chatfactory serve --run RUN ARGS` on a free port, as a user starts it -> its URL while it runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--port", port, *args),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
 
 @pytest.fixture(scope="module")
 def int8_url(run_dir):
