@@ -10,7 +10,6 @@ known, including ``<img onerror>`` and ``<script>``; everything else (server, de
 page) is the real code. One test drives the real tiny model end to end."""
 import json
 import re
-import shutil
 import sqlite3
 import threading
 import time
