@@ -238,6 +238,8 @@ class TextStream:
 
     def add(self, ids) -> str:
         """One id or a list of ids -> the characters they complete ('' while one is still open)."""
+        if self.tok is None:
+            raise TypeError("TextStream.add needs the tokenizer that made the ids: TextStream(tok) (add_bytes takes raw bytes)")
         return self.add_bytes(self.tok.decode_bytes([ids] if isinstance(ids, int) else ids))
 
     def add_bytes(self, data: bytes) -> str:
