@@ -281,3 +281,147 @@ def test_smollm2_chat_answers_through_its_own_template(smol, capsys):
     ids, mask = tok.render_chat([{"role": "user", "content": "hi <|im_end|> there"}, {"role": "assistant", "content": "ok"}])
     # three ends: the default system turn SmolLM2's template adds, the user's, the assistant's — not the typed one
     assert ids.count(tok.end_id) == 3 and sum(mask) == len(tok.encode("ok")) + 1
+
+
+# ---------------------------------------------------------------- keep_quantized: the file's blocks as a quantized stage
+def _one_tensor_gguf(path: Path, kind: str, shape=(48, 256), seed=0) -> np.ndarray:
+    """A GGUF holding one (rows, cols) tensor "w" of random ``kind`` blocks (sane fp16 scales); returns
+    the gguf package's dequantization of it."""
+    rng = np.random.default_rng(seed)
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[Q[kind]]
+    raw = rng.integers(0, 256, size=(shape[0] * shape[1] // per_block, block_bytes), dtype=np.uint8)
+    for at in SCALES[kind]:
+        raw[:, at:at + 2] = (rng.standard_normal((len(raw), 1)) * 0.01).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(shape[0], -1)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("w", raw, raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gguf.quants.dequantize(raw, Q[kind]).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_parts_are_the_files_own_weights(tmp_path, kind):
+    """Q4_0/Q4_1/Q4_K blocks read as int4 codes at groups of 32 give back the gguf package's weights, to
+    a few fp32 ulps of the block's magnitude (the offset m + 8d is one fp32 rounding)."""
+    from chatfactory.gguf import int4_parts
+    from chatfactory.quant import dequantize_int4
+
+    ref = torch.from_numpy(_one_tensor_gguf(tmp_path / "w.gguf", kind))
+    codes, scales, offsets = int4_parts(GGUFFile(tmp_path / "w.gguf"), "w")
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and tuple(scales.shape) == (48, 256 // 32)
+    got = dequantize_int4(codes, scales, offsets, 32)
+    assert (got - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+    if kind == "Q4_0":
+        assert torch.equal(got, ref) and not offsets.any()
+
+
+QUANT_TYPES = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q4_0", "attn_output": "Q8_0",
+               "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": ["Q4_0", "F16"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_imports(tmp_path_factory):
+    """A small Llama GGUF with Q4_0, Q4_1, Q8_0 and F16 linears, imported fp32 and keep_quantized."""
+    from chatfactory.gguf import import_gguf
+
+    d = tmp_path_factory.mktemp("keepq")
+    write_gguf(d / "m.gguf", "llama", QUANT_TYPES)
+    import_gguf(d / "m.gguf", d / "fp32")
+    res = import_gguf(d / "m.gguf", d / "q", keep_quantized=True)
+    return d, res
+
+
+def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
+    from safetensors.torch import load_file
+
+    from chatfactory.quant import QuantLinear, dequantize_int4, dequantize_int8, inference, unpack_nibbles
+
+    d, res = tiny_imports
+    q = json.loads((d / "q" / "pretrain" / "config.json").read_text())["quantized"]
+    assert q == {"scheme": "int4", "bits": 4, "group": 32, "include_head": False,
+                 "layer_bits": {"blocks.0.attn.proj": 8, "blocks.1.attn.proj": 8, "blocks.1.mlp.proj": 8}}
+    assert res["quantized"] == q and res["params"] == load_model(d / "fp32" / "pretrain")[0].num_params()
+    full = load_model(d / "fp32" / "pretrain")[0].state_dict()  # the file dequantized (q/k rows unpermuted)
+    raw = load_file(str(d / "q" / "pretrain" / "model.safetensors"))
+    with inference():
+        model, _ = load_model(d / "q" / "pretrain")
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        w = full[name + ".weight"]
+        if m.bits == 4:  # the stage holds the file's codes: exact to a few fp32 ulps
+            on_disk = dequantize_int4(unpack_nibbles(raw[name + ".qweight"]), raw[name + ".scales"], raw[name + ".offsets"], 32)
+            assert (on_disk - w).abs().max() <= 1e-6 * w.abs().max(), name
+            # resident, scales and offsets are bfloat16 (what the kernel reads): 2^-9 of each, relatively
+            assert (m.dequantized() - w).abs().max() <= 2 ** -8 * w.abs().max(), name
+        else:  # int8 per output channel from the Q8_0 / F16 weights: at most half a step of the row's scale
+            assert (dequantize_int8(raw[name + ".qweight"], raw[name + ".scales"]) - w).abs().amax(1).le(
+                w.abs().amax(1) / 254 + 1e-7).all(), name
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.tok_emb.weight
+    assert torch.equal(model.tok_emb.weight, full["tok_emb.weight"])  # the Q8_0 embedding: fp32, as the file says
+
+
+def test_keep_quantized_logits_match_the_fp32_import(tiny_imports):
+    """Stated tolerance: relative L2 error of the logits under 2% (bfloat16 activations and scales in the
+    int4 kernel, int8 requantization); the fp32 reference is the file dequantized."""
+    from chatfactory.quant import inference
+
+    d, _ = tiny_imports
+    ref, _ = load_model(d / "fp32" / "pretrain")
+    with inference():
+        model, _ = load_model(d / "q" / "pretrain")
+    tok = Tokenizer.load(d / "q" / "tokenizer.json")
+    ids = torch.tensor([tok.encode(TEXTS[0] + TEXTS[1])])
+    with torch.no_grad():
+        a, b = model(ids), ref(ids)
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < 0.02, err
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_quantized_stage_loads_without_an_fp32_linear(tiny_imports):
+    """The quantized model is built on the meta device: while it loads, no float tensor of a linear
+    weight's shape is ever made (the old loader made a whole random fp32 GPT first)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chatfactory.quant import QuantLinear, inference
+
+    d, _ = tiny_imports
+    ref, _ = load_model(d / "fp32" / "pretrain")
+    shapes = {tuple(m.weight.shape) for m in ref.blocks.modules() if isinstance(m, torch.nn.Linear)}
+    made = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta and tuple(t.shape) in shapes:
+                    made.append((str(func), tuple(t.shape)))
+            return out
+
+    with inference(), Watch():
+        model, _ = load_model(d / "q" / "pretrain")
+    assert isinstance(model.blocks[0].mlp.fc, QuantLinear) and not made, made[:5]
+    with Watch():  # the watch does see them: a full-precision load makes every one
+        load_model(d / "fp32" / "pretrain")
+    assert {s for _, s in made} == shapes
+
+
+def test_keep_quantized_errors_name_the_file(tmp_path):
+    from chatfactory.gguf import import_gguf, import_model
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "llama", QUANT_TYPES)
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
+    with pytest.raises(GGUFError, match=r"cut\.gguf: tensor blk\.1\.ffn_norm\.weight runs past the end"):
+        import_gguf(tmp_path / "cut.gguf", tmp_path / "r", keep_quantized=True)
+    write_gguf(tmp_path / "q5.gguf", "llama", {"ffn_up": "Q5_0"})
+    with pytest.raises(GGUFError, match=r"q5\.gguf: tensor blk\.0\.ffn_up\.weight is Q5_0"):
+        import_gguf(tmp_path / "q5.gguf", tmp_path / "r", keep_quantized=True)
+    assert not (tmp_path / "r").exists()  # nothing half-written
+    with pytest.raises(ValueError, match="keep_quantized .*GGUF files only"):
+        import_model(tmp_path, tmp_path / "r", keep_quantized=True)

@@ -109,8 +109,8 @@ class GGUFFile:
         t = self.tensors[name][0]
         return TYPES[t][0] if t in TYPES else _OTHER.get(t, f"type {t}")
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, dequantized to fp32, in torch's layout (the last dimension is ggml's first)."""
+    def raw(self, name: str) -> tuple[str, tuple, np.ndarray]:
+        """(ggml type name, torch shape, the tensor's bytes as a uint8 view of the file): nothing is copied."""
         if name not in self.tensors:
             raise GGUFError(f"{self.path}: no tensor {name!r}")
         ttype, shape, offset = self.tensors[name]
@@ -123,7 +123,11 @@ class GGUFFile:
         begin = self.start + offset
         if begin + nbytes > len(self.data):
             raise GGUFError(f"{self.path}: tensor {name} runs past the end of the file (truncated download?)")
-        raw = self.data[begin:begin + nbytes]
+        return kind, shape, self.data[begin:begin + nbytes]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, dequantized to fp32, in torch's layout (the last dimension is ggml's first)."""
+        kind, shape, raw = self.raw(name)
         return torch.from_numpy(np.ascontiguousarray(dequantize(raw, kind).reshape(shape)))
 
 
@@ -145,8 +149,7 @@ def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
     if kind == "Q8_0":  # d, then 32 int8: w = d * q
         return (_f16(b, 0) * b[:, 2:].view(np.int8)).reshape(-1)
     if kind in ("Q4_0", "Q4_1"):  # d [, m], then 16 bytes: low nibbles are weights 0-15, high 16-31
-        qs = b[:, 4 if kind == "Q4_1" else 2:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+        q = _q4_codes(b, kind).astype(np.float32)
         if kind == "Q4_0":
             return (_f16(b, 0) * (q - 8)).reshape(-1)
         return (_f16(b, 0) * q + _f16(b, 2)).reshape(-1)
@@ -155,9 +158,21 @@ def dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
     return _q6_k(b)
 
 
+def _q4_codes(b: np.ndarray, kind: str) -> np.ndarray:
+    """The 32 4-bit codes of each Q4_0 / Q4_1 block, (n, 32) uint8 in weight order."""
+    qs = b[:, 4 if kind == "Q4_1" else 2:]
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
 def _q4_k(b: np.ndarray) -> np.ndarray:
+    scale, low, q = _q4_k_parts(b)
+    return (scale[:, :, None] * q.astype(np.float32) - low[:, :, None]).reshape(-1)
+
+
+def _q4_k_parts(b: np.ndarray):
     """d, dmin (fp16), 12 bytes packing eight 6-bit scales and mins, 128 bytes of nibbles. Each 64
-    weights are two sub-blocks of 32: the low nibbles, then the high ones; w = d*sc*q - dmin*m."""
+    weights are two sub-blocks of 32: the low nibbles, then the high ones; w = d*sc*q - dmin*m.
+    -> (d*sc, dmin*m) (n, 8) fp32 and the codes (n, 8, 32) uint8: one scale and one low per 32 weights."""
     d, dmin, s = _f16(b, 0), _f16(b, 2), b[:, 4:16].astype(np.uint8)
     sc = np.empty((len(b), 8), np.uint8)
     mn = np.empty((len(b), 8), np.uint8)
@@ -165,8 +180,8 @@ def _q4_k(b: np.ndarray) -> np.ndarray:
     sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
     mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
     qs = b[:, 16:].reshape(-1, 4, 32)
-    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
-    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).reshape(-1)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
+    return d * sc, dmin * mn, q
 
 
 def _q6_k(b: np.ndarray) -> np.ndarray:
@@ -225,27 +240,88 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, w.size(0) // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _linears(g: GGUFFile, cfg) -> dict:
+    """Our linear layers -> the file's tensors stacked (along the output rows) to form each, with the
+    head count of Llama's permuted q and k rows (None: rows as stored)."""
+    llama = g.meta["general.architecture"] == "llama"
+    out = {}
+    for i in range(cfg.depth):
+        b, ours = f"blk.{i}.", f"blocks.{i}."
+        out[ours + "attn.qkv"] = [(b + "attn_q.weight", cfg.n_head if llama else None),
+                                  (b + "attn_k.weight", cfg.n_kv_head if llama else None), (b + "attn_v.weight", None)]
+        out[ours + "attn.proj"] = [(b + "attn_output.weight", None)]
+        out[ours + "mlp.fc"] = [(b + "ffn_gate.weight", None), (b + "ffn_up.weight", None)]
+        out[ours + "mlp.proj"] = [(b + "ffn_down.weight", None)]
+    return out
+
+
+def _others(g: GGUFFile, cfg) -> dict:
+    """Our other tensors (embedding, norms, q/k/v biases, an untied LM head) -> the file's tensors."""
+    sd = {"tok_emb.weight": ["token_embd.weight"], "norm_f.weight": ["output_norm.weight"]}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = ["output.weight"]
+    for i in range(cfg.depth):
+        b, ours = f"blk.{i}.", f"blocks.{i}."
+        if cfg.qkv_bias:
+            sd[ours + "attn.qkv.bias"] = [b + f"attn_{n}.bias" for n in "qkv"]
+        sd[ours + "norm1.weight"], sd[ours + "norm2.weight"] = [b + "attn_norm.weight"], [b + "ffn_norm.weight"]
+    return sd
+
+
+def _rows(g: GGUFFile, parts) -> torch.Tensor:
+    """The file's tensors ``parts`` ((name, heads to unpermute or None), …), fp32, stacked along the rows."""
+    return torch.cat([_unpermute(g.tensor(n), h) if h else g.tensor(n) for n, h in parts])
+
+
 def gguf_state_dict(g: GGUFFile, cfg) -> dict:
     """Our state dict (fp32) from the file's tensors."""
-    arch = g.meta["general.architecture"]
-    sd = {"tok_emb.weight": g.tensor("token_embd.weight"), "norm_f.weight": g.tensor("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = g.tensor("output.weight")
-    for i in range(cfg.depth):
-        b = f"blk.{i}."
-        q, k, v = (g.tensor(b + f"attn_{n}.weight") for n in "qkv")
-        if arch == "llama":
-            q, k = _unpermute(q, cfg.n_head), _unpermute(k, cfg.n_kv_head)
-        ours = f"blocks.{i}."
-        sd[ours + "attn.qkv.weight"] = torch.cat([q, k, v])
-        if cfg.qkv_bias:
-            sd[ours + "attn.qkv.bias"] = torch.cat([g.tensor(b + f"attn_{n}.bias") for n in "qkv"])
-        sd[ours + "attn.proj.weight"] = g.tensor(b + "attn_output.weight")
-        sd[ours + "norm1.weight"] = g.tensor(b + "attn_norm.weight")
-        sd[ours + "norm2.weight"] = g.tensor(b + "ffn_norm.weight")
-        sd[ours + "mlp.fc.weight"] = torch.cat([g.tensor(b + "ffn_gate.weight"), g.tensor(b + "ffn_up.weight")])
-        sd[ours + "mlp.proj.weight"] = g.tensor(b + "ffn_down.weight")
-    return sd
+    sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(g, cfg).items()}
+    return {**sd, **{k + ".weight": _rows(g, parts) for k, parts in _linears(g, cfg).items()}}
+
+
+# ---- the file's 4-bit blocks kept as they are: a quantized stage (``import_gguf(..., keep_quantized=True)``)
+INT4_KINDS = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes with one scale and one low value per 32 weights
+
+
+def int4_parts(g: GGUFFile, name: str):
+    """A Q4_0 / Q4_1 / Q4_K tensor -> (codes uint8 (N, K), scales, offsets (N, K/32) fp32): quant.py's int4 at
+    groups of 32, w = (q - 8) * scale + offset, with the file's own codes. Q4_0 (w = d(q - 8)): scale d,
+    offset 0; Q4_1 (w = dq + m): offset m + 8d; Q4_K (w = (d sc) q - dmin m): scale d sc, offset 8 d sc - dmin m.
+    Scales and codes are exact; an offset is rounded once in fp32 (a weight differs from the file's by a
+    few fp32 ulps of its block's magnitude)."""
+    kind, (N, K), raw = g.raw(name)
+    if kind not in INT4_KINDS:
+        raise GGUFError(f"{g.path}: tensor {name} is {kind}, not 4-bit in blocks of 32 ({', '.join(INT4_KINDS)})")
+    b = raw.reshape(-1, next(t[2] for t in TYPES.values() if t[0] == kind))
+    if kind == "Q4_K":
+        scale, low, q = _q4_k_parts(b)
+        offset = 8 * scale - low
+    else:
+        scale, q = _f16(b, 0), _q4_codes(b, kind)
+        offset = 8 * scale + _f16(b, 2) if kind == "Q4_1" else np.zeros_like(scale)
+    return tuple(torch.from_numpy(np.ascontiguousarray(x).reshape(N, -1)) for x in (q, scale, offset))
+
+
+def gguf_quantized_state_dict(g: GGUFFile, cfg) -> tuple[dict, dict]:
+    """-> (a quantized stage's state dict, {layer: bits}). A linear whose tensors are all 4-bit in blocks of
+    32 (Q4_0, Q4_1, Q4_K) keeps the file's codes as int4 at groups of 32 (``int4_parts``); any other (Q8_0,
+    Q6_K, F16, BF16, F32, or a mix) becomes int8 per output channel from its dequantized weights, one layer
+    at a time: |error| <= max |w| of the row / 254 beyond the file's own. Embedding, norms, biases and an
+    untied LM head are fp32 (dequantized). No fp32 copy of the model's linears is ever made."""
+    from .quant import pack_nibbles, quantize_int8
+
+    sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(g, cfg).items()}
+    bits = {}
+    for name, parts in _linears(g, cfg).items():
+        if all(g.raw(n)[0] in INT4_KINDS for n, _ in parts):
+            per = [[_unpermute(x, h) if h else x for x in int4_parts(g, n)] for n, h in parts]
+            codes, scales, offsets = (torch.cat(xs) for xs in zip(*per))  # rows are outputs: q/k/v stack
+            sd.update({name + ".qweight": pack_nibbles(codes), name + ".scales": scales, name + ".offsets": offsets})
+            bits[name] = 4
+        else:
+            sd[name + ".qweight"], sd[name + ".scales"] = quantize_int8(_rows(g, parts))
+            bits[name] = 8
+    return sd, bits
 
 
 def gguf_tokenizer(g: GGUFFile):
@@ -304,19 +380,26 @@ def find_model(spec: str) -> str:
     return str(path)
 
 
-def import_model(spec, out_run, stage: str = "pretrain") -> dict:
-    """Import a GGUF file, a Hugging Face directory or "smollm2" into ``out_run`` (the import command)."""
+def import_model(spec, out_run, stage: str = "pretrain", keep_quantized: bool = False) -> dict:
+    """Import a GGUF file, a Hugging Face directory or "smollm2" into ``out_run`` (the import command);
+    ``keep_quantized``: a GGUF's quantized blocks become a quantized stage (``import_gguf``)."""
     path = find_model(str(spec))
     if path.lower().endswith(".gguf"):
-        return import_gguf(path, out_run, stage)
+        return import_gguf(path, out_run, stage, keep_quantized)
+    if keep_quantized:
+        raise ValueError(f"{path}: keep_quantized (--keep-quantized) applies to GGUF files only; quantize the "
+                         f"imported stage instead (chatfactory quantize)")
     from .hf import import_hf
 
     return import_hf(path, out_run, stage)
 
 
-def import_gguf(path, out_run, stage: str = "pretrain") -> dict:
+def import_gguf(path, out_run, stage: str = "pretrain", keep_quantized: bool = False) -> dict:
     """Write ``out_run/`` (tokenizer.json, tokenizer_config.json with the chat template, config.yaml and
-    ``<stage>/`` with the weights in fp32) from a GGUF chat model, as ``hf.import_hf`` does for a directory."""
+    ``<stage>/``) from a GGUF chat model, as ``hf.import_hf`` does for a directory. The weights are fp32
+    (the default: a stage that trains, e.g. SFT from it), or with ``keep_quantized`` a quantized stage for
+    inference (chat, sample, serve, eval) written straight from the file's blocks, one tensor at a time
+    (``gguf_quantized_state_dict``: Q4_0/Q4_1/Q4_K exactly as int4 at groups of 32, others as int8)."""
     from .hf import save_imported
 
     g = GGUFFile(path)
@@ -324,6 +407,25 @@ def import_gguf(path, out_run, stage: str = "pretrain") -> dict:
     tok = gguf_tokenizer(g)
     if tok.vocab_size != cfg.vocab_size:
         raise GGUFError(f"{g.path}: {tok.vocab_size} tokens but {cfg.vocab_size} embedding rows")
-    kinds = sorted({g.tensor_type(n) for n in g.tensors})
-    return save_imported(out_run, stage, cfg, gguf_state_dict(g, cfg), tok,
-                         {"source": str(g.path.resolve()), "quantization": kinds})
+    info = {"source": str(g.path.resolve()), "quantization": sorted({g.tensor_type(n) for n in g.tensors})}
+    if not keep_quantized:
+        return save_imported(out_run, stage, cfg, gguf_state_dict(g, cfg), tok, info)
+    return _save_quantized_import(g, cfg, tok, Path(out_run), stage, info)
+
+
+def _save_quantized_import(g: GGUFFile, cfg, tok, out_run: Path, stage: str, info: dict) -> dict:
+    from .checkpoint import save_checkpoint
+    from .config import Config, save_config
+    from .quant import scheme
+
+    sd, bits = gguf_quantized_state_dict(g, cfg)  # before anything is written: a bad tensor leaves no run
+    main = 4 if 4 in bits.values() else 8
+    info = {**info, "model": cfg.to_dict(), "kind": "imported", "finished": True, "chat_template": True,
+            "quantized": scheme(main, 32, False, {k: b for k, b in bits.items() if b != main}),
+            "quantized_from": f"{g.path} (import it without --keep-quantized for fp32 weights that train)"}
+    tok.save(out_run / "tokenizer.json")
+    save_config(Config(model=cfg), out_run / "config.yaml")
+    save_checkpoint(out_run / stage, sd, info, state=None, step=0)
+    params = sum(t.numel() for k, t in sd.items() if not k.endswith((".qweight", ".scales", ".offsets")))
+    params += sum(m.size(0) * m.size(1) * (2 if bits[k[:-8]] == 4 else 1) for k, m in sd.items() if k.endswith(".qweight"))
+    return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour, "params": params, **info}

@@ -53,6 +53,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_che
 from .model import GPT, GPTConfig
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
+DEFAULT_GROUP = 64  # int4's default group (the module docstring says why)
 # int4 scales and offsets are bfloat16 values (as in gpt-fast): the kernel reads them in the activations'
 # dtype, so one bfloat16 copy is all that stays resident (1/16 byte a weight at groups of 64, not 1/8)
 INT4_SCALE_DTYPE = torch.bfloat16
@@ -133,6 +134,12 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], -1).reshape(p.size(0), -1)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at a 64-byte boundary (a copy if not). PyTorch's int8 CPU kernel crashes on a weight
+    that is not (a tensor straight out of a safetensors file is 8-byte aligned; measured: segfault)."""
+    return t if t.is_contiguous() and (t.is_meta or t.data_ptr() % 64 == 0) else t.contiguous().clone()
+
+
 # ---------------------------------------------------------------- the layer
 class QuantLinear(nn.Module):
     """A linear layer with int8 or int4 weights (see the module docstring for the schemes).
@@ -177,9 +184,10 @@ class QuantLinear(nn.Module):
 
     # -- the portable form (what is saved) <-> the runtime layout
     def set_portable(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
-        dev = self.qweight.device
+        # a layer built on the meta device (a model being loaded) takes the weights' device
+        dev = qweight.device if self.qweight.is_meta else self.qweight.device
         if self.bits == 8:
-            self.qweight, self.scales = qweight.to(dev, torch.int8).contiguous(), scales.to(dev, torch.float32).contiguous()
+            self.qweight, self.scales = _aligned(qweight.to(dev, torch.int8)), _aligned(scales.to(dev, torch.float32))
         else:
             self.qweight = qweight.to(dev, torch.uint8).contiguous()
             self.scales_zeros = torch.stack([scales.t(), offsets.t()], -1).to(dev, INT4_SCALE_DTYPE).contiguous()
@@ -246,7 +254,7 @@ class QuantLinear(nn.Module):
         if self.layout == "cpu" and x.device.type == "cpu":
             kd = self.kernel_dtype
             if self._kernel_scales is None or self._kernel_scales.dtype != kd:
-                self._kernel_scales = (self.scales if self.bits == 8 else self.scales_zeros).to(kd).contiguous()
+                self._kernel_scales = _aligned((self.scales if self.bits == 8 else self.scales_zeros).to(kd))
             if self.bits == 8:
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(kd).contiguous(), self.qweight, self._kernel_scales)
             else:
@@ -283,7 +291,8 @@ class QuantLinear(nn.Module):
         with torch.no_grad():
             self.set_portable(got["qweight"], got["scales"], got.get("offsets"))
             if self.bias is not None:
-                self.bias = got["bias"].to(self.bias.device, torch.float32).clone()
+                dev = got["bias"].device if self.bias.is_meta else self.bias.device
+                self.bias = got["bias"].to(dev, torch.float32).clone()
 
 
 # ---------------------------------------------------------------- the model
@@ -293,39 +302,49 @@ def _targets(model: GPT, include_head: bool):
             yield name, m
 
 
-def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False) -> None:
+def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False, layer_bits: dict | None = None) -> None:
     """ValueError naming what does not fit: bits other than 4/8, a group the int4 kernel lacks, a group
-    that does not divide a layer's input width."""
-    bits = parse_bits(bits)
-    if bits == 4:
+    that does not divide a layer's input width, a ``layer_bits`` entry naming no layer."""
+    bits, layer_bits = parse_bits(bits), layer_bits or {}
+    names = {name for name, _ in _targets(model, include_head)}
+    if set(layer_bits) - names:
+        raise ValueError(f"layer_bits names layers the model does not quantize: {sorted(set(layer_bits) - names)}")
+    if 4 in [bits, *map(parse_bits, layer_bits.values())]:
         if group not in INT4_GROUPS:
             raise ValueError(f"--group {group}: int4 groups of {', '.join(map(str, INT4_GROUPS))} columns are supported")
         for name, m in _targets(model, include_head):
-            if m.in_features % group:
+            if parse_bits(layer_bits.get(name, bits)) == 4 and m.in_features % group:
                 raise ValueError(f"--group {group} does not divide the input width {m.in_features} of {name}: "
                                  f"pick a group that divides every width (e.g. 32)")
 
 
-def quantize_model(model: GPT, bits, group: int = 64, include_head: bool = False, empty: bool = False) -> GPT:
+def quantize_model(model: GPT, bits, group: int = DEFAULT_GROUP, include_head: bool = False, empty: bool = False,
+                   layer_bits: dict | None = None) -> GPT:
     """Replace every linear of the blocks (and the LM head if ``include_head``) by a ``QuantLinear`` in
     place; returns the model. ``empty``: the layers' shapes only, for weights loaded next (``load_quantized``).
-    A tied LM head quantized this way gets its own int copy; the embedding stays full precision."""
+    ``layer_bits``: {layer name: bits} where a layer differs from ``bits`` (a GGUF import's Q8_0 layers
+    beside Q4 ones). A tied LM head quantized this way gets its own int copy; the embedding stays full precision."""
     bits = parse_bits(bits)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is quantized already ({model.quantization['scheme']}): quantize a full-precision one")
-    check_scheme(model, bits, group, include_head)
+    check_scheme(model, bits, group, include_head, layer_bits)
+    layer_bits = {k: parse_bits(v) for k, v in (layer_bits or {}).items() if parse_bits(v) != bits}
     for name, m in list(_targets(model, include_head)):
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        q = (QuantLinear(m.in_features, m.out_features, bits, group, m.bias is not None).to(m.weight.device)
-             if empty else QuantLinear.from_linear(m, bits, group))
+        b = layer_bits.get(name, bits)
+        q = (QuantLinear(m.in_features, m.out_features, b, group, m.bias is not None).to(m.weight.device)
+             if empty else QuantLinear.from_linear(m, b, group))
         setattr(owner, attr, q)
-    model.quantization = scheme(bits, group, include_head)
+    model.quantization = scheme(bits, group, include_head, layer_bits)
     return model.eval()
 
 
-def scheme(bits: int, group: int, include_head: bool) -> dict:
-    return {"scheme": f"int{bits}", "bits": bits, "group": group if bits == 4 else None, "include_head": include_head}
+def scheme(bits: int, group: int, include_head: bool, layer_bits: dict | None = None) -> dict:
+    """The ``"quantized"`` entry of a stage's config.json (``layer_bits`` only where some layer differs)."""
+    s = {"scheme": f"int{bits}", "bits": bits, "group": group if 4 in [bits, *(layer_bits or {}).values()] else None,
+         "include_head": include_head}
+    return {**s, "layer_bits": dict(layer_bits)} if layer_bits else s
 
 
 def set_kernel_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -350,15 +369,39 @@ def linear_bytes(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------- stages on disk
 def _build(weights: dict, info: dict, where, device="cpu") -> GPT:
+    """The quantized GPT of a stage: built on the meta device (no weight allocated), then every tensor of
+    ``weights`` is taken as it is (``assign``), so loading holds the stage's own size, never an fp32 model."""
     q = info["quantized"]
     try:
         cfg = GPTConfig.from_dict(info["model"])
-        bits, group, head = parse_bits(q["bits"]), int(q.get("group") or 64), bool(q.get("include_head"))
-    except (KeyError, TypeError, ValueError) as e:
+        bits, group, head = parse_bits(q["bits"]), int(q.get("group") or DEFAULT_GROUP), bool(q.get("include_head"))
+        with torch.device("meta"):
+            model = quantize_model(GPT(cfg), bits, group, head, empty=True, layer_bits=q.get("layer_bits"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{Path(where) / 'config.json'}: bad model or quantization config ({e})") from None
-    model = quantize_model(GPT(cfg), bits, group, head, empty=True)
-    load_weights(model, weights, str(Path(where) / "model.safetensors"))
+    load_assigned(model, weights, str(Path(where) / "model.safetensors"))
     return model.to(device).eval()
+
+
+def load_assigned(model: GPT, weights: dict, where: str) -> None:
+    """Load a model built on the meta device: its tensors become those of ``weights`` (no copy; the dict
+    is emptied as it goes, so the caller holds no second reference), a tied head is tied again, and a
+    tensor left on the meta device is an error naming it."""
+    errors = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):  # one layer at a time: its (aligned) copy replaces the file's tensors
+            mine = {k[len(name) + 1:]: weights.pop(k) for k in [k for k in weights if k.startswith(name + ".")]}
+            m._load_from_state_dict(mine, "", {}, True, [], [], errors)
+    if errors:
+        raise CheckpointError(f"{where}: " + "; ".join(errors))
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    weights.clear()
+    if model.cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.tok_emb.weight  # assign replaced tok_emb's parameter: tie the head to it again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unexpected or left:
+        raise CheckpointError(f"{where}: weights do not fit the model (missing {sorted(set(missing) & set(left)) or left}, "
+                              f"unexpected {unexpected})")
 
 
 def load_quantized(stage_dir, device="cpu") -> tuple[GPT, dict]:
@@ -376,7 +419,7 @@ def save_quantized(model: GPT, stage_dir, info: dict) -> None:
                                                           "quantized": model.quantization})
 
 
-def quantize_stage(run_dir, stage: str, bits, group: int = 64, out_stage: str | None = None,
+def quantize_stage(run_dir, stage: str, bits, group: int = DEFAULT_GROUP, out_stage: str | None = None,
                    include_head: bool = False) -> Path:
     """``chatfactory quantize``: the stage's weights (LoRA merged) quantized into RUN/OUT_STAGE."""
     from .checkpoint import load_model, resolve_stage
@@ -415,7 +458,7 @@ def inference(quantize: str | None = None):
         return _build(weights, info, where, device)
 
     checkpoint.quantized_loader = load
-    checkpoint.quantize_on_load = (lambda model: quantize_model(model, bits, group or 64)) if bits else None
+    checkpoint.quantize_on_load = (lambda model: quantize_model(model, bits, group or DEFAULT_GROUP)) if bits else None
     try:
         yield
     finally:
