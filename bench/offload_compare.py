@@ -9,7 +9,8 @@ tokens, stopping at the template's end tokens (a row's count includes its stop t
 The transformers model is the stage exported with hf.py (``chatfactory export``), fp32. Each side runs in
 its own subprocess, so its peak resident memory (VmHWM) is its own; the baseline (the interpreter and
 libraries, before any weight is loaded) is printed beside it. Tokens/s = generated tokens / the
-generation's wall time (loading excluded, on both sides). ``agree`` is the fraction of rows whose
+generation's wall time (loading excluded, on both sides); ``ours_stalled_seconds`` is how much of ours
+was spent waiting for a layer the prefetch thread had not loaded yet. ``agree`` is the fraction of rows whose
 answers are the same ids on both sides (greedy over identical weights: ~1, round-off aside).
 
     .venv/bin/python bench/offload_compare.py [--run runs/smol --stage pretrain --prompts 64 --new-tokens 32]
@@ -55,8 +56,9 @@ base = status("VmRSS")
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = cli.main(sys.argv[1:])
-m = re.search(r"(\\d+) tokens in ([0-9.]+)s", buf.getvalue())
-print(json.dumps({"rc": rc, "base": base, "hwm": status("VmHWM"), "tokens": int(m.group(1)), "seconds": float(m.group(2))}))
+m = re.search(r"(\\d+) tokens in ([0-9.]+)s(?:, ([0-9.]+)s of it waiting)?", buf.getvalue())
+print(json.dumps({"rc": rc, "base": base, "hwm": status("VmHWM"), "tokens": int(m.group(1)), "seconds": float(m.group(2)),
+                  "stalled": float(m.group(3) or 0)}))
 """
 
 THEIRS = STATUS + """
@@ -139,7 +141,7 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
             "ours_base_rss_mb": ours["base"] / 1e6, "accelerate_base_rss_mb": theirs["base"] / 1e6,
             "budget_mb": budget / 1e6, "model_mb": weights / 1e6, "ours_tokens": ours["tokens"],
             "accelerate_tokens": theirs["tokens"], "ours_seconds": ours["seconds"], "accelerate_seconds": theirs["seconds"],
-            "accelerate_devices": theirs.get("device_map"), "agree": agree}
+            "ours_stalled_seconds": ours["stalled"], "accelerate_devices": theirs.get("device_map"), "agree": agree}
 
 
 def main() -> None:

@@ -232,6 +232,7 @@ def cmd_generate(a):
     from .checkpoint import atomic_write_text, latest_stage, load_model
     from .data.jsonl import DataError
     from .engine import Engine, SamplingParams
+    from .offload import stall_seconds
     from .tokenizer import Tokenizer
 
     if a.batch < 1 or a.max_new_tokens < 1:
@@ -273,7 +274,8 @@ def cmd_generate(a):
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
-    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.2f}s)")
+    stalled = f", {stall_seconds(model):.2f}s of it waiting for streamed layers" if getattr(model, "offload", None) else ""
+    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.2f}s{stalled})")
 
 
 def cmd_export(a):

@@ -17,6 +17,8 @@ Everything is applied from outside the model (torchtitan-style): the streamed bl
 also carry the *block schedule* of offline batch generation (FlexGen's): a big batch goes through a
 loaded layer in micro-batches of at most ``micro_tokens`` tokens, so each layer, once loaded, serves
 the whole batch (every micro-batch) before the next is loaded -- at the prefill and at every decode step.
+The logits are bitwise those of the resident model (same modules, same bits, fetched later) whenever a
+forward fits one micro-batch; split, they are those of the resident model run on each micro-batch.
 
 A quantized stage (quant.py's portable layout) streams too: int8 codes are read straight into the
 slot's buffers, int4 codes are read and packed for the CPU kernel at each load (``set_portable``).
@@ -32,12 +34,15 @@ Compute is CPU only for now: on a GPU the slots would be pinned CPU buffers copi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
 import os
 import queue
 import re
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +76,7 @@ def parse_size(spec) -> int:
     return n
 
 
-def mb(n: int) -> str:
+def mb(n: int) -> str:  # noqa: D103
     return f"{n / 1e6:.1f} MB"
 
 
@@ -94,10 +99,7 @@ class SafetensorsReader:
             for name, e in header.items():
                 start, end = e["data_offsets"]
                 dtype, shape = DTYPES[e["dtype"]], tuple(e["shape"])
-                count = 1
-                for s in shape:
-                    count *= s
-                if end - start != count * dtype.itemsize or not 0 <= start <= end <= size - 8 - n:
+                if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end <= size - 8 - n:
                     raise ValueError(f"tensor {name}: offsets {start}..{end} do not match {e['dtype']}{list(shape)}")
                 self.entries[name] = (dtype, shape, 8 + n + start)
         except (struct.error, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
@@ -109,7 +111,7 @@ class SafetensorsReader:
             os.close(self.fd)
 
     def nbytes(self, prefix: str = "") -> int:
-        return sum(_numel(s) * d.itemsize for k, (d, s, _) in self.entries.items() if k.startswith(prefix))
+        return sum(math.prod(s) * d.itemsize for k, (d, s, _) in self.entries.items() if k.startswith(prefix))
 
     def _entry(self, name: str):
         if name not in self.entries:
@@ -144,13 +146,6 @@ class SafetensorsReader:
             if n <= 0:
                 raise CheckpointError(f"{self.path}: truncated while reading {name}")
             done += n
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _materialize(module: nn.Module, reader: SafetensorsReader, prefix: str, lora_scale: float = 0.0) -> None:
@@ -201,6 +196,7 @@ class Prefetcher:
         self.error: BaseException | None = None
         self.jobs: queue.Queue = queue.Queue()
         self.loads = 0  # units loaded so far (a test reads it: the schedule loads each layer once a pass)
+        self.waited = 0.0  # seconds the compute spent waiting for a load: what the prefetch did not hide
         self.thread = threading.Thread(target=self._work, name=f"prefetch-{name}", daemon=True)
         self.thread.start()
         self._restart(self.order[0])
@@ -237,7 +233,10 @@ class Prefetcher:
         if u not in self.slot_of:
             self._restart(u)
         s = self.slot_of[u]
-        self.ready[s].wait()
+        if not self.ready[s].is_set():
+            t = time.perf_counter()
+            self.ready[s].wait()
+            self.waited += time.perf_counter() - t
         if self.error is not None:
             e, self.error = self.error, None
             self._restart(u)  # the next call tries again from a clean cycle
@@ -443,7 +442,8 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
     streamer = None
     if p.streamed_blocks:
         proto = model.blocks[p.streamed_blocks[0]]
-        bufs = [_empty_like_module(proto) for _ in range(min(slots, len(p.streamed_blocks)))]
+        # a slot: a copy of a meta block with real (uninitialised) CPU tensors, filled at each load
+        bufs = [copy.deepcopy(proto).to_empty(device="cpu").eval() for _ in range(min(slots, len(p.streamed_blocks)))]
         streamer = Prefetcher(p.streamed_blocks, bufs, lambda blk, i: _materialize(blk, reader, f"blocks.{i}.", scale),
                                "blocks")
     wrapped = []
@@ -461,19 +461,16 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
     return model.eval(), info
 
 
+def stall_seconds(model) -> float:
+    """Seconds the compute of a streamed model has waited for its layers' loads so far."""
+    units = [getattr(m, "_streamer", None) for m in model.modules()]
+    return sum(p.waited for p in {id(p): p for p in units if p is not None}.values())
+
+
 def _shut(threads: list, reader: SafetensorsReader) -> None:
     for t in threads:
         t.close()
     reader.close()
-
-
-def _empty_like_module(proto: nn.Module) -> nn.Module:
-    """A slot: a copy of a meta block with real (uninitialised) CPU tensors, filled at each load."""
-    import copy
-
-    slot = copy.deepcopy(proto)
-    slot.to_empty(device="cpu")
-    return slot.eval()
 
 
 def memory_mode(model) -> dict:
