@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -307,11 +308,53 @@ def _reader_paths(stage_dir: Path, temps: dict) -> dict:
                           f"stage finishes or discards it when it resumes)")
 
 
-def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False):
+class LazyWeights(Mapping):
+    """The tensors of a safetensors file, each read when it is asked for (``pop`` / ``[]``), through its
+    own short-lived map of the file: a loader that takes one tensor at a time (quant.py's) never holds
+    the whole file, neither as copies nor as mapped pages. ``dict(w)`` reads them all. A save that
+    replaces the file meanwhile (a live writer's rename) is an error, never a mix of two saves."""
+
+    def __init__(self, path: Path, keys):
+        self.path, self.names = path, list(keys)
+        self.file = self._identity()
+
+    def _identity(self):
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def __getitem__(self, key):
+        if key not in self.names:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                t = f.get_tensor(key)
+            if self._identity() != self.file:
+                raise OSError("replaced by another save while it was read; load it again")
+            return t
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: corrupt or truncated checkpoint ({e})") from None
+
+    def __iter__(self):
+        return iter(list(self.names))
+
+    def __len__(self):
+        return len(self.names)
+
+    def pop(self, key):
+        t = self[key]
+        self.names.remove(key)
+        return t
+
+    def clear(self):
+        self.names = []
+
+
+def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False, lazy: bool = False):
     """-> (weights, config dict, state dict or None). Raises CheckpointError naming the bad file.
 
     ``repair=True`` is for the writer only (the training loop resuming its own stage): it finishes or
-    discards an interrupted save first. Readers leave the writer's temps alone."""
+    discards an interrupted save first. Readers leave the writer's temps alone. ``lazy``: the weights are
+    a ``LazyWeights``, read one tensor at a time as they are taken."""
     stage_dir = Path(stage_dir)
     if repair:
         repair_checkpoint(stage_dir)
@@ -320,22 +363,23 @@ def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False):
         temps = _temps(stage_dir)
         paths = _reader_paths(stage_dir, temps) if temps else {n: stage_dir / n for n in (MODEL, CONFIG, STATE)}
         try:
-            return _read(paths, with_state)
+            return _read(paths, with_state, lazy)
         except CheckpointError:
             # a live writer renamed a file between our look and our read: look again
             if attempt == 2 or _temps(stage_dir) == temps:
                 raise
 
 
-def _read(paths: dict, with_state: bool):
+def _read(paths: dict, with_state: bool, lazy: bool = False):
     mpath, cpath, spath = paths[MODEL], paths[CONFIG], paths[STATE]
     for p in (mpath, cpath):
         if not p.exists():
             raise CheckpointError(f"{p}: checkpoint file is missing")
     try:
-        weights = load_file(str(mpath))
+        weights = None if lazy else load_file(str(mpath))
         with safe_open(str(mpath), "pt") as f:
             meta = f.metadata() or {}
+            weights = LazyWeights(mpath, f.keys()) if lazy else weights
         wstep, wid = int(meta.get("step", -1)), meta.get("save_id")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{mpath}: corrupt or truncated checkpoint ({e})") from None
@@ -407,8 +451,10 @@ def latest_stage(run_dir, candidates=("ppo", "grpo", "dpo", "sft", "pretrain")) 
 
 # Set by ``quant.inference()`` around the inference commands (chat, sample, serve, eval):
 # ``quantized_loader(weights, info, stage_dir, device)`` builds the model of a quantized stage, and
-# ``quantize_on_load(model)`` (when --quantize asked for it) quantizes a full-precision one. Unset (training),
-# a quantized stage is refused: integer weights cannot be trained.
+# ``quantize_on_load(cfg, weights, stage_dir / MODEL, device)`` (when --quantize asked for it) builds a
+# full-precision one quantized. Both build on the meta device from weights read one tensor at a time
+# (``LazyWeights``), so no fp32 model is ever whole in memory. Unset (training), a quantized stage is
+# refused: integer weights cannot be trained.
 quantized_loader = None
 quantize_on_load = None
 # Set by ``offload.streaming()`` (--max-memory): ``stream_loader(stage_dir, device)`` -> (model, info) with the
@@ -425,7 +471,7 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
 
     if stream_loader is not None:
         return stream_loader(stage_dir, device)
-    weights, info, _ = load_checkpoint(stage_dir)
+    weights, info, _ = load_checkpoint(stage_dir, lazy=quantized_loader is not None)
     if info.get("quantized"):
         if quantized_loader is None:
             raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference "
@@ -436,6 +482,10 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
         cfg = GPTConfig.from_dict(info["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(stage_dir) / CONFIG}: bad model config ({e})") from None
+    if quantize_on_load is not None and (merge_lora or not info.get("lora")):
+        weights = merge_weights(dict(weights), info) if info.get("lora") else weights
+        return quantize_on_load(cfg, weights, Path(stage_dir) / MODEL, device), info
+    weights = dict(weights)  # (all of them: a lazy read ends here)
     model = GPT(cfg)
     if info.get("lora") and not merge_lora:
         apply_lora(model, info["lora"], seed=0)  # the init is overwritten by the saved adapters
@@ -443,4 +493,4 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
         weights = merge_weights(weights, info)
     load_weights(model, weights, str(Path(stage_dir) / MODEL))
     model = model.to(device).eval()
-    return (quantize_on_load(model) if quantize_on_load else model), info
+    return model, info

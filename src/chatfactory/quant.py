@@ -170,16 +170,21 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}, layout={self.layout}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group: int = 64) -> "QuantLinear":
-        m = cls(linear.in_features, linear.out_features, bits, group, linear.bias is not None)
-        w = linear.weight.detach()
+    def from_linear(cls, linear: nn.Linear, bits: int, group: int = DEFAULT_GROUP) -> "QuantLinear":
+        return cls.from_weight(linear.weight, linear.bias, bits, group)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = DEFAULT_GROUP) -> "QuantLinear":
+        """The layer quantizing the full-precision weight ``w`` (N, K) (and keeping ``bias`` in fp32)."""
+        w = w.detach()
+        m = cls(w.size(1), w.size(0), bits, group, bias is not None)
         if bits == 8:
             m.set_portable(*quantize_int8(w))
         else:
             q, s, o = quantize_int4(w, group)
             m.set_portable(pack_nibbles(q), s, o)
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().float().clone()
+        if bias is not None:
+            m.bias = bias.detach().float().clone()
         return m.to(w.device)
 
     # -- the portable form (what is saved) <-> the runtime layout
@@ -319,9 +324,11 @@ def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False, 
 
 
 def quantize_model(model: GPT, bits, group: int = DEFAULT_GROUP, include_head: bool = False, empty: bool = False,
-                   layer_bits: dict | None = None) -> GPT:
+                   layer_bits: dict | None = None, weights: dict | None = None) -> GPT:
     """Replace every linear of the blocks (and the LM head if ``include_head``) by a ``QuantLinear`` in
     place; returns the model. ``empty``: the layers' shapes only, for weights loaded next (``load_quantized``).
+    ``weights``: quantize each layer from its fp32 weight taken (popped) from this state dict instead of
+    from the layer (a model built on the meta device: ``build_quantizing``).
     ``layer_bits``: {layer name: bits} where a layer differs from ``bits`` (a GGUF import's Q8_0 layers
     beside Q4 ones). A tied LM head quantized this way gets its own int copy; the embedding stays full precision."""
     bits = parse_bits(bits)
@@ -333,8 +340,12 @@ def quantize_model(model: GPT, bits, group: int = DEFAULT_GROUP, include_head: b
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         b = layer_bits.get(name, bits)
-        q = (QuantLinear(m.in_features, m.out_features, b, group, m.bias is not None).to(m.weight.device)
-             if empty else QuantLinear.from_linear(m, b, group))
+        if empty:
+            q = QuantLinear(m.in_features, m.out_features, b, group, m.bias is not None).to(m.weight.device)
+        elif weights is not None:
+            q = QuantLinear.from_weight(*_take_linear(weights, name, model.cfg, m.bias is not None), b, group)
+        else:
+            q = QuantLinear.from_linear(m, b, group)
         setattr(owner, attr, q)
     model.quantization = scheme(bits, group, include_head, layer_bits)
     return model.eval()
@@ -380,6 +391,31 @@ def _build(weights: dict, info: dict, where, device="cpu") -> GPT:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{Path(where) / 'config.json'}: bad model or quantization config ({e})") from None
     load_assigned(model, weights, str(Path(where) / "model.safetensors"))
+    return model.to(device).eval()
+
+
+def _take_linear(weights: dict, name: str, cfg: GPTConfig, bias: bool):
+    """(weight, bias or None) of layer ``name`` from a state dict, popped (a tied head reads the embedding)."""
+    tied = name == "lm_head" and cfg.tie_embeddings
+    try:
+        return (weights["tok_emb.weight"] if tied else weights.pop(name + ".weight"),
+                weights.pop(name + ".bias") if bias else None)
+    except KeyError as e:
+        raise CheckpointError(f"weights do not fit the model (missing {e})") from None
+
+
+def build_quantizing(cfg: GPTConfig, weights: dict, where, bits, group: int = DEFAULT_GROUP,
+                     include_head: bool = False, device="cpu") -> GPT:
+    """Quantize on load (``--quantize``): the GPT built on the meta device, each linear quantized from its
+    fp32 weight as it is read (one layer at a time: with ``checkpoint.LazyWeights`` the fp32 model is never
+    whole in memory), the rest (embedding, norms) taken as they are."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    try:
+        quantize_model(model, bits, group, include_head, weights=weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    load_assigned(model, weights, str(where))
     return model.to(device).eval()
 
 
@@ -458,7 +494,8 @@ def inference(quantize: str | None = None):
         return _build(weights, info, where, device)
 
     checkpoint.quantized_loader = load
-    checkpoint.quantize_on_load = (lambda model: quantize_model(model, bits, group or DEFAULT_GROUP)) if bits else None
+    checkpoint.quantize_on_load = (lambda cfg, weights, where, device: build_quantizing(
+        cfg, weights, where, bits, group or DEFAULT_GROUP, device=device)) if bits else None
     try:
         yield
     finally:
