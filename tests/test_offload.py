@@ -151,31 +151,56 @@ def test_streamed_lora_stage_merges_as_load_model_does(tmp_path):
     assert_same(streamed, full)
 
 
-def test_server_scheduler_on_a_streamed_model(tmp_path):
+def test_server_scheduler_on_a_streamed_model(run):
     from chatfactory.batching import Request, Scheduler
     from chatfactory.serve.service import Service
+    from chatfactory.tokenizer import Tokenizer
 
-    save_stage(tmp_path / "s", GPTConfig(**CFG))
     answers = []
-    for model in (load_model(tmp_path / "s")[0], load_streamed(tmp_path / "s", 2_800_000)[0]):
+    for model in (load_model(run / "sft")[0], load_streamed(run / "sft", 2_200_000)[0]):
         sched = Scheduler(model, slots=2, start=False)  # rows fill their own slots: the SlotCache path
         got = {i: [] for i in range(3)}
         for i, prompt in enumerate(PROMPTS):
             sched.submit(Request(prompt, SamplingParams(max_tokens=6, temperature=0), emit=lambda st, i=i: got[i].append(st.token)))
         sched.run_until_idle()
         answers.append(got)
-        memory = Service(model, make_tok(), "x", scheduler=sched).memory
+        memory = Service(model, Tokenizer.load(run / "tokenizer.json"), "x", scheduler=sched).memory
     assert answers[0] == answers[1] and all(len(v) == 6 for v in answers[1].values())
-    assert memory == {"memory": "streamed", "memory_budget_mb": 2.8}
-    everything = load_streamed(tmp_path / "s", 10**9)[0]
+    assert memory == {"memory": "streamed", "memory_budget_mb": 2.2}
+    everything = load_streamed(run / "sft", 10**9)[0]
     assert memory_mode(everything) == {"memory": "resident", "memory_budget_mb": 1000.0}
 
 
-def make_tok():
-    from chatfactory.tokenizer import Tokenizer
-    from test_serve import TEXT
+def test_serve_max_memory_over_http(run):
+    import socket
+    import time
+    import urllib.request
 
-    return Tokenizer.train(TEXT, vocab_size=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--stage", "sft",
+                               "--port", str(port), "--max-memory", "2.2MB"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.25)
+        (card,) = json.load(urllib.request.urlopen(url + "/v1/models", timeout=10))["data"]
+        assert (card["memory"], card["memory_budget_mb"]) == ("streamed", 2.2)
+        body = json.dumps({"model": card["id"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        answer = json.load(urllib.request.urlopen(req, timeout=60))
+        assert answer["usage"]["completion_tokens"] >= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_bad_budget_and_bad_file_errors(tmp_path):
@@ -254,7 +279,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     base = status("VmRSS")
     model, _ = load_streamed(sys.argv[1], int(sys.argv[2]))
     prompts = [[(7 * i + j) % 4000 + 1 for j in range(24)] for i in range(4)]
-    out = Engine(model).generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+    out = Engine(model).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
     print(json.dumps({"base": base, "hwm": status("VmHWM"), "tokens": sum(map(len, out)),
                       "streamed": len(model.offload.streamed_blocks), "weights": model.offload.resident_bytes}))
 """)
@@ -277,7 +302,7 @@ def test_peak_memory_stays_under_the_budget_plus_overhead(tmp_path):
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
-    assert r["tokens"] == 4 * 16 and r["streamed"] >= cfg.depth // 2 and r["weights"] <= budget
+    assert r["tokens"] == 4 * 8 and r["streamed"] >= cfg.depth // 2 and r["weights"] <= budget
     grew = r["hwm"] - r["base"]
     print(f"peak over baseline {grew / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB + overhead {overhead / 1e6:.1f} MB")
     assert grew < budget + overhead, (f"peak grew {grew / 1e6:.1f} MB over the baseline: budget {budget / 1e6:.1f} MB "
