@@ -20,7 +20,9 @@ llama.cpp on the same GGUF file, and streamed layers against accelerate's offloa
    the same short chat prompts (cut to their last ``--prompt`` tokens, so no row pads), ours through
    ``Engine(model, compile=True)`` (``--no-compile``: eager) at fp32, int8, int4 groups of 32 (the
    GGUF's Q4_1 blocks are 32 wide, so this is the like-for-like grid) and int4:32 with the LM head
-   quantized too (``--include-head``; llama.cpp's head is the file's Q8_0 token embedding). llama.cpp
+   quantized too (``--include-head``; llama.cpp's head is the file's Q8_0 token embedding), and
+   ``gguf-q4``: the file's own 4-bit codes as int4:32 (``import --keep-quantized``; measured in the
+   quality table too, where the checkout's ``import_gguf`` has ``keep_quantized``). llama.cpp
    (llama-cpp-python's low-level API: one context with a sequence per row, greedy by argmax over
    its logits, like ours) on the same GGUF file with the same thread count and the same prompt ids
    (the tokenizer is the file's). ``int4_vs_llamacpp_b1`` = ours int4:32 / llama.cpp at batch 1.
@@ -36,7 +38,9 @@ Absolute figures depend on the host: the fp32 matmul peak measured here is print
 Last line: ``RESULT int4_vs_llamacpp_b1=… int8_ppl_delta=… int4_ppl_delta=… offload_vs_accelerate=…
 peak_rss_mb=… budget_mb=… matmul_peak_gflops=…`` and per-variant keys (``int8_ppl_delta`` and
 ``int4_ppl_delta`` are SmolLM2's, int4 at groups of 32; ``demo_*`` the demo model's; ``tps_*`` tokens/s;
-nan = not measured). Run it alone: on a 2-core machine anything else running is noise.
+nan = not measured). Run it alone: on a 2-core machine anything else running is noise. A full run takes
+~25-35 minutes on 2 cores, most of it the quantized variants' bits/byte (their kernels are built for
+decoding a few rows, not 1024-token windows); ``--quick`` about 5.
 """
 
 import argparse
@@ -44,7 +48,6 @@ import copy
 import ctypes
 import gzip
 import json
-import math
 import os
 import sys
 import time
@@ -143,15 +146,12 @@ def quality(model, tok: Tokenizer, ids: list[int], prompts: list[list[int]], spe
     """Per variant: bits/byte on ``ids``, its delta against fp32's, and greedy agreement with fp32 on
     ``prompts`` (from ``chat_model``'s variants when given: a separate chat stage of the same model)."""
     out, ref = {}, None
-    chat_model = chat_model if chat_model is not None else model
     for spec in specs:
         t = time.perf_counter()
         m = variant(model, spec, ready)
         bpb = stream_loss(m, tok, ids, seq_len=seq_len, batch_size=batch)["bpb"]
+        rows = greedy(m if chat_model is None else variant(chat_model, spec, ready), prompts, new, tok.vocab_size)
         del m
-        cm = variant(chat_model, spec, ready)
-        rows = greedy(cm, prompts, new, tok.vocab_size)
-        del cm
         ref = rows if ref is None else ref
         frac, prefix = agreement(ref, rows)
         base = out["fp32"]["bpb"] if "fp32" in out else bpb
@@ -331,15 +331,19 @@ def result_line(r: dict) -> str:
     return "RESULT " + " ".join(f"{k}={fmt(k, v)}" for k, v in r.items())
 
 
-def task_prompts(tok: Tokenizer, n: int) -> list[list[int]]:
-    """``n`` held-out task prompts (balanced across tasks) through the run's chat template, whole."""
-    return [tok.chat_prompt(row["messages"]) for row in tasks.task_rows("heldout", n)]
+def task_prompts(tok: Tokenizer, n: int, max_len: int) -> list[list[int]]:
+    """The first ``n`` held-out task prompts (balanced across tasks) through the run's chat template, whole,
+    of at most ``max_len`` tokens (so ``new`` tokens still fit a small model's context after every one)."""
+    fit = [ids for ids in map(tok.chat_prompt, (r["messages"] for r in tasks.task_rows("heldout"))) if len(ids) <= max_len]
+    if len(fit) < n:
+        raise ValueError(f"only {len(fit)} held-out task prompts of <= {max_len} tokens, fewer than --prompts {n}")
+    return fit[:n]
 
 
 def smol_quality(model, tok: Tokenizer, a, ready: dict) -> dict:
     print(f"quality, {a.run} (SmolLM2): TinyStories validation, {a.smol_tokens} tokens, windows of {a.seq_len}")
-    q = quality(model, tok, tinystories_ids(tok, a.smol_tokens), task_prompts(tok, a.prompts),
-                QUALITY + tuple(ready), a.agree_new, a.seq_len, ready=ready)
+    q = quality(model, tok, tinystories_ids(tok, a.smol_tokens), task_prompts(tok, a.prompts, model.cfg.block_size - a.agree_new),
+                QUALITY + tuple(ready), a.agree_new, a.seq_len, batch=2, ready=ready)  # 2 x 1024 x 49k logits
     r = {"int8_ppl_delta": q["int8"]["delta"], "int4_ppl_delta": q["int4:32"]["delta"],
          "int4g64_ppl_delta": q["int4:64"]["delta"], "smol_fp32_bpb": q["fp32"]["bpb"],
          "int8_agree": q["int8"]["agree"], "int4_agree": q["int4:32"]["agree"]}
@@ -356,7 +360,8 @@ def demo_quality(demo: Path, a) -> dict:
     ids = run_val_ids(demo, a.demo_tokens)
     print(f"quality, {demo} (demo, pretrain stage; agreement on its {'sft' if chat else 'pretrain'} stage): its "
           f"data/val.bin, {len(ids)} tokens, windows of {model.cfg.block_size}")
-    q = quality(model, tok, ids, task_prompts(tok, a.prompts), QUALITY, a.agree_new, 0, 16, chat)
+    q = quality(model, tok, ids, task_prompts(tok, a.prompts, model.cfg.block_size - a.agree_new), QUALITY,
+                a.agree_new, 0, 16, chat)
     return {"demo_int8_ppl_delta": q["int8"]["delta"], "demo_int4_ppl_delta": q["int4:32"]["delta"],
             "demo_int4g64_ppl_delta": q["int4:64"]["delta"], "demo_fp32_bpb": q["fp32"]["bpb"],
             "demo_int8_agree": q["int8"]["agree"], "demo_int4_agree": q["int4:32"]["agree"]}
