@@ -112,7 +112,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, bits):
     q = quantize_model(GPT(GPTConfig(flavour="gpt2", **CFG)), bits, include_head=True)
     save_quantized(q, tmp_path / "s", {"stage": "sft", "finished": True})
     back, info = load_quantized(tmp_path / "s")
-    assert info["quantized"] == {"scheme": f"int{bits}", "bits": bits, "group": 64 if bits == 4 else None,
+    assert info["quantized"] == {"scheme": f"int{bits}", "bits": bits, "group": 32 if bits == 4 else None,
                                     "include_head": True}
     idx = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
@@ -185,14 +185,14 @@ def test_cli_quantize_then_sample(run, capsys):
     for stage in (["--stage", "sft-int4"], ["--stage", "sft", "--quantize", "int8"]):
         assert main(["chat", "--run", str(root), *stage, "--prompt", "hello", "--temperature", "0", "--max-tokens", "5"]) == 0
     assert main(["chat", "--run", str(root), "--stage", "sft-int4", "--quantize", "int8", "--prompt", "hi"]) == 2
-    assert "int4 stage already (groups of 64): --quantize int8 cannot requantize it" in capsys.readouterr().err
+    assert "int4 stage already (groups of 32): --quantize int8 cannot requantize it" in capsys.readouterr().err
     assert main(["sample", "--run", str(root), "--stage", "sft", "--quantize", "int8:32"]) == 2
     assert "--quantize int8:32: a group size goes with int4 only, one of 32, 64, 128, 256" in capsys.readouterr().err
-    # int4 with groups of 32 on load: the codes `quantize --group 32` would write
-    assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4", "--group", "32", "--out-stage", "g32"]) == 0
+    # int4 with groups of 64 on load: the codes `quantize --group 64` would write
+    assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4", "--group", "64", "--out-stage", "g64"]) == 0
     capsys.readouterr()
-    assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4:32") == \
-        sample_text(capsys, "--run", root, "--stage", "g32")
+    assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4:64") == \
+        sample_text(capsys, "--run", root, "--stage", "g64")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -230,5 +230,5 @@ def test_eval_and_serve_load_quantized_weights(run, tmp_path, capsys):
     with inference():
         svc = load_service(root, "sft-q4-eval", device="cpu")
     assert isinstance(svc.model.blocks[0].mlp.fc, QuantLinear)
-    assert svc.precision == "int4 (groups of 64)"  # what /v1/models says (tests/test_serve.py checks the route)
+    assert svc.precision == "int4 (groups of 32)"  # what /v1/models says (tests/test_serve.py checks the route)
     svc.close()

@@ -122,8 +122,8 @@ def _inference(a):
 
 def _add_quantize_arg(p) -> None:
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4:GROUP",
-                   help="quantize the weights on load: int8 (per output channel) or int4 (groups of 64 columns, "
-                        "or GROUP = 32, 128, 256); see `quantize`")
+                   help="quantize the weights on load: int8 (per output channel) or int4 (groups of 32 columns, "
+                        "or GROUP = 64, 128, 256); see `quantize`")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="weights memory budget, e.g. 300MB, 1.5GB, 64MiB: what does not fit stays on disk and "
                         "each layer is read in just before it runs (a prefetch thread loads the next one)")
@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", required=True, help="the full-precision stage to quantize: sft, ppo, … or a stage directory")
     p.add_argument("--bits", type=int, required=True, help="8: int8 per output channel; 4: int4 in groups")
-    p.add_argument("--group", type=int, default=64, help="int4: columns per scale/offset group, 32, 64, 128 or 256 (default 64)")
+    p.add_argument("--group", type=int, default=32, help="int4: columns per scale/offset group, 32, 64, 128 or 256 (default "
+                   "32: SmolLM2-135M's bits/byte is fp32's at 32, +11.7%% at 64; 64 and 128 shrink the weights 10%%/15%% more)")
     p.add_argument("--out-stage", default=None, help="stage name to write in the run (default: STAGE-int4 / STAGE-int8)")
     p.add_argument("--include-head", action="store_true", help="quantize the LM head too (default: it stays full precision)")
     p.set_defaults(fn=cmd_quantize)

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format): read the metadata, the tensors and the tokenizer; dequantize to fp32.
+"""GGUF files (llama.cpp's format): read the metadata, the tensors and the tokenizer; import as fp32 or quantized.
 
 A GGUF file is a header, a table of typed key/value metadata (architecture, sizes, the tokenizer's
 tokens and merges, the chat template), a table of tensor descriptions and then the tensor data,
@@ -9,7 +9,16 @@ Q6_K). Everything here is numpy over a memory map: nothing is loaded that is not
     g = GGUFFile("SmolLM2-135M-Instruct.Q4_1.gguf")
     g.meta["llama.block_count"]         # 30
     w = g.tensor("blk.0.attn_q.weight")  # torch.float32, (576, 576) (rows = outputs, as in nn.Linear)
-    import_gguf("model.gguf", "runs/smol")   # a run directory: tokenizer, chat template, weights
+    import_gguf("model.gguf", "runs/smol")   # a run directory: tokenizer, chat template, weights (fp32)
+    import_gguf("model.gguf", "runs/smolq", keep_quantized=True)   # a quantized stage, for inference
+
+The default import is fp32: a stage that trains (SFT, reward, PPO start from it). ``keep_quantized``
+writes a quantized stage (quant.py) straight from the file's blocks, one tensor at a time, never
+materialising the fp32 model: Q4_0 (w = d(q - 8)), Q4_1 (w = dq + m) and Q4_K (32-weight sub-blocks)
+are exactly quant.py's int4 at groups of 32 (scale d, offset m + 8d), so the file's own codes are kept;
+a layer from any other format (Q8_0, Q6_K, F16, F32) becomes int8 per output channel (requantized from
+the dequantized layer: within half a step of its row's scale, max |w| / 254); embeddings, norms and an
+untied head are fp32. On SmolLM2-135M-Instruct (Q4_1) its bits/byte is the fp32 import's (README log).
 
 ``transformers`` loads the same file (``from_pretrained(dir, gguf_file=NAME)``); the tests check that both
 give the same logits and token ids.
