@@ -14,6 +14,7 @@ from chatfactory.config import DataConfig, load_config
 from chatfactory.data.chat import in_holdout, iter_chat_rows, load_conversations
 from chatfactory.data.preferences import read_comparisons, split_pairs
 from chatfactory.data.sources import DataError, iter_texts
+from conftest import ROOT
 
 
 def write_chats(path, n=300):
@@ -118,7 +119,12 @@ def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared
         fast += [f"{s}.steps=2", f"{s}.seq_len=64", f"{s}.batch_size=4", f"{s}.eval_every=2", f"{s}.eval_batches=1",
                  f"{s}.progress=false", f"{s}.device=cpu"]
     cfg = load_config("zh", fast)
-    assert load_config("zh").data.chat_holdout == 0.05 and cfg.reward.val_fraction == 0.1
+    preset = load_config("zh")
+    assert preset.data.chat_holdout == 0.05 and cfg.reward.val_fraction == 0.1
+    # the shipped source list names files that exist, held-out slices last (they are the validation tail)
+    specs = [s.strip() for s in preset.data.source.split(",")]
+    assert all((ROOT / s.split(":", 1)[-1]).is_file() for s in specs), specs
+    assert [s.split(":")[0] for s in specs[-2:]] == ["heldout", "heldout"] and not any(s.startswith("heldout:") for s in specs[:-2])
     run = tmp_path / "zh"
     seen = {}
     real_split = sft_mod.split_conversations
