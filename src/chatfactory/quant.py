@@ -32,8 +32,7 @@ codes per byte (low nibble = even column), ``scales`` and ``offsets`` (N, K/grou
 
     chatfactory quantize --run runs/NAME --stage sft --bits 4 [--group 32] [--out-stage sft-int4]
     chatfactory chat --run runs/NAME --stage sft-int4              # a quantized stage loads as it is
-    chatfactory sample --run runs/NAME --stage sft --quantize int8  # or quantize on load (chat, eval, serve too;
-                                                                    # int4, or int4:64 for groups of 64)
+    chatfactory sample --run runs/NAME --stage sft --quantize int8  # or on load (int4, int4:64; chat, eval, serve)
 
     from chatfactory.quant import quantize_model, load_quantized
     quantize_model(model, bits=4, group=32)        # in place; returns the model
@@ -43,6 +42,7 @@ codes per byte (low nibble = even column), ``scales`` and ``offsets`` (N, K/grou
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from pathlib import Path
 
 import torch
@@ -136,6 +136,13 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], -1).reshape(p.size(0), -1)
 
 
+def _release_freed() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim): packing layers for the int4 kernel frees
+    buffers glibc may keep, and SmolLM2's int4 load peaked at 160 or 300 MB at random without it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous at a 64-byte boundary (a copy if not). PyTorch's int8 CPU kernel crashes on a weight
     that is not (a tensor straight out of a safetensors file is 8-byte aligned; measured: segfault)."""
@@ -153,7 +160,7 @@ class QuantLinear(nn.Module):
 
     kernel_dtype = torch.bfloat16  # activations' dtype inside the CPU kernels (see the module docstring)
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group: int = 64, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         self.layout = "plain"
@@ -178,13 +185,9 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = DEFAULT_GROUP) -> "QuantLinear":
         """The layer quantizing the full-precision weight ``w`` (N, K) (and keeping ``bias`` in fp32)."""
-        w = w.detach()
         m = cls(w.size(1), w.size(0), bits, group, bias is not None)
-        if bits == 8:
-            m.set_portable(*quantize_int8(w))
-        else:
-            q, s, o = quantize_int4(w, group)
-            m.set_portable(pack_nibbles(q), s, o)
+        q, *scales = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
+        m.set_portable(q if bits == 8 else pack_nibbles(q), *scales)
         if bias is not None:
             m.bias = bias.detach().float().clone()
         return m.to(w.device)
@@ -404,9 +407,8 @@ def _take_linear(weights: dict, name: str, cfg: GPTConfig, bias: bool):
 
 def build_quantizing(cfg: GPTConfig, weights: dict, where, bits, group: int = DEFAULT_GROUP,
                      include_head: bool = False, device="cpu") -> GPT:
-    """Quantize on load (``--quantize``): the GPT built on the meta device, each linear quantized from its
-    fp32 weight as it is read (one layer at a time: with ``checkpoint.LazyWeights`` the fp32 model is never
-    whole in memory), the rest (embedding, norms) taken as they are."""
+    """Quantize on load (``--quantize``): the GPT built on the meta device, each linear quantized from its fp32
+    weight as it is read (with ``checkpoint.LazyWeights`` the fp32 model is never whole in memory)."""
     with torch.device("meta"):
         model = GPT(cfg)
     try:
@@ -418,14 +420,14 @@ def build_quantizing(cfg: GPTConfig, weights: dict, where, bits, group: int = DE
 
 
 def load_assigned(model: GPT, weights: dict, where: str) -> None:
-    """Load a model built on the meta device: its tensors become those of ``weights`` (no copy; the dict
-    is emptied as it goes, so the caller holds no second reference), a tied head is tied again, and a
-    tensor left on the meta device is an error naming it."""
+    """Load a model built on the meta device: its tensors become those of ``weights`` (taken out of the dict as
+    it goes), a tied head is tied again, and a tensor left on the meta device is an error naming it."""
     errors = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):  # one layer at a time: its (aligned) copy replaces the file's tensors
             mine = {k[len(name) + 1:]: weights.pop(k) for k in [k for k in weights if k.startswith(name + ".")]}
             m._load_from_state_dict(mine, "", {}, True, [], [], errors)
+            _release_freed()
     if errors:
         raise CheckpointError(f"{where}: " + "; ".join(errors))
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
@@ -460,7 +462,6 @@ def quantize_stage(run_dir, stage: str, bits, group: int = DEFAULT_GROUP, out_st
 
     if str(bits) not in ("4", "8"):
         raise ValueError(f"--bits {bits}: only 8 (int8, per output channel) and 4 (int4, group-wise) are supported")
-    bits = int(bits)
     src = resolve_stage(run_dir, stage, "--stage")
     if checkpoint.stage_config(src).get("quantized"):
         raise ValueError(f"--stage {stage}: {src} is quantized already; quantize the full-precision stage it came from")
@@ -485,10 +486,9 @@ def inference(quantize: str | None = None):
     def load(weights, info, where, device):
         have = info["quantized"]
         if bits and (have.get("bits") != bits or group not in (None, have.get("group"))):
-            raise ValueError(f"{where} is an {have.get('scheme')} stage already"
-                             f"{'' if have.get('bits') == 8 else ' (groups of ' + str(have.get('group')) + ')'}: "
-                             f"--quantize {quantize} cannot requantize it (drop --quantize, or quantize the "
-                             f"full-precision stage)")
+            g = "" if have.get("bits") == 8 else f" (groups of {have.get('group')})"
+            raise ValueError(f"{where} is an {have.get('scheme')} stage already{g}: --quantize {quantize} cannot requantize it "
+                             f"(drop --quantize, or quantize the full-precision stage)")
         return _build(weights, info, where, device)
 
     checkpoint.quantized_loader = load
