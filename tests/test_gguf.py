@@ -487,8 +487,8 @@ print(hwm() - base)
 def test_smollm2_quantized_load_peak_memory(smol, smol_q):
     """Peak resident memory (VmHWM over the baseline after the imports) of loading SmolLM2 and running one
     forward: the int4 stage and int4 quantized on load stay near their own size (int4 blocks 58 MiB + the
-    fp32 embedding 108 MiB, the tied head), not the fp32 model's (measured: fp32 ~1,030 MB, int4 stage
-    ~280 MB, int4 on load ~440 MB)."""
+    fp32 embedding 113 MiB, the tied head) plus the runtime, not the fp32 model's (measured: fp32 1,032 MB,
+    int4 stage 275 MB, int4 quantized on load 264 MB)."""
     import subprocess
     import sys
 
@@ -500,4 +500,4 @@ def test_smollm2_quantized_load_peak_memory(smol, smol_q):
     run, _, _ = smol
     full, q4 = peak(run / "pretrain"), peak(smol_q / "pretrain")
     on_load = peak(run / "pretrain", "int4:32")
-    assert full > 900 and q4 < 0.4 * full and on_load < 0.5 * full, (full, q4, on_load)
+    assert full > 900 and q4 < 0.4 * full and on_load < 0.4 * full, (full, q4, on_load)

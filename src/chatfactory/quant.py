@@ -203,6 +203,7 @@ class QuantLinear(nn.Module):
             self.scales_zeros = torch.stack([scales.t(), offsets.t()], -1).to(dev, INT4_SCALE_DTYPE).contiguous()
         self.layout = "plain"
         self.relayout()
+        _release_freed()  # (a loader sets one layer after another)
 
     def portable(self) -> dict:
         if self.bits == 8:
@@ -427,7 +428,6 @@ def load_assigned(model: GPT, weights: dict, where: str) -> None:
         if isinstance(m, QuantLinear):  # one layer at a time: its (aligned) copy replaces the file's tensors
             mine = {k[len(name) + 1:]: weights.pop(k) for k in [k for k in weights if k.startswith(name + ".")]}
             m._load_from_state_dict(mine, "", {}, True, [], [], errors)
-            _release_freed()
     if errors:
         raise CheckpointError(f"{where}: " + "; ".join(errors))
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
