@@ -137,8 +137,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 def _release_freed() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim): packing layers for the int4 kernel frees
-    buffers glibc may keep, and SmolLM2's int4 load peaked at 160 or 300 MB at random without it."""
+    """Freed heap back to the OS (glibc malloc_trim): SmolLM2's int4 load peaked at 160 or 300 MB at random without."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -203,7 +202,6 @@ class QuantLinear(nn.Module):
             self.scales_zeros = torch.stack([scales.t(), offsets.t()], -1).to(dev, INT4_SCALE_DTYPE).contiguous()
         self.layout = "plain"
         self.relayout()
-        _release_freed()  # (a loader sets one layer after another)
 
     def portable(self) -> dict:
         if self.bits == 8:
@@ -402,6 +400,7 @@ def _build(weights: dict, info: dict, where, device="cpu") -> GPT:
 
 def _take_linear(weights: dict, name: str, cfg: GPTConfig, bias: bool):
     """(weight, bias or None) of layer ``name`` from a state dict, popped (a tied head reads the embedding)."""
+    _release_freed()  # the previous layer's buffers
     tied = name == "lm_head" and cfg.tie_embeddings
     return weights["tok_emb.weight"] if tied else weights.pop(name + ".weight"), weights.pop(name + ".bias") if bias else None
 
@@ -428,6 +427,7 @@ def load_assigned(model: GPT, weights: dict, where: str) -> None:
         if isinstance(m, QuantLinear):  # one layer at a time: its (aligned) copy replaces the file's tensors
             mine = {k[len(name) + 1:]: weights.pop(k) for k in [k for k in weights if k.startswith(name + ".")]}
             m._load_from_state_dict(mine, "", {}, True, [], [], errors)
+            _release_freed()
     if errors:
         raise CheckpointError(f"{where}: " + "; ".join(errors))
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
