@@ -232,3 +232,21 @@ def test_eval_and_serve_load_quantized_weights(run, tmp_path, capsys):
     assert isinstance(svc.model.blocks[0].mlp.fc, QuantLinear)
     assert svc.precision == "int4 (groups of 32)"  # what /v1/models says (tests/test_serve.py checks the route)
     svc.close()
+
+
+def test_lazy_weights_read_one_tensor_at_a_time_and_refuse_a_replaced_file(tmp_path):
+    """What the quantized loaders read through (checkpoint.LazyWeights): each tensor as it is taken, equal to
+    the saved one; a save that replaced the file meanwhile is an error naming it, never a mix of two saves."""
+    from chatfactory.checkpoint import load_checkpoint
+
+    torch.manual_seed(0)
+    q = quantize_model(GPT(GPTConfig(**CFG)), 4)
+    save_quantized(q, tmp_path / "s", {"stage": "sft"})
+    w, info, _ = load_checkpoint(tmp_path / "s", lazy=True)
+    full = load_file(str(tmp_path / "s" / "model.safetensors"))
+    assert set(w) == set(full) and info["quantized"]["group"] == 32
+    assert torch.equal(w.pop("blocks.0.attn.qkv.qweight"), full["blocks.0.attn.qkv.qweight"])
+    assert "blocks.0.attn.qkv.qweight" not in w and len(w) == len(full) - 1
+    save_quantized(q, tmp_path / "s", {"stage": "sft"})  # a new save renames a new file over the old one
+    with pytest.raises(CheckpointError, match="model.safetensors: .*replaced by another save"):
+        w["blocks.0.attn.qkv.scales"]
