@@ -149,7 +149,7 @@ def cmd_sample(a):
 
     from .checkpoint import latest_stage, load_model
     from .engine import Engine, SamplingParams
-    from .tokenizer import Tokenizer
+    from .tokenizer import TextStream, Tokenizer
 
     with torch.no_grad():  # not set_grad_enabled(False): a caller in the same process keeps its own mode
         stage = a.stage or latest_stage(a.run)
@@ -159,123 +159,19 @@ def cmd_sample(a):
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                                 seed=a.seed, stop_ids=tok.stop_ids)
         sys.stdout.write(a.prompt)
-        pending = b""
+        text = TextStream(tok)  # whole characters only: a multi-byte character may span tokens
         for step in Engine(model, vocab_limit=tok.vocab_size).stream([tok.document(a.prompt)], params):
             if step[0] is None or step[0] in params.stop_ids:
                 break
-            pending += tok.decode_bytes([step[0]])
-            try:  # print whole characters only: a multi-byte character may span tokens
-                sys.stdout.write(pending.decode("utf-8"))
-                pending = b""
-            except UnicodeDecodeError:
-                continue
+            sys.stdout.write(text.add(step[0]))
             sys.stdout.flush()
-        sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
-
-
-def _row_problem(row: dict) -> str | None:
-    """What is wrong with a prompt row (``{"prompt": str}`` or ``{"messages": [... ending in a user turn]}``), or None."""
-    from .tokenizer import check_messages
-
-    if isinstance(row.get("prompt"), str):
-        return None
-    if "messages" not in row:
-        return f"a prompt row needs a string 'prompt' or 'messages' (keys: {', '.join(row) or 'none'})"
-    try:
-        check_messages(row["messages"], "messages")
-    except ValueError as e:
-        return str(e)
-    last = row["messages"][-1]["role"]
-    return None if last == "user" else f"messages must end in a user turn, not {last!r}"
-
-
-def _prompt_rows(path) -> list[tuple[int, dict]]:
-    """(line, row) of a prompts JSONL; a bad row is a DataError naming file:line."""
-    from .data.jsonl import DataError, read_jsonl
-
-    rows = list(read_jsonl(path))
-    for n, row in rows:
-        problem = _row_problem(row)
-        if problem:
-            raise DataError(f"{path}:{n}: {problem}")
-    return rows
-
-
-def _answered(out) -> tuple[str, set]:
-    """The text of an earlier --out and the prompt lines it answers (a rerun skips them)."""
-    import json
-    from pathlib import Path
-
-    from .data.jsonl import DataError
-
-    out = Path(out)
-    text = out.read_text(encoding="utf-8") if out.exists() else ""
-    done = set()
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            done.add(int(json.loads(line)["line"]))
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{out}:{n}: not a row this command wrote; name another --out") from None
-    return text, done
+        sys.stdout.write(text.finish() + "\n")
 
 
 def cmd_generate(a):
-    """Answers for a file of prompts, ``--batch`` at a time (each loaded layer serves the whole batch), appended
-    to --out one batch at a time (atomically); a rerun skips the prompts already answered."""
-    import json
-    import time
-    from pathlib import Path
+    from .generate import generate
 
-    import torch
-    from tqdm import tqdm
-
-    from .checkpoint import atomic_write_text, latest_stage, load_model
-    from .data.jsonl import DataError
-    from .engine import Engine, SamplingParams
-    from .offload import stall_seconds
-    from .tokenizer import Tokenizer
-
-    if a.batch < 1 or a.max_new_tokens < 1:
-        raise ValueError(f"--batch {a.batch} / --max-new-tokens {a.max_new_tokens}: both must be at least 1")
-    rows = _prompt_rows(a.prompts)
-    text, done = _answered(a.out)
-    todo = [(n, r) for n, r in rows if n not in done]
-    stage = a.stage or latest_stage(a.run)
-    tok = Tokenizer.load(Path(a.run) / "tokenizer.json")
-    with _inference(a):
-        model, _ = load_model(Path(a.run) / stage)
-    if getattr(model, "offload", None):
-        print(f"{a.run}/{stage}: {model.offload.describe()}", file=sys.stderr)
-    engine, stop = Engine(model, vocab_limit=tok.vocab_size), set(tok.stop_ids)
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="prompt")
-    new_tokens, t0 = 0, time.perf_counter()
-    with torch.no_grad():
-        for b in range(0, len(todo), a.batch):
-            batch = todo[b: b + a.batch]
-            ids = []
-            for n, r in batch:
-                x = tok.chat_prompt(r.get("messages") or [{"role": "user", "content": r["prompt"]}])
-                if len(x) >= model.cfg.block_size:
-                    raise DataError(f"{a.prompts}:{n}: the prompt is {len(x)} tokens, the model's context {model.cfg.block_size}")
-                ids.append(x)
-            # the seed goes with the batch's first prompt, so a resumed run draws what an unbroken one would
-            params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0, stop_ids=tok.stop_ids,
-                                    seed=None if a.seed is None else a.seed + batch[0][0])
-            lines = []
-            for (n, r), x, out in zip(batch, ids, engine.generate(ids, params)):
-                ended = bool(out) and out[-1] in stop
-                answer = out[:-1] if ended else out
-                lines.append(json.dumps({"line": n, **r, "answer": tok.decode(answer), "prompt_tokens": len(x),
-                                         "completion_tokens": len(answer), "finish_reason": "stop" if ended else "length"},
-                                        ensure_ascii=False) + "\n")
-                new_tokens += len(out)
-            text += "".join(lines)
-            atomic_write_text(a.out, text)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-    bar.close()
-    stalled = f", {stall_seconds(model):.2f}s of it waiting for streamed layers" if getattr(model, "offload", None) else ""
-    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.2f}s{stalled})")
+    generate(a, _inference(a))
 
 
 def cmd_export(a):
