@@ -46,9 +46,17 @@ def tty(s):  # a pseudo-terminal turns "\n" into "\r\n" and passes every other c
     return s.replace("\n", "\r\n")
 
 
-def test_default_stage_is_last_finished(run):
+def test_default_stage_is_last_finished(run, tmp_path):
     root, _ = run
     assert last_finished_stage(root) == "sft"
+    # a run whose last policy stage is RLOO alone chats with (and samples from) RLOO by default
+    import shutil
+
+    from chatfactory.checkpoint import latest_stage
+
+    shutil.copytree(root, tmp_path / "r")
+    shutil.copytree(tmp_path / "r" / "sft", tmp_path / "r" / "rloo")
+    assert last_finished_stage(tmp_path / "r") == "rloo" and latest_stage(tmp_path / "r") == "rloo"
 
 
 @pytest.mark.slow

@@ -17,11 +17,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import CheckpointError, has_checkpoint, load_model, stage_config
+from .checkpoint import POLICY_STAGES, CheckpointError, has_checkpoint, load_model, stage_config
 from .engine import Engine, SamplingParams, fit_messages
 from .tokenizer import TextStream, Tokenizer
 
-CHAT_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")
 HELP = """commands:
   /clear          forget the conversation (the system prompt stays)
   /system TEXT    set the system prompt (empty TEXT removes it)
@@ -33,9 +32,9 @@ HELP = """commands:
 
 def last_finished_stage(run_dir) -> str:
     """The most advanced stage whose checkpoint is marked finished (else the most advanced with weights)."""
-    with_weights = [s for s in CHAT_STAGES if has_checkpoint(Path(run_dir) / s)]
+    with_weights = [s for s in POLICY_STAGES if has_checkpoint(Path(run_dir) / s)]
     if not with_weights:
-        raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(CHAT_STAGES)})")
+        raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(POLICY_STAGES)})")
     for s in with_weights:
         if stage_config(Path(run_dir) / s).get("finished", True):  # a damaged config.json is named, not skipped
             return s

@@ -441,7 +441,11 @@ def resolve_stage(run_dir, spec: str, what: str = "init_from") -> Path:
     return p
 
 
-def latest_stage(run_dir, candidates=("ppo", "grpo", "dpo", "sft", "pretrain")) -> str:
+# the stages that hold a policy to talk to, most advanced first (chat, sample, generate pick the first there)
+POLICY_STAGES = ("ppo", "grpo", "rloo", "dpo", "sft", "pretrain")
+
+
+def latest_stage(run_dir, candidates=POLICY_STAGES) -> str:
     """The most advanced stage of a run that has weights."""
     for s in candidates:
         if has_checkpoint(Path(run_dir) / s):
