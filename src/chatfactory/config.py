@@ -244,7 +244,7 @@ class PipelineConfig:
     tasks_seed: int = 0
     sft_rows: int = 0  # demonstrations (0: the whole sft split)
     rl_prompts: int = 0  # prompts for comparisons, PPO, GRPO (0: the whole rl split)
-    dev: int = 160  # dev prompts (RUN/tasks/dev.jsonl) that settings and checkpoints are chosen on (0: all ~226)
+    dev: int = 160  # dev prompts (RUN/tasks/dev.jsonl) that settings and checkpoints are chosen on (0: all ~483)
     heldout: int = 200  # held-out prompts every policy answers for the report (they only report; 0: all ~518)
     fewshot: int = 200  # multiple-choice rows of the base model's 0/1/few-shot table
     fewshot_shots: str = "0,1,5"  # "" = skip the table
