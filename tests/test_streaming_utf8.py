@@ -341,19 +341,6 @@ def test_sse_completions_n2_and_stop_and_length_cuts(served):
 
 # ---------------------------------------------------------------- the web UI in Chromium
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    from test_webui import CHROMIUM, FLAGS  # (imported here: that module skips as a whole without playwright)
-
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium); CI does")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
-
-
 RECORD = """() => {
     window.__seen = [];
     new MutationObserver(() => {

@@ -14,7 +14,6 @@ import sqlite3
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -22,11 +21,8 @@ from chatfactory.batching import Step
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 from test_serve import make_run, serve_subprocess
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")  # the module needs it
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 XSS = ('Here is **bold** and `code`.\n\n<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script>\n'
        '- item one\n- item two')
@@ -65,16 +61,6 @@ class ScriptedScheduler:
 
     def close(self):
         pass
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium); CI does")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
