@@ -30,6 +30,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .model import GPT, GPTConfig
+from .train.lora import apply_lora, merge_weights
+
 MODEL, CONFIG, STATE = "model.safetensors", "config.json", "state.pt"
 
 
@@ -309,18 +312,16 @@ def _reader_paths(stage_dir: Path, temps: dict) -> dict:
 
 
 class LazyWeights(Mapping):
-    """The tensors of a safetensors file, each read when it is asked for (``pop`` / ``[]``), through its
-    own short-lived map of the file: a loader that takes one tensor at a time (quant.py's) never holds
-    the whole file, neither as copies nor as mapped pages. ``dict(w)`` reads them all. A save that
-    replaces the file meanwhile (a live writer's rename) is an error, never a mix of two saves."""
+    """A safetensors file's tensors, each read through its own short-lived map when taken (``pop`` / ``[]``):
+    a loader taking one at a time (quant.py's) never holds the whole file, copied or mapped. ``dict(w)`` reads
+    all. A save replacing the file meanwhile (a live writer's rename) is an error, never a mix of two saves."""
 
     def __init__(self, path: Path, keys):
         self.path, self.names = path, list(keys)
         self.file = self._identity()
 
     def _identity(self):
-        st = os.stat(self.path)
-        return st.st_dev, st.st_ino
+        return (st := os.stat(self.path)).st_dev, st.st_ino
 
     def __getitem__(self, key):
         if key not in self.names:
@@ -353,8 +354,7 @@ def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False, l
     """-> (weights, config dict, state dict or None). Raises CheckpointError naming the bad file.
 
     ``repair=True`` is for the writer only (the training loop resuming its own stage): it finishes or
-    discards an interrupted save first. Readers leave the writer's temps alone. ``lazy``: the weights are
-    a ``LazyWeights``, read one tensor at a time as they are taken."""
+    discards an interrupted save first. Readers leave the writer's temps alone. ``lazy``: ``LazyWeights``."""
     stage_dir = Path(stage_dir)
     if repair:
         repair_checkpoint(stage_dir)
@@ -453,39 +453,39 @@ def latest_stage(run_dir, candidates=POLICY_STAGES) -> str:
     raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(candidates)})")
 
 
-# Set by ``quant.inference()`` around the inference commands (chat, sample, serve, eval):
-# ``quantized_loader(weights, info, stage_dir, device)`` builds the model of a quantized stage, and
-# ``quantize_on_load(cfg, weights, stage_dir / MODEL, device)`` (when --quantize asked for it) builds a
-# full-precision one quantized. Both build on the meta device from weights read one tensor at a time
-# (``LazyWeights``), so no fp32 model is ever whole in memory. Unset (training), a quantized stage is
-# refused: integer weights cannot be trained.
-quantized_loader = None
-quantize_on_load = None
-# Set by ``offload.streaming()`` (--max-memory): ``stream_loader(stage_dir, device)`` -> (model, info) with the
-# layers that do not fit the budget streamed from disk; it reads the file itself, never all of it at once.
-stream_loader = None
+# Set by ``quant.inference()`` for inference commands: ``quantized_loader(weights, info, stage_dir, device)`` builds
+# a quantized stage's model, ``quantize_on_load(cfg, weights, stage_dir / MODEL, device)`` (--quantize) a full-precision
+# one quantized, both on the meta device from ``LazyWeights``; unset (training), a quantized stage is refused. Set
+# by ``offload.streaming()`` (--max-memory): ``stream_loader(stage_dir, device)`` streams what does not fit.
+quantized_loader = quantize_on_load = stream_loader = None
+
+
+def model_config(info: dict, stage_dir):
+    """The GPTConfig in a stage's config.json (``info``); a bad one is a CheckpointError naming the file."""
+    try:
+        return GPTConfig.from_dict(info["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(stage_dir) / CONFIG}: bad model config ({e})") from None
+
+
+def refuse_quantized(info: dict, stage_dir) -> None:
+    """Outside ``quant.inference()`` (training) a quantized stage is an error: integer weights cannot train."""
+    if info.get("quantized") and quantized_loader is None:
+        raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference only (chat, "
+                              f"sample, serve, eval); train from the stage it was made from ({info.get('quantized_from', 'its full-precision stage')})")
 
 
 def load_model(stage_dir, device="cpu", merge_lora: bool = True):
     """-> (GPT with the stage's weights, the checkpoint's config.json). A stage trained with LoRA
     adapters (train/lora.py) comes back as a plain GPT with the adapters merged into its weights, or
     with ``merge_lora=False`` as its frozen base with the adapters in place."""
-    from .model import GPT, GPTConfig
-    from .train.lora import apply_lora, merge_weights
-
     if stream_loader is not None:
         return stream_loader(stage_dir, device)
     weights, info, _ = load_checkpoint(stage_dir, lazy=quantized_loader is not None)
+    refuse_quantized(info, stage_dir)
     if info.get("quantized"):
-        if quantized_loader is None:
-            raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference "
-                                  f"only (chat, sample, serve, eval); train from the stage it was made from "
-                                  f"({info.get('quantized_from', 'its full-precision stage')})")
         return quantized_loader(weights, info, stage_dir, device), info
-    try:
-        cfg = GPTConfig.from_dict(info["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(stage_dir) / CONFIG}: bad model config ({e})") from None
+    cfg = model_config(info, stage_dir)
     if quantize_on_load is not None and (merge_lora or not info.get("lora")):
         weights = merge_weights(dict(weights), info) if info.get("lora") else weights
         return quantize_on_load(cfg, weights, Path(stage_dir) / MODEL, device), info

@@ -393,7 +393,7 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
                   slots: int = SLOTS) -> tuple[GPT, dict]:
     """-> (the stage's GPT with what does not fit ``budget`` bytes streamed from disk, its config.json).
     ``model.offload`` holds the plan. A quantized stage streams its integer codes as they are stored."""
-    from .quant import quantize_model
+    from .quant import stage_model
 
     stage_dir = Path(stage_dir)
     if str(device) != "cpu":
@@ -401,23 +401,14 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
     info = checkpoint.stage_config(stage_dir)
     lora = info.get("lora") or {}
     scale = lora["alpha"] / lora["rank"] if lora else 0.0
-    try:
-        cfg = GPTConfig.from_dict(info["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{stage_dir / 'config.json'}: bad model config ({e})") from None
-    q = info.get("quantized")
-    if q and checkpoint.quantized_loader is None:
-        raise CheckpointError(f"{stage_dir}: a quantized stage, for inference only")
-    if not q and checkpoint.quantize_on_load is not None:
+    checkpoint.refuse_quantized(info, stage_dir)
+    if not info.get("quantized") and checkpoint.quantize_on_load is not None:
         raise ValueError("--quantize with --max-memory: quantize the stage once (chatfactory quantize --run … "
                          "--stage …) and stream the quantized stage, rather than requantizing every streamed layer")
+    model = stage_model(info, stage_dir)
+    cfg = model.cfg
     reader = SafetensorsReader(stage_dir / checkpoint.MODEL)
     p = plan(reader, cfg, budget, slots)
-    with torch.device("meta"):
-        model = GPT(cfg)
-        if q:
-            quantize_model(model, q["bits"], int(q.get("group") or 64), bool(q.get("include_head")), empty=True,
-                           layer_bits=q.get("layer_bits"))
     head_quant = not isinstance(model.lm_head, nn.Linear)
     if not p.base_resident and head_quant:
         raise ValueError(f"--max-memory {mb(budget)}: the quantized LM head does not fit beside the slots; "

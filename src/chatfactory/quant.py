@@ -8,9 +8,9 @@ point. Two schemes:
 * **int4**: group-wise along the input dimension (``group`` of 32, 64, 128 or 256 columns, default 32),
   a scale and an offset per group: ``w[n, k] ~= (q[n, k] - 8) * scale[n, g] + offset[n, g]``, q in
   [0, 15] (the offset is the value of the middle code 8: the asymmetric scheme of gpt-fast, whose
-  ``scales_and_zeros`` PyTorch's kernels read as they are). Why 32 (bits/byte, 4,096 held-out tokens):
-  SmolLM2-135M fp32 0.7668, groups of 32 0.7668 (+0.00%), 64 0.8564 (+11.7%; 128 does not divide its
-  width 576); the demo model within 0.2% at 32, 64 and 128. 64 and 128 save 10% / 15% of the int4 size.
+  ``scales_and_zeros`` PyTorch's kernels read as they are). Why 32: SmolLM2-135M's bits/byte +0.00% at
+  32, +11.7% at 64 (128 does not divide its width 576); the demo model within 0.2% at 32, 64 and 128
+  (64 and 128 would save 10% / 15% of the int4 size).
 
 On a CPU the matrix products run in PyTorch's own weight-packed kernels, never on a dequantized copy:
 ``aten._weight_int8pack_mm`` (int8 weights as they are) and ``aten._weight_int4pack_mm_for_cpu`` (on
@@ -55,9 +55,8 @@ from .model import GPT, GPTConfig
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
 DEFAULT_GROUP = 32  # int4's default group (the module docstring says why; cli.py's --group default too)
-# int4 scales and offsets are held as bfloat16 (as in gpt-fast): the kernel reads them in the activations'
-# dtype (bfloat16), so that copy is all that stays resident. A GGUF's fp16 scales rounded so cost nothing
-# measurable: SmolLM2 Q4_1, fp32 products, bits/byte 0.76677 with fp32 scales vs 0.76662 with bfloat16 ones
+# int4 scales/offsets held as bfloat16 (as in gpt-fast), the dtype the kernel reads; rounding a GGUF's fp16 ones
+# costs nothing measurable (SmolLM2 Q4_1, fp32 products: bits/byte 0.76677 fp32 scales, 0.76662 bfloat16)
 INT4_SCALE_DTYPE = torch.bfloat16
 
 
@@ -116,7 +115,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (q.to(dtype) * scales.to(dtype)[:, None])
+    return q.to(dtype) * scales.to(dtype)[:, None]
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
@@ -143,8 +142,7 @@ def _release_freed() -> None:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous at a 64-byte boundary (a copy if not). PyTorch's int8 CPU kernel crashes on a weight
-    that is not (a tensor straight out of a safetensors file is 8-byte aligned; measured: segfault)."""
+    """``t`` contiguous and 64-byte aligned: PyTorch's int8 CPU kernel segfaults on safetensors' 8-byte alignment."""
     return t if t.is_contiguous() and (t.is_meta or t.data_ptr() % 64 == 0) else t.contiguous().clone()
 
 
@@ -312,8 +310,8 @@ def _targets(model: GPT, include_head: bool):
 
 
 def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False, layer_bits: dict | None = None) -> None:
-    """ValueError naming what does not fit: bits other than 4/8, a group the int4 kernel lacks, a group
-    that does not divide a layer's input width, a ``layer_bits`` entry naming no layer."""
+    """ValueError naming what does not fit: bits, an int4 group the kernel lacks or that does not divide a
+    layer's input width, a ``layer_bits`` entry naming no layer."""
     bits, layer_bits = parse_bits(bits), layer_bits or {}
     names = {name for name, _ in _targets(model, include_head)}
     if set(layer_bits) - names:
@@ -329,12 +327,12 @@ def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False, 
 
 def quantize_model(model: GPT, bits, group: int = DEFAULT_GROUP, include_head: bool = False, empty: bool = False,
                    layer_bits: dict | None = None, weights: dict | None = None) -> GPT:
-    """Replace every linear of the blocks (and the LM head if ``include_head``) by a ``QuantLinear`` in
-    place; returns the model. ``empty``: the layers' shapes only, for weights loaded next (``load_quantized``).
-    ``weights``: quantize each layer from its fp32 weight taken (popped) from this state dict instead of
-    from the layer (a model built on the meta device: ``build_quantizing``).
-    ``layer_bits``: {layer name: bits} where a layer differs from ``bits`` (a GGUF import's Q8_0 layers
-    beside Q4 ones). A tied LM head quantized this way gets its own int copy; the embedding stays full precision."""
+    """Replace every linear of the blocks (and the LM head if ``include_head``) by a ``QuantLinear`` in place;
+    returns the model. ``empty``: the layers' shapes only, for weights loaded next (``stage_model``).
+    ``weights``: quantize each layer from its fp32 weight taken (popped) from this state dict instead of from
+    the layer (a model built on the meta device: ``build_quantizing``). ``layer_bits``: {layer name: bits}
+    where a layer differs from ``bits`` (a GGUF import's Q8_0 layers beside Q4 ones). A tied LM head
+    quantized this way gets its own int copy; the embedding stays full precision."""
     bits = parse_bits(bits)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is quantized already ({model.quantization['scheme']}): quantize a full-precision one")
@@ -383,17 +381,19 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- stages on disk
-def _build(weights: dict, info: dict, where, device="cpu") -> GPT:
-    """The quantized GPT of a stage: built on the meta device (no weight allocated), then every tensor of
-    ``weights`` is taken as it is (``assign``), so loading holds the stage's own size, never an fp32 model."""
-    q = info["quantized"]
-    try:
-        cfg = GPTConfig.from_dict(info["model"])
-        bits, group, head = parse_bits(q["bits"]), int(q.get("group") or DEFAULT_GROUP), bool(q.get("include_head"))
-        with torch.device("meta"):
-            model = quantize_model(GPT(cfg), bits, group, head, empty=True, layer_bits=q.get("layer_bits"))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{Path(where) / 'config.json'}: bad model or quantization config ({e})") from None
+def stage_model(info: dict, where, weights: dict | None = None, device="cpu") -> GPT:
+    """A stage's GPT built on the meta device, quantized as its config says; ``weights`` become its tensors as they are."""
+    q = info.get("quantized")
+    with torch.device("meta"):
+        model = GPT(checkpoint.model_config(info, where))
+        try:
+            if q:
+                quantize_model(model, q["bits"], int(q.get("group") or DEFAULT_GROUP), bool(q.get("include_head")),
+                               empty=True, layer_bits=q.get("layer_bits"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{Path(where) / 'config.json'}: bad quantization config ({e})") from None
+    if weights is None:  # offload.py fills it layer by layer
+        return model
     load_assigned(model, weights, str(Path(where) / "model.safetensors"))
     return model.to(device).eval()
 
@@ -445,7 +445,7 @@ def load_quantized(stage_dir, device="cpu") -> tuple[GPT, dict]:
     weights, info, _ = load_checkpoint(stage_dir, lazy=True)
     if not info.get("quantized"):
         raise CheckpointError(f"{stage_dir}: not a quantized stage (quantize it: chatfactory quantize --run … --stage …)")
-    return _build(weights, info, stage_dir, device), info
+    return stage_model(info, stage_dir, weights, device), info
 
 
 def save_quantized(model: GPT, stage_dir, info: dict) -> None:
@@ -489,7 +489,7 @@ def inference(quantize: str | None = None):
             g = "" if have.get("bits") == 8 else f" (groups of {have.get('group')})"
             raise ValueError(f"{where} is an {have.get('scheme')} stage already{g}: --quantize {quantize} cannot requantize it "
                              f"(drop --quantize, or quantize the full-precision stage)")
-        return _build(weights, info, where, device)
+        return stage_model(info, where, weights, device)
 
     checkpoint.quantized_loader = load
     checkpoint.quantize_on_load = (lambda cfg, weights, where, device: build_quantizing(

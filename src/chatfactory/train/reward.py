@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint, stage_config, unique_state_dict
+from ..checkpoint import (CheckpointError, load_checkpoint, load_weights, model_config, save_checkpoint, stage_config,
+                          unique_state_dict)
 from ..config import Config
 from ..data.preferences import collate
 from ..model import GPT, GPTConfig
@@ -67,11 +68,7 @@ def load_reward_model(stage_dir, device="cpu") -> RewardModel:
     weights, info, _ = load_checkpoint(stage_dir)
     if info.get("kind", info.get("stage")) != "reward":
         raise CheckpointError(f"{Path(stage_dir) / 'config.json'}: not a reward model (kind={info.get('kind')!r})")
-    try:
-        cfg = GPTConfig.from_dict(info["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(stage_dir) / 'config.json'}: bad model config ({e})") from None
-    model = RewardModel(cfg)
+    model = RewardModel(model_config(info, stage_dir))
     load_weights(model, merge_weights(weights, info), str(Path(stage_dir) / "model.safetensors"))
     return model.to(device).eval()
 
