@@ -130,13 +130,10 @@ class SafetensorsReader:
         dtype, shape, _ = self._entry(name)
         return self.read_into(name, torch.empty(shape, dtype=dtype))
 
-    def read_rows(self, name: str, rows: list[int], out: torch.Tensor) -> torch.Tensor:
-        """Rows ``rows`` of a 2-D tensor into ``out`` (len(rows), width): the embedding's lookup."""
+    def read_rows(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``start`` .. ``start + len(out)`` of a 2-D tensor into ``out``: a head chunk, an embedding row."""
         dtype, shape, offset = self._entry(name)
-        row = shape[1] * dtype.itemsize
-        buf = out.view(torch.uint8).numpy()
-        for i, r in enumerate(rows):
-            self._pread(buf[i], offset + r * row, name)
+        self._pread(out.view(torch.uint8).numpy(), offset + start * shape[1] * dtype.itemsize, name)
         return out
 
     def _pread(self, buf, offset: int, name: str) -> None:
@@ -318,7 +315,9 @@ class DiskEmbedding(nn.Module):
         ids, inverse = torch.unique(flat, return_inverse=True)
         if ids.numel() and (ids[0] < 0 or ids[-1] >= self.num):
             raise IndexError(f"token id out of range [0, {self.num})")
-        rows = self.reader.read_rows(self.key, ids.tolist(), torch.empty(ids.numel(), self.dim, dtype=self.dtype))
+        rows = torch.empty(ids.numel(), self.dim, dtype=self.dtype)
+        for i, r in enumerate(ids.tolist()):
+            self.reader.read_rows(self.key, r, rows[i: i + 1])
         return rows[inverse].reshape(*idx.shape, self.dim)
 
 
@@ -333,9 +332,7 @@ class StreamedHead(nn.Module):
         self._streamer = Prefetcher(list(range(0, vocab, chunk)), bufs, self._load, "head")
 
     def _load(self, buf, start: int) -> None:
-        n = min(self.chunk, self.vocab - start)
-        dtype, shape, offset = self.reader.entries[self.key]
-        self.reader._pread(buf[:n].view(torch.uint8).numpy(), offset + start * shape[1] * dtype.itemsize, self.key)
+        self.reader.read_rows(self.key, start, buf[: min(self.chunk, self.vocab - start)])
 
     def forward(self, h):
         out = torch.empty(*h.shape[:-1], self.vocab, dtype=h.dtype)
@@ -367,10 +364,9 @@ class Plan:
 
 
 def plan(reader: SafetensorsReader, cfg: GPTConfig, budget: int, slots: int = SLOTS) -> Plan:
-    block_bytes = max(reader.nbytes(f"blocks.{i}.") for i in range(cfg.depth))
-    model_bytes = reader.nbytes()
-    blocks = sum(reader.nbytes(f"blocks.{i}.") for i in range(cfg.depth))
-    base = model_bytes - blocks  # embeddings, head, final norm
+    sizes = [reader.nbytes(f"blocks.{i}.") for i in range(cfg.depth)]
+    block_bytes, model_bytes = max(sizes), reader.nbytes()
+    base = model_bytes - sum(sizes)  # embeddings, head, final norm
     norms = reader.nbytes("norm_f.")
     head_slots = slots * block_bytes  # head chunks as big as a block
     if base + slots * block_bytes <= budget:
