@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write_text, has_checkpoint, load_model
+from ..data.jsonl import read_jsonl
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
 from ..engine import Engine, SamplingParams
@@ -42,8 +43,8 @@ POLICIES = ("sft", "ppo", "dpo", "grpo", "rloo")  # chat policies evaluated on t
 
 
 def read_rows(path) -> list[dict]:
-    """The rows of a JSONL file the pipeline wrote (RUN/tasks/*.jsonl)."""
-    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    """The rows of a JSONL file the pipeline wrote (RUN/tasks/*.jsonl); a damaged line is a DataError naming it."""
+    return [row for _, row in read_jsonl(path)]
 
 
 def _device(cfg) -> str:
