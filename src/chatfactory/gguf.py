@@ -426,18 +426,13 @@ def import_gguf(path, out_run, stage: str = "pretrain", keep_quantized: bool = F
 
 
 def _save_quantized_import(g: GGUFFile, cfg, tok, out_run: Path, stage: str, info: dict) -> dict:
-    from .checkpoint import save_checkpoint
-    from .config import Config, save_config
+    from .hf import write_imported
     from .quant import scheme
 
     sd, bits = gguf_quantized_state_dict(g, cfg)  # before anything is written: a bad tensor leaves no run
     main = 4 if 4 in bits.values() else 8
-    info = {**info, "model": cfg.to_dict(), "kind": "imported", "finished": True, "chat_template": True,
-            "quantized": scheme(main, 32, False, {k: b for k, b in bits.items() if b != main}),
+    info = {**info, "chat_template": True, "quantized": scheme(main, 32, False, {k: b for k, b in bits.items() if b != main}),
             "quantized_from": f"{g.path} (import it without --keep-quantized for fp32 weights that train)"}
-    tok.save(out_run / "tokenizer.json")
-    save_config(Config(model=cfg), out_run / "config.yaml")
-    save_checkpoint(out_run / stage, sd, info, state=None, step=0)
     params = sum(t.numel() for k, t in sd.items() if not k.endswith((".qweight", ".scales", ".offsets")))
     params += sum(m.size(0) * m.size(1) * (2 if bits[k[:-8]] == 4 else 1) for k, m in sd.items() if k.endswith(".qweight"))
-    return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour, "params": params, **info}
+    return write_imported(out_run, stage, cfg, sd, tok, info, params)

@@ -274,19 +274,25 @@ def save_imported(out_run, stage: str, cfg: GPTConfig, sd: dict, tok, info: dict
     """Write an imported model as a run: ``tokenizer.json`` (+ ``tokenizer_config.json`` with its chat
     template), ``config.yaml`` (its ``model`` section is the imported architecture) and ``<stage>/`` (a
     final checkpoint, no resume state), so ``sft``, ``reward`` and ``ppo`` start from it with ``init_from``."""
-    from .checkpoint import load_weights, save_checkpoint, unique_state_dict
-    from .config import Config, save_config
+    from .checkpoint import load_weights, unique_state_dict
     from .model import GPT
 
-    out_run = Path(out_run)
     model = GPT(cfg)
     load_weights(model, sd, info.get("source", "imported weights"))
+    return write_imported(out_run, stage, cfg, unique_state_dict(model), tok, info, model.num_params())
+
+
+def write_imported(out_run, stage: str, cfg: GPTConfig, weights: dict, tok, info: dict, params: int) -> dict:
+    """The files of an imported run (``save_imported``'s, or a GGUF's kept-quantized weights) -> the import's result."""
+    from .checkpoint import save_checkpoint
+    from .config import Config, save_config
+
+    out_run = Path(out_run)
     tok.save(out_run / "tokenizer.json")
     save_config(Config(model=cfg), out_run / "config.yaml")
     info = {"model": cfg.to_dict(), "kind": "imported", "finished": True, "chat_template": tok.chat is not None, **info}
-    save_checkpoint(out_run / stage, unique_state_dict(model), info, state=None, step=0)
-    return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour,
-            "params": model.num_params(), **info}
+    save_checkpoint(out_run / stage, weights, info, state=None, step=0)
+    return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour, "params": params, **info}
 
 
 def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
