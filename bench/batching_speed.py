@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from chatfactory.batching import Request, Scheduler
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.inference.batching import Request, Scheduler
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
 
 
 def check_equal(model, device):

@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from chatfactory.engine import Engine, SamplingParams, default_threads
-from chatfactory.hf import to_hf_config, to_hf_state_dict
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
+from chatfactory.inference.engine import Engine, SamplingParams, default_threads
+from chatfactory.model.gpt import GPT, GPTConfig
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:

@@ -89,11 +89,11 @@ HOOK = r'''
 import os, signal, sys
 plan, log = os.environ.get("FAULTS_KILL_IN_SAVE", ""), os.environ.get("FAULTS_SAVE_LOG", "")
 if plan or log:
-    import chatfactory.checkpoint as ck
+    import chatfactory.store.checkpoint as ck
     nth, _, point = plan.partition(":")
     nth = int(nth or 0)
     st = {"saves": 0, "in": False, "renames": None}
-    real_temps, real_file, real_os = ck._write_temps, ck._write_file, ck.os
+    real_temps, real_file, real_os = ck._write_temps, ck.write_file, ck.os
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
     def write_temps(stage_dir, *a, **k):
@@ -133,7 +133,7 @@ if plan or log:
                     die()
                 if r[0] >= r[1]:
                     st["renames"] = None
-    ck._write_temps, ck._write_file, ck.os = write_temps, write_file, Os()
+    ck._write_temps, ck.write_file, ck.os = write_temps, write_file, Os()
 from chatfactory.cli import main
 sys.argv[0] = "chatfactory"
 sys.exit(main(sys.argv[1:]))
@@ -141,7 +141,7 @@ sys.exit(main(sys.argv[1:]))
 
 LOAD_CHECK = """
 import json, sys
-from chatfactory.checkpoint import load_checkpoint, load_model
+from chatfactory.store.checkpoint import load_checkpoint, load_model
 _, info, state = load_checkpoint(sys.argv[1], with_state=True)
 load_model(sys.argv[1])
 print(json.dumps({"state_step": state["step"], "config_step": info["step"]}))
@@ -364,7 +364,7 @@ class StageBench:
             + ("bitwise EQUAL to the uninterrupted run" if not diff else f"MISMATCH: {diff}"))
         return res
 
-    def __call__(self) -> "StageBench":
+    def __call__(self) -> StageBench:
         self.reference()
         for i, n in enumerate(self.kills):
             self.results.append(self.trial(i, n))

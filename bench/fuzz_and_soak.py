@@ -65,9 +65,9 @@ def build_run(root: Path, block: int) -> Path:
     """A run directory: tokenizer.json (trained here) and a random-init tiny GPT as the 'sft' stage."""
     import torch
 
-    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
-    from chatfactory.model import GPT, GPTConfig
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.model.gpt import GPT, GPTConfig
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+    from chatfactory.text.tokenizer import Tokenizer
 
     tok = Tokenizer.train(TEXT, vocab_size=400)
     tok.save(root / "tokenizer.json")
@@ -91,7 +91,7 @@ class Server:
         self.cmd = [sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--port", str(self.port),
                     "--slots", str(slots), "--device", "cpu"]
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "CHATFACTORY_API_KEY": ""})
@@ -138,9 +138,14 @@ def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
     from hypothesis import seed as hypothesis_seed
     from schemathesis import GenerationMode
     from schemathesis.core.failures import FailureGroup  # a BaseExceptionGroup: not an Exception
-    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                                   positive_data_acceptance, response_headers_conformance,
-                                                   response_schema_conformance, status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        positive_data_acceptance,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]

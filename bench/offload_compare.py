@@ -51,7 +51,10 @@ def status(key):
 OURS = STATUS + """
 import contextlib, io, json, re, sys
 import torch  # the libraries first, as the other side's baseline has them: the baseline is what precedes the weights
-from chatfactory import cli, engine, offload, tokenizer
+from chatfactory import cli
+from chatfactory.inference import engine
+from chatfactory.model import offload
+from chatfactory.text import tokenizer
 base = status("VmRSS")
 buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
@@ -99,9 +102,9 @@ def _child(code: str, args: list[str], timeout: int) -> dict:
 def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new_tokens=32, batch=64,
             workdir=None, timeout=3600) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
-    from chatfactory.hf import export_run
-    from chatfactory.offload import SafetensorsReader
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.formats.hf import export_run
+    from chatfactory.model.offload import SafetensorsReader
+    from chatfactory.text.tokenizer import Tokenizer
 
     run = Path(run)
     reader = SafetensorsReader(run / stage / "model.safetensors")

@@ -38,11 +38,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from chatfactory.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.config import Config, GRPOConfig, PPOConfig
-from chatfactory.hf import export_run
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.formats.hf import export_run
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.text.tokenizer import Tokenizer
 
 SCORER = '''
 def score(row, answer):
@@ -130,12 +130,11 @@ def bench_ours_ppo(run: Path, root: Path, a) -> dict:
 
 
 def bench_trl(run: Path, root: Path, a) -> tuple[list[float], float]:
+    import bench_scorer
     import datasets
     import transformers
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
-
-    import bench_scorer
 
     hf_dir = export_run(run, "sft", root / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)

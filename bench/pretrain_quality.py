@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from chatfactory.config import load_config
-from chatfactory.model import GPT
+from chatfactory.model.gpt import GPT
 from chatfactory.train.loop import make_optimizer
 from chatfactory.train.pretrain import run_pretrain
 

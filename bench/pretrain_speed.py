@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from chatfactory.hf import to_hf_config, to_hf_state_dict
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
+from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.train.loop import measure_matmul_peak
 
 

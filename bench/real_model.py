@@ -66,15 +66,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-
-from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
-from chatfactory.data import tasks
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.hf import to_hf_config, to_hf_state_dict
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
-from chatfactory.train.loop import measure_matmul_peak
 from decode_speed import best_time  # bench/ is on sys.path: this script (and its children) run by path
+
+from chatfactory.data import tasks
+from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import Tokenizer
+from chatfactory.train.loop import measure_matmul_peak
 
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,7 +96,7 @@ def prepare_run(root: Path, a) -> Path:
     2-layer random model of the same family with SmolLM2's tokenizer and template."""
     src = Path(a.run) if a.run else None
     if src is None and not a.quick:
-        from chatfactory.gguf import import_model
+        from chatfactory.formats.gguf import import_model
 
         t = time.perf_counter()
         import_model("smollm2", root / "smollm2")
@@ -109,7 +110,7 @@ def prepare_run(root: Path, a) -> Path:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(src / name, run / name)
     else:
-        from chatfactory.gguf import GGUFFile, find_model, gguf_tokenizer
+        from chatfactory.formats.gguf import GGUFFile, find_model, gguf_tokenizer
 
         gguf_tokenizer(GGUFFile(find_model("smollm2"))).save(run / "tokenizer.json")
     vocab = Tokenizer.load(run / "tokenizer.json").vocab_size
@@ -236,7 +237,7 @@ def train_steps(step, params, steps: int) -> tuple[list[float], list[float]]:
 def bench_lora_sft(model: GPT, hf, tok: Tokenizer, a) -> float:
     import peft
 
-    from chatfactory.train.lora import apply_lora, parse_targets
+    from chatfactory.model.lora import apply_lora, parse_targets
     from chatfactory.train.sft import IGNORE, masked_loss
 
     batch = sft_batch(tok, a.sft_batch, a.sft_len)

@@ -37,10 +37,10 @@ def make_random_run(root: Path, depth: int, width: int, block: int) -> Path:
 
     import torch
 
-    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
     from chatfactory.data.embedded import pydoc_topics
-    from chatfactory.model import GPT, GPTConfig
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.model.gpt import GPT, GPTConfig
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+    from chatfactory.text.tokenizer import Tokenizer
 
     tok = Tokenizer.train(itertools.islice(pydoc_topics(), 200), vocab_size=2048)
     tok.save(root / "tokenizer.json")

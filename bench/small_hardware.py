@@ -58,16 +58,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from real_model import chat_prompts  # bench/ is on sys.path: this script runs by path
 
-from chatfactory.checkpoint import load_model
 from chatfactory.data import tasks
 from chatfactory.data.shards import open_split
-from chatfactory.engine import Engine, SamplingParams
 from chatfactory.eval.lm import stream_loss
-from chatfactory.quant import linear_bytes, parse_spec, quantize_model
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.quant import linear_bytes, parse_spec, quantize_model
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import Tokenizer
 from chatfactory.train.loop import measure_matmul_peak
-from real_model import chat_prompts  # bench/ is on sys.path: this script runs by path
 
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared/data/pretrain/tinystories/tinystories_sample.jsonl.gz"
 QUALITY = ("fp32", "int8", "int4:32", "int4:64")
@@ -309,8 +309,8 @@ def gguf_q4(path: str):
     import inspect
     import tempfile
 
-    from chatfactory.gguf import import_gguf
-    from chatfactory.quant import load_quantized
+    from chatfactory.formats.gguf import import_gguf
+    from chatfactory.store.load import load_quantized
 
     if "keep_quantized" not in inspect.signature(import_gguf).parameters:
         print("gguf-q4: import_gguf has no keep_quantized here: the file's own codes are not measured")
@@ -400,7 +400,7 @@ def main():
     model, _ = load_model(run / "pretrain")
     gguf = gguf_path(run)
     if gguf:
-        from chatfactory.gguf import GGUFFile
+        from chatfactory.formats.gguf import GGUFFile
 
         g = GGUFFile(gguf)
         kinds = sorted({g.tensor_type(n) for n in g.tensors})

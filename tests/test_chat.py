@@ -1,17 +1,15 @@
 """Terminal chat through a pseudo-terminal (pexpect): a two-turn conversation keeps its history, /clear
 forgets it, --prompt answers once; the context-overflow policy drops the oldest turns and says so."""
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from chatfactory.chat import ChatSession, last_finished_stage
-from chatfactory.checkpoint import save_checkpoint, unique_state_dict
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
-
+from chatfactory.inference.chat import ChatSession, last_finished_stage
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.text.tokenizer import Tokenizer
 from conftest import cli_cmd
 
 TEXT = ["the cat sat on the mat and the dog ran in the park with a red ball " * 30,
@@ -33,7 +31,7 @@ def run(tmp_path_factory):
 
 
 def greedy_reply(run_dir, tok, conv, max_tokens=8):
-    from chatfactory.checkpoint import load_model
+    from chatfactory.store.load import load_model
 
     model, _ = load_model(run_dir / "sft")
     p = SamplingParams(max_tokens=max_tokens, temperature=0, stop_ids=tuple(tok.special.values()))
@@ -52,7 +50,7 @@ def test_default_stage_is_last_finished(run, tmp_path):
     # a run whose last policy stage is RLOO alone chats with (and samples from) RLOO by default
     import shutil
 
-    from chatfactory.checkpoint import latest_stage
+    from chatfactory.store.checkpoint import latest_stage
 
     shutil.copytree(root, tmp_path / "r")
     shutil.copytree(tmp_path / "r" / "sft", tmp_path / "r" / "rloo")
@@ -116,7 +114,7 @@ def test_prompt_mode_prints_only_the_answer(run):
 
 def test_context_overflow_drops_oldest_turns_and_says_so(run):
     root, tok = run
-    from chatfactory.checkpoint import load_model
+    from chatfactory.store.load import load_model
 
     model, _ = load_model(root / "sft")
     notes = []

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer as HFTok
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.text.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

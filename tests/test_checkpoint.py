@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
-from chatfactory.checkpoint import (CONFIG, CheckpointError, MODEL, STATE, load_checkpoint, load_model, save_checkpoint,
-                                    unique_state_dict)
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import CONFIG, MODEL, STATE, load_checkpoint, save_checkpoint, unique_state_dict
+from chatfactory.store.files import CheckpointError
+from chatfactory.store.load import load_model
 
 
 def _save(tmp_path, step=5, flavour="gpt2"):

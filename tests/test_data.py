@@ -9,7 +9,7 @@ import torch
 from chatfactory.config import DataConfig
 from chatfactory.data.shards import PretrainBatches, build_shards, open_split
 from chatfactory.data.sources import DataError, iter_texts
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.text.tokenizer import Tokenizer
 
 
 def test_jsonl_gz_and_txt_sources(tmp_path):

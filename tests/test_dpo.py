@@ -5,14 +5,23 @@ import math
 
 import pytest
 import torch
+from test_reward import (
+    HELD_OUT_TOPICS,
+    TRAIN_TOPICS,
+    comparison_rows,
+    gold_score,
+    make_sft_run,
+    make_tokenizer,
+    prompt_of,
+    write_jsonl,
+)
 
-from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
 from chatfactory.config import Config, DPOConfig, LoRAConfig
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.load import load_model
 from chatfactory.train.dpo import answer_logps, build_dpo, dpo_loss, run_dpo
-from test_reward import (HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, gold_score, make_sft_run, make_tokenizer, prompt_of,
-                         write_jsonl)
 
 
 def test_dpo_loss_by_hand():

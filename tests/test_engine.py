@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from chatfactory.decode_step import DecodeStep
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.inference.decode_step import DecodeStep
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2-static", "modern-static", "gpt2-packed", "modern-packed"])
@@ -97,7 +97,7 @@ def test_engine_restores_callers_thread_count(engine):
 
 def test_gpt2_greedy_equals_transformers_generate():
     transformers = pytest.importorskip("transformers")
-    from chatfactory.hf import to_hf_config, to_hf_state_dict
+    from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
 
     torch.manual_seed(0)
     cfg = GPTConfig(flavour="gpt2", depth=2, n_embd=64, vocab_size=300, block_size=64)
@@ -112,7 +112,7 @@ def test_gpt2_greedy_equals_transformers_generate():
 
 
 def test_fit_messages_drops_oldest_turns_and_keeps_system():
-    from chatfactory.engine import fit_messages
+    from chatfactory.inference.engine import fit_messages
 
     def count(msgs):  # 1 token per character plus 2 per message: a stand-in tokenizer
         return sum(len(m["content"]) + 2 for m in msgs)
@@ -179,7 +179,7 @@ def test_compiled_span_holds_prompt_and_answer():
     """Above 2 rows the compiled step's key/value buffers span the power of two (>= 32) holding prompt
     + answer, capped by the context; 1-2 rows span the whole context (one graph per batch size), except
     for a model too big for the cache (a whole-context span there reads hundreds of MB per step)."""
-    from chatfactory.decode_step import span_for
+    from chatfactory.inference.decode_step import span_for
 
     assert [span_for(32, n, 128) for n in (1, 32, 33, 46, 64, 65, 128)] == [32, 32, 64, 64, 64, 128, 128]
     assert span_for(32, 100, 96) == 96 and span_for(2, 10, 128) == 128 and span_for(1, 10, 64) == 64

@@ -10,12 +10,21 @@ import torch.nn as nn
 
 from chatfactory.cli import main as cli_main
 from chatfactory.data.sources import DataError
-from chatfactory.eval.fewshot import (base_prompt, encode_pair, evaluate_rows, few_shot_table, load_task, pick_shots,
-                                      request_pairs, score_continuations, task_rows_from)
+from chatfactory.eval.fewshot import (
+    base_prompt,
+    encode_pair,
+    evaluate_rows,
+    few_shot_table,
+    load_task,
+    pick_shots,
+    request_pairs,
+    score_continuations,
+    task_rows_from,
+)
 from chatfactory.eval.lm import stream_loss
 from chatfactory.eval.winrate import compare, win_rate
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.text.tokenizer import Tokenizer
 
 
 class BigramLM(nn.Module):
@@ -190,7 +199,7 @@ def pattern_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_few_shot_beats_zero_shot_when_only_the_shots_carry_the_answer(pattern_run):
-    from chatfactory.checkpoint import load_model
+    from chatfactory.store.load import load_model
 
     model, _ = load_model(pattern_run / "run" / "pretrain")
     tok = Tokenizer.load(pattern_run / "run" / "tokenizer.json")
@@ -250,9 +259,9 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
 
     pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity")  # lm-eval's API models need it
-    from chatfactory.checkpoint import load_model
     from chatfactory.eval.fewshot import lm_eval_task_yaml
     from chatfactory.serve.api import ServerThread, create_app, load_service
+    from chatfactory.store.load import load_model
 
     run = pattern_run / "run"
     rng = random.Random(3)  # rows with 0, 1 or 2 hints in the context: accuracy well between chance and 1
@@ -298,8 +307,8 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
 
 
 def test_win_rate_cli_and_reward_model_judge(tmp_path, tok):
-    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
     from chatfactory.eval.winrate import load_judge
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
     from chatfactory.train.reward import RewardModel
 
     torch.manual_seed(0)
@@ -335,10 +344,10 @@ def test_dev_scores_judge_a_policy_against_sft_and_choose_on_dev(tmp_path, tok):
     """eval/heldout.py on the dev split: a policy (a stage of the run or a model in memory) answers the
     dev prompts; the rubric gives accuracy, gold score and win rate vs SFT (whose replies are cached);
     choose_on_dev picks the best candidate and says what it chose."""
-    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
     from chatfactory.config import load_config
     from chatfactory.data.tasks import task_rows
     from chatfactory.eval.heldout import choose_on_dev, dev_scores
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 
     torch.manual_seed(0)
     gcfg = GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=64, n_embd=64, init_std=0.3)

@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from chatfactory import checkpoint as ck
-from chatfactory.checkpoint import CONFIG, MODEL, STATE, CheckpointError, load_checkpoint, save_checkpoint
 from chatfactory.config import TrainConfig
+from chatfactory.store import checkpoint as ck
+from chatfactory.store.checkpoint import CONFIG, MODEL, STATE, load_checkpoint, save_checkpoint
+from chatfactory.store.files import CheckpointError, DiskFullError, atomic_write_text
 from chatfactory.train import loop
 from chatfactory.train.loop import Stage, train
 
@@ -68,7 +69,7 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpo
     with pytest.raises(CheckpointError) as e:
         save_checkpoint(tmp_path, _weights(2), {"model": {}}, _state(2), step=9)
     msg = str(e.value)
-    assert isinstance(e.value, ck.DiskFullError) and "disk full" in msg and str(tmp_path / failing) in msg, msg
+    assert isinstance(e.value, DiskFullError) and "disk full" in msg and str(tmp_path / failing) in msg, msg
     assert "previous checkpoint (step 5)" in msg, msg
     assert _no_temps(tmp_path), os.listdir(tmp_path)  # the partial temp is gone: it would hold the space
     assert {n: (tmp_path / n).read_bytes() for n in (MODEL, CONFIG, STATE)} == before
@@ -94,21 +95,21 @@ def test_a_full_disk_while_logging_metrics_names_the_file(tmp_path, monkeypatch)
         def write(self, text):
             raise ENOSPC
     monkeypatch.setattr("builtins.open", Full)
-    with pytest.raises(ck.DiskFullError, match=r"metrics\.jsonl: disk full"):
+    with pytest.raises(DiskFullError, match=r"metrics\.jsonl: disk full"):
         m.log({"step": 2})
 
 
 def test_atomic_write_text_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     p = tmp_path / "pipeline.json"
-    ck.atomic_write_text(p, "old")
+    atomic_write_text(p, "old")
     real = type(p).write_text
 
     def full(self, *a, **k):
         real(self, "ne")
         raise ENOSPC
     monkeypatch.setattr(type(p), "write_text", full)
-    with pytest.raises(ck.DiskFullError, match="pipeline.json: disk full"):
-        ck.atomic_write_text(p, "new")
+    with pytest.raises(DiskFullError, match="pipeline.json: disk full"):
+        atomic_write_text(p, "new")
     monkeypatch.undo()
     assert p.read_text() == "old" and _no_temps(tmp_path)
 
@@ -182,7 +183,7 @@ def test_a_full_disk_stops_training_with_the_error_and_the_run_resumes_exactly(t
         real(obj, tmp)
     monkeypatch.setattr(ck, "_save_torch", fills_up)
     d = tmp_path / "full"
-    with pytest.raises(ck.DiskFullError, match=r"state\.pt: disk full.*previous checkpoint \(step 2\)"):
+    with pytest.raises(DiskFullError, match=r"state\.pt: disk full.*previous checkpoint \(step 2\)"):
         train(Toy(), _model(), _cfg(), d)
     assert _no_temps(d) and load_checkpoint(d, with_state=True)[2]["step"] == 2
     monkeypatch.undo()
@@ -207,7 +208,7 @@ def test_a_kill_during_the_first_save_starts_over(tmp_path):
 
 # ---------------------------------------------------------------- damaged files are named
 def test_a_garbage_tokenizer_config_is_named(tmp_path):
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.text.tokenizer import Tokenizer
 
     Tokenizer.train(["hello world " * 50], vocab_size=300).save(tmp_path / "tokenizer.json")
     for bad in (os.urandom(64) + b"\xff\xfe", b"[1, 2]"):

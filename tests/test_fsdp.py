@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pretrain import SMALL, _seeded_run, tokenizer_json  # noqa: F401  (tokenizer_json: a fixture)
 
 from conftest import cli_cmd
-from test_pretrain import SMALL, _seeded_run, tokenizer_json  # noqa: F401  (tokenizer_json: a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +126,8 @@ def test_fsdp_reward_model_and_lora_dpo_match_one_process(tmp_path):
     policy with its adapters off."""
     from test_reward import TRAIN_TOPICS, comparison_rows, make_tokenizer, write_jsonl
 
-    from chatfactory.checkpoint import save_checkpoint, unique_state_dict
-    from chatfactory.model import GPT, GPTConfig
+    from chatfactory.model.gpt import GPT, GPTConfig
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 
     base = tmp_path / "base"
     base.mkdir()

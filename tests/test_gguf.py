@@ -13,10 +13,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from chatfactory.checkpoint import load_model  # noqa: E402
 from chatfactory.cli import main as cli_main  # noqa: E402
-from chatfactory.gguf import GGUFError, GGUFFile, dequantize  # noqa: E402
-from chatfactory.tokenizer import Tokenizer  # noqa: E402
+from chatfactory.formats.gguf import GGUFError, GGUFFile, dequantize  # noqa: E402
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import Tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 # byte offsets of each block's fp16 scales (random bytes there could be inf/NaN)
@@ -260,7 +260,7 @@ def test_smollm2_matches_transformers(smol):
     assert (cfg.depth, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_embeddings and tok.chat_config["eos_token"] == "<|im_end|>"
     # greedy generation, 32 tokens, our KV-cache engine vs transformers' generate
-    from chatfactory.engine import Engine, SamplingParams
+    from chatfactory.inference.engine import Engine, SamplingParams
 
     prompt = tok.chat_prompt([{"role": "user", "content": "Write one sentence about the sea."}])
     mine = Engine(ours).generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop_ids=()))[0]
@@ -306,8 +306,8 @@ def _one_tensor_gguf(path: Path, kind: str, shape=(48, 256), seed=0) -> np.ndarr
 def test_int4_parts_are_the_files_own_weights(tmp_path, kind):
     """Q4_0/Q4_1/Q4_K blocks read as int4 codes at groups of 32 give back the gguf package's weights, to
     a few fp32 ulps of the block's magnitude (the offset m + 8d is one fp32 rounding)."""
-    from chatfactory.gguf import int4_parts
-    from chatfactory.quant import dequantize_int4
+    from chatfactory.formats.gguf import int4_parts
+    from chatfactory.model.quant import dequantize_int4
 
     ref = torch.from_numpy(_one_tensor_gguf(tmp_path / "w.gguf", kind))
     codes, scales, offsets = int4_parts(GGUFFile(tmp_path / "w.gguf"), "w")
@@ -325,7 +325,7 @@ QUANT_TYPES = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v
 @pytest.fixture(scope="module")
 def tiny_imports(tmp_path_factory):
     """A small Llama GGUF with Q4_0, Q4_1, Q8_0 and F16 linears, imported fp32 and keep_quantized."""
-    from chatfactory.gguf import import_gguf
+    from chatfactory.formats.gguf import import_gguf
 
     d = tmp_path_factory.mktemp("keepq")
     write_gguf(d / "m.gguf", "llama", QUANT_TYPES)
@@ -337,7 +337,8 @@ def tiny_imports(tmp_path_factory):
 def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
     from safetensors.torch import load_file
 
-    from chatfactory.quant import QuantLinear, dequantize_int4, dequantize_int8, inference, unpack_nibbles
+    from chatfactory.model.quant import QuantLinear, dequantize_int4, dequantize_int8, unpack_nibbles
+    from chatfactory.store.load import inference
 
     d, res = tiny_imports
     q = json.loads((d / "q" / "pretrain" / "config.json").read_text())["quantized"]
@@ -367,7 +368,7 @@ def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
 def test_keep_quantized_logits_match_the_fp32_import(tiny_imports):
     """Stated tolerance: relative L2 error of the logits under 2% (bfloat16 activations and scales in the
     int4 kernel, int8 requantization); the fp32 reference is the file dequantized."""
-    from chatfactory.quant import inference
+    from chatfactory.store.load import inference
 
     d, _ = tiny_imports
     ref, _ = load_model(d / "fp32" / "pretrain")
@@ -399,7 +400,8 @@ def test_quantized_stage_loads_without_an_fp32_linear(tiny_imports):
     weight's shape is ever made (the old loader made a whole random fp32 GPT first)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from chatfactory.quant import QuantLinear, inference
+    from chatfactory.model.quant import QuantLinear
+    from chatfactory.store.load import inference
 
     d, _ = tiny_imports
     ref, _ = load_model(d / "fp32" / "pretrain")
@@ -423,7 +425,7 @@ def test_quantized_stage_loads_without_an_fp32_linear(tiny_imports):
 
 
 def test_keep_quantized_errors_name_the_file(tmp_path):
-    from chatfactory.gguf import import_gguf, import_model
+    from chatfactory.formats.gguf import import_gguf, import_model
 
     path = tmp_path / "m.gguf"
     write_gguf(path, "llama", QUANT_TYPES)
@@ -444,7 +446,7 @@ TINYSTORIES = Path("/work/shared/data/pretrain/tinystories/tinystories_sample.js
 
 @pytest.fixture(scope="module")
 def smol_q(tmp_path_factory):
-    from chatfactory.gguf import import_gguf
+    from chatfactory.formats.gguf import import_gguf
 
     run = tmp_path_factory.mktemp("smolq") / "run"
     import_gguf(smollm2_path(), run, keep_quantized=True)
@@ -460,7 +462,8 @@ def test_smollm2_keep_quantized_bits_per_byte(smol, smol_q):
     import gzip
 
     from chatfactory.eval.lm import stream_loss
-    from chatfactory.quant import QuantLinear, inference
+    from chatfactory.model.quant import QuantLinear
+    from chatfactory.store.load import inference
 
     run, _, _ = smol
     tok = Tokenizer.load(run / "tokenizer.json")
@@ -481,8 +484,8 @@ def test_smollm2_keep_quantized_bits_per_byte(smol, smol_q):
 
 HWM = """
 import sys, torch
-from chatfactory.checkpoint import load_model
-from chatfactory.quant import inference
+from chatfactory.store.checkpoint import load_model
+from chatfactory.model.quant import inference
 def hwm():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) // 1024
 base = hwm()

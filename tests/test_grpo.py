@@ -5,13 +5,13 @@ test_ppo.py: the SFT policy answers "blue" about a quarter of the time)."""
 
 import pytest
 import torch
+from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
 
-from chatfactory.checkpoint import load_model
 from chatfactory.config import Config, GRPOConfig, RLOOConfig
+from chatfactory.eval.winrate import gold_score
+from chatfactory.store.load import load_model
 from chatfactory.train.grpo import group_advantages, kl_shaped_advantages, run_grpo
 from chatfactory.train.rloo import leave_one_out_advantages, run_rloo
-from chatfactory.eval.winrate import gold_score
-from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
 
 
 def test_group_advantages_hand_computed():
@@ -149,7 +149,7 @@ def test_compile_rollout_decodes_with_the_static_step(world):
     """``compile_rollout`` gives the stage one Engine(compile=True) for all its rollouts; its static
     step (run uncompiled here, none of the compile time) samples the eager rollout's tokens."""
     from chatfactory.data.preferences import load_prompts
-    from chatfactory.decode_step import DecodeStep
+    from chatfactory.inference.decode_step import DecodeStep
     from chatfactory.train.grpo import GRPOStage
     from chatfactory.train.rl import ActorCritic, Reward
 
@@ -177,7 +177,7 @@ def test_rollout_and_training_logprobs_agree_and_a_gap_warns(world, updates, mon
     trainer's forward pass, from the old log-prob pass (several updates) or the loss's own (one). On
     CPU in fp32 they agree to round-off; rollouts from another distribution make it large, and warn."""
     from chatfactory.data.preferences import load_prompts
-    from chatfactory.decode_step import DecodeStep
+    from chatfactory.inference.decode_step import DecodeStep
     from chatfactory.train import rl
     from chatfactory.train.grpo import GRPOStage
     from chatfactory.train.loop import Dist

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
 from chatfactory.cli import main as cli_main
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.hf import export_run, import_hf
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import SPECIAL_TOKENS, Tokenizer
+from chatfactory.formats.hf import export_run, import_hf
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,16 +14,26 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
-from chatfactory.config import Config, DPOConfig, LoRAConfig, RewardConfig, load_config
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.train.lora import (TARGETS, LoRALinear, adapters_disabled, apply_lora, as_reference, lora_layers,
-                                    lora_settings, merge_weights)
-from conftest import cli_cmd
 from test_ppo import ppo_config, world  # noqa: F401  (world: the tiny RL run, a pytest fixture)
 from test_reward import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, sft_run, write_jsonl  # noqa: F401
-from test_sft import LETTERS, SYS, make_run, sft_args, write_jsonl as write_chat
+from test_sft import LETTERS, SYS, make_run, sft_args
+from test_sft import write_jsonl as write_chat
+
+from chatfactory.config import Config, DPOConfig, LoRAConfig, RewardConfig, load_config
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.model.lora import (
+    TARGETS,
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    as_reference,
+    lora_layers,
+    lora_settings,
+    merge_weights,
+)
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.load import load_model
+from conftest import cli_cmd
 
 SETTINGS = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(TARGETS)}
 LORA_ARGS = ["lora.rank=8", "lora.alpha=16"]
@@ -118,7 +128,7 @@ def test_settings_are_checked_and_errors_name_the_key():
 
 # ---------------------------------------------------------------- export: merged, and PEFT's format
 def _lora_run(tmp_path, flavour, **extra):
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.text.tokenizer import Tokenizer
 
     texts = ["Hello world, this is a small test of the tokenizer and the template. " * 3,
              "The quick brown fox jumps over the lazy dog; 12 + 30 = 42."] * 20
@@ -163,7 +173,7 @@ def test_export_merged_and_as_a_peft_adapter_give_our_logits(tmp_path, flavour, 
 
 
 def test_peft_export_of_a_stage_without_adapters_is_an_error(tmp_path):
-    from chatfactory.hf import export_run
+    from chatfactory.formats.hf import export_run
 
     run, model, _ = _lora_run(tmp_path, "modern")
     save_checkpoint(run / "plain", unique_state_dict(tiny()), {"model": tiny().cfg.to_dict()})

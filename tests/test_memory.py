@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chatfactory.config import TrainConfig
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.train import memory
 from chatfactory.train.loop import Dist, Stage, autocast_for, train, use_fsdp
 from chatfactory.train.reward import RewardModel
@@ -152,7 +152,7 @@ def test_fsdp_switch_refuses_what_it_cannot_shard(capsys):
 
 PEAK = """
 import sys, torch
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.train import memory
 torch.manual_seed(0)
 m = GPT(GPTConfig(depth=6, aspect=48, head_dim=48, vocab_size=4096, block_size=256))

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from chatfactory.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.formats.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from chatfactory.model.gpt import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 

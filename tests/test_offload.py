@@ -14,13 +14,17 @@ import textwrap
 
 import pytest
 import torch
-
-from chatfactory import cli, quant
-from chatfactory.checkpoint import CheckpointError, load_model, save_checkpoint, unique_state_dict
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.offload import SafetensorsReader, load_streamed, memory_mode, parse_size
 from test_serve import make_run
+
+from chatfactory import cli
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model import quant
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.model.offload import SafetensorsReader, load_streamed, memory_mode, parse_size
+from chatfactory.store import load
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.files import CheckpointError
+from chatfactory.store.load import load_model
 
 
 def save_stage(path, cfg: GPTConfig, seed: int = 0, extra: dict | None = None) -> GPT:
@@ -125,11 +129,11 @@ def test_block_schedule_loads_each_streamed_layer_once_per_pass_for_the_whole_ba
 @pytest.mark.parametrize("bits", [8, 4])
 def test_streamed_quantized_stage_is_bitwise_the_resident_one(tmp_path, bits):
     save_stage(tmp_path / "fp32", GPTConfig(**CFG, tie_embeddings=False))
-    stage = quant.quantize_stage(tmp_path, "fp32", bits, 64, f"q{bits}")
+    stage = load.quantize_stage(tmp_path, "fp32", bits, 64, f"q{bits}")
     # the reference quantizes the fp32 weights in memory: the same codes quantize_stage wrote
     ref = quant.quantize_model(load_model(tmp_path / "fp32")[0], bits, 64)
     budget = budget_for(stage, CFG["depth"], "all-blocks-streamed")
-    with quant.inference():
+    with load.inference():
         streamed, _ = load_streamed(stage, budget)
     assert len(streamed.offload.streamed_blocks) == CFG["depth"] and streamed.quantization["bits"] == bits
     assert memory_mode(streamed) == {"memory": "streamed", "memory_budget_mb": round(budget / 1e6, 1)}
@@ -152,9 +156,9 @@ def test_streamed_lora_stage_merges_as_load_model_does(tmp_path):
 
 
 def test_server_scheduler_on_a_streamed_model(run):
-    from chatfactory.batching import Request, Scheduler
+    from chatfactory.inference.batching import Request, Scheduler
     from chatfactory.serve.service import Service
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.text.tokenizer import Tokenizer
 
     answers = []
     for model in (load_model(run / "sft")[0], load_streamed(run / "sft", 2_200_000)[0]):
@@ -262,9 +266,9 @@ def test_generate_errors_name_the_file_line_and_the_budget(run, tmp_path, capsys
 # ---------------------------------------------------------------- peak memory
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from chatfactory.model import GPT, GPTConfig
-    from chatfactory.offload import load_streamed
-    from chatfactory.engine import Engine, SamplingParams
+    from chatfactory.model.gpt import GPT, GPTConfig
+    from chatfactory.model.offload import load_streamed
+    from chatfactory.inference.engine import Engine, SamplingParams
 
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from chatfactory import pipeline
-from chatfactory.checkpoint import CheckpointError, stage_finished
 from chatfactory.config import load_config
-
+from chatfactory.store.checkpoint import stage_finished
+from chatfactory.store.files import CheckpointError
 from conftest import ROOT, cli_cmd
 
 REPORT_KEYS = ["total_seconds", "pretrain.val_bpb", "base.heldout_accuracy", "sft.heldout_accuracy",
@@ -75,7 +75,7 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
     # every stage's checkpoint exists and loads
-    from chatfactory.checkpoint import load_model
+    from chatfactory.store.load import load_model
     from chatfactory.train.reward import load_reward_model
 
     for s in ("pretrain", "sft", "ppo", "dpo"):
@@ -160,7 +160,7 @@ def test_bad_stage_name_and_unfinished_checkpoint(tmp_path):
 def test_a_damaged_stage_config_is_named_not_taken_for_unfinished(tmp_path):
     """A config.json cut short or overwritten with bytes is an error naming it, in the pipeline's
     "finished?" check and in chat's choice of stage (it used to fall back silently to another stage)."""
-    from chatfactory.chat import last_finished_stage
+    from chatfactory.inference.chat import last_finished_stage
 
     for s in ("sft", "ppo"):
         (tmp_path / s).mkdir()
@@ -182,8 +182,8 @@ def test_pipeline_from_an_imported_chat_model(tmp_path):
     imported model itself through its own template."""
     from test_gguf import write_gguf
 
-    from chatfactory.checkpoint import load_model
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.store.load import load_model
+    from chatfactory.text.tokenizer import Tokenizer
 
     gguf = tmp_path / "base.gguf"
     write_gguf(gguf, "llama", {"token_embd": "Q8_0", "attn_q": "Q4_1"})

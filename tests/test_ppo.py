@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
-from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
 from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.eval.winrate import gold_score
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import Tokenizer
 from chatfactory.train.loop import read_metrics
 from chatfactory.train.ppo import PPOStage, gae, masked_whiten, run_ppo, token_rewards
 from chatfactory.train.rl import ActorCritic, Reward, kl_k1, kl_k3, masked_mean
-from chatfactory.eval.winrate import gold_score
-from chatfactory.train.rollout import answer_logprobs, attention_mask, forward_answers, pad_batch
+from chatfactory.train.rollout import answer_logprobs, forward_answers, pad_batch
 
 COLORS = ["red", "blue", "green", "pink"]
 THINGS = ["car", "house", "door", "kite", "boat", "shirt", "cup", "bike", "lamp", "chair", "hat", "bag", "box",

@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-
-from chatfactory.checkpoint import CheckpointError, load_model, save_checkpoint, unique_state_dict
-from chatfactory.cli import main
-from chatfactory.decode_step import DecodeStep
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.quant import (QuantLinear, inference, linear_bytes, load_quantized, pack_nibbles, quantize_int4,
-                               quantize_model, save_quantized)
-from chatfactory.tokenizer import Tokenizer
 from test_serve import TEXT, make_run
+
+from chatfactory.cli import main
+from chatfactory.inference.decode_step import DecodeStep
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.model.quant import QuantLinear, linear_bytes, pack_nibbles, quantize_int4, quantize_model
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.files import CheckpointError
+from chatfactory.store.load import inference, load_model, load_quantized, save_quantized
+from chatfactory.text.tokenizer import Tokenizer
 
 CFG = dict(depth=2, n_embd=64, vocab_size=256, block_size=64)
 
@@ -210,8 +211,8 @@ def test_cli_quantize_errors(run, capsys, args, message):
 def test_eval_and_serve_load_quantized_weights(run, tmp_path, capsys):
     """``eval`` scores a quantized stage and quantizes on load (bits/byte near fp32's); ``serve``'s loader
     builds a quantized stage's model inside ``quant.inference`` (what ``chatfactory serve`` runs in)."""
-    from chatfactory.quant import quantize_stage
     from chatfactory.serve.service import load_service
+    from chatfactory.store.load import quantize_stage
 
     root, _ = run
     quantize_stage(root, "sft", 4, out_stage="sft-q4-eval")
@@ -237,7 +238,7 @@ def test_eval_and_serve_load_quantized_weights(run, tmp_path, capsys):
 def test_lazy_weights_read_one_tensor_at_a_time_and_refuse_a_replaced_file(tmp_path):
     """What the quantized loaders read through (checkpoint.LazyWeights): each tensor as it is taken, equal to
     the saved one; a save that replaced the file meanwhile is an error naming it, never a mix of two saves."""
-    from chatfactory.checkpoint import load_checkpoint
+    from chatfactory.store.checkpoint import load_checkpoint
 
     torch.manual_seed(0)
     q = quantize_model(GPT(GPTConfig(**CFG)), 4)

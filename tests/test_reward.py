@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from chatfactory.config import Config, RewardConfig, TrainConfig
-from chatfactory.data.preferences import (PairBatches, collate, encode_pairs, fit, load_comparisons, load_prompts,
-                                          parse_hh_transcript, read_comparisons)
+from chatfactory.data.preferences import (
+    PairBatches,
+    collate,
+    encode_pairs,
+    fit,
+    load_comparisons,
+    load_prompts,
+    parse_hh_transcript,
+    read_comparisons,
+)
 from chatfactory.data.sources import DataError
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.text.tokenizer import Tokenizer
 from chatfactory.train.loop import Stage, train
 
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -247,7 +255,7 @@ def test_reward_model_learns_the_gold_rule(sft_run, tmp_path):
 # ---------------------------------------------------------------- comparisons command
 def test_load_scorer_and_pick_pairs():
     from chatfactory.data.comparisons import pick_pairs
-    from chatfactory.scorer import load_scorer
+    from chatfactory.data.scorer import load_scorer
 
     assert load_scorer("test_reward:gold_score") is gold_score
     for spec, msg in [("nocolon", "must look like"), ("no_such_mod_xyz:f", "cannot import"),
@@ -299,11 +307,10 @@ def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     """The InstructGPT loop's data step: K samples of the SFT policy per prompt, labeled by the gold rule,
     then a reward model trained on them — both through the real CLI."""
     import os
+    import shutil
     import subprocess
 
     from conftest import ROOT, cli_cmd
-
-    import shutil
 
     src, tok = sft_run
     run = tmp_path / "run"  # a fresh run holding only the tokenizer and the SFT policy

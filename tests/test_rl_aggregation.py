@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ppo import world  # noqa: F401  (the shared tiny run, a pytest fixture)
 
 from chatfactory.config import Config, GRPOConfig, PPOConfig
 from chatfactory.train import rl
@@ -24,7 +25,6 @@ from chatfactory.train.grpo import GRPOStage
 from chatfactory.train.loop import setup_dist
 from chatfactory.train.ppo import PPOStage
 from chatfactory.train.rollout import pad_batch
-from test_ppo import world  # noqa: F401  (the shared tiny run, a pytest fixture)
 
 TESTS = Path(__file__).resolve().parent
 AGGS = list(rl.AGGREGATIONS)

@@ -3,12 +3,12 @@ repetition penalty, a model that gives NaN logits, a padded vocabulary, a seed o
 failure half-way through submitting n answers, and the prefill's logits."""
 import pytest
 import torch
-
-from chatfactory.batching import Request, Scheduler
-from chatfactory.engine import Engine, SamplingError, SamplingParams, sample_next, sample_probs
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 from test_serve import make_run, post
+
+from chatfactory.inference.batching import Request, Scheduler
+from chatfactory.inference.engine import Engine, SamplingError, SamplingParams, sample_next, sample_probs
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 
 
 def tiny_model(vocab=97):

@@ -3,9 +3,9 @@ the grouped forward (one prompt pass per group) that scores and trains on GRPO's
 import pytest
 import torch
 
-from chatfactory import engine as engine_mod
-from chatfactory.engine import Engine, SamplingParams, sample_probs
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.inference import engine as engine_mod
+from chatfactory.inference.engine import Engine, SamplingParams, sample_probs
+from chatfactory.model.gpt import GPT, GPTConfig
 
 
 @pytest.fixture(scope="module", params=["gpt2", "modern"])
@@ -22,7 +22,7 @@ def no_sharing(prompts):
 def make_engine(model, static: bool) -> Engine:
     engine = Engine(model)
     if static:  # the static-shape decode step of Engine(compile=True), run uncompiled
-        from chatfactory.decode_step import DecodeStep
+        from chatfactory.inference.decode_step import DecodeStep
 
         engine.compiled = DecodeStep(model, compile=False)
     return engine

@@ -13,14 +13,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from chatfactory.batching import Request, Scheduler
-from chatfactory.checkpoint import save_checkpoint, unique_state_dict
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.inference.batching import Request, Scheduler
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 from chatfactory.serve.protocol import Detokenizer
-from chatfactory.tokenizer import Tokenizer
-
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.text.tokenizer import Tokenizer
 from conftest import cli_cmd
 
 openai = pytest.importorskip("openai")

@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
+from test_serve import make_run, post
 
-from chatfactory.batching import QueueFull, Request, Scheduler
-from chatfactory.engine import SamplingParams
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.inference.batching import QueueFull, Request, Scheduler
+from chatfactory.inference.engine import SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve import feedback as feedback_mod
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
-from test_serve import make_run, post
 
 openai = pytest.importorskip("openai")
 CONV = [{"role": "user", "content": "Say hi"}]

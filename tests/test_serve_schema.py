@@ -6,9 +6,9 @@ import time
 
 import pytest
 from fastapi.routing import APIRoute
+from test_serve import make_run, post
 
 from chatfactory.serve.api import ServerThread, create_app, load_service
-from test_serve import make_run, post
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,16 @@ import sys
 import pytest
 import torch
 
-from chatfactory.checkpoint import load_model, save_checkpoint, unique_state_dict
 from chatfactory.config import load_config
 from chatfactory.data.chat import load_conversations, parse_hh_transcript
 from chatfactory.data.sources import DataError
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.model import GPT, GPTConfig
-from chatfactory.tokenizer import Tokenizer
-from conftest import cli_cmd
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import Tokenizer
 from chatfactory.train.sft import IGNORE, PackedBatches, collate, masked_loss, pack, tokenize_conversations
+from conftest import cli_cmd
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"},
@@ -237,7 +238,7 @@ def test_sft_under_torchrun_matches_one_process(tmp_path):
 
 
 def test_run_sft_errors_name_what_is_wrong(tmp_path):
-    from chatfactory.checkpoint import CheckpointError
+    from chatfactory.store.files import CheckpointError
     from chatfactory.train.sft import run_sft
 
     run, data, _, _ = make_run(tmp_path, n=40, n_test=5)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from chatfactory.checkpoint import load_model
-from chatfactory.engine import Engine, SamplingParams
-from chatfactory.quant import QuantLinear
-from chatfactory.tokenizer import Tokenizer
 from test_serve import TEXT, make_run
+
+from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.model.quant import QuantLinear
+from chatfactory.store.load import load_model
+from chatfactory.text.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import small_hardware as sh  # noqa: E402
@@ -96,7 +96,7 @@ def test_result_line_formats_every_key():
 
 def test_llamacpp_rows_decoded_together_match_each_alone():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[bench]')")
-    from chatfactory.gguf import find_model
+    from chatfactory.formats.gguf import find_model
 
     try:
         path = find_model("smollm2")

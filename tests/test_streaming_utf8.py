@@ -25,16 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_serve import serve_subprocess
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from chatfactory.checkpoint import save_checkpoint, unique_state_dict
-from chatfactory.model import GPT, GPTConfig
+from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve.protocol import Detokenizer
-from chatfactory.tokenizer import SPECIAL_TOKENS, TextStream, Tokenizer, _bytes_to_unicode
-
+from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+from chatfactory.text.tokenizer import SPECIAL_TOKENS, TextStream, Tokenizer, _bytes_to_unicode
 from conftest import cli_cmd
-from test_serve import serve_subprocess
 
 FFFD = "\ufffd"
 TEXTS = ["「你好，世界！」", "👋🏽 hi 👩‍💻 and 🇨🇳", "é中😀a", "你好，世界！👋🏽 我是👩‍💻。"]
@@ -198,8 +197,8 @@ def echo_run(tmp_path_factory):
 
 
 def test_the_hand_set_model_says_the_reply(echo_run):
-    from chatfactory.checkpoint import load_model
-    from chatfactory.engine import Engine, SamplingParams
+    from chatfactory.inference.engine import Engine, SamplingParams
+    from chatfactory.store.load import load_model
 
     root, tok, ids = echo_run
     model, _ = load_model(root / "sft")
@@ -211,9 +210,9 @@ def test_the_hand_set_model_says_the_reply(echo_run):
 # ---------------------------------------------------------------- end to end: the terminal chat
 
 def test_terminal_chat_streams_whole_characters(echo_run):
-    from chatfactory.chat import ChatSession
-    from chatfactory.checkpoint import load_model
-    from chatfactory.engine import SamplingParams
+    from chatfactory.inference.chat import ChatSession
+    from chatfactory.inference.engine import SamplingParams
+    from chatfactory.store.load import load_model
 
     root, tok, ids = echo_run
     model, _ = load_model(root / "sft")

@@ -8,7 +8,7 @@ import pytest
 
 from chatfactory.data import rubric, tasks, tasks_zh
 from chatfactory.data.zh_numerals import numbers, parse_zh, zh_numeral
-from chatfactory.tokenizer import check_messages
+from chatfactory.text.tokenizer import check_messages
 
 
 def test_rows_are_deterministic_and_well_formed():
@@ -93,7 +93,7 @@ def test_rubric_prefers_right_concise_clean_and_declines():
         for a in ("x", r["reference"] * 3, "7", rubric.DECLINE):
             assert 0.0 <= rubric.rubric_score(r, a) <= 1.0
     assert "Right over wrong" in rubric.RUBRIC and "Concise" in rubric.RUBRIC
-    from chatfactory.scorer import load_scorer
+    from chatfactory.data.scorer import load_scorer
 
     # the scorer's name in configs and older run directories still loads it
     assert load_scorer("chatfactory.data.tasks:rubric_score") is load_scorer("chatfactory.data.rubric:rubric_score")
@@ -270,7 +270,7 @@ def test_the_pre_tokenizer_keeps_a_run_of_han_characters_whole():
     could ever make a Chinese character (or word) a single token."""
     from tokenizers import pre_tokenizers
 
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.text.tokenizer import Tokenizer
 
     pieces = Tokenizer.train(["七加八等于多少？"] * 50, 300).hf.pre_tokenizer.pre_tokenize_str("七加八等于多少？把「cat」倒过来写。")
     spans = [span for _, span in pieces]

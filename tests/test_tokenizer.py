@@ -1,7 +1,7 @@
 """Byte-level BPE: lossless on any UTF-8, special tokens reserved and never produced from text."""
 import pytest
 
-from chatfactory.tokenizer import SPECIAL_TOKENS, Tokenizer
+from chatfactory.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 20,

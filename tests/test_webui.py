@@ -16,10 +16,10 @@ import time
 import urllib.request
 
 import pytest
-
-from chatfactory.batching import Step
-from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 from test_serve import make_run, serve_subprocess
+
+from chatfactory.inference.batching import Step
+from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 
 pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")  # the module needs it
 

@@ -106,8 +106,8 @@ def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared
     reads only the OpenAssistant answers (the full text takes minutes to tokenize), with a bigger slice so
     its validation tail has room (the full preset keeps its tail inside its slice too: the README says by how much)."""
     import chatfactory.train.sft as sft_mod
-    from chatfactory.checkpoint import stage_finished
-    from chatfactory.tokenizer import Tokenizer
+    from chatfactory.store.checkpoint import stage_finished
+    from chatfactory.text.tokenizer import Tokenizer
     from chatfactory.train.dpo import run_dpo
     from chatfactory.train.pretrain import run_pretrain
     from chatfactory.train.reward import run_reward

@@ -111,8 +111,8 @@ def _inference(a):
     quantizes on load; --max-memory streams the layers that do not fit (offload.py)."""
     import contextlib
 
-    from .offload import streaming
-    from .quant import inference
+    from .model.offload import streaming
+    from .store.load import inference
 
     stack = contextlib.ExitStack()
     stack.enter_context(inference(a.quantize))
@@ -130,7 +130,7 @@ def _add_quantize_arg(p) -> None:
 
 
 def cmd_quantize(a):
-    from .quant import quantize_stage
+    from .store.load import quantize_stage
 
     out = quantize_stage(a.run, a.stage, a.bits, a.group, a.out_stage, a.include_head)
     print(f"wrote {out} (int{a.bits}{f', groups of {a.group}' if a.bits == 4 else ''}); "
@@ -138,7 +138,7 @@ def cmd_quantize(a):
 
 
 def cmd_chat(a):
-    from .chat import run_chat
+    from .inference.chat import run_chat
 
     with _inference(a):
         run_chat(a)
@@ -147,9 +147,10 @@ def cmd_chat(a):
 def cmd_sample(a):
     import torch
 
-    from .checkpoint import latest_stage, load_model
-    from .engine import Engine, SamplingParams
-    from .tokenizer import TextStream, Tokenizer
+    from .inference.engine import Engine, SamplingParams
+    from .store.checkpoint import latest_stage
+    from .store.load import load_model
+    from .text.tokenizer import TextStream, Tokenizer
 
     with torch.no_grad():  # not set_grad_enabled(False): a caller in the same process keeps its own mode
         stage = a.stage or latest_stage(a.run)
@@ -169,13 +170,13 @@ def cmd_sample(a):
 
 
 def cmd_generate(a):
-    from .generate import generate
+    from .inference.generate import generate
 
     generate(a, _inference(a))
 
 
 def cmd_export(a):
-    from .hf import export_run
+    from .formats.hf import export_run
 
     print(f"wrote {export_run(a.run, a.stage, a.to, a.peft)} (load with transformers.AutoModelForCausalLM / AutoTokenizer)")
     if a.peft:
@@ -183,7 +184,7 @@ def cmd_export(a):
 
 
 def cmd_import(a):
-    from .gguf import import_model
+    from .formats.gguf import import_model
 
     res = import_model(getattr(a, "from"), a.out, a.stage, keep_quantized=a.keep_quantized)
     if "quantized" in res:
@@ -356,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
     from .data.sources import DataError
+    from .store.files import CheckpointError
 
     try:
         a.fn(a)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .model import GPTConfig
+from .model.gpt import GPTConfig
 
 # inside the package, so an installed (non-editable) copy has its presets; the repo's top-level configs/
 # is a link here
@@ -376,6 +376,6 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def save_config(cfg: Config, path) -> None:
-    from .checkpoint import atomic_write_text
+    from .store.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

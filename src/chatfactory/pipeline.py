@@ -33,12 +33,13 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, has_checkpoint, stage_finished
 from .config import Config, save_config
 from .data.tasks import prompt_text, write_task_files
 from .eval.heldout import POLICIES, dev_scores, evaluate_all, read_rows, reward_accuracy
 from .eval.report import write_report
-from .tokenizer import Tokenizer
+from .store.checkpoint import has_checkpoint, stage_finished
+from .store.files import atomic_write_text
+from .text.tokenizer import Tokenizer
 
 # stage -> (module, entry point); run in this order
 TRAIN_STAGES = {
@@ -194,8 +195,8 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
 def import_base(cfg: Config, run_dir: Path) -> dict:
     """``pipeline.base``: a pretrained model, imported into RUN/pretrain (with its tokenizer and chat
     template), takes pretraining's place; the later stages start from it as from a model trained here."""
-    from .gguf import import_model
-    from .model import GPTConfig
+    from .formats.gguf import import_model
+    from .model.gpt import GPTConfig
 
     res = import_model(cfg.pipeline.base, run_dir, "pretrain")
     cfg.model = GPTConfig.from_dict(res["model"])

@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from ..tokenizer import check_messages
+from ..text.tokenizer import check_messages
 from .jsonl import DataError, open_text, read_jsonl
 
 # "\n\nHuman:" / "\n\nAssistant:" open the turns of an Anthropic HH transcript

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import latest_stage, load_model
 from ..config import Config
-from ..engine import Engine, SamplingParams
-from ..scorer import load_scorer
-from ..tokenizer import Tokenizer
+from ..inference.engine import Engine, SamplingParams
+from ..store.checkpoint import latest_stage
+from ..store.load import load_model
+from ..text.tokenizer import Tokenizer
 from .preferences import load_prompts, write_comparisons
+from .scorer import load_scorer
 
 
 def pick_pairs(answers: list[str], scores: list[float], mode: str) -> list[tuple[int, int]]:

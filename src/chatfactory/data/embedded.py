@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import os
 import sysconfig
-from typing import Iterator
+from collections.abc import Iterator
 
 # test suites, GUIs and vendored trees add little prose and much noise
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "idlelib", "lib2to3",

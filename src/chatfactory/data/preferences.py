@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..tokenizer import check_messages
+from ..text.tokenizer import check_messages
 from .chat import parse_hh_transcript
 from .jsonl import DataError, read_jsonl
 
@@ -145,7 +145,7 @@ def write_comparisons(path, pairs: list[dict]) -> None:
     """Write rows in the comparisons format atomically (a crash never leaves half a file)."""
     import json
 
-    from ..checkpoint import atomic_write_text
+    from ..store.files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write_text
+from ..store.files import atomic_write_text
 
 DOCS_PER_BATCH = 256
 

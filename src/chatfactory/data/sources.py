@@ -18,8 +18,8 @@ Several specs may be joined with commas. A bad row is an error naming the file a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..config import DataConfig
 from .chat import assistant_texts, check_holdout

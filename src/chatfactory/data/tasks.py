@@ -411,7 +411,7 @@ def fewshot_rows(n: int = 200, seed: int = 0, n_choices: int = 4) -> list[dict]:
 
 # ---------------------------------------------------------------- files
 def _write_jsonl(path: Path, rows) -> None:
-    from ..checkpoint import atomic_write_text
+    from ..store.files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 

@@ -44,8 +44,10 @@ def add_eval_parser(sub, fn) -> None:
 
 
 def run_eval(a) -> dict:
-    from ..checkpoint import atomic_write_text, latest_stage, load_model, resolve_stage
-    from ..tokenizer import Tokenizer
+    from ..store.checkpoint import latest_stage, resolve_stage
+    from ..store.files import atomic_write_text
+    from ..store.load import load_model
+    from ..text.tokenizer import Tokenizer
     from .fewshot import few_shot_table, format_table, load_task
     from .lm import text_loss
 

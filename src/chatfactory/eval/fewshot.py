@@ -171,7 +171,7 @@ def score_continuations(model, pairs, batch_size: int = 16) -> list[tuple[float,
 
 
 def _generate_exact(model, tok, rows, shot_lists, chat: bool, batch_size: int = 16) -> list[bool]:
-    from ..engine import Engine, SamplingParams
+    from ..inference.engine import Engine, SamplingParams
 
     engine = Engine(model, vocab_limit=tok.vocab_size)
     right = []

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_text, has_checkpoint, load_model
 from ..data.jsonl import read_jsonl
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
-from ..engine import Engine, SamplingParams
-from ..tokenizer import Tokenizer
+from ..inference.engine import Engine, SamplingParams
+from ..store.checkpoint import has_checkpoint
+from ..store.files import atomic_write_text
+from ..store.load import load_model
+from ..text.tokenizer import Tokenizer
 from .fewshot import few_shot_table
 from .winrate import compare
 

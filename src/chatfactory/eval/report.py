@@ -17,8 +17,8 @@ import json
 import math
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text
-from ..tokenizer import Tokenizer
+from ..store.files import atomic_write_text
+from ..text.tokenizer import Tokenizer
 from ..train.loop import read_metrics
 from .heldout import POLICIES, chars_per_token, read_rows
 

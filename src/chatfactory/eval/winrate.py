@@ -14,13 +14,13 @@ CLI: ``chatfactory eval --run runs/NAME --stage ppo --against sft --prompts held
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..engine import Engine, SamplingParams
-from ..scorer import load_scorer
+from ..data.scorer import load_scorer
+from ..inference.engine import Engine, SamplingParams
 
 Judge = Callable[[dict, str], float]
 

@@ -38,18 +38,35 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..batching import QueueFull, Request
-from ..engine import SamplingParams
-from ..tokenizer import TextStream
+from ..inference.batching import QueueFull, Request
+from ..inference.engine import SamplingParams
+from ..text.tokenizer import TextStream
 from .guard import client_gone, install_guards, read_body
 from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_openapi, doc, file_doc
-from .protocol import (APIError, ChatCompletionRequest, Choice, CompletionRequest, DetokenizeRequest, TokenizeChat,
-                       parse_body, parse_feedback, parse_tokenize)
-from .responses import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, DetokenizeResponse,
-                        FeedbackCreated, Health, ModelList, TokenizeResponse, TokenizerInfo)
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    Choice,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChat,
+    parse_body,
+    parse_feedback,
+    parse_tokenize,
+)
+from .responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    DetokenizeResponse,
+    FeedbackCreated,
+    Health,
+    ModelList,
+    TokenizeResponse,
+    TokenizerInfo,
+)
 from .service import Service, load_service
-
-
 
 # ---------------------------------------------------------------- the app
 

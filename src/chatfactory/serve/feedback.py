@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from ..checkpoint import atomic_write_text
-from ..tokenizer import check_messages
+from ..store.files import atomic_write_text
+from ..text.tokenizer import check_messages
 
 FILENAME = "feedback.sqlite"
 

@@ -13,8 +13,15 @@ from pathlib import Path
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FeedbackRequest, LaterChatMessage,
-                       LaterFeedbackTurn, TokenizeRequest)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    FeedbackRequest,
+    LaterChatMessage,
+    LaterFeedbackTurn,
+    TokenizeRequest,
+)
 from .responses import ChatCompletionChunk, CompletionChunk, ErrorResponse
 
 STATIC = Path(__file__).parent / "static"

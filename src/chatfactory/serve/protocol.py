@@ -10,14 +10,25 @@ answers). No HTTP and no model here: ``api.py`` wires these to FastAPI and the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag,
-                      ValidationError, WithJsonSchema, field_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from ..batching import Request, Step
-from ..tokenizer import ROLES, TextStream, Tokenizer
+from ..inference.batching import Request, Step
+from ..text.tokenizer import ROLES, TextStream, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ def _list_of(v, kind) -> bool:
 class Body(BaseModel):
     """What every request body may hold: the model it is meant for (this server's only, when given)."""
     model_config = ConfigDict(extra="ignore")
-    model: Optional[SStr] = Field(None, description="the served model's id (GET /v1/models); null or absent: that one")
+    model: SStr | None = Field(None, description="the served model's id (GET /v1/models); null or absent: that one")
 
 
 class TextPart(BaseModel):
@@ -107,7 +118,7 @@ class TextPart(BaseModel):
 
 
 Content = Annotated[
-    Union[Annotated[Text, Tag("as text")], Annotated[list[TextPart], Tag("as parts")]],
+    Annotated[Text, Tag("as text")] | Annotated[list[TextPart], Tag("as parts")],
     by_shape(lambda v: "as text" if isinstance(v, str) else "as parts" if isinstance(v, list) else None,
              "a string or a list of text parts")]
 
@@ -144,7 +155,7 @@ def _system_first(msgs):
 Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages), AfterValidator(_system_first)]
 
 Stop = Annotated[
-    Union[Annotated[SStr, Tag("as text")], Annotated[list[SStr], Field(max_length=LIMITS.max_stop), Tag("as list")]],
+    Annotated[SStr, Tag("as text")] | Annotated[list[SStr], Field(max_length=LIMITS.max_stop), Tag("as list")],
     by_shape(lambda v: "as text" if isinstance(v, str) else "as list" if isinstance(v, list) else None,
              "a string or a list of strings")]
 
@@ -152,15 +163,15 @@ Stop = Annotated[
 class SamplingBody(Body):
     """The sampling settings both completion endpoints share. Any temperature in (0, 2] is valid, tiny
     ones too (OpenAI accepts them; the sampler shifts logits by their maximum, so they sample greedily)."""
-    temperature: Optional[SFloat] = Field(None, ge=0, le=2, description="default 1; 0 is greedy")
-    top_p: Optional[SFloat] = Field(None, gt=0, le=1, description="default 1 (off)")
-    top_k: Optional[Int(ge=-1)] = Field(None, description="default 0 (off); -1 is off too")
-    repetition_penalty: Optional[SFloat] = Field(None, gt=0, le=10, description="default 1 (off)")
+    temperature: SFloat | None = Field(None, ge=0, le=2, description="default 1; 0 is greedy")
+    top_p: SFloat | None = Field(None, gt=0, le=1, description="default 1 (off)")
+    top_k: Int(ge=-1) | None = Field(None, description="default 0 (off); -1 is off too")
+    repetition_penalty: SFloat | None = Field(None, gt=0, le=10, description="default 1 (off)")
     # int64, as OpenAI documents it; sibling answers of n > 1 take seed + j, still in torch's range
-    seed: Optional[Int(ge=-2**63, lt=2**63)] = None
-    n: Optional[Int(ge=1, le=LIMITS.max_n)] = Field(None, description="answers per prompt, default 1")
-    stream: Optional[SBool] = Field(None, description="server-sent events (text/event-stream) ending in 'data: [DONE]'")
-    stop: Optional[Stop] = None
+    seed: Int(ge=-2 ** 63, lt=2 ** 63) | None = None
+    n: Int(ge=1, le=LIMITS.max_n) | None = Field(None, description="answers per prompt, default 1")
+    stream: SBool | None = Field(None, description="server-sent events (text/event-stream) ending in 'data: [DONE]'")
+    stop: Stop | None = None
 
     def sampling(self) -> dict:
         """-> the settings with defaults filled in (what api.py hands the scheduler)."""
@@ -197,16 +208,16 @@ def _given(v, default):
 
 
 class StreamOptions(BaseModel):
-    include_usage: Optional[SBool] = Field(None, description="a last chunk with the usage and no choices")
+    include_usage: SBool | None = Field(None, description="a last chunk with the usage and no choices")
 
 
 class ChatCompletionRequest(SamplingBody):
     messages: Conversation
-    max_tokens: Optional[Int(ge=1)] = Field(None, description="default: the room left in the context")
-    max_completion_tokens: Optional[Int(ge=1)] = Field(None, description="OpenAI's newer name for max_tokens")
-    logprobs: Optional[SBool] = None
-    top_logprobs: Optional[Int(ge=0, le=LIMITS.max_logprobs)] = None
-    stream_options: Optional[StreamOptions] = None
+    max_tokens: Int(ge=1) | None = Field(None, description="default: the room left in the context")
+    max_completion_tokens: Int(ge=1) | None = Field(None, description="OpenAI's newer name for max_tokens")
+    logprobs: SBool | None = None
+    top_logprobs: Int(ge=0, le=LIMITS.max_logprobs) | None = None
+    stream_options: StreamOptions | None = None
 
 
 def _prompt_shape(v):
@@ -219,19 +230,16 @@ def _prompt_shape(v):
 
 
 Prompt = Annotated[
-    Union[Annotated[Text, Tag("as text")],
-          Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as texts")],
-          Annotated[list[TokenId], Field(min_length=1), Tag("as ids")],
-          Annotated[list[list[TokenId]], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as id lists")]],
+    Annotated[Text, Tag("as text")] | Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as texts")] | Annotated[list[TokenId], Field(min_length=1), Tag("as ids")] | Annotated[list[list[TokenId]], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as id lists")],
     by_shape(_prompt_shape, "a string, a list of strings, a list of token ids or a list of such lists")]
 
 
 class CompletionRequest(SamplingBody):
     prompt: Prompt
-    max_tokens: Optional[Int(ge=0)] = Field(None, description="default 16; 0 with echo and logprobs scores the prompt")
-    max_completion_tokens: Optional[Int(ge=0)] = None
-    echo: Optional[SBool] = Field(None, description="the prompt comes back before the completion (not with stream)")
-    logprobs: Optional[Int(ge=0, le=LIMITS.max_logprobs)] = Field(
+    max_tokens: Int(ge=0) | None = Field(None, description="default 16; 0 with echo and logprobs scores the prompt")
+    max_completion_tokens: Int(ge=0) | None = None
+    echo: SBool | None = Field(None, description="the prompt comes back before the completion (not with stream)")
+    logprobs: Int(ge=0, le=LIMITS.max_logprobs) | None = Field(
         None, description="log-probs of each token and this many alternatives (not with stream)")
 
     def prompts(self) -> list[str | list[int]]:
@@ -242,13 +250,13 @@ class CompletionRequest(SamplingBody):
 
 class TokenizeText(Body):
     prompt: Annotated[str, Strict(), Field(max_length=LIMITS.max_body_bytes)]
-    add_special_tokens: Optional[SBool] = Field(None, description="default true: open with <|bos|> where the model's documents do")
+    add_special_tokens: SBool | None = Field(None, description="default true: open with <|bos|> where the model's documents do")
     messages: None = None  # a body with messages is the other kind
 
 
 class TokenizeChat(Body):
     messages: Conversation
-    add_generation_prompt: Optional[SBool] = Field(None, description="default true: end with the assistant's turn opening")
+    add_generation_prompt: SBool | None = Field(None, description="default true: end with the assistant's turn opening")
 
 
 class DetokenizeRequest(Body):
@@ -284,7 +292,7 @@ class ComparisonFeedback(Body):
 
 
 # bodies that are one of two kinds, told apart by a key as api.py reads them
-FeedbackRequest = Annotated[Union[RatingFeedback, ComparisonFeedback], Field(discriminator="kind")]
+FeedbackRequest = Annotated[RatingFeedback | ComparisonFeedback, Field(discriminator="kind")]
 TokenizeRequest = Union[TokenizeChat, TokenizeText]
 
 

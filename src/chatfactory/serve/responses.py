@@ -4,7 +4,7 @@ against these."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str]
-    code: Optional[str]
+    param: str | None
+    code: str | None
 
 
 class ErrorResponse(BaseModel):
@@ -30,7 +30,7 @@ class ModelCard(BaseModel):
     memory: Literal["resident", "streamed"] = Field(
         description="where the weights live while serving: all in memory (resident), or the layers beyond "
                     "--max-memory read from disk just before they run (streamed)")
-    memory_budget_mb: Optional[float] = Field(None, description="streamed: the weights' memory budget, in MB")
+    memory_budget_mb: float | None = Field(None, description="streamed: the weights' memory budget, in MB")
 
 
 class ModelList(BaseModel):
@@ -69,7 +69,7 @@ FinishReason = Literal["stop", "length", "abort"]
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: Optional[ChatLogprobs]
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason
 
 
@@ -83,15 +83,15 @@ class ChatCompletion(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Optional[Literal["assistant"]] = None  # in each answer's first chunk
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None  # in each answer's first chunk
+    content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: Optional[ChatLogprobs]
-    finish_reason: Optional[FinishReason]
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -101,20 +101,20 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]  # empty in the last chunk of stream_options.include_usage
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: list[Optional[dict[str, float]]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs]
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
 
 
@@ -131,7 +131,7 @@ class CompletionChunkChoice(BaseModel):
     index: int
     text: str
     logprobs: None
-    finish_reason: Optional[FinishReason]
+    finish_reason: FinishReason | None
 
 
 class CompletionChunk(BaseModel):

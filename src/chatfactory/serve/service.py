@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..batching import Scheduler
-from ..offload import memory_mode
-from ..tokenizer import Tokenizer
+from ..inference.batching import Scheduler
+from ..model.offload import memory_mode
+from ..text.tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
 from .protocol import LIMITS
@@ -54,7 +54,8 @@ class Service:
 
 def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
                  device: str = "cpu") -> Service:
-    from ..checkpoint import latest_stage, load_model
+    from ..store.checkpoint import latest_stage
+    from ..store.load import load_model
 
     run_dir = Path(run_dir)
     stage = stage or latest_stage(run_dir)

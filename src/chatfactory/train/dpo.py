@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, resolve_stage
 from ..config import Config
-from .lora import apply_lora, as_reference, lora_settings, summary
+from ..model.lora import apply_lora, as_reference, lora_settings, summary
+from ..store.checkpoint import resolve_stage
+from ..store.load import load_model
 from .loop import train
 from .pairs import PairInputs, PairStage, pair_inputs, pair_right
 from .rl import frozen, no_dropout

@@ -28,9 +28,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import (CheckpointError, append_text, has_checkpoint, load_checkpoint, load_weights, repair_checkpoint,
-                          save_checkpoint, unique_state_dict)
 from ..config import TrainConfig
+from ..store.checkpoint import (
+    has_checkpoint,
+    load_checkpoint,
+    load_weights,
+    repair_checkpoint,
+    save_checkpoint,
+    unique_state_dict,
+)
+from ..store.files import CheckpointError, append_text
 from . import memory
 
 
@@ -177,7 +184,7 @@ class Metrics:
                 continue
             if row.get("step", 0) <= step:
                 keep.append(line)
-        from ..checkpoint import atomic_write_text
+        from ..store.files import atomic_write_text
 
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every Transformer block inside ``model``, in module order."""
-    from ..model import Block
+    from ..model.gpt import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 

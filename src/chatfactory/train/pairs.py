@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, resolve_stage
 from ..config import PairTrainConfig
 from ..data.preferences import EncodedPair, PairBatches, collate, pair_data, val_chunks
-from ..model import GPT
-from ..tokenizer import Tokenizer
+from ..model.gpt import GPT
+from ..store.checkpoint import resolve_stage
+from ..store.load import load_model
+from ..text.tokenizer import Tokenizer
 from .loop import Dist, Stage, all_reduce_sum, setup_dist
 
 

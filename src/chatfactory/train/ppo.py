@@ -27,8 +27,9 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_model, resolve_stage, stage_config
 from ..config import Config
+from ..store.checkpoint import resolve_stage, stage_config
+from ..store.load import load_model
 from .loop import all_reduce_sum
 from .reward import RewardModel, load_reward_model
 from .rl import RLStage, aggregate, kl_k1, masked_mean, run_rl

@@ -19,8 +19,8 @@ import torch
 from ..config import Config, save_config
 from ..data.shards import PretrainBatches, build_shards, open_split, val_batches
 from ..data.sources import iter_texts
-from ..model import GPT
-from ..tokenizer import Tokenizer
+from ..model.gpt import GPT
+from ..text.tokenizer import Tokenizer
 from .loop import Dist, Stage, all_reduce_sum, setup_dist, train
 
 

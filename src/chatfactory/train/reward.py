@@ -23,13 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import (CheckpointError, load_checkpoint, load_weights, model_config, save_checkpoint, stage_config,
-                          unique_state_dict)
 from ..config import Config
 from ..data.preferences import collate
-from ..model import GPT, GPTConfig
+from ..model.gpt import GPT, GPTConfig
+from ..model.lora import apply_lora, lora_settings, merge_weights, summary
+from ..store.checkpoint import load_checkpoint, load_weights, save_checkpoint, stage_config, unique_state_dict
+from ..store.files import CheckpointError
+from ..store.load import model_config
 from . import memory
-from .lora import apply_lora, lora_settings, merge_weights, summary
 from .loop import all_reduce_sum, train
 from .pairs import PairStage, pair_inputs, pair_right
 

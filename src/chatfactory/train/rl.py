@@ -34,17 +34,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_model, load_weights, resolve_stage, unique_state_dict
 from ..config import Config, RLConfig, save_config
 from ..data.preferences import load_prompts
-from ..engine import Engine
+from ..data.scorer import load_scorer
 from ..eval.winrate import gold_score
-from ..scorer import load_scorer
-from .lora import apply_lora, as_reference, lora_layers, lora_settings, summary
+from ..inference.engine import Engine
+from ..model.lora import apply_lora, as_reference, lora_layers, lora_settings, summary
+from ..store.checkpoint import load_weights, resolve_stage, unique_state_dict
+from ..store.load import load_model
 from .loop import Dist, Stage, all_reduce_sum, autocast_for, setup_dist, train
 from .pairs import run_tokenizer
 from .reward import load_reward_model
-from .rollout import LogpMismatch, answer_logprobs, attention_mask, forward_answers, logprobs_and_entropy, rollout, select
+from .rollout import (
+    LogpMismatch,
+    answer_logprobs,
+    attention_mask,
+    forward_answers,
+    logprobs_and_entropy,
+    rollout,
+    select,
+)
 from .selection import BestIteration, finish_with_best
 
 

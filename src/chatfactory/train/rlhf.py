@@ -14,8 +14,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ..checkpoint import resolve_stage, stage_finished
 from ..config import Config
+from ..store.checkpoint import resolve_stage, stage_finished
 
 
 def run_rlhf(cfg: Config, run_dir, rounds: int, prompts: str = "", k: int = 0) -> list[dict]:

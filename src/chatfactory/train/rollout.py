@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine import Engine, SamplingParams
+from ..inference.engine import Engine, SamplingParams
 from .loop import all_reduce_sum
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint, unique_state_dict
 from ..eval.heldout import choose_on_dev
+from ..store.checkpoint import load_checkpoint, save_checkpoint, unique_state_dict
 
 
 class BestIteration:
@@ -29,7 +29,7 @@ class BestIteration:
         self.best: dict | None = None  # {"iteration", "gold", "weights": trainable tensors on the CPU}
 
     @classmethod
-    def for_stage(cls, name: str, settings, eval_rows: list, gold) -> "BestIteration | None":
+    def for_stage(cls, name: str, settings, eval_rows: list, gold) -> BestIteration | None:
         if not settings.keep_best:
             return None
         if not (eval_rows and gold is not None):

@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, load_model, resolve_stage
 from ..config import Config, SFTConfig, save_config
 from ..data.chat import load_conversations
-from ..tokenizer import Tokenizer
-from .lora import apply_lora, lora_settings, summary
+from ..model.lora import apply_lora, lora_settings, summary
+from ..store.checkpoint import resolve_stage
+from ..store.files import CheckpointError
+from ..store.load import load_model
+from ..text.tokenizer import Tokenizer
 from .loop import Dist, Stage, all_reduce_sum, setup_dist, train
 
 IGNORE = -100

@@ -17,9 +17,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import POLICY_STAGES, CheckpointError, has_checkpoint, load_model, stage_config
+from ..store.checkpoint import POLICY_STAGES, has_checkpoint, stage_config
+from ..store.files import CheckpointError
+from ..store.load import load_model
+from ..text.tokenizer import TextStream, Tokenizer
 from .engine import Engine, SamplingParams, fit_messages
-from .tokenizer import TextStream, Tokenizer
 
 HELP = """commands:
   /clear          forget the conversation (the system prompt stays)

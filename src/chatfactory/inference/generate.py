@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, latest_stage, load_model
-from .data.jsonl import DataError, read_jsonl
+from ..data.jsonl import DataError, read_jsonl
+from ..store.checkpoint import latest_stage
+from ..store.files import atomic_write_text
+from ..store.load import load_model
+from ..text.tokenizer import Tokenizer, check_messages
 from .engine import Engine, SamplingParams
-from .tokenizer import Tokenizer, check_messages
 
 
 def _row_problem(row: dict) -> str | None:
@@ -104,7 +106,7 @@ def generate(a, loading) -> None:
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
-    from .offload import stall_seconds
+    from ..model.offload import stall_seconds
 
     stalled = f", {stall_seconds(model):.2f}s of it waiting for streamed layers" if getattr(model, "offload", None) else ""
     print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.2f}s{stalled})")

@@ -5,7 +5,7 @@ Scorers label comparisons (``comparisons.labeler``), give PPO a reward without a
 (``ppo.reward=module:function``), and judge held-out answers (``gold``, ``--judge``). The embedded
 default's is ``chatfactory.data.tasks:rubric_score``.
 
-    from chatfactory.scorer import load_scorer
+    from chatfactory.data.scorer import load_scorer
     score = load_scorer("chatfactory.data.tasks:rubric_score")
     score({"messages": [...], "task": "arithmetic", "answer": "15"}, "15")
 """

@@ -57,13 +57,13 @@ fails (no C++ compiler, an unsupported Python).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT, KVCache, apply_rope, rope_cos_sin
+from ..model.gpt import GPT, KVCache, apply_rope, rope_cos_sin
 
 # Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones BLAS
 # products (measured on the bench's model: at 2 rows multiply-sum 2.8 vs packed 3.3 ms per step, at

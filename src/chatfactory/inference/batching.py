@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
+from ..model.gpt import GPT, GPTConfig
 from .engine import SamplingParams, bad_rows, sample_next
-from .model import GPT, GPTConfig
 
 
 class SlotCache:
@@ -113,7 +113,7 @@ class Request:
     finished: bool = False
     slot: int = -1
     _gen: torch.Generator | None = None
-    _scheduler: "Scheduler | None" = None  # set by submit: where a waiting request is withdrawn from
+    _scheduler: Scheduler | None = None  # set by submit: where a waiting request is withdrawn from
 
     def cancel(self) -> None:
         """Safe from any thread: a waiting request leaves the queue now (it must not count toward the

@@ -33,9 +33,8 @@ show half of one::
 from __future__ import annotations
 
 import codecs
-
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -109,7 +108,7 @@ class Tokenizer:
 
     # ---- building ----
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -120,7 +119,7 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def load(cls, path) -> "Tokenizer":
+    def load(cls, path) -> Tokenizer:
         """``tokenizer.json``, with the chat template of ``tokenizer_config.json`` beside it if there is one."""
         import json
 
@@ -152,7 +151,7 @@ class Tokenizer:
         """``tokenizer.json`` (plus ``tokenizer_config.json`` for an imported chat template)."""
         import json
 
-        from .checkpoint import atomic_write_text
+        from ..store.files import atomic_write_text
 
         atomic_write_text(path, self.hf.to_str(pretty=True))
         if self.chat is not None:
@@ -232,7 +231,7 @@ class TextStream:
     (no later token can repair them). Either way the joined deltas equal ``Tokenizer.decode`` of the
     same ids (and what a browser's ``TextDecoder`` shows for the same bytes)."""
 
-    def __init__(self, tok: "Tokenizer | None" = None):
+    def __init__(self, tok: Tokenizer | None = None):
         self.tok = tok  # needed by add(), not by add_bytes()
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 

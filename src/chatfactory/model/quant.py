@@ -34,7 +34,7 @@ codes per byte (low nibble = even column), ``scales`` and ``offsets`` (N, K/grou
     chatfactory chat --run runs/NAME --stage sft-int4              # a quantized stage loads as it is
     chatfactory sample --run runs/NAME --stage sft --quantize int8  # or on load (int4, int4:64; chat, eval, serve)
 
-    from chatfactory.quant import quantize_model, load_quantized
+    from chatfactory.model.quant import quantize_model, load_quantized
     quantize_model(model, bits=4, group=32)        # in place; returns the model
     model, info = load_quantized("runs/NAME/sft-int4")
 """
@@ -43,15 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unique_state_dict
-from .model import GPT, GPTConfig
+from .gpt import GPT, GPTConfig
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
 DEFAULT_GROUP = 32  # int4's default group (the module docstring says why; cli.py's --group default too)
@@ -135,7 +132,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], -1).reshape(p.size(0), -1)
 
 
-def _release_freed() -> None:
+def release_freed() -> None:
     """Freed heap back to the OS (glibc malloc_trim): SmolLM2's int4 load peaked at 160 or 300 MB at random without."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -176,11 +173,11 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}, layout={self.layout}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group: int = DEFAULT_GROUP) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int, group: int = DEFAULT_GROUP) -> QuantLinear:
         return cls.from_weight(linear.weight, linear.bias, bits, group)
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = DEFAULT_GROUP) -> "QuantLinear":
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = DEFAULT_GROUP) -> QuantLinear:
         """The layer quantizing the full-precision weight ``w`` (N, K) (and keeping ``bias`` in fp32)."""
         m = cls(w.size(1), w.size(0), bits, group, bias is not None)
         q, *scales = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
@@ -380,121 +377,8 @@ def linear_bytes(model: nn.Module) -> int:
     return total
 
 
-# ---------------------------------------------------------------- stages on disk
-def stage_model(info: dict, where, weights: dict | None = None, device="cpu") -> GPT:
-    """A stage's GPT built on the meta device, quantized as its config says; ``weights`` become its tensors as they are."""
-    q = info.get("quantized")
-    with torch.device("meta"):
-        model = GPT(checkpoint.model_config(info, where))
-        try:
-            if q:
-                quantize_model(model, q["bits"], int(q.get("group") or DEFAULT_GROUP), bool(q.get("include_head")),
-                               empty=True, layer_bits=q.get("layer_bits"))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{Path(where) / 'config.json'}: bad quantization config ({e})") from None
-    if weights is None:  # offload.py fills it layer by layer
-        return model
-    load_assigned(model, weights, str(Path(where) / "model.safetensors"))
-    return model.to(device).eval()
-
-
 def _take_linear(weights: dict, name: str, cfg: GPTConfig, bias: bool):
     """(weight, bias or None) of layer ``name`` from a state dict, popped (a tied head reads the embedding)."""
-    _release_freed()  # the previous layer's buffers
+    release_freed()  # the previous layer's buffers
     tied = name == "lm_head" and cfg.tie_embeddings
     return weights["tok_emb.weight"] if tied else weights.pop(name + ".weight"), weights.pop(name + ".bias") if bias else None
-
-
-def build_quantizing(cfg: GPTConfig, weights: dict, where, bits, group: int = DEFAULT_GROUP,
-                     include_head: bool = False, device="cpu") -> GPT:
-    """Quantize on load (``--quantize``): the GPT built on the meta device, each linear quantized from its fp32
-    weight as it is read (with ``checkpoint.LazyWeights`` the fp32 model is never whole in memory)."""
-    with torch.device("meta"):
-        model = GPT(cfg)
-    try:
-        quantize_model(model, bits, group, include_head, weights=weights)
-    except KeyError as e:
-        raise CheckpointError(f"{where}: weights do not fit the model (missing {e})") from None
-    load_assigned(model, weights, str(where))
-    return model.to(device).eval()
-
-
-def load_assigned(model: GPT, weights: dict, where: str) -> None:
-    """Load a model built on the meta device: its tensors become those of ``weights`` (taken out of the dict as
-    it goes), a tied head is tied again, and a tensor left on the meta device is an error naming it."""
-    errors = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):  # one layer at a time: its (aligned) copy replaces the file's tensors
-            mine = {k[len(name) + 1:]: weights.pop(k) for k in [k for k in weights if k.startswith(name + ".")]}
-            m._load_from_state_dict(mine, "", {}, True, [], [], errors)
-            _release_freed()
-    if errors:
-        raise CheckpointError(f"{where}: " + "; ".join(errors))
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    weights.clear()
-    if model.cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):
-        model.lm_head.weight = model.tok_emb.weight  # assign replaced tok_emb's parameter: tie the head to it again
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if unexpected or left:
-        raise CheckpointError(f"{where}: weights do not fit the model (missing {sorted(set(missing) & set(left)) or left}, "
-                              f"unexpected {unexpected})")
-
-
-def load_quantized(stage_dir, device="cpu") -> tuple[GPT, dict]:
-    """-> (the quantized GPT of a stage written by ``save_quantized``, its config.json)."""
-    weights, info, _ = load_checkpoint(stage_dir, lazy=True)
-    if not info.get("quantized"):
-        raise CheckpointError(f"{stage_dir}: not a quantized stage (quantize it: chatfactory quantize --run … --stage …)")
-    return stage_model(info, stage_dir, weights, device), info
-
-
-def save_quantized(model: GPT, stage_dir, info: dict) -> None:
-    """Write a quantized model as a stage: the portable codes in model.safetensors, the scheme in config.json."""
-    keep = {k: v for k, v in info.items() if k not in ("lora", "step", "save_id", "quantized")}
-    save_checkpoint(stage_dir, unique_state_dict(model), {**keep, "model": model.cfg.to_dict(),
-                                                          "quantized": model.quantization})
-
-
-def quantize_stage(run_dir, stage: str, bits, group: int = DEFAULT_GROUP, out_stage: str | None = None,
-                   include_head: bool = False) -> Path:
-    """``chatfactory quantize``: the stage's weights (LoRA merged) quantized into RUN/OUT_STAGE."""
-    from .checkpoint import load_model, resolve_stage
-
-    if str(bits) not in ("4", "8"):
-        raise ValueError(f"--bits {bits}: only 8 (int8, per output channel) and 4 (int4, group-wise) are supported")
-    src = resolve_stage(run_dir, stage, "--stage")
-    if checkpoint.stage_config(src).get("quantized"):
-        raise ValueError(f"--stage {stage}: {src} is quantized already; quantize the full-precision stage it came from")
-    model, info = load_model(src)
-    quantize_model(model, bits, group, include_head)
-    out = Path(run_dir) / (out_stage or f"{Path(stage).name}-int{bits}")
-    if out.resolve() == src.resolve():
-        raise ValueError(f"--out-stage {out_stage}: would overwrite the stage it quantizes; name another")
-    save_quantized(model, out, {**info, "quantized_from": str(stage)})
-    return out
-
-
-@contextlib.contextmanager
-def inference(quantize: str | None = None):
-    """For inference commands (chat, sample, serve, eval): within it ``checkpoint.load_model`` loads
-    quantized stages, and quantizes full-precision ones on load when ``quantize`` ("int8"/"int4") is
-    given ("int4:64": groups of 64 columns; default 32). Outside it a quantized stage is refused (training
-    cannot update integer weights)."""
-    bits, group = parse_spec(quantize) if quantize else (None, None)
-    old = checkpoint.quantized_loader, checkpoint.quantize_on_load
-
-    def load(weights, info, where, device):
-        have = info["quantized"]
-        if bits and (have.get("bits") != bits or group not in (None, have.get("group"))):
-            g = "" if have.get("bits") == 8 else f" (groups of {have.get('group')})"
-            raise ValueError(f"{where} is an {have.get('scheme')} stage already{g}: --quantize {quantize} cannot requantize it "
-                             f"(drop --quantize, or quantize the full-precision stage)")
-        return stage_model(info, where, weights, device)
-
-    checkpoint.quantized_loader = load
-    checkpoint.quantize_on_load = (lambda cfg, weights, where, device: build_quantizing(
-        cfg, weights, where, bits, group or DEFAULT_GROUP, device=device)) if bits else None
-    try:
-        yield
-    finally:
-        checkpoint.quantized_loader, checkpoint.quantize_on_load = old

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .model import GPTConfig
+from ..model.gpt import GPTConfig
 
 
 def to_hf_config(cfg: GPTConfig) -> dict:
@@ -181,8 +181,9 @@ def export_run(run_dir, stage: str, out_dir, peft_dir=None) -> Path:
 
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write_text, load_model
-    from .tokenizer import Tokenizer
+    from ..store.files import atomic_write_text
+    from ..store.load import load_model
+    from ..text.tokenizer import Tokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     stage_dir = Path(stage) if Path(stage).is_dir() and not (run_dir / stage).exists() else run_dir / stage
@@ -274,8 +275,8 @@ def save_imported(out_run, stage: str, cfg: GPTConfig, sd: dict, tok, info: dict
     """Write an imported model as a run: ``tokenizer.json`` (+ ``tokenizer_config.json`` with its chat
     template), ``config.yaml`` (its ``model`` section is the imported architecture) and ``<stage>/`` (a
     final checkpoint, no resume state), so ``sft``, ``reward`` and ``ppo`` start from it with ``init_from``."""
-    from .checkpoint import load_weights, unique_state_dict
-    from .model import GPT
+    from ..model.gpt import GPT
+    from ..store.checkpoint import load_weights, unique_state_dict
 
     model = GPT(cfg)
     load_weights(model, sd, info.get("source", "imported weights"))
@@ -284,8 +285,8 @@ def save_imported(out_run, stage: str, cfg: GPTConfig, sd: dict, tok, info: dict
 
 def write_imported(out_run, stage: str, cfg: GPTConfig, weights: dict, tok, info: dict, params: int) -> dict:
     """The files of an imported run (``save_imported``'s, or a GGUF's kept-quantized weights) -> the import's result."""
-    from .checkpoint import save_checkpoint
-    from .config import Config, save_config
+    from ..config import Config, save_config
+    from ..store.checkpoint import save_checkpoint
 
     out_run = Path(out_run)
     tok.save(out_run / "tokenizer.json")
@@ -315,7 +316,7 @@ def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
     from safetensors.torch import load_file
     from tokenizers import AddedToken, decoders
 
-    from .tokenizer import SPECIAL_TOKENS, Tokenizer
+    from ..text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
     src, out_run = Path(src_dir), Path(out_run)
     cpath = src / "config.json"
@@ -415,7 +416,7 @@ def _peft_modules(cfg: GPTConfig, target: str) -> list[tuple[str, slice]]:
 
 def to_peft_state_dict(model) -> tuple[dict, list[str]]:
     """A GPT with LoRA adapters (train/lora.py) -> (PEFT's adapter tensors, its target module names)."""
-    from .train.lora import lora_layers
+    from ..model.lora import lora_layers
 
     layer = "transformer.h" if model.cfg.flavour == "gpt2" else "model.layers"
     out, targets = {}, set()
@@ -435,7 +436,7 @@ def export_peft_adapter(model, lora: dict, adapter_dir, base_dir) -> Path:
 
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_write_text
+    from ..store.files import atomic_write_text
 
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)

@@ -226,7 +226,7 @@ PRE_TOKENIZERS = {"default": [_GPT2_SPLIT], "gpt2": [_GPT2_SPLIT], "smollm": [r"
 
 def gguf_config(g: GGUFFile):
     """The architecture in the metadata -> GPTConfig (an unsupported one is an error naming it)."""
-    from .model import GPTConfig
+    from ..model.gpt import GPTConfig
 
     arch = g.meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -320,7 +320,7 @@ def gguf_quantized_state_dict(g: GGUFFile, cfg) -> tuple[dict, dict]:
     Q6_K, F16, BF16, F32, or a mix) becomes int8 per output channel from its dequantized weights, one layer
     at a time: |error| <= max |w| of the row / 254 beyond the file's own. Embedding, norms, biases and an
     untied LM head are fp32 (dequantized). No fp32 copy of the model's linears is ever made."""
-    from .quant import pack_nibbles, quantize_int8
+    from ..model.quant import pack_nibbles, quantize_int8
 
     sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(g, cfg).items()}
     bits = {}
@@ -341,7 +341,7 @@ def gguf_tokenizer(g: GGUFFile):
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer
 
     kind, pre = g.meta.get("tokenizer.ggml.model"), g.meta.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2":
@@ -426,8 +426,8 @@ def import_gguf(path, out_run, stage: str = "pretrain", keep_quantized: bool = F
 
 
 def _save_quantized_import(g: GGUFFile, cfg, tok, out_run: Path, stage: str, info: dict) -> dict:
+    from ..model.quant import scheme
     from .hf import write_imported
-    from .quant import scheme
 
     sd, bits = gguf_quantized_state_dict(g, cfg)  # before anything is written: a bad tensor leaves no run
     main = 4 if 4 in bits.values() else 8

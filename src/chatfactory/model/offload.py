@@ -27,7 +27,7 @@ Compute is CPU only for now: on a GPU the slots would be pinned CPU buffers copi
     chatfactory generate --run runs/smol --stage sft --prompts p.jsonl --out a.jsonl --max-memory 150MB
     chatfactory chat --run runs/smol --max-memory 300MB           # chat, sample, serve, eval take it too
 
-    from chatfactory.offload import load_streamed
+    from chatfactory.model.offload import load_streamed
     model, info = load_streamed("runs/smol/sft", budget=parse_size("150MB"))   # model.offload: the plan
 """
 
@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint
-from .checkpoint import CheckpointError
-from .model import GPT, GPTConfig, KVCache
+from ..store import checkpoint
+from ..store import load as _load
+from ..store.files import CheckpointError
+from .gpt import GPT, GPTConfig, KVCache
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -149,8 +150,8 @@ def _materialize(module: nn.Module, reader: SafetensorsReader, prefix: str, lora
     """Give a meta-device (or slot) module the weights stored under ``prefix`` in place: its tensors
     are read straight into its own storage; int4 QuantLinears get their codes packed for the kernel; a
     LoRA stage's adapters are merged as ``checkpoint.load_model`` merges them (train/lora.py: same ops)."""
+    from .lora import delta_weight
     from .quant import QuantLinear
-    from .train.lora import delta_weight
 
     for name, m in module.named_modules():
         p = prefix + (name + "." if name else "")
@@ -286,7 +287,7 @@ def run_block(block: nn.Module, x, rope, cache, attn_mask, micro_tokens: int | N
 class ScheduledBlock(nn.Module):
     """Stands in for ``model.blocks[layer]``: a resident block (``block``) or one the prefetcher streams."""
 
-    def __init__(self, layer: int, block: nn.Module | None, streamer: "Prefetcher | None", micro_tokens):
+    def __init__(self, layer: int, block: nn.Module | None, streamer: Prefetcher | None, micro_tokens):
         super().__init__()
         self.layer, self.block, self.micro_tokens = layer, block, micro_tokens
         self._streamer = streamer  # not a submodule: the slots' tensors are not the model's parameters
@@ -389,7 +390,7 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
                   slots: int = SLOTS) -> tuple[GPT, dict]:
     """-> (the stage's GPT with what does not fit ``budget`` bytes streamed from disk, its config.json).
     ``model.offload`` holds the plan. A quantized stage streams its integer codes as they are stored."""
-    from .quant import stage_model
+    from ..store.load import stage_model
 
     stage_dir = Path(stage_dir)
     if str(device) != "cpu":
@@ -397,8 +398,8 @@ def load_streamed(stage_dir, budget: int, device="cpu", micro_tokens: int | None
     info = checkpoint.stage_config(stage_dir)
     lora = info.get("lora") or {}
     scale = lora["alpha"] / lora["rank"] if lora else 0.0
-    checkpoint.refuse_quantized(info, stage_dir)
-    if not info.get("quantized") and checkpoint.quantize_on_load is not None:
+    _load.refuse_quantized(info, stage_dir)
+    if not info.get("quantized") and _load.quantize_on_load is not None:
         raise ValueError("--quantize with --max-memory: quantize the stage once (chatfactory quantize --run … "
                          "--stage …) and stream the quantized stage, rather than requantizing every streamed layer")
     model = stage_model(info, stage_dir)
@@ -478,9 +479,9 @@ def streaming(max_memory: str | None):
         yield
         return
     budget = parse_size(max_memory)
-    old = checkpoint.stream_loader
-    checkpoint.stream_loader = lambda stage_dir, device: load_streamed(stage_dir, budget, device)
+    old = _load.stream_loader
+    _load.stream_loader = lambda stage_dir, device: load_streamed(stage_dir, budget, device)
     try:
         yield
     finally:
-        checkpoint.stream_loader = old
+        _load.stream_loader = old

@@ -20,13 +20,13 @@ context, ``fit_messages`` drops its oldest turns (keeping the system prompt) bef
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
+from ..model.gpt import GPT
 from .decode_step import DecodeStep
-from .model import GPT
 
 
 @dataclass

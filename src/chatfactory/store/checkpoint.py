@@ -19,8 +19,6 @@ Weights are safetensors; the resume state (optimizer, step, RNG) is loaded with
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 from collections.abc import Mapping
@@ -30,132 +28,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .model import GPT, GPTConfig
-from .train.lora import apply_lora, merge_weights
+from .files import (
+    CheckpointError,
+    RecordingWriter,
+    WriteFailed,
+    first_line,
+    fsync_dir,
+    remove_quietly,
+    write_file,
+)
 
 MODEL, CONFIG, STATE = "model.safetensors", "config.json", "state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or inconsistent; the message names it."""
-
-
-class DiskFullError(CheckpointError):
-    """The disk filled up while a file was written. The message names the file; the partial temp is
-    gone and the file it was to replace (the previous checkpoint) is as it was."""
-
-
-class _WriteFailed(CheckpointError):
-    """Writing ``tmp`` (to become ``path``) failed with ``cause``; the partial ``tmp`` is removed."""
-
-    def __init__(self, path: Path, tmp: Path, what: str, cause: BaseException, tail: str):
-        self.path, self.tmp, self.what, self.cause, self.full = path, tmp, what, cause, _disk_full(cause)
-        super().__init__(f"{path}: {self.reason()} while writing {what} (the partial {tmp.name} was removed); {tail}")
-
-    def reason(self) -> str:
-        if self.full:
-            return "disk full (no space left on device)"
-        return f"could not write ({type(self.cause).__name__}: {_first_line(self.cause)})"
-
-
-class _DiskFull(_WriteFailed, DiskFullError):
-    pass
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else ""
-
-
-def _disk_full(e: BaseException) -> bool:
-    """Whether ``e`` says the device or the quota is full (an OSError, or a library's error that wraps
-    one in its message: safetensors reports ``No space left on device (os error 28)``)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return any(m in text for m in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "StorageFull",
-                                   f"os error {errno.ENOSPC}"))
-
-
-def _write_error(path: Path, tmp: Path, e: BaseException, what: str) -> CheckpointError:
-    """The error to raise when writing ``tmp`` (to become ``path``) failed with ``e``."""
-    tail = (f"{path.name} is as it was" + ("; free some space and run the same command again" if _disk_full(e) else ""))
-    return (_DiskFull if _disk_full(e) else _WriteFailed)(path, tmp, what, e, tail)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make renames in ``d`` durable (a power cut after a save keeps it); a no-op where unsupported."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _RecordingWriter:
-    """A file object for ``torch.save`` that keeps the OSError of a failed write: torch reports a full
-    disk as ``unexpected pos 704 vs 598`` and drops the reason."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, b) -> int:
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _write_file(path: Path, tmp: Path, write, what: str) -> None:
-    """``write(tmp)``, then flush it to disk. On any failure the partial ``tmp`` is removed and a
-    CheckpointError (a DiskFullError for a full disk) naming ``path`` is raised; ``path`` is not touched."""
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException as e:
-        _remove(tmp)
-        if isinstance(e, Exception) and not isinstance(e, CheckpointError):
-            raise _write_error(path, tmp, e, what) from None
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``path`` through ``path.tmp`` + fsync + rename: a reader sees the old text or the new one,
-    and a failed write (a full disk: DiskFullError naming ``path``) leaves the old one in place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    _write_file(path, tmp, lambda t: t.write_text(text, encoding="utf-8"), "it")
-    os.replace(tmp, path)
-
-
-def append_text(path, text: str) -> None:
-    """Append ``text`` to a log (``metrics.jsonl``). A full disk raises DiskFullError naming the file; a
-    line cut short is dropped when the run resumes (train/loop.py's Metrics)."""
-    path = Path(path)
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        if _disk_full(e):
-            raise DiskFullError(f"{path}: disk full (no space left on device) while appending to it; "
-                                f"free some space and run the same command again") from None
-        raise
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict:
@@ -181,7 +64,7 @@ def load_weights(model: torch.nn.Module, sd: dict, where: str = "weights") -> No
 
 def _save_torch(obj, tmp: Path) -> None:
     with open(tmp, "wb") as f:
-        w = _RecordingWriter(f)
+        w = RecordingWriter(f)
         try:
             torch.save(obj, w)
         except Exception:
@@ -206,11 +89,11 @@ def _write_temps(stage_dir: Path, weights: dict, config: dict, state: dict | Non
     try:
         for name, what, write in parts:
             t = stage_dir / (name + ".tmp")
-            _write_file(stage_dir / name, t, write, what)
+            write_file(stage_dir / name, t, write, what)
             temps.append(t)
     except BaseException:
         for t in temps:
-            _remove(t)
+            remove_quietly(t)
         raise
     return temps
 
@@ -222,7 +105,7 @@ def save_checkpoint(stage_dir, weights: dict, config: dict, state: dict | None =
     stage_dir.mkdir(parents=True, exist_ok=True)
     try:
         temps = _write_temps(stage_dir, weights, config, state, step)
-    except _WriteFailed as e:
+    except WriteFailed as e:
         prev = _mark_of(stage_dir / MODEL) if (stage_dir / MODEL).exists() else None
         kept = (f"the previous checkpoint (step {prev[0]}) in {stage_dir} is intact" if prev else
                 f"{stage_dir} holds no earlier checkpoint")
@@ -233,7 +116,7 @@ def save_checkpoint(stage_dir, weights: dict, config: dict, state: dict | None =
         os.replace(t, stage_dir / t.name[: -len(".tmp")])
     if state is None and (stage_dir / STATE).exists():
         os.remove(stage_dir / STATE)  # a final export without resume state must not pair with an older one
-    _fsync_dir(stage_dir)
+    fsync_dir(stage_dir)
 
 
 def _mark_of(path: Path):
@@ -289,7 +172,7 @@ def repair_checkpoint(stage_dir) -> None:
             os.replace(t, stage_dir / n)
         else:
             os.remove(t)
-    _fsync_dir(stage_dir)
+    fsync_dir(stage_dir)
 
 
 
@@ -396,7 +279,7 @@ def _read(paths: dict, with_state: bool, lazy: bool = False):
         try:
             state = torch.load(spath, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, bad pickle opcode, ...
-            raise CheckpointError(f"{spath}: corrupt or truncated resume state ({type(e).__name__}: {_first_line(e)})") from None
+            raise CheckpointError(f"{spath}: corrupt or truncated resume state ({type(e).__name__}: {first_line(e)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{spath}: corrupt resume state (a {type(state).__name__}, not a dict)")
         if state.get("step") != wstep or (wid and state.get("save_id") and state["save_id"] != wid):
@@ -451,50 +334,3 @@ def latest_stage(run_dir, candidates=POLICY_STAGES) -> str:
         if has_checkpoint(Path(run_dir) / s):
             return s
     raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(candidates)})")
-
-
-# Set by ``quant.inference()`` for inference commands: ``quantized_loader(weights, info, stage_dir, device)`` builds
-# a quantized stage's model, ``quantize_on_load(cfg, weights, stage_dir / MODEL, device)`` (--quantize) a full-precision
-# one quantized, both on the meta device from ``LazyWeights``; unset (training), a quantized stage is refused. Set
-# by ``offload.streaming()`` (--max-memory): ``stream_loader(stage_dir, device)`` streams what does not fit.
-quantized_loader = quantize_on_load = stream_loader = None
-
-
-def model_config(info: dict, stage_dir):
-    """The GPTConfig in a stage's config.json (``info``); a bad one is a CheckpointError naming the file."""
-    try:
-        return GPTConfig.from_dict(info["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{Path(stage_dir) / CONFIG}: bad model config ({e})") from None
-
-
-def refuse_quantized(info: dict, stage_dir) -> None:
-    """Outside ``quant.inference()`` (training) a quantized stage is an error: integer weights cannot train."""
-    if info.get("quantized") and quantized_loader is None:
-        raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference only (chat, "
-                              f"sample, serve, eval); train from the stage it was made from ({info.get('quantized_from', 'its full-precision stage')})")
-
-
-def load_model(stage_dir, device="cpu", merge_lora: bool = True):
-    """-> (GPT with the stage's weights, the checkpoint's config.json). A stage trained with LoRA
-    adapters (train/lora.py) comes back as a plain GPT with the adapters merged into its weights, or
-    with ``merge_lora=False`` as its frozen base with the adapters in place."""
-    if stream_loader is not None:
-        return stream_loader(stage_dir, device)
-    weights, info, _ = load_checkpoint(stage_dir, lazy=quantized_loader is not None)
-    refuse_quantized(info, stage_dir)
-    if info.get("quantized"):
-        return quantized_loader(weights, info, stage_dir, device), info
-    cfg = model_config(info, stage_dir)
-    if quantize_on_load is not None and (merge_lora or not info.get("lora")):
-        weights = merge_weights(dict(weights), info) if info.get("lora") else weights
-        return quantize_on_load(cfg, weights, Path(stage_dir) / MODEL, device), info
-    weights = dict(weights)  # (all of them: a lazy read ends here)
-    model = GPT(cfg)
-    if info.get("lora") and not merge_lora:
-        apply_lora(model, info["lora"], seed=0)  # the init is overwritten by the saved adapters
-    else:
-        weights = merge_weights(weights, info)
-    load_weights(model, weights, str(Path(stage_dir) / MODEL))
-    model = model.to(device).eval()
-    return model, info

@@ -11,7 +11,7 @@ Two flavours share one code path:
 One dial sets the size: ``depth`` (number of blocks). Width is ``depth * aspect`` (nanochat's rule),
 heads follow from ``head_dim``. Any field may still be set by hand.
 
-    from chatfactory.model import GPT, GPTConfig
+    from chatfactory.model.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(depth=4, vocab_size=4096))
     logits = model(idx)                       # (B, T, vocab)
     loss = model(idx, targets=targets)        # mean next-token cross-entropy
@@ -76,7 +76,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
