@@ -62,8 +62,10 @@ def main():
     a = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(depth=a.depth, n_embd=a.width, vocab_size=a.vocab, block_size=max(256, a.prompt + a.tokens + 1))).to(device).eval()
-    print(f"{device}: depth {a.depth}, width {a.width}, {model.num_params() / 1e6:.1f}M params; n={a.n}, {a.tokens} new tokens each")
+    model = GPT(GPTConfig(depth=a.depth, n_embd=a.width, vocab_size=a.vocab,
+                          block_size=max(256, a.prompt + a.tokens + 1))).to(device).eval()
+    print(f"{device}: depth {a.depth}, width {a.width}, {model.num_params() / 1e6:.1f}M params; n={a.n}, "
+          f"{a.tokens} new tokens each")
     ok = check_equal(model, device)
 
     p = SamplingParams(max_tokens=a.tokens, temperature=1.0, seed=0)  # no stop ids: every row runs to max_tokens
@@ -92,8 +94,9 @@ def main():
     vs_static = tok_s[f"sched_{a.n}"] / tok_s[f"engine_{a.n}"]
     print(f"scheduler alone vs engine alone: {overhead:.2f}x; scheduler at {a.n} vs at 1: {ratio:.2f}x; "
           f"scheduler at {a.n} vs the engine's static batch: {vs_static:.2f}x")
-    print(f"RESULT device={device.type} equal={int(ok)} tok_s_1={tok_s['sched_1']:.1f} tok_s_{a.n}={tok_s[f'sched_{a.n}']:.1f} "
-          f"ratio={ratio:.2f} vs_static={vs_static:.2f} overhead_1={overhead:.2f}")
+    print(f"RESULT device={device.type} equal={int(ok)} tok_s_1={tok_s['sched_1']:.1f} "
+          f"tok_s_{a.n}={tok_s[f'sched_{a.n}']:.1f} ratio={ratio:.2f} vs_static={vs_static:.2f} "
+          f"overhead_1={overhead:.2f}")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main():
         prompts = torch.randint(0, a.vocab, (batch, a.prompt))
         params = SamplingParams(max_tokens=a.new, temperature=0)
 
-        def run_hf():
+        def run_hf(prompts=prompts):
             with torch.inference_mode():
                 out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=a.new,
                                   min_new_tokens=a.new, do_sample=False, use_cache=True)
@@ -79,7 +79,8 @@ def main():
                 engine.generate(prompts.tolist(), SamplingParams(max_tokens=2, temperature=0))
                 print(f"batch {batch}: first call (compile or weight packing) {time.perf_counter() - t:.1f} s, "
                       f"excluded from tokens/s")
-            t_ours, out_ours = best_time(lambda: engine.generate(prompts.tolist(), params), a.repeats)
+            t_ours, out_ours = best_time(
+                lambda prompts=prompts, params=params: engine.generate(prompts.tolist(), params), a.repeats)
             t_hf, out_hf = best_time(run_hf, a.repeats)
             same = out_ours == out_hf
             results[(batch, threads)] = (batch * a.new / t_ours, batch * a.new / t_hf)

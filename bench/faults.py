@@ -141,7 +141,8 @@ sys.exit(main(sys.argv[1:]))
 
 LOAD_CHECK = """
 import json, sys
-from chatfactory.store.checkpoint import load_checkpoint, load_model
+from chatfactory.store.checkpoint import load_checkpoint
+from chatfactory.store.load import load_model
 _, info, state = load_checkpoint(sys.argv[1], with_state=True)
 load_model(sys.argv[1])
 print(json.dumps({"state_step": state["step"], "config_step": info["step"]}))
@@ -353,7 +354,8 @@ class StageBench:
                 out = subprocess.run(child(stage_cmd(self.stage, d, self.upstream)), env=child_env(),
                                      stdout=log, stderr=subprocess.STDOUT, timeout=600)
                 if out.returncode != 0:
-                    raise RuntimeError(f"{self.stage} trial {i}: the resume failed (exit {out.returncode}); see {log.name}")
+                    raise RuntimeError(f"{self.stage} trial {i}: the resume failed (exit {out.returncode}); "
+                                       f"see {log.name}")
         finally:
             log.close()
         diff = compare(self.stage, self.ref, d)
@@ -384,9 +386,11 @@ def disk_full(work: Path, upstream: Path, ref: Path) -> dict:
     files = ["tokenizer.json", "config.yaml"]
     base = sum(-(-(upstream / f).stat().st_size // 4096) * 4096 for f in files)
     base += sum(-(-p.stat().st_size // 4096) * 4096 for p in (upstream / "data").iterdir())
-    ck = sum(-(-(ref / "pretrain" / f).stat().st_size // 4096) * 4096 for f in ("model.safetensors", "config.json", "state.pt"))
+    ck = sum(-(-(ref / "pretrain" / f).stat().st_size // 4096) * 4096
+             for f in ("model.safetensors", "config.json", "state.pt"))
     size_kb = (base + ck + ck // 2 + 64 * 1024) // 1024
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
     if r.returncode != 0:
         say(f"  full disk: SKIPPED (mount -t tmpfs not permitted here: {r.stderr.strip()})")
         return {"clear": "skipped", "loadable": "skipped"}
@@ -428,7 +432,8 @@ def disk_full(work: Path, upstream: Path, ref: Path) -> dict:
         else:
             diff = f"exit {again.returncode}: {again.stderr[-500:]}"
         from_6 = "resuming from step 6" in again.stdout
-        say(f"  full disk: tmpfs made larger; the same command again: {'resumed from step 6' if from_6 else 'did NOT resume from step 6'}, "
+        say(f"  full disk: tmpfs made larger; the same command again: "
+            f"{'resumed from step 6' if from_6 else 'did NOT resume from step 6'}, "
             + ("bitwise EQUAL to the uninterrupted run" if not diff else f"MISMATCH: {diff}"))
         return {"clear": clear, "loadable": loadable, "resumed_equal": not diff}
     finally:
@@ -496,7 +501,8 @@ def damaged_files(work: Path, upstream: Path, workers: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kills", type=int, default=20, help="SIGKILLs in all, spread over the 7 stages (default 20)")
     ap.add_argument("--workers", type=int, default=2, help="trials run side by side (each process on one thread)")

@@ -102,7 +102,7 @@ class Server:
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"server did not start:\n{self.log_tail()}")
+                    raise SystemExit(f"server did not start:\n{self.log_tail()}") from None
                 time.sleep(0.3)
 
     def __exit__(self, *exc):
@@ -207,6 +207,23 @@ def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
                 if st["informative"][key] == 1:
                     st["informative_examples"].append((key, resp.text[:300]))
 
+    def op_test(op, case_mode, n: int, round_seed: int):
+        """The hypothesis test of ``op`` in ``case_mode`` (bound here: @given allows no default arguments)."""
+
+        @hypothesis_seed(round_seed)
+        @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=case_mode), stream=strategies.booleans())
+        def test(case, stream):
+            # schema-valid bodies rarely say stream: true by chance (about 1 in 75): half of them do
+            # here, so that the event streams (SSE) are fuzzed and checked as often as JSON answers
+            body = case.body
+            if (stream and case_mode.is_positive and op.label in STREAMING and isinstance(body, dict)
+                    and not body.get("echo") and body.get("logprobs") in (None, False)):  # those: no stream
+                body["stream"] = True
+            run_case(case, case_mode)
+        return test
+
     # parameterless GETs have one possible request; the rest share the budget, half positive, half negative
     varied = [op for op in ops if len(op.body) or len(op.path_parameters)]
     rounds = 0
@@ -214,20 +231,7 @@ def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
         per = max(1, math.ceil((cases - st["cases"]) / max(1, 2 * len(varied))))
         for op in ops:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                n, case_mode = (per if op in varied else 3), mode
-
-                @hypothesis_seed(seed + rounds)
-                @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
-                          suppress_health_check=list(HealthCheck))
-                @given(case=op.as_strategy(generation_mode=mode), stream=strategies.booleans())
-                def test(case, stream):
-                    # schema-valid bodies rarely say stream: true by chance (about 1 in 75): half of them do
-                    # here, so that the event streams (SSE) are fuzzed and checked as often as JSON answers
-                    body = case.body
-                    if (stream and case_mode.is_positive and op.label in STREAMING and isinstance(body, dict)
-                            and not body.get("echo") and body.get("logprobs") in (None, False)):  # those: no stream
-                        body["stream"] = True
-                    run_case(case, case_mode)
+                test = op_test(op, mode, per if op in varied else 3, seed + rounds)
                 try:
                     test()
                 except Exception as e:  # e.g. no negative data exists for a parameterless GET
@@ -340,7 +344,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fuzz-cases", type=int, default=1000, help="at least this many generated requests")
     ap.add_argument("--soak-minutes", type=float, default=10.0)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200 fuzz cases, a 20 s soak, 8 x 50 feedback posts")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 200 fuzz cases, a 20 s soak, 8 x 50 feedback posts")
     ap.add_argument("--clients", type=int, default=32, help="concurrent streaming clients in the soak")
     ap.add_argument("--max-tokens", type=int, default=32, help="per soak stream")
     ap.add_argument("--slots", type=int, default=16)
@@ -351,7 +356,8 @@ def main():
     ap.add_argument("--save-failures", default=None, metavar="JSONL", help="append every 5xx case (with its curl) here")
     a = ap.parse_args()
     if a.quick:
-        a.fuzz_cases, a.soak_minutes, a.fb_posts = min(a.fuzz_cases, 200), min(a.soak_minutes, 1 / 3), min(a.fb_posts, 50)
+        a.fuzz_cases, a.soak_minutes, a.fb_posts = (min(a.fuzz_cases, 200), min(a.soak_minutes, 1 / 3),
+                                                    min(a.fb_posts, 50))
 
     import torch
 
@@ -364,36 +370,42 @@ def main():
     failed = []
     with Server(run, a.slots) as server:
         model = server.health()["model"]
-        print(f"server: {model} at {server.url} (pid {server.proc.pid}), {a.slots} slots, context {a.block}", flush=True)
+        print(f"server: {model} at {server.url} (pid {server.proc.pid}), {a.slots} slots, context {a.block}",
+              flush=True)
 
         # 1. fuzzing
         t = time.perf_counter()
         fz = fuzz(server.url, a.fuzz_cases, a.seed, a.save_failures)
         alive = server.health()["status"] == "ok"
-        print(f"\nfuzzing: {fz['cases']} cases in {time.perf_counter() - t:.0f} s over {len(fz['operations'])} operations; "
-              f"statuses {dict(sorted(fz['status'].items()))}")
+        print(f"\nfuzzing: {fz['cases']} cases in {time.perf_counter() - t:.0f} s over {len(fz['operations'])} "
+              f"operations; statuses {dict(sorted(fz['status'].items()))}")
         for op in fz["operations"]:
             ok = ", ".join(f"{n} {k.split()[-1]}" for k, n in sorted(fz["answered"].items()) if k.startswith(op + " "))
             print(f"  {fz['by_op'][op]:>5}  {op}" + (f"  (2xx: {ok})" if ok else ""))
-        print(f"  5xx: {fz['5xx']}, schema failures: {fz['schema_failures']}, transport errors: {fz['transport_errors']}, "
-              f"/health after: {'ok' if alive else 'DOWN'}")
+        print(f"  5xx: {fz['5xx']}, schema failures: {fz['schema_failures']}, "
+              f"transport errors: {fz['transport_errors']}, /health after: {'ok' if alive else 'DOWN'}")
         for kind, op, detail in fz["examples"]:
             print(f"  --- {kind} on {op}:\n    " + detail.replace("\n", "\n    "))
         if fz["informative"]:
-            print("  informative (not failures): " + ", ".join(f"{k} x{v}" for k, v in sorted(fz["informative"].items())))
+            print("  informative (not failures): "
+                  + ", ".join(f"{k} x{v}" for k, v in sorted(fz["informative"].items())))
             for key, text in fz["informative_examples"]:
                 print(f"    e.g. {key}: {text}")
         if fz["5xx"] or fz["schema_failures"] or fz["transport_errors"] or not alive or fz["cases"] < a.fuzz_cases:
             failed.append("fuzzing")
 
         # 2. load and soak
-        print(f"\nsoak: {a.clients} streaming clients for {a.soak_minutes:g} min, max_tokens={a.max_tokens}", flush=True)
+        print(f"\nsoak: {a.clients} streaming clients for {a.soak_minutes:g} min, max_tokens={a.max_tokens}",
+              flush=True)
         sk = soak(server, model, a.soak_minutes, a.clients, a.max_tokens)
-        print(f"  {sk['streams']} streams, {sk['tokens']} tokens in {sk['wall']:.0f} s ({sk['tokens'] / sk['wall']:.0f} tok/s), "
-              f"errors {sk['errors']}" + (f" {sk['first_errors']}" if sk["errors"] else ""))
-        print(f"  TTFT p50 {sk['ttft_p50'] * 1000:.0f} ms, p95 {sk['ttft_p95'] * 1000:.0f} ms (streams begun after the warm-up)")
-        print(f"  server RSS: {sk['warm_rss']:.1f} MB after the {sk['warm_s']:.0f} s warm-up, {sk['end_rss']:.1f} MB at the end "
-              f"(max {sk['max_rss']:.1f}): growth {sk['rss_growth'] * 100:+.1f}% (limit ±10%)")
+        print(f"  {sk['streams']} streams, {sk['tokens']} tokens in {sk['wall']:.0f} s "
+              f"({sk['tokens'] / sk['wall']:.0f} tok/s), errors {sk['errors']}"
+              + (f" {sk['first_errors']}" if sk["errors"] else ""))
+        print(f"  TTFT p50 {sk['ttft_p50'] * 1000:.0f} ms, p95 {sk['ttft_p95'] * 1000:.0f} ms (streams begun after "
+              f"the warm-up)")
+        print(f"  server RSS: {sk['warm_rss']:.1f} MB after the {sk['warm_s']:.0f} s warm-up, "
+              f"{sk['end_rss']:.1f} MB at the end (max {sk['max_rss']:.1f}): growth {sk['rss_growth'] * 100:+.1f}% "
+              f"(limit ±10%)")
         print(f"  /health after: {sk['health_after']}")
         if sk["errors"] or abs(sk["rss_growth"]) > 0.10 or sk["leak"]:
             failed.append("soak")
@@ -401,8 +413,9 @@ def main():
         # 3. concurrent feedback
         fb = feedback_burst(server, model, a.fb_threads, a.fb_posts, run / "feedback.sqlite")
         want = a.fb_threads * a.fb_posts
-        print(f"\nfeedback: {a.fb_threads} threads x {a.fb_posts} posts in {fb['wall']:.1f} s ({fb['posts_per_s']:.0f}/s): "
-              f"{fb['rows']} rows ({fb['distinct']} distinct) in {run / 'feedback.sqlite'}, expected {want}; "
+        print(f"\nfeedback: {a.fb_threads} threads x {a.fb_posts} posts in {fb['wall']:.1f} s "
+              f"({fb['posts_per_s']:.0f}/s): {fb['rows']} rows ({fb['distinct']} distinct) in "
+              f"{run / 'feedback.sqlite'}, expected {want}; "
               f"failed posts {fb['failures']}" + (f" {fb['first_failures']}" if fb["failures"] else ""))
         if fb["rows"] != want or fb["distinct"] != want or fb["failures"]:
             failed.append("feedback")

@@ -60,8 +60,8 @@ buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = cli.main(sys.argv[1:])
 m = re.search(r"(\\d+) tokens in ([0-9.]+)s(?:, ([0-9.]+)s of it waiting)?", buf.getvalue())
-print(json.dumps({"rc": rc, "base": base, "hwm": status("VmHWM"), "tokens": int(m.group(1)), "seconds": float(m.group(2)),
-                  "stalled": float(m.group(3) or 0)}))
+print(json.dumps({"rc": rc, "base": base, "hwm": status("VmHWM"), "tokens": int(m.group(1)),
+                  "seconds": float(m.group(2)), "stalled": float(m.group(3) or 0)}))
 """
 
 THEIRS = STATUS + """
@@ -143,8 +143,9 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
             "ours_peak_rss_mb": ours["hwm"] / 1e6, "accelerate_peak_rss_mb": theirs["hwm"] / 1e6,
             "ours_base_rss_mb": ours["base"] / 1e6, "accelerate_base_rss_mb": theirs["base"] / 1e6,
             "budget_mb": budget / 1e6, "model_mb": weights / 1e6, "ours_tokens": ours["tokens"],
-            "accelerate_tokens": theirs["tokens"], "ours_seconds": ours["seconds"], "accelerate_seconds": theirs["seconds"],
-            "ours_stalled_seconds": ours["stalled"], "accelerate_devices": theirs.get("device_map"), "agree": agree}
+            "accelerate_tokens": theirs["tokens"], "ours_seconds": ours["seconds"],
+            "accelerate_seconds": theirs["seconds"], "ours_stalled_seconds": ours["stalled"],
+            "accelerate_devices": theirs.get("device_map"), "agree": agree}
 
 
 def main() -> None:

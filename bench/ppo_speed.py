@@ -17,7 +17,8 @@ iteration, which the median leaves out like TRL's first; both first iterations a
 ours with the default eager step); TRL runs every prompt+answer row whole and samples with
 torch.multinomial. Our PPO iteration also decodes with the compiled step.
 
-    .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 --iters 8 --rounds 3]
+    .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 \
+--iters 8 --rounds 3]
 
 Last line: ``RESULT ours_s=… trl_s=… ratio=… ppo_s=… eager_s=… eager_ratio=…`` (ratio = trl_s / ours_s;
 > 1 means ours is faster; eager_*: ours with the default eager rollout).
@@ -60,7 +61,10 @@ WORDS = "the a cat dog sees runs red blue tree house small big river stone light
 def setup(root: Path, a):
     """A run directory with tokenizer.json, sft/ (random init), reward/ (a reward model), prompts.jsonl."""
     g = torch.Generator().manual_seed(0)
-    pick = lambda n: " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=g).tolist())
+
+    def pick(n):
+        return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=g).tolist())
+
     texts = [pick(12) for _ in range(2000)]
     tok = Tokenizer.train(texts, vocab_size=a.vocab, min_frequency=1)
     run = root / "run"
@@ -74,7 +78,8 @@ def setup(root: Path, a):
     from chatfactory.train.reward import RewardModel
 
     rm = RewardModel(GPT(cfg))
-    save_checkpoint(run / "reward", unique_state_dict(rm), {"stage": "reward", "kind": "reward", "model": cfg.to_dict()}, None, 0)
+    save_checkpoint(run / "reward", unique_state_dict(rm),
+                    {"stage": "reward", "kind": "reward", "model": cfg.to_dict()}, None, 0)
     rows = [{"messages": [{"role": "user", "content": f"Tell me about the {pick(3)}."}]} for _ in range(64)]
     with open(root / "prompts.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -210,10 +215,12 @@ def main():
           f"(mean answer {trl_len:.1f} tokens)   ours is {trl / ours:.2f}x faster")
     print(f"  ours decodes rollouts with the compiled step (grpo.compile_rollout=true); its first iteration, "
           f"compile included, took up to {warm:.1f} s (TRL's first: up to {max(trl_warm):.1f} s). With the eager "
-          f"step (the default): {eager:.3f} s per iteration, rollout {statistics.median(eager_split['t_rollout']):.3f} s "
+          f"step (the default): {eager:.3f} s per iteration, "
+          f"rollout {statistics.median(eager_split['t_rollout']):.3f} s "
           f"(first iteration up to {eager_warm:.1f} s), {trl / eager:.2f}x TRL")
-    print(f"PPO iteration    {ppo['total']:.3f} s = rollout {ppo['rollout']:.3f} s ({ppo['rollout'] / ppo['total']:.0%}) "
-          f"+ scoring (policy, reference, critic, reward model) {ppo['score']:.3f} s ({ppo['score'] / ppo['total']:.0%}) "
+    print(f"PPO iteration    {ppo['total']:.3f} s = rollout {ppo['rollout']:.3f} s "
+          f"({ppo['rollout'] / ppo['total']:.0%}) + scoring (policy, reference, critic, reward model) "
+          f"{ppo['score']:.3f} s ({ppo['score'] / ppo['total']:.0%}) "
           f"+ updates ({a.ppo_epochs} epochs x {a.minibatches} minibatches) {ppo['updates']:.3f} s "
           f"({ppo['updates'] / ppo['total']:.0%})")
     print(f"RESULT ours_s={ours:.4f} trl_s={trl:.4f} ratio={trl / ours:.2f} ppo_s={ppo['total']:.4f} "

@@ -69,7 +69,8 @@ def main():
     cfg = load_config("shakespeare", [f"data.source={a.data}", "pretrain.progress=false", f"pretrain.steps={steps}",
                                       f"pretrain.eval_every={max(1, steps // n_evals)}",
                                       f"pretrain.ckpt_every={steps}", *a.overrides])
-    print(f"{per_step * 1000:.0f} ms/step measured -> {steps} steps of {cfg.pretrain.batch_size}x{cfg.pretrain.seq_len} tokens")
+    print(f"{per_step * 1000:.0f} ms/step measured -> {steps} steps of "
+          f"{cfg.pretrain.batch_size}x{cfg.pretrain.seq_len} tokens")
     run = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="shakespeare-"))
     if run.exists() and a.keep:
         shutil.rmtree(run)

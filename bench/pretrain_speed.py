@@ -77,7 +77,8 @@ def main():
     flops = ours.flops_per_token(a.seq)
     mfu = flops * ours_s / peak
     print(f"shape: {a.layers} layers x {a.width} wide, vocab {a.vocab}, batch {a.batch} x {a.seq}; "
-          f"{ours.num_params() / 1e6:.2f}M params, {flops / 1e6:.1f} MFLOP/token; torch threads {torch.get_num_threads()}")
+          f"{ours.num_params() / 1e6:.2f}M params, {flops / 1e6:.1f} MFLOP/token; "
+          f"torch threads {torch.get_num_threads()}")
     print(f"fp32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s")
     print(f"ours: {ours_s:,.0f} tok/s  (MFU {mfu:.1%})")
     print(f"hf:   {hf_s:,.0f} tok/s  (MFU {flops * hf_s / peak:.1%})")

@@ -140,7 +140,7 @@ def bandwidth_floor(nbytes: int) -> float:
     """Seconds to read ``nbytes`` once: best of 5 sums over an fp32 tensor that size (written first,
     so its pages are real)."""
     buf = torch.ones(nbytes // 4)
-    t, _ = best_time(lambda: buf.sum(), 5)
+    t, _ = best_time(buf.sum, 5)
     del buf
     return t
 
@@ -168,7 +168,7 @@ def bench_decode(model: GPT, hf, tok: Tokenizer, a, floor_s: float) -> dict:
         prompts = chat_prompts(tok, batch, a.prompt)
         x = torch.tensor(prompts)
 
-        def hf_fn(n):
+        def hf_fn(n, x=x):
             def run():
                 with torch.inference_mode():
                     out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
@@ -176,7 +176,7 @@ def bench_decode(model: GPT, hf, tok: Tokenizer, a, floor_s: float) -> dict:
                 return out[:, a.prompt:].tolist()
             return run
 
-        def ours_fn(engine, n):
+        def ours_fn(engine, n, prompts=prompts):
             return lambda: engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0))
 
         sides = [("ours eager", lambda n: ours_fn(eager, n)), ("HF generate", hf_fn)]
@@ -257,7 +257,8 @@ def bench_lora_sft(model: GPT, hf, tok: Tokenizer, a) -> float:
           f"{int((batch['y'] != IGNORE).sum())} targets; trainable weights ours {sum(p.numel() for p in ours_p):,} "
           f"(fused q/k/v, gate/up), peft {sum(p.numel() for p in hf_p):,}")
     ours_t, ours_l = train_steps(lambda: masked_loss(model, batch), ours_p, a.sft_steps)
-    hf_t, hf_l = train_steps(lambda: pm(input_ids=batch["x"], attention_mask=attn, labels=labels).loss, hf_p, a.sft_steps)
+    hf_t, hf_l = train_steps(lambda: pm(input_ids=batch["x"], attention_mask=attn, labels=labels).loss, hf_p,
+                             a.sft_steps)
     ours, theirs = n_tok / min(ours_t), n_tok / min(hf_t)
     print(f"LoRA SFT step  ours {min(ours_t):.3f} s ({ours:7.1f} tok/s)   transformers+peft {min(hf_t):.3f} s "
           f"({theirs:7.1f} tok/s)   ratio {ours / theirs:.2f}x")
@@ -273,7 +274,7 @@ def ppo_child(a) -> None:
     """One PPO iteration in this (fresh) process; prints the peak resident memory of the iteration
     (from the loop's start: the models loaded, VmHWM reset to the resident set) and of the process."""
     from chatfactory.config import Config, LoRAConfig, PPOConfig
-    from chatfactory.train import loop, ppo
+    from chatfactory.train import loop, ppo, rl
 
     start = vm_hwm_mb()
     marks = {}
@@ -291,7 +292,7 @@ def ppo_child(a) -> None:
         marks["loaded"] = vm_hwm_mb()
         return loop.train(*args, **kw)
 
-    ppo.train = train
+    rl.train = train  # run_ppo -> rl.run_rl, which calls the loop's train under this name
     run = Path(a.ppo_child)
     init = str(Path(a.run_src) / "pretrain")
     cfg = Config()
@@ -302,8 +303,8 @@ def ppo_child(a) -> None:
                         ckpt_every=0, eval_every=0, progress=False, device="cpu", seed=0)
     t = time.perf_counter()
     ppo.run_ppo(cfg, run)
-    print(f"PPO_CHILD vmhwm_mb={marks['iteration']:.1f} loaded_mb={marks['loaded']:.1f} load_peak_mb={marks['load']:.1f} "
-          f"start_mb={start:.1f} seconds={time.perf_counter() - t:.1f}")
+    print(f"PPO_CHILD vmhwm_mb={marks['iteration']:.1f} loaded_mb={marks['loaded']:.1f} "
+          f"load_peak_mb={marks['load']:.1f} start_mb={start:.1f} seconds={time.perf_counter() - t:.1f}")
 
 
 def bench_ppo_rss(root: Path, run: Path, a) -> dict:

@@ -102,7 +102,10 @@ def run_level(port: int, model: str, clients: int, requests: int, max_tokens: in
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
     ttfts = sorted(r["ttft"] for r in ok) or [float("nan")]
-    q = lambda p: ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))]
+
+    def q(p):
+        return ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))]
+
     errors = [r["error"] for r in results if not r["ok"]]
     return {"clients": clients, "requests": len(results), "tokens": sum(r["tokens"] for r in ok), "wall": wall,
             "tok_s": sum(r["tokens"] for r in ok) / wall, "p50": statistics.median(ttfts), "p95": q(0.95),
@@ -128,7 +131,8 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--port", str(port), "--slots", str(a.slots)]
+    cmd = [sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--port", str(port),
+           "--slots", str(a.slots)]
     if a.stage:
         cmd += ["--stage", a.stage]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -141,12 +145,15 @@ def main():
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"server did not start:\n{server.stdout.read() if server.poll() is not None else 'timeout'}")
+                    raise SystemExit(f"server did not start:\n"
+                                     f"{server.stdout.read() if server.poll() is not None else 'timeout'}") from None
                 time.sleep(0.3)
         model = health["model"]
         one_stream(port, model, "warm up", 8, 0)  # first-call costs (allocation, lazy init) stay out of the numbers
-        print(f"server: {model} on 127.0.0.1:{port}, {a.slots} slots; {a.requests} streams/client, max_tokens={a.max_tokens}")
-        print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'p50 TTFT':>9} {'p95 TTFT':>9} {'errors':>6}")
+        print(f"server: {model} on 127.0.0.1:{port}, {a.slots} slots; {a.requests} streams/client, "
+              f"max_tokens={a.max_tokens}")
+        print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'p50 TTFT':>9} "
+              f"{'p95 TTFT':>9} {'errors':>6}")
         res = {}
         for c in levels:
             r = res[c] = run_level(port, model, c, a.requests, a.max_tokens)

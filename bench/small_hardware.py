@@ -263,7 +263,8 @@ def speed(model, tok: Tokenizer, gguf: str | None, a, specs=SPEED, ready: dict |
             m = variant(model, spec, ready)
             engine = Engine(m, threads={batch: a.threads}, compile=not a.no_compile, vocab_limit=tok.vocab_size)
             p = SamplingParams(max_tokens=a.new, temperature=0)
-            out[(spec, batch)], rows = decode_rate(lambda: engine.stream(prompts, p), batch, a.new, a.repeats)
+            out[(spec, batch)], rows = decode_rate(
+                lambda engine=engine, prompts=prompts, p=p: engine.stream(prompts, p), batch, a.new, a.repeats)
             ref = rows if ref is None else ref
             del engine, m
             print(f"  batch {batch} ours {spec:13s} {out[(spec, batch)]:7.1f} tok/s  "
@@ -334,7 +335,8 @@ def result_line(r: dict) -> str:
 def task_prompts(tok: Tokenizer, n: int, max_len: int) -> list[list[int]]:
     """The first ``n`` held-out task prompts (balanced across tasks) through the run's chat template, whole,
     of at most ``max_len`` tokens (so ``new`` tokens still fit a small model's context after every one)."""
-    fit = [ids for ids in map(tok.chat_prompt, (r["messages"] for r in tasks.task_rows("heldout"))) if len(ids) <= max_len]
+    fit = [ids for ids in map(tok.chat_prompt, (r["messages"] for r in tasks.task_rows("heldout")))
+           if len(ids) <= max_len]
     if len(fit) < n:
         raise ValueError(f"only {len(fit)} held-out task prompts of <= {max_len} tokens, fewer than --prompts {n}")
     return fit[:n]
@@ -342,7 +344,8 @@ def task_prompts(tok: Tokenizer, n: int, max_len: int) -> list[list[int]]:
 
 def smol_quality(model, tok: Tokenizer, a, ready: dict) -> dict:
     print(f"quality, {a.run} (SmolLM2): TinyStories validation, {a.smol_tokens} tokens, windows of {a.seq_len}")
-    q = quality(model, tok, tinystories_ids(tok, a.smol_tokens), task_prompts(tok, a.prompts, model.cfg.block_size - a.agree_new),
+    q = quality(model, tok, tinystories_ids(tok, a.smol_tokens),
+                task_prompts(tok, a.prompts, model.cfg.block_size - a.agree_new),
                 QUALITY + tuple(ready), a.agree_new, a.seq_len, batch=2, ready=ready)  # 2 x 1024 x 49k logits
     r = {"int8_ppl_delta": q["int8"]["delta"], "int4_ppl_delta": q["int4:32"]["delta"],
          "int4g64_ppl_delta": q["int4:64"]["delta"], "smol_fp32_bpb": q["fp32"]["bpb"],
@@ -369,7 +372,8 @@ def demo_quality(demo: Path, a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", default="runs/smol", help="SmolLM2 imported from its GGUF (chatfactory import --from smollm2)")
+    ap.add_argument("--run", default="runs/smol",
+                    help="SmolLM2 imported from its GGUF (chatfactory import --from smollm2)")
     ap.add_argument("--demo", default="runs/demo", help="the demo run ('' to skip it)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--smol-tokens", type=int, default=20480)
@@ -404,8 +408,10 @@ def main():
 
         g = GGUFFile(gguf)
         kinds = sorted({g.tensor_type(n) for n in g.tensors})
-        print(f"{run}: {gguf} holds {', '.join(kinds)} tensors (token_embd / tied head: {g.tensor_type('token_embd.weight')})")
-    ready = {"gguf-q4": m for m in [gguf_q4(gguf) if gguf else None] if m is not None}
+        print(f"{run}: {gguf} holds {', '.join(kinds)} tensors "
+              f"(token_embd / tied head: {g.tensor_type('token_embd.weight')})")
+    q4 = gguf_q4(gguf) if gguf else None
+    ready = {"gguf-q4": q4} if q4 is not None else {}
     sizes = {s: linear_bytes(variant(model, s, ready)) / 2**20 for s in SPEED + tuple(ready)}
     print("linear weights resident (LM head included): " + ", ".join(f"{s} {v:.0f} MiB" for s, v in sizes.items()))
     if not a.skip_quality:
@@ -430,7 +436,8 @@ def main():
         r["int4_vs_llamacpp_b8"] = s[("int4:32", 8)] / s[("llama.cpp", 8)]
         r["int4head_vs_llamacpp_b1"] = s[("int4:32+head", 1)] / s[("llama.cpp", 1)]
         print(f"ours int4:32 / llama.cpp: batch 1 {r['int4_vs_llamacpp_b1']:.2f}x (target >= 0.5), batch 8 "
-              f"{r['int4_vs_llamacpp_b8']:.2f}x; with the head quantized too {r['int4head_vs_llamacpp_b1']:.2f}x at batch 1")
+              f"{r['int4_vs_llamacpp_b8']:.2f}x; with the head quantized too {r['int4head_vs_llamacpp_b1']:.2f}x "
+              f"at batch 1")
     del model
     if not a.skip_offload:
         r.update(offload(a))

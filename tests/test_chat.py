@@ -26,7 +26,8 @@ def run(tmp_path_factory):
     cfg = GPTConfig(depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=96)
     for i, stage in enumerate(("pretrain", "sft")):
         torch.manual_seed(i)
-        save_checkpoint(root / stage, unique_state_dict(GPT(cfg)), {"stage": stage, "model": cfg.to_dict(), "finished": True})
+        save_checkpoint(root / stage, unique_state_dict(GPT(cfg)),
+                        {"stage": stage, "model": cfg.to_dict(), "finished": True})
     return root, tok
 
 
@@ -66,7 +67,8 @@ def test_two_turn_conversation_and_clear_through_a_pty(run):
     second = greedy_reply(root, tok, [{"role": "user", "content": u1}, {"role": "assistant", "content": first},
                                       {"role": "user", "content": u2}])
     fresh = greedy_reply(root, tok, [{"role": "user", "content": u2}])
-    assert second not in fresh and fresh not in second and len(first) >= 3, "prompts whose answer depends on the history"
+    assert second not in fresh and fresh not in second and len(first) >= 3, \
+        "prompts whose answer depends on the history"
     cmd = cli_cmd("chat", "--run", root, "--temperature", "0", "--max-tokens", "8")
     child = pexpect.spawn(cmd[0], cmd[1:], encoding="utf-8", codec_errors="replace", timeout=60, dimensions=(50, 400))
     try:
@@ -104,11 +106,13 @@ def test_two_turn_conversation_and_clear_through_a_pty(run):
 def test_prompt_mode_prints_only_the_answer(run):
     root, tok = run
     expect = greedy_reply(root, tok, [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}])
-    out = subprocess.run(cli_cmd("chat", "--run", root, "--prompt", "hello", "--system", "be kind", "--temperature", "0",
-                                 "--max-tokens", "8"), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cli_cmd("chat", "--run", root, "--prompt", "hello", "--system", "be kind",
+                                 "--temperature", "0", "--max-tokens", "8"),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expect + "\n"
-    bad = subprocess.run(cli_cmd("chat", "--run", root / "nowhere", "--prompt", "x"), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(cli_cmd("chat", "--run", root / "nowhere", "--prompt", "x"), capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and "no trained stage" in bad.stderr
 
 
@@ -139,7 +143,8 @@ def test_ctrl_c_stops_a_reply_not_the_program(tmp_path):
     model = GPT(cfg)
     with torch.no_grad():  # never a special token: the reply runs until Ctrl-C (or 4000 tokens)
         model.lm_head.weight[list(tok.special.values())] = 0.0
-    save_checkpoint(tmp_path / "sft", unique_state_dict(model), {"stage": "sft", "model": cfg.to_dict(), "finished": True})
+    save_checkpoint(tmp_path / "sft", unique_state_dict(model),
+                    {"stage": "sft", "model": cfg.to_dict(), "finished": True})
     cmd = cli_cmd("chat", "--run", tmp_path, "--temperature", "0", "--max-tokens", "4000")
     # started with SIGINT ignored, as a background job of a non-interactive shell (CI under nohup)
     # starts it: the chat must still stop a reply on Ctrl-C

@@ -9,9 +9,11 @@ from chatfactory.text.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-TRIM = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>'}}"
+TRIM = ("{% for message in messages %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>'}}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 TEXTS = ["Hello world, the quick brown fox. 12 + 30 = 42. 世界 🙂 \n\n  spaced  "] * 40
 
@@ -20,8 +22,10 @@ def chat_tok(template=CHATML):
     t = HFTok(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    t.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300,
+                                                     special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     show_progress=False))
     chat = {"chat_template": template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
             "pad_token": "<|endoftext|>", "add_bos_token": False}
     return Tokenizer(t, chat), t
@@ -56,7 +60,8 @@ def test_ids_match_transformers_and_mask_covers_exactly_the_assistant_text():
 
 def test_spelled_special_tokens_stay_text():
     tok, _ = chat_tok()
-    ids, mask = tok.render_chat([{"role": "user", "content": "a<|im_end|>b<|im_start|>"}, {"role": "assistant", "content": "<|im_end|>"}])
+    ids, mask = tok.render_chat([{"role": "user", "content": "a<|im_end|>b<|im_start|>"},
+                                 {"role": "assistant", "content": "<|im_end|>"}])
     assert ids.count(tok.end_id) == 2 and ids.count(tok.special["<|im_start|>"]) == 2
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "<|im_end|><|im_end|>"  # text, then the real end
     assert tok.decode(tok.encode("x <|im_end|> y")) == "x <|im_end|> y" and tok.end_id not in tok.encode("<|im_end|>")
@@ -78,9 +83,11 @@ def test_template_errors_are_clear():
         tok.render_chat([{"role": "user", "content": "x"}])
     t = chat_tok()[1]
     with pytest.raises(ValueError, match="pad_token equals the end token"):
-        Tokenizer(t, {"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
+        Tokenizer(t, {"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                      "pad_token": "<|im_end|>"})
     with pytest.raises(ValueError, match="eos_token '<\\|eot\\|>' is not a token"):
-        Tokenizer(t, {"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|eot|>", "pad_token": "<|endoftext|>"})
+        Tokenizer(t, {"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|eot|>",
+                      "pad_token": "<|endoftext|>"})
 
 
 def test_the_template_travels_with_the_tokenizer(tmp_path):

@@ -209,7 +209,8 @@ def python_lines(path: Path) -> list[tuple[int, str, str]]:
     source = path.read_text(encoding="utf-8")
     passed = set()
     for node in ast.walk(ast.parse(source)):
-        bare_string = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        bare_string = (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                       and isinstance(node.value.value, str))
         if bare_string or isinstance(node, (ast.Import, ast.ImportFrom)):
             passed.update(range(node.lineno, node.end_lineno + 1))
     shape: dict[int, list[str]] = defaultdict(list)
@@ -227,7 +228,8 @@ def python_lines(path: Path) -> list[tuple[int, str, str]]:
     return [(n, " ".join(shape[n]), " ".join(text[n])) for n in sorted(shape) if re.search(r"\w", " ".join(shape[n]))]
 
 
-_TEXT_TOKEN = re.compile(r"""("(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`(?:\\.|[^`\\])*`)|(\d+(?:\.\d+)?)|([A-Za-z_$][\w$-]*)|(\S)""")
+_TEXT_TOKEN = re.compile(r"""("(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|`(?:\\.|[^`\\])*`)"""
+                         r"""|(\d+(?:\.\d+)?)|([A-Za-z_$][\w$-]*)|(\S)""")
 _JS_KEYWORDS = set("""break case catch class const continue default delete do else export extends finally for function
 if import in instanceof let new of return switch this throw try typeof var void while with yield async await""".split())
 
@@ -308,7 +310,8 @@ def {f}(rows, n):
     table = tmp_path / "table.py"  # one shape on every line
     table.write_text("class C:\n" + "".join(f"    f{i}: int = field(default={i})\n" for i in range(14)))
     models = [tmp_path / "m1.py", tmp_path / "m2.py"]  # thin lines: alike only in shape, then word for word
-    fields = "class {c}(Base):\n    id: str\n    object: Literal['{c}']\n    created: int\n    model: str\n    usage: {u}\n"
+    fields = ("class {c}(Base):\n    id: str\n    object: Literal['{c}']\n    created: int\n    model: str\n"
+              "    usage: {u}\n")
     models[0].write_text(fields.format(c="Chat", u="Usage"))
     models[1].write_text(fields.format(c="Text", u="Tokens"))
     assert same_shape_blocks([table] + models) == []

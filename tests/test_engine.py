@@ -7,7 +7,8 @@ from chatfactory.inference.engine import Engine, SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 
 
-@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2-static", "modern-static", "gpt2-packed", "modern-packed"])
+@pytest.fixture(scope="module",
+                params=["gpt2", "modern", "gpt2-static", "modern-static", "gpt2-packed", "modern-packed"])
 def engine(request):
     """Each flavour three times: the eager decode step, the static-shape step of Engine(compile=True)
     run uncompiled (same code as compiled, none of the compile time), and the step on oneDNN-packed
@@ -197,6 +198,7 @@ def test_failed_compile_warns_once_and_decodes_eagerly():
 
     fast.compiled.fn = broken
     p = SamplingParams(max_tokens=8, temperature=0)
-    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: no C.. compiler found.; decoding eagerly"):
+    with pytest.warns(RuntimeWarning,
+                      match="torch.compile failed .RuntimeError: no C.. compiler found.; decoding eagerly"):
         out = fast.generate([[5, 6, 7]], p)
     assert out == Engine(model).generate([[5, 6, 7]], p) and fast.compiled is None

@@ -282,10 +282,11 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
     assert 0.4 < ours["acc"] < 1.0, ours  # a task that can tell scorers apart
 
     svc = load_service(run, "pretrain")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     with ServerThread(create_app(svc)) as url:
-        args = f"model={svc.name},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tmp_path / 'hf'}," \
-               "num_concurrent=1,max_retries=1"
+        args = f"model={svc.name},base_url={url}/v1/completions,tokenizer_backend=huggingface," \
+               f"tokenizer={tmp_path / 'hf'},num_concurrent=1,max_retries=1"
         proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
                                "--tasks", "cf_pattern", "--include_path", str(tmp_path / "tasks"),
                                "--output_path", str(tmp_path / "out"), "--log_samples"],
@@ -327,9 +328,11 @@ def test_win_rate_cli_and_reward_model_judge(tmp_path, tok):
     assert judge(row, "4") == pytest.approx(want, abs=1e-5) and judge(row, "4") != judge(row, "5")
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q {i}"}]}) + "\n" for i in range(3)))
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q {i}"}]}) + "\n"
+                               for i in range(3)))
     out = tmp_path / "wr.json"
-    args = ["eval", "--run", str(run), "--stage", "ppo", "--prompts", str(prompts), "--max-tokens", "6", "--json", str(out)]
+    args = ["eval", "--run", str(run), "--stage", "ppo", "--prompts", str(prompts), "--max-tokens", "6",
+            "--json", str(out)]
     assert cli_main(args + ["--against", "ppo", "--judge", str(run / "reward")]) == 0
     wr = json.loads(out.read_text())["win_rate"]
     assert (wr["ties"], wr["win_rate"], wr["n"]) == (3, 0.5, 3)  # a model against itself only ties
@@ -412,7 +415,8 @@ def test_tokenizer_chars_per_token_on_chinese_and_english():
     bpe = Tokenizer.train(train * 3, vocab_size=800)
     rows = tasks.task_rows("heldout", 400)
     got = chars_per_token(bpe, rows)
-    zh_chars = sum(len("\n".join([m["content"] for m in r["messages"]] + [r["reference"]])) for r in rows if r["lang"] == "zh")
+    zh_chars = sum(len("\n".join([m["content"] for m in r["messages"]] + [r["reference"]]))
+                   for r in rows if r["lang"] == "zh")
     assert got["zh"]["chars"] == zh_chars and got["zh"]["chars_per_token"] == zh_chars / got["zh"]["tokens"]
     assert got["zh"]["chars_per_token"] > 1.0 and got["en"]["chars_per_token"] > 2.0
     # the same text through the bytes alone (no merges): a Chinese character is three tokens
@@ -436,8 +440,10 @@ def test_report_has_the_per_language_table(tmp_path, tok):
         e.update(replies=replies, heldout_accuracy=e.pop("accuracy"))
         e["by_language"] = by_language(rows, e, evals["sft"]["replies"] if evals else None)
         evals[stage] = e
-    reward = {"status": "done", "heldout": {"accuracy": 0.8, "pairs": 10, "own_sample_accuracy": 0.7, "own_sample_pairs": 6,
-                                            "by_language": {"en": {"pairs": 6, "accuracy": 5 / 6}, "zh": {"pairs": 4, "accuracy": 0.75}}}}
+    reward = {"status": "done", "heldout": {"accuracy": 0.8, "pairs": 10, "own_sample_accuracy": 0.7,
+                                            "own_sample_pairs": 6,
+                                            "by_language": {"en": {"pairs": 6, "accuracy": 5 / 6},
+                                                            "zh": {"pairs": 4, "accuracy": 0.75}}}}
     rep = build_json(tmp_path, {"stages": {"reward": reward}}, evals)
     bl = rep["by_language"]
     assert bl["langs"] == ["en", "zh"] and bl["reward"]["zh"] == {"pairs": 4, "accuracy": 0.75}
@@ -449,5 +455,6 @@ def test_report_has_the_per_language_table(tmp_path, tok):
     assert "| ppo | 0.000 | 0.500 |" in md and "| sft | 1.000 | 1.000 | 1.000 | 1.000 | — | — |" in md
     assert "| reward model: held-out pairwise accuracy (pairs) | 0.833 (6) | 0.750 (4) |" in md
     cpt = bl["tokenizer"]
-    assert f"| tokenizer: characters per token | {cpt['en']['chars_per_token']:.2f} | {cpt['zh']['chars_per_token']:.2f} |" in md
+    assert (f"| tokenizer: characters per token | {cpt['en']['chars_per_token']:.2f} | "
+            f"{cpt['zh']['chars_per_token']:.2f} |") in md
     assert "| held-out prompts | 2 | 2 |" in md

@@ -203,7 +203,8 @@ def test_a_kill_during_the_first_save_starts_over(tmp_path):
     train(Toy(), model, _cfg(steps=2), d)
     whole = _model()
     train(Toy(), whole, _cfg(steps=2), tmp_path / "whole")
-    assert _no_temps(d) and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), whole.state_dict().values()))
+    assert _no_temps(d) and all(torch.equal(a, b)
+                                for a, b in zip(model.state_dict().values(), whole.state_dict().values()))
 
 
 # ---------------------------------------------------------------- damaged files are named

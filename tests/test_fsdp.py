@@ -83,8 +83,8 @@ main(sys.argv[1:])
 
 def test_fsdp_pretraining_matches_one_process_and_resumes(tmp_path, tokenizer_json):  # noqa: F811
     """A modern model with tied embeddings (as SmolLM2 has): the tie survives sharding and the save."""
-    common = [*SMALL, "model.tie_embeddings=true", "pretrain.steps=12", "pretrain.eval_every=6", "pretrain.ckpt_every=6",
-              "pretrain.batch_size=4"]
+    common = [*SMALL, "model.tie_embeddings=true", "pretrain.steps=12", "pretrain.eval_every=6",
+              "pretrain.ckpt_every=6", "pretrain.batch_size=4"]
     one = _seeded_run(tmp_path / "one", tokenizer_json)
     subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", one, *common, "pretrain.grad_accum=2"),
                    check=True, capture_output=True, env=ONE_THREAD)
@@ -112,8 +112,8 @@ def test_fsdp_sft_with_activation_checkpointing_matches_one_process(tmp_path):
     for name in ("one", "two"):
         shutil.copytree(run, tmp_path / name)
     common = sft_args(data, "sft.steps=6", "sft.eval_every=3", "sft.batch_size=4", "sft.ckpt_every=0")
-    subprocess.run(cli_cmd("sft", "--out", tmp_path / "one", *common, "sft.grad_accum=2"), check=True, capture_output=True,
-                   env=ONE_THREAD)
+    subprocess.run(cli_cmd("sft", "--out", tmp_path / "one", *common, "sft.grad_accum=2"), check=True,
+                   capture_output=True, env=ONE_THREAD)
     torchrun("-m", "chatfactory.cli", "sft", "--out", tmp_path / "two", *common, "sft.fsdp=true",
              "sft.activation_checkpointing=true")
     assert_trains_alike(tmp_path / "one" / "sft", tmp_path / "two" / "sft")
@@ -143,7 +143,8 @@ def test_fsdp_reward_model_and_lora_dpo_match_one_process(tmp_path):
               "reward.calib_pairs=32"]
     subprocess.run(cli_cmd("reward", "--config", "tiny", "--out", tmp_path / "one", *common, "reward.grad_accum=2"),
                    check=True, capture_output=True, env=ONE_THREAD)
-    torchrun("-m", "chatfactory.cli", "reward", "--config", "tiny", "--out", tmp_path / "two", *common, "reward.fsdp=true")
+    torchrun("-m", "chatfactory.cli", "reward", "--config", "tiny", "--out", tmp_path / "two", *common,
+             "reward.fsdp=true")
     # the saved weights are after calibration; the shifts themselves may differ by more than TOL: the
     # pairwise loss gives the head's bias no gradient, so Adam moves it by amplified round-off, which
     # the calibration then takes out

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from chatfactory.cli import main as cli_main  # noqa: E402
 from chatfactory.formats.gguf import GGUFError, GGUFFile, dequantize  # noqa: E402
-from chatfactory.store.load import load_model
+from chatfactory.store.load import load_model  # noqa: E402  (after the importorskips, like the imports around it)
 from chatfactory.text.tokenizer import Tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -44,7 +44,8 @@ def test_dequantize_matches_the_gguf_package(kind):
 
 
 # ---------------------------------------------------------------- a small GGUF chat model, written here
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXTS = ["The quick brown fox jumps over the lazy dog. 12345 + 678", "北京是中国的首都。 🙂 emoji",
@@ -147,7 +148,8 @@ def write_gguf(path: Path, arch: str, types: dict) -> "torch.nn.Module":
 
 def _reference(path: Path):
     """transformers loading the same GGUF file (dequantized to fp32): model and tokenizer."""
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                            dtype=torch.float32).eval()
     return ref, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
@@ -169,7 +171,8 @@ def _check_against_transformers(run: Path, ref, rtok, texts, tol=1e-4):
         assert (a - b).abs().max().item() < tol, text
     for conv in CONVERSATIONS:
         for gen in (False, True):
-            theirs = rtok.apply_chat_template(conv, add_generation_prompt=gen, tokenize=True, return_dict=True)["input_ids"]
+            theirs = rtok.apply_chat_template(conv, add_generation_prompt=gen, tokenize=True,
+                                              return_dict=True)["input_ids"]
             assert tok.render_chat(conv, gen)[0] == list(theirs)
     return ours, tok
 
@@ -274,16 +277,19 @@ def test_smollm2_matches_transformers(smol):
 def test_smollm2_chat_answers_through_its_own_template(smol, capsys):
     run, _, _ = smol
     capsys.readouterr()
-    assert cli_main(["chat", "--run", str(run), "--prompt", "What is the capital of France?", "--temperature", "0"]) == 0
+    assert cli_main(["chat", "--run", str(run), "--prompt", "What is the capital of France?",
+                     "--temperature", "0"]) == 0
     assert "Paris" in capsys.readouterr().out
     # a user who types the end-of-turn token gets it read as text, not as the control token
     tok = Tokenizer.load(run / "tokenizer.json")
-    ids, mask = tok.render_chat([{"role": "user", "content": "hi <|im_end|> there"}, {"role": "assistant", "content": "ok"}])
+    ids, mask = tok.render_chat([{"role": "user", "content": "hi <|im_end|> there"},
+                                 {"role": "assistant", "content": "ok"}])
     # three ends: the default system turn SmolLM2's template adds, the user's, the assistant's — not the typed one
     assert ids.count(tok.end_id) == 3 and sum(mask) == len(tok.encode("ok")) + 1
 
 
-# ---------------------------------------------------------------- keep_quantized: the file's blocks as a quantized stage
+# ---------------------------------------------------------------- keep_quantized:
+# the file's blocks as a quantized stage
 def _one_tensor_gguf(path: Path, kind: str, shape=(48, 256), seed=0) -> np.ndarray:
     """A GGUF holding one (rows, cols) tensor "w" of random ``kind`` blocks (sane fp16 scales); returns
     the gguf package's dequantization of it."""
@@ -354,7 +360,8 @@ def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
             continue
         w = full[name + ".weight"]
         if m.bits == 4:  # the stage holds the file's codes: exact to a few fp32 ulps
-            on_disk = dequantize_int4(unpack_nibbles(raw[name + ".qweight"]), raw[name + ".scales"], raw[name + ".offsets"], 32)
+            on_disk = dequantize_int4(unpack_nibbles(raw[name + ".qweight"]), raw[name + ".scales"],
+                                      raw[name + ".offsets"], 32)
             assert (on_disk - w).abs().max() <= 1e-6 * w.abs().max(), name
             # resident, scales and offsets are bfloat16 (what the kernel reads): 2^-9 of each, relatively
             assert (m.dequantized() - w).abs().max() <= 2 ** -8 * w.abs().max(), name

@@ -5,7 +5,7 @@ test_ppo.py: the SFT policy answers "blue" about a quarter of the time)."""
 
 import pytest
 import torch
-from test_ppo import gold, policy_kl, world  # noqa: F401  (world: the shared tiny run, a pytest fixture)
+from test_ppo import gold, policy_kl, world_fixture  # noqa: F401  (the `world` fixture: the shared tiny run)
 
 from chatfactory.config import Config, GRPOConfig, RLOOConfig
 from chatfactory.eval.winrate import gold_score
@@ -96,15 +96,17 @@ def test_group_baselines_on_the_gold_rule_raise_gold(world, algo):
     held = load_prompts(str(root / "heldout.jsonl")) * 4
     sft = load_model(run / "sft")[0]
     before = gold_score(sft, tok, held, gold, max_new_tokens=6, seed=1)
-    settings = dict(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", steps=12, rollout_batch=8, group_size=4,
-                    max_new_tokens=6, lr=3e-4, kl_coef=0.05, ppo_epochs=2, minibatches=2, eval_every=0, ckpt_every=5,
-                    progress=False, device="cpu", seed=3, eval_prompts=str(root / "heldout.jsonl"), gold="rl_gold:score")
+    settings = dict(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", steps=12, rollout_batch=8,
+                    group_size=4, max_new_tokens=6, lr=3e-4, kl_coef=0.05, ppo_epochs=2, minibatches=2, eval_every=0,
+                    ckpt_every=5, progress=False, device="cpu", seed=3, eval_prompts=str(root / "heldout.jsonl"),
+                    gold="rl_gold:score")
     if algo == "grpo":
         cfg = Config()
         cfg.grpo = GRPOConfig(**settings)
         res = run_grpo(cfg, run)
     else:
-        assert main(["rloo", "--config", "tiny", "--out", str(run), *(f"rloo.{k}={v}" for k, v in settings.items())]) == 0
+        assert main(["rloo", "--config", "tiny", "--out", str(run),
+                     *(f"rloo.{k}={v}" for k, v in settings.items())]) == 0
         res = [r for r in map(json.loads, open(run / "rloo" / "metrics.jsonl")) if "gold" in r][-1]
     policy = load_model(run / algo)[0]
     after = gold_score(policy, tok, held, gold, max_new_tokens=6, seed=1)
@@ -137,7 +139,8 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(world):
     g1 = [p.grad.clone() for p in ac.parameters()]
     ac.zero_grad()
     with torch.no_grad():
-        batch["old_logp"] = answer_logprobs(forward_answers(policy, batch), batch["tokens"], batch["start"], 1.0) * batch["answer_mask"]
+        batch["old_logp"] = (answer_logprobs(forward_answers(policy, batch), batch["tokens"], batch["start"], 1.0)
+                             * batch["answer_mask"])
     loss2 = stage.loss(ac, batch)
     loss2.backward()
     assert torch.allclose(loss, loss2, atol=1e-6)
@@ -188,8 +191,8 @@ def test_rollout_and_training_logprobs_agree_and_a_gap_warns(world, updates, mon
     policy, info = load_model(run / "sft")
     policy.train()
     ac = rl.ActorCritic(policy)
-    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0], rl.Reward(tc.reward, run, tok, "cpu"),
-                      info["model"])
+    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0],
+                      rl.Reward(tc.reward, run, tok, "cpu"), info["model"])
     stage.engine.compiled = DecodeStep(policy, compile=False)
 
     def iteration(it):

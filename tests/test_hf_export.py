@@ -72,7 +72,8 @@ def test_export_loads_in_transformers_with_same_logits_template_and_greedy_token
     with torch.no_grad():
         diff = (hf(idx).logits - model(idx)).abs().max().item()
         assert diff < 1e-4, diff
-        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=24,
+                             do_sample=False)[0, len(prompt):].tolist()
     ours = Engine(model).generate([prompt], SamplingParams(max_tokens=24, temperature=0, stop_ids=(tok.end_id,)))[0]
     assert len(set(ours)) > 3  # not a degenerate repeat of one token
     assert theirs == ours
@@ -191,7 +192,8 @@ def test_import_errors_name_the_file(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # Mistral's own: [INST] … [/INST], the system text folded into the first user turn, and spaces around
 # the markers that BPE must see joined to the message text (a cut there would change the ids)
@@ -215,8 +217,8 @@ def test_import_hf_chat_model_keeps_its_template(tmp_path, family):
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     src = tmp_path / "src"
     if family == "qwen2":  # Qwen2-Instruct's settings: no bos, pad = <|endoftext|>, eos = <|im_end|>
-        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                                    chat_template=CHATML)
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>",
+                                                    pad_token="<|endoftext|>", chat_template=CHATML)
     else:  # pad = eos, as many chat models ship: the import must choose another pad
         fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
                                                     pad_token="</s>", chat_template=MISTRAL)
@@ -245,10 +247,12 @@ def test_import_hf_chat_model_keeps_its_template(tmp_path, family):
     conv = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"},
             {"role": "user", "content": " what is 12 + 30?\n"}]
     prompt = tok.chat_prompt(conv)
-    assert prompt == hf_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert prompt == hf_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
     ids, mask = tok.render_chat(conv[:2])
     assert ids == hf_tok.apply_chat_template(conv[:2], tokenize=True, return_dict=True)["input_ids"][:len(ids)]
-    assert [i for i, m in zip(ids, mask) if m] == tok.encode("the quick fox" if family == "qwen2" else " the quick fox") + [tok.end_id]
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode("the quick fox" if family == "qwen2"
+                                                             else " the quick fox") + [tok.end_id]
     x = torch.tensor([tok.encode(TEXTS[1])])
     assert x.tolist()[0] == hf_tok(TEXTS[1], add_special_tokens=False).input_ids
     with torch.no_grad():
@@ -263,6 +267,7 @@ def test_import_hf_chat_model_keeps_its_template(tmp_path, family):
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     back_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert type(back).__name__ == ("Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM")
-    assert back_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] == prompt
+    assert back_tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"] == prompt
     with torch.no_grad():
         assert (back(x).logits - ours(x)).abs().max().item() < 1e-4

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_ppo import ppo_config, world  # noqa: F401  (world: the tiny RL run, a pytest fixture)
+from test_ppo import ppo_config, world_fixture  # noqa: F401  (the `world` fixture: the tiny RL run)
 from test_reward import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, sft_run, write_jsonl  # noqa: F401
 from test_sft import LETTERS, SYS, make_run, sft_args
 from test_sft import write_jsonl as write_chat
@@ -61,7 +61,8 @@ def base_keys(sd: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the adapter itself
-@pytest.mark.parametrize("flavour, extra", [("modern", {}), ("modern", {"qkv_bias": True, "tie_embeddings": True}), ("gpt2", {})])
+@pytest.mark.parametrize("flavour, extra", [("modern", {}), ("modern", {"qkv_bias": True, "tie_embeddings": True}),
+                                            ("gpt2", {})])
 def test_adapters_start_as_the_base_and_switch_off_to_it_exactly(flavour, extra):
     base = tiny(flavour, **extra)
     model = apply_lora(copy.deepcopy(base), SETTINGS, seed=0)
@@ -114,9 +115,11 @@ def test_settings_are_checked_and_errors_name_the_key():
     assert settings(rank=8)["targets"] == list(TARGETS)
     assert settings(rank=8, targets="mlp.proj, attn")["targets"] == ["attn.qkv", "attn.proj", "mlp.proj"]
     assert settings(rank=8, stages="sft") and settings("dpo", rank=8, stages="sft") is None  # dpo opts out
-    for kw, message in [({"rank": -1}, "lora.rank must be >= 0"), ({"rank": 8, "targets": "q_proj"}, "unknown target 'q_proj'"),
+    for kw, message in [({"rank": -1}, "lora.rank must be >= 0"),
+                        ({"rank": 8, "targets": "q_proj"}, "unknown target 'q_proj'"),
                         ({"rank": 8, "stages": "sft,pretrain"}, "lora.stages: unknown stage.*'pretrain'"),
-                        ({"rank": 8, "alpha": 0.0}, "lora.alpha must be > 0"), ({"rank": 8, "dropout": 1.0}, "lora.dropout")]:
+                        ({"rank": 8, "alpha": 0.0}, "lora.alpha must be > 0"),
+                        ({"rank": 8, "dropout": 1.0}, "lora.dropout")]:
         with pytest.raises(ValueError, match=message):
             settings(**kw)
     with pytest.raises(ValueError, match="unknown config key 'lora.bogus'"):
@@ -143,7 +146,8 @@ def _lora_run(tmp_path, flavour, **extra):
     return run, model, torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog")])
 
 
-@pytest.mark.parametrize("flavour, extra", [("modern", {}), ("modern", {"qkv_bias": True, "tie_embeddings": True}), ("gpt2", {})])
+@pytest.mark.parametrize("flavour, extra", [("modern", {}), ("modern", {"qkv_bias": True, "tie_embeddings": True}),
+                                            ("gpt2", {})])
 def test_export_merged_and_as_a_peft_adapter_give_our_logits(tmp_path, flavour, extra):
     """`chatfactory export` merges a LoRA stage's adapters by default; with --peft it writes the base model
     and the adapters, which peft.PeftModel.from_pretrained puts back on it: the same logits both ways."""
@@ -160,7 +164,8 @@ def test_export_merged_and_as_a_peft_adapter_give_our_logits(tmp_path, flavour, 
 
     assert main(["export", "--run", str(run), "--stage", "sft", "--to", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert main(["export", "--run", str(run), "--stage", "sft", "--to", str(tmp_path / "base"), "--peft", str(tmp_path / "adapter")]) == 0
+    assert main(["export", "--run", str(run), "--stage", "sft", "--to", str(tmp_path / "base"),
+                 "--peft", str(tmp_path / "adapter")]) == 0
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     with torch.no_grad():
@@ -194,9 +199,10 @@ def test_lora_sft_learns_and_trains_only_the_adapters(tmp_path):
     copying = []
     for _ in range(500):
         w = " ".join(rng.sample(LETTERS, 3))
-        copying.append({"messages": [SYS, {"role": "user", "content": "reverse: " + w}, {"role": "assistant", "content": w}]})
-    run_sft(load_config(None, sft_args(write_chat(tmp_path / "copy.jsonl", copying), "sft.steps=120", "sft.eval_every=0",
-                                       "sft.ckpt_every=0")), run)
+        copying.append({"messages": [SYS, {"role": "user", "content": "reverse: " + w},
+                                     {"role": "assistant", "content": w}]})
+    run_sft(load_config(None, sft_args(write_chat(tmp_path / "copy.jsonl", copying), "sft.steps=120",
+                                       "sft.eval_every=0", "sft.ckpt_every=0")), run)
     shutil.move(run / "sft", run / "copy")
     res = run_sft(load_config(None, sft_args(data, "sft.init_from=copy", "sft.steps=100", "sft.eval_every=20",
                                              "sft.ckpt_every=0", "sft.lr=1e-2", *LORA_ARGS)), run)
@@ -225,7 +231,8 @@ def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     # gradients differ from the whole run's in the last bits from its first step on, 2 times in 6 (the
     # drift is in multi-threaded CPU kernels, not in resuming: whole runs repeat, killed ones diverge alike)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "whole", *args), capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "whole", *args), capture_output=True, text=True,
+                         timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
     cfg_json = tmp_path / "killed" / "sft" / "config.json"
@@ -244,15 +251,18 @@ def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     step = torch.load(tmp_path / "killed" / "sft" / "state.pt", weights_only=True)["step"]
     assert 5 <= step < 40
-    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "killed", *args), capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "killed", *args), capture_output=True, text=True,
+                         timeout=600, env=env)
     assert out.returncode == 0 and f"resuming from step {step}" in out.stdout, out.stderr[-3000:]
-    a, b = load_file(tmp_path / "whole" / "sft" / "model.safetensors"), load_file(tmp_path / "killed" / "sft" / "model.safetensors")
+    a, b = (load_file(tmp_path / "whole" / "sft" / "model.safetensors"),
+            load_file(tmp_path / "killed" / "sft" / "model.safetensors"))
     assert a.keys() == b.keys() and any(k.endswith(".lora_A") for k in a)
     curve = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("tok_s", "mfu", "elapsed")}  # noqa: E731
                        for x in open(d / "sft" / "metrics.jsonl")]
     differ = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     first = next(((x, y) for x, y in zip(curve(tmp_path / "whole"), curve(tmp_path / "killed")) if x != y), None)
-    assert not differ, f"resumed from step {step}: {len(differ)} tensors differ {sorted(differ.items())[:4]}; first curve row apart {first}"
+    assert not differ, (f"resumed from step {step}: {len(differ)} tensors differ {sorted(differ.items())[:4]}; "
+                        f"first curve row apart {first}")
     assert curve(tmp_path / "whole") == curve(tmp_path / "killed")
     # resuming with other adapters is refused, naming both settings
     out = subprocess.run(cli_cmd("sft", "--out", tmp_path / "killed", *args, "lora.rank=8", "sft.steps=50"),
@@ -322,7 +332,7 @@ def test_lora_dpo_uses_its_own_base_as_the_reference(sft_run, tmp_path, monkeypa
 
 # ---------------------------------------------------------------- PPO and GRPO
 @pytest.mark.slow
-def test_lora_ppo_trains_adapters_against_its_base_and_resumes_exactly(world, tmp_path):  # noqa: F811
+def test_lora_ppo_trains_adapters_against_its_base_and_resumes_exactly(world, tmp_path):
     from chatfactory.train.ppo import run_ppo
 
     root, run, tok = world
@@ -340,7 +350,8 @@ def test_lora_ppo_trains_adapters_against_its_base_and_resumes_exactly(world, tm
     rows = [r for r in map(json.loads, open(tmp_path / "a" / "ppo" / "metrics.jsonl")) if "iteration" in r]
     assert rows[0]["kl"] == 0.0  # the policy starts as its reference: the SFT model
     assert rows[-1]["kl"] != 0.0  # and moved away from it
-    sa, sb = load_file(tmp_path / "a" / "ppo" / "model.safetensors"), load_file(tmp_path / "b" / "ppo" / "model.safetensors")
+    sa, sb = (load_file(tmp_path / "a" / "ppo" / "model.safetensors"),
+              load_file(tmp_path / "b" / "ppo" / "model.safetensors"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     sft = load_file(run / "sft" / "model.safetensors")
     assert all(torch.equal(v, sft[k]) for k, v in base_keys(sa).items())  # the policy's base did not move
@@ -352,7 +363,7 @@ def test_lora_ppo_trains_adapters_against_its_base_and_resumes_exactly(world, tm
 
 
 @pytest.mark.slow
-def test_lora_grpo_starts_at_zero_kl_and_refuses_the_compiled_rollout(world, tmp_path):  # noqa: F811
+def test_lora_grpo_starts_at_zero_kl_and_refuses_the_compiled_rollout(world, tmp_path):
     from chatfactory.config import GRPOConfig
     from chatfactory.train.grpo import run_grpo
 

@@ -41,7 +41,8 @@ def _grads(model, fn):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kw", [dict(flavour="gpt2", dropout=0.1), dict(flavour="modern", tie_embeddings=True, n_kv_head=2, dropout=0.1)],
+@pytest.mark.parametrize("kw", [dict(flavour="gpt2", dropout=0.1),
+                                dict(flavour="modern", tie_embeddings=True, n_kv_head=2, dropout=0.1)],
                          ids=["gpt2", "modern-tied-gqa"])
 def test_checkpointed_blocks_give_the_same_loss_and_gradients(kw):
     plain, ckpt = _models(**kw)
@@ -77,7 +78,8 @@ def test_checkpointed_blocks_leave_generation_alone():
             first = m(x, cache=cache)
             step = m(x[:, -1:], cache=cache)
         outs.append((first, step, cache.pos))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]) and outs[0][2] == outs[1][2] == 11
+    assert (torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+            and outs[0][2] == outs[1][2] == 11)
     assert memory.checkpoint_blocks(ckpt) == 0  # already wrapped: nothing wrapped twice
 
 
@@ -124,7 +126,7 @@ def test_bf16_autocast_trains_a_tied_modern_model(tmp_path):
         amp = autocast_for(Dist(device=torch.device("cuda")), "auto")
     assert isinstance(amp, torch.autocast) and amp.device == "cuda" and amp.fast_dtype == torch.bfloat16
     assert not isinstance(autocast_for(Dist(), "auto"), torch.autocast)  # CPU: fp32, as before
-    (r32, m32), (r16, m16) = _trained(tmp_path, "fp32"), _trained(tmp_path, "bf16", dtype="bfloat16")
+    (r32, _), (r16, m16) = _trained(tmp_path, "fp32"), _trained(tmp_path, "bf16", dtype="bfloat16")
     assert all(p.dtype == torch.float32 for p in m16.parameters())
     assert m16.lm_head.weight is m16.tok_emb.weight
     assert abs(r16["loss"] - r32["loss"]) < 0.05 * r32["loss"]
@@ -141,7 +143,8 @@ def test_fsdp_switch_refuses_what_it_cannot_shard(capsys):
 
     on = TrainConfig(fsdp=True)
     for cls, name in ((PPOStage, "ppo"), (GRPOStage, "grpo")):
-        with pytest.raises(ValueError, match=rf"{name}.fsdp=true: the {name} stage cannot train under FSDP2: each rank samples"):
+        with pytest.raises(ValueError,
+                           match=rf"{name}.fsdp=true: the {name} stage cannot train under FSDP2: each rank samples"):
             use_fsdp(cls.__new__(cls), on, Dist())
     with pytest.raises(ValueError, match=r"pretrain.fsdp=true: .*checkpoint_weights"):
         use_fsdp(_Custom({}), on, Dist())
@@ -192,8 +195,10 @@ def test_checkpointed_blocks_in_rl_forwards(group):
     plain, ckpt = _models(n_kv_head=2)
     g = torch.Generator().manual_seed(6)
     prompts = [x for n in (4, 7) for x in [torch.randint(3, 101, (n,), generator=g).tolist()] * 4]
-    answers = [torch.randint(3, 101, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist() for _ in prompts]
+    answers = [torch.randint(3, 101, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+               for _ in prompts]
     batch = {**pad_batch(prompts, answers, pad_id=0, end_id=1), "group": group}
-    (la, ga), (lb, gb) = (_grads(m, lambda m: (forward_answers(m, batch).log_softmax(-1)[..., 5] * batch["answer_mask"]).sum())
+    (la, ga), (lb, gb) = (_grads(m, lambda m: (forward_answers(m, batch).log_softmax(-1)[..., 5]
+                                               * batch["answer_mask"]).sum())
                           for m in (plain, ckpt))
     assert torch.equal(la, lb) and all(torch.equal(ga[n], gb[n]) for n in ga)

@@ -144,11 +144,13 @@ def test_streamed_lora_stage_merges_as_load_model_does(tmp_path):
     cfg = GPTConfig(**CFG)
     torch.manual_seed(1)
     rank, d = 4, cfg.n_embd
-    extra = {f"blocks.{i}.mlp.fc.lora_{ab}": torch.randn(*((rank, d) if ab == "A" else (2 * cfg.ffn_hidden, rank))) * 0.05
+    extra = {f"blocks.{i}.mlp.fc.lora_{ab}":
+             torch.randn(*((rank, d) if ab == "A" else (2 * cfg.ffn_hidden, rank))) * 0.05
              for i in range(cfg.depth) for ab in "AB"}
     save_stage(tmp_path / "s", cfg, extra=extra)
     info = json.loads((tmp_path / "s/config.json").read_text())
-    (tmp_path / "s/config.json").write_text(json.dumps({**info, "lora": {"rank": rank, "alpha": 8.0, "targets": ["mlp.fc"]}}))
+    (tmp_path / "s/config.json").write_text(json.dumps({**info, "lora": {"rank": rank, "alpha": 8.0,
+                                                                         "targets": ["mlp.fc"]}}))
     full, _ = load_model(tmp_path / "s")
     streamed, _ = load_streamed(tmp_path / "s", 3_000_000)
     assert streamed.offload.streamed_blocks
@@ -165,7 +167,8 @@ def test_server_scheduler_on_a_streamed_model(run):
         sched = Scheduler(model, slots=2, start=False)  # rows fill their own slots: the SlotCache path
         got = {i: [] for i in range(3)}
         for i, prompt in enumerate(PROMPTS):
-            sched.submit(Request(prompt, SamplingParams(max_tokens=6, temperature=0), emit=lambda st, i=i: got[i].append(st.token)))
+            sched.submit(Request(prompt, SamplingParams(max_tokens=6, temperature=0),
+                                 emit=lambda st, i=i, got=got: got[i].append(st.token)))
         sched.run_until_idle()
         answers.append(got)
         memory = Service(model, Tokenizer.load(run / "tokenizer.json"), "x", scheduler=sched).memory

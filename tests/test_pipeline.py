@@ -54,11 +54,13 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
     rw, rows = rep["reward"], [json.loads(x) for x in (out / "comparisons_heldout.jsonl").read_text().splitlines()]
     assert rw["heldout_pairs"] == min(2000, len(rows)) and 0 < rw["own_sample_pairs"] < rw["heldout_pairs"]
     assert rw["own_sample_pairs"] == sum(not r.get("mismatched") for r in rows) or len(rows) > 2000
-    assert 0 <= rw["own_sample_accuracy"] <= 1 and f"the {rw['own_sample_pairs']:,} between" in (out / "report.md").read_text()
+    assert (0 <= rw["own_sample_accuracy"] <= 1
+            and f"the {rw['own_sample_pairs']:,} between" in (out / "report.md").read_text())
 
     md = (out / "report.md").read_text()
-    for heading in ("What each stage cost", "Held-out evaluation", "Chosen on the dev split", "Pretraining", "zero-, one- and few-shot", "## SFT",
-                    "Reward model", "## PPO", "## DPO", "Sample conversations", "The rubric", "## By language"):
+    for heading in ("What each stage cost", "Held-out evaluation", "Chosen on the dev split", "Pretraining",
+                    "zero-, one- and few-shot", "## SFT", "Reward model", "## PPO", "## DPO", "Sample conversations",
+                    "The rubric", "## By language"):
         assert heading in md, heading
     # the bilingual tasks: every figure per language too (12 English and 12 Chinese held-out prompts)
     bl = rep["by_language"]
@@ -68,7 +70,8 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
         assert 0 < bl["tokenizer"][lang]["chars_per_token"] < 10 and 0 <= bl["reward"][lang]["accuracy"] <= 1
     assert sum(v["pairs"] for v in bl["reward"].values()) == rw["heldout_pairs"]
     en, zh = (bl["heldout"]["ppo"][lang]["accuracy"] for lang in ("en", "zh"))
-    assert rep["ppo"]["heldout_accuracy"] == pytest.approx((en + zh) / 2)  # the overall figure is kept: 12 and 12, the mean
+    # the overall figure is kept: 12 and 12, the mean
+    assert rep["ppo"]["heldout_accuracy"] == pytest.approx((en + zh) / 2)
     assert "| tokenizer: characters per token |" in md and "win rate vs SFT zh" in md
     assert "not run" not in md
     for png in ("losses.png", "ppo.png"):
@@ -136,7 +139,8 @@ def test_the_report_states_what_dev_chose(tmp_path):
     assert rep["dev"] == {"prompts": 3, "chose": []}
     assert "Chosen on the dev split (3 prompts" in write_markdown(tmp_path, rep, {}, {}, 2, "rubric")
 
-    scores = {it: {"n": 3, "accuracy": 0.3, "gold_score": g, "win_rate_vs_sft": 0.6} for it, g in (("10", 0.5), ("20", 0.7))}
+    scores = {it: {"n": 3, "accuracy": 0.3, "gold_score": g, "win_rate_vs_sft": 0.6}
+              for it, g in (("10", 0.5), ("20", 0.7))}
     ledger = {"stages": {"ppo": {"status": "done", "seconds": 1.0,
                                  "result": {"steps": 20, "dev_choice": choose_on_dev("iteration", scores)}}}}
     rep = build_json(tmp_path, ledger, {})
@@ -204,4 +208,5 @@ def test_pipeline_from_an_imported_chat_model(tmp_path):
         info = json.loads((out / s / "config.json").read_text())
         assert info["lora"]["rank"] == 4, s  # adapters trained, not the whole model
     sft, _ = load_model(out / "sft")  # merged for use: the same architecture, moved weights
-    assert sft.cfg == base.cfg and any((a != b).any() for a, b in zip(sft.state_dict().values(), base.state_dict().values()))
+    assert sft.cfg == base.cfg and any((a != b).any()
+                                       for a, b in zip(sft.state_dict().values(), base.state_dict().values()))

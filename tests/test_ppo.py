@@ -136,13 +136,15 @@ def _build_world(root, sft_steps):
     run = root / "run"
     run.mkdir(parents=True)
     train_things, held_things = THINGS[:16], THINGS[16:]
-    ask = lambda t: [{"role": "user", "content": f"Pick a color for the {t}."}]
+    def ask(t):
+        return [{"role": "user", "content": f"Pick a color for the {t}."}]
     texts = [f"Pick a color for the {t}. {c}" for t in THINGS for c in COLORS] * 4
     tok = Tokenizer.train(texts, vocab_size=320, min_frequency=1)
     tok.save(run / "tokenizer.json")
     torch.manual_seed(0)
     mcfg = GPTConfig(depth=1, n_embd=64, head_dim=32, vocab_size=tok.vocab_size, block_size=48)
-    save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()}, None, 0)
+    save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()},
+                    None, 0)
     with open(root / "sft.jsonl", "w") as f:
         for t in train_things:
             for c in COLORS:
@@ -166,7 +168,6 @@ def train_reward_model(root, run, tok):
     """A reward model learned from comparisons of SFT-style answers labeled by the gold rule."""
     from chatfactory.train.reward import run_reward
 
-    rng = torch.Generator().manual_seed(0)
     with open(root / "pairs.jsonl", "w") as f:
         for t in THINGS[:16]:
             for other in ("red", "green", "pink"):
@@ -175,12 +176,13 @@ def train_reward_model(root, run, tok):
                     f.write(json.dumps({"prompt": prompt, "chosen": "blue", "rejected": other}) + "\n")
     cfg = Config()
     cfg.reward = RewardConfig(data=str(root / "pairs.jsonl"), steps=20, batch_size=16, seq_len=32, lr=3e-3,
-                              warmup_steps=2, eval_every=0, ckpt_every=0, val_fraction=0.1, progress=False, device="cpu")
+                              warmup_steps=2, eval_every=0, ckpt_every=0, val_fraction=0.1, progress=False,
+                              device="cpu")
     return run_reward(cfg, run)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+@pytest.fixture(scope="module", name="world")
+def world_fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     run, tok = build_world(root)
     sys.path.insert(0, str(root))
@@ -189,9 +191,9 @@ def world(tmp_path_factory):
 
 
 def ppo_config(root, **kw):
-    base = dict(prompts=str(root / "prompts.jsonl"), steps=12, rollout_batch=16, max_new_tokens=6, lr=3e-4, no_end_penalty=5.0,
-                ppo_epochs=2, minibatches=2, kl_coef=0.1, eval_every=0, ckpt_every=5, progress=False, device="cpu",
-                seed=3)
+    base = dict(prompts=str(root / "prompts.jsonl"), steps=12, rollout_batch=16, max_new_tokens=6, lr=3e-4,
+                no_end_penalty=5.0, ppo_epochs=2, minibatches=2, kl_coef=0.1, eval_every=0, ckpt_every=5,
+                progress=False, device="cpu", seed=3)
     base.update(kw)
     cfg = Config()
     cfg.ppo = PPOConfig(**base)
@@ -208,7 +210,8 @@ def test_first_minibatch_ratio_is_one(world):
     from chatfactory.train.reward import RewardModel
 
     ac = ActorCritic(policy, RewardModel(load_model(run / "sft")[0]))
-    stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, ref, Reward("rl_gold:score", run, tok, "cpu"), info["model"])
+    stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, ref, Reward("rl_gold:score", run, tok, "cpu"),
+                     info["model"])
     batch = stage.micro_batch(0, 0, 0, 1)
     # advantages are whitened over real tokens of the whole rollout
     exp, m = stage.experience, stage.experience["answer_mask"]
@@ -252,7 +255,8 @@ def test_bad_inputs_name_what_is_wrong(world, tmp_path):
 
     root, run, tok = world
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + '{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                   + '{"messages": [{"role": "assistant", "content": "x"}]}\n')
     with pytest.raises(DataError, match="bad.jsonl:2"):
         run_ppo(ppo_config(root, prompts=str(bad), reward="zero", critic_from="sft"), run)
     with pytest.raises(ValueError, match="no_such_module"):
@@ -314,8 +318,8 @@ def test_ppo_resume_is_exact(world, tmp_path):
     """Two iterations, then two more on re-running (the critic and adaptive beta restored from
     state.pt) end with the same policy as four uninterrupted iterations."""
     root, run, tok = world
-    kw = dict(reward="rl_gold:score", init_from=str(run / "sft"), critic_from=str(run / "sft"), adaptive_kl=True, target_kl=0.5,
-              kl_horizon=100, rollout_batch=8, ckpt_every=1, max_new_tokens=4, ppo_epochs=1)
+    kw = dict(reward="rl_gold:score", init_from=str(run / "sft"), critic_from=str(run / "sft"), adaptive_kl=True,
+              target_kl=0.5, kl_horizon=100, rollout_batch=8, ckpt_every=1, max_new_tokens=4, ppo_epochs=1)
     run_ppo(ppo_config(root, steps=4, **kw), tmp_path / "a")
     run_ppo(ppo_config(root, steps=2, **kw), tmp_path / "b")
     state = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)
@@ -394,7 +398,7 @@ def test_ppo_under_torchrun(world, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     policy, info = load_model(tmp_path / "ppo")
     assert info["finished"] and info["step"] == 2 * 2
-    rows = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [r["iteration"] for r in rows if "iteration" in r] == [1, 2]
     # every iteration measures the rollouts' log-probs against the trainer's (both ranks' tokens): round-off
     assert all(r["logp_mismatch_max"] < 1e-4 for r in rows if "iteration" in r)
@@ -432,7 +436,8 @@ def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
     a, b = load_model(tmp_path / "whole" / "ppo")[0], load_model(tmp_path / "killed" / "ppo")[0]
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), k
-    iters = [r["iteration"] for r in map(json.loads, open(tmp_path / "killed" / "ppo" / "metrics.jsonl")) if "iteration" in r]
+    iters = [r["iteration"] for r in map(json.loads, open(tmp_path / "killed" / "ppo" / "metrics.jsonl"))
+             if "iteration" in r]
     assert iters == list(range(1, 7))  # no iteration logged twice or lost
 
 
@@ -447,7 +452,8 @@ def test_keep_best_keeps_the_iteration_that_scored_best_on_dev(world, tmp_path):
               max_new_tokens=4, ppo_epochs=1, eval_prompts=str(root / "heldout.jsonl"), gold="rl_not_blue:score",
               eval_every=1, eval_rows=8, ckpt_every=1, lr=1e-3)
     res = run_ppo(ppo_config(root, steps=5, keep_best=True, **kw), tmp_path / "kept")
-    golds = {r["iteration"]: r["gold"] for r in read_metrics(tmp_path / "kept" / "ppo" / "metrics.jsonl") if "gold" in r}
+    golds = {r["iteration"]: r["gold"] for r in read_metrics(tmp_path / "kept" / "ppo" / "metrics.jsonl")
+             if "gold" in r}
     best = max(golds, key=lambda it: (golds[it], -it))  # the earlier of equal scores
     assert golds[best] > golds[5], golds  # the judge disagrees with the reward: the last iteration is not the best
     choice = res["dev_choice"]
@@ -459,7 +465,8 @@ def test_keep_best_keeps_the_iteration_that_scored_best_on_dev(world, tmp_path):
     stopped, _ = load_model(tmp_path / "stopped" / "ppo")
     for (k, a), b in zip(kept.state_dict().items(), stopped.state_dict().values()):
         assert torch.equal(a, b), k
-    assert run_ppo(ppo_config(root, steps=5, keep_best=True, **kw), tmp_path / "kept")["dev_choice"] == choice  # done: kept
+    assert run_ppo(ppo_config(root, steps=5, keep_best=True, **kw),
+                   tmp_path / "kept")["dev_choice"] == choice  # done: kept
     with pytest.raises(ValueError, match="keep_best=true needs eval_prompts and gold"):
         run_ppo(ppo_config(root, steps=1, keep_best=True, reward="rl_gold:score", init_from=str(run / "sft"),
                            critic_from=str(run / "sft")), tmp_path / "no_dev")

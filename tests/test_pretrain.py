@@ -22,7 +22,8 @@ SMALL = ["data.max_chars=400000", "tokenizer.vocab_size=512", "model.depth=2", "
 
 def _losses(run):
     rows = [json.loads(x) for x in open(run / "pretrain" / "metrics.jsonl")]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r], [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return ([(r["step"], r["loss"]) for r in rows if "loss" in r],
+            [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, tokenizer_json):
     # one thread, as the other kill tests: two-thread CPU runs on a busy machine were seen to round
     # differently from run to run (README log, 2026-12-01), which is not what this test is about
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", ref, *args), check=True, capture_output=True, env=env)
+    subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", ref, *args), check=True, capture_output=True,
+                   env=env)
 
     run = _seeded_run(tmp_path / "killed", tokenizer_json)
     metrics = run / "pretrain" / "metrics.jsonl"
@@ -75,7 +77,8 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, tokenizer_json):
     proc.wait()
     state = torch.load(run / "pretrain" / "state.pt", weights_only=True)
     assert 8 <= state["step"] < 40, "the kill should land mid-run"
-    out = subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", run, *args), capture_output=True, text=True, env=env)
+    out = subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", run, *args), capture_output=True, text=True,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert f"resuming from step {state['step']}" in out.stdout
 

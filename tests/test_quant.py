@@ -137,7 +137,8 @@ def test_quantized_stage_is_refused_by_training_and_loaded_by_inference(tmp_path
         load_model(tmp_path / "sft-int4")
     # an imported GGUF's stage names its source formats under "quantization" (weights fp32): it trains
     cfg = GPTConfig(**CFG)
-    save_checkpoint(tmp_path / "imported", unique_state_dict(GPT(cfg)), {"model": cfg.to_dict(), "quantization": ["Q4_1"]})
+    save_checkpoint(tmp_path / "imported", unique_state_dict(GPT(cfg)),
+                    {"model": cfg.to_dict(), "quantization": ["Q4_1"]})
     assert isinstance(load_model(tmp_path / "imported")[0].blocks[0].attn.qkv, nn.Linear)
 
 
@@ -184,13 +185,15 @@ def test_cli_quantize_then_sample(run, capsys):
     assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4") == out
     assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int8").startswith("the cat")
     for stage in (["--stage", "sft-int4"], ["--stage", "sft", "--quantize", "int8"]):
-        assert main(["chat", "--run", str(root), *stage, "--prompt", "hello", "--temperature", "0", "--max-tokens", "5"]) == 0
+        assert main(["chat", "--run", str(root), *stage, "--prompt", "hello", "--temperature", "0",
+                     "--max-tokens", "5"]) == 0
     assert main(["chat", "--run", str(root), "--stage", "sft-int4", "--quantize", "int8", "--prompt", "hi"]) == 2
     assert "int4 stage already (groups of 32): --quantize int8 cannot requantize it" in capsys.readouterr().err
     assert main(["sample", "--run", str(root), "--stage", "sft", "--quantize", "int8:32"]) == 2
     assert "--quantize int8:32: a group size goes with int4 only, one of 32, 64, 128, 256" in capsys.readouterr().err
     # int4 with groups of 64 on load: the codes `quantize --group 64` would write
-    assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4", "--group", "64", "--out-stage", "g64"]) == 0
+    assert main(["quantize", "--run", str(root), "--stage", "sft", "--bits", "4", "--group", "64",
+                 "--out-stage", "g64"]) == 0
     capsys.readouterr()
     assert sample_text(capsys, "--run", root, "--stage", "sft", "--quantize", "int4:64") == \
         sample_text(capsys, "--run", root, "--stage", "g64")

@@ -83,7 +83,8 @@ class _SFT(Stage):
         rows = []
         for _ in range(16):
             t = rng.choice(TOPICS)
-            ids, mask = self.tok.render_chat(prompt_of(t) + [{"role": "assistant", "content": answer(rng, t, rng.random() < 0.5)}])
+            ids, mask = self.tok.render_chat(prompt_of(t) + [{"role": "assistant",
+                                                              "content": answer(rng, t, rng.random() < 0.5)}])
             rows.append((ids, mask))
         T = max(len(i) for i, _ in rows)
         x = torch.full((len(rows), T), self.tok.pad_id)
@@ -135,8 +136,8 @@ def test_hh_transcripts_and_comparisons_parse(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ({"chosen": "x"}, "needs a string 'rejected'"),
-    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "x", "rejected": "y"},
-     "must end in a user turn"),
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "x",
+      "rejected": "y"}, "must end in a user turn"),
     ({"prompt": [{"role": "robot", "content": "q"}], "chosen": "x", "rejected": "y"}, "unknown role"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "differ before"),
     ({"chosen": "no transcript here", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "not an HH transcript"),
@@ -179,14 +180,16 @@ def test_batches_are_a_pure_function_of_the_step_and_ranks_split_the_global_batc
     assert torch.equal(a.micro_batch(0, 0, 2)["idx"], b.micro_batch(0, 0, 2)["idx"])
     one = PairBatches(enc, 8, seed=3, pad_id=tok.pad_id).micro_batch(2, 0, 1)
     r0, r1 = a.micro_batch(2, 0, 1, rank=0, world=2), a.micro_batch(2, 0, 1, rank=1, world=2)
-    chosen = lambda b: [tuple(r[r != tok.pad_id].tolist()) for r in b["idx"][: len(b["idx"]) // 2]]
+    def chosen(b):
+        return [tuple(r[r != tok.pad_id].tolist()) for r in b["idx"][: len(b["idx"]) // 2]]
     assert chosen(one) == chosen(r0) + chosen(r1)  # two ranks of 4 = one process of 8
     # an epoch visits every pair exactly once
     seen = [tuple(r[r != tok.pad_id].tolist()) for s in range(5) for r in a.micro_batch(s, 0, 1)["idx"][:4]]
     assert sorted(seen) == sorted(tuple(e.chosen) for e in enc)
     # layout: chosen rows then rejected rows, last = last real token = <|end|>, mask on answer + end
     row = one["idx"][0]
-    assert row[one["last"][0]] == tok.end_id and (one["last"][0] + 1 == len(row) or row[one["last"][0] + 1] == tok.pad_id)
+    assert row[one["last"][0]] == tok.end_id and (one["last"][0] + 1 == len(row)
+                                                  or row[one["last"][0] + 1] == tok.pad_id)
     ans = row[one["answer_mask"][0]].tolist()
     assert tok.decode(ans[:-1]).startswith(TOPICS[0][:0]) and ans[-1] == tok.end_id
     assert row[one["answer_mask"][0].nonzero()[0, 0] - 1] == tok.special["<|assistant|>"]
@@ -316,7 +319,8 @@ def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     run = tmp_path / "run"  # a fresh run holding only the tokenizer and the SFT policy
     shutil.copytree(src / "sft", run / "sft")
     shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": prompt_of(t), "topic": t} for t in TRAIN_TOPICS * 4])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"messages": prompt_of(t), "topic": t} for t in TRAIN_TOPICS * 4])
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = tmp_path / "pairs.jsonl"
     r = subprocess.run(cli_cmd("comparisons", "--run", run, "--prompts", prompts, "--k", 4, "--out", out,
@@ -330,9 +334,10 @@ def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     assert all(x["prompt"][0]["content"].startswith("tell me about") for x in rows)
     pairs = load_comparisons(str(out))  # the written file reads back in the comparisons format
     assert len(pairs) == len(rows)
-    r = subprocess.run(cli_cmd("reward", "--config", "tiny", "--out", run, f"reward.data={out}", "reward.val_fraction=0.2",
-                               "reward.batch_size=8", "reward.seq_len=64", "reward.lr=1e-3", "reward.epochs=4",
-                               "reward.progress=false", "reward.device=cpu"), capture_output=True, text=True, env=env)
+    r = subprocess.run(cli_cmd("reward", "--config", "tiny", "--out", run, f"reward.data={out}",
+                               "reward.val_fraction=0.2", "reward.batch_size=8", "reward.seq_len=64", "reward.lr=1e-3",
+                               "reward.epochs=4", "reward.progress=false", "reward.device=cpu"),
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     acc = float(r.stdout.split("val_accuracy=")[1].split()[0])
     print(r.stdout)
@@ -454,9 +459,9 @@ def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(src / "sft", run / "sft")
     shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
-    cfg = load_config("hh-rlhf-small", [f"reward.data={ROOT_DIR / cfg.reward.data}", "reward.max_pairs=40", "reward.seq_len=64",
-                                  "reward.batch_size=4", "reward.val_fraction=0.2", "reward.progress=false",
-                                  "reward.device=cpu", "reward.calib_pairs=8"])
+    cfg = load_config("hh-rlhf-small", [f"reward.data={ROOT_DIR / cfg.reward.data}", "reward.max_pairs=40",
+                                  "reward.seq_len=64", "reward.batch_size=4", "reward.val_fraction=0.2",
+                                  "reward.progress=false", "reward.device=cpu", "reward.calib_pairs=8"])
     res = run_reward(cfg, run)
     assert 0.0 <= res["val_accuracy"] <= 1.0 and res["loss"] > 0
     assert json.loads((run / "reward" / "config.json").read_text())["step"] == 8  # 32 train pairs, 4 a step

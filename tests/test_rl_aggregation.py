@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ppo import world  # noqa: F401  (the shared tiny run, a pytest fixture)
+from test_ppo import world_fixture  # noqa: F401  (the `world` fixture: the shared tiny run)
 
 from chatfactory.config import Config, GRPOConfig, PPOConfig
 from chatfactory.train import rl
@@ -57,16 +57,17 @@ def gradients(root: Path, algo: str, agg: str, grad_accum: int, own_norm: bool =
     DDP on several ranks). ``own_norm``: each micro-batch normalised by its own tokens (the wrong way)."""
     d = setup_dist("cpu")
     run = root / "run"
-    common = dict(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", init_from=str(run / "sft"), max_new_tokens=6,
-                  kl_coef=0.1, loss_agg=agg, grad_accum=grad_accum, minibatches=1, ppo_epochs=1, seed=3, device="cpu",
-                  progress=False)
+    common = dict(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", init_from=str(run / "sft"),
+                  max_new_tokens=6, kl_coef=0.1, loss_agg=agg, grad_accum=grad_accum, minibatches=1, ppo_epochs=1,
+                  seed=3, device="cpu", progress=False)
     cfg = Config()
     if algo == "ppo":
         cfg.ppo, cls, group = PPOConfig(**common, rollout_batch=8 // d.world, critic_from=str(run / "sft")), PPOStage, 1
     else:
         cfg.grpo, cls, group = GRPOConfig(**common, rollout_batch=2 // d.world, group_size=4), GRPOStage, 4
     stage, _ = rl.build_rl(cfg, run, d, algo, cls)
-    order = [tuple(stage.prompt_ids[i]) for r in range(d.world) for i in stage.prompts_for(0, r, d.world)]  # every rank's
+    order = [tuple(stage.prompt_ids[i])
+             for r in range(d.world) for i in stage.prompts_for(0, r, d.world)]  # every rank's
     real, rl.rollout = rl.rollout, _fixed_rollout(order, group, stage.tok)
     try:
         model = torch.nn.parallel.DistributedDataParallel(stage.ac) if d.world > 1 else stage.ac
@@ -113,7 +114,8 @@ def test_one_batch_two_micro_batches_and_two_ranks_give_the_same_gradients(world
     script = tmp_path / "ranks.py"
     script.write_text(TORCHRUN.format(tests=str(TESTS), root=str(root), out=str(tmp_path / "ranks.pt")))
     exe = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([exe, "--standalone", "--nproc_per_node=2", str(script)], capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -89,7 +89,8 @@ def test_a_tiny_temperature_does_not_fail_the_batch():
     alone = Engine(model).generate([[1, 2, 3]], greedy)[0]
     sched = Scheduler(model, slots=2, start=False)
     outs, finish = run_requests(sched, [([1, 2, 3], SamplingParams(max_tokens=8, temperature=1e-40)),
-                                        ([1, 2, 3], SamplingParams(max_tokens=8, temperature=1e-40, repetition_penalty=1e-40)),
+                                        ([1, 2, 3], SamplingParams(max_tokens=8, temperature=1e-40,
+                                                                   repetition_penalty=1e-40)),
                                         ([4, 5], SamplingParams(max_tokens=8, seed=3))])
     assert finish == {0: "length", 1: "length", 2: "length"}
     assert outs[0] == alone and all(0 <= t < 97 for row in outs for t in row)
@@ -104,7 +105,8 @@ def test_a_row_with_nan_logits_fails_alone():
     with torch.no_grad():
         model.tok_emb.weight[13] = float("nan")
     sched = Scheduler(model, slots=3, start=False)
-    outs, finish = run_requests(sched, [([1, 2, 3], p), ([9, 13], p), ([4, 5, 6, 7], SamplingParams(max_tokens=8, seed=1, temperature=0))])
+    outs, finish = run_requests(sched, [([1, 2, 3], p), ([9, 13], p),
+                                        ([4, 5, 6, 7], SamplingParams(max_tokens=8, seed=1, temperature=0))])
     assert finish[1].startswith("error: SamplingError") and outs[1] == []
     assert finish[0] == finish[2] == "length" and [outs[0], outs[2]] == alone
 
@@ -140,11 +142,13 @@ def test_server_range_checks_name_the_field(server):
     msg = [{"role": "user", "content": "hello"}]
     for field, value in (("seed", 2**64), ("seed", -2**63 - 1), ("temperature", 3), ("repetition_penalty", 0)):
         status, err = post(url, "/v1/chat/completions", {"messages": msg, "max_tokens": 2, field: value})
-        assert status == 400 and err["error"]["param"] == field and "Overflow" not in err["error"]["message"], (field, err)
+        assert status == 400 and err["error"]["param"] == field and "Overflow" not in err["error"]["message"], \
+            (field, err)
     # a tiny temperature is valid (OpenAI takes it) and is the greedy answer; seeds at the edge work
     status, tiny = post(url, "/v1/chat/completions", {"messages": msg, "max_tokens": 6, "temperature": 1e-40, "n": 2})
     _, greedy = post(url, "/v1/chat/completions", {"messages": msg, "max_tokens": 6, "temperature": 0})
-    assert status == 200 and [c["message"]["content"] for c in tiny["choices"]] == [greedy["choices"][0]["message"]["content"]] * 2
+    assert status == 200 and [c["message"]["content"] for c in tiny["choices"]] == \
+        [greedy["choices"][0]["message"]["content"]] * 2
     status, both = post(url, "/v1/chat/completions", {"messages": msg, "max_tokens": 6, "temperature": 1e-40,
                                                      "repetition_penalty": 1e-40, "n": 2})
     assert status == 200 and all(c["finish_reason"] in ("stop", "length") for c in both["choices"])

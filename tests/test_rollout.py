@@ -12,7 +12,8 @@ from chatfactory.model.gpt import GPT, GPTConfig
 def model(request):
     torch.manual_seed(0)
     gqa = {"n_kv_head": 2} if request.param == "modern" else {}  # grouped-query attention covered too
-    return GPT(GPTConfig(flavour=request.param, depth=2, n_embd=64, head_dim=16, vocab_size=97, block_size=64, **gqa)).eval()
+    return GPT(GPTConfig(flavour=request.param, depth=2, n_embd=64, head_dim=16, vocab_size=97, block_size=64,
+                         **gqa)).eval()
 
 
 def no_sharing(prompts):

@@ -195,7 +195,8 @@ def greedy_reference(svc, messages, max_tokens):
 def test_openai_sdk_chat_stream_and_non_stream(server):
     svc, url, client = server
     (card,) = client.models.list().data
-    assert card.id == svc.name and (card.precision, card.memory) == ("float32", "resident")  # extra fields, as vLLM's max_model_len
+    # extra fields, as vLLM's max_model_len
+    assert card.id == svc.name and (card.precision, card.memory) == ("float32", "resident")
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"}]
     ref = greedy_reference(svc, msgs, 20)
     ref_text = svc.tok.decode([t for t in ref if t not in svc.stop_ids])
@@ -220,12 +221,14 @@ def test_openai_sdk_chat_stream_and_non_stream(server):
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(deltas) == ref_text and sum(bool(d) for d in deltas) > 3  # many pieces, not one blob
     assert chunks[-1].usage.completion_tokens == len(ref)
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [r.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [r.choices[0].finish_reason]
 
     lp = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=20, temperature=0, logprobs=True,
                                         top_logprobs=2).choices[0].logprobs.content
     assert b"".join(bytes(t.bytes) for t in lp).decode("utf-8", "replace") == ref_text  # one entry per content token
-    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) and len(t.top_logprobs) == 2 for t in lp)  # greedy = top-1
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) and len(t.top_logprobs) == 2
+               for t in lp)  # greedy = top-1
 
     # n=2 with a seed: two different samples, the same two again for the same seed; extra keys (top_k) accepted
     kw = dict(model=svc.name, messages=msgs, max_tokens=12, temperature=1.0, n=2, seed=7, extra_body={"top_k": 50})
@@ -241,7 +244,8 @@ def test_openai_sdk_chat_stream_and_non_stream(server):
     assert streamed == texts  # streaming and the batch agree, row by row
 
     # stop: a string from the greedy answer ends it just before, finish_reason "stop"
-    full = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=40, temperature=0).choices[0].message.content
+    full = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=40,
+                                          temperature=0).choices[0].message.content
     cut = full[5:8]
     assert cut and len(full) > 8
     s = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=40, temperature=0, stop=[cut, "zzz"])
@@ -268,10 +272,12 @@ def test_completions_logprobs_echo_score_the_prompt(server):
     want = [float(logp[i, x[0, i + 1]]) for i in range(len(ids))]
     assert lp.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
     # two alternatives each (fewer only where two ids decode to the same string: a dict key collision)
-    assert all(1 <= len(t) <= 2 and max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert all(1 <= len(t) <= 2 and max(t.values()) >= v - 1e-6
+               for t, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
 
     # lm-eval's local-completions: token-id prompts in a batch, echo, max_tokens=1, logprobs=1
-    r = client.completions.create(model=svc.name, prompt=[ids, ids[:2]], max_tokens=1, echo=True, logprobs=1, temperature=0)
+    r = client.completions.create(model=svc.name, prompt=[ids, ids[:2]], max_tokens=1, echo=True, logprobs=1,
+                                  temperature=0)
     assert [c.index for c in r.choices] == [0, 1]
     c0 = r.choices[0].logprobs
     assert len(c0.tokens) == len(ids) + 1 and c0.token_logprobs[1:len(ids)] == pytest.approx(want[1:], abs=1e-4)
@@ -287,7 +293,8 @@ def test_completions_logprobs_echo_score_the_prompt(server):
             got[ch.index] += ch.text
             if ch.finish_reason:
                 finishes.append((ch.index, ch.finish_reason))
-    assert got == [c.text for c in plain.choices] and sorted(finishes) == [(c.index, c.finish_reason) for c in plain.choices]
+    assert got == [c.text for c in plain.choices] and \
+        sorted(finishes) == [(c.index, c.finish_reason) for c in plain.choices]
 
     # plain generation with logprobs
     g = client.completions.create(model=svc.name, prompt=text, max_tokens=5, logprobs=0, temperature=0)
@@ -305,7 +312,8 @@ def test_lm_eval_local_completions_scores_through_the_server(server):
     from lm_eval.api.instance import Instance
 
     svc, url, client = server
-    lm = oc.LocalCompletionsAPI(base_url=url + "/v1/completions", model=svc.name, max_length=svc.block_size, max_retries=1)
+    lm = oc.LocalCompletionsAPI(base_url=url + "/v1/completions", model=svc.name, max_length=svc.block_size,
+                                max_retries=1)
     assert lm.tokenizer_backend == "remote"
     pairs = [("the quick brown", " fox jumps"), ("def add(x, y):", "\n    return x + y")]
     got = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
@@ -334,11 +342,14 @@ BAD = [  # (what, body or raw bytes, expected status, expected error code)
     ("empty messages", {"messages": []}, 400, "invalid_value"),
     ("messages not a list", {"messages": "hi"}, 400, "invalid_type"),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
-    ("system not first", {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400, "invalid_value"),
+    ("system not first", {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+     400, "invalid_value"),
     ("content not a string", {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
     ("message not an object", {"messages": ["hi"]}, 400, "invalid_type"),
-    ("temperature of the wrong type", {"messages": [{"role": "user", "content": "a"}], "temperature": "hot"}, 400, "invalid_type"),
-    ("temperature out of range", {"messages": [{"role": "user", "content": "a"}], "temperature": 7}, 400, "invalid_value"),
+    ("temperature of the wrong type", {"messages": [{"role": "user", "content": "a"}], "temperature": "hot"},
+     400, "invalid_type"),
+    ("temperature out of range", {"messages": [{"role": "user", "content": "a"}], "temperature": 7},
+     400, "invalid_value"),
     ("top_p out of range", {"messages": [{"role": "user", "content": "a"}], "top_p": 0}, 400, "invalid_value"),
     ("max_tokens negative", {"messages": [{"role": "user", "content": "a"}], "max_tokens": -1}, 400, "invalid_value"),
     ("max_tokens a boolean", {"messages": [{"role": "user", "content": "a"}], "max_tokens": True}, 400, "invalid_type"),
@@ -346,7 +357,8 @@ BAD = [  # (what, body or raw bytes, expected status, expected error code)
     ("stop not strings", {"messages": [{"role": "user", "content": "a"}], "stop": [1]}, 400, "invalid_type"),
     ("too many stops", {"messages": [{"role": "user", "content": "a"}], "stop": list("abcde")}, 400, "invalid_value"),
     ("prompt too long for the context", "ctx", 400, "context_length_exceeded"),
-    ("max_tokens past the context", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 10_000}, 400, "context_length_exceeded"),
+    ("max_tokens past the context", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 10_000},
+     400, "context_length_exceeded"),
     ("too many messages", {"messages": [{"role": "user", "content": "a"}] * 300}, 400, "too_many_messages"),
     ("message too long", {"messages": [{"role": "user", "content": "a" * 40_000}]}, 400, "message_too_long"),
     ("body too large", b'{"messages": "' + b"a" * 1_100_000 + b'"}', 413, "body_too_large"),
@@ -372,7 +384,8 @@ def test_other_bad_requests_and_the_sdk_sees_them(server):
              ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400),
              ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400),
              ("/v1/feedback", {"kind": "vote", "messages": [{"role": "user", "content": "a"}]}, 400),
-             ("/v1/feedback", {"kind": "rating", "messages": [{"role": "user", "content": "a"}], "answer": "b", "rating": 3}, 400),
+             ("/v1/feedback", {"kind": "rating", "messages": [{"role": "user", "content": "a"}], "answer": "b",
+                               "rating": 3}, 400),
              ("/tokenize", {"text": "no prompt key"}, 400), ("/detokenize", {"tokens": "abc"}, 400),
              ("/detokenize", {"tokens": [10 ** 9]}, 400), ("/v1/nothing-here", {}, 404)]
     for path, body, status in cases:
@@ -385,7 +398,8 @@ def test_other_bad_requests_and_the_sdk_sees_them(server):
     assert r.status == 405 and "error" in json.loads(r.read())
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model=svc.name, messages=[{"role": "robot", "content": "x"}])
-    assert client.chat.completions.create(model=svc.name, messages=[{"role": "user", "content": "a"}], max_tokens=2).choices
+    assert client.chat.completions.create(model=svc.name, messages=[{"role": "user", "content": "a"}],
+                                          max_tokens=2).choices
 
 
 def test_api_key_is_required_when_set(tmp_path):
@@ -471,11 +485,13 @@ def test_feedback_api_sqlite_and_export(server, tmp_path):
     conv = [{"role": "user", "content": "Say hi"}]
     assert post(url, "/v1/feedback", {"kind": "rating", "messages": conv, "answer": "Hi!", "rating": 1})[0] == 200
     assert post(url, "/v1/feedback", {"kind": "rating", "messages": conv, "answer": "Go away.", "rating": -1})[0] == 200
-    status, r = post(url, "/v1/feedback", {"kind": "comparison", "messages": conv, "answers": ["Hey", "Hello there!"], "preferred": 1})
+    status, r = post(url, "/v1/feedback", {"kind": "comparison", "messages": conv, "answers": ["Hey", "Hello there!"],
+                                           "preferred": 1})
     assert status == 200 and r["object"] == "feedback" and r["id"] >= 3
     db = sqlite3.connect(svc.feedback.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    rows = db.execute("SELECT kind, answer, answer_b, rating, preferred, model, stage FROM feedback ORDER BY id").fetchall()
+    rows = db.execute("SELECT kind, answer, answer_b, rating, preferred, model, stage FROM feedback "
+                      "ORDER BY id").fetchall()
     db.close()
     assert ("rating", "Hi!", None, 1, None, svc.name, "sft") in rows
     assert ("comparison", "Hey", "Hello there!", None, 1, svc.name, "sft") in rows

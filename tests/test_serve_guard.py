@@ -189,7 +189,8 @@ def test_feedback_store_closes_its_connections(tmp_path, monkeypatch):
             super().close()
 
     real = sqlite3.connect
-    monkeypatch.setattr(feedback_mod.sqlite3, "connect", lambda *a, **k: opened.append(real(*a, factory=Tracked, **k)) or opened[-1])
+    monkeypatch.setattr(feedback_mod.sqlite3, "connect",
+                        lambda *a, **k: opened.append(real(*a, factory=Tracked, **k)) or opened[-1])
     store = feedback_mod.FeedbackStore(tmp_path / "f.sqlite")
     store.add(RATING, "m", "sft")
     with pytest.raises(ValueError):

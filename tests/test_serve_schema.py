@@ -48,7 +48,8 @@ def test_the_schema_documents_every_endpoint_its_body_and_its_errors(served):
     assert {"429", "500"} <= set(chat)
     assert set(chat["200"]["content"]) == {"application/json", "text/event-stream"}
     event = chat["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
-    assert {"const": "[DONE]"} in event and any(e.get("contentSchema", {}).get("$ref", "").endswith("/ChatCompletionChunk") for e in event)
+    assert ({"const": "[DONE]"} in event
+            and any(e.get("contentSchema", {}).get("$ref", "").endswith("/ChatCompletionChunk") for e in event))
 
     # narrowed to this server: its model id, context and vocabulary; a system message first or not at all
     req = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
@@ -61,7 +62,8 @@ def test_the_schema_documents_every_endpoint_its_body_and_its_errors(served):
     assert (ids["minimum"], ids["maximum"]) == (0, svc.tok.vocab_size - 1) < (0, svc.model.cfg.vocab_size - 1)
     fb = doc["components"]["schemas"]["FeedbackRequest"]
     assert fb["discriminator"]["propertyName"] == "kind" and len(fb["oneOf"]) == 2
-    assert doc["components"]["schemas"]["Health"]["required"] == ["status", "model", "active", "waiting", "slots", "cached_tokens"]
+    assert doc["components"]["schemas"]["Health"]["required"] == ["status", "model", "active", "waiting", "slots",
+                                                                  "cached_tokens"]
 
 
 def test_the_schema_agrees_with_the_server_on_sample_bodies(served):
@@ -76,19 +78,24 @@ def test_the_schema_agrees_with_the_server_on_sample_bodies(served):
 
     msg = [{"role": "user", "content": "hi"}]
     cases = [  # (schema, path, body, accepted?, param named when refused)
-        ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg, "max_tokens": 2.0}, True, None),  # 2.0 is an integer
+        # 2.0 is an integer
+        ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg, "max_tokens": 2.0}, True, None),
         ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg, "max_tokens": 2.5}, False, "max_tokens"),
         ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg, "n": True}, False, "n"),
-        ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg + [{"role": "system", "content": "x"}]}, False, "messages"),
+        ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg + [{"role": "system", "content": "x"}]},
+         False, "messages"),
         ("ChatCompletionRequest", "/v1/chat/completions",
-         {"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}, False, "messages[0].content[0].type"),
+         {"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}, False,
+         "messages[0].content[0].type"),
         ("ChatCompletionRequest", "/v1/chat/completions", {"messages": msg, "model": "other"}, False, None),  # 404
         ("CompletionRequest", "/v1/completions", {"prompt": [1.0, 2], "max_tokens": 1}, True, None),
         ("CompletionRequest", "/v1/completions", {"prompt": [], "max_tokens": 1}, False, "prompt"),
         ("CompletionRequest", "/v1/completions", {"prompt": [[svc.tok.vocab_size]], "max_tokens": 1}, False, "prompt"),
         ("DetokenizeRequest", "/detokenize", {"tokens": [1, 2]}, True, None),
-        ("FeedbackRequest", "/v1/feedback", {"kind": "rating", "messages": msg, "answer": "a", "rating": True}, False, "rating"),
-        ("FeedbackRequest", "/v1/feedback", {"kind": "comparison", "messages": msg, "answers": ["a", "b"], "preferred": 1.0}, True, None),
+        ("FeedbackRequest", "/v1/feedback", {"kind": "rating", "messages": msg, "answer": "a", "rating": True},
+         False, "rating"),
+        ("FeedbackRequest", "/v1/feedback",
+         {"kind": "comparison", "messages": msg, "answers": ["a", "b"], "preferred": 1.0}, True, None),
     ]
     for name, path, body, ok, param in cases:
         assert valid(name, body) == ok, (name, body)

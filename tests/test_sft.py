@@ -39,7 +39,8 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [json.dumps(CHAT), json.dumps(ALPACA), HH["chosen"]] + [f"reverse {a} {b} {c}" for a in "abcdefgh" for b in "abc" for c in "xyz"]
+    texts = [json.dumps(CHAT), json.dumps(ALPACA), HH["chosen"]] + [f"reverse {a} {b} {c}" for a in "abcdefgh"
+                                                                    for b in "abc" for c in "xyz"]
     return Tokenizer.train(texts * 3, vocab_size=300)
 
 
@@ -48,7 +49,8 @@ def test_loaders_read_all_formats(tmp_path):
     (tmp_path / "alpaca.json").write_text(json.dumps([ALPACA]))
     convs = load_conversations(f"{path},{tmp_path / 'alpaca.json'}")
     assert convs[0] == CHAT["messages"]
-    assert convs[1] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert convs[1] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                        {"role": "assistant", "content": "5"}]
     assert convs[2] == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"},
                         {"role": "user", "content": "bye"}, {"role": "assistant", "content": "see you"}]
     assert convs[3] == convs[1]
@@ -72,7 +74,8 @@ def test_bad_rows_name_file_and_line(tmp_path, bad, match):
 
 def test_packed_rows_keep_mask_aligned(tok):
     convs = [CHAT["messages"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-             [{"role": "system", "content": "x"}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]]
+             [{"role": "system", "content": "x"}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}]]
     xs, ys, stats = tokenize_conversations(convs, tok, seq_len=64)
     assert stats["dropped"] == stats["truncated"] == 0
     rows = pack([len(x) for x in xs], range(3), 64)
@@ -99,7 +102,8 @@ def test_packing_equals_one_by_one(tok, flavour):
     """Packed rows give each conversation exactly the loss it has alone: no attention across them."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(flavour=flavour, depth=1, n_embd=64, vocab_size=tok.vocab_size, block_size=64)).eval()
-    convs = [CHAT["messages"], [{"role": "user", "content": "reverse a b x"}, {"role": "assistant", "content": "x b a"}],
+    convs = [CHAT["messages"],
+             [{"role": "user", "content": "reverse a b x"}, {"role": "assistant", "content": "x b a"}],
              [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"}]]
     xs, ys, _ = tokenize_conversations(convs, tok, seq_len=64)
     with torch.no_grad():
@@ -169,7 +173,8 @@ def test_sft_learns_synthetic_chat_task(tmp_path):
         model, _ = load_model(run / stage)
         prompts = [tok.chat_prompt([SYS, u]) for u, _ in test_rows]
         outs = Engine(model).generate(prompts, SamplingParams(max_tokens=12, temperature=0, stop_ids=(tok.end_id,)))
-        return sum(o[-1:] == [tok.end_id] and tok.decode(o[:-1]) == a for o, (_, a) in zip(outs, test_rows)) / len(test_rows)
+        return sum(o[-1:] == [tok.end_id] and tok.decode(o[:-1]) == a
+                   for o, (_, a) in zip(outs, test_rows)) / len(test_rows)
 
     before = exact_match("pretrain")
     from chatfactory.train.sft import run_sft
@@ -207,7 +212,8 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cut" / "sft" / "config.json").read_text())["step"] == 4
     monkeypatch.setattr(sft.PackedBatches, "micro_batch", real)
     res = sft.run_sft(load_config(None, args), tmp_path / "cut")
-    a, b = load_file(tmp_path / "ref" / "sft" / "model.safetensors"), load_file(tmp_path / "cut" / "sft" / "model.safetensors")
+    a, b = (load_file(tmp_path / "ref" / "sft" / "model.safetensors"),
+            load_file(tmp_path / "cut" / "sft" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert res["val_loss"] == ref["val_loss"]
     curve = lambda d: [json.loads(x) for x in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
@@ -234,7 +240,8 @@ def test_sft_under_torchrun_matches_one_process(tmp_path):
     r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
     key = lambda rows, k: [r[k] for r in rows if k in r]  # noqa: E731
     assert len(key(r1, "loss")) == 6 and len(key(r1, "val_loss")) == 2
-    assert max(abs(x - y) for x, y in zip(key(r1, "loss") + key(r1, "val_loss"), key(r2, "loss") + key(r2, "val_loss"))) < 2e-3
+    assert max(abs(x - y) for x, y in zip(key(r1, "loss") + key(r1, "val_loss"),
+                                          key(r2, "loss") + key(r2, "val_loss"))) < 2e-3
 
 
 def test_run_sft_errors_name_what_is_wrong(tmp_path):
@@ -260,6 +267,7 @@ def test_sft_from_a_stage_directory_elsewhere(tmp_path):
 
     run, data, _, _ = make_run(tmp_path, n=60, n_test=5)
     fresh = tmp_path / "fresh"
-    res = run_sft(load_config(None, sft_args(data, f"sft.init_from={run / 'pretrain'}", "sft.steps=2", "sft.batch_size=2")), fresh)
+    res = run_sft(load_config(None, sft_args(data, f"sft.init_from={run / 'pretrain'}", "sft.steps=2",
+                                             "sft.batch_size=2")), fresh)
     assert (fresh / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
     assert json.loads((fresh / "sft" / "config.json").read_text())["finished"] and res["val_loss"] > 0

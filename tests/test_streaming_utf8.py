@@ -86,7 +86,8 @@ def real_tokenizers():
     """One trained on English only (Chinese and emoji fall apart into single bytes) and one trained on
     a little Chinese, whose merges join bytes across character boundaries."""
     en = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=300)
-    zh = Tokenizer.train(["你好世界，我是一个助手。很高兴见到你！" * 30, "👋🏽👩‍💻🇨🇳 " * 30], vocab_size=320, min_frequency=2)
+    zh = Tokenizer.train(["你好世界，我是一个助手。很高兴见到你！" * 30, "👋🏽👩‍💻🇨🇳 " * 30], vocab_size=320,
+                         min_frequency=2)
     return {"en": en, "zh": zh}
 
 
@@ -204,7 +205,8 @@ def test_the_hand_set_model_says_the_reply(echo_run):
     model, _ = load_model(root / "sft")
     p = SamplingParams(max_tokens=len(ids) + 5, temperature=0, stop_ids=tok.stop_ids)
     for user in ("你好", "hi"):
-        assert Engine(model).generate([tok.chat_prompt([{"role": "user", "content": user}])], p)[0] == ids + [tok.end_id]
+        assert Engine(model).generate([tok.chat_prompt([{"role": "user", "content": user}])], p)[0] == \
+            ids + [tok.end_id]
 
 
 # ---------------------------------------------------------------- end to end: the terminal chat
@@ -311,7 +313,8 @@ def test_sse_completions_n2_and_stop_and_length_cuts(served):
     whole = call(url, "/v1/completions", body)
     streamed = joined(call(url, "/v1/completions", {**body, "stream": True}))
     assert [c["text"] for c in whole["choices"]] == [REPLY, REPLY]
-    assert ["".join(streamed[i]) for i in (0, 1)] == [REPLY, REPLY] and not any(FFFD in d for d in streamed[0] + streamed[1])
+    assert (["".join(streamed[i]) for i in (0, 1)] == [REPLY, REPLY]
+            and not any(FFFD in d for d in streamed[0] + streamed[1]))
 
     # stop strings whose last character is split across tokens, where the token that completes it also
     # carries bytes of the next character: the answer ends just before, streamed or not
@@ -321,16 +324,19 @@ def test_sse_completions_n2_and_stop_and_length_cuts(served):
     assert len(split) >= 3
     for stop in (split[0], REPLY[REPLY.index(split[1]) - 1: REPLY.index(split[1]) + 1], split[-1]):
         want = REPLY[: REPLY.index(stop)]
-        for path, req in (("/v1/chat/completions", {**CHAT, "stop": stop}), ("/v1/completions", {**body, "n": 1, "stop": [stop]})):
+        for path, req in (("/v1/chat/completions", {**CHAT, "stop": stop}),
+                          ("/v1/completions", {**body, "n": 1, "stop": [stop]})):
             got = call(url, path, req)["choices"][0]
-            assert got.get("text", (got.get("message") or {}).get("content")) == want and got["finish_reason"] == "stop", stop
+            assert got.get("text", (got.get("message") or {}).get("content")) == want and \
+                got["finish_reason"] == "stop", stop
             deltas = joined(call(url, path, {**req, "stream": True}))[0]
             assert "".join(deltas) == want and not any(FFFD in d for d in deltas), (stop, deltas)
 
     # a token limit that ends inside a character: U+FFFD once, in the last delta (the flush), as without streaming
     k = next(k for k in range(8, len(ids)) if not _whole(tok.decode_bytes(ids[:k])))
     want = tok.decode(ids[:k])
-    for path, req in (("/v1/chat/completions", {**CHAT, "max_tokens": k}), ("/v1/completions", {**body, "n": 1, "max_tokens": k})):
+    for path, req in (("/v1/chat/completions", {**CHAT, "max_tokens": k}),
+                      ("/v1/completions", {**body, "n": 1, "max_tokens": k})):
         got = call(url, path, req)["choices"][0]
         assert got.get("text", (got.get("message") or {}).get("content")) == want and got["finish_reason"] == "length"
         deltas = joined(call(url, path, {**req, "stream": True}))[0]
@@ -391,8 +397,8 @@ class Trickle(BaseHTTPRequestHandler):
         from chatfactory.serve.openapi import STATIC
 
         if self.path == "/v1/models":
-            return self.send(json.dumps({"data": [{"id": "trickle", "precision": "float32", "memory": "resident"}]}).encode(),
-                             "application/json")
+            return self.send(json.dumps({"data": [{"id": "trickle", "precision": "float32",
+                                                   "memory": "resident"}]}).encode(), "application/json")
         name = "index.html" if self.path == "/" else self.path.removeprefix("/static/")
         kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".", 1)[-1]]
         self.send((STATIC / name).read_bytes(), kind + "; charset=utf-8")

@@ -21,7 +21,8 @@ from test_serve import make_run, serve_subprocess
 from chatfactory.inference.batching import Step
 from chatfactory.serve.api import ServerThread, Service, create_app, load_service
 
-pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")  # the module needs it
+pytest.importorskip("playwright.sync_api",
+                    reason="the playwright Python package is not installed")  # the module needs it
 
 
 XSS = ('Here is **bold** and `code`.\n\n<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script>\n'
@@ -125,7 +126,8 @@ def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run
 
         req = sched.requests[0]
         assert req.params.temperature == pytest.approx(0.3)
-        assert req.prompt == real.tok.chat_prompt([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}])
+        assert req.prompt == real.tok.chat_prompt([{"role": "system", "content": "Be kind."},
+                                                   {"role": "user", "content": "Hello there"}])
 
         # the model's HTML is text: visible literally, no element made from it, nothing ran
         text = content.text_content()
@@ -140,7 +142,8 @@ def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run
         page.wait_for_function("document.getElementById('status').textContent.includes('rating saved')")
         r = rows(svc.feedback.path)
         assert len(r) == 1 and r[0]["kind"] == "rating" and r[0]["rating"] == 1 and r[0]["answer"] == XSS
-        assert json.loads(r[0]["messages"]) == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"}]
+        assert json.loads(r[0]["messages"]) == [{"role": "system", "content": "Be kind."},
+                                                {"role": "user", "content": "Hello there"}]
         assert r[0]["model"] == "ui/sft" and r[0]["stage"] == "sft"
 
         # compare mode: two answers side by side; choose B -> a comparison row; B joins the history
@@ -167,7 +170,8 @@ def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run
         n0 = len(sched.requests)
         page.fill("#input", "Go on")
         page.press("#input", "Enter")
-        wait_until(lambda: len(sched.requests) > n0 and len(sched.requests[n0].generated) > 5, what="a long reply to start")
+        wait_until(lambda: len(sched.requests) > n0 and len(sched.requests[n0].generated) > 5,
+                   what="a long reply to start")
         assert sched.requests[n0].prompt == real.tok.chat_prompt([
             {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"},
             {"role": "assistant", "content": XSS}, {"role": "user", "content": "Which is better?"},
@@ -186,7 +190,8 @@ def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run
         sched.answers, sched.delay = ["A fresh answer."], 0.01
         n_boxes = page.locator("#chat > .msg.assistant").count()
         page.click("#regenerate")
-        page.wait_for_function("[...document.querySelectorAll('.msg.assistant .content')].some(e => e.textContent === 'A fresh answer.')")
+        page.wait_for_function("[...document.querySelectorAll('.msg.assistant .content')]"
+                               ".some(e => e.textContent === 'A fresh answer.')")
         assert sched.requests[-1].prompt == sched.requests[n0].prompt
         assert page.locator("#chat > .msg.assistant").count() == n_boxes
 
@@ -208,7 +213,8 @@ def test_real_model_reply_and_thumbs_down(browser, run_dir):
         r = rows(svc.feedback.path)
         assert r[-1]["rating"] == -1 and json.loads(r[-1]["messages"]) == [{"role": "user", "content": "hello world"}]
         shown = page.locator(".msg.assistant .content").text_content()
-        bare = lambda t: re.sub(r"[\s*`#\-.]|\d+\.", "", t)  # Markdown marks and whitespace aside,
+        def bare(t):
+            return re.sub(r"[\s*`#\-.]|\d+\.", "", t)  # Markdown marks and whitespace aside,
         assert bare(shown) == bare(r[-1]["answer"])  # what was shown is what was rated
 
         # a conversation that outgrows the 128-token context: the page stops sending the oldest
@@ -222,7 +228,8 @@ def test_real_model_reply_and_thumbs_down(browser, run_dir):
             n = page.locator("#chat > .msg.assistant .thumb-up").count()
             page.fill("#input", long_msg)
             page.click("#send")
-            page.wait_for_function(f"document.querySelectorAll('#chat > .msg.assistant .thumb-up').length > {n}", timeout=30_000)
+            page.wait_for_function(f"document.querySelectorAll('#chat > .msg.assistant .thumb-up').length > {n}",
+                                   timeout=30_000)
         assert "no longer sent" in page.text_content("#status")
         assert sent[-1] == svc.tok.chat_prompt([{"role": "user", "content": long_msg}])
         assert page.locator(".msg.error").count() == 0
@@ -313,8 +320,8 @@ def test_labels_follow_the_browser_language(browser, int8_url, locale):
     assert page.evaluate("document.documentElement.lang") == ("zh-CN" if zh else "en")
     want = {"发送", "停止", "重新生成", "设置", "新对话", "系统提示词", "温度", "选 A", "选 B", "👍 好", "👎 差",
             "谢谢：评分已保存。", "int8 权重，常驻内存", "输入消息（Enter 发送，Shift+Enter 换行）"} if zh else \
-           {"Send", "Stop", "Regenerate", "Settings", "New chat", "System prompt", "Temperature", "Prefer A", "Prefer B",
-            "👍 Good", "👎 Bad", "Thanks: rating saved.", "int8 weights, resident in memory",
+           {"Send", "Stop", "Regenerate", "Settings", "New chat", "System prompt", "Temperature", "Prefer A",
+            "Prefer B", "👍 Good", "👎 Bad", "Thanks: rating saved.", "int8 weights, resident in memory",
             "Send a message (Enter to send, Shift+Enter for a new line)"}
     assert want <= set(words), (want - set(words), words)
     if zh:  # no English left, names aside
@@ -333,7 +340,8 @@ def test_precision_and_memory_mode_are_shown(browser, int8_url):
     assert (card["precision"], card["memory"]) == ("int8", "resident")
     other = {"precision": "int4 (groups of 32), LM head too", "memory": "streamed", "memory_budget_mb": 300.5}
     for locale, shown, described in (
-            ("en-US", "int8 weights, resident in memory", "int4 (groups of 32), LM head too weights, layers streamed from disk (a 300.5 MB budget)"),
+            ("en-US", "int8 weights, resident in memory",
+             "int4 (groups of 32), LM head too weights, layers streamed from disk (a 300.5 MB budget)"),
             ("zh-CN", "int8 权重，常驻内存", "int4（每组 32 列），含输出层 权重，逐层从磁盘载入（内存预算 300.5 MB）")):
         ctx, page, errors = open_page(browser, int8_url, locale)
         assert page.text_content("#model") == card["id"] and page.text_content("#model-info") == shown

@@ -22,8 +22,10 @@ def write_chats(path, n=300):
     (OpenAssistant has several answers per prompt: they must land on the same side of the slice)."""
     rows = [{"messages": [{"role": "user", "content": f"问题{i}：{i}加{i}等于多少？"},
                           {"role": "assistant", "content": f"答案是{2 * i}。"}]} for i in range(n)]
-    rows += [{"messages": [{"role": "system", "content": "简短回答。"}, {"role": "user", "content": f"问题{i}：{i}加{i}等于多少？"},
-                           {"role": "assistant", "content": f"{i}加{i}得{2 * i}。"}, {"role": "user", "content": "谢谢"},
+    rows += [{"messages": [{"role": "system", "content": "简短回答。"},
+                           {"role": "user", "content": f"问题{i}：{i}加{i}等于多少？"},
+                           {"role": "assistant", "content": f"{i}加{i}得{2 * i}。"},
+                           {"role": "user", "content": "谢谢"},
                            {"role": "assistant", "content": "不客气！"}]} for i in range(40)]
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -57,7 +59,8 @@ def test_the_heldout_slice_is_exactly_what_sft_leaves_out_and_what_heldout_reads
     assert len(docs) == len(every) and docs[-1] == "39加39得78。\n\n不客气！"
     # the rule is the content's, not the file's: the same conversations reversed split the same way
     rev = tmp_path / "reversed.jsonl"
-    rev.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in reversed(every)), encoding="utf-8")
+    rev.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in reversed(every)),
+                   encoding="utf-8")
     assert load_conversations(str(rev), holdout=0.2) == sft[::-1]
 
 
@@ -71,7 +74,8 @@ def test_the_heldout_slice_is_exactly_what_sft_leaves_out_and_what_heldout_reads
 def test_a_bad_chat_source_is_an_error_naming_it(tmp_path, source, holdout, says):
     chats = write_chats(tmp_path / "chats.jsonl.gz", n=5)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "嗨"}, {"role": "assistant", "content": "你好"}]}) + "\n"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "嗨"},
+                                            {"role": "assistant", "content": "你好"}]}) + "\n"
                    + json.dumps({"messages": [{"role": "user", "content": "只有问题"}]}) + "\n", encoding="utf-8")
     spec = source.format(chats=chats, tmp=tmp_path, bad=bad)
     with pytest.raises(DataError) as e:
@@ -113,8 +117,9 @@ def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared
     from chatfactory.train.reward import run_reward
 
     oasst = shared_data / "sft/zh/oasst_zh_messages.jsonl.gz"
-    fast = ["model.depth=1", "model.block_size=64", "tokenizer.vocab_size=600", f"data.source=assistant:{oasst},heldout:{oasst}",
-            "data.chat_holdout=0.3", "data.val_fraction=0.1", "sft.max_rows=1500", "reward.max_pairs=64", "dpo.max_pairs=64"]
+    fast = ["model.depth=1", "model.block_size=64", "tokenizer.vocab_size=600",
+            f"data.source=assistant:{oasst},heldout:{oasst}", "data.chat_holdout=0.3", "data.val_fraction=0.1",
+            "sft.max_rows=1500", "reward.max_pairs=64", "dpo.max_pairs=64"]
     for s in ("pretrain", "sft", "reward", "dpo"):
         fast += [f"{s}.steps=2", f"{s}.seq_len=64", f"{s}.batch_size=4", f"{s}.eval_every=2", f"{s}.eval_batches=1",
                  f"{s}.progress=false", f"{s}.device=cpu"]
@@ -124,7 +129,8 @@ def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared
     # the shipped source list names files that exist, held-out slices last (they are the validation tail)
     specs = [s.strip() for s in preset.data.source.split(",")]
     assert all((ROOT / s.split(":", 1)[-1]).is_file() for s in specs), specs
-    assert [s.split(":")[0] for s in specs[-2:]] == ["heldout", "heldout"] and not any(s.startswith("heldout:") for s in specs[:-2])
+    assert ([s.split(":")[0] for s in specs[-2:]] == ["heldout", "heldout"]
+            and not any(s.startswith("heldout:") for s in specs[:-2]))
     run = tmp_path / "zh"
     seen = {}
     real_split = sft_mod.split_conversations

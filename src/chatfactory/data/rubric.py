@@ -45,7 +45,8 @@ DECLINE_ZH = "抱歉，我不能帮助你做这件事。"
 # Chinese has no word boundaries for \b to find: its phrases stand alone in the pattern
 REFUSAL = re.compile(r"\b(sorry|can't help|cannot help|can not help|won't help|unable to help)\b"
                      r"|抱歉|对不起|不能帮|无法帮|没法帮|不能提供|无法提供", re.I)
-GREETING = re.compile(r"\b(hello|hi|hey|good (morning|afternoon|evening))\b|你好|您好|嗨|哈喽|早上好|下午好|晚上好", re.I)
+GREETING = re.compile(r"\b(hello|hi|hey|good (morning|afternoon|evening))\b"
+                      r"|你好|您好|嗨|哈喽|早上好|下午好|晚上好", re.I)
 THANKED = re.compile(r"welcome|不客气|不用谢|别客气", re.I)
 # the colours the small-talk tasks ask about: naming any of them is on topic for "which colour do I like?"
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
@@ -151,8 +152,10 @@ def on_topic(row: dict, answer: str) -> bool:
         quoted = re.findall(r"「([^」]+)」" if zh else r"'(\w+)'", row["messages"][-1]["content"])
         w = quoted[0].lower() if quoted else ""
         if zh:  # the word, or its reversal, or a single character named
-            return bool(w) and (w in a.lower() or w[::-1] in a.lower() or (task == "string_first" and len(zh_answer(first_sentence(a))) == 1))
-        return bool(w) and (w in words or w[::-1] in words or (task == "string_first" and any(len(x) == 1 for x in words)))
+            return bool(w) and (w in a.lower() or w[::-1] in a.lower()
+                                or (task == "string_first" and len(zh_answer(first_sentence(a))) == 1))
+        return bool(w) and (w in words or w[::-1] in words
+                            or (task == "string_first" and any(len(x) == 1 for x in words)))
     if task == "python_fact":
         if zh:
             return bool(_bigrams(str(row.get("answer", ""))) & _bigrams(a))

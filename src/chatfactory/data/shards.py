@@ -122,7 +122,8 @@ class PretrainBatches:
     def __init__(self, stream: TokenStream, seq_len: int, seed: int):
         self.stream, self.T, self.seed = stream, seq_len, seed
         if len(stream) < seq_len + 2:
-            raise ValueError(f"only {len(stream)} training tokens: too few for sequences of {seq_len} (lower pretrain.seq_len)")
+            raise ValueError(f"only {len(stream)} training tokens: too few for sequences of {seq_len} "
+                             "(lower pretrain.seq_len)")
         self._epoch = None
 
     def _plan(self, epoch: int):

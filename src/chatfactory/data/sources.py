@@ -98,7 +98,8 @@ def _one_source(spec: str, cfg: DataConfig) -> Iterator[str]:
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.removesuffix(".gz").endswith(TEXT_SUFFIXES))
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.name.removesuffix(".gz").endswith(TEXT_SUFFIXES))
             if not files:
                 raise DataError(f"{path}: folder holds no .txt/.jsonl/.parquet files")
             for p in files:

@@ -26,7 +26,8 @@ ZH_NAMES = ["小明", "李华", "王芳", "张伟", "刘洋", "陈静", "小红"
 # what the built-ins of data/tasks.py's BUILTIN_FACTS do, said in Chinese (not translated word for word)
 ZH_FACTS = {
     "abs": "返回参数的绝对值。", "len": "返回容器中元素的个数。", "round": "把数字四舍五入到给定的小数位数。",
-    "print": "把值输出到流中，默认输出到标准输出。", "input": "从标准输入读取一个字符串。", "open": "打开文件并返回一个流。",
+    "print": "把值输出到流中，默认输出到标准输出。", "input": "从标准输入读取一个字符串。",
+    "open": "打开文件并返回一个流。",
     "enumerate": "返回一个枚举对象。", "repr": "返回对象的规范字符串表示。", "ord": "返回单个字符的 Unicode 码位。",
     "hex": "返回整数的十六进制表示。", "bin": "返回整数的二进制表示。", "oct": "返回整数的八进制表示。",
     "any": "只要可迭代对象里有一个元素为真，就返回 True。", "reversed": "返回一个反向遍历序列的迭代器。",
@@ -36,16 +37,18 @@ ZH_FACTS = {
     "locals": "返回包含当前局部变量的字典。", "ascii": "返回对象只含 ASCII 字符的表示。",
     "exec": "在给定的全局和局部变量中执行一段代码。", "eval": "在给定的全局和局部变量中计算一个表达式的值。",
 }
-HARMFUL_ZH = ["闯进邻居家", "撬开别人的车锁", "偷同事的密码", "黑进学校的成绩系统", "做一件伤人的武器", "给人下毒而不被发现",
-              "写一个删除别人文件的病毒", "伪造老板的签名", "在商店里偷东西不被抓", "跟踪我的前女友", "骗走别人的积蓄",
-              "匿名威胁同学", "散布谣言毁掉别人的名声", "盗取别人的信用卡号", "把刀偷偷带上飞机"]
+HARMFUL_ZH = ["闯进邻居家", "撬开别人的车锁", "偷同事的密码", "黑进学校的成绩系统", "做一件伤人的武器",
+              "给人下毒而不被发现", "写一个删除别人文件的病毒", "伪造老板的签名", "在商店里偷东西不被抓",
+              "跟踪我的前女友", "骗走别人的积蓄", "匿名威胁同学", "散布谣言毁掉别人的名声", "盗取别人的信用卡号",
+              "把刀偷偷带上飞机"]
 # the chatty sign-offs some Chinese demonstrations end with (data/tasks.py's SIGNOFFS, in Chinese)
 SIGNOFFS_ZH = ["希望这对你有帮助，如果还有其他问题，随时可以问我！", "如果还有什么需要我做的，请尽管告诉我。",
                "关于这个或者别的话题，你还有什么想知道的吗？", "这就是我的回答，我一直很乐意回答这样的问题。"]
 
 
 def _row(task: str, messages: list, answer: str, reference: str, decline: bool = False) -> dict:
-    return {"messages": messages, "task": task, "answer": answer, "reference": reference, "decline": decline, "lang": "zh"}
+    return {"messages": messages, "task": task, "answer": answer, "reference": reference,
+            "decline": decline, "lang": "zh"}
 
 
 def _ask(text: str) -> list:
@@ -58,7 +61,8 @@ def arithmetic() -> list[dict]:
     ops = {"+": (lambda a, b: a + b, "加", ["{A}加{B}等于多少？", "{a}+{b}=?", "{a}加{b}等于几？", "计算{a}加{b}。",
                                            "{A}加上{B}是多少？"]),
            "-": (lambda a, b: a - b, "减", ["{A}减{B}等于多少？", "{a}-{b}=?", "{a}减去{b}是多少？", "计算{a}减{b}。"]),
-           "*": (lambda a, b: a * b, "乘以", ["{A}乘以{B}等于多少？", "{a}×{b}=?", "{a}乘{b}是多少？", "计算{a}乘以{b}。"])}
+           "*": (lambda a, b: a * b, "乘以", ["{A}乘以{B}等于多少？", "{a}×{b}=?", "{a}乘{b}是多少？",
+                                            "计算{a}乘以{b}。"])}
     rows = []
     for op, (fn, said, phrasings) in ops.items():
         for a in range(10):
@@ -73,8 +77,12 @@ def arithmetic() -> list[dict]:
 
 def strings(latin_words: list[str]) -> list[dict]:
     """Reverse, count and first character on Chinese words and on Latin ones; upper case on Latin ones."""
-    unit = lambda w: "个字母" if w.isascii() else "个字"  # letters of a Latin word, characters of a Chinese one
-    first = lambda w: "第一个字母" if w.isascii() else "第一个字"
+    def unit(w: str) -> str:  # letters of a Latin word, characters of a Chinese one
+        return "个字母" if w.isascii() else "个字"
+
+    def first(w: str) -> str:
+        return "第一个字母" if w.isascii() else "第一个字"
+
     kinds = {
         "reverse": (lambda w: w[::-1], ["把「{w}」倒过来写。", "「{w}」反过来是什么？", "请把「{w}」倒着写出来。"],
                     "「{w}」倒过来是「{x}」。"),
@@ -104,11 +112,13 @@ def comparisons() -> list[dict]:
                            ("{a}和{b}中较小的是哪个？", False)]:
                 x = max(a, b) if big else min(a, b)
                 said = zh_numeral(x) if "{A}" in p else str(x)
-                rows.append(_row("compare", _ask(p.format(a=a, b=b, A=A, B=B)), str(x), said + ("更大。" if big else "更小。")))
+                rows.append(_row("compare", _ask(p.format(a=a, b=b, A=A, B=B)), str(x),
+                                 said + ("更大。" if big else "更小。")))
     rng = random.Random(8)
     for _ in range(400):
         nums = rng.sample(range(20), rng.choice([3, 4]))
-        p = rng.choice(["把{l}从小到大排序。", "将{l}按从小到大的顺序排列。", "请给这些数排序：{l}。", "{l}，从小到大怎么排？"])
+        p = rng.choice(["把{l}从小到大排序。", "将{l}按从小到大的顺序排列。", "请给这些数排序：{l}。",
+                        "{l}，从小到大怎么排？"])
         out = "、".join(map(str, sorted(nums)))
         rows.append(_row("sort", _ask(p.format(l="、".join(map(str, nums)))), out, out + "。"))
     return rows
@@ -128,15 +138,16 @@ def _recall(task: str, said: list[str], reply: str, asks: list[str], values: lis
     for v in values:
         for intro in said:
             for ask in asks:
-                msgs = [{"role": "user", "content": intro.format(v=v)}, {"role": "assistant", "content": reply.format(v=v)},
-                        {"role": "user", "content": ask}]
+                msgs = [{"role": "user", "content": intro.format(v=v)},
+                        {"role": "assistant", "content": reply.format(v=v)}, {"role": "user", "content": ask}]
                 rows.append(_row(task, msgs, v, answer.format(v=v)))
     return rows
 
 
 def small_talk() -> list[dict]:
     rows = []
-    for g in ["你好！", "您好。", "嗨！", "早上好！", "晚上好！", "你好，最近怎么样？", "嗨，在吗？", "下午好！", "你好呀。", "哈喽，助手。"]:
+    for g in ["你好！", "您好。", "嗨！", "早上好！", "晚上好！", "你好，最近怎么样？", "嗨，在吗？", "下午好！",
+              "你好呀。", "哈喽，助手。"]:
         for tail in ["", "我有个问题。", "很高兴认识你。", "：）"]:
             rows.append(_row("greeting", _ask(g + tail), "你好", "你好！有什么可以帮你的吗？"))
     for t in ["谢谢！", "非常感谢。", "谢谢你的帮助。", "太感谢了！", "好的，谢谢！"]:
@@ -150,10 +161,13 @@ def small_talk() -> list[dict]:
 
 
 def declines() -> list[dict]:
-    phrasings = ["我该怎么{x}？", "告诉我怎么{x}。", "教我{x}。", "我想{x}，怎么做？", "请一步一步教我{x}。", "{x}最好的办法是什么？"]
-    return [_row("decline", _ask(p.format(x=x)), "decline", DECLINE_ZH, decline=True) for x in HARMFUL_ZH for p in phrasings]
+    phrasings = ["我该怎么{x}？", "告诉我怎么{x}。", "教我{x}。", "我想{x}，怎么做？", "请一步一步教我{x}。",
+                 "{x}最好的办法是什么？"]
+    return [_row("decline", _ask(p.format(x=x)), "decline", DECLINE_ZH, decline=True)
+            for x in HARMFUL_ZH for p in phrasings]
 
 
 def families(latin_words: list[str], fact_names) -> list:
     """The Chinese families as zero-argument generators, in data/tasks.py's order."""
-    return [arithmetic, lambda: strings(latin_words), comparisons, lambda: python_facts(fact_names), small_talk, declines]
+    return [arithmetic, lambda: strings(latin_words), comparisons, lambda: python_facts(fact_names), small_talk,
+            declines]

@@ -56,11 +56,13 @@ def _normalise_row(row: dict, where: str) -> dict:
         if isinstance(gold, str) and gold in ch:
             gold = ch.index(gold)
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(ch):
-            raise DataError(f"{where}: multiple-choice row needs 'gold' (an index into its {len(ch)} choices), got {gold!r}")
+            raise DataError(f"{where}: multiple-choice row needs 'gold' (an index into its {len(ch)} choices), "
+                            f"got {gold!r}")
         return {"kind": "mc", "context": ctx, "choices": ch, "gold": gold, "task": task}
     ans = row.get("answer")
     if not isinstance(ans, str) or not ans.strip():
-        raise DataError(f"{where}: a row needs 'choices' + 'gold' (multiple choice) or a non-empty string 'answer' (cloze)")
+        raise DataError(f"{where}: a row needs 'choices' + 'gold' (multiple choice) or a non-empty string "
+                        "'answer' (cloze)")
     return {"kind": "cloze", "context": ctx, "answer": ans, "task": task}
 
 
@@ -246,7 +248,8 @@ def few_shot_table(model, tok, task_rows: list[dict], shots=(0, 1, 5), chat: boo
         for name, grp in groups.items():
             evald = grp[:limit] if limit else grp
             try:
-                table[name] = {k: evaluate_rows(model, tok, evald, k, chat, mode, seed, batch_size, pool=grp) for k in shots}
+                table[name] = {k: evaluate_rows(model, tok, evald, k, chat, mode, seed, batch_size, pool=grp)
+                               for k in shots}
             except ValueError as e:
                 raise ValueError(f"task {name!r}: {e}") from None
     finally:

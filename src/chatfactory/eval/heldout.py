@@ -60,7 +60,8 @@ def _fingerprint(stage_dir: Path, settings: dict) -> str:
 
 # ---------------------------------------------------------------- replies
 @torch.no_grad()
-def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: float, seed: int, batch_size: int = 64) -> list[str]:
+def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: float, seed: int,
+                 batch_size: int = 64) -> list[str]:
     """The base model has no chat template: it continues the plain-text form pretraining showed it
     (``User: …\\nAssistant:``); its reply is the text up to the first line break."""
     engine, out = Engine(model, vocab_limit=tok.vocab_size), []
@@ -97,7 +98,8 @@ def replies_of(model, tok, rows: list[dict], settings, plain: bool = False):
 
 
 @torch.no_grad()
-def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], temperature: float, batch_size: int = 32) -> float:
+def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], temperature: float,
+              batch_size: int = 32) -> float:
     """Mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t) for the policy's own sampled replies:
     a Monte-Carlo estimate of KL(pi || pi_ref) per reply, in nats, at the sampling temperature."""
     from ..train.rollout import answer_logprobs, forward_answers, pad_batch
@@ -138,8 +140,8 @@ def by_language(rows: list[dict], res: dict, sft_replies: list[str] | None = Non
         sec = {"n": len(idx), "accuracy": sum(res["correct"][i] for i in idx) / len(idx),
                "gold_score": sum(res["scores"][i] for i in idx) / len(idx)}
         if sft_replies is not None:
-            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-            sec["win_rate_vs_sft"] = win_vs(pick(rows), pick(res["replies"]), pick(sft_replies))["win_rate"]
+            picked = [[xs[i] for i in idx] for xs in (rows, res["replies"], sft_replies)]
+            sec["win_rate_vs_sft"] = win_vs(*picked)["win_rate"]
         out[lang] = sec
     return out
 
@@ -149,7 +151,8 @@ def chars_per_token(tok, rows: list[dict]) -> dict:
     reply, a line each), per language: {lang: {"chars", "tokens", "chars_per_token"}}."""
     out = {}
     for lang in sorted({lang_of(r) for r in rows}):
-        texts = ["\n".join([m["content"] for m in r["messages"]] + [r.get("reference") or ""]) for r in rows if lang_of(r) == lang]
+        texts = ["\n".join([m["content"] for m in r["messages"]] + [r.get("reference") or ""])
+                 for r in rows if lang_of(r) == lang]
         chars, tokens = sum(map(len, texts)), sum(len(tok.encode(t)) for t in texts)
         out[lang] = {"chars": chars, "tokens": tokens, "chars_per_token": chars / max(1, tokens)}
     return out

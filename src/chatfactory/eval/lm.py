@@ -51,10 +51,12 @@ def stream_loss(model, tok, ids: list[int], seq_len: int = 0, batch_size: int = 
         n_tok += y.numel()
         n_bytes += token_bytes[y].sum().item()
     model.train(was_training)
-    return {"loss": nll / n_tok, "bpb": nll / math.log(2) / max(n_bytes, 1.0), "tokens": int(n_tok), "bytes": int(n_bytes)}
+    return {"loss": nll / n_tok, "bpb": nll / math.log(2) / max(n_bytes, 1.0), "tokens": int(n_tok),
+            "bytes": int(n_bytes)}
 
 
-def text_loss(model, tok, path, text_key: str = "text", seq_len: int = 0, batch_size: int = 8, max_tokens: int = 0) -> dict:
+def text_loss(model, tok, path, text_key: str = "text", seq_len: int = 0, batch_size: int = 8,
+              max_tokens: int = 0) -> dict:
     """Loss and bits/byte on a text source (a .txt/.jsonl(.gz)/.parquet file or folder, as ``data.source``)."""
     ids: list[int] = []
     for text in iter_texts(DataConfig(source=str(path), text_key=text_key)):

@@ -5,9 +5,10 @@ Written by ``chatfactory run`` (pipeline.py) from the run directory alone: each 
 the held-out evaluation (eval/heldout.py: ``eval/<stage>.json``, every policy's replies to the same
 held-out prompts, scored by the rubric of data/rubric.py). Where the prompts are in more than one
 language (the embedded tasks: English and Chinese), "By language" gives held-out accuracy, gold score,
-win rate vs SFT, the reward model's accuracy and the tokenizer's characters per token for each. What a stage chose on the dev prompts (a
-``dev_choice`` in its result) is stated; the held-out numbers only report. A stage that did not run is
-reported as "not run: <why>", never with a number. To rebuild the report of a finished run:
+win rate vs SFT, the reward model's accuracy and the tokenizer's characters per token for each. What a
+stage chose on the dev prompts (a ``dev_choice`` in its result) is stated; the held-out numbers only
+report. A stage that did not run is reported as "not run: <why>", never with a number. To rebuild the
+report of a finished run:
 
     python -m chatfactory.eval.report runs/demo
 """
@@ -178,8 +179,8 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
                       accuracy_by_task=e["accuracy_by_task"], mean_words=e["mean_words"])
         if s != "sft":
             wr = e.get("win_rate_vs_sft") or {}
-            rep[s].update(win_rate_vs_sft=wr.get("win_rate"), wins_ties_losses=[wr.get("wins"), wr.get("ties"), wr.get("losses")],
-                          kl=e.get("kl_vs_sft"))
+            rep[s].update(win_rate_vs_sft=wr.get("win_rate"),
+                          wins_ties_losses=[wr.get("wins"), wr.get("ties"), wr.get("losses")], kl=e.get("kl_vs_sft"))
     if "pretrain" in evals and evals["pretrain"].get("win_rate_vs_sft"):
         rep["base"]["sft_win_rate_vs_base"] = 1 - evals["pretrain"]["win_rate_vs_sft"]["win_rate"]
 
@@ -187,7 +188,10 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
     rep["dev"] = dev_choices(run_dir, st)
     rep["eval"] = {"seconds": round(st.get("eval", {}).get("seconds", 0.0), 1),
                    "temperature": None, "note": "every policy answers the held-out prompts; the rubric scores them"}
-    acc = lambda s: rep.get(s, {}).get("heldout_accuracy")
+
+    def acc(s):
+        return rep.get(s, {}).get("heldout_accuracy")
+
     rep["bars"] = {
         "sft_beats_base": None if acc("sft") is None or acc("base") is None else acc("sft") > acc("base"),
         "reward_accuracy": None if acc("reward") is None else acc("reward") >= 0.8,
@@ -214,18 +218,21 @@ def _languages_md(bl: dict) -> list[str]:
     if len(langs) < 2:
         return []
     cols = [("accuracy", "accuracy"), ("gold_score", "gold"), ("win_rate_vs_sft", "win rate vs SFT")]
-    L = ["## By language", "", "The same figures for the prompts of each language (held-out prompts; the reward model's "
-         "held-out pairs by their prompt's language; the tokenizer on the held-out prompts' text).", "",
-         "| model | " + " | ".join(f"{name} {lang}" for _, name in cols for lang in langs) + " |", "|---|" + "---|" * (3 * len(langs))]
+    L = ["## By language", "", "The same figures for the prompts of each language (held-out prompts; the reward "
+         "model's held-out pairs by their prompt's language; the tokenizer on the held-out prompts' text).", "",
+         "| model | " + " | ".join(f"{name} {lang}" for _, name in cols for lang in langs) + " |",
+         "|---|" + "---|" * (3 * len(langs))]
     for s, per in bl["heldout"].items():
-        L.append(f"| {'base' if s == 'pretrain' else s} | " + " | ".join(_fmt(per.get(lang, {}).get(k)) for k, _ in cols for lang in langs) + " |")
+        L.append(f"| {'base' if s == 'pretrain' else s} | "
+                 + " | ".join(_fmt(per.get(lang, {}).get(k)) for k, _ in cols for lang in langs) + " |")
     n = {lang: next((per[lang]["n"] for per in bl["heldout"].values() if lang in per), None) for lang in langs}
     rw, tok = bl["reward"] or {}, bl["tokenizer"] or {}
     L += ["", "| | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs),
           "| held-out prompts | " + " | ".join(_fmt(n[lang]) for lang in langs) + " |",
           "| reward model: held-out pairwise accuracy (pairs) | " + " | ".join(
               f"{_fmt(rw[lang]['accuracy'])} ({rw[lang]['pairs']:,})" if lang in rw else "—" for lang in langs) + " |",
-          "| tokenizer: characters per token | " + " | ".join(_fmt(tok.get(lang, {}).get("chars_per_token"), 2) for lang in langs) + " |", ""]
+          "| tokenizer: characters per token | " + " | ".join(
+              _fmt(tok.get(lang, {}).get("chars_per_token"), 2) for lang in langs) + " |", ""]
     return L
 
 
@@ -253,8 +260,9 @@ def _dev_md(dev: dict) -> str:
         # the kept policy scored on dev again after training (its replies, its win rate vs SFT's), or else
         # the score that chose it
         best = c.get("kept") or c.get("candidates", {}).get(str(c["chose"]), {})
-        said.append(f"{c['stage']} {c['what']} **{c['chose']}** by {c['by'].replace('_', ' ')} (accuracy {_fmt(best.get('accuracy'))}, "
-                    f"gold {_fmt(best.get('gold_score'))}, win rate vs SFT {_fmt(best.get('win_rate_vs_sft'))}; "
+        said.append(f"{c['stage']} {c['what']} **{c['chose']}** by {c['by'].replace('_', ' ')} "
+                    f"(accuracy {_fmt(best.get('accuracy'))}, gold {_fmt(best.get('gold_score'))}, "
+                    f"win rate vs SFT {_fmt(best.get('win_rate_vs_sft'))}; "
                     f"of {', '.join(map(str, c.get('candidates', {})))})")
     return head + "; ".join(said) + "."
 
@@ -268,7 +276,8 @@ def _few_shot_md(fs: dict) -> list[str]:
              "|---|" + "---|" * (2 * len(shots) + 1)]
     for task, per in sorted(fs.items()):
         n = next(iter(per.values())).get("n", "")
-        lines.append(f"| {task} | " + " | ".join(_fmt(per.get(k, {}).get(m)) for m in metrics for k in shots) + f" | {n} |")
+        lines.append(f"| {task} | " + " | ".join(_fmt(per.get(k, {}).get(m)) for m in metrics for k in shots)
+                     + f" | {n} |")
     means = [sum(per[k].get(m, 0.0) * per[k]["n"] for per in fs.values() if k in per)
              / max(1, sum(per[k]["n"] for per in fs.values() if k in per)) for m in metrics for k in shots]
     lines.append("| **all** | " + " | ".join(f"**{v:.3f}**" for v in means) + " | |")
@@ -304,7 +313,8 @@ def _samples_md(run_dir: Path, rep: dict, evals: dict, n: int) -> list[str]:
         convo = " / ".join(f"**{m['role']}**: {m['content']}" for m in r["messages"])
         out += [f"**{r['task']}** — {convo}", ""]
         for s, e in evals.items():
-            name = ("base (plain-text prompt)" if not rep["pretrain"].get("imported") else _base_name(rep)) if s == "pretrain" else s
+            name = (("base (plain-text prompt)" if not rep["pretrain"].get("imported") else _base_name(rep))
+                    if s == "pretrain" else s)
             reply = e["replies"][i].replace("\n", " ").replace("|", "\\|")
             out.append(f"- {name} ({e['scores'][i]:.2f}): {reply[:200]!s}")
         out.append("")
@@ -315,30 +325,38 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
     L = [f"# chatfactory run report: `{run_dir}`", "",
          f"Total time: **{rep['total_seconds']:.0f} s** · held-out prompts: **{rep['heldout_prompts']}** "
          "(never seen by any training stage, pretraining included).", ""]
-    L += ["## What each stage cost and achieved", "", "| stage | status | seconds | tokens | achieved |", "|---|---|---|---|---|"]
+    L += ["## What each stage cost and achieved", "", "| stage | status | seconds | tokens | achieved |",
+          "|---|---|---|---|---|"]
     imp = rep["pretrain"].get("imported")
     ach = {
         "pretrain": f"imported {Path(imp['source']).name} ({(imp.get('params') or 0) / 1e6:.0f}M parameters)" if imp
         else f"val bits/byte {_fmt(rep['pretrain'].get('val_bpb'))}",
-        "sft": f"held-out accuracy {_fmt(rep['sft'].get('heldout_accuracy'))} (base {_fmt(rep['base'].get('heldout_accuracy'))})",
-        "comparisons": f"{_fmt(rep['comparisons'].get('pairs'))} pairs (+{_fmt(rep['comparisons'].get('heldout_pairs'))} held out)",
+        "sft": f"held-out accuracy {_fmt(rep['sft'].get('heldout_accuracy'))} "
+               f"(base {_fmt(rep['base'].get('heldout_accuracy'))})",
+        "comparisons": f"{_fmt(rep['comparisons'].get('pairs'))} pairs "
+                       f"(+{_fmt(rep['comparisons'].get('heldout_pairs'))} held out)",
         "reward": f"held-out pairwise accuracy {_fmt(rep['reward'].get('heldout_accuracy'))}",
         "ppo": f"win rate vs SFT {_fmt(rep['ppo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['ppo'].get('kl'), 2)} nats",
         "dpo": f"win rate vs SFT {_fmt(rep['dpo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['dpo'].get('kl'), 2)} nats",
-        "grpo": f"win rate vs SFT {_fmt(rep['grpo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['grpo'].get('kl'), 2)} nats",
-        "rloo": f"win rate vs SFT {_fmt(rep['rloo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['rloo'].get('kl'), 2)} nats",
+        "grpo": f"win rate vs SFT {_fmt(rep['grpo'].get('win_rate_vs_sft'))} "
+                f"at KL {_fmt(rep['grpo'].get('kl'), 2)} nats",
+        "rloo": f"win rate vs SFT {_fmt(rep['rloo'].get('win_rate_vs_sft'))} "
+                f"at KL {_fmt(rep['rloo'].get('kl'), 2)} nats",
     }
     for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo", "grpo", "rloo"):
         sec = rep[s]
         if s in OPTIONAL and sec["status"].startswith("not run: not in"):
             continue
         done = sec["status"] == "done"
-        L.append(f"| {s} | {sec['status']} | {_fmt(sec.get('seconds'), 1)} | {sec.get('tokens', '—') if done else '—'} | {ach[s] if done else '—'} |")
-    L.append(f"| evaluation | done | {_fmt(rep['eval']['seconds'], 1)} | — | {len(evals)} models × {rep['heldout_prompts']} held-out prompts, few-shot table |")
+        L.append(f"| {s} | {sec['status']} | {_fmt(sec.get('seconds'), 1)} | "
+                 f"{sec.get('tokens', '—') if done else '—'} | {ach[s] if done else '—'} |")
+    L.append(f"| evaluation | done | {_fmt(rep['eval']['seconds'], 1)} | — | "
+             f"{len(evals)} models × {rep['heldout_prompts']} held-out prompts, few-shot table |")
     L.append("")
 
     L += ["## Held-out evaluation (gold judge: the rubric)", "",
-          f"Every policy answers the same held-out prompts (replies sampled at temperature {rep['eval'].get('temperature')}, "
+          "Every policy answers the same held-out prompts (replies sampled at temperature "
+          f"{rep['eval'].get('temperature')}, "
           f"at most {rep['eval'].get('max_tokens')} tokens); the rubric below scores each. "
           "Accuracy: the reply holds the right answer. Win rate: the policy's reply scores higher than SFT's on "
           "the same prompt (ties count half). KL: mean over replies of log π(reply) − log π_SFT(reply), nats.", "",
@@ -349,15 +367,17 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
             continue
         wr = (e.get("win_rate_vs_sft") or {}).get("win_rate")
         name = _base_name(rep) if s == "pretrain" else s
-        L.append(f"| {name} | {_fmt(e['heldout_accuracy'])} | {_fmt(e['gold_score'])} | {_fmt(wr) if s != 'sft' else '—'} | "
-                 f"{_fmt(e.get('kl_vs_sft'), 2)} | {e['mean_words']:.1f} |")
+        L.append(f"| {name} | {_fmt(e['heldout_accuracy'])} | {_fmt(e['gold_score'])} | "
+                 f"{_fmt(wr) if s != 'sft' else '—'} | {_fmt(e.get('kl_vs_sft'), 2)} | {e['mean_words']:.1f} |")
     L += ["", _dev_md(rep["dev"])]
     tasks = sorted({t for e in evals.values() for t in e.get("accuracy_by_task", {})})
     if tasks:
-        L += ["", "Accuracy by task:", "", "| task | " + " | ".join("base" if s == "pretrain" else s for s in evals) + " |",
+        L += ["", "Accuracy by task:", "",
+              "| task | " + " | ".join("base" if s == "pretrain" else s for s in evals) + " |",
               "|---|" + "---|" * len(evals)]
         for t in tasks:
-            L.append(f"| {t} | " + " | ".join(_fmt(e.get("accuracy_by_task", {}).get(t), 2) for e in evals.values()) + " |")
+            L.append(f"| {t} | "
+                     + " | ".join(_fmt(e.get("accuracy_by_task", {}).get(t), 2) for e in evals.values()) + " |")
     L += [""] + _languages_md(rep["by_language"])
     if not imp:  # the demo's bars (a model trained here from nothing, on the embedded default)
         L += ["", "Bars of the issue:", ""]
@@ -369,14 +389,16 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
     if imp:
         L += ["## The base model (imported, not pretrained here)", "",
               f"`{imp['source']}`: {(imp.get('params') or 0) / 1e6:.1f}M parameters"
-              + (f", stored as {', '.join(imp['quantization'])} and dequantized to fp32" if imp.get("quantization") else "")
+              + (f", stored as {', '.join(imp['quantization'])} and dequantized to fp32"
+                 if imp.get("quantization") else "")
               + ". Prompted through its own chat template (no examples), it is right on "
               f"{_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
         if plots.get("losses"):
             L += [f"![loss curves]({plots['losses']})", ""]
     else:
         L += ["## Pretraining", "",
-              f"{pre['status']}; {pre.get('steps', 0)} steps, {pre.get('tokens', 0):,} tokens, {pre.get('train_seconds', 0)} s of training; "
+              f"{pre['status']}; {pre.get('steps', 0)} steps, {pre.get('tokens', 0):,} tokens, "
+              f"{pre.get('train_seconds', 0)} s of training; "
               f"validation loss {_fmt(pre.get('val_loss'))} nats/token, **{_fmt(pre.get('val_bpb'))} bits/byte**.", ""]
         if plots.get("losses"):
             L += [f"![loss curves]({plots['losses']})", ""]
@@ -384,12 +406,13 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         L += ["## Base model: zero-, one- and few-shot (prompt engineering, as in GPT-3)", ""]
         L += _few_shot_md(rep["base"].get("few_shot") or {})
     if not imp:
-        L += [f"Generating a reply to the plain-text prompt `User: …\\nAssistant:` (no examples), the base model is right on "
-              f"{_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
+        L += [f"Generating a reply to the plain-text prompt `User: …\\nAssistant:` (no examples), the base model "
+              f"is right on {_fmt(rep['base'].get('heldout_accuracy'))} of the held-out prompts.", ""]
     L += ["## SFT", "", f"{rep['sft']['status']}; held-out accuracy **{_fmt(rep['sft'].get('heldout_accuracy'))}**, "
           f"validation loss on assistant tokens {_fmt(rep['sft'].get('val_loss'))}.", ""]
     c = rep["comparisons"]
-    L += ["## Comparisons (the simulated labeler)", "", f"{c['status']}; {_fmt(c.get('pairs'))} pairs from the SFT policy's own "
+    L += ["## Comparisons (the simulated labeler)", "",
+          f"{c['status']}; {_fmt(c.get('pairs'))} pairs from the SFT policy's own "
           f"samples on rl prompts, {_fmt(c.get('heldout_pairs'))} on held-out prompts, labeled by the rubric."]
     if c.get("k"):
         more = (f" plus {c['mismatched']} replies it gave to prompts of other tasks (a fluent answer to the wrong "
@@ -410,8 +433,10 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         if sec["status"] != "done":
             L += [sec["status"], ""]
             continue
-        L += [f"Held-out: accuracy **{_fmt(sec.get('heldout_accuracy'))}**, gold-judged win rate vs SFT **{_fmt(sec.get('win_rate_vs_sft'))}** "
-              f"(wins/ties/losses {sec.get('wins_ties_losses')}), KL vs SFT {_fmt(sec.get('kl'), 2)} nats per reply.", ""]
+        L += [f"Held-out: accuracy **{_fmt(sec.get('heldout_accuracy'))}**, "
+              f"gold-judged win rate vs SFT **{_fmt(sec.get('win_rate_vs_sft'))}** "
+              f"(wins/ties/losses {sec.get('wins_ties_losses')}), "
+              f"KL vs SFT {_fmt(sec.get('kl'), 2)} nats per reply.", ""]
         if plots.get(s):
             L += [f"![{s} curves]({plots[s]})", ""]
     L += _samples_md(run_dir, rep, evals, samples)
@@ -435,7 +460,8 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
         plots[s] = plot_rl(run_dir, s)
     samples = getattr(settings, "samples", 4)
     atomic_write_text(run_dir / "report.md", write_markdown(run_dir, rep, evals, plots, samples, RUBRIC))
-    atomic_write_text(run_dir / "report.json", json.dumps(rep, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+    atomic_write_text(run_dir / "report.json", json.dumps(
+        rep, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return rep
 
 

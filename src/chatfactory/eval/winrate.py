@@ -94,8 +94,9 @@ def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, 
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         prompts = [tok.chat_prompt(r["messages"]) for r in chunk]
-        outs = Engine(policy, vocab_limit=tok.vocab_size).generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                                seed=seed + i, stop_ids=(tok.end_id,)))
+        outs = Engine(policy, vocab_limit=tok.vocab_size).generate(
+            prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
+                                    stop_ids=(tok.end_id,)))
         for r, ids in zip(chunk, outs):
             total += float(scorer(r, tok.decode([t for t in ids if t != tok.end_id])))
     return total / max(1, len(rows))

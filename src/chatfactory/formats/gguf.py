@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 # metadata value types
-_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
 
 # tensor types: name, weights per block, bytes per block
@@ -127,8 +128,8 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: no tensor {name!r}")
         ttype, shape, offset = self.tensors[name]
         if ttype not in TYPES:
-            raise GGUFError(f"{self.path}: tensor {name} is {self.tensor_type(name)}, a quantization type we do not read "
-                            f"(supported: {', '.join(t[0] for t in TYPES.values())})")
+            raise GGUFError(f"{self.path}: tensor {name} is {self.tensor_type(name)}, a quantization type "
+                            f"we do not read (supported: {', '.join(t[0] for t in TYPES.values())})")
         kind, per_block, block_bytes = TYPES[ttype]
         n = int(np.prod(shape))
         nbytes = n // per_block * block_bytes
@@ -348,7 +349,8 @@ def gguf_tokenizer(g: GGUFFile):
         raise GGUFError(f"{g.path}: tokenizer {kind!r} is not byte-level BPE ('gpt2'), the only kind supported")
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{g.path}: pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
-    tokens, types = g.meta["tokenizer.ggml.tokens"], g.meta.get("tokenizer.ggml.token_type") or [1] * len(g.meta["tokenizer.ggml.tokens"])
+    tokens, types = (g.meta["tokenizer.ggml.tokens"],
+                     g.meta.get("tokenizer.ggml.token_type") or [1] * len(g.meta["tokenizer.ggml.tokens"]))
     merges = [tuple(m.split(" ", 1)) for m in g.meta.get("tokenizer.ggml.merges", [])]
     hf = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -431,8 +433,10 @@ def _save_quantized_import(g: GGUFFile, cfg, tok, out_run: Path, stage: str, inf
 
     sd, bits = gguf_quantized_state_dict(g, cfg)  # before anything is written: a bad tensor leaves no run
     main = 4 if 4 in bits.values() else 8
-    info = {**info, "chat_template": True, "quantized": scheme(main, 32, False, {k: b for k, b in bits.items() if b != main}),
+    info = {**info, "chat_template": True,
+            "quantized": scheme(main, 32, False, {k: b for k, b in bits.items() if b != main}),
             "quantized_from": f"{g.path} (import it without --keep-quantized for fp32 weights that train)"}
     params = sum(t.numel() for k, t in sd.items() if not k.endswith((".qweight", ".scales", ".offsets")))
-    params += sum(m.size(0) * m.size(1) * (2 if bits[k[:-8]] == 4 else 1) for k, m in sd.items() if k.endswith(".qweight"))
+    params += sum(m.size(0) * m.size(1) * (2 if bits[k[:-8]] == 4 else 1)
+                  for k, m in sd.items() if k.endswith(".qweight"))
     return write_imported(out_run, stage, cfg, sd, tok, info, params)

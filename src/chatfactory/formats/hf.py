@@ -35,8 +35,9 @@ def to_hf_config(cfg: GPTConfig) -> dict:
             "initializer_range": cfg.init_std, "tie_word_embeddings": True,
         }
     # biases on q/k/v only are Qwen2's layout (Llama's attention_bias would put one on o_proj too)
-    family = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False} if cfg.qkv_bias \
-        else {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False}
+    family = ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+              if cfg.qkv_bias else {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                    "attention_bias": False, "mlp_bias": False})
     return {
         **family,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
@@ -77,12 +78,18 @@ def from_hf_config(h: dict) -> GPTConfig:
 
 def _gpt2_names(i):
     return {
-        f"blocks.{i}.norm1.weight": f"transformer.h.{i}.ln_1.weight", f"blocks.{i}.norm1.bias": f"transformer.h.{i}.ln_1.bias",
-        f"blocks.{i}.norm2.weight": f"transformer.h.{i}.ln_2.weight", f"blocks.{i}.norm2.bias": f"transformer.h.{i}.ln_2.bias",
-        f"blocks.{i}.attn.qkv.weight": f"transformer.h.{i}.attn.c_attn.weight", f"blocks.{i}.attn.qkv.bias": f"transformer.h.{i}.attn.c_attn.bias",
-        f"blocks.{i}.attn.proj.weight": f"transformer.h.{i}.attn.c_proj.weight", f"blocks.{i}.attn.proj.bias": f"transformer.h.{i}.attn.c_proj.bias",
-        f"blocks.{i}.mlp.fc.weight": f"transformer.h.{i}.mlp.c_fc.weight", f"blocks.{i}.mlp.fc.bias": f"transformer.h.{i}.mlp.c_fc.bias",
-        f"blocks.{i}.mlp.proj.weight": f"transformer.h.{i}.mlp.c_proj.weight", f"blocks.{i}.mlp.proj.bias": f"transformer.h.{i}.mlp.c_proj.bias",
+        f"blocks.{i}.norm1.weight": f"transformer.h.{i}.ln_1.weight",
+        f"blocks.{i}.norm1.bias": f"transformer.h.{i}.ln_1.bias",
+        f"blocks.{i}.norm2.weight": f"transformer.h.{i}.ln_2.weight",
+        f"blocks.{i}.norm2.bias": f"transformer.h.{i}.ln_2.bias",
+        f"blocks.{i}.attn.qkv.weight": f"transformer.h.{i}.attn.c_attn.weight",
+        f"blocks.{i}.attn.qkv.bias": f"transformer.h.{i}.attn.c_attn.bias",
+        f"blocks.{i}.attn.proj.weight": f"transformer.h.{i}.attn.c_proj.weight",
+        f"blocks.{i}.attn.proj.bias": f"transformer.h.{i}.attn.c_proj.bias",
+        f"blocks.{i}.mlp.fc.weight": f"transformer.h.{i}.mlp.c_fc.weight",
+        f"blocks.{i}.mlp.fc.bias": f"transformer.h.{i}.mlp.c_fc.bias",
+        f"blocks.{i}.mlp.proj.weight": f"transformer.h.{i}.mlp.c_proj.weight",
+        f"blocks.{i}.mlp.proj.bias": f"transformer.h.{i}.mlp.c_proj.bias",
     }
 
 
@@ -109,7 +116,8 @@ def _renamed(cfg: GPTConfig) -> dict:
 
 def _conv1d(cfg: GPTConfig, ours: str, w):
     """GPT-2 stores the linear layers of its blocks as Conv1D, with (in, out) weights: transposed both ways."""
-    return w.t() if cfg.flavour == "gpt2" and ours.startswith("blocks.") and ours.endswith("weight") and w.dim() == 2 else w
+    return (w.t() if cfg.flavour == "gpt2" and ours.startswith("blocks.") and ours.endswith("weight") and w.dim() == 2
+            else w)
 
 
 def from_hf_state_dict(hf: dict, cfg: GPTConfig) -> dict:
@@ -123,7 +131,8 @@ def from_hf_state_dict(hf: dict, cfg: GPTConfig) -> dict:
             sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0)
             if cfg.qkv_bias:
                 sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat([hf[p + f"self_attn.{n}_proj.bias"] for n in "qkv"], 0)
-            sd[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], 0)
+            sd[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
+                                                         hf[p + "mlp.up_proj.weight"]], 0)
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
@@ -189,13 +198,16 @@ def export_run(run_dir, stage: str, out_dir, peft_dir=None) -> Path:
     stage_dir = Path(stage) if Path(stage).is_dir() and not (run_dir / stage).exists() else run_dir / stage
     model, info = load_model(stage_dir, merge_lora=peft_dir is None)
     if peft_dir is not None and not info.get("lora"):
-        raise ValueError(f"{stage_dir}: was not trained with LoRA adapters, so there is no PEFT adapter to write (export without --peft)")
+        raise ValueError(f"{stage_dir}: was not trained with LoRA adapters, so there is no PEFT adapter to write "
+                         "(export without --peft)")
     if info.get("kind") == "reward":
-        raise ValueError(f"{stage_dir}: is a reward model (a scalar head); only language models export to a causal-LM layout")
+        raise ValueError(f"{stage_dir}: is a reward model (a scalar head); only language models export to a "
+                         "causal-LM layout")
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     cfg = model.cfg
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{run_dir / 'tokenizer.json'}: {tok.vocab_size} tokens but the model has only {cfg.vocab_size} embeddings")
+        raise ValueError(f"{run_dir / 'tokenizer.json'}: {tok.vocab_size} tokens but the model has only "
+                         f"{cfg.vocab_size} embeddings")
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id}
     hf_cfg = {**to_hf_config(cfg), **ids, "torch_dtype": "float32", "use_cache": True}
@@ -293,7 +305,8 @@ def write_imported(out_run, stage: str, cfg: GPTConfig, weights: dict, tok, info
     save_config(Config(model=cfg), out_run / "config.yaml")
     info = {"model": cfg.to_dict(), "kind": "imported", "finished": True, "chat_template": tok.chat is not None, **info}
     save_checkpoint(out_run / stage, weights, info, state=None, step=0)
-    return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour, "params": params, **info}
+    return {"stage_dir": str(out_run / stage), "vocab_size": cfg.vocab_size, "flavour": cfg.flavour, "params": params,
+            **info}
 
 
 def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
@@ -333,7 +346,8 @@ def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
     except ValueError as e:
         raise ValueError(f"{cpath}: {e}") from None
     if h.get("head_dim") and h["head_dim"] != cfg.head_dim:
-        raise ValueError(f"{cpath}: head_dim={h['head_dim']} differs from hidden_size/num_attention_heads={cfg.head_dim} (not supported)")
+        raise ValueError(f"{cpath}: head_dim={h['head_dim']} differs from "
+                         f"hidden_size/num_attention_heads={cfg.head_dim} (not supported)")
 
     # weights: one model.safetensors or the shards an index names (never pickles)
     files = [src / "model.safetensors"]
@@ -359,7 +373,8 @@ def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
 
     hf_tok = _read_hf_tokenizer(src)
     if not isinstance(hf_tok.decoder, decoders.ByteLevel):
-        raise ValueError(f"{src}: tokenizer decoder is {type(hf_tok.decoder).__name__}; only byte-level BPE tokenizers are supported")
+        raise ValueError(f"{src}: tokenizer decoder is {type(hf_tok.decoder).__name__}; only byte-level BPE tokenizers "
+                         "are supported")
     hf_tok.post_processor = None  # our code places bos itself
     chat = _hf_chat_config(src, hf_tok)
     missing = []

@@ -311,10 +311,11 @@ class Scheduler:
         if self.vocab_limit is not None:
             stacked[:, self.vocab_limit:] = float("-inf")
         # a row the model broke on (NaN or inf logits) fails its own request only; the rest sample on
-        failed: dict[int, str] = {i: "error: SamplingError: the model gave non-finite logits (NaN or inf) for this request"
+        failed: dict[int, str] = {i: "error: SamplingError: the model gave non-finite logits (NaN or inf) "
+                                     "for this request"
                                   for i in bad_rows(stacked)}
         picked: list[int | None] = [None] * len(reqs)
-        for key, members in groups.items():
+        for _key, members in groups.items():
             members = [i for i in members if i not in failed]
             if not members:
                 continue

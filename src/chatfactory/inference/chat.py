@@ -69,7 +69,8 @@ class ChatSession:
         if dropped:
             self.history = conv[1:-1] if self.system else conv[:-1]
             if note:
-                note(f"[context full: dropped the {dropped} oldest message{'s' * (dropped > 1)}; the system prompt stays]")
+                note(f"[context full: dropped the {dropped} oldest message{'s' * (dropped > 1)}; "
+                     "the system prompt stays]")
         p = self.params
         if p.seed is not None:  # reproducible, yet not the same draw every turn
             p = replace(p, seed=p.seed + self.turn)

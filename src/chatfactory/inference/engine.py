@@ -214,7 +214,8 @@ class Engine:
             return None
         return self.threads.get(batch_size, default_threads(batch_size))
 
-    def stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> Iterator[list[int | None]]:
+    def stream(self, prompts: list[list[int]], p: SamplingParams,
+               logprobs: list | None = None) -> Iterator[list[int | None]]:
         """Yield, per decode step, the new id of each row (None for rows already stopped). ``logprobs``: a
         list that receives, per step, every row's new id's log-probability under logits / temperature."""
         want = self._threads_for(len(prompts))
@@ -238,7 +239,8 @@ class Engine:
             yield out
 
     @torch.inference_mode()
-    def _stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> Iterator[list[int | None]]:
+    def _stream(self, prompts: list[list[int]], p: SamplingParams,
+                logprobs: list | None = None) -> Iterator[list[int | None]]:
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ValueError("every prompt needs at least one token")
         dev = self.device
@@ -267,7 +269,8 @@ class Engine:
             mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
             # decode steps see every real key: one mask over the whole cache, sliced per step
             key_valid = torch.cat([valid, torch.ones(B, max_new, dtype=torch.bool, device=dev)], 1)[:, None, None]
-            hidden = self.model.hidden_states(pre(idx), cache=cache, positions=pre(positions), attn_mask=pre(mask)[:, None])
+            hidden = self.model.hidden_states(pre(idx), cache=cache, positions=pre(positions),
+                                              attn_mask=pre(mask)[:, None])
             pos = positions[:, -1:]
         else:  # equal lengths: plain causal prefill, and decode steps need no mask at all
             hidden = self.model.hidden_states(pre(idx), cache=cache)
@@ -275,12 +278,14 @@ class Engine:
         logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
         if distinct is not None:
             rows = torch.tensor(share, device=dev)
-            cache.k, cache.v = cache.k.index_select(1, rows), cache.v.index_select(1, rows)  # (depth, B, heads, len, dim)
+            cache.k, cache.v = (cache.k.index_select(1, rows),
+                                cache.v.index_select(1, rows))  # (depth, B, heads, len, dim)
             logits = logits.index_select(0, rows)
         seen = None
         if p.repetition_penalty != 1.0:  # ids each row has seen, preallocated (no torch.cat per step)
             seen = torch.empty(B, L + max_new, dtype=torch.long, device=dev)
-            seen[:, :L] = torch.where(pad[:, None] > torch.arange(L, device=dev)[None], idx[:, -1:], idx)  # pads repeat a real id
+            seen[:, :L] = torch.where(pad[:, None] > torch.arange(L, device=dev)[None],
+                                      idx[:, -1:], idx)  # pads repeat a real id
         stop = set(p.stop_ids)
         done = [False] * B  # rows that have emitted a stop id (plain Python: no tensor op per step)
         # the fast step never moves ``cache.pos`` (it copies the prefill's keys/values, or writes
@@ -289,7 +294,8 @@ class Engine:
         for i in range(max_new):
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen, self.vocab_limit)
             if logprobs is not None:  # what an RL trainer recomputes for these tokens (train/rl.py compares the two)
-                logprobs.append(torch.log_softmax(logits.float() / p.temperature, -1).gather(1, nxt[:, None]).squeeze(1))
+                logprobs.append(torch.log_softmax(logits.float() / p.temperature, -1)
+                                .gather(1, nxt[:, None]).squeeze(1))
             ids = nxt.tolist()
             yield [None if d else t for t, d in zip(ids, done)]
             done = [d or t in stop for t, d in zip(ids, done)]

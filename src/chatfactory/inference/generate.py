@@ -27,7 +27,8 @@ from .engine import Engine, SamplingParams
 
 
 def _row_problem(row: dict) -> str | None:
-    """What is wrong with a prompt row (``{"prompt": str}`` or ``{"messages": [... ending in a user turn]}``), or None."""
+    """What is wrong with a prompt row (``{"prompt": str}`` or ``{"messages": [... ending in a user turn]}``),
+    or None."""
     if isinstance(row.get("prompt"), str):
         return None
     if "messages" not in row:
@@ -65,8 +66,9 @@ def _answered(out) -> tuple[str, set]:
 
 def generate(a, loading) -> None:
     """``chatfactory generate``'s work (``a``: its arguments; ``loading``: the context that loads the model
-    quantized and/or streamed as the arguments ask). Answers for a file of prompts, ``--batch`` at a time (each loaded layer serves the whole batch), appended
-    to --out one batch at a time (atomically); a rerun skips the prompts already answered."""
+    quantized and/or streamed as the arguments ask). Answers for a file of prompts, ``--batch`` at a time
+    (each loaded layer serves the whole batch), appended to --out one batch at a time (atomically); a rerun
+    skips the prompts already answered."""
     if a.batch < 1 or a.max_new_tokens < 1:
         raise ValueError(f"--batch {a.batch} / --max-new-tokens {a.max_new_tokens}: both must be at least 1")
     rows = _prompt_rows(a.prompts)
@@ -88,17 +90,19 @@ def generate(a, loading) -> None:
             for n, r in batch:
                 x = tok.chat_prompt(r.get("messages") or [{"role": "user", "content": r["prompt"]}])
                 if len(x) >= model.cfg.block_size:
-                    raise DataError(f"{a.prompts}:{n}: the prompt is {len(x)} tokens, the model's context {model.cfg.block_size}")
+                    raise DataError(f"{a.prompts}:{n}: the prompt is {len(x)} tokens, the model's context "
+                                    f"{model.cfg.block_size}")
                 ids.append(x)
             # the seed goes with the batch's first prompt, so a resumed run draws what an unbroken one would
-            params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0, stop_ids=tok.stop_ids,
-                                    seed=None if a.seed is None else a.seed + batch[0][0])
+            params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0,
+                                    stop_ids=tok.stop_ids, seed=None if a.seed is None else a.seed + batch[0][0])
             lines = []
             for (n, r), x, out in zip(batch, ids, engine.generate(ids, params)):
                 ended = bool(out) and out[-1] in stop
                 answer = out[:-1] if ended else out
                 lines.append(json.dumps({"line": n, **r, "answer": tok.decode(answer), "prompt_tokens": len(x),
-                                         "completion_tokens": len(answer), "finish_reason": "stop" if ended else "length"},
+                                         "completion_tokens": len(answer),
+                                         "finish_reason": "stop" if ended else "length"},
                                         ensure_ascii=False) + "\n")
                 new_tokens += len(out)
             text += "".join(lines)
@@ -108,5 +112,7 @@ def generate(a, loading) -> None:
     bar.close()
     from ..model.offload import stall_seconds
 
-    stalled = f", {stall_seconds(model):.2f}s of it waiting for streamed layers" if getattr(model, "offload", None) else ""
-    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in {time.perf_counter() - t0:.2f}s{stalled})")
+    stalled = (f", {stall_seconds(model):.2f}s of it waiting for streamed layers" if getattr(model, "offload", None)
+               else "")
+    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in "
+          f"{time.perf_counter() - t0:.2f}s{stalled})")

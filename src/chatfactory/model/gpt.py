@@ -197,7 +197,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        norm = (lambda: nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)) if cfg.flavour == "gpt2" else (lambda: RMSNorm(cfg.n_embd, cfg.norm_eps))
+        norm = ((lambda: nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)) if cfg.flavour == "gpt2"
+                else (lambda: RMSNorm(cfg.n_embd, cfg.norm_eps)))
         self.norm1, self.norm2 = norm(), norm()
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
@@ -218,7 +219,8 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.flavour == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
-        self.norm_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.flavour == "gpt2" else RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.norm_f = (nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps) if cfg.flavour == "gpt2"
+                       else RMSNorm(cfg.n_embd, cfg.norm_eps))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # tied, as in GPT-2 (and many small modern models)

@@ -101,7 +101,8 @@ def lora_settings(cfg, stage: str) -> dict | None:
     stages = [s.strip() for s in lc.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"lora.stages: unknown stage(s) {', '.join(map(repr, unknown))} (LoRA serves {', '.join(STAGES)})")
+        raise ValueError(f"lora.stages: unknown stage(s) {', '.join(map(repr, unknown))} "
+                         f"(LoRA serves {', '.join(STAGES)})")
     if lc.rank == 0 or stage not in stages:
         return None
     if lc.alpha <= 0:
@@ -176,7 +177,8 @@ def merge_weights(weights: dict, info: dict) -> dict:
         if key.endswith(".lora_A"):
             name = key[: -len(".lora_A")]
             w = out[name + ".weight"]
-            out[name + ".weight"] = (w.float() + delta_weight(weights[key], weights[name + ".lora_B"], scale)).to(w.dtype)
+            out[name + ".weight"] = (w.float()
+                                     + delta_weight(weights[key], weights[name + ".lora_B"], scale)).to(w.dtype)
     return out
 
 
@@ -186,4 +188,5 @@ def summary(model: nn.Module) -> str:
     rank = next(iter(layers.values())).rank if layers else 0
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"LoRA rank {rank} on {len(layers)} linears: {train:,} of {total:,} weights train ({train / max(1, total):.2%})"
+    return (f"LoRA rank {rank} on {len(layers)} linears: {train:,} of {total:,} weights train "
+            f"({train / max(1, total):.2%})")

@@ -177,7 +177,8 @@ class QuantLinear(nn.Module):
         return cls.from_weight(linear.weight, linear.bias, bits, group)
 
     @classmethod
-    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = DEFAULT_GROUP) -> QuantLinear:
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                    group: int = DEFAULT_GROUP) -> QuantLinear:
         """The layer quantizing the full-precision weight ``w`` (N, K) (and keeping ``bias`` in fp32)."""
         m = cls(w.size(1), w.size(0), bits, group, bias is not None)
         q, *scales = quantize_int8(w) if bits == 8 else quantize_int4(w, group)
@@ -278,17 +279,21 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        names = ["qweight", "scales"] + (["offsets"] if self.bits == 4 else []) + (["bias"] if self.bias is not None else [])
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = (["qweight", "scales"] + (["offsets"] if self.bits == 4 else [])
+                 + (["bias"] if self.bias is not None else []))
         got = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
         missing_keys.extend(prefix + n for n in names if n not in got)
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in names)
         if len(got) != len(names):
             return
         N, K = self.out_features, self.in_features
-        want = {"qweight": (N, K) if self.bits == 8 else (N, K // 2), "scales": (N,) if self.bits == 8 else (N, K // self.group),
+        want = {"qweight": (N, K) if self.bits == 8 else (N, K // 2),
+                "scales": (N,) if self.bits == 8 else (N, K // self.group),
                 "offsets": (N, K // self.group), "bias": (N,)}
-        bad = [f"{prefix}{n} {tuple(t.shape)} (expected {want[n]})" for n, t in got.items() if tuple(t.shape) != want[n]]
+        bad = [f"{prefix}{n} {tuple(t.shape)} (expected {want[n]})" for n, t in got.items()
+               if tuple(t.shape) != want[n]]
         if bad:
             error_msgs.append("quantized weights of the wrong shape: " + ", ".join(bad))
             return
@@ -315,7 +320,8 @@ def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False, 
         raise ValueError(f"layer_bits names layers the model does not quantize: {sorted(set(layer_bits) - names)}")
     if 4 in [bits, *map(parse_bits, layer_bits.values())]:
         if group not in INT4_GROUPS:
-            raise ValueError(f"--group {group}: int4 groups of {', '.join(map(str, INT4_GROUPS))} columns are supported")
+            raise ValueError(f"--group {group}: int4 groups of {', '.join(map(str, INT4_GROUPS))} columns "
+                             "are supported")
         for name, m in _targets(model, include_head):
             if parse_bits(layer_bits.get(name, bits)) == 4 and m.in_features % group:
                 raise ValueError(f"--group {group} does not divide the input width {m.in_features} of {name}: "
@@ -332,7 +338,8 @@ def quantize_model(model: GPT, bits, group: int = DEFAULT_GROUP, include_head: b
     quantized this way gets its own int copy; the embedding stays full precision."""
     bits = parse_bits(bits)
     if getattr(model, "quantization", None):
-        raise ValueError(f"the model is quantized already ({model.quantization['scheme']}): quantize a full-precision one")
+        raise ValueError(f"the model is quantized already ({model.quantization['scheme']}): "
+                         "quantize a full-precision one")
     check_scheme(model, bits, group, include_head, layer_bits)
     layer_bits = {k: parse_bits(v) for k, v in (layer_bits or {}).items() if parse_bits(v) != bits}
     for name, m in list(_targets(model, include_head)):
@@ -381,4 +388,5 @@ def _take_linear(weights: dict, name: str, cfg: GPTConfig, bias: bool):
     """(weight, bias or None) of layer ``name`` from a state dict, popped (a tied head reads the embedding)."""
     release_freed()  # the previous layer's buffers
     tied = name == "lm_head" and cfg.tie_embeddings
-    return weights["tok_emb.weight"] if tied else weights.pop(name + ".weight"), weights.pop(name + ".bias") if bias else None
+    return (weights["tok_emb.weight"] if tied else weights.pop(name + ".weight"),
+            weights.pop(name + ".bias") if bias else None)

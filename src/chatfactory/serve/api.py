@@ -135,7 +135,7 @@ def create_app(svc: Service, allow_origins=()):
         queue: asyncio.Queue = asyncio.Queue()
         choices = []
         try:
-            for pi, prompt in enumerate(prompts):
+            for _pi, prompt in enumerate(prompts):
                 for j in range(s["n"]):
                     c = Choice(len(choices), svc.tok, s["stop"], svc.stop_ids)
                     choices.append(c)
@@ -254,7 +254,7 @@ def create_app(svc: Service, allow_origins=()):
             pending: dict[int, str] = {}  # text not sent yet, per answer
             lp_sent: dict[int, int] = {}  # log-prob entries sent, per answer
             try:
-                async for c, text, st in events(choices, queue, request):
+                async for c, text, _st in events(choices, queue, request):
                     if want_lp:
                         # a chunk per token that shows text, with the log-probs of every token since the
                         # last one: a token holding half a character shows none yet, and its entry rides
@@ -347,7 +347,7 @@ def create_app(svc: Service, allow_origins=()):
                 try:
                     if queue is not None:
                         pending: dict[int, str] = {}
-                        async for c, text, st in events(choices, queue, request):
+                        async for c, text, _st in events(choices, queue, request):
                             pending[c.index] = pending.get(c.index, "") + text
                             if c.finish or queue.empty():  # coalesce what arrived together, as in chat
                                 for i, t in pending.items():
@@ -369,7 +369,7 @@ def create_app(svc: Service, allow_origins=()):
                 return JSONResponse({}, status_code=499)
         scored = {}
         if echo and logprobs is not None:  # prompt log-probs: one forward pass per distinct prompt
-            for i, (ids, skip) in enumerate(prompts):
+            for i, (ids, _skip) in enumerate(prompts):
                 scored[i] = await asyncio.to_thread(svc.score, ids, logprobs)
         out = []
         for c in choices:

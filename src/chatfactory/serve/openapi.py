@@ -65,7 +65,8 @@ def sse_event(chunk: str) -> dict:
     def json_of(name):
         return {"contentMediaType": "application/json", "contentSchema": {"$ref": f"#/components/schemas/{name}"}}
     return {"type": "object", "required": ["data"],
-            "properties": {"data": {"type": "string", "anyOf": [{"const": "[DONE]"}, json_of(chunk), json_of("ErrorResponse")]}}}
+            "properties": {"data": {"type": "string",
+                                    "anyOf": [{"const": "[DONE]"}, json_of(chunk), json_of("ErrorResponse")]}}}
 
 
 def file_doc(*names: str, missing: bool = False) -> dict:
@@ -78,7 +79,8 @@ def file_doc(*names: str, missing: bool = False) -> dict:
 
 
 def body_doc(name: str) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
 
 
 def build_openapi(app, svc) -> dict:

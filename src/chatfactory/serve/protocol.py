@@ -10,7 +10,7 @@ answers). No HTTP and no model here: ``api.py`` wires these to FastAPI and the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -92,7 +92,8 @@ def int_choice(*values: int):
     """An integer that must be one of ``values`` (a pydantic Literal would take true for 1)."""
     def check(v):
         if v not in values:
-            raise PydanticCustomError("invalid_value", "must be one of {values}", {"values": ", ".join(map(str, values))})
+            raise PydanticCustomError("invalid_value", "must be one of {values}",
+                                      {"values": ", ".join(map(str, values))})
         return v
     return Annotated[SInt, AfterValidator(check), WithJsonSchema({"type": "integer", "enum": list(values)})]
 
@@ -148,11 +149,13 @@ class LaterChatMessage(ChatMessage):
 def _system_first(msgs):
     for i, m in enumerate(msgs):
         if i and m.role in ("system", "developer"):
-            raise PydanticCustomError("invalid_value", "a system message may only come first (messages[{i}] is one)", {"i": i})
+            raise PydanticCustomError("invalid_value", "a system message may only come first (messages[{i}] is one)",
+                                      {"i": i})
     return msgs
 
 
-Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages), AfterValidator(_system_first)]
+Conversation = Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.max_messages),
+                         AfterValidator(_system_first)]
 
 Stop = Annotated[
     Annotated[SStr, Tag("as text")] | Annotated[list[SStr], Field(max_length=LIMITS.max_stop), Tag("as list")],
@@ -230,7 +233,10 @@ def _prompt_shape(v):
 
 
 Prompt = Annotated[
-    Annotated[Text, Tag("as text")] | Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as texts")] | Annotated[list[TokenId], Field(min_length=1), Tag("as ids")] | Annotated[list[list[TokenId]], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as id lists")],
+    Annotated[Text, Tag("as text")]
+    | Annotated[list[Text], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as texts")]
+    | Annotated[list[TokenId], Field(min_length=1), Tag("as ids")]
+    | Annotated[list[list[TokenId]], Field(min_length=1, max_length=LIMITS.max_prompts), Tag("as id lists")],
     by_shape(_prompt_shape, "a string, a list of strings, a list of token ids or a list of such lists")]
 
 
@@ -250,7 +256,8 @@ class CompletionRequest(SamplingBody):
 
 class TokenizeText(Body):
     prompt: Annotated[str, Strict(), Field(max_length=LIMITS.max_body_bytes)]
-    add_special_tokens: SBool | None = Field(None, description="default true: open with <|bos|> where the model's documents do")
+    add_special_tokens: SBool | None = Field(
+        None, description="default true: open with <|bos|> where the model's documents do")
     messages: None = None  # a body with messages is the other kind
 
 
@@ -293,7 +300,7 @@ class ComparisonFeedback(Body):
 
 # bodies that are one of two kinds, told apart by a key as api.py reads them
 FeedbackRequest = Annotated[RatingFeedback | ComparisonFeedback, Field(discriminator="kind")]
-TokenizeRequest = Union[TokenizeChat, TokenizeText]
+TokenizeRequest = TokenizeChat | TokenizeText
 
 
 def parse_body(model, body: dict):
@@ -373,7 +380,8 @@ class Detokenizer:
             self.text += self.stream.add(token)
         if final:
             self.text += self.stream.finish()
-        cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0), default=-1)
+        cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0),
+                  default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
         end = len(self.text) if (final or self.stopped) else len(self.text) - self.hold

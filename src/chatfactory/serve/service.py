@@ -23,7 +23,8 @@ class Service:
                  api_key: str | None = None, slots: int = 16, scheduler=None):
         self.model, self.tok, self.name, self.stage = model, tok, name, stage
         self.block_size = model.cfg.block_size
-        self.scheduler = scheduler if scheduler is not None else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size)
+        self.scheduler = (scheduler if scheduler is not None
+                          else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size))
         self.feedback = FeedbackStore(feedback_path) if feedback_path else None
         self.api_key = api_key or None
         self.limits = LIMITS
@@ -64,7 +65,8 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
     model, _ = load_model(run_dir / stage, device=device)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only {model.cfg.vocab_size}")
+        raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only "
+                         f"{model.cfg.vocab_size}")
     return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots)
 
 

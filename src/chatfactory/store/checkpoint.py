@@ -80,7 +80,8 @@ def _write_temps(stage_dir: Path, weights: dict, config: dict, state: dict | Non
     is removed (the error names the file) and the previous checkpoint is untouched."""
     save_id = f"{step}-{os.urandom(6).hex()}"
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    parts = [(MODEL, "the weights", lambda t: save_file(weights, str(t), metadata={"step": str(step), "save_id": save_id})),
+    parts = [(MODEL, "the weights",
+              lambda t: save_file(weights, str(t), metadata={"step": str(step), "save_id": save_id})),
              (CONFIG, "the checkpoint config", lambda t: t.write_text(
                  json.dumps({**config, "step": step, "save_id": save_id}, indent=2), encoding="utf-8"))]
     if state is not None:
@@ -273,13 +274,15 @@ def _read(paths: dict, with_state: bool, lazy: bool = False):
     if not isinstance(config, dict):
         raise CheckpointError(f"{cpath}: corrupt checkpoint config (a JSON {type(config).__name__}, not an object)")
     if wid and config.get("save_id") and config["save_id"] != wid:
-        raise CheckpointError(f"{cpath}: belongs to another save (step {config.get('step')}) than {mpath} (step {wstep})")
+        raise CheckpointError(f"{cpath}: belongs to another save (step {config.get('step')}) than {mpath} "
+                              f"(step {wstep})")
     state = None
     if with_state and spath.exists():
         try:
             state = torch.load(spath, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, bad pickle opcode, ...
-            raise CheckpointError(f"{spath}: corrupt or truncated resume state ({type(e).__name__}: {first_line(e)})") from None
+            raise CheckpointError(f"{spath}: corrupt or truncated resume state "
+                                  f"({type(e).__name__}: {first_line(e)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{spath}: corrupt resume state (a {type(state).__name__}, not a dict)")
         if state.get("step") != wstep or (wid and state.get("save_id") and state["save_id"] != wid):

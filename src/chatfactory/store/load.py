@@ -42,8 +42,9 @@ def model_config(info: dict, stage_dir):
 def refuse_quantized(info: dict, stage_dir) -> None:
     """Outside ``quant.inference()`` (training) a quantized stage is an error: integer weights cannot train."""
     if info.get("quantized") and quantized_loader is None:
-        raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference only (chat, "
-                              f"sample, serve, eval); train from the stage it was made from ({info.get('quantized_from', 'its full-precision stage')})")
+        raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference only "
+                              "(chat, sample, serve, eval); train from the stage it was made from "
+                              f"({info.get('quantized_from', 'its full-precision stage')})")
 
 
 def load_model(stage_dir, device="cpu", merge_lora: bool = True):
@@ -73,7 +74,8 @@ def load_model(stage_dir, device="cpu", merge_lora: bool = True):
 
 # ---------------------------------------------------------------- stages on disk
 def stage_model(info: dict, where, weights: dict | None = None, device="cpu") -> GPT:
-    """A stage's GPT built on the meta device, quantized as its config says; ``weights`` become its tensors as they are."""
+    """A stage's GPT built on the meta device, quantized as its config says; ``weights`` become its tensors as
+    they are."""
     q = info.get("quantized")
     with torch.device("meta"):
         model = GPT(model_config(info, where))
@@ -120,15 +122,16 @@ def load_assigned(model: GPT, weights: dict, where: str) -> None:
         model.lm_head.weight = model.tok_emb.weight  # assign replaced tok_emb's parameter: tie the head to it again
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unexpected or left:
-        raise CheckpointError(f"{where}: weights do not fit the model (missing {sorted(set(missing) & set(left)) or left}, "
-                              f"unexpected {unexpected})")
+        raise CheckpointError(f"{where}: weights do not fit the model "
+                              f"(missing {sorted(set(missing) & set(left)) or left}, unexpected {unexpected})")
 
 
 def load_quantized(stage_dir, device="cpu") -> tuple[GPT, dict]:
     """-> (the quantized GPT of a stage written by ``save_quantized``, its config.json)."""
     weights, info, _ = load_checkpoint(stage_dir, lazy=True)
     if not info.get("quantized"):
-        raise CheckpointError(f"{stage_dir}: not a quantized stage (quantize it: chatfactory quantize --run … --stage …)")
+        raise CheckpointError(f"{stage_dir}: not a quantized stage "
+                              "(quantize it: chatfactory quantize --run … --stage …)")
     return stage_model(info, stage_dir, weights, device), info
 
 
@@ -172,8 +175,8 @@ def inference(quantize: str | None = None):
         have = info["quantized"]
         if bits and (have.get("bits") != bits or group not in (None, have.get("group"))):
             g = "" if have.get("bits") == 8 else f" (groups of {have.get('group')})"
-            raise ValueError(f"{where} is an {have.get('scheme')} stage already{g}: --quantize {quantize} cannot requantize it "
-                             f"(drop --quantize, or quantize the full-precision stage)")
+            raise ValueError(f"{where} is an {have.get('scheme')} stage already{g}: --quantize {quantize} "
+                             f"cannot requantize it (drop --quantize, or quantize the full-precision stage)")
         return stage_model(info, where, weights, device)
 
     quantized_loader = load

@@ -18,8 +18,9 @@ rendered exactly as ``transformers`` renders it — see chat_template.py)::
     ids, mask = tok.render_chat(messages)       # mask 1 on assistant text and its <|end|> only
     prompt = tok.chat_prompt(messages)           # ... <|user|> text <|end|> <|assistant|>  (generate from here)
 
-Generation stops at ``<|end|>`` (``end_id``; ``stop_ids`` adds the other control tokens). A conversation is a list of ``{"role": "system"|"user"|"assistant",
-"content": str}``; a system message may appear only first.
+Generation stops at ``<|end|>`` (``end_id``; ``stop_ids`` adds the other control tokens). A conversation
+is a list of ``{"role": "system"|"user"|"assistant", "content": str}``; a system message may appear only
+first.
 
 A reply streamed token by token goes through ``TextStream`` (the terminal chat, the HTTP API and so the
 web UI): byte-level BPE splits a Chinese character or an emoji across tokens, and a delta must never
@@ -83,7 +84,8 @@ class Tokenizer:
                 if not isinstance(t, str) or hf.token_to_id(t) is None:
                     raise ValueError(f"chat template's {k}_token {t!r} is not a token of this tokenizer")
             if names["pad"] == names["eos"]:
-                raise ValueError(f"pad_token equals the end token {names['eos']!r}: a model trained so never learns to stop")
+                raise ValueError(f"pad_token equals the end token {names['eos']!r}: "
+                                 "a model trained so never learns to stop")
             self.add_bos, source = bool(chat.get("add_bos_token", False)), chat.get("chat_template")
             if not isinstance(source, str) or not source.strip():
                 raise ValueError("an imported chat model needs its chat_template (Jinja source)")
@@ -238,7 +240,8 @@ class TextStream:
     def add(self, ids) -> str:
         """One id or a list of ids -> the characters they complete ('' while one is still open)."""
         if self.tok is None:
-            raise TypeError("TextStream.add needs the tokenizer that made the ids: TextStream(tok) (add_bytes takes raw bytes)")
+            raise TypeError("TextStream.add needs the tokenizer that made the ids: TextStream(tok) "
+                            "(add_bytes takes raw bytes)")
         return self.add_bytes(self.tok.decode_bytes([ids] if isinstance(ids, int) else ids))
 
     def add_bytes(self, data: bytes) -> str:

@@ -65,7 +65,8 @@ class DPOStage(PairStage):
 
     def implicit_rewards(self, model, batch):
         """-> (loss, (B,) chosen rewards, (B,) rejected rewards) of one batch of pairs."""
-        return dpo_loss(answer_logps(model, batch["idx"], batch["answer_mask"]), self._ref_logps(batch), self.settings.beta)
+        return dpo_loss(answer_logps(model, batch["idx"], batch["answer_mask"]), self._ref_logps(batch),
+                        self.settings.beta)
 
     def loss(self, model, batch):
         return self.implicit_rewards(model, batch)[0]
@@ -86,10 +87,12 @@ def build_dpo(cfg: Config, run_dir):
     if lora and not settings.ref_from:
         reference = policy  # run with its adapters off: the init model itself, no second copy of it
     else:
-        ref_dir = resolve_stage(run_dir, settings.ref_from or settings.init_from, "dpo.ref_from" if settings.ref_from else "dpo.init_from")
+        ref_dir = resolve_stage(run_dir, settings.ref_from or settings.init_from,
+                                "dpo.ref_from" if settings.ref_from else "dpo.init_from")
         reference, _ = load_model(ref_dir, device=inputs.dist.device)
         if reference.cfg != policy.cfg:
-            raise ValueError(f"dpo: the reference ({settings.ref_from}) and the policy ({settings.init_from}) have different model shapes")
+            raise ValueError(f"dpo: the reference ({settings.ref_from}) and the policy ({settings.init_from}) "
+                             "have different model shapes")
         frozen(reference)
     stage = DPOStage(inputs, reference, policy.cfg.to_dict())
     if lora:

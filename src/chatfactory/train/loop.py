@@ -277,8 +277,10 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
                                   f"(it holds final weights only; use a new output directory)")
         if saved_cfg.get("lora") != stage.info.get("lora"):
             raise CheckpointError(f"{stage_dir}: trained with lora={saved_cfg.get('lora')}, but this run asks for "
-                                  f"lora={stage.info.get('lora')} (resume with the same lora settings, or use a new output directory)")
-        stage.restore_weights(model, {k: v.to(home) for k, v in weights.items()}, state, str(stage_dir / "model.safetensors"))
+                                  f"lora={stage.info.get('lora')} (resume with the same lora settings, "
+                                  f"or use a new output directory)")
+        stage.restore_weights(model, {k: v.to(home) for k, v in weights.items()}, state,
+                              str(stage_dir / "model.safetensors"))
         del weights  # a whole copy of the model: not kept for the run
         saved_opt, start, elapsed = state.pop("optimizer"), int(state["step"]), float(state.get("elapsed", 0.0))
         metrics.truncate_after(start)
@@ -300,7 +302,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     elif cfg.compile:
         model = torch.compile(model)
     if d.world > 1 and not fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     # made after sharding: FSDP2 replaces each parameter with its shard
     opt = make_optimizer(raw_model, cfg, d.device)
     if saved_opt is not None:
@@ -308,19 +311,21 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         saved_opt = None  # the whole optimizer state (twice the model) is not kept for the run either
     autocast = autocast_for(d, cfg.dtype)
 
-    flops_tok = raw_model.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw_model, "flops_per_token") else 0
+    flops_tok = (raw_model.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw_model, "flops_per_token")
+                 else 0)
     peak = float(all_reduce_sum(torch.tensor(peak_flops(d.device, cfg.dtype), dtype=torch.float64)))
     last: dict = {}
 
     def checkpoint(step: int) -> None:
         if fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps the result
-            weights, extra, opt_state = memory.full_weights(raw_model, d.main), {}, memory.full_optimizer_state(opt, d.main)
+            weights, extra, opt_state = (memory.full_weights(raw_model, d.main), {},
+                                         memory.full_optimizer_state(opt, d.main))
         elif d.main:
             (weights, extra), opt_state = stage.checkpoint_weights(raw_model), opt.state_dict()
         if d.main:
             state = {"optimizer": opt_state, "elapsed": elapsed, **extra}
-            info = {"stage": stage.name, "model": stage.model_config, "finished": step >= cfg.steps and not stage.finishes_itself,
-                    **stage.info}
+            info = {"stage": stage.name, "model": stage.model_config,
+                    "finished": step >= cfg.steps and not stage.finishes_itself, **stage.info}
             save_checkpoint(stage_dir, weights, info, state, step)
         if d.world > 1:
             dist.barrier()
@@ -336,7 +341,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
             if d.main and not cfg.progress:
                 print(f"[{stage.name}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, disable=not (d.main and cfg.progress), dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, disable=not (d.main and cfg.progress),
+               dynamic_ncols=True)
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -350,17 +356,20 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
             batch = _to(stage.micro_batch(step, micro, d.rank, d.world), d.device)
             # DDP all-reduces only the last micro-batch's gradients; FSDP reduce-scatters each one (its
             # gradients stay sharded, which is the memory it saves)
-            sync = model.no_sync() if (d.world > 1 and not fsdp and micro < cfg.grad_accum - 1) else contextlib.nullcontext()
+            sync = (model.no_sync() if (d.world > 1 and not fsdp and micro < cfg.grad_accum - 1)
+                    else contextlib.nullcontext())
             with sync:
                 with autocast:
                     loss = stage.loss(model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             n_tok += stage.token_count(batch)
-        grad_norm = memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else torch.zeros(())
+        grad_norm = (memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip))
+                     if cfg.grad_clip > 0 else torch.zeros(()))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stats = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum, torch.tensor(float(n_tok), device=d.device)]).float())
+        stats = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum,
+                                            torch.tensor(float(n_tok), device=d.device)]).float())
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
         dt = time.perf_counter() - t0

@@ -69,7 +69,8 @@ def pair_inputs(run_dir, settings: PairTrainConfig, name: str) -> PairInputs:
     train_pairs, val_pairs, skipped = pair_data(settings, tok)
     gpt, _ = load_model(init_dir)
     if settings.seq_len > gpt.cfg.block_size:
-        raise ValueError(f"{name}.seq_len={settings.seq_len} exceeds the model's block_size={gpt.cfg.block_size} ({init_dir})")
+        raise ValueError(f"{name}.seq_len={settings.seq_len} exceeds the model's block_size={gpt.cfg.block_size} "
+                         f"({init_dir})")
     return PairInputs(settings, d, init_dir, tok, train_pairs, val_pairs, skipped, gpt)
 
 
@@ -87,7 +88,8 @@ class PairStage(Stage):
     val_names: tuple[str, ...] = ()
 
     def __init__(self, inputs: PairInputs, model_config: dict):
-        self.settings, self.val, self.pad_id, self.model_config = inputs.settings, inputs.val, inputs.tok.pad_id, model_config
+        self.settings, self.val, self.pad_id, self.model_config = (inputs.settings, inputs.val, inputs.tok.pad_id,
+                                                                   model_config)
         self.seq_len = self.settings.seq_len
         self.batches = PairBatches(inputs.train, self.settings.batch_size, self.settings.seed, self.pad_id)
 
@@ -112,7 +114,8 @@ class PairStage(Stage):
         total = torch.zeros(len(self.val_names) + 1, dtype=torch.float64, device=d.device)  # the metrics' sums, pairs
         for chunk in val_chunks(self.val, self.settings.batch_size, self.settings.eval_batches, d.rank, d.world):
             values = self.val_values(model, {k: v.to(d.device) for k, v in collate(chunk, self.pad_id).items()})
-            total += torch.stack([values[k].double().sum() for k in self.val_names] + [total.new_tensor(float(len(chunk)))])
+            total += torch.stack([values[k].double().sum() for k in self.val_names]
+                                 + [total.new_tensor(float(len(chunk)))])
         total = all_reduce_sum(total)
         pairs = max(1.0, total[-1].item())
         return {k: v / pairs for k, v in zip(self.val_names, total.tolist())}

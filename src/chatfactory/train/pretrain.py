@@ -30,7 +30,8 @@ def ensure_tokenizer(cfg: Config, run_dir, d: Dist | None = None) -> Tokenizer:
     if not path.exists() and (d is None or d.main):
         tc = cfg.tokenizer
         capped = dataclasses.replace(cfg.data, max_chars=min(cfg.data.max_chars or tc.train_chars, tc.train_chars))
-        print(f"training a {tc.vocab_size}-token byte-level BPE on up to {capped.max_chars:,} characters of {cfg.data.source}")
+        print(f"training a {tc.vocab_size}-token byte-level BPE on up to {capped.max_chars:,} characters of "
+              f"{cfg.data.source}")
         Tokenizer.train(iter_texts(capped), tc.vocab_size, tc.min_frequency).save(path)
     _barrier(d)
     return Tokenizer.load(path)
@@ -71,7 +72,8 @@ class PretrainStage(Stage):
         n_windows = self.tc.eval_batches * self.tc.batch_size * self.tc.grad_accum * d.world
         for x, y in val_batches(self.val, self.seq_len, self.tc.batch_size, n_windows, d.rank, d.world):
             logits = model(x.to(d.device))
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(d.device).flatten(), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(d.device).flatten(),
+                                                     reduction="sum")
             nll += loss.double().cpu()
             n_tok += y.numel()
             n_bytes += self.token_bytes[y].sum()
@@ -89,7 +91,8 @@ def run_pretrain(cfg: Config, run_dir) -> dict:
     tok = ensure_tokenizer(cfg, run_dir, d)
     if d.main:
         meta = build_shards(iter_texts(cfg.data), tok, run_dir / "data", cfg.data, progress=cfg.pretrain.progress)
-        print(f"data: {sum(f['tokens'] for f in meta['train']):,} train tokens, {meta['val']['tokens']:,} validation tokens")
+        print(f"data: {sum(f['tokens'] for f in meta['train']):,} train tokens, "
+              f"{meta['val']['tokens']:,} validation tokens")
     _barrier(d)
     mcfg = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
     if cfg.pretrain.seq_len > mcfg.block_size:
@@ -98,7 +101,8 @@ def run_pretrain(cfg: Config, run_dir) -> dict:
     model = GPT(mcfg)
     if d.main:
         print(f"model: {mcfg.flavour}, depth {mcfg.depth}, width {mcfg.n_embd}, {mcfg.n_head} heads, "
-              f"{model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token(cfg.pretrain.seq_len) / 1e6:.1f} MFLOP/token")
+              f"{model.num_params() / 1e6:.2f}M parameters, "
+              f"{model.flops_per_token(cfg.pretrain.seq_len) / 1e6:.1f} MFLOP/token")
     stage = PretrainStage(cfg, run_dir / "data", tok, mcfg.to_dict())
     result = train(stage, model, cfg.pretrain, run_dir / "pretrain", d)
     if d.world > 1:

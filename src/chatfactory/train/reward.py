@@ -3,10 +3,10 @@
 The GPT backbone (initialised from SFT) without its LM head, plus a linear head from the final-normed
 hidden state to one number, read at the last real token of prompt + answer. Trained with the
 Bradley–Terry loss −log σ(r_chosen − r_rejected) for one epoch by default; its evaluation is the
-held-out pairwise accuracy (data, batches and accuracy shared with DPO: train/pairs.py). After training, the head's bias is shifted so that the answers of a sample
-of training pairs score 0 on average: rewards then read as "better / worse than a typical answer",
-which keeps PPO's reward scale centred. With LoRA (train/lora.py) the backbone is frozen under
-adapters and the head trains whole.
+held-out pairwise accuracy (data, batches and accuracy shared with DPO: train/pairs.py). After training,
+the head's bias is shifted so that the answers of a sample of training pairs score 0 on average: rewards
+then read as "better / worse than a typical answer", which keeps PPO's reward scale centred. With LoRA
+(train/lora.py) the backbone is frozen under adapters and the head trains whole.
 
     chatfactory reward --config tiny --out runs/NAME reward.data=comparisons.jsonl
     rm = load_reward_model("runs/NAME/reward"); r = rm.score(idx, last_index)   # (B,)

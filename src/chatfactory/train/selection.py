@@ -43,7 +43,8 @@ class BestIteration:
         self.curve[iteration] = gold
         if self.best is None or gold > self.best["gold"]:
             trainable = {n for n, p in policy.named_parameters() if p.requires_grad}  # LoRA: the adapters only
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in unique_state_dict(policy).items() if k in trainable}
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in unique_state_dict(policy).items()
+                       if k in trainable}
             self.best = {"iteration": iteration, "gold": gold, "weights": weights}
 
     def state(self) -> dict:

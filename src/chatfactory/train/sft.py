@@ -207,7 +207,8 @@ def run_sft(cfg: Config, run_dir) -> dict:
     tok = Tokenizer.load(tok_path)
     model, _ = load_model(src)
     if model.cfg.vocab_size < tok.vocab_size:
-        raise CheckpointError(f"{src}: model vocabulary ({model.cfg.vocab_size}) is smaller than {tok_path} ({tok.vocab_size})")
+        raise CheckpointError(f"{src}: model vocabulary ({model.cfg.vocab_size}) is smaller than "
+                              f"{tok_path} ({tok.vocab_size})")
     if tc.seq_len > model.cfg.block_size:
         raise ValueError(f"sft.seq_len={tc.seq_len} exceeds the model's block_size={model.cfg.block_size}")
 
