@@ -260,7 +260,9 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
     pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity")  # lm-eval's API models need it
     from chatfactory.eval.fewshot import lm_eval_task_yaml
-    from chatfactory.serve.api import ServerThread, create_app, load_service
+    from chatfactory.serve.api import create_app
+    from chatfactory.serve.server import ServerThread
+    from chatfactory.serve.service import load_service
     from chatfactory.store.load import load_model
 
     run = pattern_run / "run"

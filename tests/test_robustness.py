@@ -8,7 +8,9 @@ from test_serve import make_run, post
 from chatfactory.inference.batching import Request, Scheduler
 from chatfactory.inference.engine import Engine, SamplingError, SamplingParams, sample_next, sample_probs
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.serve.api import ServerThread, Service, create_app, load_service
+from chatfactory.serve.api import create_app
+from chatfactory.serve.server import ServerThread
+from chatfactory.serve.service import Service, load_service
 
 
 def tiny_model(vocab=97):

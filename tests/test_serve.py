@@ -16,8 +16,10 @@ import torch
 from chatfactory.inference.batching import Request, Scheduler
 from chatfactory.inference.engine import Engine, SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.serve.api import ServerThread, Service, create_app, load_service
+from chatfactory.serve.api import create_app
 from chatfactory.serve.protocol import Detokenizer
+from chatfactory.serve.server import ServerThread
+from chatfactory.serve.service import Service, load_service
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.text.tokenizer import Tokenizer
 from conftest import cli_cmd

@@ -15,7 +15,9 @@ from chatfactory.inference.batching import QueueFull, Request, Scheduler
 from chatfactory.inference.engine import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve import feedback as feedback_mod
-from chatfactory.serve.api import ServerThread, Service, create_app, load_service
+from chatfactory.serve.api import create_app
+from chatfactory.serve.server import ServerThread
+from chatfactory.serve.service import Service, load_service
 
 openai = pytest.importorskip("openai")
 CONV = [{"role": "user", "content": "Say hi"}]

@@ -8,7 +8,9 @@ import pytest
 from fastapi.routing import APIRoute
 from test_serve import make_run, post
 
-from chatfactory.serve.api import ServerThread, create_app, load_service
+from chatfactory.serve.api import create_app
+from chatfactory.serve.server import ServerThread
+from chatfactory.serve.service import load_service
 
 
 @pytest.fixture(scope="module")

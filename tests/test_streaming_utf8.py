@@ -370,7 +370,9 @@ def chat_in_browser(browser, url: str, model: str) -> tuple[str, list[str]]:
 
 
 def test_web_ui_never_shows_a_broken_character(browser, echo_run):
-    from chatfactory.serve.api import ServerThread, create_app, load_service
+    from chatfactory.serve.api import create_app
+    from chatfactory.serve.server import ServerThread
+    from chatfactory.serve.service import load_service
 
     root, tok, ids = echo_run
     svc = load_service(root, "sft", slots=2)

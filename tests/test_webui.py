@@ -19,7 +19,9 @@ import pytest
 from test_serve import make_run, serve_subprocess
 
 from chatfactory.inference.batching import Step
-from chatfactory.serve.api import ServerThread, Service, create_app, load_service
+from chatfactory.serve.api import create_app
+from chatfactory.serve.server import ServerThread
+from chatfactory.serve.service import Service, load_service
 
 pytest.importorskip("playwright.sync_api",
                     reason="the playwright Python package is not installed")  # the module needs it

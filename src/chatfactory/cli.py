@@ -210,7 +210,7 @@ def cmd_eval(a):
 
 
 def cmd_serve(a):
-    from .serve.api import serve
+    from .serve.server import serve
 
     with _inference(a):
         serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin)

@@ -27,8 +27,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import socket
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -66,7 +64,7 @@ from .responses import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from .service import Service, load_service
+from .service import Service
 
 # ---------------------------------------------------------------- the app
 
@@ -115,7 +113,8 @@ def create_app(svc: Service, allow_origins=()):
             raise APIError(400, "the JSON body must be an object", code="invalid_json")
         model = body.get("model")
         if model is not None and model != svc.name:
-            raise APIError(404, f"The model {model!r} does not exist; this server serves {svc.name!r}.", "model", "model_not_found")
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {svc.name!r}.", "model",
+                           "model_not_found")
         return body
 
     def submit(prompt: list[int], params: SamplingParams, choice: Choice, queue: asyncio.Queue, logprobs=None):
@@ -140,8 +139,9 @@ def create_app(svc: Service, allow_origins=()):
                     c = Choice(len(choices), svc.tok, s["stop"], svc.stop_ids)
                     choices.append(c)
                     seed = None if s["seed"] is None else s["seed"] + j  # n samples must differ
-                    p = SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                       repetition_penalty=s["repetition_penalty"], seed=seed, stop_ids=svc.stop_ids)
+                    p = SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_k=s["top_k"],
+                                       top_p=s["top_p"], repetition_penalty=s["repetition_penalty"], seed=seed,
+                                       stop_ids=svc.stop_ids)
                     submit(prompt, p, c, queue, logprobs)
         except BaseException:  # any failure: siblings already started would generate for no reader
             cancel(choices)
@@ -263,7 +263,8 @@ def create_app(svc: Service, allow_origins=()):
                         if text or (c.finish and any(t not in svc.stop_ids for t, _, _ in new)):
                             lp_sent[c.index] = len(c.logprobs)
                             yield sse({**head, "choices": [{"index": c.index, "delta": {"content": text},
-                                                            "logprobs": chat_logprobs(new, top_lp), "finish_reason": None}]})
+                                                            "logprobs": chat_logprobs(new, top_lp),
+                                                            "finish_reason": None}]})
                     else:
                         # tokens that arrived together leave as one chunk per answer: when the server
                         # falls behind, it sends fewer, bigger events instead of falling further behind
@@ -271,7 +272,8 @@ def create_app(svc: Service, allow_origins=()):
                             pending[c.index] = pending.get(c.index, "") + text
                         if c.finish or queue.empty():
                             for i, t in pending.items():
-                                yield sse({**head, "choices": [{"index": i, "delta": {"content": t}, "logprobs": None, "finish_reason": None}]})
+                                yield sse({**head, "choices": [{"index": i, "delta": {"content": t}, "logprobs": None,
+                                                                "finish_reason": None}]})
                             pending.clear()
                     if c.finish:
                         yield sse({**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
@@ -335,7 +337,8 @@ def create_app(svc: Service, allow_origins=()):
         if max_tokens > 0:
             choices, queue = start(feed, s, max_tokens, logprobs=logprobs)
         else:
-            choices = [Choice(i * s["n"] + j, svc.tok, [], svc.stop_ids) for i in range(len(feed)) for j in range(s["n"])]
+            choices = [Choice(i * s["n"] + j, svc.tok, [], svc.stop_ids)
+                       for i in range(len(feed)) for j in range(s["n"])]
             for c in choices:
                 c.finish = "length"
             queue = None
@@ -353,8 +356,9 @@ def create_app(svc: Service, allow_origins=()):
                                 for i, t in pending.items():
                                     done = choices[i].finish  # choices[i].index == i
                                     if t or done:
+                                        why = finish_reason(choices[i]) if done else None
                                         yield sse({**head, "choices": [{"index": i, "text": t, "logprobs": None,
-                                                                        "finish_reason": finish_reason(choices[i]) if done else None}]})
+                                                                        "finish_reason": why}]})
                                 pending.clear()
                 except APIError as e:
                     yield sse(e.body())
@@ -463,48 +467,3 @@ def create_app(svc: Service, allow_origins=()):
 
     app.openapi = openapi
     return app
-
-
-# ---------------------------------------------------------------- running it
-
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1 and a free port, in a background thread (tests, notebooks).
-
-        with ServerThread(create_app(svc)) as url:  # "http://127.0.0.1:PORT"
-            ..."""
-
-    def __init__(self, app, host: str = "127.0.0.1"):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.time() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
-def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16, device="auto", allow_origin=()) -> None:
-    """``chatfactory serve``: load the run and serve it until interrupted (``allow_origin``: serve/guard.py)."""
-    import uvicorn
-
-    svc = load_service(run_dir, stage, api_key, slots, device)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
-    where = next(svc.model.parameters()).device
-    print(f"serving {svc.name} at http://{host}:{port}/  (API: http://{host}:{port}/v1, {slots} batch slots, {where})", flush=True)
-    uvicorn.run(create_app(svc, allow_origin), host=host, port=port, log_level="warning")
