@@ -2,12 +2,13 @@
 tiny preset, its report, resume by skipping finished stages, what it does when a stage is missing, and
 the report's account of what the dev split chose."""
 
+import dataclasses
 import json
 import subprocess
 
 import pytest
 
-from chatfactory import pipeline
+from chatfactory import pipeline, stages
 from chatfactory.config import load_config
 from chatfactory.store.checkpoint import stage_finished
 from chatfactory.store.files import CheckpointError
@@ -114,9 +115,10 @@ def test_tiny_pipeline_end_to_end_and_resume(tmp_path):
 
 def test_missing_stage_is_reported_not_faked(tmp_path, monkeypatch):
     """A stage whose module is absent is marked "not run: … not available" and gets no numbers."""
-    monkeypatch.setitem(pipeline.TRAIN_STAGES, "ppo", ("chatfactory.train.no_such_ppo", "run_ppo"))
-    with pytest.raises(pipeline.NotAvailable, match="ppo not available"):
-        pipeline.entry_point("ppo")
+    missing = dataclasses.replace(stages.BY_NAME["ppo"], entry="chatfactory.train.no_such_ppo:run_ppo")
+    monkeypatch.setitem(stages.BY_NAME, "ppo", missing)
+    with pytest.raises(stages.NotAvailable, match="ppo not available"):
+        stages.entry_point("ppo")
     from chatfactory.eval.report import build_json, write_markdown
 
     ledger = {"stages": {"ppo": {"status": "not run: ppo not available", "seconds": 0.0}}}
@@ -130,7 +132,7 @@ def test_missing_stage_is_reported_not_faked(tmp_path, monkeypatch):
 def test_the_report_states_what_dev_chose(tmp_path):
     """A stage that chose something on the dev split returns a ``dev_choice`` in its result (kept in
     pipeline.json); report.json lists it under "dev" and report.md says it in a line."""
-    from chatfactory.eval.heldout import choose_on_dev
+    from chatfactory.train.selection import choose_on_dev
     from chatfactory.eval.report import build_json, write_markdown
 
     (tmp_path / "tasks").mkdir()

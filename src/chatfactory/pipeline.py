@@ -28,47 +28,18 @@ across restarts in RUN/pipeline.json. A stage whose module is not in this checko
 """
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
 
 from .config import Config, save_config
 from .data.tasks import prompt_text, write_task_files
-from .eval.heldout import POLICIES, dev_scores, evaluate_all, read_rows, reward_accuracy
+from .eval.heldout import dev_scores, evaluate_all, read_rows, reward_accuracy
 from .eval.report import write_report
+from .stages import STAGES, NotAvailable, entry_point, names, policies
 from .store.checkpoint import has_checkpoint, stage_finished
 from .store.files import atomic_write_text
 from .text.tokenizer import Tokenizer
-
-# stage -> (module, entry point); run in this order
-TRAIN_STAGES = {
-    "pretrain": ("chatfactory.train.pretrain", "run_pretrain"),
-    "sft": ("chatfactory.train.sft", "run_sft"),
-    "comparisons": ("chatfactory.data.comparisons", "run_comparisons"),
-    "reward": ("chatfactory.train.reward", "run_reward"),
-    "ppo": ("chatfactory.train.ppo", "run_ppo"),
-    "dpo": ("chatfactory.train.dpo", "run_dpo"),
-    "grpo": ("chatfactory.train.grpo", "run_grpo"),
-    "rloo": ("chatfactory.train.rloo", "run_rloo"),
-}
-
-
-class NotAvailable(Exception):
-    """A stage's module is not part of this checkout."""
-
-
-def entry_point(stage: str):
-    module, fn = TRAIN_STAGES[stage]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            raise NotAvailable(f"{stage} not available ({module} is not in this checkout)") from None
-        raise
-    if not hasattr(mod, fn):
-        raise NotAvailable(f"{stage} not available ({module} has no {fn})")
-    return getattr(mod, fn)
 
 
 class Ledger:
@@ -94,7 +65,7 @@ def _use_tasks(cfg: Config, paths: dict) -> None:
     """Point the stages' data at the task files (only what the config leaves at "tasks")."""
     if cfg.pipeline.tasks:
         cfg.sft.data = str(paths["sft"])
-        for section in ("ppo", "grpo", "rloo"):
+        for section in names(method="rl"):
             sec = getattr(cfg, section, None)
             if sec is None:
                 continue
@@ -116,9 +87,9 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     settings = cfg.pipeline
     ledger = Ledger(run_dir / "pipeline.json")
     wanted = [s.strip() for s in settings.stages.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in TRAIN_STAGES]
+    unknown = [s for s in wanted if s not in names()]
     if unknown:
-        raise ValueError(f"pipeline.stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(TRAIN_STAGES)})")
+        raise ValueError(f"pipeline.stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(names())})")
 
     t0 = time.perf_counter()
     tdir = run_dir / "tasks"
@@ -131,7 +102,8 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     ledger.update("tasks", status="done", rows={k: _count_lines(p) for k, p in paths.items() if p.exists()})
     ledger.add_time("tasks", time.perf_counter() - t0)
 
-    for stage in TRAIN_STAGES:
+    for spec in STAGES:
+        stage = spec.name
         if stage not in wanted:
             ledger.update(stage, status="not run: not in pipeline.stages")
             continue
@@ -150,8 +122,8 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
             if ledger.get(stage).get("status") != "done":
                 ledger.update(stage, status="done")
             continue
-        if stage != "pretrain" and stage != "comparisons" and _init_missing(cfg, run_dir, stage):
-            ledger.update(stage, status=f"not run: {_init_missing(cfg, run_dir, stage)}")
+        if spec.level > 0 and spec.kind != "data" and _init_missing(cfg, run_dir, spec):
+            ledger.update(stage, status=f"not run: {_init_missing(cfg, run_dir, spec)}")
             log(f"[run] {stage}: {ledger.get(stage)['status']}")
             continue
         log(f"[run] {stage} ...")
@@ -178,7 +150,7 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         ledger.update(stage, status="done", result=_jsonable(res))
 
     t = time.perf_counter()
-    evaluated = [s for s in ("pretrain",) + POLICIES if stage_finished(run_dir / s)]
+    evaluated = [s for s in policies() if stage_finished(run_dir / s)]
     evals = evaluate_all(cfg, run_dir, paths, evaluated, log)
     if (stage_finished(run_dir / "reward") and paths["comparisons_heldout"].exists()
             and (run_dir / "tokenizer.json").exists()):
@@ -207,15 +179,16 @@ def import_base(cfg: Config, run_dir: Path) -> dict:
     return {k: res.get(k) for k in ("source", "params", "vocab_size", "quantization", "chat_template")}
 
 
-def _init_missing(cfg: Config, run_dir: Path, stage: str) -> str:
-    """Why a stage cannot start ("" if it can): the stage it starts from has no weights."""
-    sec = getattr(cfg, stage, None)
+def _init_missing(cfg: Config, run_dir: Path, spec) -> str:
+    """Why a stage cannot start ("" if it can): the stage it starts from has no weights, or no comparisons
+    to train on."""
+    sec = getattr(cfg, spec.name, None)
     if sec is None:
         return ""
-    if stage in ("reward", "dpo") and not sec.data and not (run_dir / "comparisons.jsonl").exists():
+    if spec.method in ("pairs", "dpo") and not sec.data and not (run_dir / "comparisons.jsonl").exists():
         return "no comparisons to train on"
     needs = [getattr(sec, "init_from", "")]
-    if stage in ("ppo", "grpo", "rloo") and sec.reward == "reward":
+    if spec.method == "rl" and sec.reward == "reward":
         needs.append("reward")
     for src in filter(None, needs):
         if not (has_checkpoint(Path(src).expanduser()) or has_checkpoint(run_dir / src)):

@@ -18,13 +18,11 @@ import json
 import math
 from pathlib import Path
 
+from ..stages import BY_NAME, STAGES, names, policies
 from ..store.files import atomic_write_text
 from ..text.tokenizer import Tokenizer
 from ..train.loop import read_metrics
-from .heldout import POLICIES, chars_per_token, read_rows
-
-RL_STAGES = ("ppo", "grpo", "rloo")  # stages with an RL curve (plots/rl.png) and a gold curve on dev
-OPTIONAL = ("grpo", "rloo")  # left out of the tables when the pipeline did not ask for them
+from .heldout import chars_per_token, read_rows
 
 BARS = {  # the issue's bars, checked in the report (on >= 200 held-out prompts)
     "sft_beats_base": "SFT held-out accuracy > base model's",
@@ -161,14 +159,14 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
                   own_sample_accuracy=full["own_sample_accuracy"], own_sample_pairs=full["own_sample_pairs"])
     rep["reward"] = rw
 
-    for s in POLICIES[1:]:  # the aligned policies
+    for s in policies(after=1):  # the aligned policies
         sec = base_section(s)
         m = read_metrics(run_dir / s / "metrics.jsonl")
-        if s in RL_STAGES:
+        if s in names(method="rl"):  # an RL curve and a gold curve on dev
             sec.update(train_kl=last_with(m, "kl"), train_score=last_with(m, "score"), train_gold=last_with(m, "gold"))
         rep[s] = sec
 
-    for s in POLICIES:
+    for s in policies(after=0):
         e = evals.get(s)
         if not e:
             rep[s].setdefault("heldout_accuracy", None)
@@ -343,9 +341,9 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         "rloo": f"win rate vs SFT {_fmt(rep['rloo'].get('win_rate_vs_sft'))} "
                 f"at KL {_fmt(rep['rloo'].get('kl'), 2)} nats",
     }
-    for s in ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo", "grpo", "rloo"):
+    for s in names():
         sec = rep[s]
-        if s in OPTIONAL and sec["status"].startswith("not run: not in"):
+        if _left_out(s, sec):
             continue
         done = sec["status"] == "done"
         L.append(f"| {s} | {sec['status']} | {_fmt(sec.get('seconds'), 1)} | "
@@ -361,7 +359,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
           "Accuracy: the reply holds the right answer. Win rate: the policy's reply scores higher than SFT's on "
           "the same prompt (ties count half). KL: mean over replies of log π(reply) − log π_SFT(reply), nats.", "",
           "| policy | accuracy | gold score | win rate vs SFT | KL vs SFT | mean words |", "|---|---|---|---|---|---|"]
-    for s in ("pretrain",) + POLICIES:
+    for s in policies():
         e = evals.get(s)
         if not e:
             continue
@@ -425,9 +423,9 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
           + (f" on {rw['heldout_pairs']:,} held-out pairs; {_fmt(rw.get('own_sample_accuracy'))} on the "
              f"{rw['own_sample_pairs']:,} between the SFT policy's own samples" if rw.get("heldout_pairs") else "")
           + f" (mean margin {_fmt(rw.get('val_margin'))} on the sample evaluated in training).", ""]
-    for s in POLICIES[1:]:
+    for s in policies(after=1):
         sec = rep[s]
-        if s in OPTIONAL and sec["status"].startswith("not run: not in"):
+        if _left_out(s, sec):
             continue
         L += [f"## {s.upper()}", ""]
         if sec["status"] != "done":
@@ -444,6 +442,12 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
     return "\n".join(L)
 
 
+def _left_out(stage: str, sec: dict) -> bool:
+    """A stage `chatfactory run` runs only on request (stages.py: in_run false) that the pipeline did not ask for
+    stays out of the tables."""
+    return not BY_NAME[stage].in_run and sec["status"].startswith("not run: not in")
+
+
 def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
     """Write report.md, report.json and the plots; return report.json's content."""
     from ..data.rubric import RUBRIC
@@ -455,8 +459,9 @@ def write_report(cfg, run_dir, ledger: dict, evals: dict) -> dict:
         rep["eval"].update(temperature=settings.eval_temperature, max_tokens=settings.eval_max_tokens)
     if getattr(cfg, "comparisons", None) is not None:
         rep["comparisons"].update(k=cfg.comparisons.k, mismatched=cfg.comparisons.mismatched)
-    plots = {"losses": plot_losses(run_dir, ["pretrain", "sft", "reward", "dpo"])}
-    for s in RL_STAGES:
+    trained = [s.name for s in STAGES if s.kind != "data" and s.method != "rl"]
+    plots = {"losses": plot_losses(run_dir, trained)}
+    for s in names(method="rl"):
         plots[s] = plot_rl(run_dir, s)
     samples = getattr(settings, "samples", 4)
     atomic_write_text(run_dir / "report.md", write_markdown(run_dir, rep, evals, plots, samples, RUBRIC))

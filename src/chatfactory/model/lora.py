@@ -47,9 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..stages import names
+
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 GROUPS = {"attn": TARGETS[:2], "mlp": TARGETS[2:], "all": TARGETS}
-STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "rloo")
 
 
 class LoRALinear(nn.Linear):
@@ -99,10 +100,10 @@ def lora_settings(cfg, stage: str) -> dict | None:
     if lc.rank < 0:
         raise ValueError(f"lora.rank must be >= 0 (0 = off), got {lc.rank}")
     stages = [s.strip() for s in lc.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in names(lora=True)]
     if unknown:
         raise ValueError(f"lora.stages: unknown stage(s) {', '.join(map(repr, unknown))} "
-                         f"(LoRA serves {', '.join(STAGES)})")
+                         f"(LoRA serves {', '.join(names(lora=True))})")
     if lc.rank == 0 or stage not in stages:
         return None
     if lc.alpha <= 0:
