@@ -4,6 +4,7 @@ import torch
 
 from chatfactory.inference.decode_step import DecodeStep
 from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.kv_cache import KVCache
 from chatfactory.model.gpt import GPT, GPTConfig
 
 
@@ -54,7 +55,7 @@ def test_kv_cache_decoding_equals_full_recompute_at_every_step(engine):
     torch.manual_seed(1)
     for prompt_len in (1, 7):
         seq = torch.randint(0, 97, (2, prompt_len))
-        cache = model.new_cache(2, 40)
+        cache = KVCache.for_model(model, 2, 40)
         with torch.no_grad():
             step_logits = model(seq, cache=cache)[:, -1]
             for _ in range(12):

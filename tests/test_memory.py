@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from chatfactory.config import TrainConfig
+from chatfactory.inference.kv_cache import KVCache
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.train import memory
 from chatfactory.train.loop import Dist, Stage, autocast_for, train, use_fsdp
@@ -73,11 +74,11 @@ def test_checkpointed_blocks_leave_generation_alone():
     outs = []
     for m in (plain, ckpt):
         m.eval()
-        cache = m.new_cache(2, 16)
+        cache = KVCache.for_model(m, 2, 16)
         with torch.no_grad():
             first = m(x, cache=cache)
             step = m(x[:, -1:], cache=cache)
-        outs.append((first, step, cache.pos))
+        outs.append((first, step, cache.length))
     assert (torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
             and outs[0][2] == outs[1][2] == 11)
     assert memory.checkpoint_blocks(ckpt) == 0  # already wrapped: nothing wrapped twice

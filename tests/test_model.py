@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from chatfactory.formats.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from chatfactory.inference.kv_cache import KVCache
 from chatfactory.model.gpt import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -84,7 +85,7 @@ def test_kv_cache_decoding_matches_full_recompute(flavour):
     idx = torch.randint(0, 100, (2, 20))
     with torch.no_grad():
         full = model(idx)
-        cache = model.new_cache(2, 32)
+        cache = KVCache.for_model(model, 2, 32)
         pieces = [model(idx[:, :8], cache=cache), model(idx[:, 8:12], cache=cache)]
         pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(12, 20)]
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5

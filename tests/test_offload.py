@@ -18,6 +18,7 @@ from test_serve import make_run
 
 from chatfactory import cli
 from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.kv_cache import KVCache
 from chatfactory.model import quant
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.model.offload import SafetensorsReader, load_streamed, memory_mode, parse_size
@@ -43,7 +44,7 @@ def decode_logits(model, prompts=PROMPTS, steps: int = 4) -> list[torch.Tensor]:
     with torch.no_grad():
         L = max(map(len, prompts))
         idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
-        cache = model.new_cache(len(prompts), L + steps)
+        cache = KVCache.for_model(model, len(prompts), L + steps)
         pos = torch.tensor([[max(0, i - (L - len(p))) for i in range(L)] for p in prompts])
         valid = pos.new_tensor([[i >= L - len(p) for i in range(L)] for p in prompts], dtype=torch.bool)
         mask = (torch.ones(L, L, dtype=torch.bool).tril()[None] & valid[:, None]) | torch.eye(L, dtype=torch.bool)[None]
@@ -52,7 +53,7 @@ def decode_logits(model, prompts=PROMPTS, steps: int = 4) -> list[torch.Tensor]:
         for _ in range(steps):
             pos = pos[:, -1:] + 1
             nxt = out[-1][:, -1].argmax(-1, keepdim=True)
-            out.append(model(nxt, cache=cache, positions=pos, attn_mask=keys[..., : cache.pos + 1]))
+            out.append(model(nxt, cache=cache, positions=pos, attn_mask=keys[..., : cache.length + 1]))
         return out
 
 

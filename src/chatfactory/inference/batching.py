@@ -2,7 +2,7 @@
 
 ``Engine`` (engine.py) generates a fixed batch from start to finish. A server cannot wait for a
 batch to fill or to drain: requests arrive and finish at any time. This scheduler keeps a fixed
-number of *slots*, each a row of one preallocated KV cache with its own fill level. Every iteration:
+number of *slots*, each a row of one KV cache (kv_cache.py) with its own length. Every iteration:
 
 1. rows that are generating run one decode step together (each writes its key/value at its own
    length, attends to its own keys only, and has its own position id);
@@ -31,61 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.gpt import GPT, GPTConfig
+from ..model.gpt import GPT
 from .engine import SamplingParams, bad_rows, sample_next
-
-
-class SlotCache:
-    """A KV cache whose rows ("slots") fill independently: ``lengths[s]`` positions of slot s are real.
-
-    ``GPT.forward`` calls ``update(layer, k, v)`` once per layer; the scheduler says beforehand what
-    the call means with ``prefill(slots)`` (write the new keys at 0.. of those slots) or
-    ``decode(at)`` (slots 0..n-1 each append one key at its own length ``at[s]``, a device tensor).
-    ``lengths`` is a plain list: bookkeeping stays on the host, so a GPU never waits on it."""
-
-    def __init__(self, cfg: GPTConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.depth, slots, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * slots
-        self.max_len = max_len
-        self._rows = None  # prefill: slot indices being written
-        self._at = None  # decode: where slots 0..n-1 write their new key (n = len(at))
-        self._span = 0  # decode: keys to attend over, max(at) + 1
-
-    # GPT.hidden_states reads and advances ``pos`` (the shared fill level of the plain KVCache). Rows
-    # here have their own lengths and the scheduler always passes positions and masks, so the shared
-    # level stays 0: that also keeps the model from building its own chunk mask.
-    @property
-    def pos(self) -> int:
-        return 0
-
-    @pos.setter
-    def pos(self, value) -> None:
-        pass
-
-    def prefill(self, rows: torch.Tensor) -> None:
-        self._rows, self._at = rows, None
-
-    def decode(self, at: torch.Tensor, span: int) -> None:
-        self._rows, self._at, self._span = None, at, span
-        # where row r's new key for head h goes in a layer's buffer flattened to (slot*head*pos, dim):
-        # one index_copy_ per layer instead of a strided scatter
-        _, S, H, T, _ = self.k.shape
-        heads = torch.arange(H, device=at.device)
-        rows = torch.arange(at.size(0), device=at.device)
-        self._flat = ((rows[:, None] * H + heads[None]) * T + at[:, None]).reshape(-1)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self._rows is not None:  # prefill from position 0: attention needs only the new keys
-            t = k.size(2)
-            self.k[layer, self._rows, :, :t] = k
-            self.v[layer, self._rows, :, :t] = v
-            return k, v
-        n, span, d = self._at.size(0), self._span, k.size(-1)
-        self.k[layer].view(-1, d).index_copy_(0, self._flat, k.reshape(-1, d))  # k: (n, heads, 1, dim)
-        self.v[layer].view(-1, d).index_copy_(0, self._flat, v.reshape(-1, d))
-        return self.k[layer, :n, :, :span], self.v[layer, :n, :, :span]  # views: no copy
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -137,8 +85,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.slots = slots
         self.max_waiting = max_waiting
-        p = model.tok_emb.weight
-        self.cache = SlotCache(self.cfg, slots, self.cfg.block_size, device=p.device, dtype=p.dtype)
+        self.cache = KVCache.for_model(model, slots, self.cfg.block_size)  # a row per slot
         self.rows: list[Request | None] = [None] * slots  # the request in each slot
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -221,13 +168,14 @@ class Scheduler:
             self.waiting.clear()
         for r in [r for r in self.rows if r is not None] + pending:
             self._finish(r, Step(None, finish=reason))
-        self.cache.lengths = [0] * self.slots
+        for s in range(self.slots):
+            self.cache.free(s)
 
     def _finish(self, req: Request, step: Step) -> None:
         req.finished = True
         if req.slot >= 0:
             self.rows[req.slot] = None
-            self.cache.lengths[req.slot] = 0
+            self.cache.free(req.slot)
             req.slot = -1
         _safe_emit(req, step)
 
@@ -270,15 +218,11 @@ class Scheduler:
         tokens = [0] * n
         for r in reqs:
             tokens[r.slot] = r.generated[-1]
-        lengths = self.cache.lengths[:n]
-        span = max(lengths) + 1
+        span = max(self.cache.lengths[:n]) + 1
         tokens = torch.tensor(tokens, device=self.device)
-        at = torch.tensor(lengths, device=self.device)  # each row's new key goes here; also its position
+        at = self.cache.decode([r.slot for r in reqs])  # each row's new key goes here; also its position
         mask = torch.arange(span, device=self.device)[None] <= at[:, None]  # own keys + the new one
-        self.cache.decode(at, span)
         out = self.model(tokens[:, None], cache=self.cache, positions=at[:, None], attn_mask=mask[:, None, None])
-        for r in reqs:
-            self.cache.lengths[r.slot] += 1
         return {r.slot: out[r.slot, -1] for r in reqs}
 
     def _prefill(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
@@ -286,12 +230,9 @@ class Scheduler:
         # right padding: a causal mask alone keeps real tokens from seeing pads, and the pads' keys
         # (written past each row's length) are masked out at decode and later overwritten
         idx = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
-        rows = torch.tensor([r.slot for r in reqs], device=self.device)
-        self.cache.prefill(rows)
+        self.cache.prefill([r.slot for r in reqs], [len(r.prompt) for r in reqs])
         hidden = self.model.hidden_states(idx, cache=self.cache, positions=torch.arange(T, device=self.device))
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
-        for r in reqs:
-            self.cache.lengths[r.slot] = len(r.prompt)
         # the LM head on each row's last real position only, as the engine does: every position's
         # logits would be rows x T x vocab floats (gigabytes at a real vocabulary and context)
         picked = self.model.lm_head(hidden[torch.arange(len(reqs), device=self.device), last])

@@ -63,7 +63,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.gpt import GPT, KVCache, apply_rope, rope_cos_sin
+from ..model.gpt import GPT, apply_rope, rope_cos_sin
+from .kv_cache import KVCache
 
 # Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones BLAS
 # products (measured on the bench's model: at 2 rows multiply-sum 2.8 vs packed 3.3 ms per step, at
@@ -222,19 +223,18 @@ class DecodeStep:
                 and p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available())
 
     def begin(self, cache: KVCache, valid: torch.Tensor | None = None):
-        """Start decoding after a prefill: ``cache`` holds the prompts' keys/values (``cache.pos``
-        positions), ``valid`` (B, cache.pos) marks real (not pad) prompt tokens, None for all.
+        """Start decoding after a prefill: ``cache`` holds the prompts' keys/values (``cache.length``
+        positions), ``valid`` (B, cache.length) marks real (not pad) prompt tokens, None for all.
         Returns ``step(ids (B, 1), positions (B, 1)) -> logits (B, vocab)``; call i writes slot
-        cache.pos + i."""
-        model, n, dev = self.model, cache.pos, cache.k.device
-        B = cache.k.size(1)
+        cache.length + i."""
+        model, n, dev, B = self.model, cache.length, cache.device, cache.num_rows
         slot = torch.tensor([n], device=dev)
         if self.packs(B) or self.quantized:  # eager: it writes into the prefill's own cache and reads its filled part
             linear = blas if self.quantized else self.packed.setdefault(B, _Packed(model, B)).linear()
-            ks, vs = list(cache.k.unbind(0)), list(cache.v.unbind(0))
+            ks, vs = cache.buffers()
             mask = None
             if valid is not None:
-                mask = torch.ones(B, cache.k.size(3), dtype=torch.bool, device=dev)
+                mask = torch.ones(B, cache.capacity, dtype=torch.bool, device=dev)
                 mask[:, :n] = valid
             span = [n]  # slots filled once this step has written its own, kept on the host
 
@@ -248,14 +248,9 @@ class DecodeStep:
 
         # compiled: shapes must not depend on the prompt, so the buffers have a fixed span;
         # the prefill's cache is copied, not written, so the engine's eager step can still take over
-        ks, vs = [], []
         streamed = self.streamed()
-        S = span_for(B, cache.k.size(3), model.cfg.block_size, streamed)
-        for layer in range(model.cfg.depth):
-            for bufs, src in ((ks, cache.k), (vs, cache.v)):
-                buf = src.new_zeros(B, src.size(2), S, src.size(4))
-                buf[:, :, :n] = src[layer, :, :, :n]
-                bufs.append(buf)
+        S = span_for(B, cache.capacity, model.cfg.block_size, streamed)
+        ks, vs = cache.buffers(S)
         key_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
         if valid is not None:
             key_valid[:, :n] = valid

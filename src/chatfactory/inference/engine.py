@@ -27,6 +27,7 @@ import torch
 
 from ..model.gpt import GPT
 from .decode_step import DecodeStep
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -260,7 +261,7 @@ class Engine:
         firsts, share = distinct_rows(prompts)
         distinct = torch.tensor(firsts, device=dev) if len(firsts) < B else None
         pre = (lambda t: t) if distinct is None else (lambda t: t[distinct])
-        cache = self.model.new_cache(len(firsts), L + max_new)
+        cache = KVCache.for_model(self.model, len(firsts), L + max_new)
         if padded:
             valid = torch.arange(L, device=dev)[None] >= pad[:, None]  # (B, L) real tokens
             positions = (torch.arange(L, device=dev)[None] - pad[:, None]).clamp(min=0)
@@ -277,10 +278,8 @@ class Engine:
             pos = torch.full((B, 1), L - 1, device=dev)
         logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
         if distinct is not None:
-            rows = torch.tensor(share, device=dev)
-            cache.k, cache.v = (cache.k.index_select(1, rows),
-                                cache.v.index_select(1, rows))  # (depth, B, heads, len, dim)
-            logits = logits.index_select(0, rows)
+            cache.fork(share)
+            logits = logits.index_select(0, torch.tensor(share, device=dev))
         seen = None
         if p.repetition_penalty != 1.0:  # ids each row has seen, preallocated (no torch.cat per step)
             seen = torch.empty(B, L + max_new, dtype=torch.long, device=dev)
@@ -288,7 +287,7 @@ class Engine:
                                       idx[:, -1:], idx)  # pads repeat a real id
         stop = set(p.stop_ids)
         done = [False] * B  # rows that have emitted a stop id (plain Python: no tensor op per step)
-        # the fast step never moves ``cache.pos`` (it copies the prefill's keys/values, or writes
+        # the fast step never moves the cache's length (it copies the prefill's keys/values, or writes
         # past them), so the eager step can still take over if the first fast step fails
         compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
         for i in range(max_new):
@@ -313,7 +312,7 @@ class Engine:
                         raise
                     self._compile_failed(e)
                     compiled = None
-            step_mask = key_valid[..., : cache.pos + 1] if padded else None
+            step_mask = key_valid[..., : cache.length + 1] if padded else None
             logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
     def generate(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> list[list[int]]:

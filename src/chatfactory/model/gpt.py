@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -118,27 +119,16 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-class KVCache:
-    """Preallocated keys/values for every layer, filled left to right.
+class Cache(Protocol):
+    """What the model asks of a KV cache (``inference/kv_cache.py`` implements it; callers build it):
+    ``start`` once per forward, then ``append`` once per layer, which stores the layer's new keys and
+    values and returns every key and value its queries attend over."""
 
-    The engine makes one per generation: ``prefill`` writes the prompt, each decode step appends one
-    position. All rows of a batch share the fill level ``pos``; rows with shorter prompts are padded on
-    the left and masked out through ``attn_mask`` (see ``GPT.forward``)."""
+    def start(self, tokens: int) -> int | None:
+        """``tokens`` new positions per row: -> the positions each row held before (None where rows differ)."""
 
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.depth, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0  # positions already written (advanced by GPT.forward after the last layer)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        t = k.size(2)
-        if self.pos + t > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.pos}+{t} positions > capacity {self.max_len}")
-        self.k[layer, :, :, self.pos : self.pos + t] = k
-        self.v[layer, :, :, self.pos : self.pos + t] = v
-        return self.k[layer, :, :, : self.pos + t], self.v[layer, :, :, : self.pos + t]
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, kv_heads, tokens, head_dim) -> (B, kv_heads, keys, head_dim) each."""
 
 
 class Attention(nn.Module):
@@ -150,7 +140,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.flavour == "gpt2")
         self.proj.is_residual = True
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, attn_mask=None):
+    def forward(self, x, rope=None, cache: Cache | None = None, attn_mask=None):
         B, T, _ = x.shape
         c = self.cfg
         qkv = self.qkv(x).view(B, T, c.n_head + 2 * c.n_kv_head, c.head_dim)
@@ -161,7 +151,7 @@ class Attention(nn.Module):
         q, k = qk.split([c.n_head, c.n_kv_head], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.append(self.layer, k, v)
         gqa = c.n_kv_head != c.n_head
         dropout = c.dropout if self.training else 0.0
         if attn_mask is None and T > 1 and k.size(2) == T:
@@ -252,20 +242,22 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * self.cfg.depth * self.cfg.n_embd * t
 
     # ---- forward ----
-    def hidden_states(self, idx, cache: KVCache | None = None, positions=None, attn_mask=None):
+    def hidden_states(self, idx, cache: Cache | None = None, positions=None, attn_mask=None):
         """idx: (B, T) token ids -> the final-normed hidden states (B, T, n_embd), before the LM head.
 
         Heads other than the LM head (the reward model's and the critic's scalar head) read these.
-        positions: (T,) or (B, T) position ids; default ``cache.pos + arange(T)`` (left-padded batches
-        pass their own). attn_mask: bool (B, 1, T, S), True where a query may attend to a key
-        (S = cached + new positions); default causal."""
+        positions: (T,) or (B, T) position ids; default: after the positions the cache holds (left-padded
+        batches, and rows of different lengths, pass their own). attn_mask: bool (B, 1, T, S), True where a
+        query may attend to a key (S = cached + new positions); default causal."""
         B, T = idx.shape
-        past = cache.pos if cache is not None else 0
+        past = cache.start(T) if cache is not None else 0
         if positions is None:
+            if past is None:
+                raise ValueError("the cache's rows hold different lengths: pass positions")
             positions = torch.arange(past, past + T, device=idx.device)
-        if past == 0 and cache is None and T > self.cfg.block_size and self.pos_emb is not None:
+        if cache is None and T > self.cfg.block_size and self.pos_emb is not None:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.cfg.block_size}")
-        if attn_mask is None and cache is not None and past > 0 and T > 1:
+        if attn_mask is None and past and T > 1:
             # a chunk appended to a filled cache: query i sees every cached key and new keys <= i
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
         x = self.tok_emb(idx)
@@ -278,11 +270,9 @@ class GPT(nn.Module):
             x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, attn_mask)
-        if cache is not None:
-            cache.pos += T
         return self.norm_f(x)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, positions=None, attn_mask=None,
+    def forward(self, idx, targets=None, cache: Cache | None = None, positions=None, attn_mask=None,
                 ignore_index: int = -100, reduction: str = "mean"):
         """idx: (B, T) token ids; arguments as in ``hidden_states``. With ``targets`` returns the mean
         (or ``reduction="sum"``) cross-entropy over targets != ignore_index; otherwise the logits (B, T, vocab)."""
@@ -295,7 +285,3 @@ class GPT(nn.Module):
         keep = t != ignore_index
         logits = self.lm_head(h.reshape(-1, h.size(-1))[keep])
         return F.cross_entropy(logits.float(), t[keep], reduction=reduction)
-
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.cfg, batch_size, max_len, device=p.device, dtype=p.dtype)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from ..store import checkpoint
 from ..store import load as _load
 from ..store.files import CheckpointError
-from .gpt import GPT, GPTConfig, KVCache
+from .gpt import GPT, GPTConfig
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -253,13 +253,6 @@ class Prefetcher:
 
 
 # ---------------------------------------------------------------- the wrappers
-class _CacheRows(KVCache):
-    """Rows ``rows`` of a KVCache, as views: a micro-batch writes its keys/values into the real cache."""
-
-    def __init__(self, cache: KVCache, rows: slice):
-        self.k, self.v, self.max_len, self.pos = cache.k[:, rows], cache.v[:, rows], cache.max_len, cache.pos
-
-
 def _rows(t, rows: slice, B: int):
     """A batch-wide argument's micro-batch: per-row tensors (3-D and up, leading B) are sliced."""
     if t is None:
@@ -274,12 +267,12 @@ def run_block(block: nn.Module, x, rope, cache, attn_mask, micro_tokens: int | N
     ``micro_tokens`` tokens (whole rows), so the layer serves every row before the next one loads."""
     B, T = x.shape[:2]
     rows = B if not micro_tokens else max(1, micro_tokens // T)
-    if rows >= B or (cache is not None and type(cache) is not KVCache):  # a server's SlotCache: whole batch
+    if rows >= B or (cache is not None and not cache.viewable):  # the server's slot-wise steps: whole batch
         return block(x, rope, cache, attn_mask)
     out = torch.empty_like(x)
     for a in range(0, B, rows):
         sl = slice(a, a + rows)
-        out[sl] = block(x[sl], _rows(rope, sl, B), None if cache is None else _CacheRows(cache, sl),
+        out[sl] = block(x[sl], _rows(rope, sl, B), None if cache is None else cache.view(sl),
                         _rows(attn_mask, sl, B))
     return out
 
@@ -309,7 +302,7 @@ class DiskEmbedding(nn.Module):
     def __init__(self, reader: SafetensorsReader, key: str, num: int, dim: int, dtype):
         super().__init__()
         self.reader, self.key, self.num, self.dim, self.dtype = reader, key, num, dim, dtype
-        self.weight = torch.empty(0, dtype=dtype)  # device and dtype only (GPT.new_cache reads them)
+        self.weight = torch.empty(0, dtype=dtype)  # device and dtype only (KVCache.for_model reads them)
 
     def forward(self, idx):
         flat = idx.reshape(-1)

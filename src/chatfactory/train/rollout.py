@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inference.engine import Engine, SamplingParams
+from ..inference.kv_cache import GradKVCache
 from .loop import all_reduce_sum
 
 
@@ -103,31 +104,14 @@ def forward_answers(model, batch: dict):
     return model.lm_head(h[:, batch["start"] - 1:])
 
 
-class _SharedPrompt:
-    """Stands in for the KV cache ``GPT.hidden_states`` accepts (``pos``, ``update(layer, k, v)``), with
-    gradients flowing: the prompt pass keeps each layer's keys and values; the answer pass puts them,
-    copied to every row of the group, in front of the answers' own. Autograd sums the copies' gradients."""
-
-    def __init__(self, group: int):
-        self.group, self.pos, self.k, self.v = group, 0, [], []
-
-    def update(self, layer, k, v):
-        if self.pos == 0:  # the prompt pass
-            self.k.append(k)
-            self.v.append(v)
-            return k, v
-        g = self.group
-        return (torch.cat([self.k[layer].repeat_interleave(g, 0), k], 2),
-                torch.cat([self.v[layer].repeat_interleave(g, 0), v], 2))
-
-
 def _forward_groups(model, batch: dict):
     """``forward_answers`` for rows in contiguous groups of ``batch["group"]`` with the same (padded)
     prompt: the prompt columns run once per group, so the prompt's share of the work shrinks by the
     group size — the same function up to float rounding (tests/test_rollout.py)."""
     s, g = batch["start"], batch["group"]
     tokens, positions, valid = batch["tokens"], batch["positions"], batch["valid"]
-    kv = _SharedPrompt(g)
+    n = tokens.size(0) // g
+    kv = GradKVCache(n)  # the prompt's keys/values, gradients flowing
     p_valid = valid[::g, :s]
     # equal-length prompts: plain causal attention; else pad keys hidden
     p_mask = None if bool(p_valid.all()) else attention_mask(p_valid)
@@ -135,6 +119,7 @@ def _forward_groups(model, batch: dict):
     # the last prompt position predicts the first answer token
     h = h_prompt[:, -1:].repeat_interleave(g, 0)
     if tokens.size(1) > s + 1:  # the answers but their last token (it predicts nothing)
+        kv.fork([r for r in range(n) for _ in range(g)])  # each answer row continues its group's prompt
         # answer queries see their group's real prompt keys and their own earlier answer tokens
         a_mask = attention_mask(valid[:, :-1])[:, :, s:].contiguous()
         h_answer = model.hidden_states(tokens[:, s:-1], cache=kv, positions=positions[:, s:-1], attn_mask=a_mask)
