@@ -1,50 +1,25 @@
 """The engine's fast decode step (``Engine(model, compile=True)``): one token per row, on CPU or GPU.
 
-A decode step of a small model on a CPU is not arithmetic-bound. Measured on a 2-core AMD EPYC
-(depth 4, width 256, vocab 4096): MKL's matrix-vector products stream the weights at ~6 GB/s where a
-plain sum over the same bytes reaches ~30 GB/s, about 40 small dispatched ops add the rest, and at
-batch 8 MKL's small matrix products run ~2.3x slower than oneDNN's on weights packed in advance.
-So the step comes in two forms, the same computation as ``GPT.forward`` on one token per row:
+A small model's decode step on a CPU is bound by memory traffic and op dispatch, not arithmetic, so the
+step is ``GPT.forward`` on one token per row rewritten in two forms:
 
-* **compiled**: written so that ``torch.compile`` (inductor) turns the whole step into a few fused
-  loops around the matrix products, gpt-fast's recipe. Shapes never change from one step to the
-  next: each layer has its own key/value buffer of a fixed span (separate tensors, so the in-place
-  write stays in place instead of copying a shared base), the new key/value goes to a slot given as
-  a tensor, and attention (matmul, masked softmax, matmul) runs over every slot with a mask hiding
-  later slots and left pads. The rotary cos/sin come in from a table looked up outside the graph
-  (computed inside, inductor recomputed them for every key slot: 2.6x slower at 32 rows). For 1-2
-  rows (``GEMV_MAX_ROWS``) a linear is a broadcast-multiply-sum, which inductor emits as one
-  vectorised reduction streaming each weight matrix once, and the span is the whole context: one
-  graph per batch size serves every generation. For more rows a linear is a BLAS product and the
-  span is the power of two (>= 32) that holds prompt + answer, so attention reads no idle slots:
-  one graph per batch size and span. A model whose weights are far larger than the last-level
-  cache (``STREAMED_MIN_BYTES``) takes that second form at 1-2 rows too; see "Big models" below.
-* **packed** (more than 2 rows of a model at least ``PACKED_MIN_WIDTH`` wide, on a CPU with
-  oneDNN): eager, each linear a oneDNN matrix product on weights reordered once into oneDNN's
-  blocked layout (``torch.compile`` cannot take such tensors as inputs, and freezing them in as
-  constants would go stale when the weights change). Attention is ``scaled_dot_product_attention``
-  over the filled slots only. Measured on the 2-core EPYC, 8 rows: width 256 (vocab 4096) packed
-  963 vs compiled 1,399 ms per 256 tokens; width 128 compiled wins at every vocab tried
-  (vocab 512: 18 vs 31 ms per 32 tokens; vocab 4096: 85 vs 144 ms per 64).
+* **compiled** (``torch.compile``, gpt-fast's recipe): static shapes, so inductor fuses the step into
+  a few loops. Each layer has its own key/value buffer of a fixed span (``KVCache.buffers(span)``:
+  separate tensors, so the in-place write stays in place), the new key/value goes to a slot given as
+  a tensor, and attention runs over every slot with a mask hiding later slots and left pads; the
+  rotary cos/sin are looked up outside the graph. For up to ``GEMV_MAX_ROWS`` rows a linear is a
+  multiply-sum (one loop streaming each weight once) and the span is the whole context (one graph per
+  batch size); for more rows, or weights of ``STREAMED_MIN_BYTES`` and more (they stream from memory
+  at every step anyway), a linear is a BLAS product and the span the power of two that holds prompt +
+  answer (one graph per batch size and span), so attention reads no idle slots.
+* **packed** (more than ``GEMV_MAX_ROWS`` rows of a model at least ``PACKED_MIN_WIDTH`` wide, on a CPU
+  with oneDNN): eager, each linear a oneDNN product on weights reordered once into its blocked layout
+  (``torch.compile`` cannot take those as inputs); it writes into the prefill's cache
+  (``KVCache.buffers()``) and attends over the filled slots only.
 
-Big models. Both choices for 1-2 rows were tuned on a model whose weights (17 MB) stay in the cache.
-On SmolLM2-135M (540 MB of fp32 weights, context 8192) they made the compiled step 2x slower than the
-eager one (32 new tokens, two threads: 2.5 vs 1.14 s), for two reasons, measured on one thread of a
-2-core Xeon (48 MB L3). Keys/values spanning the whole context are 30 x 2 x 3 x 8192 x 64 fp32 =
-377 MB, which attention streamed every step beside the 540 MB of weights (the step run eagerly,
-masked over 8192 slots: 109 ms, over 64 slots: 51 ms). And with the weights streaming from DRAM,
-MKL's matrix-vector product (14-17 GB/s per matrix, 30 copies of each so none stays cached) beats
-inductor's multiply-sum loop (compiled, 64 slots: multiply-sum 47.6 ms, BLAS 40.8 ms per step; the
-eager engine 47-50 ms). So a model of at least ``STREAMED_MIN_BYTES`` of weights takes BLAS
-products and power-of-two spans at every batch size (one graph per batch size and span; compiling
-SmolLM2's step takes 30-55 s on one core). At 8 rows the packed step spends ~86% of its time in the
-oneDNN products (M=8 reads ~8-10 GB/s on one core, partly compute-bound), the rest in ~40 small ops
-per layer; q and k rotate together, halving the rotary ops (10.2 -> 9.2 ms per step outside the
-products).
-
-Weights are read from the model at every compiled call (graph inputs, not constants); the packed
-copies are remade whenever a weight tensor has changed since packing (its version counter moved), so
-the step stays right when the weights change between generations (RL rollouts).
+Weights are read from the model at every call (graph inputs, not constants) and the packed copies are
+remade when a weight's version counter moves, so the step stays right when the weights change between
+generations (RL rollouts). Measurements behind these choices: ``bench/decode_speed.py`` and the docs.
 
     step = DecodeStep(model).begin(cache)   # after a prefill into ``cache`` (a KVCache)
     logits = step(ids, positions)           # (B, vocab); compiles on a batch size's first step
@@ -66,15 +41,13 @@ import torch.nn.functional as F
 from ..model.gpt import GPT, apply_rope, rope_cos_sin
 from .kv_cache import KVCache
 
-# Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones BLAS
-# products (measured on the bench's model: at 2 rows multiply-sum 2.8 vs packed 3.3 ms per step, at
-# 4 rows 4.3 vs 3.0).
+# Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones BLAS products.
 GEMV_MAX_ROWS = 2
 # Larger batches of models at least this wide take the packed step on a CPU, narrower ones the
-# compiled step with BLAS products (measurements in the module docstring).
+# compiled step with BLAS products.
 PACKED_MIN_WIDTH = 256
-# Models with at least this many bytes of weights stream them from DRAM at every step: they take BLAS
-# products and power-of-two spans at 1-2 rows as well (measurements in the module docstring).
+# Models with at least this many bytes of weights (far past a CPU's last-level cache) stream them from
+# memory at every step: BLAS products and power-of-two spans at every batch size.
 STREAMED_MIN_BYTES = 128 << 20
 
 

@@ -1,4 +1,4 @@
-"""Inference: prefill then decode with a preallocated KV cache, on token ids only.
+"""Inference: prefill then decode with the KV cache (kv_cache.py), on token ids only.
 
 The engine knows nothing of text: callers encode prompts and decode what it yields (so stop strings
 are the caller's business; stop *ids* such as ``<|end|>`` are the engine's). Prompts of different
@@ -156,13 +156,9 @@ def fit_messages(messages: list[dict], count, budget: int) -> tuple[list[dict], 
 def default_threads(batch_size: int) -> int | None:
     """Torch threads for CPU decoding of a batch; None keeps torch's own setting (every core).
 
-    Measured with bench/decode_speed.py (depth 4, width 256, vocab 4096, 256 new tokens) on an idle
-    2-core slice of a Xeon: two threads beat one at batch 1 (620-800 vs 510-610 tokens/s) as well as
-    at batch 8, so no batch size is pinned. The same holds for ``Engine(model, compile=True)`` on an
-    idle 2-core AMD EPYC (batch 1: 890-1520 tokens/s at two threads, 510-600 at one; batch 8:
-    2630-3130 vs 1930-1960). On a machine shared with other busy processes, one
-    thread is far faster (oversubscribed threads wait on each other): pass ``Engine(model,
-    threads={1: 1})`` there."""
+    On an idle machine every core helps at every batch size (``bench/decode_speed.py`` measures it), so
+    no batch size is pinned. On a machine shared with other busy processes one thread is faster
+    (oversubscribed threads wait on each other): pass ``Engine(model, threads={1: 1})`` there."""
     return None
 
 
@@ -173,17 +169,13 @@ class Engine:
     ``threads`` maps a batch size to the torch thread count used while decoding it on CPU
     (default: ``default_threads``); the caller's setting is restored between steps.
 
-    ``compile=True`` decodes with ``decode_step.DecodeStep`` (on the bench's small CPU model, ~2x
-    the eager step at batch 1, ~1.4x at batch 8): the one-token step compiled by ``torch.compile``
-    with static shapes, except for batches of more than 2 rows of a model at least 256 wide on a CPU,
-    which take an eager step on oneDNN-packed weights (a second copy of the weights, remade when
-    they change); a model of 128 MB or more of weights (SmolLM2-135M) compiles BLAS products at 1-2
-    rows too, over keys/values spanning a power of two rather than the whole context. The first
-    generation of each batch size (and, above 2 rows or for such a model, each power-of-two span of
-    prompt + answer) pays the compile, seconds to a minute on a small CPU; later ones, in any
-    engine over the model, reuse it. Where
-    compiling fails (no C++ compiler, an unsupported Python) the engine says so in one warning and
-    decodes eagerly from then on. Prefill stays eager either way.
+    ``compile=True`` decodes with ``decode_step.DecodeStep``: the one-token step compiled by
+    ``torch.compile`` with static shapes, or, for larger batches of wide models on a CPU, an eager step
+    on oneDNN-packed weights (see decode_step.py for which takes what). The first generation of each
+    batch size (and, where the span depends on it, each power-of-two span of prompt + answer) pays the
+    compile; later ones, in any engine over the model, reuse it. Where compiling fails (no C++
+    compiler, an unsupported Python) the engine says so in one warning and decodes eagerly from then
+    on. Prefill stays eager either way.
 
     ``vocab_limit``: the tokenizer's vocabulary size (callers holding a tokenizer pass
     ``tok.vocab_size``; the engine never sees the tokenizer): an imported model's vocabulary is often
