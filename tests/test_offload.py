@@ -165,7 +165,7 @@ def test_server_scheduler_on_a_streamed_model(run):
 
     answers = []
     for model in (load_model(run / "sft")[0], load_streamed(run / "sft", 2_200_000)[0]):
-        sched = Scheduler(model, slots=2, start=False)  # rows fill their own slots: the SlotCache path
+        sched = Scheduler(model, slots=2, start=False)  # rows fill their own slots: slot-wise steps
         got = {i: [] for i in range(3)}
         for i, prompt in enumerate(PROMPTS):
             sched.submit(Request(prompt, SamplingParams(max_tokens=6, temperature=0),
