@@ -103,13 +103,12 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
             workdir=None, timeout=3600) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from chatfactory.formats.hf import export_run
-    from chatfactory.model.offload import SafetensorsReader
+    from chatfactory.store.safetensors import SafetensorsFile
     from chatfactory.text.tokenizer import Tokenizer
 
     run = Path(run)
-    reader = SafetensorsReader(run / stage / "model.safetensors")
-    weights = sum(n for k, n in ((k, reader.nbytes(k)) for k in reader.entries) if not k.endswith(("lora_A", "lora_B")))
-    reader.close()
+    with SafetensorsFile(run / stage / "model.safetensors") as reader:
+        weights = sum(reader.nbytes(k) for k in reader.keys() if not k.endswith(("lora_A", "lora_B")))
     budget = int(weights * budget_frac)
     work = Path(workdir or tempfile.mkdtemp(prefix="offload_compare_"))
     work.mkdir(parents=True, exist_ok=True)

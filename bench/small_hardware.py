@@ -311,7 +311,6 @@ def gguf_q4(path: str):
     import tempfile
 
     from chatfactory.formats.gguf import import_gguf
-    from chatfactory.store.load import load_quantized
 
     if "keep_quantized" not in inspect.signature(import_gguf).parameters:
         print("gguf-q4: import_gguf has no keep_quantized here: the file's own codes are not measured")
@@ -319,7 +318,7 @@ def gguf_q4(path: str):
     try:
         with tempfile.TemporaryDirectory() as tmp:
             import_gguf(path, tmp, keep_quantized=True)
-            return load_quantized(Path(tmp) / "pretrain")[0]
+            return load_model(Path(tmp) / "pretrain", inference=True)[0]
     except Exception as e:  # the other parts are still worth their figures
         print(f"gguf-q4: importing {path} with keep_quantized failed ({type(e).__name__}: {e}): not measured")
         return None

@@ -88,3 +88,49 @@ def test_a_reader_leaves_the_writers_temps_alone(tmp_path):
     with pytest.raises(CheckpointError, match=r"no complete checkpoint.*save in progress"):
         load_model(first)
     assert (first / (MODEL + ".tmp")).exists()
+
+
+def test_the_reader_reads_what_safetensors_writes_and_names_a_damaged_file(tmp_path):
+    """store/safetensors.py, the one reader every load goes through: each dtype a stage holds read back exactly
+    (as the safetensors library reads it), rows of a table, and a header that does not describe its file (cut
+    short, a byte too many, tensors overlapping, a length past the end) a CheckpointError naming the file,
+    wherever the safetensors library refuses it too."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from chatfactory.store.safetensors import SafetensorsFile
+
+    torch.manual_seed(0)
+    tensors = {"f32": torch.randn(5, 4), "bf16": torch.randn(3, 2).bfloat16(), "f16": torch.randn(7).half(),
+               "i8": torch.randint(-127, 127, (4, 4), dtype=torch.int8), "u8": torch.randint(0, 255, (6,)).byte(),
+               "i64": torch.arange(3), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5)}
+    path = tmp_path / MODEL
+    save_file(tensors, str(path), metadata={"step": "3", "save_id": "3-ab"})
+    with SafetensorsFile(path) as f:
+        assert f.metadata == {"step": "3", "save_id": "3-ab"} and sorted(f.keys()) == sorted(tensors)
+        for k, t in tensors.items():
+            got = f.read(k)
+            assert got.dtype == t.dtype and torch.equal(got, t), k
+        assert torch.equal(f.read_rows("f32", 2, torch.empty(3, 4)), tensors["f32"][2:5])
+        with pytest.raises(CheckpointError, match="rows 4..6 of f32"):
+            f.read_rows("f32", 4, torch.empty(2, 4))
+        with pytest.raises(CheckpointError, match=f"{path}: no tensor 'nope'"):
+            f.read("nope")
+        assert f.nbytes("f") == 5 * 4 * 4 + 7 * 2 and f.nbytes() == sum(t.nbytes for t in tensors.values())
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    header["i8"]["data_offsets"] = [header["i8"]["data_offsets"][0] - 4, header["i8"]["data_offsets"][1] - 4]
+    overlap = json.dumps(header).encode()
+    damaged = {"cut": raw[:-1], "longer": raw + b"\0", "empty": b"",
+               "header-past-the-end": (10**6).to_bytes(8, "little") + raw[8:],
+               "overlap": len(overlap).to_bytes(8, "little") + overlap + raw[8 + n:]}
+    for name, data in damaged.items():
+        bad = tmp_path / name / MODEL
+        bad.parent.mkdir()
+        bad.write_bytes(data)
+        with pytest.raises(Exception):  # noqa: B017 (the library's own error types differ by case)
+            load_file(str(bad))
+        with pytest.raises(CheckpointError, match=f"{bad}: corrupt or truncated checkpoint"):
+            SafetensorsFile(bad)

@@ -1,8 +1,18 @@
-"""Streamed (offloaded) layers, the block schedule and ``chatfactory generate`` (offload.py, cli.py).
+"""Streamed (offloaded) layers, the block schedule and ``chatfactory generate`` (model/offload.py,
+store/streamed.py, cli.py).
 
-A streamed model must compute *exactly* what the fully loaded one does (bitwise, fp32 on the CPU:
-the same modules run on the same bits, only fetched later), at every budget, for fp32, int8, int4 and
-LoRA stages; and its peak resident memory must stay under the budget plus a stated overhead."""
+What a streamed model must compute, and how exactly (each claim holds on any host, since both sides of a
+comparison run in one process on one CPU):
+- bitwise the resident model's logits wherever it runs the same modules on the same shapes: resident or
+  streamed blocks (the same bits, fetched later), the embedding read by row (a copy), for fp32, int8, int4
+  and LoRA stages alike: the same kernels on the same operands give the same bits;
+- where the operations differ -- the LM head streamed in chunks of the vocabulary, a batch run through a
+  layer in micro-batches while the head sees the whole batch -- what reaches the head is still bitwise the
+  resident model's, and the logits agree within the fp32 round-off bound of the head's dot products
+  (``head_roundoff``): which BLAS kernel sums a chunk's products, and in what order, depends on the shape
+  and on the CPU, so bitwise equality there would hold on some hosts only.
+The streamed path keeps the checkpoint's rules (the last complete save, save ids, a damaged file named), and
+its peak resident memory stays under the budget plus a stated overhead."""
 
 from __future__ import annotations
 
@@ -21,11 +31,17 @@ from chatfactory.inference.engine import Engine, SamplingParams
 from chatfactory.inference.kv_cache import KVCache
 from chatfactory.model import quant
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.model.offload import SafetensorsReader, load_streamed, memory_mode, parse_size
+from chatfactory.model.offload import StreamedHead, memory_mode, parse_size
 from chatfactory.store import load
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.files import CheckpointError
 from chatfactory.store.load import load_model
+from chatfactory.store.safetensors import SafetensorsFile
+
+
+def load_streamed(stage, budget, **kw):
+    """A stage loaded with ``budget`` bytes of weights (``chatfactory … --max-memory``)."""
+    return load_model(stage, inference=True, max_memory=budget, **kw)
 
 
 def save_stage(path, cfg: GPTConfig, seed: int = 0, extra: dict | None = None) -> GPT:
@@ -58,12 +74,63 @@ def decode_logits(model, prompts=PROMPTS, steps: int = 4) -> list[torch.Tensor]:
 
 
 def assert_same(streamed, full):
+    """Bitwise (any host): the same modules on the same shapes, so the same kernels on the same operands."""
     a, b = decode_logits(streamed), decode_logits(full)
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "streamed logits differ from the resident model's"
     p = SamplingParams(max_tokens=10, temperature=0.9, seed=3)
     la, lb = [], []
     assert Engine(streamed).generate(PROMPTS, p, la) == Engine(full).generate(PROMPTS, p, lb)
     assert all(torch.equal(torch.tensor(x), torch.tensor(y)) for x, y in zip(la, lb))
+
+
+U = 2.0 ** -24  # fp32's unit round-off
+
+
+def head_roundoff(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """How far apart two fp32 computations of the logits ``h @ w.T`` may lie, elementwise.
+
+    Each logit is a dot product of length K (the width). Computed in fp32 with its products summed in any
+    order -- one pass, blocked, pairwise, with or without fused multiply-adds, which is all a BLAS kernel
+    chooses among -- it is within gamma_K * sum_k |h_k w_k| of the exact value, gamma_K = K u / (1 - K u),
+    u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5 and section 3.1).
+    Two such computations of the same dot product are within twice that of each other. For this file's models
+    (K = 128, logits ~1) that is ~1e-5 of sum |h_k w_k|, while a wrong weight row or a skipped layer moves a
+    logit by ~0.1 or more (``test_the_head_tolerance_fails_a_wrong_chunk_or_a_skipped_layer`` shows both)."""
+    K = h.size(-1)
+    gamma = K * U / (1 - K * U)
+    return 2 * gamma * (h.double().abs() @ w.double().abs().T)
+
+
+def within_roundoff(got: torch.Tensor, want: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the logits ``got`` are ``want`` (the resident head's on ``h``) up to the head's fp32 round-off."""
+    return bool(((got.double() - want.double()).abs() <= head_roundoff(h, w)).all())
+
+
+def head_inputs(model, run):
+    """(run(model), the inputs its LM head was given meanwhile)."""
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    try:
+        return run(model), seen
+    finally:
+        hook.remove()
+
+
+def assert_within_head_roundoff(streamed, full):
+    """The head streamed in chunks: what reaches it is bitwise the resident model's (any host: the same
+    modules on the same shapes), and the logits agree within ``head_roundoff`` (the chunks' products may be
+    summed in another order than one matmul's). Greedy steps pick the same ids wherever the top two logits
+    are further apart than the bound, checked here, so the decode steps compare like with like."""
+    a, ha = head_inputs(streamed, decode_logits)
+    b, hb = head_inputs(full, decode_logits)
+    assert len(ha) == len(hb) and all(torch.equal(x, y) for x, y in zip(ha, hb)), "what reaches the head differs"
+    w = full.lm_head.weight
+    for got, want, h in zip(a, b, hb):
+        assert within_roundoff(got, want, h, w), "streamed logits beyond the head's round-off"
+        top = want[:, -1].topk(2, -1).values
+        assert ((top[:, 0] - top[:, 1]).double() > head_roundoff(h[:, -1], w).amax(-1)).all()
+    p = SamplingParams(max_tokens=10, temperature=0)
+    assert Engine(streamed).generate(PROMPTS, p) == Engine(full).generate(PROMPTS, p)
 
 
 def test_parse_size():
@@ -76,17 +143,17 @@ def test_parse_size():
 
 def budget_for(stage, depth: int, mode: str) -> int:
     """A budget that makes the plan take ``mode``, from the stage's own sizes."""
-    r = SafetensorsReader(stage / "model.safetensors")
-    blk = r.nbytes("blocks.0.")
-    base = r.nbytes() - sum(r.nbytes(f"blocks.{i}.") for i in range(depth))  # embeddings, head, final norm
-    r.close()
+    with SafetensorsFile(stage / "model.safetensors") as r:
+        blk = r.nbytes("blocks.0.")
+        base = r.nbytes() - sum(r.nbytes(f"blocks.{i}.") for i in range(depth))  # embeddings, head, final norm
     return {"one-block-resident": base + 3 * blk, "all-blocks-streamed": base + 2 * blk,
             "head-streamed": base + 2 * blk - 1}[mode]
 
 
 @pytest.mark.parametrize("flavour,tie", [("modern", True), ("modern", False), ("gpt2", True)])
 @pytest.mark.parametrize("mode", ["one-block-resident", "all-blocks-streamed", "head-streamed"])
-def test_streamed_fp32_is_bitwise_the_resident_model(tmp_path, flavour, tie, mode):
+def test_streamed_fp32_computes_the_resident_model(tmp_path, flavour, tie, mode):
+    """Bitwise with the head resident; with the head streamed in chunks, within its fp32 round-off."""
     cfg = GPTConfig(**{**CFG, "vocab_size": 4000, "flavour": flavour, "tie_embeddings": tie,
                        "n_kv_head": 2 if flavour == "modern" else 0})
     save_stage(tmp_path / "s", cfg)
@@ -99,8 +166,11 @@ def test_streamed_fp32_is_bitwise_the_resident_model(tmp_path, flavour, tie, mod
     assert len(plan.streamed_blocks) == want if want else len(plan.streamed_blocks) > 0
     # below embedding + head + two slots: the embedding is read by row, the head streamed in chunks
     assert plan.base_resident == (mode != "head-streamed")
-    assert (type(streamed.lm_head).__name__ == "StreamedHead") == (mode == "head-streamed")
-    assert_same(streamed, full)
+    assert isinstance(streamed.lm_head, StreamedHead) == (mode == "head-streamed")
+    if mode == "head-streamed":
+        assert_within_head_roundoff(streamed, full)
+    else:
+        assert_same(streamed, full)
 
 
 def test_block_schedule_loads_each_streamed_layer_once_per_pass_for_the_whole_batch(tmp_path):
@@ -112,31 +182,38 @@ def test_block_schedule_loads_each_streamed_layer_once_per_pass_for_the_whole_ba
     assert n >= 3
     x = torch.randint(0, 1000, (6, 7))
     with torch.no_grad():
-        # what the micro-batches compute is exactly the resident model on each row alone (a whole batch of
-        # six differs from that by round-off, ~1e-7, as any change of batch size does on a CPU)
-        rowwise = torch.cat([full(x[i: i + 1]) for i in range(6)])
+        # the blocks run each micro-batch (one row) as the resident model runs that row alone, so what reaches
+        # the head is bitwise the same (any host); the head itself sees all six rows at once, a matmul of
+        # another shape than one row's, so the logits agree within its round-off (a batch of six run whole
+        # through the resident model would differ from the rows alone in the blocks too)
+        rowwise, h = head_inputs(full, lambda m: torch.cat([m(x[i: i + 1]) for i in range(6)]))
+        h = torch.cat(h)
         pf.jobs.join()  # the first slots' loads done (the thread keeps the count)
         before = pf.loads
         for _ in range(3):
-            assert torch.equal(streamed(x), rowwise)
+            logits, seen = head_inputs(streamed, lambda m: m(x))
+            assert torch.equal(seen[0], h), "the micro-batches differ from the resident model on each row"
+            assert within_roundoff(logits, rowwise, h, full.lm_head.weight)
     pf.jobs.join()
     # each pass loads every streamed block exactly once (the last pass's loads include the next pass's
     # first slots, as the first pass's came before it): each layer serves all six micro-batches
     assert pf.loads - before == 3 * n
+    # greedy ids, not floats: equal wherever no step's top two logits lie within round-off of each other
     p = SamplingParams(max_tokens=8, temperature=0)
     assert Engine(streamed).generate(PROMPTS, p) == Engine(full).generate(PROMPTS, p)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_streamed_quantized_stage_is_bitwise_the_resident_one(tmp_path, bits):
+    """Bitwise (any host): the head stays resident, the blocks' QuantLinears hold the same codes."""
     save_stage(tmp_path / "fp32", GPTConfig(**CFG, tie_embeddings=False))
     stage = load.quantize_stage(tmp_path, "fp32", bits, 64, f"q{bits}")
     # the reference quantizes the fp32 weights in memory: the same codes quantize_stage wrote
     ref = quant.quantize_model(load_model(tmp_path / "fp32")[0], bits, 64)
     budget = budget_for(stage, CFG["depth"], "all-blocks-streamed")
-    with load.inference():
-        streamed, _ = load_streamed(stage, budget)
+    streamed, _ = load_streamed(stage, budget)
     assert len(streamed.offload.streamed_blocks) == CFG["depth"] and streamed.quantization["bits"] == bits
+    assert streamed.offload.base_resident
     assert memory_mode(streamed) == {"memory": "streamed", "memory_budget_mb": round(budget / 1e6, 1)}
     assert_same(streamed, ref)
 
@@ -154,7 +231,7 @@ def test_streamed_lora_stage_merges_as_load_model_does(tmp_path):
                                                                          "targets": ["mlp.fc"]}}))
     full, _ = load_model(tmp_path / "s")
     streamed, _ = load_streamed(tmp_path / "s", 3_000_000)
-    assert streamed.offload.streamed_blocks
+    assert streamed.offload.streamed_blocks and streamed.offload.base_resident  # bitwise: the head resident
     assert_same(streamed, full)
 
 
@@ -217,8 +294,124 @@ def test_bad_budget_and_bad_file_errors(tmp_path):
         load_streamed(tmp_path / "s", 500_000)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad/model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
-    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: corrupt safetensors header"):
-        SafetensorsReader(tmp_path / "bad/model.safetensors")
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: corrupt or truncated checkpoint"):
+        SafetensorsFile(tmp_path / "bad/model.safetensors")
+
+
+def test_the_head_tolerance_fails_a_wrong_chunk_or_a_skipped_layer(tmp_path):
+    """The round-off bound is tight enough to catch real bugs: a head chunk read one row off, a streamed
+    block skipped, each fails it, while the correct streamed model passes."""
+    cfg = GPTConfig(**{**CFG, "vocab_size": 4000})
+    save_stage(tmp_path / "s", cfg)
+    full, _ = load_model(tmp_path / "s")
+    x = torch.tensor(PROMPTS[0])[None]
+    with torch.no_grad():
+        want, (h,) = head_inputs(full, lambda m: m(x))
+
+        def passes(model) -> bool:
+            return within_roundoff(model(x), want, h, full.lm_head.weight)
+
+        streamed, _ = load_streamed(tmp_path / "s", budget_for(tmp_path / "s", cfg.depth, "head-streamed"))
+        assert isinstance(streamed.lm_head, StreamedHead) and passes(streamed)
+        head = streamed.lm_head
+
+        def one_row_off(buf, start):  # a chunk read from the wrong offset (its last row stays as it was)
+            n = min(head.chunk, head.vocab - start - 1)
+            head.reader.read_rows(head.key, start + 1, buf[:n])
+
+        head._streamer.load = one_row_off
+        head._streamer._restart(head._streamer.order[0])  # drop the chunks already loaded right
+        assert not passes(streamed)
+        skipped, _ = load_streamed(tmp_path / "s", budget_for(tmp_path / "s", cfg.depth, "head-streamed"))
+        assert passes(skipped)
+        skipped.blocks[3].forward = lambda x, rope=None, cache=None, attn_mask=None: x  # a missed layer
+        assert not passes(skipped)
+
+
+def _outcome(load):
+    """What a load gives: (its config's step, its logits on a fixed input) or the error it raises."""
+    try:
+        model, info = load()
+    except CheckpointError as e:
+        return f"CheckpointError: {e}"
+    with torch.no_grad():
+        return info["step"], model(torch.tensor([PROMPTS[0]]))
+
+
+def assert_both_paths(stage, budget) -> object:
+    """The resident and the streamed load of ``stage`` give the same step and logits, or the same error."""
+    resident = _outcome(lambda: load_model(stage))
+    streamed = _outcome(lambda: load_streamed(stage, budget))
+    if isinstance(resident, str) or isinstance(streamed, str):
+        assert streamed == resident
+        return resident
+    assert streamed[0] == resident[0] and torch.equal(streamed[1], resident[1])  # bitwise: the head resident
+    return resident[0]
+
+
+def test_streamed_path_keeps_the_checkpoint_rules(tmp_path):
+    """The streamed load reads through ``load_checkpoint`` as every load does: a save in progress, a torn
+    first save, weights and config of two saves, a truncated file -- the same step and logits, or the same
+    error, as the resident load; and a save renaming a new file over the one a streamed model reads
+    changes nothing it computes (one descriptor: never a mix of two saves)."""
+    from chatfactory.store.checkpoint import CONFIG, MODEL
+
+    cfg = GPTConfig(**CFG)
+    stage = tmp_path / "s"
+    save_stage(stage, cfg)
+    budget = budget_for(stage, cfg.depth, "all-blocks-streamed")
+    assert assert_both_paths(stage, budget) == 0
+    # a save in progress: the writer's temps of step 9 beside the complete step-0 checkpoint
+    torch.manual_seed(9)
+    save_checkpoint(tmp_path / "next", unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()}, step=9)
+    for name in os.listdir(tmp_path / "next"):
+        os.replace(tmp_path / "next" / name, stage / (name + ".tmp"))
+    assert assert_both_paths(stage, budget) == 0
+    os.replace(stage / (MODEL + ".tmp"), stage / MODEL)  # between the writer's renames: the step-9 set is read
+    assert assert_both_paths(stage, budget) == 9
+    os.replace(stage / (CONFIG + ".tmp"), stage / CONFIG)
+    assert assert_both_paths(stage, budget) == 9
+    # a torn first save: nothing complete to read
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / (MODEL + ".tmp")).write_bytes(b"torn")
+    assert "no complete checkpoint" in assert_both_paths(tmp_path / "first", budget)
+    # config.json of another save than model.safetensors
+    save_stage(tmp_path / "other", cfg, seed=1)
+    (tmp_path / "mixed").mkdir()
+    os.link(stage / MODEL, tmp_path / "mixed" / MODEL)
+    os.link(tmp_path / "other" / CONFIG, tmp_path / "mixed" / CONFIG)
+    assert "config.json: belongs to another save" in assert_both_paths(tmp_path / "mixed", budget)
+    # a truncated file: named, whichever way it is loaded
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / MODEL).write_bytes((stage / MODEL).read_bytes()[:-100])
+    os.link(stage / CONFIG, tmp_path / "cut" / CONFIG)
+    err = assert_both_paths(tmp_path / "cut", budget)
+    assert f"{tmp_path / 'cut' / MODEL}: corrupt or truncated checkpoint" in err
+    # a new save renamed over the file a streamed model reads: it goes on with the save it opened
+    streamed, _ = load_streamed(stage, budget)
+    with torch.no_grad():
+        before = streamed(torch.tensor([PROMPTS[0]]))
+        save_stage(stage, cfg, seed=2)
+        assert torch.equal(streamed(torch.tensor([PROMPTS[0]])), before)
+        assert not torch.equal(load_model(stage)[0](torch.tensor([PROMPTS[0]])), before)
+
+
+def test_quantize_and_max_memory_refusals(tmp_path):
+    """Streaming is for inference and for the CPU; --quantize with --max-memory streams a quantized stage
+    only; a quantized stage is never requantized, streamed or not; training refuses it."""
+    save_stage(tmp_path / "fp32", GPTConfig(**CFG, tie_embeddings=False))
+    q4 = load.quantize_stage(tmp_path, "fp32", 4, 64, "q4")
+    with pytest.raises(ValueError, match="pass inference=True"):
+        load_model(tmp_path / "fp32", max_memory="3MB")
+    with pytest.raises(ValueError, match="CPU only for now"):
+        load_streamed(tmp_path / "fp32", "3MB", device="cuda")
+    with pytest.raises(ValueError, match="--quantize with --max-memory: quantize the stage once"):
+        load_streamed(tmp_path / "fp32", "3MB", quantize="int8")
+    with pytest.raises(ValueError, match="int4 stage already \\(groups of 64\\): --quantize int8 cannot requantize"):
+        load_streamed(q4, "3MB", quantize="int8")
+    assert load_streamed(q4, "3MB", quantize="int4:64")[0].quantization["group"] == 64  # what it is: no change
+    with pytest.raises(CheckpointError, match="a quantized stage \\(int4\\), for inference only"):
+        load_model(q4)
 
 
 # ---------------------------------------------------------------- chatfactory generate
@@ -271,7 +464,7 @@ def test_generate_errors_name_the_file_line_and_the_budget(run, tmp_path, capsys
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from chatfactory.model.gpt import GPT, GPTConfig
-    from chatfactory.model.offload import load_streamed
+    from chatfactory.store.load import load_model
     from chatfactory.inference.engine import Engine, SamplingParams
 
     def status(key):
@@ -285,7 +478,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     Engine(tiny).generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=2, temperature=0))
     del tiny
     base = status("VmRSS")
-    model, _ = load_streamed(sys.argv[1], int(sys.argv[2]))
+    model, _ = load_model(sys.argv[1], inference=True, max_memory=int(sys.argv[2]))
     prompts = [[(7 * i + j) % 4000 + 1 for j in range(24)] for i in range(4)]
     out = Engine(model).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
     print(json.dumps({"base": base, "hwm": status("VmHWM"), "tokens": sum(map(len, out)),

@@ -106,20 +106,6 @@ def cmd_run(a):
     print(f"chat with it:  chatfactory chat --run {a.out}\nserve it:      chatfactory serve --run {a.out}")
 
 
-def _inference(a):
-    """The loading mode of chat, sample, serve, eval and generate: quantized stages load; --quantize
-    quantizes on load; --max-memory streams the layers that do not fit (offload.py)."""
-    import contextlib
-
-    from .model.offload import streaming
-    from .store.load import inference
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(inference(a.quantize))
-    stack.enter_context(streaming(a.max_memory))
-    return stack
-
-
 def _add_quantize_arg(p) -> None:
     p.add_argument("--quantize", default=None, metavar="int8|int4|int4:GROUP",
                    help="quantize the weights on load: int8 (per output channel) or int4 (groups of 32 columns, "
@@ -139,9 +125,11 @@ def cmd_quantize(a):
 
 def cmd_chat(a):
     from .inference.chat import run_chat
+    from .inference.engine import SamplingParams
 
-    with _inference(a):
-        run_chat(a)
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                            repetition_penalty=a.repetition_penalty, seed=a.seed)
+    run_chat(a.run, a.stage, params, a.prompt, a.system, quantize=a.quantize, max_memory=a.max_memory)
 
 
 def cmd_sample(a):
@@ -154,8 +142,7 @@ def cmd_sample(a):
 
     with torch.no_grad():  # not set_grad_enabled(False): a caller in the same process keeps its own mode
         stage = a.stage or latest_stage(a.run)
-        with _inference(a):
-            model, _ = load_model(f"{a.run}/{stage}")
+        model, _ = load_model(f"{a.run}/{stage}", inference=True, quantize=a.quantize, max_memory=a.max_memory)
         tok = Tokenizer.load(f"{a.run}/tokenizer.json")
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                                 seed=a.seed, stop_ids=tok.stop_ids)
@@ -172,7 +159,8 @@ def cmd_sample(a):
 def cmd_generate(a):
     from .inference.generate import generate
 
-    generate(a, _inference(a))
+    generate(a.run, a.prompts, a.out, a.stage, a.batch, a.max_new_tokens, a.temperature, a.seed,
+             quantize=a.quantize, max_memory=a.max_memory)
 
 
 def cmd_export(a):
@@ -205,15 +193,15 @@ def cmd_import(a):
 def cmd_eval(a):
     from .eval.cli import run_eval
 
-    with _inference(a):
-        run_eval(a)
+    run_eval(a.run, a.stage, a.text, a.task, a.shots, a.mode, a.chat, a.limit, a.seed, a.max_tokens, a.against,
+             a.prompts, a.judge, a.temperature, a.json, quantize=a.quantize, max_memory=a.max_memory)
 
 
 def cmd_serve(a):
     from .serve.server import serve
 
-    with _inference(a):
-        serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin)
+    serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin,
+          quantize=a.quantize, max_memory=a.max_memory)
 
 
 def cmd_feedback(a):
@@ -354,9 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, help="the full-precision stage to quantize: sft, ppo, … "
                                                   "or a stage directory")
     p.add_argument("--bits", type=int, required=True, help="8: int8 per output channel; 4: int4 in groups")
-    p.add_argument("--group", type=int, default=32, help="int4: columns per scale/offset group, 32, 64, 128 or 256 "
-                   "(default 32: SmolLM2-135M's bits/byte is fp32's at 32, +11.7%% at 64; 64 and 128 shrink the "
-                   "weights 10%%/15%% more)")
+    p.add_argument("--group", type=int, default=32, help="int4: columns per scale/offset group, 32, 64, 128 or 256, "
+                   "dividing every layer's input width (default 32: a smaller group follows the weights more "
+                   "closely; a larger one stores fewer scales and offsets, so smaller weights)")
     p.add_argument("--out-stage", default=None, help="stage name to write in the run "
                                                      "(default: STAGE-int4 / STAGE-int8)")
     p.add_argument("--include-head", action="store_true", help="quantize the LM head too "

@@ -49,7 +49,14 @@ def add_eval_parser(sub, fn) -> None:
     p.set_defaults(fn=fn)
 
 
-def run_eval(a) -> dict:
+def run_eval(run, stage: str | None = None, text=(), task=(), shots: str = "0,1,5", mode: str = "ll",
+             chat: bool | None = None, limit: int = 0, seed: int = 0, max_tokens: int = 0, against: str | None = None,
+             prompts: str | None = None, judge: str | None = None, temperature: float = 0.0,
+             json_path: str | None = None, quantize: str | None = None, max_memory: int | str | None = None) -> dict:
+    """``chatfactory eval``: every measurement asked for of ``run``'s ``stage`` (default: the last trained):
+    loss and bits/byte on ``text`` files, accuracy on ``task`` files at ``shots``, win rate ``against`` another
+    stage; printed, returned and written to ``json_path``. Both models load as ``load_model`` does with
+    ``quantize`` / ``max_memory``."""
     from ..store.checkpoint import latest_stage, resolve_stage
     from ..store.files import atomic_write_text
     from ..store.load import load_model
@@ -57,48 +64,52 @@ def run_eval(a) -> dict:
     from .fewshot import few_shot_table, format_table, load_task
     from .lm import text_loss
 
-    run = Path(a.run)
-    stage = a.stage or latest_stage(run)
-    model, _ = load_model(resolve_stage(run, stage, "--stage"))
+    run = Path(run)
+
+    def load(spec: str, what: str):
+        return load_model(resolve_stage(run, spec, what), inference=True, quantize=quantize, max_memory=max_memory)[0]
+
+    stage = stage or latest_stage(run)
+    model = load(stage, "--stage")
     tok = Tokenizer.load(run / "tokenizer.json")
-    chat = a.chat if a.chat is not None else Path(stage).name not in ("pretrain",)
+    chat = chat if chat is not None else Path(stage).name not in ("pretrain",)
     try:
-        shots = tuple(int(s) for s in a.shots.split(",") if s.strip())
+        shots = tuple(int(s) for s in shots.split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--shots {a.shots!r}: expected comma-separated integers such as 0,1,5") from None
-    if not (a.text or a.task or a.against):
+        raise ValueError(f"--shots {shots!r}: expected comma-separated integers such as 0,1,5") from None
+    if not (text or task or against):
         raise ValueError("nothing to evaluate: give --text, --task and/or --against (see --help)")
     res: dict = {"run": str(run), "stage": stage, "chat": chat}
 
-    for path in a.text:
-        r = text_loss(model, tok, path, max_tokens=a.max_tokens)
+    for path in text:
+        r = text_loss(model, tok, path, max_tokens=max_tokens)
         res.setdefault("text", {})[path] = r
         print(f"{path}: loss {r['loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte over {r['tokens']:,} tokens")
 
-    for path in a.task:
-        table = few_shot_table(model, tok, load_task(path), shots, chat=chat, mode=a.mode, seed=a.seed, limit=a.limit)
+    for path in task:
+        table = few_shot_table(model, tok, load_task(path), shots, chat=chat, mode=mode, seed=seed, limit=limit)
         res.setdefault("tasks", {})[path] = {name: {str(k): v for k, v in t.items()} for name, t in table.items()}
         print(f"\n{path} ({'chat template' if chat else 'plain text'}, "
-              f"{'exact match' if a.mode == 'gen' else 'log-likelihood'}, accuracy)")
+              f"{'exact match' if mode == 'gen' else 'log-likelihood'}, accuracy)")
         print(format_table(table))
 
-    if a.against:
+    if against:
         from ..data.preferences import load_prompts
         from .winrate import load_judge, win_rate
 
-        if not (a.prompts and a.judge):
+        if not (prompts and judge):
             raise ValueError("--against needs --prompts (a prompts JSONL) and --judge "
                              "(reward model dir or module:function)")
-        other, _ = load_model(resolve_stage(run, a.against, "--against"))
-        rows = load_prompts(a.prompts)[: a.limit or None]
-        r = win_rate(model, other, tok, rows, load_judge(a.judge, tok), max_tokens=a.max_tokens or 64,
-                     temperature=a.temperature, seed=a.seed)
-        res["win_rate"] = {"against": a.against, "judge": a.judge, **r}
-        print(f"\n{stage} vs {a.against} on {r['n']} prompts (judge {a.judge}): win rate {r['win_rate']:.3f} "
+        other = load(against, "--against")  # loaded the same way as the model it is compared with
+        rows = load_prompts(prompts)[: limit or None]
+        r = win_rate(model, other, tok, rows, load_judge(judge, tok), max_tokens=max_tokens or 64,
+                     temperature=temperature, seed=seed)
+        res["win_rate"] = {"against": against, "judge": judge, **r}
+        print(f"\n{stage} vs {against} on {r['n']} prompts (judge {judge}): win rate {r['win_rate']:.3f} "
               f"({r['wins']} wins, {r['ties']} ties, {r['losses']} losses; "
               f"mean score {r['score_a']:.3f} vs {r['score_b']:.3f})")
 
-    if a.json:
-        atomic_write_text(a.json, json.dumps(res, indent=2))
-        print(f"wrote {a.json}")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(res, indent=2))
+        print(f"wrote {json_path}")
     return res

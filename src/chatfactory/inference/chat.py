@@ -17,7 +17,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..store.checkpoint import POLICY_STAGES, has_checkpoint, stage_config
+from ..stages import most_advanced_first
+from ..store.checkpoint import has_checkpoint, stage_config
 from ..store.files import CheckpointError
 from ..store.load import load_model
 from ..text.tokenizer import TextStream, Tokenizer
@@ -34,9 +35,9 @@ HELP = """commands:
 
 def last_finished_stage(run_dir) -> str:
     """The most advanced stage whose checkpoint is marked finished (else the most advanced with weights)."""
-    with_weights = [s for s in POLICY_STAGES if has_checkpoint(Path(run_dir) / s)]
+    with_weights = [s for s in most_advanced_first() if has_checkpoint(Path(run_dir) / s)]
     if not with_weights:
-        raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(POLICY_STAGES)})")
+        raise CheckpointError(f"{run_dir}: no trained stage found (looked for {', '.join(most_advanced_first())})")
     for s in with_weights:
         if stage_config(Path(run_dir) / s).get("finished", True):  # a damaged config.json is named, not skipped
             return s
@@ -135,25 +136,24 @@ def _command(session: ChatSession, line: str, out) -> bool:
     return True
 
 
-def run_chat(a) -> int:
-    """The ``chat`` command (arguments from cli.py)."""
+def run_chat(run, stage: str | None, params: SamplingParams, prompt: str | None = None, system: str = "",
+             quantize: str | None = None, max_memory: int | str | None = None) -> int:
+    """The ``chat`` command: talk to ``run``'s ``stage`` (default: the last finished one) in the terminal,
+    or answer ``prompt`` once; ``quantize`` / ``max_memory`` load the model as ``load_model`` does."""
     import torch
 
     with torch.no_grad():  # (not set_grad_enabled: a caller in the same process keeps its own mode)
-        return _chat(a)
+        stage = stage or last_finished_stage(run)
+        model, _ = load_model(Path(run) / stage, inference=True, quantize=quantize, max_memory=max_memory)
+        return _chat(model, Tokenizer.load(Path(run) / "tokenizer.json"), f"{run}/{stage}", params, prompt, system)
 
 
-def _chat(a) -> int:
-    stage = a.stage or last_finished_stage(a.run)
-    model, _ = load_model(Path(a.run) / stage)
-    tok = Tokenizer.load(Path(a.run) / "tokenizer.json")
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                            repetition_penalty=a.repetition_penalty, seed=a.seed)
-    session = ChatSession(model, tok, params, a.system or "")
+def _chat(model, tok: Tokenizer, name: str, params: SamplingParams, prompt: str | None, system: str) -> int:
+    session = ChatSession(model, tok, params, system or "")
     err = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
-    if a.prompt is not None:  # one shot: only the answer on stdout
-        answer = session.reply(a.prompt, note=err)
+    if prompt is not None:  # one shot: only the answer on stdout
+        answer = session.reply(prompt, note=err)
         sys.stdout.write(answer + "\n")
         return 0
 
@@ -166,7 +166,7 @@ def _chat(a) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     out = lambda s: print(s, flush=True)  # noqa: E731
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
-    print(f"chatting with {a.run}/{stage} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.block_size}-token "
+    print(f"chatting with {name} ({model.num_params() / 1e6:.1f}M parameters, {model.cfg.block_size}-token "
           f"context). /help for commands, Ctrl-D to leave.", flush=True)
     while True:
         try:

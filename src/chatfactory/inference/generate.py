@@ -64,55 +64,56 @@ def _answered(out) -> tuple[str, set]:
     return text, done
 
 
-def generate(a, loading) -> None:
-    """``chatfactory generate``'s work (``a``: its arguments; ``loading``: the context that loads the model
-    quantized and/or streamed as the arguments ask). Answers for a file of prompts, ``--batch`` at a time
-    (each loaded layer serves the whole batch), appended to --out one batch at a time (atomically); a rerun
-    skips the prompts already answered."""
-    if a.batch < 1 or a.max_new_tokens < 1:
-        raise ValueError(f"--batch {a.batch} / --max-new-tokens {a.max_new_tokens}: both must be at least 1")
-    rows = _prompt_rows(a.prompts)
-    text, done = _answered(a.out)
+def generate(run, prompts, out, stage: str | None = None, batch: int = 64, max_new_tokens: int = 256,
+             temperature: float = 0.0, seed: int | None = None, quantize: str | None = None,
+             max_memory: int | str | None = None) -> None:
+    """``chatfactory generate``: answers for the prompts JSONL ``prompts`` from ``run``'s ``stage`` (default:
+    the last trained), ``batch`` prompts at a time (with ``max_memory`` each loaded layer serves the whole
+    batch), appended to ``out`` one batch at a time (atomically); a rerun skips the prompts already answered.
+    ``quantize`` / ``max_memory`` load the model as ``load_model`` does."""
+    if batch < 1 or max_new_tokens < 1:
+        raise ValueError(f"--batch {batch} / --max-new-tokens {max_new_tokens}: both must be at least 1")
+    rows = _prompt_rows(prompts)
+    text, done = _answered(out)
     todo = [(n, r) for n, r in rows if n not in done]
-    stage = a.stage or latest_stage(a.run)
-    tok = Tokenizer.load(Path(a.run) / "tokenizer.json")
-    with loading:
-        model, _ = load_model(Path(a.run) / stage)
+    stage = stage or latest_stage(run)
+    tok = Tokenizer.load(Path(run) / "tokenizer.json")
+    model, _ = load_model(Path(run) / stage, inference=True, quantize=quantize, max_memory=max_memory)
     if getattr(model, "offload", None):
-        print(f"{a.run}/{stage}: {model.offload.describe()}", file=sys.stderr)
+        print(f"{run}/{stage}: {model.offload.describe()}", file=sys.stderr)
     engine, stop = Engine(model, vocab_limit=tok.vocab_size), set(tok.stop_ids)
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="prompt")
     new_tokens, t0 = 0, time.perf_counter()
     with torch.no_grad():
-        for b in range(0, len(todo), a.batch):
-            batch = todo[b: b + a.batch]
+        for b in range(0, len(todo), batch):
+            chunk = todo[b: b + batch]
             ids = []
-            for n, r in batch:
+            for n, r in chunk:
                 x = tok.chat_prompt(r.get("messages") or [{"role": "user", "content": r["prompt"]}])
                 if len(x) >= model.cfg.block_size:
-                    raise DataError(f"{a.prompts}:{n}: the prompt is {len(x)} tokens, the model's context "
+                    raise DataError(f"{prompts}:{n}: the prompt is {len(x)} tokens, the model's context "
                                     f"{model.cfg.block_size}")
                 ids.append(x)
             # the seed goes with the batch's first prompt, so a resumed run draws what an unbroken one would
-            params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=1.0,
-                                    stop_ids=tok.stop_ids, seed=None if a.seed is None else a.seed + batch[0][0])
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=1.0,
+                                    stop_ids=tok.stop_ids, seed=None if seed is None else seed + chunk[0][0])
             lines = []
-            for (n, r), x, out in zip(batch, ids, engine.generate(ids, params)):
-                ended = bool(out) and out[-1] in stop
-                answer = out[:-1] if ended else out
+            for (n, r), x, new in zip(chunk, ids, engine.generate(ids, params)):
+                ended = bool(new) and new[-1] in stop
+                answer = new[:-1] if ended else new
                 lines.append(json.dumps({"line": n, **r, "answer": tok.decode(answer), "prompt_tokens": len(x),
                                          "completion_tokens": len(answer),
                                          "finish_reason": "stop" if ended else "length"},
                                         ensure_ascii=False) + "\n")
-                new_tokens += len(out)
+                new_tokens += len(new)
             text += "".join(lines)
-            atomic_write_text(a.out, text)
-            bar.update(len(batch))
+            atomic_write_text(out, text)
+            bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
     bar.close()
     from ..model.offload import stall_seconds
 
     stalled = (f", {stall_seconds(model):.2f}s of it waiting for streamed layers" if getattr(model, "offload", None)
                else "")
-    print(f"{a.out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in "
+    print(f"{out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in "
           f"{time.perf_counter() - t0:.2f}s{stalled})")

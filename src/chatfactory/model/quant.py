@@ -8,14 +8,14 @@ point. Two schemes:
 * **int4**: group-wise along the input dimension (``group`` of 32, 64, 128 or 256 columns, default 32),
   a scale and an offset per group: ``w[n, k] ~= (q[n, k] - 8) * scale[n, g] + offset[n, g]``, q in
   [0, 15] (the offset is the value of the middle code 8: the asymmetric scheme of gpt-fast, whose
-  ``scales_and_zeros`` PyTorch's kernels read as they are). Why 32: SmolLM2-135M's bits/byte +0.00% at
-  32, +11.7% at 64 (128 does not divide its width 576); the demo model within 0.2% at 32, 64 and 128
-  (64 and 128 would save 10% / 15% of the int4 size).
+  ``scales_and_zeros`` PyTorch's kernels read as they are). 32 by default: the smallest group follows the
+  weights most closely; a larger one stores fewer scales and offsets (smaller weights, coarser codes) and
+  must divide every layer's input width.
 
 On a CPU the matrix products run in PyTorch's own weight-packed kernels, never on a dequantized copy:
 ``aten._weight_int8pack_mm`` (int8 weights as they are) and ``aten._weight_int4pack_mm_for_cpu`` (on
 weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``). Those kernels are vectorised
-for bfloat16 activations only (fp32 and fp16 ones run a scalar loop, 10-30x slower), so ``QuantLinear``
+for bfloat16 activations only (fp32 and fp16 ones run a scalar loop, far slower), so ``QuantLinear``
 casts the activations, and reads int4 scales and offsets, in ``QuantLinear.kernel_dtype`` (bfloat16); set
 it to torch.float32 (``set_kernel_dtype``) for a product exact to fp32 round-off, at the scalar speed.
 Where no kernel fits (int4 with an output width not a multiple of 16, a group the kernel lacks, a GPU
@@ -34,9 +34,9 @@ codes per byte (low nibble = even column), ``scales`` and ``offsets`` (N, K/grou
     chatfactory chat --run runs/NAME --stage sft-int4              # a quantized stage loads as it is
     chatfactory sample --run runs/NAME --stage sft --quantize int8  # or on load (int4, int4:64; chat, eval, serve)
 
-    from chatfactory.model.quant import quantize_model, load_quantized
+    from chatfactory.model.quant import quantize_model
     quantize_model(model, bits=4, group=32)        # in place; returns the model
-    model, info = load_quantized("runs/NAME/sft-int4")
+    model, info = load_model("runs/NAME/sft-int4", inference=True)   # store/load.py: a quantized stage
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from .gpt import GPT, GPTConfig
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
 DEFAULT_GROUP = 32  # int4's default group (the module docstring says why; cli.py's --group default too)
-# int4 scales/offsets held as bfloat16 (as in gpt-fast), the dtype the kernel reads; rounding a GGUF's fp16 ones
-# costs nothing measurable (SmolLM2 Q4_1, fp32 products: bits/byte 0.76677 fp32 scales, 0.76662 bfloat16)
+# int4 scales/offsets held as bfloat16 (as in gpt-fast), the dtype the kernel reads (a GGUF's fp16 ones are rounded
+# to it: their 8-bit mantissa against fp16's 11, a rounding far below the 4-bit codes' own)
 INT4_SCALE_DTYPE = torch.bfloat16
 
 
@@ -133,7 +133,8 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 def release_freed() -> None:
-    """Freed heap back to the OS (glibc malloc_trim): SmolLM2's int4 load peaked at 160 or 300 MB at random without."""
+    """Freed heap back to the OS (glibc malloc_trim): the int4 kernel's packing frees buffers glibc would
+    otherwise keep, so a quantized load's peak memory would vary from run to run."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

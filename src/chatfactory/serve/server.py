@@ -44,11 +44,12 @@ class ServerThread:
 
 
 def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16, device="auto",
-          allow_origin=()) -> None:
-    """``chatfactory serve``: load the run and serve it until interrupted (``allow_origin``: serve/guard.py)."""
+          allow_origin=(), quantize: str | None = None, max_memory: int | str | None = None) -> None:
+    """``chatfactory serve``: load the run and serve it until interrupted (``allow_origin``: serve/guard.py;
+    ``quantize`` / ``max_memory``: how the model loads, as in ``load_model``)."""
     import uvicorn
 
-    svc = load_service(run_dir, stage, api_key, slots, device)
+    svc = load_service(run_dir, stage, api_key, slots, device, quantize, max_memory)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach it can use it")
     where = next(svc.model.parameters()).device

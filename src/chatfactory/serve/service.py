@@ -54,7 +54,9 @@ class Service:
 
 
 def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
-                 device: str = "cpu") -> Service:
+                 device: str = "cpu", quantize: str | None = None, max_memory: int | str | None = None) -> Service:
+    """The Service of ``run_dir``'s ``stage`` (default: the last trained); the model loads as ``load_model``
+    does for inference (a quantized stage as it is; ``quantize``, ``max_memory``)."""
     from ..store.checkpoint import latest_stage
     from ..store.load import load_model
 
@@ -62,7 +64,7 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
     stage = stage or latest_stage(run_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_model(run_dir / stage, device=device)
+    model, _ = load_model(run_dir / stage, device=device, inference=True, quantize=quantize, max_memory=max_memory)
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only "

@@ -25,9 +25,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
+from ..stages import most_advanced_first
 from .files import (
     CheckpointError,
     RecordingWriter,
@@ -37,6 +37,7 @@ from .files import (
     remove_quietly,
     write_file,
 )
+from .safetensors import SafetensorsFile
 
 MODEL, CONFIG, STATE = "model.safetensors", "config.json", "state.pt"
 
@@ -125,8 +126,8 @@ def _mark_of(path: Path):
     existed — or None if the file is unreadable."""
     try:
         if path.name.startswith(MODEL):
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
+            with SafetensorsFile(path) as f:
+                meta = f.metadata
         elif path.name.startswith(CONFIG):
             meta = json.loads(path.read_text(encoding="utf-8"))
         else:
@@ -196,28 +197,18 @@ def _reader_paths(stage_dir: Path, temps: dict) -> dict:
 
 
 class LazyWeights(Mapping):
-    """A safetensors file's tensors, each read through its own short-lived map when taken (``pop`` / ``[]``):
-    a loader taking one at a time (quant.py's) never holds the whole file, copied or mapped. ``dict(w)`` reads
-    all. A save replacing the file meanwhile (a live writer's rename) is an error, never a mix of two saves."""
+    """A checkpoint's tensors, each read when taken (``pop`` / ``[]``) through the stage's open
+    ``SafetensorsFile`` (``reader``): a loader taking one at a time (the quantized ones) never holds the
+    whole file. ``dict(w)`` reads all. Every tensor comes from the file that was opened and checked, even
+    when a save renames a new one over it meanwhile: never a mix of two saves."""
 
-    def __init__(self, path: Path, keys):
-        self.path, self.names = path, list(keys)
-        self.file = self._identity()
-
-    def _identity(self):
-        return (st := os.stat(self.path)).st_dev, st.st_ino
+    def __init__(self, reader: SafetensorsFile):
+        self.reader, self.path, self.names = reader, reader.path, reader.keys()
 
     def __getitem__(self, key):
         if key not in self.names:
             raise KeyError(key)
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                t = f.get_tensor(key)
-            if self._identity() != self.file:
-                raise OSError("replaced by another save while it was read; load it again")
-            return t
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: corrupt or truncated checkpoint ({e})") from None
+        return self.reader.read(key)
 
     def __iter__(self):
         return iter(list(self.names))
@@ -259,14 +250,12 @@ def _read(paths: dict, with_state: bool, lazy: bool = False):
     for p in (mpath, cpath):
         if not p.exists():
             raise CheckpointError(f"{p}: checkpoint file is missing")
+    reader = SafetensorsFile(mpath)  # a bad header is a CheckpointError naming the file
+    weights = LazyWeights(reader) if lazy else None
     try:
-        weights = None if lazy else load_file(str(mpath))
-        with safe_open(str(mpath), "pt") as f:
-            meta = f.metadata() or {}
-            weights = LazyWeights(mpath, f.keys()) if lazy else weights
-        wstep, wid = int(meta.get("step", -1)), meta.get("save_id")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{mpath}: corrupt or truncated checkpoint ({e})") from None
+        wstep, wid = int(reader.metadata.get("step", -1)), reader.metadata.get("save_id")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{mpath}: corrupt or truncated checkpoint (bad step in its metadata: {e})") from None
     try:
         config = json.loads(cpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:  # OSError: a live writer renamed it away
@@ -276,6 +265,9 @@ def _read(paths: dict, with_state: bool, lazy: bool = False):
     if wid and config.get("save_id") and config["save_id"] != wid:
         raise CheckpointError(f"{cpath}: belongs to another save (step {config.get('step')}) than {mpath} "
                               f"(step {wstep})")
+    if weights is None:
+        with reader:
+            weights = {k: reader.read(k) for k in reader.keys()}
     state = None
     if with_state and spath.exists():
         try:
@@ -289,9 +281,6 @@ def _read(paths: dict, with_state: bool, lazy: bool = False):
             raise CheckpointError(f"{spath}: resume state is for step {state.get('step')} but {mpath} is step {wstep}"
                                   + (" (another save of the same step)" if state.get("step") == wstep else ""))
     return weights, config, state
-
-
-STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 
 def stage_config(stage_dir) -> dict:
@@ -327,12 +316,10 @@ def resolve_stage(run_dir, spec: str, what: str = "init_from") -> Path:
     return p
 
 
-# the stages that hold a policy to talk to, most advanced first (chat, sample, generate pick the first there)
-POLICY_STAGES = ("ppo", "grpo", "rloo", "dpo", "sft", "pretrain")
-
-
-def latest_stage(run_dir, candidates=POLICY_STAGES) -> str:
-    """The most advanced stage of a run that has weights."""
+def latest_stage(run_dir, candidates=None) -> str:
+    """The most advanced stage of a run that has weights (``candidates``: default every policy stage, the
+    furthest along first: stages.most_advanced_first)."""
+    candidates = candidates or most_advanced_first()
     for s in candidates:
         if has_checkpoint(Path(run_dir) / s):
             return s

@@ -1,10 +1,13 @@
-"""Loading a stage's model for use: full precision (LoRA adapters merged or kept), a quantized stage as
-it is stored, a full-precision stage quantized on load, or layers streamed from disk.
+"""Loading a stage's model: one ``load_model`` that every caller uses, its decisions explicit arguments
+(like gpt-fast's ``_load_model(path, device, precision)``): full precision (LoRA adapters merged or kept),
+a quantized stage as it is stored, a full-precision stage quantized on load, or layers streamed from disk.
+Every path reads through ``load_checkpoint`` and the stage's one ``SafetensorsFile`` (store/safetensors.py),
+so the checkpoint's rules hold on each: the last complete save, model.safetensors and config.json of one
+save, a damaged file named. Writing a quantized stage (``quantize_stage``, ``save_quantized``) is here too.
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -12,23 +15,20 @@ import torch.nn as nn
 
 from ..model.gpt import GPT, GPTConfig
 from ..model.lora import apply_lora, merge_weights
+from ..model.offload import parse_size
 from ..model.quant import DEFAULT_GROUP, QuantLinear, parse_spec, quantize_model, release_freed
 from .checkpoint import (
     CONFIG,
     MODEL,
     load_checkpoint,
     load_weights,
+    resolve_stage,
     save_checkpoint,
     stage_config,
     unique_state_dict,
 )
 from .files import CheckpointError
-
-# Set by ``quant.inference()`` for inference commands: ``quantized_loader(weights, info, stage_dir, device)`` builds
-# a quantized stage's model, ``quantize_on_load(cfg, weights, stage_dir / MODEL, device)`` (--quantize) a full-precision
-# one quantized, both on the meta device from ``LazyWeights``; unset (training), a quantized stage is refused. Set
-# by ``offload.streaming()`` (--max-memory): ``stream_loader(stage_dir, device)`` streams what does not fit.
-quantized_loader = quantize_on_load = stream_loader = None
+from .streamed import stream_model
 
 
 def model_config(info: dict, stage_dir):
@@ -40,36 +40,69 @@ def model_config(info: dict, stage_dir):
 
 
 def refuse_quantized(info: dict, stage_dir) -> None:
-    """Outside ``quant.inference()`` (training) a quantized stage is an error: integer weights cannot train."""
-    if info.get("quantized") and quantized_loader is None:
-        raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference only "
-                              "(chat, sample, serve, eval); train from the stage it was made from "
+    """A quantized stage is an error where a model is loaded to train: integer weights cannot train."""
+    if info.get("quantized"):
+        raise CheckpointError(f"{stage_dir}: a quantized stage ({info['quantized'].get('scheme')}), for inference "
+                              f"only (chat, sample, serve, eval); train from the stage it was made from "
                               f"({info.get('quantized_from', 'its full-precision stage')})")
 
 
-def load_model(stage_dir, device="cpu", merge_lora: bool = True):
-    """-> (GPT with the stage's weights, the checkpoint's config.json). A stage trained with LoRA
-    adapters (train/lora.py) comes back as a plain GPT with the adapters merged into its weights, or
-    with ``merge_lora=False`` as its frozen base with the adapters in place."""
-    if stream_loader is not None:
-        return stream_loader(stage_dir, device)
-    weights, info, _ = load_checkpoint(stage_dir, lazy=quantized_loader is not None)
-    refuse_quantized(info, stage_dir)
+def _refuse_requantizing(info: dict, stage_dir, quantize: str, bits: int, group: int | None) -> None:
+    """``quantize`` asks for another scheme than the quantized stage's: its fp32 weights are gone."""
+    have = info["quantized"]
+    if have.get("bits") != bits or group not in (None, have.get("group")):
+        g = "" if have.get("bits") == 8 else f" (groups of {have.get('group')})"
+        raise ValueError(f"{stage_dir} is an {have.get('scheme')} stage already{g}: --quantize {quantize} "
+                         f"cannot requantize it (drop --quantize, or quantize the full-precision stage)")
+
+
+def load_model(stage_dir, device="cpu", *, inference: bool = False, quantize: str | None = None,
+               max_memory: int | str | None = None, merge_lora: bool = True,
+               micro_tokens: int | None = 4096) -> tuple[GPT, dict]:
+    """-> (the stage's GPT, its config.json).
+
+    By default (training, export) a full-precision GPT: a stage trained with LoRA adapters comes back with
+    them merged into its weights, or with ``merge_lora=False`` as its frozen base with the adapters in
+    place; a quantized stage is refused. ``inference=True`` (chat, sample, serve, eval, generate): a quantized
+    stage loads as it is stored; ``quantize`` ("int8", "int4", "int4:GROUP") quantizes a full-precision
+    stage layer by layer as it is read; ``max_memory`` (bytes, or a size such as "300MB") streams what does
+    not fit from disk, in micro-batches of ``micro_tokens`` tokens (model/offload.py)."""
+    stage_dir = Path(stage_dir)
+    if not inference and (quantize or max_memory):
+        raise ValueError("quantize= and max_memory= load a model for inference: pass inference=True")
+    if not merge_lora and (quantize or max_memory):
+        raise ValueError("merge_lora=False keeps a LoRA stage's adapters to train; quantize= and max_memory= "
+                         "merge them")
+    bits, group = parse_spec(quantize) if quantize else (None, None)
+    budget = parse_size(max_memory) if max_memory else None
+    if budget is not None and str(device) != "cpu":
+        raise ValueError(f"--max-memory streams layers on the CPU only for now (asked for device {device})")
+    weights, info, _ = load_checkpoint(stage_dir, lazy=True)  # each tensor read when taken
     if info.get("quantized"):
-        return quantized_loader(weights, info, stage_dir, device), info
+        if not inference:
+            refuse_quantized(info, stage_dir)
+        if bits:
+            _refuse_requantizing(info, stage_dir, quantize, bits, group)
+    if budget is not None:
+        if bits and not info.get("quantized"):
+            raise ValueError("--quantize with --max-memory: quantize the stage once (chatfactory quantize --run … "
+                             "--stage …) and stream the quantized stage, rather than requantizing every streamed "
+                             "layer")
+        return stream_model(stage_model(info, stage_dir), weights.reader, info, budget, micro_tokens), info
+    if info.get("quantized"):
+        return stage_model(info, stage_dir, weights, device), info
     cfg = model_config(info, stage_dir)
-    if quantize_on_load is not None and (merge_lora or not info.get("lora")):
+    if bits:
         weights = merge_weights(dict(weights), info) if info.get("lora") else weights
-        return quantize_on_load(cfg, weights, Path(stage_dir) / MODEL, device), info
-    weights = dict(weights)  # (all of them: a lazy read ends here)
+        return build_quantizing(cfg, weights, stage_dir / MODEL, bits, group or DEFAULT_GROUP, device=device), info
+    weights = dict(weights)  # (all of them)
     model = GPT(cfg)
     if info.get("lora") and not merge_lora:
         apply_lora(model, info["lora"], seed=0)  # the init is overwritten by the saved adapters
     else:
         weights = merge_weights(weights, info)
-    load_weights(model, weights, str(Path(stage_dir) / MODEL))
-    model = model.to(device).eval()
-    return model, info
+    load_weights(model, weights, str(stage_dir / MODEL))
+    return model.to(device).eval(), info
 
 
 # ---------------------------------------------------------------- stages on disk
@@ -85,7 +118,7 @@ def stage_model(info: dict, where, weights: dict | None = None, device="cpu") ->
                                empty=True, layer_bits=q.get("layer_bits"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{Path(where) / 'config.json'}: bad quantization config ({e})") from None
-    if weights is None:  # offload.py fills it layer by layer
+    if weights is None:  # store/streamed.py fills it layer by layer
         return model
     load_assigned(model, weights, str(Path(where) / "model.safetensors"))
     return model.to(device).eval()
@@ -126,15 +159,6 @@ def load_assigned(model: GPT, weights: dict, where: str) -> None:
                               f"(missing {sorted(set(missing) & set(left)) or left}, unexpected {unexpected})")
 
 
-def load_quantized(stage_dir, device="cpu") -> tuple[GPT, dict]:
-    """-> (the quantized GPT of a stage written by ``save_quantized``, its config.json)."""
-    weights, info, _ = load_checkpoint(stage_dir, lazy=True)
-    if not info.get("quantized"):
-        raise CheckpointError(f"{stage_dir}: not a quantized stage "
-                              "(quantize it: chatfactory quantize --run … --stage …)")
-    return stage_model(info, stage_dir, weights, device), info
-
-
 def save_quantized(model: GPT, stage_dir, info: dict) -> None:
     """Write a quantized model as a stage: the portable codes in model.safetensors, the scheme in config.json."""
     keep = {k: v for k, v in info.items() if k not in ("lora", "step", "save_id", "quantized")}
@@ -145,8 +169,6 @@ def save_quantized(model: GPT, stage_dir, info: dict) -> None:
 def quantize_stage(run_dir, stage: str, bits, group: int = DEFAULT_GROUP, out_stage: str | None = None,
                    include_head: bool = False) -> Path:
     """``chatfactory quantize``: the stage's weights (LoRA merged) quantized into RUN/OUT_STAGE."""
-    from ..store.checkpoint import load_model, resolve_stage
-
     if str(bits) not in ("4", "8"):
         raise ValueError(f"--bits {bits}: only 8 (int8, per output channel) and 4 (int4, group-wise) are supported")
     src = resolve_stage(run_dir, stage, "--stage")
@@ -159,30 +181,3 @@ def quantize_stage(run_dir, stage: str, bits, group: int = DEFAULT_GROUP, out_st
         raise ValueError(f"--out-stage {out_stage}: would overwrite the stage it quantizes; name another")
     save_quantized(model, out, {**info, "quantized_from": str(stage)})
     return out
-
-
-@contextlib.contextmanager
-def inference(quantize: str | None = None):
-    """For inference commands (chat, sample, serve, eval): within it ``checkpoint.load_model`` loads
-    quantized stages, and quantizes full-precision ones on load when ``quantize`` ("int8"/"int4") is
-    given ("int4:64": groups of 64 columns; default 32). Outside it a quantized stage is refused (training
-    cannot update integer weights)."""
-    bits, group = parse_spec(quantize) if quantize else (None, None)
-    global quantized_loader, quantize_on_load
-    old = quantized_loader, quantize_on_load
-
-    def load(weights, info, where, device):
-        have = info["quantized"]
-        if bits and (have.get("bits") != bits or group not in (None, have.get("group"))):
-            g = "" if have.get("bits") == 8 else f" (groups of {have.get('group')})"
-            raise ValueError(f"{where} is an {have.get('scheme')} stage already{g}: --quantize {quantize} "
-                             f"cannot requantize it (drop --quantize, or quantize the full-precision stage)")
-        return stage_model(info, where, weights, device)
-
-    quantized_loader = load
-    quantize_on_load = (lambda cfg, weights, where, device: build_quantizing(
-        cfg, weights, where, bits, group or DEFAULT_GROUP, device=device)) if bits else None
-    try:
-        yield
-    finally:
-        quantized_loader, quantize_on_load = old
