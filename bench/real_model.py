@@ -283,16 +283,17 @@ def ppo_child(a) -> None:
         marks["iteration"] = vm_hwm_mb()
         return {}, {}
 
-    ppo.PPOStage.checkpoint_weights = checkpoint_weights  # (the real one copies the critic, 540 MB)
+    rl.RLStage.checkpoint_weights = checkpoint_weights  # (the real one copies the critic, 540 MB)
     loop.save_checkpoint = lambda *args, **kw: None
+    real_train_rl = rl.train_rl
 
-    def train(*args, **kw):  # loading (checkpoint tensors beside a fresh model) peaks on its own
+    def train_rl(*args, **kw):  # loading (checkpoint tensors beside a fresh model) peaks on its own
         marks["load"] = vm_hwm_mb()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
         marks["loaded"] = vm_hwm_mb()
-        return loop.train(*args, **kw)
+        return real_train_rl(*args, **kw)
 
-    rl.train = train  # run_ppo -> rl.run_rl, which calls the loop's train under this name
+    rl.train_rl = train_rl  # run_ppo -> rl.run_rl, which runs the iterations with train_rl
     run = Path(a.ppo_child)
     init = str(Path(a.run_src) / "pretrain")
     cfg = Config()

@@ -351,8 +351,9 @@ def test_dev_scores_judge_a_policy_against_sft_and_choose_on_dev(tmp_path, tok):
     choose_on_dev picks the best candidate and says what it chose."""
     from chatfactory.config import load_config
     from chatfactory.data.tasks import task_rows
-    from chatfactory.eval.heldout import choose_on_dev, dev_scores
+    from chatfactory.eval.heldout import dev_scores
     from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+    from chatfactory.train.selection import choose_on_dev
 
     torch.manual_seed(0)
     gcfg = GPTConfig(depth=1, vocab_size=tok.vocab_size, block_size=64, n_embd=64, init_std=0.3)

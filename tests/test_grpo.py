@@ -5,13 +5,15 @@ test_ppo.py: the SFT policy answers "blue" about a quarter of the time)."""
 
 import pytest
 import torch
-from test_ppo import gold, policy_kl, world_fixture  # noqa: F401  (the `world` fixture: the shared tiny run)
+from test_ppo import collect, first_micro_batch, gold, policy_kl, world_fixture  # noqa: F401  (`world`: the tiny run)
 
 from chatfactory.config import Config, GRPOConfig, RLOOConfig
-from chatfactory.eval.winrate import gold_score
 from chatfactory.store.load import load_model
-from chatfactory.train.grpo import group_advantages, kl_shaped_advantages, run_grpo
+from chatfactory.train.grpo import GRPO, group_advantages, kl_shaped_advantages, run_grpo
+from chatfactory.train.rl import RLStage
+from chatfactory.train.rl_models import ActorCritic, Reward
 from chatfactory.train.rloo import leave_one_out_advantages, run_rloo
+from chatfactory.train.selection import gold_score
 
 
 def test_group_advantages_hand_computed():
@@ -47,8 +49,6 @@ def test_k1_kl_is_measured_on_the_sampling_policy_not_a_loss_term(world):
     """With k1 the old log-probs are computed even for one update per rollout (the KL reward needs
     them), the advantages vary along an answer with the KL still to come, and the loss has no KL term."""
     from chatfactory.data.preferences import load_prompts
-    from chatfactory.train.grpo import GRPOStage
-    from chatfactory.train.rl import ActorCritic, Reward
 
     root, run, tok = world
     tc = GRPOConfig(prompts=str(root / "prompts.jsonl"), reward="rl_gold:score", rollout_batch=4, group_size=4,
@@ -56,17 +56,18 @@ def test_k1_kl_is_measured_on_the_sampling_policy_not_a_loss_term(world):
     policy, info = load_model(run / "sft")
     ac = ActorCritic(policy)
     ref = load_model(run / "pretrain")[0]  # far from the policy: a large KL
-    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, ref, Reward(tc.reward, run, tok, "cpu"), info["model"])
-    batch = stage.micro_batch(0, 0, 0, 1)
+    stage = RLStage("grpo", tc, GRPO(tc), tok, load_prompts(tc.prompts), ac, ref, Reward(tc.reward, run, tok, "cpu"),
+                    info["model"])
+    batch, exp, log = first_micro_batch(stage)
     assert "old_logp" in batch
-    exp, m = stage.experience, stage.experience["answer_mask"]
+    m = exp["answer_mask"]
     kl = (exp["old_logp"] - exp["ref_logp"]) * m
     # along each answer, consecutive advantages differ by exactly beta * k1 of the earlier token
     step = exp["advantages"][:, 1:] - exp["advantages"][:, :-1]
     both = m[:, 1:] & m[:, :-1]
     assert both.any() and torch.allclose(step[both], 0.5 * kl[:, :-1][both], atol=1e-5)
-    stage.loss(ac, batch)
-    assert "kl_loss" not in stage.update_stats[0]
+    stage.algo.loss(ac, batch, log)
+    assert "kl_loss" not in log.updates[0]
 
 
 def test_grpo_and_rloo_reject_bad_settings(tmp_path):
@@ -121,8 +122,6 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(world):
     """With a single update per rollout the old log-probs are the live ones detached: the rollout
     skips that forward pass, and the loss and its gradient are what the explicit old log-probs give."""
     from chatfactory.data.preferences import load_prompts
-    from chatfactory.train.grpo import GRPOStage
-    from chatfactory.train.rl import ActorCritic, Reward
     from chatfactory.train.rollout import answer_logprobs, forward_answers
 
     root, run, tok = world
@@ -130,22 +129,22 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(world):
                     max_new_tokens=6, kl_coef=0.05, seed=5)
     policy, info = load_model(run / "sft")
     ac = ActorCritic(policy)
-    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0],
-                      Reward(tc.reward, run, tok, "cpu"), info["model"])
-    batch = stage.micro_batch(0, 0, 0, 1)
+    stage = RLStage("grpo", tc, GRPO(tc), tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0],
+                    Reward(tc.reward, run, tok, "cpu"), info["model"])
+    batch, _, log = first_micro_batch(stage)
     assert "old_logp" not in batch and "ref_logp" in batch
-    loss = stage.loss(ac, batch)
+    loss = stage.algo.loss(ac, batch, log)
     loss.backward()
     g1 = [p.grad.clone() for p in ac.parameters()]
     ac.zero_grad()
     with torch.no_grad():
         batch["old_logp"] = (answer_logprobs(forward_answers(policy, batch), batch["tokens"], batch["start"], 1.0)
                              * batch["answer_mask"])
-    loss2 = stage.loss(ac, batch)
+    loss2 = stage.algo.loss(ac, batch, log)
     loss2.backward()
     assert torch.allclose(loss, loss2, atol=1e-6)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(g1, ac.parameters()))
-    assert stage.update_stats[0]["ratio"] == 1.0 and "entropy" in stage.update_stats[0]
+    assert log.updates[0]["ratio"] == 1.0 and "entropy" in log.updates[0]
 
 
 def test_compile_rollout_decodes_with_the_static_step(world):
@@ -153,8 +152,6 @@ def test_compile_rollout_decodes_with_the_static_step(world):
     step (run uncompiled here, none of the compile time) samples the eager rollout's tokens."""
     from chatfactory.data.preferences import load_prompts
     from chatfactory.inference.decode_step import DecodeStep
-    from chatfactory.train.grpo import GRPOStage
-    from chatfactory.train.rl import ActorCritic, Reward
 
     root, run, tok = world
     batches = []
@@ -163,13 +160,13 @@ def test_compile_rollout_decodes_with_the_static_step(world):
                         max_new_tokens=6, kl_coef=0.05, seed=5, compile_rollout=compile_rollout)
         policy, info = load_model(run / "sft")
         policy.train()
-        stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ActorCritic(policy), load_model(run / "sft")[0],
-                          Reward(tc.reward, run, tok, "cpu"), info["model"])
-        assert (stage.engine.compiled is not None) == compile_rollout
+        stage = RLStage("grpo", tc, GRPO(tc), tok, load_prompts(tc.prompts), ActorCritic(policy),
+                        load_model(run / "sft")[0], Reward(tc.reward, run, tok, "cpu"), info["model"])
+        assert (stage.rollouts.engine.compiled is not None) == compile_rollout
         assert policy.training  # making the engine left the policy's mode alone
         if compile_rollout:
-            stage.engine.compiled = DecodeStep(policy, compile=False)
-        batches.append(stage.micro_batch(0, 0, 0, 1))
+            stage.rollouts.engine.compiled = DecodeStep(policy, compile=False)
+        batches.append(first_micro_batch(stage)[0])
     assert torch.equal(batches[0]["tokens"], batches[1]["tokens"])
 
 
@@ -181,8 +178,7 @@ def test_rollout_and_training_logprobs_agree_and_a_gap_warns(world, updates, mon
     CPU in fp32 they agree to round-off; rollouts from another distribution make it large, and warn."""
     from chatfactory.data.preferences import load_prompts
     from chatfactory.inference.decode_step import DecodeStep
-    from chatfactory.train import rl
-    from chatfactory.train.grpo import GRPOStage
+    from chatfactory.train import experience
     from chatfactory.train.loop import Dist
 
     root, run, tok = world
@@ -190,27 +186,29 @@ def test_rollout_and_training_logprobs_agree_and_a_gap_warns(world, updates, mon
                     max_new_tokens=6, kl_coef=0.05, ppo_epochs=updates, seed=5, compile_rollout=True)
     policy, info = load_model(run / "sft")
     policy.train()
-    ac = rl.ActorCritic(policy)
-    stage = GRPOStage(tc, tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0],
-                      rl.Reward(tc.reward, run, tok, "cpu"), info["model"])
-    stage.engine.compiled = DecodeStep(policy, compile=False)
+    ac = ActorCritic(policy)
+    stage = RLStage("grpo", tc, GRPO(tc), tok, load_prompts(tc.prompts), ac, load_model(run / "sft")[0],
+                    Reward(tc.reward, run, tok, "cpu"), info["model"])
+    stage.rollouts.engine.compiled = DecodeStep(policy, compile=False)
 
     def iteration(it):
-        for u in range(updates):  # the loop's calls, without its optimizer steps: the weights stay those that sampled
-            stage.loss(ac, stage.micro_batch(it * updates + u, 0, 0, 1))
-        return stage.evaluate(ac, Dist())
+        exp, log = collect(stage, it)
+        for micro_batches in stage.rollouts.minibatches(exp, it, 0, 1):
+            for batch in micro_batches:  # the updates' losses, no optimizer steps: the weights stay those that sampled
+                stage.algo.loss(ac, batch, log)
+        return stage.report(log, it + 1, Dist())
 
     res = iteration(0)
     print(f"{updates} update(s): mismatch mean {res['logp_mismatch_mean']:.1e}, max {res['logp_mismatch_max']:.1e}")
     assert res["logp_mismatch_max"] < 1e-4 and res["logp_mismatch_mean"] < 1e-5
-    real = rl.rollout
+    real = experience.rollout
 
     def off(*a, **k):  # rollouts that report log-probs 0.1 above what the policy gives their tokens
         batch = real(*a, **k)
         batch["rollout_logp"] = batch["rollout_logp"] + 0.1
         return batch
 
-    monkeypatch.setattr(rl, "rollout", off)
+    monkeypatch.setattr(experience, "rollout", off)
     with pytest.warns(UserWarning, match="log-probs differ from the trainer's by 0.1"):
         res = iteration(1)
     assert res["logp_mismatch_mean"] == pytest.approx(0.1, abs=1e-4)

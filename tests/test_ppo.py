@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
-from chatfactory.eval.winrate import gold_score
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer
+from chatfactory.train.experience import IterationLog
 from chatfactory.train.loop import read_metrics
-from chatfactory.train.ppo import PPOStage, gae, masked_whiten, run_ppo, token_rewards
-from chatfactory.train.rl import ActorCritic, Reward, kl_k1, kl_k3, masked_mean
+from chatfactory.train.ppo import PPO, gae, masked_whiten, run_ppo, token_rewards
+from chatfactory.train.rl import RLStage
+from chatfactory.train.rl_loss import kl_k1, kl_k3, masked_mean
+from chatfactory.train.rl_models import ActorCritic, Reward
 from chatfactory.train.rollout import answer_logprobs, forward_answers, pad_batch
+from chatfactory.train.selection import gold_score
 
 COLORS = ["red", "blue", "green", "pink"]
 THINGS = ["car", "house", "door", "kite", "boat", "shirt", "cup", "bike", "lamp", "chair", "hat", "bag", "box",
@@ -200,6 +203,22 @@ def ppo_config(root, **kw):
     return cfg
 
 
+def collect(stage, it=0, rank=0, world=1):
+    """Iteration ``it``'s experience as train/rl.py's ``train_rl`` makes it (sample, score, advantages)
+    -> (the experience, the iteration's log)."""
+    log = IterationLog()
+    exp, rows = stage.rollouts.sample(it, rank, world)
+    stage.rollouts.score(exp, rows, log)
+    exp.update(stage.algo.advantages(exp, log))
+    return exp, log
+
+
+def first_micro_batch(stage, rank=0, world=1):
+    """-> (iteration 0's first micro-batch, its experience, its log): what the first update trains on."""
+    exp, log = collect(stage, 0, rank, world)
+    return next(next(stage.rollouts.minibatches(exp, 0, rank, world, stage.ptx))), exp, log
+
+
 def test_first_minibatch_ratio_is_one(world):
     root, run, tok = world
     cfg = ppo_config(root, reward="rl_gold:score", critic_from="sft")
@@ -210,16 +229,16 @@ def test_first_minibatch_ratio_is_one(world):
     from chatfactory.train.reward import RewardModel
 
     ac = ActorCritic(policy, RewardModel(load_model(run / "sft")[0]))
-    stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, ref, Reward("rl_gold:score", run, tok, "cpu"),
-                     info["model"])
-    batch = stage.micro_batch(0, 0, 0, 1)
+    stage = RLStage("ppo", cfg.ppo, PPO(cfg.ppo), tok, load_prompts(cfg.ppo.prompts), ac, ref,
+                    Reward("rl_gold:score", run, tok, "cpu"), info["model"])
+    batch, exp, log = first_micro_batch(stage)
     # advantages are whitened over real tokens of the whole rollout
-    exp, m = stage.experience, stage.experience["answer_mask"]
+    m = exp["answer_mask"]
     assert abs(exp["advantages"][m].mean().item()) < 1e-5 and exp["advantages"][~m].abs().max().item() == 0
     # the policy is the reference: the KL penalty is exactly zero
     assert exp["old_logp"].equal(exp["ref_logp"])
-    stage.loss(ac, batch)
-    s = stage.update_stats[0]
+    stage.algo.loss(ac, batch, log)
+    s = log.updates[0]
     assert s["ratio"] == 1.0 and s["approx_kl"] == 0.0 and s["clipfrac"] == 0.0
 
 
@@ -241,12 +260,14 @@ def test_ptx_mixes_in_the_pretraining_loss(world):
         policy, info = load_model(run / "sft")
         torch.manual_seed(0)  # the critic's head: the same in both
         ac = ActorCritic(policy, RewardModel(load_model(run / "sft")[0]))
-        stage = PPOStage(cfg.ppo, tok, load_prompts(cfg.ppo.prompts), ac, load_model(run / "sft")[0],
-                         Reward("zero", run, tok, "cpu"), info["model"], ptx=Text() if coef else None)
-        losses.append(stage.loss(ac, stage.micro_batch(0, 0, 0, 1)).item())
+        stage = RLStage("ppo", cfg.ppo, PPO(cfg.ppo), tok, load_prompts(cfg.ppo.prompts), ac,
+                        load_model(run / "sft")[0], Reward("zero", run, tok, "cpu"), info["model"],
+                        ptx=Text() if coef else None)
+        batch, _, log = first_micro_batch(stage)
+        losses.append(stage.algo.loss(ac, batch, log).item())
     x, y = Text().micro_batch(0, 0, 1, 1, 0, 1)
     lm = load_model(run / "sft")[0](x, targets=y).item()
-    assert stage.update_stats[0]["ptx_loss"] == pytest.approx(lm, rel=1e-5)
+    assert log.updates[0]["ptx_loss"] == pytest.approx(lm, rel=1e-5)
     assert losses[1] - losses[0] == pytest.approx(2.0 * lm, rel=1e-4)
 
 

@@ -1,9 +1,9 @@
-"""Loss aggregation (train/rl.py ``loss_weights``, ``<stage>.loss_agg``): for each of token-mean,
+"""Loss aggregation (train/rl_loss.py ``loss_weights``, ``<stage>.loss_agg``): for each of token-mean,
 seq-mean-token-mean and seq-mean-token-sum-norm, PPO and GRPO give one minibatch of 8 answers the same
 gradients as one micro-batch, as 2 micro-batches of 4 (grad_accum=2), and as 2 ``torchrun`` ranks of 4
 (DDP, gloo): the normaliser counts the whole minibatch, on every rank, not each piece.
 
-The answers are fixed, not sampled (``rl.rollout`` is replaced), so every way of splitting sees the same
+The answers are fixed, not sampled (``experience.rollout`` is replaced), so every way of splitting sees the same
 8 answers; the first four are short and the last four long, so a normaliser that counted each piece's
 own tokens would give the halves different weights (checked: it fails token-mean by far).
 """
@@ -17,17 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ppo import world_fixture  # noqa: F401  (the `world` fixture: the shared tiny run)
+from test_ppo import collect, world_fixture  # noqa: F401  (the `world` fixture: the shared tiny run)
 
 from chatfactory.config import Config, GRPOConfig, PPOConfig
-from chatfactory.train import rl
-from chatfactory.train.grpo import GRPOStage
+from chatfactory.train import experience, rl
+from chatfactory.train.grpo import GRPO
 from chatfactory.train.loop import setup_dist
-from chatfactory.train.ppo import PPOStage
+from chatfactory.train.ppo import PPO
+from chatfactory.train.rl_loss import AGGREGATIONS
 from chatfactory.train.rollout import pad_batch
 
 TESTS = Path(__file__).resolve().parent
-AGGS = list(rl.AGGREGATIONS)
+AGGS = list(AGGREGATIONS)
 TOL = 1e-5  # fp32 round-off, relative to each gradient's largest entry
 
 # short answers first, long ones after; a few never end (no <|end|>)
@@ -62,22 +63,24 @@ def gradients(root: Path, algo: str, agg: str, grad_accum: int, own_norm: bool =
                   seed=3, device="cpu", progress=False)
     cfg = Config()
     if algo == "ppo":
-        cfg.ppo, cls, group = PPOConfig(**common, rollout_batch=8 // d.world, critic_from=str(run / "sft")), PPOStage, 1
+        cfg.ppo = PPOConfig(**common, rollout_batch=8 // d.world, critic_from=str(run / "sft"))
+        algorithm, group = PPO(cfg.ppo), 1
     else:
-        cfg.grpo, cls, group = GRPOConfig(**common, rollout_batch=2 // d.world, group_size=4), GRPOStage, 4
-    stage, _ = rl.build_rl(cfg, run, d, algo, cls)
-    order = [tuple(stage.prompt_ids[i])
-             for r in range(d.world) for i in stage.prompts_for(0, r, d.world)]  # every rank's
-    real, rl.rollout = rl.rollout, _fixed_rollout(order, group, stage.tok)
+        cfg.grpo = GRPOConfig(**common, rollout_batch=2 // d.world, group_size=4)
+        algorithm, group = GRPO(cfg.grpo), 4
+    stage, _ = rl.build_rl(cfg, run, d, algo, algorithm)
+    rollouts = stage.rollouts
+    order = [tuple(rollouts.prompt_ids[i]) for r in range(d.world) for i in rollouts.prompts_for(0, r, d.world)]
+    real, experience.rollout = experience.rollout, _fixed_rollout(order, group, rollouts.tok)  # every rank's order
     try:
         model = torch.nn.parallel.DistributedDataParallel(stage.ac) if d.world > 1 else stage.ac
-        for micro in range(grad_accum):
-            batch = stage.micro_batch(0, micro, d.rank, d.world)
+        exp, log = collect(stage, 0, d.rank, d.world)
+        for batch in next(rollouts.minibatches(exp, 0, d.rank, d.world)):  # the first update's micro-batches
             if own_norm:
                 batch["loss_norm"] = batch["answer_mask"].sum().float()
-            (stage.loss(model, batch) / grad_accum).backward()
+            (stage.algo.loss(model, batch, log) / grad_accum).backward()
     finally:
-        rl.rollout = real
+        experience.rollout = real
     return {n: p.grad.clone() for n, p in stage.ac.named_parameters() if p.grad is not None}
 
 

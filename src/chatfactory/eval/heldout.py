@@ -10,10 +10,12 @@ Two splits of the embedded tasks (data/tasks.py), two uses:
            ``chars_per_token`` measures the tokenizer on the held-out prompts' text, per language.
   dev      chooses. ``dev_scores`` judges one policy (a stage of the run, or a model in memory such as
            a PPO iteration under consideration) on RUN/tasks/dev.jsonl the same way, against SFT's
-           replies to the same prompts; ``choose_on_dev`` picks the best of several candidates and
-           returns the record a stage puts in its result as ``dev_choice``, which the report states.
+           replies to the same prompts; ``choose_on_dev`` (train/selection.py, where the RL stages'
+           ``keep_best`` uses it) picks the best of several candidates and returns the record a stage
+           puts in its result as ``dev_choice``, which the report states.
 
-    from chatfactory.eval.heldout import dev_scores, choose_on_dev
+    from chatfactory.eval.heldout import dev_scores
+    from chatfactory.train.selection import choose_on_dev
     scores = {str(it): dev_scores(cfg, run_dir, policy_at[it]) for it in (10, 20, 30)}
     result["dev_choice"] = choose_on_dev("ppo iteration", scores)
 
@@ -34,6 +36,7 @@ from ..data.jsonl import read_jsonl
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
 from ..inference.engine import Engine, SamplingParams
+from ..inference.replies import chat_replies
 from ..store.checkpoint import has_checkpoint
 from ..store.files import atomic_write_text
 from ..store.load import load_model
@@ -75,26 +78,14 @@ def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: flo
     return out
 
 
-@torch.no_grad()
-def chat_replies(model, tok, rows, max_tokens: int, temperature: float, seed: int, batch_size: int = 64):
-    """(texts, ids) of one sampled reply per prompt row; ids keep their <|end|>, texts do not."""
-    engine, texts, ids_out = Engine(model, vocab_limit=tok.vocab_size), [], []
-    limit = model.cfg.block_size - max_tokens
-    for b in range(0, len(rows), batch_size):
-        prompts = [tok.chat_prompt(r["messages"])[-limit:] for r in rows[b:b + batch_size]]
-        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=(tok.end_id,))
-        for ids in engine.generate(prompts, p):
-            ids_out.append(ids)
-            texts.append(tok.decode([t for t in ids if t != tok.end_id]))
-    return texts, ids_out
-
-
 def replies_of(model, tok, rows: list[dict], settings, plain: bool = False):
     """(texts, ids) of the replies the evaluation samples (``pipeline`` settings: temperature, length,
     seed); ``plain``: a base model without a chat template, prompted with plain text (ids None)."""
     torch.manual_seed(settings.eval_seed)
     args = (model, tok, rows, settings.eval_max_tokens, settings.eval_temperature, settings.eval_seed)
-    return (base_answers(*args), None) if plain else chat_replies(*args)
+    if plain:
+        return base_answers(*args), None
+    return chat_replies(*args, room=model.cfg.block_size - settings.eval_max_tokens)
 
 
 @torch.no_grad()
@@ -300,15 +291,3 @@ def dev_scores(cfg, run_dir, policy, n: int = 0) -> dict:
     wr = win_vs(rows, replies, sft) if sft is not None else {}
     out.update(win_rate_vs_sft=wr.get("win_rate"), wins_ties_losses=[wr.get(k) for k in ("wins", "ties", "losses")])
     return out
-
-
-def choose_on_dev(what: str, candidates: dict[str, dict], by: str = "gold_score") -> dict:
-    """The candidate (e.g. a PPO iteration, a β) whose ``dev_scores`` are highest on ``by``; the first
-    listed wins a tie. Returns the record the report states: {"what", "chose", "by", "n", "candidates":
-    {name: {"accuracy", "gold_score", "win_rate_vs_sft"}}}."""
-    if not candidates:
-        raise ValueError(f"choose_on_dev({what!r}): no candidates")
-    best = max(candidates, key=lambda name: (candidates[name][by] is not None, candidates[name][by] or 0.0))
-    keep = ("accuracy", "gold_score", "win_rate_vs_sft")
-    return {"what": what, "chose": best, "by": by, "n": next(iter(candidates.values())).get("n"),
-            "candidates": {name: {k: s.get(k) for k in keep} for name, s in candidates.items()}}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.scorer import load_scorer
-from ..inference.engine import Engine, SamplingParams
+from ..inference.replies import chat_replies
 
 Judge = Callable[[dict, str], float]
 
@@ -50,16 +50,10 @@ def load_judge(spec: str, tok) -> Judge:
 
 def answers(model, tok, rows: list[dict], max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
             batch_size: int = 16) -> list[str]:
-    """One reply per prompt row (``{"messages": [... ending in a user turn]}``), decoded up to ``<|end|>``."""
-    engine = Engine(model, vocab_limit=tok.vocab_size)
-    out = []
-    limit = model.cfg.block_size - max(1, min(max_tokens, model.cfg.block_size // 2))
-    for b in range(0, len(rows), batch_size):
-        prompts = [tok.chat_prompt(r["messages"])[-limit:] for r in rows[b:b + batch_size]]
-        p = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + b, stop_ids=(tok.end_id,))
-        for ids in engine.generate(prompts, p):
-            out.append(tok.decode([t for t in ids if t != tok.end_id]))
-    return out
+    """One reply per prompt row (``{"messages": [... ending in a user turn]}``), decoded up to ``<|end|>``;
+    a prompt keeps at least half the context (inference/replies.py)."""
+    room = model.cfg.block_size - max(1, min(max_tokens, model.cfg.block_size // 2))
+    return chat_replies(model, tok, rows, max_tokens, temperature, seed, batch_size, room)[0]
 
 
 def win_rate(model_a, model_b, tok, rows: list[dict], judge: Judge, max_tokens: int = 64, temperature: float = 0.0,
@@ -83,20 +77,3 @@ def compare(rows: list[dict], replies_a: list[str], replies_b: list[str], judge:
     n = len(rows)
     return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": losses, "n": n,
             "score_a": sa / n, "score_b": sb / n}
-
-
-@torch.no_grad()
-def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, temperature: float = 1.0,
-               seed: int = 0, batch_size: int = 64) -> float:
-    """Mean ``scorer(row, answer_text)`` of the policy's sampled answers to prompt ``rows`` (an answer that
-    never ends is scored as it stands). Temperature 0 is greedy."""
-    total = 0.0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        prompts = [tok.chat_prompt(r["messages"]) for r in chunk]
-        outs = Engine(policy, vocab_limit=tok.vocab_size).generate(
-            prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed + i,
-                                    stop_ids=(tok.end_id,)))
-        for r, ids in zip(chunk, outs):
-            total += float(scorer(r, tok.decode([t for t in ids if t != tok.end_id])))
-    return total / max(1, len(rows))

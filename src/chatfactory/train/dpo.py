@@ -31,7 +31,7 @@ from ..store.checkpoint import resolve_stage
 from ..store.load import load_model
 from .loop import train
 from .pairs import PairInputs, PairStage, pair_inputs, pair_right
-from .rl import frozen, no_dropout
+from .rl_models import frozen, no_dropout
 
 
 def answer_logps(model, idx: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:

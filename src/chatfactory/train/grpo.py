@@ -23,7 +23,8 @@ import torch
 
 from ..config import Config
 from .ppo import gae, policy_loss, token_rewards
-from .rl import RLStage, aggregate, kl_k1, kl_k3, masked_mean, run_rl
+from .rl import run_rl
+from .rl_loss import aggregate, kl_k1, kl_k3, masked_mean
 from .rollout import answer_logprobs, logprobs_and_entropy
 
 
@@ -45,34 +46,42 @@ def kl_shaped_advantages(adv: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     return gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)[0]
 
 
-class GRPOStage(RLStage):
-    name = "grpo"
+def group_baseline(score: torch.Tensor, settings) -> torch.Tensor:
+    """(B,) scores -> (B,) advantages: GRPO's group normalisation (``scale_rewards``: over the group's std)."""
+    return group_advantages(score, settings.group_size, settings.scale_rewards)
 
-    def rollout_rows(self) -> int:
-        return self.settings.rollout_batch * self.settings.group_size
 
-    @property
-    def kl_in_reward(self) -> bool:
-        return self.settings.kl_coef > 0 and self.settings.kl_estimator == "k1"
+class GRPO:
+    """A group-baseline algorithm's part of an RL stage (train/rl.py runs the iteration): ``baseline``
+    turns the (B,) scores of ``group_size`` answers per prompt into advantages (GRPO's group
+    normalisation here; RLOO's leave-one-out mean, train/rloo.py); no critic; PPO's clipped loss; the KL
+    to the reference as a loss term (k3) or a per-token reward (k1)."""
 
-    def needs_old_logp(self) -> bool:
-        return super().needs_old_logp() or self.kl_in_reward  # k1 is measured on the sampling policy, as PPO's
+    def __init__(self, settings, baseline=group_baseline):
+        self.settings, self.baseline, self.kl_coef = settings, baseline, settings.kl_coef
+        self.group = settings.group_size
+        self.kl_in_reward = settings.kl_coef > 0 and settings.kl_estimator == "k1"
+        # the sampling policy's log-probs need a forward pass of their own only if several updates share a
+        # rollout (later ones need the ratio to the old policy) or k1 is measured on them; with one update
+        # they are the live log-probs, detached, and the pass is skipped (TRL does the same)
+        self.needs_old_logp = settings.ppo_epochs * settings.minibatches > 1 or self.kl_in_reward
 
-    def baseline(self, score: torch.Tensor) -> torch.Tensor:
-        """(B,) scores -> (B,) advantages: GRPO's group normalisation."""
-        return group_advantages(score, self.settings.group_size, self.settings.scale_rewards)
+    def make_critic(self, run_dir, reward, device) -> None:
+        return None
 
-    def advantages(self, exp):
+    def advantages(self, exp: dict, log) -> dict:
+        """-> {"advantages": (B, A)}: each answer's baseline advantage on its tokens, or with k1 shaped by
+        the KL still to come; logs the reward."""
         s, mask, score = self.settings, exp["answer_mask"].float(), exp["score"]
-        adv = self.baseline(score)
+        adv = self.baseline(score, s)
         if not self.kl_in_reward:
-            self.iter_stats["reward"] = score.mean()
+            log.rollout["reward"] = score.mean()
             return {"advantages": adv[:, None] * mask}
         kl = kl_k1(exp["old_logp"], exp["ref_logp"]) * mask
-        self.iter_stats["reward"] = (score - s.kl_coef * kl.sum(1)).mean()
+        log.rollout["reward"] = (score - s.kl_coef * kl.sum(1)).mean()
         return {"advantages": kl_shaped_advantages(adv, kl, mask, s.kl_coef)}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch: dict, log) -> torch.Tensor:
         s = self.settings
         mask = batch["answer_mask"].float()
         logits = model(batch)["logits"]
@@ -86,7 +95,7 @@ class GRPOStage(RLStage):
         loss = aggregate(per_token, batch)
         stats["pg_loss"] = loss.detach()
         if "old_logp" not in batch:
-            self.mismatch.add(logp, batch)  # before the update: these are the weights that sampled
+            log.mismatch.add(logp, batch)  # before the update: these are the weights that sampled
             with torch.no_grad():
                 stats["entropy"] = masked_mean(ent, mask)
                 if "ref_logp" in batch:
@@ -95,7 +104,7 @@ class GRPOStage(RLStage):
             kl = aggregate(kl_k3(logp, batch["ref_logp"]), batch)
             loss = loss + s.kl_coef * kl
             stats["kl_loss"] = kl.detach()
-        self.record(stats)
+        log.record(stats)
         return loss
 
 
@@ -110,4 +119,4 @@ def check_group_settings(settings, name: str) -> None:
 def run_grpo(cfg: Config, run_dir) -> dict:
     """GRPO from ``grpo.init_from`` against ``grpo.reward``; writes ``run_dir/grpo``. Re-running resumes."""
     check_group_settings(cfg.grpo, "grpo")
-    return run_rl(cfg, run_dir, "grpo", GRPOStage)
+    return run_rl(cfg, run_dir, "grpo", GRPO(cfg.grpo))

@@ -253,143 +253,199 @@ def _to(batch, device):
     return batch
 
 
-def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: Dist | None = None) -> dict:
-    """Train ``model`` for ``cfg.steps`` optimizer steps, resuming from ``stage_dir`` if it holds a
-    checkpoint. Returns the last metrics (train loss and the final evaluation)."""
-    d = d or setup_dist(cfg.device)
-    stage_dir = Path(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(stage_dir / "metrics.jsonl", d.main)
-    fsdp = use_fsdp(stage, cfg, d)
-    # sharding moves the weights to the device block by block; unsharded, the whole model goes now
-    home = torch.device("cpu") if fsdp else d.device
-    model.to(home)
-    start, elapsed, saved_opt = 0, 0.0, None
+class Trainer:
+    """The training machinery every stage shares, as pieces a stage's loop calls: made, it has set up the
+    device, DDP or FSDP2, resumed from ``stage_dir``'s checkpoint (``start``: the step to continue from)
+    and made the optimizer; ``step`` takes one optimizer step on the micro-batches it is given;
+    ``evaluating``/``log`` record an evaluation; ``checkpoint`` saves; ``finish`` returns the last
+    metrics. ``stage`` names the run and says what its checkpoint holds (a ``Stage``). ``train`` below is
+    the loop of the stages that hand out micro-batches; train/rl.py drives its own iterations."""
 
-    if d.main and has_checkpoint(stage_dir):
-        repair_checkpoint(stage_dir)  # the writer: finish or discard a save a kill cut short (maybe the first)
-    if d.world > 1:
-        dist.barrier()
-    if has_checkpoint(stage_dir):
-        weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
-        if state is None:
-            raise CheckpointError(f"{stage_dir / 'state.pt'}: missing, so the run in {stage_dir} cannot resume "
-                                  f"(it holds final weights only; use a new output directory)")
-        if saved_cfg.get("lora") != stage.info.get("lora"):
-            raise CheckpointError(f"{stage_dir}: trained with lora={saved_cfg.get('lora')}, but this run asks for "
-                                  f"lora={stage.info.get('lora')} (resume with the same lora settings, "
-                                  f"or use a new output directory)")
-        stage.restore_weights(model, {k: v.to(home) for k, v in weights.items()}, state,
-                              str(stage_dir / "model.safetensors"))
-        del weights  # a whole copy of the model: not kept for the run
-        saved_opt, start, elapsed = state.pop("optimizer"), int(state["step"]), float(state.get("elapsed", 0.0))
-        metrics.truncate_after(start)
-        if d.main and start < cfg.steps:
-            print(f"[{stage.name}] resuming from step {start} in {stage_dir}")
-    else:
-        metrics.truncate_after(0)  # rows of a run killed before its first checkpoint: work that is redone
-    if d.world > 1:
-        dist.barrier()  # rank 0 has truncated metrics before anyone writes
+    def __init__(self, stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: Dist | None = None):
+        self.stage, self.cfg = stage, cfg
+        self.d = d = d or setup_dist(cfg.device)
+        self.dir = Path(stage_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics(self.dir / "metrics.jsonl", d.main)
+        self.fsdp = use_fsdp(stage, cfg, d)
+        # sharding moves the weights to the device block by block; unsharded, the whole model goes now
+        home = torch.device("cpu") if self.fsdp else d.device
+        model.to(home)
+        saved_opt = self._resume(model, home)
 
-    if cfg.activation_checkpointing:
-        memory.checkpoint_blocks(model)
-    raw_model = model
-    if fsdp:
-        if cfg.compile:  # blocks compiled before sharding, as torchtitan does; FSDP's hooks stay eager
-            for block in memory.transformer_blocks(model):
-                block.compile()
-        memory.shard(model, d.device, d.world)
-    elif cfg.compile:
-        model = torch.compile(model)
-    if d.world > 1 and not fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    # made after sharding: FSDP2 replaces each parameter with its shard
-    opt = make_optimizer(raw_model, cfg, d.device)
-    if saved_opt is not None:
-        memory.load_optimizer_state(opt, saved_opt)
-        saved_opt = None  # the whole optimizer state (twice the model) is not kept for the run either
-    autocast = autocast_for(d, cfg.dtype)
+        if cfg.activation_checkpointing:
+            memory.checkpoint_blocks(model)
+        self.raw_model = model
+        if self.fsdp:
+            if cfg.compile:  # blocks compiled before sharding, as torchtitan does; FSDP's hooks stay eager
+                for block in memory.transformer_blocks(model):
+                    block.compile()
+            memory.shard(model, d.device, d.world)
+        elif cfg.compile:
+            model = torch.compile(model)
+        if d.world > 1 and not self.fsdp:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.model = model
+        # made after sharding: FSDP2 replaces each parameter with its shard
+        self.opt = make_optimizer(self.raw_model, cfg, d.device)
+        if saved_opt is not None:
+            memory.load_optimizer_state(self.opt, saved_opt)
+            del saved_opt  # the whole optimizer state (twice the model) is not kept for the run either
+        self.autocast = autocast_for(d, cfg.dtype)
+        raw = self.raw_model
+        self.flops_tok = raw.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw, "flops_per_token") else 0
+        self.peak = float(all_reduce_sum(torch.tensor(peak_flops(d.device, cfg.dtype), dtype=torch.float64)))
+        self.last: dict = {}
+        self.bar = tqdm(total=cfg.steps, initial=self.start, desc=stage.name, disable=not (d.main and cfg.progress),
+                        dynamic_ncols=True)
+        self._begun, self._t0, self.lr = None, 0.0, cfg.lr
+        self.model.train()
 
-    flops_tok = (raw_model.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw_model, "flops_per_token")
-                 else 0)
-    peak = float(all_reduce_sum(torch.tensor(peak_flops(d.device, cfg.dtype), dtype=torch.float64)))
-    last: dict = {}
-
-    def checkpoint(step: int) -> None:
-        if fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps the result
-            weights, extra, opt_state = (memory.full_weights(raw_model, d.main), {},
-                                         memory.full_optimizer_state(opt, d.main))
-        elif d.main:
-            (weights, extra), opt_state = stage.checkpoint_weights(raw_model), opt.state_dict()
-        if d.main:
-            state = {"optimizer": opt_state, "elapsed": elapsed, **extra}
-            info = {"stage": stage.name, "model": stage.model_config,
-                    "finished": step >= cfg.steps and not stage.finishes_itself, **stage.info}
-            save_checkpoint(stage_dir, weights, info, state, step)
+    def _resume(self, model, home):
+        """Continue from the checkpoint in the stage directory, if any (``start``, ``elapsed``, the
+        weights); drop metrics rows past it. -> the saved optimizer state, or None."""
+        d, stage, stage_dir = self.d, self.stage, self.dir
+        self.start, self.elapsed, saved_opt = 0, 0.0, None
+        if d.main and has_checkpoint(stage_dir):
+            repair_checkpoint(stage_dir)  # the writer: finish or discard a save a kill cut short (maybe the first)
         if d.world > 1:
             dist.barrier()
+        if has_checkpoint(stage_dir):
+            weights, saved_cfg, state = load_checkpoint(stage_dir, with_state=True)
+            if state is None:
+                raise CheckpointError(f"{stage_dir / 'state.pt'}: missing, so the run in {stage_dir} cannot resume "
+                                      f"(it holds final weights only; use a new output directory)")
+            if saved_cfg.get("lora") != stage.info.get("lora"):
+                raise CheckpointError(f"{stage_dir}: trained with lora={saved_cfg.get('lora')}, but this run asks for "
+                                      f"lora={stage.info.get('lora')} (resume with the same lora settings, "
+                                      f"or use a new output directory)")
+            stage.restore_weights(model, {k: v.to(home) for k, v in weights.items()}, state,
+                                  str(stage_dir / "model.safetensors"))
+            del weights  # a whole copy of the model: not kept for the run
+            saved_opt, self.start = state.pop("optimizer"), int(state["step"])
+            self.elapsed = float(state.get("elapsed", 0.0))
+            self.metrics.truncate_after(self.start)
+            if d.main and self.start < self.cfg.steps:
+                print(f"[{stage.name}] resuming from step {self.start} in {stage_dir}")
+        else:
+            self.metrics.truncate_after(0)  # rows of a run killed before its first checkpoint: work that is redone
+        if d.world > 1:
+            dist.barrier()  # rank 0 has truncated metrics before anyone writes
+        return saved_opt
 
-    def evaluate(step: int) -> None:
-        model.eval()
-        with torch.no_grad(), autocast, memory.gathered(raw_model):
-            res = stage.evaluate(raw_model, d)
-        model.train()
-        if res:
-            metrics.log({"step": step, **res})
-            last.update(res)
-            if d.main and not cfg.progress:
-                print(f"[{stage.name}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+    def begin(self, step: int) -> None:
+        """Start optimizer step ``step``: its clock, the random generators re-seeded from (seed, step, rank),
+        its learning rate. ``step`` calls it; a stage calls it earlier for work that belongs to the step
+        (an RL iteration's rollout is part of its first update)."""
+        if self._begun == step:
+            return
+        self._begun, self._t0 = step, time.perf_counter()
+        reseed(self.cfg.seed, step, self.d.rank)
+        self.lr = lr_at(step, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, disable=not (d.main and cfg.progress),
-               dynamic_ncols=True)
-    model.train()
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        reseed(cfg.seed, step, d.rank)
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    def step(self, step: int, micro_batches, loss_fn, count_tokens) -> None:
+        """Optimizer step ``step`` on ``micro_batches`` (``grad_accum`` of them, made as they are asked
+        for): ``loss_fn(model, batch)`` under autocast, backward with the loss / grad_accum, the gradients
+        clipped, the optimizer stepped; the step's row of metrics.jsonl and the progress bar."""
+        cfg, d = self.cfg, self.d
+        self.begin(step)
         loss_sum = torch.zeros((), device=d.device)
         n_tok = 0
-        for micro in range(cfg.grad_accum):
-            batch = _to(stage.micro_batch(step, micro, d.rank, d.world), d.device)
+        for micro, batch in enumerate(micro_batches):
+            batch = _to(batch, d.device)
             # DDP all-reduces only the last micro-batch's gradients; FSDP reduce-scatters each one (its
             # gradients stay sharded, which is the memory it saves)
-            sync = (model.no_sync() if (d.world > 1 and not fsdp and micro < cfg.grad_accum - 1)
+            sync = (self.model.no_sync() if (d.world > 1 and not self.fsdp and micro < cfg.grad_accum - 1)
                     else contextlib.nullcontext())
             with sync:
-                with autocast:
-                    loss = stage.loss(model, batch)
+                with self.autocast:
+                    loss = loss_fn(self.model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-            n_tok += stage.token_count(batch)
-        grad_norm = (memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip))
+            n_tok += count_tokens(batch)
+        grad_norm = (memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip))
                      if cfg.grad_clip > 0 else torch.zeros(()))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         stats = all_reduce_sum(torch.stack([loss_sum / cfg.grad_accum,
                                             torch.tensor(float(n_tok), device=d.device)]).float())
         if d.device.type == "cuda":
             torch.cuda.synchronize(d.device)
-        dt = time.perf_counter() - t0
-        elapsed += dt
+        dt = time.perf_counter() - self._t0
+        self.elapsed += dt
         done = step + 1
         train_loss, tokens = stats[0].item() / d.world, stats[1].item()
         tok_s = tokens / dt
-        mfu = flops_tok * tok_s / peak if peak else 0.0
-        last.update(loss=train_loss)
+        mfu = self.flops_tok * tok_s / self.peak if self.peak else 0.0
+        self.last.update(loss=train_loss)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            metrics.log({"step": done, "loss": round(train_loss, 6), "lr": lr, "grad_norm": float(grad_norm),
-                         "tok_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(elapsed, 3)})
-        bar.set_postfix_str(f"loss {train_loss:.4f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}")
-        bar.update(1)
-        if cfg.eval_every and (done % cfg.eval_every == 0) and done != cfg.steps:
-            evaluate(done)
-        if done == cfg.steps:
-            evaluate(done)
-        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or done == cfg.steps:
-            checkpoint(done)
-    bar.close()
-    last["elapsed"] = elapsed
-    return last
+            self.metrics.log({"step": done, "loss": round(train_loss, 6), "lr": self.lr, "grad_norm": float(grad_norm),
+                              "tok_s": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed": round(self.elapsed, 3)})
+        self.bar.set_postfix_str(f"loss {train_loss:.4f} | {tok_s:,.0f} tok/s | MFU {mfu:.1%}")
+        self.bar.update(1)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The body runs as an evaluation: eval mode, no gradients, the training autocast, FSDP's shards
+        gathered; it yields the unwrapped model."""
+        self.model.eval()
+        with torch.no_grad(), self.autocast, memory.gathered(self.raw_model):
+            yield self.raw_model
+        self.model.train()
+
+    def log(self, step: int, row: dict) -> None:
+        """An evaluation's row of metrics.jsonl (printed too without a progress bar); kept for ``finish``."""
+        if row:
+            self.metrics.log({"step": step, **row})
+            self.last.update(row)
+            if self.d.main and not self.cfg.progress:
+                print(f"[{self.stage.name}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()))
+
+    def evaluate(self, step: int, evaluate) -> None:
+        """``evaluate(model, d) -> row`` as an evaluation, then logged."""
+        with self.evaluating() as model:
+            row = evaluate(model, self.d)
+        self.log(step, row)
+
+    def checkpoint(self, step: int) -> None:
+        """Save weights, optimizer and the stage's extra state atomically, marked finished at the last step
+        (unless the stage finishes itself); every rank takes part."""
+        d, stage = self.d, self.stage
+        if self.fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps the result
+            weights, extra = memory.full_weights(self.raw_model, d.main), {}
+            opt_state = memory.full_optimizer_state(self.opt, d.main)
+        elif d.main:
+            (weights, extra), opt_state = stage.checkpoint_weights(self.raw_model), self.opt.state_dict()
+        if d.main:
+            state = {"optimizer": opt_state, "elapsed": self.elapsed, **extra}
+            info = {"stage": stage.name, "model": stage.model_config,
+                    "finished": step >= self.cfg.steps and not stage.finishes_itself, **stage.info}
+            save_checkpoint(self.dir, weights, info, state, step)
+        if d.world > 1:
+            dist.barrier()
+
+    def finish(self) -> dict:
+        """-> the last metrics: train loss, the last evaluation's entries, and the run's elapsed seconds."""
+        self.bar.close()
+        self.last["elapsed"] = self.elapsed
+        return self.last
+
+
+def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: Dist | None = None) -> dict:
+    """Train ``model`` for ``cfg.steps`` optimizer steps on the stage's micro-batches, resuming from
+    ``stage_dir`` if it holds a checkpoint; evaluate every ``eval_every`` steps and checkpoint every
+    ``ckpt_every`` (and both at the end). Returns the last metrics (train loss and the final evaluation)."""
+    trainer = Trainer(stage, model, cfg, stage_dir, d)
+    rank, world = trainer.d.rank, trainer.d.world
+    for step in range(trainer.start, cfg.steps):
+        micro_batches = (stage.micro_batch(step, micro, rank, world) for micro in range(cfg.grad_accum))
+        trainer.step(step, micro_batches, stage.loss, stage.token_count)
+        done = step + 1
+        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            trainer.evaluate(done, stage.evaluate)
+        if done == cfg.steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+            trainer.checkpoint(done)
+    return trainer.finish()

@@ -1,6 +1,6 @@
 """PPO with a KL penalty to the SFT model: InstructGPT's step 3.
 
-An iteration (one step of ``ppo.steps``; train/rl.py ``RLStage.iteration``) samples answers to
+An iteration (one step of ``ppo.steps``; train/rl.py ``train_rl``) samples answers to
 ``rollout_batch`` prompts with the current policy, scores them, turns the scores into advantages and
 takes ``ppo_epochs x minibatches`` clipped-PPO optimizer steps on that experience. What is PPO's own:
 
@@ -12,7 +12,7 @@ takes ``ppo_epochs x minibatches`` clipped-PPO optimizer steps on that experienc
 * loss = clipped-ratio policy loss + vf_coef * clipped value loss (+ ptx_coef * pretraining loss);
 * beta is fixed, or adapted toward ``target_kl`` after each rollout (Ziegler et al. 2019).
 
-The policy, reference, reward model and critic all run with dropout off. With LoRA (train/lora.py) the
+The policy, reference, reward model and critic all run with dropout off. With LoRA (model/lora.py) the
 policy and the critic's backbone train adapters only, and the reference is the policy with them off.
 ``model.safetensors`` holds the policy (``load_model`` reads it); the critic and beta ride in state.pt.
 
@@ -32,7 +32,8 @@ from ..store.checkpoint import resolve_stage, stage_config
 from ..store.load import load_model
 from .loop import all_reduce_sum
 from .reward import RewardModel, load_reward_model
-from .rl import RLStage, aggregate, kl_k1, masked_mean, run_rl
+from .rl import run_rl
+from .rl_loss import aggregate, kl_k1, masked_mean
 from .rollout import answer_logprobs
 
 
@@ -107,38 +108,44 @@ def adapt_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n: int
     return kl_coef * (1.0 + error * n / horizon)
 
 
-class PPOStage(RLStage):
-    name = "ppo"
+class PPO:
+    """PPO's part of an RL stage (train/rl.py runs the iteration): the critic, GAE advantages of the
+    KL-shaped token rewards, the clipped policy + value loss (+ ptx), and beta's controller."""
 
-    @staticmethod
-    def make_critic(settings, run_dir, reward, device):
+    group = 1  # one answer per prompt
+    needs_old_logp = True  # the KL penalty in the rewards is measured on the sampling policy
+
+    def __init__(self, settings):
+        self.settings, self.kl_coef = settings, settings.kl_coef
+
+    def make_critic(self, run_dir, reward, device) -> nn.Module:
         """The value network: the reward model itself (InstructGPT), a reward-model stage, or a fresh zero
         head on a copy of another stage's backbone (so the first advantages are the rewards alone)."""
-        if not settings.critic_from and reward.model is not None:
+        s = self.settings
+        if not s.critic_from and reward.model is not None:
             return copy.deepcopy(reward.model).train().requires_grad_(True)
-        src_dir = resolve_stage(run_dir, settings.critic_from or settings.init_from, "ppo.critic_from")
+        src_dir = resolve_stage(run_dir, s.critic_from or s.init_from, "ppo.critic_from")
         if stage_config(src_dir).get("kind") == "reward":
             return load_reward_model(src_dir, device).train().requires_grad_(True)
         critic = RewardModel(load_model(src_dir, device)[0]).to(device)
         nn.init.zeros_(critic.head.weight)
         return critic.requires_grad_(True)
 
-    def needs_old_logp(self):
-        return True  # the KL penalty in the rewards is measured on the sampling policy
-
-    def advantages(self, exp):
+    def advantages(self, exp: dict, log) -> dict:
+        """-> {"advantages" (whitened over every rank's real answer tokens), "returns"}; logs the reward and,
+        with ``adaptive_kl``, moves beta for the next rollout by this one's KL (the mean over ranks)."""
         s, mask = self.settings, exp["answer_mask"].float()
         kl = kl_k1(exp["old_logp"], exp["ref_logp"])
         rewards = token_rewards(exp["score"], kl, mask, self.kl_coef)
         adv, returns = gae(rewards, exp["old_values"], mask, s.gamma, s.lam)
-        self.iter_stats["reward"] = rewards.sum(1).mean()
-        if s.adaptive_kl:  # the next rollout's beta, from this one's KL (the mean over ranks)
+        log.rollout["reward"] = rewards.sum(1).mean()
+        if s.adaptive_kl:
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            kl_now = float(all_reduce_sum(self.iter_stats["kl"].detach().double().clone())) / world
-            self.kl_coef = adapt_kl_coef(self.kl_coef, kl_now, s.target_kl, s.kl_horizon, self.rollout_rows() * world)
+            kl_now = float(all_reduce_sum(log.rollout["kl"].detach().double().clone())) / world
+            self.kl_coef = adapt_kl_coef(self.kl_coef, kl_now, s.target_kl, s.kl_horizon, s.rollout_batch * world)
         return {"advantages": masked_whiten(adv, mask), "returns": returns}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch: dict, log) -> torch.Tensor:
         s = self.settings
         mask = batch["answer_mask"].float()
         out = model(batch, batch.get("ptx"))
@@ -151,10 +158,10 @@ class PPOStage(RLStage):
         if out["ptx_loss"] is not None:
             loss = loss + s.ptx_coef * out["ptx_loss"]
             stats["ptx_loss"] = out["ptx_loss"].detach()
-        self.record(stats)
+        log.record(stats)
         return loss
 
 
 def run_ppo(cfg: Config, run_dir) -> dict:
     """PPO from ``ppo.init_from`` against ``ppo.reward``; writes ``run_dir/ppo``. Re-running resumes."""
-    return run_rl(cfg, run_dir, "ppo", PPOStage)
+    return run_rl(cfg, run_dir, "ppo", PPO(cfg.ppo))

@@ -1,4 +1,5 @@
-"""Which RL iteration to keep, chosen on the dev prompts (``<stage>.keep_best=true``).
+"""The RL stages' gold evaluation (``gold_score``), and which iteration to keep, chosen on the dev prompts
+(``<stage>.keep_best=true``).
 
 A small reward model is easy to fool: under PPO its score keeps rising while the answers' true quality
 (the gold score) peaks and then falls. InstructGPT's labelers judged a validation set to pick among
@@ -16,8 +17,28 @@ from __future__ import annotations
 
 import torch
 
-from ..eval.heldout import choose_on_dev
+from ..inference.replies import chat_replies
 from ..store.checkpoint import load_checkpoint, save_checkpoint, unique_state_dict
+
+
+def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, temperature: float = 1.0,
+               seed: int = 0, batch_size: int = 64) -> float:
+    """Mean ``scorer(row, answer_text)`` of the policy's sampled answers to prompt ``rows`` (an answer that
+    never ends is scored as it stands). Temperature 0 is greedy."""
+    texts = chat_replies(policy, tok, rows, max_new_tokens, temperature, seed, batch_size)[0]
+    return sum(float(scorer(r, text)) for r, text in zip(rows, texts)) / max(1, len(rows))
+
+
+def choose_on_dev(what: str, candidates: dict[str, dict], by: str = "gold_score") -> dict:
+    """The candidate (e.g. a PPO iteration, a β) whose dev scores (eval/heldout.py ``dev_scores``) are
+    highest on ``by``; the first listed wins a tie. Returns the record the report states: {"what", "chose",
+    "by", "n", "candidates": {name: {"accuracy", "gold_score", "win_rate_vs_sft"}}}."""
+    if not candidates:
+        raise ValueError(f"choose_on_dev({what!r}): no candidates")
+    best = max(candidates, key=lambda name: (candidates[name][by] is not None, candidates[name][by] or 0.0))
+    keep = ("accuracy", "gold_score", "win_rate_vs_sft")
+    return {"what": what, "chose": best, "by": by, "n": next(iter(candidates.values())).get("n"),
+            "candidates": {name: {k: s.get(k) for k in keep} for name, s in candidates.items()}}
 
 
 class BestIteration:
@@ -56,7 +77,7 @@ class BestIteration:
             self.best, self.n_rows = state["best"], state["n_rows"]
 
     def record(self) -> dict:
-        """The choice as the report states it: eval/heldout.py's ``choose_on_dev`` over the evaluated
+        """The choice as the report states it: ``choose_on_dev`` over the evaluated
         iterations in order (the earlier of equal scores wins there too, so it names the kept one)."""
         scores = {str(it): {"n": self.n_rows, "gold_score": g} for it, g in sorted(self.curve.items())}
         choice = choose_on_dev("iteration", scores)

@@ -1,0 +1,97 @@
+"""The networks an RL stage runs: the trained policy and critic as one module (``ActorCritic``), what
+scores an answer (``Reward``), and the switches that make a model a fixed function (``no_dropout``,
+``frozen``; DPO's reference uses them too)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..data.scorer import load_scorer
+from ..store.checkpoint import resolve_stage
+from .reward import load_reward_model
+from .rollout import attention_mask, forward_answers
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off, for good: RL needs the sampling policy and the trained one to be the same function,
+    and DPO the policy and its reference."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "cfg") and hasattr(m.cfg, "dropout"):
+            m.cfg.dropout = 0.0
+    return model
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return no_dropout(model).eval()
+
+
+class ActorCritic(nn.Module):
+    """The trained networks as one module (one optimizer, one DDP wrapper): the policy GPT and an
+    optional critic with ``values(idx, positions, attn_mask) -> (B, T)`` (a RewardModel)."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy, self.critic = no_dropout(policy), (no_dropout(critic) if critic is not None else None)
+
+    def forward(self, batch: dict, ptx=None, policy: bool = True) -> dict:
+        """-> {"logits": (B, A, V) predicting the answer tokens (None if not ``policy``), "values": (B, A)
+        or None, "ptx_loss": next-token loss on ``ptx = (x, y)`` or None}."""
+        out = {"logits": forward_answers(self.policy, batch) if policy else None, "values": None, "ptx_loss": None}
+        if self.critic is not None:
+            # V(state before each answer token), aligned with the logits; the last column is not needed
+            v = self.critic.values(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                                   attn_mask=attention_mask(batch["valid"][:, :-1]))
+            out["values"] = v[:, batch["start"] - 1:]
+        if ptx is not None:
+            out["ptx_loss"] = self.policy(ptx[0], targets=ptx[1])
+        return out
+
+
+class Reward:
+    """What scores a rollout: a reward model (read at the last real token), a scorer function of the
+    prompt row and the decoded answer, or zero."""
+
+    def __init__(self, spec: str, run_dir, tok, device):
+        self.spec, self.tok, self.model, self.fn = spec, tok, None, None
+        if spec == "zero":
+            pass
+        elif ":" in spec and not Path(spec).exists():
+            self.fn = load_scorer(spec)
+        else:
+            self.dir = resolve_stage(run_dir, spec, "reward")
+            self.model = frozen(load_reward_model(self.dir, device))
+
+    def describe(self) -> str:
+        return f"reward model {self.dir}" if self.model is not None else f"reward {self.spec}"
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, rows: list[dict]) -> torch.Tensor:
+        dev = batch["tokens"].device
+        if self.model is not None:
+            return self.model.score(batch["tokens"], batch["last"], positions=batch["positions"],
+                                    attn_mask=attention_mask(batch["valid"])).float()
+        if self.fn is None:
+            return torch.zeros(len(rows), device=dev)
+        scores = []
+        for r, text in zip(rows, self.answer_texts(batch)):
+            s = self.fn(r, text)
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise ValueError(f"scorer {self.spec!r} returned {s!r} (expected a finite number) "
+                                 f"for prompt {r['messages']!r}")
+            scores.append(float(s))
+        return torch.tensor(scores, device=dev)
+
+    def answer_texts(self, batch: dict) -> list[str]:
+        """Each row's answer as text (``<|end|>`` dropped); answers are right-padded, so a row's real
+        tokens are its first ``answer_mask.sum()`` (one transfer for the batch, not one per row)."""
+        ids = batch["tokens"][:, batch["start"]:].tolist()
+        lengths = batch["answer_mask"].sum(1).tolist()
+        return [self.tok.decode([t for t in row[:n] if t != self.tok.end_id]) for row, n in zip(ids, lengths)]
