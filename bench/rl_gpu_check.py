@@ -18,10 +18,10 @@ import test_ppo as W  # noqa: E402
 
 from chatfactory.config import Config, GRPOConfig  # noqa: E402
 from chatfactory.data.preferences import load_prompts  # noqa: E402
-from chatfactory.eval.winrate import gold_score  # noqa: E402
 from chatfactory.store.load import load_model
 from chatfactory.train.grpo import run_grpo  # noqa: E402
 from chatfactory.train.ppo import run_ppo  # noqa: E402
+from chatfactory.train.selection import gold_score  # noqa: E402
 
 
 def main():

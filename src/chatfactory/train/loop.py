@@ -212,7 +212,7 @@ class Stage:
 
     name = "stage"
     model_config: dict = {}
-    info: dict = {}  # more entries for config.json (a LoRA stage's settings: train/lora.py)
+    info: dict = {}  # more entries for config.json (a LoRA stage's settings: model/lora.py)
     fsdp_unsupported: str = ""  # why this stage cannot train under FSDP2 ("": it can)
     # a stage with work after training that belongs to its final weights (the reward model's bias shift)
     # marks its checkpoint finished itself once that work is saved: the loop's last save is then left
