@@ -2,10 +2,11 @@
 
 A stage (pretrain, SFT, reward, …) supplies only what is particular to it, as a ``Stage``:
 ``micro_batch(step, micro, rank, world)``, ``loss(model, batch)``, ``evaluate(model)`` and how many
-tokens a micro-batch holds. This loop owns the rest: device and DDP set-up (or FSDP2, and activation
-checkpointing: memory.py), AdamW with a warmup + cosine schedule, gradient accumulation and clipping,
-bf16 autocast and ``torch.compile`` on CUDA, validation, ``metrics.jsonl``, a progress bar with
-tokens/s and MFU, atomic checkpoints and exact resume.
+tokens a micro-batch holds; ``train`` runs it. The ``Trainer`` owns the rest: device and DDP set-up
+(or FSDP2, and activation checkpointing: memory.py), AdamW with a warmup + cosine schedule, gradient
+accumulation and clipping, bf16 autocast and ``torch.compile`` on CUDA, validation, ``metrics.jsonl``,
+a progress bar with tokens/s and MFU, atomic checkpoints and exact resume. ``train`` is a short loop
+over its pieces; the RL stages drive the same pieces from their own iteration (train/rl.py).
 
 Exact resume rests on two rules: batches are a pure function of the step (the stage's loaders are
 stateless), and the random generators are re-seeded from (seed, step, rank) at the start of every
@@ -208,7 +209,9 @@ def read_metrics(path) -> list[dict]:
 
 # ---------------------------------------------------------------- the loop
 class Stage:
-    """What a training stage provides to ``train``. See pretrain.py for the reference example."""
+    """What a training stage provides: its name and what its checkpoint holds (the ``Trainer``'s part), and
+    for ``train`` its micro-batches, loss and evaluation. See pretrain.py for the reference example; an
+    RL stage (train/rl.py) drives its own iterations and gives only the first part."""
 
     name = "stage"
     model_config: dict = {}
