@@ -250,6 +250,7 @@ def test_server_scheduler_on_a_streamed_model(run):
         sched.run_until_idle()
         answers.append(got)
         memory = Service(model, Tokenizer.load(run / "tokenizer.json"), "x", scheduler=sched).memory
+    # the same ids on any host: at 2.2 MB the head stays resident and the blocks run the whole batch, the same ops
     assert answers[0] == answers[1] and all(len(v) == 6 for v in answers[1].values())
     assert memory == {"memory": "streamed", "memory_budget_mb": 2.2}
     everything = load_streamed(run / "sft", 10**9)[0]
@@ -435,6 +436,7 @@ def test_generate_streamed_matches_resident_and_resumes(run, tmp_path, capsys):
     assert generate(run, tmp_path / "streamed.jsonl", "--max-memory", "2.2MB") == 0
     assert "streamed" in capsys.readouterr().err  # the plan is printed
     resident = (tmp_path / "resident.jsonl").read_text()
+    # byte for byte on any host: the head stays resident and a batch fits one micro-batch, so the same ops run
     assert (tmp_path / "streamed.jsonl").read_text() == resident
     rows = [json.loads(x) for x in resident.splitlines()]
     assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[2]["messages"][-1]["content"] == "hi"
