@@ -37,14 +37,13 @@ from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
 from ..inference.engine import Engine, SamplingParams
 from ..inference.replies import chat_replies
+from ..stages import policies
 from ..store.checkpoint import has_checkpoint
 from ..store.files import atomic_write_text
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer
 from .fewshot import few_shot_table
 from .winrate import compare
-
-POLICIES = ("sft", "ppo", "dpo", "grpo", "rloo")  # chat policies evaluated on the held-out prompts
 
 
 def read_rows(path) -> list[dict]:
@@ -170,7 +169,7 @@ def few_shot(model, tok, path, settings) -> dict:
 
 # ---------------------------------------------------------------- held-out: the report's numbers
 def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
-    """Each of ``stages`` (finished ones, of "pretrain" and POLICIES) answers the held-out prompts; the
+    """Each of ``stages`` (finished policy stages: stages.policies()) answers the held-out prompts; the
     rubric scores each reply. Cached per stage in RUN/eval/<stage>.json (keyed by the checkpoint and
     the settings), so a resumed run reuses them."""
     settings = cfg.pipeline
@@ -208,7 +207,7 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         atomic_write_text(cache, json.dumps(res, indent=1))
         out[stage] = res
     if "sft" in out:
-        for stage in POLICIES[1:] + ("pretrain",):
+        for stage in policies(after=1) + ("pretrain",):
             if stage in out:
                 out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
     for stage, res in out.items():
