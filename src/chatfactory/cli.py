@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .stages import STAGES
+
 EPILOG = """examples:
   chatfactory run                                   # the embedded default, into runs/demo
   chatfactory pretrain --config tiny --out runs/tiny pretrain.steps=100
@@ -65,19 +67,11 @@ def _print_result(stage: str, res: dict) -> None:
 
 
 def cmd_stage(a):
-    """pretrain, sft, reward, dpo, ppo, grpo: the pipeline's entry point of that stage, run alone."""
+    """A stage of the registry (stages.py), run alone: its entry point on the config."""
     from .config import load_config
-    from .pipeline import entry_point
+    from .stages import entry_point
 
     _print_result(a.command, entry_point(a.command)(load_config(a.config, a.overrides), a.out))
-
-
-def cmd_rloo(a):
-    """rloo: a stage of its own (``chatfactory run`` does not run it)."""
-    from .config import load_config
-    from .train.rloo import run_rloo
-
-    _print_result("rloo", run_rloo(load_config(a.config, a.overrides), a.out))
 
 
 def cmd_rlhf(a):
@@ -236,6 +230,17 @@ def _add_serve_parsers(sub):
     e.set_defaults(fn=cmd_feedback)
 
 
+def _add_comparisons_parser(sub, help: str) -> None:
+    p = sub.add_parser("comparisons", help=help)
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--prompts", required=True, help='prompts JSONL: {"messages": [... ending in a user turn], ...}')
+    p.add_argument("--k", type=int, default=None, help="answers per prompt (default: comparisons.k, 4)")
+    p.add_argument("--out", default=None, help="output JSONL (default: RUN/comparisons.jsonl)")
+    p.add_argument("--config", default=None, help="preset or YAML (default: RUN/config.yaml if present)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. comparisons.labeler=pkg.mod:fn")
+    p.set_defaults(fn=cmd_comparisons)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="chatfactory",
                                  description="Build a ChatGPT-style assistant end to end: pretrain, SFT, "
@@ -251,28 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer of a run on its text")
     _add_config_args(p)
     p.set_defaults(fn=cmd_tokenizer)
-    _stage_parser(sub, "pretrain", "pretrain a GPT on raw text (next-token prediction); resumes if interrupted")
-    _stage_parser(sub, "sft", "supervised fine-tuning on chat data (sft.data), from sft.init_from; "
-                              "resumes if interrupted")
-    p = sub.add_parser("comparisons", help="sample K answers per prompt from the run's policy, label them with "
-                                           "comparisons.labeler, write chosen/rejected pairs (JSONL)")
-    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
-    p.add_argument("--prompts", required=True, help='prompts JSONL: {"messages": [... ending in a user turn], ...}')
-    p.add_argument("--k", type=int, default=None, help="answers per prompt (default: comparisons.k, 4)")
-    p.add_argument("--out", default=None, help="output JSONL (default: RUN/comparisons.jsonl)")
-    p.add_argument("--config", default=None, help="preset or YAML (default: RUN/config.yaml if present)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. comparisons.labeler=pkg.mod:fn")
-    p.set_defaults(fn=cmd_comparisons)
-    _stage_parser(sub, "reward", "train the reward model on comparisons (reward.data), from reward.init_from; "
-                                 "resumes if interrupted")
-    _stage_parser(sub, "dpo", "direct preference optimisation on comparisons (dpo.data), SFT as reference; "
-                              "resumes if interrupted")
-    _stage_parser(sub, "ppo", "RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; "
-                              "resumes if interrupted")
-    _stage_parser(sub, "grpo", "GRPO: K answers per prompt, group-normalised advantages, reward = a scorer "
-                               "module:function or the reward model; resumes if interrupted")
-    _stage_parser(sub, "rloo", "RLOO: K answers per prompt, each against the mean score of the others, reward = "
-                               "a scorer module:function or the reward model; resumes if interrupted", cmd_rloo)
+    for stage in STAGES:  # pipeline order; comparisons reads a run, every other stage a config
+        if stage.kind == "data":
+            _add_comparisons_parser(sub, stage.help)
+        else:
+            _stage_parser(sub, stage.name, stage.help)
     p = sub.add_parser("rlhf", help="repeated rounds: comparisons from the current policy -> reward model -> PPO "
                                     "(RUN/rlhf/roundN/)")
     _add_config_args(p)
