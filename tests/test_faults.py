@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from chatfactory.config import TrainConfig
 from chatfactory.store import checkpoint as ck
@@ -53,7 +54,7 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpo
     if failing == MODEL:
         def full(tensors, filename, metadata=None):  # safetensors wraps the OSError in its own error
             open(filename, "wb").write(b"\x00" * 100)
-            raise ck.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         monkeypatch.setattr(ck, "save_file", full)
     elif failing == CONFIG:
         real = type(tmp_path).write_text
