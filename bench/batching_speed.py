@@ -19,7 +19,8 @@ import time
 import torch
 
 from chatfactory.inference.batching import Request, Scheduler
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 
 

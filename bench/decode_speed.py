@@ -25,7 +25,8 @@ import time
 import torch
 
 from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
-from chatfactory.inference.engine import Engine, SamplingParams, default_threads
+from chatfactory.inference.engine import Engine, default_threads
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 
 

@@ -11,7 +11,7 @@ over ``--iters`` iterations after the first (warm-up) of each of ``--rounds`` al
 
 The work is the same; how it is done differs. Ours prefills each prompt once for its group of samples
 and runs it once per group in the reference and policy forwards (train/rollout.py), samples by inverse
-CDF (engine.sample_probs), skips the last answer column in every forward, and decodes its rollouts
+CDF (sampling.sample_probs), skips the last answer column in every forward, and decodes its rollouts
 with the compiled step of decode_step.py (``compile_rollout=true``: a one-off compile in the first
 iteration, which the median leaves out like TRL's first; both first iterations are printed, and so is
 ours with the default eager step); TRL runs every prompt+answer row whole and samples with

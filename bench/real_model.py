@@ -70,7 +70,8 @@ from decode_speed import best_time  # bench/ is on sys.path: this script (and it
 
 from chatfactory.data import tasks
 from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model

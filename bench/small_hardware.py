@@ -63,7 +63,8 @@ from real_model import chat_prompts  # bench/ is on sys.path: this script runs b
 from chatfactory.data import tasks
 from chatfactory.data.shards import open_split
 from chatfactory.eval.lm import stream_loss
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.quant import linear_bytes, parse_spec, quantize_model
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chatfactory.inference.chat import ChatSession, last_finished_stage
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.text.tokenizer import Tokenizer

@@ -17,7 +17,8 @@ from test_reward import (
 )
 
 from chatfactory.config import Config, DPOConfig, LoRAConfig
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from chatfactory.inference.decode_step import DecodeStep
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
 from chatfactory.inference.kv_cache import KVCache
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 
 

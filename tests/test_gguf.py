@@ -265,7 +265,8 @@ def test_smollm2_matches_transformers(smol):
     assert (cfg.depth, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_embeddings and tok.chat_config["eos_token"] == "<|im_end|>"
     # greedy generation, 32 tokens, our KV-cache engine vs transformers' generate
-    from chatfactory.inference.engine import Engine, SamplingParams
+    from chatfactory.inference.engine import Engine
+    from chatfactory.inference.sampling import SamplingParams
 
     prompt = tok.chat_prompt([{"role": "user", "content": "Write one sentence about the sea."}])
     mine = Engine(ours).generate([prompt], SamplingParams(max_tokens=32, temperature=0, stop_ids=()))[0]

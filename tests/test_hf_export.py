@@ -9,7 +9,8 @@ import torch
 
 from chatfactory.cli import main as cli_main
 from chatfactory.formats.hf import export_run, import_hf
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model

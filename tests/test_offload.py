@@ -27,8 +27,9 @@ import torch
 from test_serve import make_run
 
 from chatfactory import cli
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
 from chatfactory.inference.kv_cache import KVCache
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model import quant
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.model.offload import StreamedHead, memory_mode, parse_size

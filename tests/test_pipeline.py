@@ -132,8 +132,8 @@ def test_missing_stage_is_reported_not_faked(tmp_path, monkeypatch):
 def test_the_report_states_what_dev_chose(tmp_path):
     """A stage that chose something on the dev split returns a ``dev_choice`` in its result (kept in
     pipeline.json); report.json lists it under "dev" and report.md says it in a line."""
-    from chatfactory.train.selection import choose_on_dev
     from chatfactory.eval.report import build_json, write_markdown
+    from chatfactory.train.selection import choose_on_dev
 
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "dev.jsonl").write_text('{"messages": []}\n' * 3)

@@ -12,7 +12,8 @@ from test_serve import TEXT, make_run
 
 from chatfactory.cli import main
 from chatfactory.inference.decode_step import DecodeStep
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.model.quant import QuantLinear, linear_bytes, pack_nibbles, quantize_int4, quantize_model
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict

@@ -6,7 +6,8 @@ import torch
 from test_serve import make_run, post
 
 from chatfactory.inference.batching import Request, Scheduler
-from chatfactory.inference.engine import Engine, SamplingError, SamplingParams, sample_next, sample_probs
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingError, SamplingParams, sample_next, sample_probs
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve.api import create_app
 from chatfactory.serve.server import ServerThread

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from chatfactory.inference import engine as engine_mod
-from chatfactory.inference.engine import Engine, SamplingParams, sample_probs
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams, sample_probs
 from chatfactory.model.gpt import GPT, GPTConfig
 
 

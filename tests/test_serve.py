@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from chatfactory.inference.batching import Request, Scheduler
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve.api import create_app
 from chatfactory.serve.protocol import Detokenizer

@@ -12,7 +12,7 @@ import torch
 from test_serve import make_run, post
 
 from chatfactory.inference.batching import QueueFull, Request, Scheduler
-from chatfactory.inference.engine import SamplingParams
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve import feedback as feedback_mod
 from chatfactory.serve.api import create_app

@@ -14,7 +14,8 @@ import torch
 from chatfactory.config import load_config
 from chatfactory.data.chat import load_conversations, parse_hh_transcript
 from chatfactory.data.sources import DataError
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model

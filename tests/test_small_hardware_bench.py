@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_serve import TEXT, make_run
 
-from chatfactory.inference.engine import Engine, SamplingParams
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.quant import QuantLinear
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer

@@ -198,7 +198,8 @@ def echo_run(tmp_path_factory):
 
 
 def test_the_hand_set_model_says_the_reply(echo_run):
-    from chatfactory.inference.engine import Engine, SamplingParams
+    from chatfactory.inference.engine import Engine
+    from chatfactory.inference.sampling import SamplingParams
     from chatfactory.store.load import load_model
 
     root, tok, ids = echo_run
@@ -213,7 +214,7 @@ def test_the_hand_set_model_says_the_reply(echo_run):
 
 def test_terminal_chat_streams_whole_characters(echo_run):
     from chatfactory.inference.chat import ChatSession
-    from chatfactory.inference.engine import SamplingParams
+    from chatfactory.inference.sampling import SamplingParams
     from chatfactory.store.load import load_model
 
     root, tok, ids = echo_run

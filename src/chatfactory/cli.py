@@ -47,7 +47,7 @@ def cmd_tokenizer(a):
 
 
 def _add_sampling_args(p, max_tokens: int, temperature: float) -> None:
-    """The sampling options ``sample`` and ``chat`` share (engine.SamplingParams)."""
+    """The sampling options ``sample`` and ``chat`` share (inference.sampling.SamplingParams)."""
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -119,7 +119,7 @@ def cmd_quantize(a):
 
 def cmd_chat(a):
     from .inference.chat import run_chat
-    from .inference.engine import SamplingParams
+    from .inference.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                             repetition_penalty=a.repetition_penalty, seed=a.seed)
@@ -129,7 +129,8 @@ def cmd_chat(a):
 def cmd_sample(a):
     import torch
 
-    from .inference.engine import Engine, SamplingParams
+    from .inference.engine import Engine
+    from .inference.sampling import SamplingParams
     from .store.checkpoint import latest_stage
     from .store.load import load_model
     from .text.tokenizer import TextStream, Tokenizer

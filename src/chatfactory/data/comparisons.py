@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..inference.engine import Engine, SamplingParams
+from ..inference.engine import Engine
+from ..inference.sampling import SamplingParams
 from ..store.checkpoint import latest_stage
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer

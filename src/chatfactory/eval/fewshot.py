@@ -173,7 +173,8 @@ def score_continuations(model, pairs, batch_size: int = 16) -> list[tuple[float,
 
 
 def _generate_exact(model, tok, rows, shot_lists, chat: bool, batch_size: int = 16) -> list[bool]:
-    from ..inference.engine import Engine, SamplingParams
+    from ..inference.engine import Engine
+    from ..inference.sampling import SamplingParams
 
     engine = Engine(model, vocab_limit=tok.vocab_size)
     right = []

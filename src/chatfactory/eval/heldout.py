@@ -35,8 +35,9 @@ import torch
 from ..data.jsonl import read_jsonl
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
-from ..inference.engine import Engine, SamplingParams
+from ..inference.engine import Engine
 from ..inference.replies import chat_replies
+from ..inference.sampling import SamplingParams
 from ..stages import policies
 from ..store.checkpoint import has_checkpoint
 from ..store.files import atomic_write_text

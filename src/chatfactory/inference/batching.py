@@ -7,7 +7,7 @@ number of *slots*, each a row of one KV cache (kv_cache.py) with its own length.
 1. rows that are generating run one decode step together (each writes its key/value at its own
    length, attends to its own keys only, and has its own position id);
 2. waiting requests take the free slots and are prefilled (right-padded, one batched forward);
-3. every row samples its next token (``engine.sample_next``, with the request's own settings), the
+3. every row samples its next token (``sampling.sample_next``, with the request's own settings), the
    token goes to the request's callback, and finished or cancelled rows free their slot.
 
 So a request joins the running batch at the next iteration and leaves as soon as it is done; a
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.gpt import GPT
-from .engine import SamplingParams, bad_rows, sample_next
 from .kv_cache import KVCache
+from .sampling import SamplingParams, bad_rows, sample_next
 
 
 @dataclass

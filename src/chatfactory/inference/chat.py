@@ -22,7 +22,8 @@ from ..store.checkpoint import has_checkpoint, stage_config
 from ..store.files import CheckpointError
 from ..store.load import load_model
 from ..text.tokenizer import TextStream, Tokenizer
-from .engine import Engine, SamplingParams, fit_messages
+from .engine import Engine, fit_messages
+from .sampling import SamplingParams
 
 HELP = """commands:
   /clear          forget the conversation (the system prompt stays)

@@ -23,7 +23,8 @@ from ..store.checkpoint import latest_stage
 from ..store.files import atomic_write_text
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer, check_messages
-from .engine import Engine, SamplingParams
+from .engine import Engine
+from .sampling import SamplingParams
 
 
 def _row_problem(row: dict) -> str | None:

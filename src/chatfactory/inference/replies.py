@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .engine import Engine, SamplingParams
+from .engine import Engine
+from .sampling import SamplingParams
 
 
 @torch.no_grad()

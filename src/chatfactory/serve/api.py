@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.batching import QueueFull, Request
-from ..inference.engine import SamplingParams
+from ..inference.sampling import SamplingParams
 from ..text.tokenizer import TextStream
 from .guard import client_gone, install_guards, read_body
 from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_openapi, doc, file_doc

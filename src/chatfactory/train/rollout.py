@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..inference.engine import Engine, SamplingParams
+from ..inference.engine import Engine
 from ..inference.kv_cache import GradKVCache
+from ..inference.sampling import SamplingParams
 from .loop import all_reduce_sum
 
 
