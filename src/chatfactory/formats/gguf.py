@@ -13,15 +13,15 @@ Q6_K). Everything here is numpy over a memory map: nothing is loaded that is not
     import_gguf("model.gguf", "runs/smolq", keep_quantized=True)   # a quantized stage, for inference
 
 The default import is fp32: a stage that trains (SFT, reward, PPO start from it). ``keep_quantized``
-writes a quantized stage (quant.py) straight from the file's blocks, one tensor at a time, never
+writes a quantized stage (model/quant.py) straight from the file's blocks, one tensor at a time, never
 materialising the fp32 model: Q4_0 (w = d(q - 8)), Q4_1 (w = dq + m) and Q4_K (32-weight sub-blocks)
-are exactly quant.py's int4 at groups of 32 (scale d, offset m + 8d), so the file's own codes are kept;
-a layer from any other format (Q8_0, Q6_K, F16, F32) becomes int8 per output channel (requantized from
-the dequantized layer: within half a step of its row's scale, max |w| / 254); embeddings, norms and an
-untied head are fp32. SmolLM2-135M-Instruct (Q4_1), bits/byte on 4,096 TinyStories validation tokens:
-fp32 import 0.7668, kept quantized 0.7665 (int4 kernel, bfloat16 activations). Q8_0 -> int8 per channel
-(not group-wise int8, which has no kernel: dequantized per call it was 10x slower than the int8 kernel
-on a 1536 x 576 layer): +0.26% bits/byte on SmolLM2 with its linears in Q8_0.
+are exactly model/quant.py's int4 at groups of 32 (scale d, offset m + 8d), so the file's own codes are
+kept and the stage computes what the file says; a layer from any other format (Q8_0, Q6_K, F16, F32)
+becomes int8 per output channel (requantized from the dequantized layer: within half a step of its
+row's scale, max |w| / 254); embeddings, norms and an untied head are fp32. Q8_0 becomes int8 per
+channel rather than group-wise int8 because only the per-channel layout has a CPU kernel: a group-wise
+int8 layer would be dequantized at every call. (What both choices cost in bits/byte on SmolLM2:
+docs/small-hardware.md.)
 
 ``transformers`` loads the same file (``from_pretrained(dir, gguf_file=NAME)``); the tests check that both
 give the same logits and token ids.
@@ -297,9 +297,9 @@ INT4_KINDS = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes with one scale and one low 
 
 
 def int4_parts(g: GGUFFile, name: str):
-    """A Q4_0 / Q4_1 / Q4_K tensor -> (codes uint8 (N, K), scales, offsets (N, K/32) fp32): quant.py's int4 at
-    groups of 32, w = (q - 8) * scale + offset, with the file's own codes. Q4_0 (w = d(q - 8)): scale d,
-    offset 0; Q4_1 (w = dq + m): offset m + 8d; Q4_K (w = (d sc) q - dmin m): scale d sc, offset 8 d sc - dmin m.
+    """A Q4_0 / Q4_1 / Q4_K tensor -> (codes uint8 (N, K), scales, offsets (N, K/32) fp32): model/quant.py's
+    int4 at groups of 32, w = (q - 8) * scale + offset, with the file's own codes. Q4_0 (w = d(q - 8)): scale
+    d, offset 0; Q4_1 (w = dq + m): offset m + 8d; Q4_K (w = (d sc) q - dmin m): scale d sc, offset 8 d sc - dmin m.
     Scales and codes are exact; an offset is rounded once in fp32 (a weight differs from the file's by a
     few fp32 ulps of its block's magnitude)."""
     kind, (N, K), raw = g.raw(name)

@@ -46,7 +46,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | No
 
     ``vocab_limit``: the tokenizer's size, when the model's vocabulary is padded past it (imported
     models): an id at or above it has no text, so it is never picked. Raises ``SamplingError`` when a
-    row's logits are not finite, rather than return an id from NaN probabilities (which used to be V:
+    row's logits are not finite, rather than return an id from NaN probabilities (that id would be V:
     out of range). Any temperature > 0 and penalty > 0 is safe: a tiny temperature samples greedily,
     its limit (below float32's smallest normal number, greedily outright), because logits are shifted
     by their maximum before they are divided."""
@@ -85,11 +85,11 @@ def sample_probs(probs: torch.Tensor, generator=None, check: bool = True) -> tor
     """One id per row of probs (B, V), by inverse CDF: one uniform number per row.
 
     The same distribution as ``torch.multinomial(probs, 1)``, which on CPU draws an exponential
-    number for every entry (B x V of them: 8x slower at vocab 512, most of a small model's sampling
-    time). A zero-probability id is never picked: its CDF step is empty, and the draw stays strictly
-    below the total (searchsorted right=True returns the first id whose CDF exceeds it). A row whose
-    total is not a positive finite number would give id V (out of range): ``check`` raises
-    ``SamplingError`` for it instead (``sample_next`` has checked its rows already)."""
+    number for every entry: B x V random draws where this takes B, and on a small model those draws
+    are most of the sampling time. A zero-probability id is never picked: its CDF step is empty, and
+    the draw stays strictly below the total (searchsorted right=True returns the first id whose CDF
+    exceeds it). A row whose total is not a positive finite number would give id V (out of range):
+    ``check`` raises ``SamplingError`` for it instead (``sample_next`` has checked its rows already)."""
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
     if check:
