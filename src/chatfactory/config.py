@@ -163,7 +163,7 @@ class RLConfig(TrainConfig):
     # on average (logp_mismatch_mean in metrics.jsonl; fp32 on CPU: round-off, ~1e-7)
     logp_mismatch_warn: float = 0.02
     # decode rollouts with Engine(compile=True): a one-off compile (seconds; cached on disk for later
-    # runs), then faster rollouts on small CPU models (bench/ppo_speed.py; numbers in the README's log)
+    # runs), then faster rollouts on small CPU models (bench/ppo_speed.py; figures in docs/experiment-log.md)
     compile_rollout: bool = False
     clip: float = 0.2  # PPO ratio clip
     # how a minibatch's per-token losses add up: token-mean (DAPO) | seq-mean-token-mean (the original
@@ -224,7 +224,7 @@ class RLOOConfig(GRPOConfig):
 
 @dataclass
 class LoRAConfig:
-    """Low-rank adapters (train/lora.py) for the fine-tuning stages: with ``rank`` > 0 the stages named
+    """Low-rank adapters (model/lora.py) for the fine-tuning stages: with ``rank`` > 0 the stages named
     in ``stages`` freeze the model and train only adapters (and the reward / value head)."""
     rank: int = 0  # 0: off (every weight trains)
     alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
@@ -246,7 +246,7 @@ class PipelineConfig:
     sft_rows: int = 0  # demonstrations (0: the whole sft split)
     rl_prompts: int = 0  # prompts for comparisons, PPO, GRPO (0: the whole rl split)
     dev: int = 160  # dev prompts (RUN/tasks/dev.jsonl) that settings and checkpoints are chosen on (0: all ~483)
-    heldout: int = 200  # held-out prompts every policy answers for the report (they only report; 0: all ~518)
+    heldout: int = 200  # held-out prompts every policy answers for the report (they only report; 0: all ~1,100)
     fewshot: int = 200  # multiple-choice rows of the base model's 0/1/few-shot table
     fewshot_shots: str = "0,1,5"  # "" = skip the table
     eval_temperature: float = 1.0  # replies are sampled, as the policies were trained to produce them

@@ -1,7 +1,7 @@
 """Chat data for SFT: read conversations from chat JSONL, Alpaca or HH-RLHF transcripts.
 
 Every loader yields conversations in one shape, a list of ``{"role", "content"}`` messages (see
-``tokenizer.check_messages``), so SFT never sees the file format. The format is detected per row:
+text/tokenizer.py's ``check_messages``), so SFT never sees the file format. The format is detected per row:
 
   chat      ``{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", …}, …]}``
   Alpaca    ``{"instruction": "…", "input": "…", "output": "…"}``  (input may be empty)

@@ -272,7 +272,7 @@ def format_table(table: dict, metric: str = "acc") -> str:
 # ---------------------------------------------------------------- the same task for EleutherAI's lm-eval
 def lm_eval_task_yaml(path, name: str) -> str:
     """An lm-eval task definition (YAML) for a multiple-choice task file, scored as ``chatfactory eval``
-    scores it at 0 shots. Put it in a folder, pass ``--include_path FOLDER --tasks NAME`` (README)."""
+    scores it at 0 shots. Put it in a folder, pass ``--include_path FOLDER --tasks NAME`` (docs/evaluation.md)."""
     import json
 
     path = Path(path).resolve()

@@ -430,7 +430,7 @@ def _peft_modules(cfg: GPTConfig, target: str) -> list[tuple[str, slice]]:
 
 
 def to_peft_state_dict(model) -> tuple[dict, list[str]]:
-    """A GPT with LoRA adapters (train/lora.py) -> (PEFT's adapter tensors, its target module names)."""
+    """A GPT with LoRA adapters (model/lora.py) -> (PEFT's adapter tensors, its target module names)."""
     from ..model.lora import lora_layers
 
     layer = "transformer.h" if model.cfg.flavour == "gpt2" else "model.layers"

@@ -19,7 +19,8 @@ step is ``GPT.forward`` on one token per row rewritten in two forms:
 
 Weights are read from the model at every call (graph inputs, not constants) and the packed copies are
 remade when a weight's version counter moves, so the step stays right when the weights change between
-generations (RL rollouts). Measurements behind these choices: ``bench/decode_speed.py`` and the docs.
+generations (RL rollouts). The measurements behind these choices: ``bench/decode_speed.py`` and
+docs/benchmarks.md ("The decode step's shape, measured").
 
     step = DecodeStep(model).begin(cache)   # after a prefill into ``cache`` (a KVCache)
     logits = step(ids, positions)           # (B, vocab); compiles on a batch size's first step
@@ -172,7 +173,7 @@ class DecodeStep:
         self.packed_min_width = PACKED_MIN_WIDTH  # tests set 0 to take the packed step on a small model
         self.streamed_min_bytes = STREAMED_MIN_BYTES  # tests set 0 to take the big-model choices
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        # int8/int4 layers (quant.py) run their own kernels: eagerly, one product per layer, never compiled
+        # int8/int4 layers (model/quant.py) run their own kernels: eagerly, one product per layer, never compiled
         self.quantized = any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules())
         cfg, dev = model.cfg, model.tok_emb.weight.device
         self.tables = None if model.pos_emb is not None else rope_cos_sin(

@@ -1,6 +1,6 @@
 """Offline batch generation: answers for a JSONL file of prompts, a batch at a time.
 
-Each batch goes through the engine together, so with streamed layers (``--max-memory``, offload.py) a
+Each batch goes through the engine together, so with streamed layers (``--max-memory``, model/offload.py) a
 layer read from disk serves every sequence of the batch (the block schedule) before the next is read.
 The answers file is rewritten atomically after each batch, and a rerun skips the prompts it already
 answers, so a killed run resumes. A prompt row is ``{"prompt": str}`` or ``{"messages": [... ending in a

@@ -203,7 +203,7 @@ class GradKVCache:
     """``KVCache``'s interface for a training forward: keys and values are kept as autograd values (a
     preallocated buffer written in place would route every gradient through one shared tensor), and a
     ``fork`` into groups repeats them as each layer next reads them, so autograd sums the copies'
-    gradients. ``rollout.forward_answers`` runs a group's prompt once this way, its answers after."""
+    gradients. train/rollout.py's ``forward_answers`` runs a group's prompt once this way, its answers after."""
 
     viewable = False  # a training forward runs whole through a block schedule
 

@@ -3,7 +3,7 @@
 Two flavours share one code path:
 
 * ``gpt2``   — learned positions, LayerNorm, GELU (tanh), biases, tied embeddings: exactly Hugging
-  Face's ``GPT2LMHeadModel`` (``hf.py`` converts weights both ways).
+  Face's ``GPT2LMHeadModel`` (formats/hf.py converts weights both ways).
 * ``modern`` — RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings: exactly
   expressible as Hugging Face's Llama layout, so export is lossless. Two switches cover the imported
   families: ``tie_embeddings`` (SmolLM2, small Qwen2) and ``qkv_bias`` (Qwen2).

@@ -27,10 +27,10 @@ still loads that model.
 plus each adapter's ``<module>.lora_A`` and ``<module>.lora_B``; its ``config.json`` records
 ``"lora": {rank, alpha, dropout, targets}``. So a stage directory is self-contained: resume reloads
 base and adapters bit for bit (exact resume, the optimizer holding only the adapters' state);
-``checkpoint.load_model`` merges (W + alpha/rank * B A) into a plain GPT for chat, serve, eval, the
+store/load.py's ``load_model`` merges (W + alpha/rank * B A) into a plain GPT for chat, serve, eval, the
 merged ``export`` and a later stage that starts from it (a LoRA PPO after a LoRA SFT adapts the merged
 SFT model with adapters of its own, and its reference is that merged SFT model); and
-``export --peft DIR`` (hf.py) writes the base as a Hugging Face model and the adapters in PEFT's format.
+``export --peft DIR`` (formats/hf.py) writes the base as a Hugging Face model and the adapters in PEFT's format.
 
     settings = lora_settings(cfg, "sft")          # None when the stage trains every weight
     apply_lora(model, settings, seed)             # freezes model, adds trainable adapters in place

@@ -23,7 +23,7 @@ tensor, a PyTorch without the op), the layer dequantizes its weight at each call
 
 Loading builds the GPT on the meta device and reads the stage one tensor at a time: a quantized stage
 (or quantize on load) never holds an fp32 model. A GGUF's Q4_0/Q4_1 blocks become a quantized stage
-with the file's own codes (``gguf.import_gguf(..., keep_quantized=True)``; layers differ in bits there:
+with the file's own codes (formats/gguf.py: ``import_gguf(..., keep_quantized=True)``; layers differ in bits there:
 ``"layer_bits"``). A stage on disk is portable: ``model.safetensors`` holds raw quantized values, never a
 kernel's layout — int8 ``qweight`` (N, K) with ``scales`` (N,); int4 ``qweight`` uint8 (N, K/2), two
 codes per byte (low nibble = even column), ``scales`` and ``offsets`` (N, K/group) fp32 — and

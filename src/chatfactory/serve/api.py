@@ -15,10 +15,10 @@ side. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream via S
 web UI at ``/``. ``GET /openapi.json`` describes every endpoint: its request body (the pydantic models in
 protocol.py, which also validate it) and each answer, errors included. Bad requests get OpenAI's error
 JSON with a 4xx status; with ``--api-key`` every ``/v1/`` request needs ``Authorization: Bearer KEY``. Streamed
-deltas hold whole characters only (``tokenizer.TextStream``, through protocol.Detokenizer): a Chinese
+deltas hold whole characters only (text/tokenizer.py's ``TextStream``, through protocol.Detokenizer): a Chinese
 character or emoji split across tokens waits for the token that completes it, and with ``logprobs`` the
 entries of the tokens it waited for ride in that chunk. Generation goes through the continuous-batching
-scheduler (batching.py): concurrent requests share the model's decode steps, and a client that
+scheduler (inference/batching.py): concurrent requests share the model's decode steps, and a client that
 disconnects frees its slot.
 """
 

@@ -31,7 +31,7 @@ class Service:
         self.created = int(time.time())
         self.precision = precision_of(model)
         # what /v1/models says of where the weights live: {"memory": "resident"}, or with --max-memory
-        # {"memory": "streamed", "memory_budget_mb": …} (offload.py); api.py merges it into the model card
+        # {"memory": "streamed", "memory_budget_mb": …} (model/offload.py); api.py merges it into the model card
         self.memory = memory_mode(model)
         # every special token ends a reply: a model that opens a new turn or document has finished
         self.stop_ids = tok.stop_ids
@@ -73,7 +73,7 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
 
 
 def precision_of(model) -> str:
-    """What /v1/models reports: "int8", "int4 (groups of 64)" for a quantized model (quant.py), else the
+    """What /v1/models reports: "int8", "int4 (groups of 64)" for a quantized model (model/quant.py), else the
     weights' floating-point type ("float32", "bfloat16")."""
     q = getattr(model, "quantization", None)
     if q:

@@ -26,7 +26,8 @@ from .safetensors import SafetensorsFile
 def materialize(module: nn.Module, reader: SafetensorsFile, prefix: str, lora_scale: float = 0.0) -> None:
     """Give a meta-device (or slot) module the weights stored under ``prefix``, in place: its tensors are
     read straight into its own storage; int4 QuantLinears get their codes packed for the kernel; a LoRA
-    stage's adapters are merged with the ops ``lora.merge_weights`` uses, so the bits are those of a resident load."""
+    stage's adapters are merged with the ops model/lora.py's ``merge_weights`` uses, so the bits are those
+    of a resident load."""
     for name, m in module.named_modules():
         p = prefix + (name + "." if name else "")
         if isinstance(m, QuantLinear) and m.bits == 4:

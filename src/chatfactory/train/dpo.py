@@ -7,7 +7,7 @@ Bradley–Terry loss can be written on the policy itself:
     loss = −log σ(β·[(log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r))])
 
 with log π(y) summed over the answer's tokens (its <|end|> included) and the SFT model as the frozen
-reference (with LoRA, train/lora.py: the policy itself with its adapters off, no second copy). The
+reference (with LoRA, model/lora.py: the policy itself with its adapters off, no second copy). The
 policy trains with dropout off, as the reference is scored, so at step 0 every implicit reward is
 exactly 0. Same comparisons, batches and held-out accuracy as the reward model (train/pairs.py).
 Evaluation on the held-out pairs logs the implicit rewards β·log(π/π_ref): their accuracy (chosen

@@ -1,9 +1,9 @@
 """Memory for models of real size: activation checkpointing and FSDP2, put on from outside the model.
 
 Both are switches of every training stage (``TrainConfig``), applied by the shared loop (loop.py) to
-whatever model the stage hands it; model.py knows nothing of them (torchtitan's way).
+whatever model the stage hands it; model/gpt.py knows nothing of them (torchtitan's way).
 
-* ``activation_checkpointing``: each Transformer block (every ``model.Block`` inside the model: a GPT's,
+* ``activation_checkpointing``: each Transformer block (every model/gpt.py ``Block`` inside the model: a GPT's,
   a reward model's backbone, a critic's) keeps only its input during the forward pass and recomputes
   its activations in the backward pass (``torch.utils.checkpoint``, non-reentrant). The random state is
   replayed, so dropout draws the same masks: gradients are those of the plain run. Costs about one more
@@ -111,7 +111,7 @@ def _whole(t, keep: bool):
 
 
 def full_weights(model: nn.Module, keep: bool) -> dict:
-    """``checkpoint.unique_state_dict`` of a sharded model: the same names (tied weights once), each
+    """store/checkpoint.py's ``unique_state_dict`` of a sharded model: the same names (tied weights once), each
     tensor whole. Every rank must call; only where ``keep`` (rank 0) are the tensors returned."""
     seen, out = set(), {}
     for k, v in model.state_dict(keep_vars=True).items():

@@ -6,7 +6,7 @@ Bradley–Terry loss −log σ(r_chosen − r_rejected) for one epoch by default
 held-out pairwise accuracy (data, batches and accuracy shared with DPO: train/pairs.py). After training,
 the head's bias is shifted so that the answers of a sample of training pairs score 0 on average: rewards
 then read as "better / worse than a typical answer", which keeps PPO's reward scale centred. With LoRA
-(train/lora.py) the backbone is frozen under adapters and the head trains whole.
+(model/lora.py) the backbone is frozen under adapters and the head trains whole.
 
     chatfactory reward --config tiny --out runs/NAME reward.data=comparisons.jsonl
     rm = load_reward_model("runs/NAME/reward"); r = rm.score(idx, last_index)   # (B,)

@@ -9,7 +9,7 @@ trains exactly like the same conversations one by one. Validation reports the me
 assistant tokens of held-out conversations.
 
 Runs on the shared loop (train/loop.py): same exact resume and torchrun DDP as pretraining. With
-``lora.rank`` > 0 only low-rank adapters train (train/lora.py).
+``lora.rank`` > 0 only low-rank adapters train (model/lora.py).
 
     chatfactory sft --config dolly --out runs/dolly            # after `chatfactory pretrain` on the same run
     torchrun --nproc_per_node=2 -m chatfactory.cli sft --config dolly --out runs/dolly
