@@ -351,8 +351,8 @@ def pretrain_texts(seed: int = 0, pairs_per_doc: int = 12) -> list[str]:
     """Documents of plain-text exchanges from the sft and rl splits (never dev or heldout), so the base model
     has seen the formats before SFT. Each document holds exchanges of one task, separated by a blank
     line — the shape of a few-shot prompt. "Bursty" text, where what came earlier in a document predicts
-    what comes next, is what lets in-context learning emerge in larger models (Chan et al., 2022); at
-    the demo's 1M parameters it made no measurable difference to the few-shot table (README log)."""
+    what comes next, is what lets in-context learning emerge in larger models (Chan et al., 2022); the
+    demo's model is too small to show it (docs/experiment-log.md, 2026-11-26, second session)."""
     rows = task_rows("sft", seed=seed) + task_rows("rl", seed=seed)
     random.Random(seed).shuffle(rows)
     by_task: dict[tuple, list[dict]] = {}

@@ -24,7 +24,7 @@ from ..text.tokenizer import Tokenizer
 from ..train.loop import read_metrics
 from .heldout import chars_per_token, read_rows
 
-BARS = {  # the bars, checked in the report (on >= 200 held-out prompts)
+BARS = {  # the bars the demo is held to, checked in the report (on >= 200 held-out prompts)
     "sft_beats_base": "SFT held-out accuracy > base model's",
     "reward_accuracy": "reward model held-out accuracy >= 0.80",
     "ppo_win_rate": "PPO gold-judged win rate vs SFT >= 0.60 (ties half)",

@@ -140,7 +140,8 @@ def release_freed() -> None:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous and 64-byte aligned: PyTorch's int8 CPU kernel segfaults on safetensors' 8-byte alignment."""
+    """``t`` contiguous at a 64-byte boundary (a copy if it is not). PyTorch's int8 CPU kernel crashes on a
+    weight that is not, and a tensor read straight out of a safetensors file is only 8-byte aligned."""
     return t if t.is_contiguous() and (t.is_meta or t.data_ptr() % 64 == 0) else t.contiguous().clone()
 
 
@@ -313,8 +314,8 @@ def _targets(model: GPT, include_head: bool):
 
 
 def check_scheme(model: GPT, bits: int, group: int, include_head: bool = False, layer_bits: dict | None = None) -> None:
-    """ValueError naming what does not fit: bits, an int4 group the kernel lacks or that does not divide a
-    layer's input width, a ``layer_bits`` entry naming no layer."""
+    """ValueError naming what does not fit: bits other than 4 or 8, a group the int4 kernel lacks, a group
+    that does not divide a layer's input width, a ``layer_bits`` entry naming no layer."""
     bits, layer_bits = parse_bits(bits), layer_bits or {}
     names = {name for name, _ in _targets(model, include_head)}
     if set(layer_bits) - names:

@@ -229,7 +229,8 @@ def load_checkpoint(stage_dir, with_state: bool = False, repair: bool = False, l
     """-> (weights, config dict, state dict or None). Raises CheckpointError naming the bad file.
 
     ``repair=True`` is for the writer only (the training loop resuming its own stage): it finishes or
-    discards an interrupted save first. Readers leave the writer's temps alone. ``lazy``: ``LazyWeights``."""
+    discards an interrupted save first. Readers leave the writer's temps alone. ``lazy``: the weights are a
+    ``LazyWeights``, each tensor read from the file as it is taken."""
     stage_dir = Path(stage_dir)
     if repair:
         repair_checkpoint(stage_dir)
