@@ -193,11 +193,11 @@ def zh_families() -> list:
 # ---------------------------------------------------------------- word patterns (base model only)
 # Lines "word -> output" where one transformation holds through a document but is never named: only
 # the earlier lines show which. The chat tasks above say what to do, so examples add nothing a model
-# needs (and the demo's base model gains nothing from them: docs/experiment-log.md); these need the examples, the
-# case the GPT-3 paper's few-shot prompting is about (its word-manipulation tasks are given with no
-# instruction). Pretraining sees the (transformation, word) pairs of every split but heldout, in
-# documents of one transformation each; the few-shot table asks about held-out pairs. Not chat tasks:
-# SFT, RL and the rubric never see them.
+# needs (the demo's base model gains nothing from them: docs/experiment-log.md); these need the
+# examples, the case the GPT-3 paper's few-shot prompting is about (its word-manipulation tasks are
+# given with no instruction). Pretraining sees the (transformation, word) pairs of every split but
+# heldout, in documents of one transformation each; the few-shot table asks about held-out pairs. Not
+# chat tasks: SFT, RL and the rubric never see them.
 PATTERNS = {"upper": str.upper, "reverse": lambda w: w[::-1], "first": lambda w: w[0], "count": lambda w: str(len(w))}
 PATTERN_WORDS = """
 able acid aged also area army away baby back ball band bank base bath bear beat bed beer bell belt best bike bird

@@ -195,7 +195,8 @@ class Engine:
         compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
         for i in range(max_new):
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen, self.vocab_limit)
-            if logprobs is not None:  # what an RL trainer recomputes for these tokens (train/rl.py compares the two)
+            # what an RL trainer recomputes for these tokens (train/experience.py compares the two)
+            if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits.float() / p.temperature, -1)
                                 .gather(1, nxt[:, None]).squeeze(1))
             ids = nxt.tolist()
