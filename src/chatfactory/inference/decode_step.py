@@ -42,10 +42,13 @@ import torch.nn.functional as F
 from ..model.gpt import GPT, apply_rope, rope_cos_sin
 from .kv_cache import KVCache
 
-# Batches of up to this many rows take the compiled multiply-sum step on a CPU; larger ones BLAS products.
+# Batches of up to this many rows take the compiled multiply-sum step on a CPU: one fused loop streaming
+# each weight, the cheapest form of a near matrix-vector product; larger ones take BLAS products, which
+# reuse each weight across the rows (the figures: docs/benchmarks.md).
 GEMV_MAX_ROWS = 2
-# Larger batches of models at least this wide take the packed step on a CPU, narrower ones the
-# compiled step with BLAS products.
+# Larger batches of models at least this wide take the packed step on a CPU, narrower ones the compiled
+# step with BLAS products: oneDNN's packed products pay off on wide matrices, while on narrow ones the
+# eager step's many small ops cost more than the compiled step's fused loops.
 PACKED_MIN_WIDTH = 256
 # Models with at least this many bytes of weights (far past a CPU's last-level cache) stream them from
 # memory at every step: BLAS products and power-of-two spans at every batch size.
