@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from ..store.files import atomic_write_text
 
+# documents per call of the tokenizer's multi-threaded encode_batch: enough to keep its threads busy,
+# few enough that a batch of long documents stays small in memory
 DOCS_PER_BATCH = 256
 
 
