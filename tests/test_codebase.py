@@ -423,24 +423,11 @@ def test_the_layer_check_sees_upward_sideways_and_unplaced_modules(tmp_path):
     ]
 
 
-# Upward imports known today, each to be fixed in src (not by moving the table), and then taken off this
-# list: the test fails on any other, and on one listed here that is gone (as xfail(strict=True) would).
-KNOWN_UPWARD = {
-    # the `generate` command reads its prompts file through data/jsonl.py, a layer above inference/
-    ("chatfactory.inference.generate", "chatfactory.data.jsonl"),
-}
-
-
 def test_imports_only_go_down_the_layers():
     graph, where = import_graph()
     rows = imports_not_going_down(module_names(), graph, where)
-    new = [r for r in rows if not any(f" {a} (" in r and f" imports {b} (" in r for a, b in KNOWN_UPWARD)]
-    assert not new, ("imports that do not go down the layers (bottom to top: " + " -> ".join(
-        ", ".join(row) for row in LAYERS) + "):\n" + "\n".join(new))
-    gone = {(a, b) for a, b in KNOWN_UPWARD if b not in graph.get(a, ())}
-    assert not gone, f"fixed, so take them off KNOWN_UPWARD: {sorted(gone)}"
-    if rows:
-        pytest.xfail("known upward imports, to be fixed in src:\n" + "\n".join(rows))
+    assert not rows, ("imports that do not go down the layers (bottom to top: " + " -> ".join(
+        ", ".join(row) for row in LAYERS) + "):\n" + "\n".join(rows))
 
 
 # ---------------------------------------------------------------- module state set from other modules

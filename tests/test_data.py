@@ -8,7 +8,8 @@ import torch
 
 from chatfactory.config import DataConfig
 from chatfactory.data.shards import PretrainBatches, build_shards, open_split
-from chatfactory.data.sources import DataError, iter_texts
+from chatfactory.data.sources import iter_texts
+from chatfactory.formats.jsonl import DataError
 from chatfactory.text.tokenizer import Tokenizer
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from chatfactory.cli import main as cli_main
-from chatfactory.data.sources import DataError
+from chatfactory.formats.jsonl import DataError
 from chatfactory.eval.fewshot import (
     base_prompt,
     encode_pair,

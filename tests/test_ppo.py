@@ -272,7 +272,7 @@ def test_ptx_mixes_in_the_pretraining_loss(world):
 
 
 def test_bad_inputs_name_what_is_wrong(world, tmp_path):
-    from chatfactory.data.sources import DataError
+    from chatfactory.formats.jsonl import DataError
 
     root, run, tok = world
     bad = tmp_path / "bad.jsonl"

@@ -22,7 +22,7 @@ from chatfactory.data.preferences import (
     parse_hh_transcript,
     read_comparisons,
 )
-from chatfactory.data.sources import DataError
+from chatfactory.formats.jsonl import DataError
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.text.tokenizer import Tokenizer
 from chatfactory.train.loop import Stage, train

@@ -13,7 +13,7 @@ import torch
 
 from chatfactory.config import load_config
 from chatfactory.data.chat import load_conversations, parse_hh_transcript
-from chatfactory.data.sources import DataError
+from chatfactory.formats.jsonl import DataError
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig

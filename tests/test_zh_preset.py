@@ -13,7 +13,8 @@ import pytest
 from chatfactory.config import DataConfig, load_config
 from chatfactory.data.chat import in_holdout, iter_chat_rows, load_conversations
 from chatfactory.data.preferences import read_comparisons, split_pairs
-from chatfactory.data.sources import DataError, iter_texts
+from chatfactory.data.sources import iter_texts
+from chatfactory.formats.jsonl import DataError
 from conftest import ROOT
 
 

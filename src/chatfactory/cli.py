@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from .data.sources import DataError
+    from .formats.jsonl import DataError
     from .store.files import CheckpointError
 
     try:

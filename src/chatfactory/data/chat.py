@@ -29,8 +29,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..formats.jsonl import DataError, open_text, read_jsonl
 from ..text.tokenizer import check_messages
-from .jsonl import DataError, open_text, read_jsonl
 
 # "\n\nHuman:" / "\n\nAssistant:" open the turns of an Anthropic HH transcript
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")

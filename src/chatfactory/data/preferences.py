@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from ..formats.jsonl import DataError, read_jsonl
 from ..text.tokenizer import check_messages
 from .chat import parse_hh_transcript
-from .jsonl import DataError, read_jsonl
 
 
 @dataclass

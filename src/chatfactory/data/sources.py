@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import DataConfig
+from ..formats.jsonl import DataError, open_text, read_jsonl
 from .chat import assistant_texts, check_holdout
-from .jsonl import DataError, open_text, read_jsonl  # noqa: F401  (DataError: re-exported, as before)
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 

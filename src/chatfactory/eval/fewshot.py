@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.sources import DataError, read_jsonl
+from ..formats.jsonl import DataError, read_jsonl
 
 SHOT_SEP = "\n\n"
 

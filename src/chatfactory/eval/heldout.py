@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from ..data.jsonl import read_jsonl
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
+from ..formats.jsonl import read_jsonl
 from ..inference.engine import Engine
 from ..inference.replies import chat_replies
 from ..inference.sampling import SamplingParams

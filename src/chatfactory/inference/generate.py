@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.jsonl import DataError, read_jsonl
+from ..formats.jsonl import DataError, read_jsonl
 from ..store.checkpoint import latest_stage
 from ..store.files import atomic_write_text
 from ..store.load import load_model

@@ -1,7 +1,8 @@
 """Reading data files: gzip-transparent text, JSONL rows, and the error that names file and line.
 
-The lowest layer of ``data/``: every reader (text sources, chat, comparisons, prompts) opens its files
-through here, so a bad row reads the same everywhere — ``DataError("path:line: what is wrong")``.
+Below ``data/`` and ``inference/``: every reader (text sources, chat, comparisons, prompts, the prompts
+of ``generate``) opens its files through here, so a bad row reads the same everywhere —
+``DataError("path:line: what is wrong")``.
 
     for n, row in read_jsonl("data/prefs.jsonl.gz"):
         ...
