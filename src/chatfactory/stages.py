@@ -23,31 +23,34 @@ class Stage:
     method: str  # how: "pretrain", "sft", "sample" (label samples), "pairs" (reward model), "dpo", "rl"
     level: int  # how far along GPT -> InstructGPT: 0 pretrained, 1 demonstrations, 2 comparisons, 3 RL
     entry: str  # "module:function", called as function(cfg, run_dir) -> result dict
-    in_run: bool  # `chatfactory run` runs it unless pipeline.stages says otherwise
-    lora: bool  # it can train LoRA adapters instead of every weight (lora.stages)
-    help: str  # the command's one-line help
+    in_run: bool = True  # `chatfactory run` runs it unless pipeline.stages says otherwise
+    lora: bool = True  # it can train LoRA adapters instead of every weight (lora.stages)
+    help: str = ""  # the command's one-line help
 
 
 STAGES = (
-    Stage("pretrain", "policy", "pretrain", 0, "chatfactory.train.pretrain:run_pretrain", True, False,
-          "pretrain a GPT on raw text (next-token prediction); resumes if interrupted"),
-    Stage("sft", "policy", "sft", 1, "chatfactory.train.sft:run_sft", True, True,
-          "supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted"),
-    Stage("comparisons", "data", "sample", 2, "chatfactory.data.comparisons:run_comparisons", True, False,
-          "sample K answers per prompt from the run's policy, label them with comparisons.labeler, write "
-          "chosen/rejected pairs (JSONL)"),
-    Stage("reward", "reward", "pairs", 2, "chatfactory.train.reward:run_reward", True, True,
-          "train the reward model on comparisons (reward.data), from reward.init_from; resumes if interrupted"),
-    Stage("ppo", "policy", "rl", 3, "chatfactory.train.ppo:run_ppo", True, True,
-          "RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; resumes if interrupted"),
-    Stage("dpo", "policy", "dpo", 2, "chatfactory.train.dpo:run_dpo", True, True,
-          "direct preference optimisation on comparisons (dpo.data), SFT as reference; resumes if interrupted"),
-    Stage("grpo", "policy", "rl", 3, "chatfactory.train.grpo:run_grpo", False, True,
-          "GRPO: K answers per prompt, group-normalised advantages, reward = a scorer module:function or the "
-          "reward model; resumes if interrupted"),
-    Stage("rloo", "policy", "rl", 3, "chatfactory.train.rloo:run_rloo", False, True,
-          "RLOO: K answers per prompt, each against the mean score of the others, reward = a scorer "
-          "module:function or the reward model; resumes if interrupted"),
+    Stage("pretrain", "policy", "pretrain", 0, "chatfactory.train.pretrain:run_pretrain", lora=False,
+          help="pretrain a GPT on raw text (next-token prediction); resumes if interrupted"),
+    Stage("sft", "policy", "sft", 1, "chatfactory.train.sft:run_sft",
+          help="supervised fine-tuning on chat data (sft.data), from sft.init_from; resumes if interrupted"),
+    Stage("comparisons", "data", "sample", 2, "chatfactory.data.comparisons:run_comparisons", lora=False,
+          help="sample K answers per prompt from the run's policy, label them with comparisons.labeler, "
+               "write chosen/rejected pairs (JSONL)"),
+    Stage("reward", "reward", "pairs", 2, "chatfactory.train.reward:run_reward",
+          help="train the reward model on comparisons (reward.data), from reward.init_from; resumes if "
+               "interrupted"),
+    Stage("ppo", "policy", "rl", 3, "chatfactory.train.ppo:run_ppo",
+          help="RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; resumes if interrupted"),
+    Stage("dpo", "policy", "dpo", 2, "chatfactory.train.dpo:run_dpo",
+          help="direct preference optimisation on comparisons (dpo.data), SFT as reference; resumes if "
+               "interrupted"),
+    # GRPO and RLOO run with `chatfactory run` only when pipeline.stages names them
+    Stage("grpo", "policy", "rl", 3, "chatfactory.train.grpo:run_grpo", in_run=False,
+          help="GRPO: K answers per prompt, group-normalised advantages, reward = a scorer module:function or "
+               "the reward model; resumes if interrupted"),
+    Stage("rloo", "policy", "rl", 3, "chatfactory.train.rloo:run_rloo", in_run=False,
+          help="RLOO: K answers per prompt, each against the mean score of the others, reward = a scorer "
+               "module:function or the reward model; resumes if interrupted"),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
