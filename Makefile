@@ -36,11 +36,13 @@ browser:
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 	@chromium --version 2>/dev/null
 
+# everything: the slow end-to-end tests, the browser tests and (where there is CUDA) the gpu ones
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the fast tier, for a contributor's edit-test loop (pyproject.toml names the markers)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not gpu"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

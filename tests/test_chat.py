@@ -104,6 +104,7 @@ def test_two_turn_conversation_and_clear_through_a_pty(run):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
 def test_prompt_mode_prints_only_the_answer(run):
     root, tok = run
     expect = greedy_reply(root, tok, [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}])
@@ -111,7 +112,7 @@ def test_prompt_mode_prints_only_the_answer(run):
                                  "--temperature", "0", "--max-tokens", "8"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == expect + "\n"
+    assert out.stdout == expect + "\n"  # greedy ids in two processes: any host, barring a near tie within round-off
     bad = subprocess.run(cli_cmd("chat", "--run", root / "nowhere", "--prompt", "x"), capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "no trained stage" in bad.stderr

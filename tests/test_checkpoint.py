@@ -22,7 +22,7 @@ def test_round_trip_keeps_weights_and_ties(tmp_path, flavour):
     model = _save(tmp_path, flavour=flavour)
     loaded, info = load_model(tmp_path)
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b), k  # bitwise, any host: stored bytes read back, no arithmetic
     if flavour == "gpt2":
         assert loaded.lm_head.weight is loaded.tok_emb.weight
     _, _, state = load_checkpoint(tmp_path, with_state=True)
@@ -111,7 +111,7 @@ def test_the_reader_reads_what_safetensors_writes_and_names_a_damaged_file(tmp_p
         assert f.metadata == {"step": "3", "save_id": "3-ab"} and sorted(f.keys()) == sorted(tensors)
         for k, t in tensors.items():
             got = f.read(k)
-            assert got.dtype == t.dtype and torch.equal(got, t), k
+            assert got.dtype == t.dtype and torch.equal(got, t), k  # bitwise, any host: bytes, no arithmetic
         assert torch.equal(f.read_rows("f32", 2, torch.empty(3, 4)), tensors["f32"][2:5])
         with pytest.raises(CheckpointError, match="rows 4..6 of f32"):
             f.read_rows("f32", 4, torch.empty(2, 4))

@@ -46,6 +46,7 @@ def test_every_preset_loads():
         load_config(name)
 
 
+@pytest.mark.slow
 def test_presets_ship_inside_a_non_editable_install(tmp_path):
     """`pip install .` (not -e): the presets come with the package, so `--config tiny` works anywhere."""
     import os

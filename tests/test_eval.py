@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 
 from chatfactory.cli import main as cli_main
-from chatfactory.formats.jsonl import DataError
 from chatfactory.eval.fewshot import (
     base_prompt,
     encode_pair,
@@ -23,6 +22,7 @@ from chatfactory.eval.fewshot import (
 )
 from chatfactory.eval.lm import stream_loss
 from chatfactory.eval.winrate import compare, win_rate
+from chatfactory.formats.jsonl import DataError
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.text.tokenizer import Tokenizer
 
@@ -250,7 +250,7 @@ def test_lm_eval_task_yaml_checks_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(pattern_run, tmp_path):
+def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(pattern_run, tmp_path, serve_run):
     """EleutherAI's lm-eval, model local-completions pointed at our OpenAI-compatible server (with the
     exported tokenizer), scores a local task file: same accuracy and per-choice log-likelihoods as ours."""
     import os
@@ -260,9 +260,6 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
     pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity")  # lm-eval's API models need it
     from chatfactory.eval.fewshot import lm_eval_task_yaml
-    from chatfactory.serve.api import create_app
-    from chatfactory.serve.server import ServerThread
-    from chatfactory.serve.service import load_service
     from chatfactory.store.load import load_model
 
     run = pattern_run / "run"
@@ -283,16 +280,15 @@ def test_lm_eval_local_completions_against_our_server_matches_chatfactory_eval(p
     ours = few_shot_table(model, tok, load_task(task), shots=(0,))["all"][0]
     assert 0.4 < ours["acc"] < 1.0, ours  # a task that can tell scorers apart
 
-    svc = load_service(run, "pretrain")
+    url, svc, _ = serve_run(run, "pretrain")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "cache")}
-    with ServerThread(create_app(svc)) as url:
-        args = f"model={svc.name},base_url={url}/v1/completions,tokenizer_backend=huggingface," \
-               f"tokenizer={tmp_path / 'hf'},num_concurrent=1,max_retries=1"
-        proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
-                               "--tasks", "cf_pattern", "--include_path", str(tmp_path / "tasks"),
-                               "--output_path", str(tmp_path / "out"), "--log_samples"],
-                              capture_output=True, text=True, env=env, timeout=600)
+    args = f"model={svc.name},base_url={url}/v1/completions,tokenizer_backend=huggingface," \
+           f"tokenizer={tmp_path / 'hf'},num_concurrent=1,max_retries=1"
+    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                           "--tasks", "cf_pattern", "--include_path", str(tmp_path / "tasks"),
+                           "--output_path", str(tmp_path / "out"), "--log_samples"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["cf_pattern"]
     assert res["acc,none"] == pytest.approx(ours["acc"], abs=1e-9)
@@ -371,7 +367,9 @@ def test_dev_scores_judge_a_policy_against_sft_and_choose_on_dev(tmp_path, tok):
     other = GPT(gcfg)
     other.train()
     theirs = dev_scores(cfg, run, other, n=4)
-    assert theirs["n"] == 4 and 0 <= theirs["win_rate_vs_sft"] <= 1 and other.training  # its mode restored
+    assert theirs["n"] == sum(theirs["wins_ties_losses"]) == 4 and other.training  # its mode restored
+    wins, ties, _ = theirs["wins_ties_losses"]
+    assert theirs["win_rate_vs_sft"] == (wins + 0.5 * ties) / 4  # counted against SFT's cached replies, ties half
     assert set(theirs) >= {"accuracy", "gold_score", "accuracy_by_task"}
 
     a, b = dict(own, gold_score=0.4), dict(own, gold_score=0.6)
@@ -430,7 +428,7 @@ def test_tokenizer_chars_per_token_on_chinese_and_english():
 def test_report_has_the_per_language_table(tmp_path, tok):
     """report.json's "by_language" and report.md's "By language" tables: held-out accuracy, gold and win
     rate per language for each model, the reward model's accuracy per language, chars per token."""
-    from chatfactory.eval.heldout import by_language, score_replies
+    from chatfactory.eval.heldout import by_language, chars_per_token, score_replies
     from chatfactory.eval.report import build_json, write_markdown
 
     rows = _bilingual_rows()
@@ -451,7 +449,8 @@ def test_report_has_the_per_language_table(tmp_path, tok):
     bl = rep["by_language"]
     assert bl["langs"] == ["en", "zh"] and bl["reward"]["zh"] == {"pairs": 4, "accuracy": 0.75}
     assert bl["heldout"]["ppo"]["en"]["accuracy"] == 0.0 and bl["heldout"]["ppo"]["zh"]["accuracy"] == 0.5
-    assert bl["heldout"]["ppo"]["zh"]["win_rate_vs_sft"] == 0.25 and bl["tokenizer"]["zh"]["chars_per_token"] > 0
+    assert bl["heldout"]["ppo"]["zh"]["win_rate_vs_sft"] == 0.25
+    assert bl["tokenizer"] == chars_per_token(tok, rows)  # the held-out prompts' text through the run's tokenizer
     md = write_markdown(tmp_path, rep, evals, {}, 4, "rubric")
     assert "## By language" in md
     assert "| model | accuracy en | accuracy zh | gold en | gold zh | win rate vs SFT en | win rate vs SFT zh |" in md

@@ -76,7 +76,7 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpo
     assert {n: (tmp_path / n).read_bytes() for n in (MODEL, CONFIG, STATE)} == before
     monkeypatch.undo()
     weights, info, state = load_checkpoint(tmp_path, with_state=True)
-    assert info["step"] == state["step"] == 5 and torch.equal(weights["w"], _weights(1)["w"])
+    assert info["step"] == state["step"] == 5 and torch.equal(weights["w"], _weights(1)["w"])  # stored bytes
 
 
 def test_a_full_disk_while_logging_metrics_names_the_file(tmp_path, monkeypatch):
@@ -191,7 +191,7 @@ def test_a_full_disk_stops_training_with_the_error_and_the_run_resumes_exactly(t
     resumed = _model()
     train(Toy(), resumed, _cfg(), d)  # space freed: the same command resumes from step 2
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b), k  # bitwise, same host: a resume runs the whole run's operations
 
 
 def test_a_kill_during_the_first_save_starts_over(tmp_path):
@@ -204,7 +204,7 @@ def test_a_kill_during_the_first_save_starts_over(tmp_path):
     train(Toy(), model, _cfg(steps=2), d)
     whole = _model()
     train(Toy(), whole, _cfg(steps=2), tmp_path / "whole")
-    assert _no_temps(d) and all(torch.equal(a, b)
+    assert _no_temps(d) and all(torch.equal(a, b)  # bitwise, same host: the same run from step 0
                                 for a, b in zip(model.state_dict().values(), whole.state_dict().values()))
 
 

@@ -7,7 +7,8 @@ loss, gradient norm and validation number agrees to fp32 round-off (``TOL`` rela
 with each tensor within ``TOL`` of its largest entry, and that ``state.pt`` is laid out as a
 one-process run's (whole optimizer tensors), so chat/serve/export and a later resume read it as
 any other. A run cut after a checkpoint resumes under FSDP to the weights of an uninterrupted run,
-bit for bit.
+bit for bit (on one host: the same ranks run the same operations; across the sharded and the one-process
+runs, which sum in other orders, only ``TOL``).
 """
 import json
 import os
@@ -17,8 +18,11 @@ import sys
 
 import pytest
 import torch
+from builders import write_jsonl
+from builders.preferences import TRAIN_TOPICS, comparison_rows, make_tokenizer
+from builders.pretrain import SMALL
+from builders.reverse import make_reverse_run, sft_args
 from safetensors.torch import load_file
-from test_pretrain import SMALL, _seeded_run, tokenizer_json  # noqa: F401  (tokenizer_json: a fixture)
 
 from conftest import cli_cmd
 
@@ -81,19 +85,19 @@ main(sys.argv[1:])
 """
 
 
-def test_fsdp_pretraining_matches_one_process_and_resumes(tmp_path, tokenizer_json):  # noqa: F811
+def test_fsdp_pretraining_matches_one_process_and_resumes(tmp_path, seeded_run):
     """A modern model with tied embeddings (as SmolLM2 has): the tie survives sharding and the save."""
     common = [*SMALL, "model.tie_embeddings=true", "pretrain.steps=12", "pretrain.eval_every=6",
               "pretrain.ckpt_every=6", "pretrain.batch_size=4"]
-    one = _seeded_run(tmp_path / "one", tokenizer_json)
+    one = seeded_run(tmp_path / "one")
     subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", one, *common, "pretrain.grad_accum=2"),
                    check=True, capture_output=True, env=ONE_THREAD)
-    two = _seeded_run(tmp_path / "two", tokenizer_json)
+    two = seeded_run(tmp_path / "two")
     torchrun("-m", "chatfactory.cli", "pretrain", "--config", "tiny", "--out", two, *common, "pretrain.fsdp=true")
     assert "lm_head.weight" not in load_file(two / "pretrain" / "model.safetensors")  # tied: stored once
     assert_trains_alike(one / "pretrain", two / "pretrain")
 
-    cut = _seeded_run(tmp_path / "cut", tokenizer_json)
+    cut = seeded_run(tmp_path / "cut")
     (tmp_path / "cut.py").write_text(CUT)
     assert torchrun(tmp_path / "cut.py", "pretrain", "--config", "tiny", "--out", cut, *common, "pretrain.fsdp=true",
                     check=False).returncode != 0
@@ -101,14 +105,12 @@ def test_fsdp_pretraining_matches_one_process_and_resumes(tmp_path, tokenizer_js
     out = torchrun("-m", "chatfactory.cli", "pretrain", "--config", "tiny", "--out", cut, *common, "pretrain.fsdp=true")
     assert "resuming from step 6" in out.stdout
     a, b = load_file(two / "pretrain" / "model.safetensors"), load_file(cut / "pretrain" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise, same host: the resume runs the same FSDP operations
     assert rows(two / "pretrain") == rows(cut / "pretrain")  # the whole curve, train and validation
 
 
 def test_fsdp_sft_with_activation_checkpointing_matches_one_process(tmp_path):
-    from test_sft import make_run, sft_args
-
-    run, data, _, _ = make_run(tmp_path, n=300, n_test=20)
+    run, data, _, _ = make_reverse_run(tmp_path, n=300, n_test=20)
     for name in ("one", "two"):
         shutil.copytree(run, tmp_path / name)
     common = sft_args(data, "sft.steps=6", "sft.eval_every=3", "sft.batch_size=4", "sft.ckpt_every=0")
@@ -124,8 +126,6 @@ def test_fsdp_reward_model_and_lora_dpo_match_one_process(tmp_path):
     score calibration after training runs on every rank and lands in the saved head. DPO with LoRA:
     frozen base weights and trainable adapters in one shard group, the reference being the sharded
     policy with its adapters off."""
-    from test_reward import TRAIN_TOPICS, comparison_rows, make_tokenizer, write_jsonl
-
     from chatfactory.model.gpt import GPT, GPTConfig
     from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 

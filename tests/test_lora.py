@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
+from builders import write_jsonl
+from builders.preferences import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows
+from builders.reverse import LETTERS, SYS, make_reverse_run, sft_args
+from builders.rl_world import ppo_config
 from safetensors.torch import load_file
-from test_ppo import ppo_config, world_fixture  # noqa: F401  (the `world` fixture: the tiny RL run)
-from test_reward import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows, sft_run, write_jsonl  # noqa: F401
-from test_sft import LETTERS, SYS, make_run, sft_args
-from test_sft import write_jsonl as write_chat
 
 from chatfactory.config import Config, DPOConfig, LoRAConfig, RewardConfig, load_config
 from chatfactory.model.gpt import GPT, GPTConfig
@@ -70,6 +70,8 @@ def test_adapters_start_as_the_base_and_switch_off_to_it_exactly(flavour, extra)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
     idx = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(0))
+    # bitwise, any host: the adapted layers run the base's matmuls on the same shapes and add B·A·x, exactly 0
+    # while B = 0 and skipped while the adapters are off
     with torch.no_grad():
         want = base(idx)
         assert torch.equal(model(idx), want)  # B = 0: step 0 is the base, bit for bit
@@ -96,8 +98,8 @@ def test_merged_weights_equal_the_adapter_model(tmp_path, flavour):
     unmerged, _ = load_model(tmp_path / "sft", merge_lora=False)
     with torch.no_grad():
         want = model(idx)
-        assert (merged(idx) - want).abs().max().item() < 1e-5
-        assert torch.equal(unmerged(idx), want)
+        assert (merged(idx) - want).abs().max().item() < 1e-5  # W + s·BA: another sum, rounded once more
+        assert torch.equal(unmerged(idx), want)  # bitwise, any host: the same layers, the same weights read back
     # merging touches only adapted weights, and a checkpoint without LoRA passes through unchanged
     sd = unique_state_dict(model)
     out = merge_weights(sd, info)
@@ -194,14 +196,14 @@ def test_lora_sft_learns_and_trains_only_the_adapters(tmp_path):
     every base weight stays bit for bit (adapters that did not train or were skipped would leave it flat)."""
     from chatfactory.train.sft import run_sft
 
-    run, data, _, _ = make_run(tmp_path, n=600, n_test=40)
+    run, data, _, _ = make_reverse_run(tmp_path, n=600, n_test=40)
     rng = random.Random(1)
     copying = []
     for _ in range(500):
         w = " ".join(rng.sample(LETTERS, 3))
         copying.append({"messages": [SYS, {"role": "user", "content": "reverse: " + w},
                                      {"role": "assistant", "content": w}]})
-    run_sft(load_config(None, sft_args(write_chat(tmp_path / "copy.jsonl", copying), "sft.steps=120",
+    run_sft(load_config(None, sft_args(write_jsonl(tmp_path / "copy.jsonl", copying), "sft.steps=120",
                                        "sft.eval_every=0", "sft.ckpt_every=0")), run)
     shutil.move(run / "sft", run / "copy")
     res = run_sft(load_config(None, sft_args(data, "sft.init_from=copy", "sft.steps=100", "sft.eval_every=20",
@@ -213,7 +215,7 @@ def test_lora_sft_learns_and_trains_only_the_adapters(tmp_path):
     info = json.loads((run / "sft" / "config.json").read_text())
     assert info["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(TARGETS)}
     after, before = load_file(run / "sft" / "model.safetensors"), load_file(run / "copy" / "model.safetensors")
-    assert all(torch.equal(after[k], before[k]) for k in before)  # the base did not move
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the base did not move (any host: never updated)
     state = torch.load(run / "sft" / "state.pt", weights_only=True)
     n_adapters = sum(1 for k in after if k.endswith((".lora_A", ".lora_B")))
     assert len(state["optimizer"]["state"]) == n_adapters  # the optimizer holds the adapters alone
@@ -222,7 +224,7 @@ def test_lora_sft_learns_and_trains_only_the_adapters(tmp_path):
 
 @pytest.mark.slow
 def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
-    run, data, _, _ = make_run(tmp_path, n=300, n_test=20)
+    run, data, _, _ = make_reverse_run(tmp_path, n=300, n_test=20)
     args = sft_args(data, "sft.steps=40", "sft.ckpt_every=5", "sft.eval_every=10", "sft.batch_size=4",
                     "lora.rank=4", "lora.dropout=0.1")  # dropout: random numbers in every step, restored too
     for name in ("whole", "killed"):
@@ -259,6 +261,7 @@ def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and any(k.endswith(".lora_A") for k in a)
     curve = lambda d: [{k: v for k, v in json.loads(x).items() if k not in ("tok_s", "mfu", "elapsed")}  # noqa: E731
                        for x in open(d / "sft" / "metrics.jsonl")]
+    # bitwise, same host: the resumed run repeats the whole run's operations (one thread each)
     differ = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     first = next(((x, y) for x, y in zip(curve(tmp_path / "whole"), curve(tmp_path / "killed")) if x != y), None)
     assert not differ, (f"resumed from step {step}: {len(differ)} tensors differ {sorted(differ.items())[:4]}; "
@@ -272,7 +275,7 @@ def test_lora_sft_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
 
 # ---------------------------------------------------------------- reward model and DPO
 @pytest.mark.slow
-def test_lora_reward_model_beats_chance_with_its_backbone_frozen(sft_run, tmp_path):  # noqa: F811
+def test_lora_reward_model_beats_chance_with_its_backbone_frozen(sft_run, tmp_path):
     from chatfactory.train.reward import load_reward_model, run_reward
 
     run, tok = sft_run
@@ -289,13 +292,14 @@ def test_lora_reward_model_beats_chance_with_its_backbone_frozen(sft_run, tmp_pa
     assert res["val_accuracy"] >= 0.9 and res["val_loss"] < 0.2
     saved, sft = load_file(run / "reward" / "model.safetensors"), load_file(run / "sft" / "model.safetensors")
     backbone = {k[len("backbone."):]: v for k, v in base_keys(saved).items() if k.startswith("backbone.")}
-    assert backbone and all(torch.equal(v, sft[k]) for k, v in backbone.items())  # only adapters and head trained
+    # only adapters and head trained: the backbone is the SFT model's bytes (any host: never updated)
+    assert backbone and all(torch.equal(v, sft[k]) for k, v in backbone.items())
     rm = load_reward_model(run / "reward")  # merged, like any reward model
     assert not lora_layers(rm) and json.loads((run / "reward" / "config.json").read_text())["lora"]["rank"] == 8
 
 
 @pytest.mark.slow
-def test_lora_dpo_uses_its_own_base_as_the_reference(sft_run, tmp_path, monkeypatch):  # noqa: F811
+def test_lora_dpo_uses_its_own_base_as_the_reference(sft_run, tmp_path, monkeypatch):
     from chatfactory.data.preferences import collate
     from chatfactory.train import dpo, loop
 
@@ -325,7 +329,7 @@ def test_lora_dpo_uses_its_own_base_as_the_reference(sft_run, tmp_path, monkeypa
     assert stage.ref is policy  # the reference is the policy itself ...
     sft, _ = load_model(run / "sft")
     b = collate(stage.val[:8], tok.pad_id)
-    with torch.no_grad():  # ... with its adapters off: the SFT model exactly
+    with torch.no_grad():  # ... with its adapters off: the SFT model exactly (any host: the same matmuls, shapes)
         assert torch.equal(stage._ref_logps(b), dpo.answer_logps(sft, b["idx"], b["answer_mask"]))
         assert not torch.allclose(dpo.answer_logps(policy, b["idx"], b["answer_mask"]), stage._ref_logps(b), atol=1e-2)
 
@@ -348,13 +352,13 @@ def test_lora_ppo_trains_adapters_against_its_base_and_resumes_exactly(world, tm
     run_ppo(cfg(1), tmp_path / "b")
     run_ppo(cfg(3), tmp_path / "b")  # resumes after the first iteration
     rows = [r for r in map(json.loads, open(tmp_path / "a" / "ppo" / "metrics.jsonl")) if "iteration" in r]
-    assert rows[0]["kl"] == 0.0  # the policy starts as its reference: the SFT model
+    assert rows[0]["kl"] == 0.0  # the policy starts as its reference: the SFT model (B = 0: the same logits)
     assert rows[-1]["kl"] != 0.0  # and moved away from it
     sa, sb = (load_file(tmp_path / "a" / "ppo" / "model.safetensors"),
               load_file(tmp_path / "b" / "ppo" / "model.safetensors"))
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # bitwise, same host: a resume
     sft = load_file(run / "sft" / "model.safetensors")
-    assert all(torch.equal(v, sft[k]) for k, v in base_keys(sa).items())  # the policy's base did not move
+    assert all(torch.equal(v, sft[k]) for k, v in base_keys(sa).items())  # the policy's base did not move (any host)
     ca = torch.load(tmp_path / "a" / "ppo" / "state.pt", weights_only=True)["critic"]
     cb = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)["critic"]
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
@@ -374,7 +378,7 @@ def test_lora_grpo_starts_at_zero_kl_and_refuses_the_compiled_rollout(world, tmp
                lora=LoRAConfig(rank=4, targets="attn"))
     run_grpo(c, tmp_path / "g")
     rows = [r for r in map(json.loads, open(tmp_path / "g" / "grpo" / "metrics.jsonl")) if "iteration" in r]
-    assert rows[0]["kl"] == 0.0 and len(rows) == 2
+    assert rows[0]["kl"] == 0.0 and len(rows) == 2  # exactly, any host: B = 0, the base's logits
     info = json.loads((tmp_path / "g" / "grpo" / "config.json").read_text())
     assert info["lora"]["targets"] == ["attn.qkv", "attn.proj"]
     c.grpo.compile_rollout = True

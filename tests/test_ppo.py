@@ -1,6 +1,6 @@
 """PPO: the math against hand-computed cases, rollout padding, the first-minibatch identities, and
 learning on a tiny model whose gold rule is "the answer says blue" (the SFT policy says it ~1/4 of the
-time). Also holds ``build_world``, the tiny run directory that test_grpo.py reuses."""
+time: the ``world`` fixture, tests/builders/rl_world.py)."""
 
 import json
 import math
@@ -9,12 +9,18 @@ import sys
 import pytest
 import torch
 
-from chatfactory.config import Config, PPOConfig, RewardConfig, SFTConfig
+# build_world, train_reward_model and ppo_config are also what bench/rl_gpu_check.py reads from this module
+from builders.rl_world import (  # noqa: F401
+    build_world,
+    first_micro_batch,
+    gold,
+    policy_kl,
+    ppo_config,
+    train_reward_model,
+)
+
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model
-from chatfactory.text.tokenizer import Tokenizer
-from chatfactory.train.experience import IterationLog
 from chatfactory.train.loop import read_metrics
 from chatfactory.train.ppo import PPO, gae, masked_whiten, run_ppo, token_rewards
 from chatfactory.train.rl import RLStage
@@ -22,11 +28,7 @@ from chatfactory.train.rl_loss import kl_k1, kl_k3, masked_mean
 from chatfactory.train.rl_models import ActorCritic, Reward
 from chatfactory.train.rollout import answer_logprobs, forward_answers, pad_batch
 from chatfactory.train.selection import gold_score
-
-COLORS = ["red", "blue", "green", "pink"]
-THINGS = ["car", "house", "door", "kite", "boat", "shirt", "cup", "bike", "lamp", "chair", "hat", "bag", "box",
-          "pen", "rug", "sofa", "fence", "bowl", "sock", "tent", "wall", "ball", "coat", "desk"]
-GOLD = "def score(row, answer):\n    return float('blue' in answer)\n"
+from conftest import cli_cmd
 
 
 # ---------------------------------------------------------------- hand-computed math
@@ -111,114 +113,7 @@ def test_padded_and_unpadded_logprobs_equal(flavour):
     assert not torch.allclose(lp_t1 * full["answer_mask"], lp * full["answer_mask"], atol=1e-3)
 
 
-# ---------------------------------------------------------------- a tiny world
-_TEMPLATE = {}
-
-
-def build_world(root, sft_steps=120):
-    """ROOT/run with tokenizer.json, pretrain/ (random init), sft/ (answers one of COLORS uniformly);
-    ROOT/prompts.jsonl (train things), heldout.jsonl (other things), rl_gold.py (the gold scorer).
-    Built once per test session and copied (test_grpo.py uses it too)."""
-    import atexit
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    if sft_steps not in _TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="rl_world_"))
-        atexit.register(shutil.rmtree, template, True)
-        _build_world(template, sft_steps)
-        _TEMPLATE[sft_steps] = template
-    shutil.copytree(_TEMPLATE[sft_steps], root, dirs_exist_ok=True)
-    return root / "run", Tokenizer.load(root / "run" / "tokenizer.json")
-
-
-def _build_world(root, sft_steps):
-    from chatfactory.train.sft import run_sft
-
-    run = root / "run"
-    run.mkdir(parents=True)
-    train_things, held_things = THINGS[:16], THINGS[16:]
-    def ask(t):
-        return [{"role": "user", "content": f"Pick a color for the {t}."}]
-    texts = [f"Pick a color for the {t}. {c}" for t in THINGS for c in COLORS] * 4
-    tok = Tokenizer.train(texts, vocab_size=320, min_frequency=1)
-    tok.save(run / "tokenizer.json")
-    torch.manual_seed(0)
-    mcfg = GPTConfig(depth=1, n_embd=64, head_dim=32, vocab_size=tok.vocab_size, block_size=48)
-    save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()},
-                    None, 0)
-    with open(root / "sft.jsonl", "w") as f:
-        for t in train_things:
-            for c in COLORS:
-                f.write(json.dumps({"messages": ask(t) + [{"role": "assistant", "content": c}]}) + "\n")
-    for name, things in (("prompts", train_things), ("heldout", held_things)):
-        with open(root / f"{name}.jsonl", "w") as f:
-            for t in things:
-                f.write(json.dumps({"messages": ask(t), "thing": t}) + "\n")
-    (root / "rl_gold.py").write_text(GOLD)
-    cfg = Config()
-    cfg.sft = SFTConfig(data=str(root / "sft.jsonl"), steps=sft_steps, batch_size=8, seq_len=32, lr=1e-2,
-                        warmup_steps=5, eval_every=0, ckpt_every=0, val_fraction=0.0, progress=False, device="cpu")
-    run_sft(cfg, run)
-
-
-def gold(row, answer):
-    return float("blue" in answer)
-
-
-def train_reward_model(root, run, tok):
-    """A reward model learned from comparisons of SFT-style answers labeled by the gold rule."""
-    from chatfactory.train.reward import run_reward
-
-    with open(root / "pairs.jsonl", "w") as f:
-        for t in THINGS[:16]:
-            for other in ("red", "green", "pink"):
-                for _ in range(2):
-                    prompt = [{"role": "user", "content": f"Pick a color for the {t}."}]
-                    f.write(json.dumps({"prompt": prompt, "chosen": "blue", "rejected": other}) + "\n")
-    cfg = Config()
-    cfg.reward = RewardConfig(data=str(root / "pairs.jsonl"), steps=20, batch_size=16, seq_len=32, lr=3e-3,
-                              warmup_steps=2, eval_every=0, ckpt_every=0, val_fraction=0.1, progress=False,
-                              device="cpu")
-    return run_reward(cfg, run)
-
-
-@pytest.fixture(scope="module", name="world")
-def world_fixture(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo")
-    run, tok = build_world(root)
-    sys.path.insert(0, str(root))
-    yield root, run, tok
-    sys.path.remove(str(root))
-
-
-def ppo_config(root, **kw):
-    base = dict(prompts=str(root / "prompts.jsonl"), steps=12, rollout_batch=16, max_new_tokens=6, lr=3e-4,
-                no_end_penalty=5.0, ppo_epochs=2, minibatches=2, kl_coef=0.1, eval_every=0, ckpt_every=5,
-                progress=False, device="cpu", seed=3)
-    base.update(kw)
-    cfg = Config()
-    cfg.ppo = PPOConfig(**base)
-    return cfg
-
-
-def collect(stage, it=0, rank=0, world=1):
-    """Iteration ``it``'s experience as train/rl.py's ``train_rl`` makes it (sample, score, advantages)
-    -> (the experience, the iteration's log)."""
-    log = IterationLog()
-    exp, rows = stage.rollouts.sample(it, rank, world)
-    stage.rollouts.score(exp, rows, log)
-    exp.update(stage.algo.advantages(exp, log))
-    return exp, log
-
-
-def first_micro_batch(stage, rank=0, world=1):
-    """-> (iteration 0's first micro-batch, its experience, its log): what the first update trains on."""
-    exp, log = collect(stage, 0, rank, world)
-    return next(next(stage.rollouts.minibatches(exp, 0, rank, world, stage.ptx))), exp, log
-
-
+# ---------------------------------------------------------------- the tiny world (builders/rl_world.py)
 def test_first_minibatch_ratio_is_one(world):
     root, run, tok = world
     cfg = ppo_config(root, reward="rl_gold:score", critic_from="sft")
@@ -235,11 +130,11 @@ def test_first_minibatch_ratio_is_one(world):
     # advantages are whitened over real tokens of the whole rollout
     m = exp["answer_mask"]
     assert abs(exp["advantages"][m].mean().item()) < 1e-5 and exp["advantages"][~m].abs().max().item() == 0
-    # the policy is the reference: the KL penalty is exactly zero
+    # the policy is the reference: the KL penalty is exactly zero (any host: the same forward on the same weights)
     assert exp["old_logp"].equal(exp["ref_logp"])
     stage.algo.loss(ac, batch, log)
     s = log.updates[0]
-    assert s["ratio"] == 1.0 and s["approx_kl"] == 0.0 and s["clipfrac"] == 0.0
+    assert s["ratio"] == 1.0 and s["approx_kl"] == 0.0 and s["clipfrac"] == 0.0  # exp(0): the same forward twice
 
 
 def test_ptx_mixes_in_the_pretraining_loss(world):
@@ -292,19 +187,6 @@ def test_bad_inputs_name_what_is_wrong(world, tmp_path):
     assert not (run / "ppo").exists()  # nothing was written for any of these
 
 
-@torch.no_grad()
-def policy_kl(policy, ref, tok, rows, n_new=6, seed=0) -> float:
-    """Mean over the policy's sampled answers of the summed exact per-token KL(policy || ref)
-    (the full distributions at each answer position: far less noisy than single-sample estimates)."""
-    from chatfactory.train.rollout import rollout
-
-    batch = rollout(policy, [tok.chat_prompt(r["messages"]) for r in rows], n_new, 1.0, tok.end_id, tok.pad_id, seed)
-    lp = torch.log_softmax(forward_answers(policy, batch), -1)
-    lq = torch.log_softmax(forward_answers(ref, batch), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1) * batch["answer_mask"]
-    return kl.sum(1).mean().item()
-
-
 @pytest.mark.slow
 def test_ppo_learned_reward_raises_gold_while_zero_reward_stays(world):
     root, run, tok = world
@@ -350,7 +232,7 @@ def test_ppo_resume_is_exact(world, tmp_path):
     wb, info = load_model(tmp_path / "b" / "ppo")
     assert info["stage"] == "ppo" and info["step"] == 4 * 2
     for (k, a), b in zip(wa.state_dict().items(), wb.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b), k  # bitwise, same host: the resume repeats the uninterrupted run's operations
     sa = torch.load(tmp_path / "a" / "ppo" / "state.pt", weights_only=True)
     sb = torch.load(tmp_path / "b" / "ppo" / "state.pt", weights_only=True)
     assert sa["kl_coef"] == sb["kl_coef"]
@@ -369,8 +251,6 @@ def test_rlhf_rounds_cli(world, tmp_path):
     round 2 samples from round 1's policy and its reward model sees both rounds' comparisons."""
     import shutil
     import subprocess
-
-    from conftest import cli_cmd
 
     root, run, tok = world
     r = tmp_path / "r"
@@ -440,8 +320,6 @@ def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
     run_ppo(ppo_config(root, **over), tmp_path / "whole")
     base = {k: v for k, v in vars(ppo_config(root, **over).ppo).items()}
     args = ["ppo", "--out", tmp_path / "killed"] + [f"ppo.{k}={v}" for k, v in base.items()]
-    from conftest import cli_cmd
-
     proc = subprocess.Popen(cli_cmd(*args), env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cfg_json = tmp_path / "killed" / "ppo" / "config.json"
     deadline = time.time() + 300
@@ -456,7 +334,7 @@ def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
     assert out.returncode == 0 and "resuming from step" in out.stdout, out.stderr[-2000:]
     a, b = load_model(tmp_path / "whole" / "ppo")[0], load_model(tmp_path / "killed" / "ppo")[0]
     for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(x, y), k
+        assert torch.equal(x, y), k  # bitwise, same host: two processes, the same operations
     iters = [r["iteration"] for r in map(json.loads, open(tmp_path / "killed" / "ppo" / "metrics.jsonl"))
              if "iteration" in r]
     assert iters == list(range(1, 7))  # no iteration logged twice or lost
@@ -485,7 +363,7 @@ def test_keep_best_keeps_the_iteration_that_scored_best_on_dev(world, tmp_path):
     run_ppo(ppo_config(root, steps=best, **kw), tmp_path / "stopped")  # the same run, stopped at the best iteration
     stopped, _ = load_model(tmp_path / "stopped" / "ppo")
     for (k, a), b in zip(kept.state_dict().items(), stopped.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert torch.equal(a, b), k  # bitwise, same host: the first iterations of one run are the same operations
     assert run_ppo(ppo_config(root, steps=5, keep_best=True, **kw),
                    tmp_path / "kept")["dev_choice"] == choice  # done: kept
     with pytest.raises(ValueError, match="keep_best=true needs eval_prompts and gold"):

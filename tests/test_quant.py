@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from test_serve import TEXT, make_run
 
 from chatfactory.cli import main
 from chatfactory.inference.decode_step import DecodeStep
@@ -20,6 +19,7 @@ from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.files import CheckpointError
 from chatfactory.store.load import load_model, save_quantized
 from chatfactory.text.tokenizer import Tokenizer
+from conftest import TEXT, make_run
 
 CFG = dict(depth=2, n_embd=64, vocab_size=256, block_size=64)
 
@@ -159,7 +159,7 @@ def test_bad_schemes_are_named():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """test_serve's tiny run: a tokenizer and a random GPT as the 'sft' stage (its vocabulary padded past
+    """conftest's tiny run: a tokenizer and a random GPT as the 'sft' stage (its vocabulary padded past
     the tokenizer's, as an imported model's may be)."""
     root = make_run(tmp_path_factory.mktemp("quantrun"), block=64)
     return root, Tokenizer.load(root / "tokenizer.json")

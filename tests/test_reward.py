@@ -1,17 +1,22 @@
 """Comparisons data and the reward model: parsing (both formats, bad rows), batching, the scalar head
-read at the last real token, and a learning test against a programmatic gold labeler.
-
-The synthetic task (shared with test_dpo.py): the user asks about a topic; an answer says the topic is
-"good" or "bad" among filler words. The gold labeler prefers answers containing "good". A tiny GPT is
-SFT'd in-test on 50/50 answers through the shared loop, so its samples are half good, half bad.
-"""
+read at the last real token, and a learning test against a programmatic gold labeler (the good/bad topics
+task of tests/builders/preferences.py; the ``sft_run`` fixture holds its SFT'd policy)."""
 import json
-import random
 
 import pytest
 import torch
+from builders import write_jsonl
+from builders.preferences import (
+    HELD_OUT_TOPICS,
+    TOPICS,
+    TRAIN_TOPICS,
+    comparison_rows,
+    gold_score,
+    make_tokenizer,
+    prompt_of,
+)
 
-from chatfactory.config import Config, RewardConfig, TrainConfig
+from chatfactory.config import Config, RewardConfig
 from chatfactory.data.preferences import (
     PairBatches,
     collate,
@@ -23,99 +28,10 @@ from chatfactory.data.preferences import (
     read_comparisons,
 )
 from chatfactory.formats.jsonl import DataError
-from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.model.gpt import GPTConfig
 from chatfactory.text.tokenizer import Tokenizer
-from chatfactory.train.loop import Stage, train
 
 ROOT_DIR = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-TOPICS = ["cats", "dogs", "birds", "fish", "trees", "stars", "boats", "shoes", "lamps", "rivers", "hills", "clocks",
-          "bread", "roads", "songs", "coins"]
-TRAIN_TOPICS, HELD_OUT_TOPICS = TOPICS[:12], TOPICS[12:]
-FILLERS = ["very", "quite", "so", "really", "truly", "rather", "always"]
-
-
-def gold_score(row: dict, answer: str) -> float:
-    """The gold labeler: 1 for an answer that calls its topic good, else 0."""
-    return 1.0 if "good" in answer.split() else 0.0
-
-
-def prompt_of(topic: str) -> list[dict]:
-    return [{"role": "user", "content": f"tell me about {topic}"}]
-
-
-def answer(rng: random.Random, topic: str, good: bool) -> str:
-    words = rng.sample(FILLERS, rng.randint(1, 3))
-    return f"{topic} are {' '.join(words)} {'good' if good else 'bad'} ."
-
-
-def comparison_rows(n: int, topics, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        t = rng.choice(topics)
-        rows.append({"prompt": prompt_of(t), "chosen": answer(rng, t, True), "rejected": answer(rng, t, False)})
-    return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def make_tokenizer(path) -> Tokenizer:
-    rng = random.Random(0)
-    texts = [f"tell me about {t} " + answer(rng, t, rng.random() < 0.5) for t in TOPICS for _ in range(20)]
-    tok = Tokenizer.train(texts, vocab_size=320, min_frequency=2)
-    tok.save(path)
-    return tok
-
-
-class _SFT(Stage):
-    """Minimal SFT on the chat template (assistant-only loss), for these tests' policies."""
-    name = "sft"
-
-    def __init__(self, tok, model_config):
-        self.tok, self.model_config = tok, model_config
-
-    def micro_batch(self, step, micro, rank, world):
-        rng = random.Random(step)
-        rows = []
-        for _ in range(16):
-            t = rng.choice(TOPICS)
-            ids, mask = self.tok.render_chat(prompt_of(t) + [{"role": "assistant",
-                                                              "content": answer(rng, t, rng.random() < 0.5)}])
-            rows.append((ids, mask))
-        T = max(len(i) for i, _ in rows)
-        x = torch.full((len(rows), T), self.tok.pad_id)
-        y = torch.full((len(rows), T), -100)
-        for r, (ids, mask) in enumerate(rows):
-            x[r, : len(ids)] = torch.tensor(ids)
-            y[r, : len(ids) - 1] = torch.tensor([i if m else -100 for i, m in zip(ids[1:], mask[1:])])
-        return x, y
-
-    def loss(self, model, batch):
-        return model(batch[0], targets=batch[1])
-
-    def token_count(self, batch):
-        return batch[0].numel()
-
-
-def make_sft_run(run_dir, steps: int = 150) -> Tokenizer:
-    """A run directory holding tokenizer.json and a tiny SFT'd policy in sft/."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(run_dir / "tokenizer.json")
-    torch.manual_seed(0)
-    mcfg = GPTConfig(depth=2, n_embd=64, n_head=2, vocab_size=tok.vocab_size, block_size=64)
-    tc = TrainConfig(steps=steps, lr=3e-3, warmup_steps=5, eval_every=0, ckpt_every=0, progress=False, device="cpu")
-    train(_SFT(tok, mcfg.to_dict()), GPT(mcfg), tc, run_dir / "sft")
-    return tok
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("rm") / "run"
-    return run, make_sft_run(run)
 
 
 # ---------------------------------------------------------------- data
@@ -260,9 +176,10 @@ def test_load_scorer_and_pick_pairs():
     from chatfactory.data.comparisons import pick_pairs
     from chatfactory.data.scorer import load_scorer
 
-    assert load_scorer("test_reward:gold_score") is gold_score
+    assert load_scorer("builders.preferences:gold_score") is gold_score
     for spec, msg in [("nocolon", "must look like"), ("no_such_mod_xyz:f", "cannot import"),
-                      ("test_reward:nope", "has no 'nope'"), ("test_reward:TOPICS", "not a function")]:
+                      ("builders.preferences:nope", "has no 'nope'"),
+                      ("builders.preferences:TOPICS", "not a function")]:
         with pytest.raises(ValueError, match=msg):
             load_scorer(spec)
     answers, scores = ["a", "b", "c", "b"], [0.5, 1.0, 0.0, 1.0]
@@ -324,7 +241,7 @@ def test_comparisons_then_reward_through_the_cli(sft_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = tmp_path / "pairs.jsonl"
     r = subprocess.run(cli_cmd("comparisons", "--run", run, "--prompts", prompts, "--k", 4, "--out", out,
-                               "comparisons.labeler=test_reward:gold_score", "comparisons.max_tokens=16"),
+                               "comparisons.labeler=builders.preferences:gold_score", "comparisons.max_tokens=16"),
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -389,13 +306,14 @@ def test_reward_resumes_exactly_after_an_interruption(sft_run, tmp_path, monkeyp
     monkeypatch.setattr(R.RewardStage, "micro_batch", real)
     R.run_reward(cfg, runs[1])
     a, b = (load_file(str(r / "reward" / "model.safetensors")) for r in runs)
+    # bitwise, same host: the resumed run repeats the uninterrupted one's operations
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = [[json.loads(x) for x in open(r / "reward" / "metrics.jsonl")] for r in runs]
     assert [m["loss"] for m in metrics[0] if "loss" in m] == [m["loss"] for m in metrics[1] if "loss" in m]
     # a finished run asked again changes nothing
     R.run_reward(cfg, runs[1])
     c = load_file(str(runs[1] / "reward" / "model.safetensors"))
-    assert all(torch.allclose(b[k], c[k], atol=1e-6) for k in b)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # bitwise, any host: nothing was trained or written again
 
 
 @pytest.mark.slow
@@ -432,13 +350,14 @@ def test_a_crash_before_the_calibration_leaves_the_stage_unfinished(sft_run, tmp
     res = R.run_reward(cfg, runs[1])
     infos = [json.loads((r / "reward" / "config.json").read_text()) for r in runs]
     assert calls == [1] and infos[1]["finished"] and infos[1]["kind"] == "reward"
-    assert infos[1]["bias_shift"] == infos[0]["bias_shift"] == res["bias_shift"] != 0.0
+    assert infos[1]["bias_shift"] == infos[0]["bias_shift"] == res["bias_shift"] != 0.0  # same host: same operations
     a, b = (load_file(str(r / "reward" / "model.safetensors")) for r in runs)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # shifted once, as uninterrupted
+    # shifted once, as uninterrupted (bitwise, same host: the same operations in the same order)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     res = R.run_reward(cfg, runs[1])  # finished: nothing to train, nothing to shift
     assert calls == [1] and res["bias_shift"] == infos[0]["bias_shift"]
     c = load_file(str(runs[1] / "reward" / "model.safetensors"))
-    assert all(torch.equal(b[k], c[k]) for k in b)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # bitwise, any host: the finished file was left alone
 
 
 @pytest.mark.slow
@@ -455,7 +374,7 @@ def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
     pairs, skipped = read_comparisons(str(ROOT_DIR / cfg.reward.data), skip_bad=True)
     assert len(pairs) > 7500 and 0 < skipped < 0.01 * len(pairs)
     assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in pairs[:50])
-    src, _ = sft_run
+    src, tok = sft_run
     run = tmp_path / "run"
     shutil.copytree(src / "sft", run / "sft")
     shutil.copy(src / "tokenizer.json", run / "tokenizer.json")
@@ -463,8 +382,21 @@ def test_hh_rlhf_preset_reads_every_split(shared_data, sft_run, tmp_path):
                                   "reward.seq_len=64", "reward.batch_size=4", "reward.val_fraction=0.2",
                                   "reward.progress=false", "reward.device=cpu", "reward.calib_pairs=8"])
     res = run_reward(cfg, run)
-    assert 0.0 <= res["val_accuracy"] <= 1.0 and res["loss"] > 0
     assert json.loads((run / "reward" / "config.json").read_text())["step"] == 8  # 32 train pairs, 4 a step
+    # the figures it reports are the saved model's on the 8 held-out pairs of the slice, scored here again
+    # (the calibration shifts every score alike: margins, so accuracy and loss, are as at the last evaluation)
+    from chatfactory.data.preferences import pair_data
+    from chatfactory.train.pairs import pair_right
+    from chatfactory.train.reward import load_reward_model
+
+    _, val, _ = pair_data(cfg.reward, tok)
+    b = collate(val, tok.pad_id)
+    with torch.no_grad():
+        s = load_reward_model(run / "reward")(b["idx"], b["last"])
+    margin = s[: len(val)] - s[len(val):]
+    assert len(val) == 8 and margin.abs().min() > 0  # (a model that scores every answer alike has margins 0)
+    assert res["val_accuracy"] == pytest.approx(pair_right(margin).mean().item(), abs=1e-6)
+    assert res["val_loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margin).mean().item(), abs=1e-4)
 
 
 @pytest.mark.slow

@@ -3,15 +3,12 @@ repetition penalty, a model that gives NaN logits, a padded vocabulary, a seed o
 failure half-way through submitting n answers, and the prefill's logits."""
 import pytest
 import torch
-from test_serve import make_run, post
 
 from chatfactory.inference.batching import Request, Scheduler
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingError, SamplingParams, sample_next, sample_probs
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.serve.api import create_app
-from chatfactory.serve.server import ServerThread
-from chatfactory.serve.service import Service, load_service
+from conftest import make_run, post
 
 
 def tiny_model(vocab=97):
@@ -96,6 +93,7 @@ def test_a_tiny_temperature_does_not_fail_the_batch():
                                                                    repetition_penalty=1e-40)),
                                         ([4, 5], SamplingParams(max_tokens=8, seed=3))])
     assert finish == {0: "length", 1: "length", 2: "length"}
+    # ids: any host, barring a near tie within round-off (test_engine.py's rule)
     assert outs[0] == alone and all(0 <= t < 97 for row in outs for t in row)
 
 
@@ -134,10 +132,14 @@ def test_scheduler_refuses_a_seed_out_of_range():
 # ---------------------------------------------------------------- the server
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    svc = load_service(make_run(tmp_path_factory.mktemp("robust") / "tiny"), "sft")
-    with ServerThread(create_app(svc)) as url:
-        yield svc, url
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("robust") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(run, serve_run):
+    url, svc, _ = serve_run(run)
+    return svc, url
 
 
 def test_server_range_checks_name_the_field(server):
@@ -159,9 +161,8 @@ def test_server_range_checks_name_the_field(server):
     assert status == 200
 
 
-def test_a_failed_submit_cancels_the_siblings_already_started(server):
+def test_a_failed_submit_cancels_the_siblings_already_started(run, serve_run):
     """n=3: the second submit fails (any error, not only a 4xx): the first must not generate on unread."""
-    base, _ = server
 
     class FailingSecond(Scheduler):
         def submit(self, req):
@@ -170,10 +171,9 @@ def test_a_failed_submit_cancels_the_siblings_already_started(server):
                 raise RuntimeError("injected failure")
             return super().submit(req)
 
-    sched = FailingSecond(base.model, slots=4, start=False)  # nothing runs: what was queued stays visible
-    svc = Service(base.model, base.tok, base.name, "sft", scheduler=sched)
-    with ServerThread(create_app(svc)) as url:
-        status, err = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                         "max_tokens": 4, "n": 3})
+    url, svc, _ = serve_run(run, scheduler=lambda svc: FailingSecond(svc.model, slots=4, start=False))
+    sched = svc.scheduler  # it never runs: what was queued stays visible
+    status, err = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 4, "n": 3})
     assert status == 500 and "injected failure" in err["error"]["message"]
     assert len(sched.seen) == 2 and sched.seen[0].cancelled and all(r.cancelled for r in sched.waiting)

@@ -44,7 +44,7 @@ def test_shared_prompt_prefill_gives_the_same_tokens_as_copies(model, lengths, s
         with monkeypatch.context() as m:
             m.setattr(engine_mod, "distinct_rows", no_sharing)
             copies = make_engine(model, static).generate(rows, p)
-        assert shared == copies
+        assert shared == copies  # ids: any host, barring a near tie within round-off (test_engine.py's rule)
     assert len({tuple(x) for x in shared[:4]}) > 1  # the copies did sample different answers
 
 

@@ -2,13 +2,10 @@
 ``openai`` SDK against a real uvicorn server on 127.0.0.1 (tiny random model, tokenizer trained here)."""
 import http.client
 import json
-import socket
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,76 +14,19 @@ from chatfactory.inference.batching import Request, Scheduler
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.serve.api import create_app
 from chatfactory.serve.protocol import Detokenizer
-from chatfactory.serve.server import ServerThread
-from chatfactory.serve.service import Service, load_service
-from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.text.tokenizer import Tokenizer
-from conftest import cli_cmd
+from conftest import TEXT, make_run, post, serve_subprocess
 
 openai = pytest.importorskip("openai")
 
-TEXT = ["the quick brown fox jumps over the lazy dog. hello world, how are you today? " * 4,
-        "def add(x, y):\n    return x + y\n" * 4, "Markdown has **bold**, *italic* and `code`. " * 4]
-
-
-def make_run(root, vocab=320, block=128, flavour="modern"):
-    """A run directory: tokenizer.json and a random-init tiny GPT saved as the 'sft' stage."""
-    tok = Tokenizer.train(TEXT, vocab_size=300)
-    tok.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = GPTConfig(flavour=flavour, depth=1, n_embd=64, head_dim=32, vocab_size=vocab, block_size=block)
-    save_checkpoint(root / "sft", unique_state_dict(GPT(cfg)), {"model": cfg.to_dict()})
-    return root
-
-
-@contextmanager
-def serve_subprocess(run, *args):
-    """`chatfactory serve --run RUN ARGS` on a free port, as a user starts it -> its URL while it runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--port", port, *args),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    run = make_run(tmp_path_factory.mktemp("serve") / "tiny")
-    svc = load_service(run, "sft")
-    with ServerThread(create_app(svc)) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        yield svc, url, client
-
-
-def post(url, path, body, headers=None, raw=None):
-    """-> (status, parsed JSON body) using the standard library only; no body: a GET."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    conn.request("POST" if data is not None else "GET", path, body=data,
-                 headers={"Content-Type": "application/json", **(headers or {})})
-    r = conn.getresponse()
-    payload = r.read()
-    conn.close()
-    return r.status, (json.loads(payload) if payload else None)
+def server(tmp_path_factory, serve_run):
+    """One server for the module's SDK tests: the tiny run's sft stage and an openai client of it."""
+    url, svc, _ = serve_run(make_run(tmp_path_factory.mktemp("serve") / "tiny"))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return svc, url, client
 
 
 # ---------------------------------------------------------------- the scheduler
@@ -121,7 +61,7 @@ def test_continuous_batching_equals_one_by_one(flavour):
     for i in range(2, 6):
         request(i)  # more than the free slots: they wait and take slots as rows finish
     sched.run_until_idle()
-    assert outs == alone
+    assert outs == alone  # ids: any host, barring a near tie within round-off (test_engine.py's rule)
     assert sched.max_batch == 3 and finish == {i: "length" for i in range(6)}
     assert sched.active() == 0 and sum(sched.cache.lengths) == 0
     # a stop id ends a row (the stop id is its last token)
@@ -150,17 +90,14 @@ def test_cancel_frees_the_slot_for_the_next_request():
     assert got["b"][-1].finish == "length" and len(got["b"]) == 5
 
 
-def test_a_full_queue_answers_429(tmp_path):
-    run = make_run(tmp_path / "busy")
-    base = load_service(run, "sft", slots=1)
-    base.close()
-    stuck = Scheduler(base.model, slots=1, max_waiting=1, start=False)  # nothing drains it
-    svc = Service(base.model, base.tok, base.name, "sft", scheduler=stuck)
-    with ServerThread(create_app(svc)) as url:
-        msg = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2}
-        status, err = post(url, "/v1/chat/completions", msg)
-        assert status == 429 and err["error"]["type"] == "rate_limit_error"
-        assert not stuck.waiting  # the half-submitted request was withdrawn, and left the queue
+def test_a_full_queue_answers_429(tmp_path, serve_run):
+    url, svc, _ = serve_run(make_run(tmp_path / "busy"),
+                            scheduler=lambda svc: Scheduler(svc.model, slots=1, max_waiting=1, start=False))
+    stuck = svc.scheduler  # nothing drains it
+    msg = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2}
+    status, err = post(url, "/v1/chat/completions", msg)
+    assert status == 429 and err["error"]["type"] == "rate_limit_error"
+    assert not stuck.waiting  # the half-submitted request was withdrawn, and left the queue
 
 
 def test_detokenizer_holds_back_and_cuts_at_stop_strings():
@@ -405,20 +342,18 @@ def test_other_bad_requests_and_the_sdk_sees_them(server):
                                           max_tokens=2).choices
 
 
-def test_api_key_is_required_when_set(tmp_path):
-    run = make_run(tmp_path / "keyed")
-    svc = load_service(run, "sft", api_key="s3cret", slots=2)
-    with ServerThread(create_app(svc)) as url:
-        msg = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        assert post(url, "/v1/chat/completions", msg)[0] == 401
-        status, err = post(url, "/v1/chat/completions", msg, headers={"Authorization": "Bearer wrong"})
-        assert status == 401 and err["error"]["code"] == "invalid_api_key"
-        assert post(url, "/v1/chat/completions", msg, headers={"Authorization": "Bearer s3cret"})[0] == 200
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
-        assert openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).models.list().data
-        assert post(url, "/tokenize", {"prompt": "hi"})[0] == 401
-        assert post(url, "/health", None)[0] == 200  # liveness stays open
+def test_api_key_is_required_when_set(tmp_path, serve_run):
+    url = serve_run(make_run(tmp_path / "keyed"), api_key="s3cret", slots=2).url
+    msg = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert post(url, "/v1/chat/completions", msg)[0] == 401
+    status, err = post(url, "/v1/chat/completions", msg, headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    assert post(url, "/v1/chat/completions", msg, headers={"Authorization": "Bearer s3cret"})[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).models.list().data
+    assert post(url, "/tokenize", {"prompt": "hi"})[0] == 401
+    assert post(url, "/health", None)[0] == 200  # liveness stays open
 
 
 def test_disconnected_stream_frees_its_slot(server):

@@ -9,15 +9,13 @@ import time
 
 import pytest
 import torch
-from test_serve import make_run, post
 
 from chatfactory.inference.batching import QueueFull, Request, Scheduler
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve import feedback as feedback_mod
 from chatfactory.serve.api import create_app
-from chatfactory.serve.server import ServerThread
-from chatfactory.serve.service import Service, load_service
+from conftest import make_run, post
 
 openai = pytest.importorskip("openai")
 CONV = [{"role": "user", "content": "Say hi"}]
@@ -38,10 +36,10 @@ def raw(url, method, path, body=b"", headers=()):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    svc = load_service(make_run(tmp_path_factory.mktemp("guard") / "g"), "sft", slots=2)
-    with ServerThread(create_app(svc, ["http://localhost:3000, https://chat.example.com"])) as url:
-        yield svc, url
+def served(tmp_path_factory, serve_run):
+    url, svc, _ = serve_run(make_run(tmp_path_factory.mktemp("guard") / "g"), slots=2,
+                            allow_origins=["http://localhost:3000, https://chat.example.com"])
+    return svc, url
 
 
 def count(svc) -> int:
@@ -89,13 +87,12 @@ def test_cross_site_writes_are_refused_and_the_ui_and_sdk_pass(served):
     assert client.chat.completions.create(model=svc.name, messages=CONV, max_tokens=2).choices
 
 
-def test_a_foreign_origin_needs_allow_origin(tmp_path):
-    svc = load_service(make_run(tmp_path / "plain"), "sft", slots=1)
-    with ServerThread(create_app(svc)) as url:  # no allow-list: localhost:3000 is foreign too
-        status, err, _ = raw(url, "POST", "/v1/feedback", json.dumps(RATING).encode(),
-                             {"Content-Type": "application/json", "Origin": "http://localhost:3000"})
-        assert status == 403 and "--allow-origin" in err["error"]["message"]
-        assert post(url, "/v1/feedback", RATING)[0] == 200
+def test_a_foreign_origin_needs_allow_origin(tmp_path, serve_run):
+    url, svc, _ = serve_run(make_run(tmp_path / "plain"), slots=1)  # no allow-list: localhost:3000 is foreign too
+    status, err, _ = raw(url, "POST", "/v1/feedback", json.dumps(RATING).encode(),
+                         {"Content-Type": "application/json", "Origin": "http://localhost:3000"})
+    assert status == 403 and "--allow-origin" in err["error"]["message"]
+    assert post(url, "/v1/feedback", RATING)[0] == 200
     with pytest.raises(ValueError, match="allow-origin"):
         create_app(svc, ["not a url"])
 
@@ -154,30 +151,28 @@ def asgi_spec(app, version):
 
 
 @pytest.mark.parametrize("spec", ["2.3", "2.4"])
-def test_a_streaming_client_that_leaves_while_queued_frees_its_place(tmp_path, spec):
+def test_a_streaming_client_that_leaves_while_queued_frees_its_place(tmp_path, serve_run, spec):
     """The scheduler never runs here, so the stream sends nothing after its first chunk: the server
     must notice the hang-up by itself, cancel the request and take it out of the waiting queue."""
-    base = load_service(make_run(tmp_path / "q"), "sft", slots=1)
-    base.close()
-    stuck = Scheduler(base.model, slots=1, max_waiting=1, start=False)
-    svc = Service(base.model, base.tok, base.name, "sft", scheduler=stuck)
-    with ServerThread(asgi_spec(create_app(svc), spec)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
-        conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                     body=json.dumps({"messages": CONV, "max_tokens": 5, "stream": True}))
-        r = conn.getresponse()
-        assert r.status == 200 and r.readline().startswith(b"data: ")
-        req = stuck.waiting[0]
-        assert post(url, "/v1/chat/completions", {"messages": CONV, "max_tokens": 2})[0] == 429  # full
-        conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.close()
-        deadline = time.time() + 10
-        while stuck.waiting and time.time() < deadline:
-            time.sleep(0.05)
-        assert req.cancelled and req.finished and not stuck.waiting
-        assert post(url, "/health", None)[1]["waiting"] == 0
-        stuck.submit(Request([1, 2], SamplingParams(max_tokens=1), lambda st: None))  # no QueueFull
+    url, svc, _ = serve_run(make_run(tmp_path / "q"), wrap=lambda app: asgi_spec(app, spec),
+                            scheduler=lambda svc: Scheduler(svc.model, slots=1, max_waiting=1, start=False))
+    stuck = svc.scheduler
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"messages": CONV, "max_tokens": 5, "stream": True}))
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    req = stuck.waiting[0]
+    assert post(url, "/v1/chat/completions", {"messages": CONV, "max_tokens": 2})[0] == 429  # full
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 10
+    while stuck.waiting and time.time() < deadline:
+        time.sleep(0.05)
+    assert req.cancelled and req.finished and not stuck.waiting
+    assert post(url, "/health", None)[1]["waiting"] == 0
+    stuck.submit(Request([1, 2], SamplingParams(max_tokens=1), lambda st: None))  # no QueueFull
 
 
 def test_feedback_store_closes_its_connections(tmp_path, monkeypatch):
@@ -203,22 +198,21 @@ def test_feedback_store_closes_its_connections(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("allow", [(), ("*",)])
-def test_malformed_host_and_origin_headers_are_refused_not_crashed_on(tmp_path, allow):
+def test_malformed_host_and_origin_headers_are_refused_not_crashed_on(tmp_path, serve_run, allow):
     """A Host or Origin that does not parse (an unclosed IPv6 bracket, a port past 65535) is a 403 from
     the guard (it names no host this server answers to), or, with the checks off (*), just not looked
     at: never a 500 from parsing it."""
-    svc = load_service(make_run(tmp_path / "h"), "sft", slots=1, api_key="k")
-    with ServerThread(create_app(svc, allow)) as url:
-        port = url.rsplit(":", 1)[1]
-        key = {"Authorization": "Bearer k"}
-        cases = [{"Host": "["}, {"Host": "[::1"}, {"Host": "localhost:99999", "Origin": "http://localhost:99999"},
-                 {"Host": "localhost:99999", "Origin": "null"}, {"Host": f"localhost:{port}", "Origin": "http://[::1"}]
-        for headers in cases:
-            for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/nowhere")):
-                status, err, _ = raw(url, method, path, headers={**key, **headers})
-                want = {"/health": 200, "/v1/models": 200, "/nowhere": 404}[path] if allow else 403
-                assert status == want, (headers, path, status, err)
-                if status != 200:
-                    assert err["error"]["type"] != "server_error", err
-        status, r, _ = raw(url, "GET", "/health", headers={"Host": f"localhost:{port}"})
-        assert status == 200 and r["status"] == "ok"
+    url = serve_run(make_run(tmp_path / "h"), slots=1, api_key="k", allow_origins=allow).url
+    port = url.rsplit(":", 1)[1]
+    key = {"Authorization": "Bearer k"}
+    cases = [{"Host": "["}, {"Host": "[::1"}, {"Host": "localhost:99999", "Origin": "http://localhost:99999"},
+             {"Host": "localhost:99999", "Origin": "null"}, {"Host": f"localhost:{port}", "Origin": "http://[::1"}]
+    for headers in cases:
+        for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("GET", "/nowhere")):
+            status, err, _ = raw(url, method, path, headers={**key, **headers})
+            want = {"/health": 200, "/v1/models": 200, "/nowhere": 404}[path] if allow else 403
+            assert status == want, (headers, path, status, err)
+            if status != 200:
+                assert err["error"]["type"] != "server_error", err
+    status, r, _ = raw(url, "GET", "/health", headers={"Host": f"localhost:{port}"})
+    assert status == 200 and r["status"] == "ok"

@@ -6,19 +6,14 @@ import time
 
 import pytest
 from fastapi.routing import APIRoute
-from test_serve import make_run, post
 
-from chatfactory.serve.api import create_app
-from chatfactory.serve.server import ServerThread
-from chatfactory.serve.service import load_service
+from conftest import make_run, post
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    svc = load_service(make_run(tmp_path_factory.mktemp("schema") / "s"), "sft", slots=4)
-    app = create_app(svc)
-    with ServerThread(app) as url:
-        yield svc, app, url
+def served(tmp_path_factory, serve_run):
+    url, svc, app = serve_run(make_run(tmp_path_factory.mktemp("schema") / "s"), slots=4)
+    return svc, app, url
 
 
 def resolve(doc, ref):
@@ -142,7 +137,8 @@ def test_a_temperature_too_small_for_float32_is_greedy_and_fails_nothing(served,
     greedy = alone["choices"][0]["message"]["content"]
     assert all(c["message"]["content"] and greedy.startswith(c["message"]["content"]) for c in tiny["choices"]), tiny
     status, r = beside["r"]
-    assert status == 200 and r["choices"] == alone["choices"], r  # not failed, not changed
+    # not failed, not changed (greedy ids decoded beside another request and alone: any host, barring a near tie)
+    assert status == 200 and r["choices"] == alone["choices"], r
     if busy[1] == 0:
         pytest.skip("the long request had finished before the tiny one came (a very slow machine?)")
     assert post(url, "/health", None)[1]["active"] == 0

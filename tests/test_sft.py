@@ -1,15 +1,16 @@
 """SFT: chat loaders (errors name file:line), packed batches that keep the mask aligned and never leak
 across conversations, and a learning test on a synthetic chat task that a broken mask cannot pass."""
-import gzip
 import json
+import math
 import os
-import random
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from builders import write_jsonl
+from builders.reverse import SYS, make_reverse_run, sft_args
 
 from chatfactory.config import load_config
 from chatfactory.data.chat import load_conversations, parse_hh_transcript
@@ -17,7 +18,6 @@ from chatfactory.formats.jsonl import DataError
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer
 from chatfactory.train.sft import IGNORE, PackedBatches, collate, masked_loss, pack, tokenize_conversations
@@ -28,14 +28,6 @@ CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"
                      {"role": "assistant", "content": "4"}]}
 ALPACA = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
 HH = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: bye\n\nAssistant: see you", "rejected": "x"}
-
-
-def write_jsonl(path, rows):
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -126,49 +118,12 @@ def test_batches_are_stateless_and_cover_every_conversation(tok):
     assert (whole == halves).all()
 
 
-# ---------------------------------------------------------------- learning test
-LETTERS = "abcdefghij"
-
-
-def reverse_task(rng, n):
-    rows = []
-    for _ in range(n):
-        w = rng.sample(LETTERS, 3)
-        rows.append(({"role": "user", "content": "reverse: " + " ".join(w)}, " ".join(reversed(w))))
-    return rows
-
-
-SYS = {"role": "system", "content": "You reverse letters."}
-
-
-def make_run(tmp_path, n=1400, n_test=100):
-    """A run directory holding a tokenizer and a randomly initialised "pretrain" stage, plus chat data
-    for the reverse-3-letters task; returns (run, data path, tokenizer, held-out (user, answer) rows)."""
-    rng = random.Random(0)
-    all_rows = reverse_task(rng, n)
-    held = {r[0]["content"] for r in all_rows[-n_test:]}
-    train_rows = [r for r in all_rows[:-n_test] if r[0]["content"] not in held]
-    data = [{"messages": [SYS, u, {"role": "assistant", "content": a}]} for u, a in train_rows]
-    path = write_jsonl(tmp_path / "train.jsonl", data)
-    run = tmp_path / "run"
-    tok = Tokenizer.train([json.dumps(r) for r in data[:200]] + [" ".join(LETTERS)], vocab_size=400)
-    tok.save(run / "tokenizer.json")
-    torch.manual_seed(0)
-    mcfg = GPTConfig(depth=2, n_embd=96, head_dim=32, vocab_size=tok.vocab_size, block_size=64)
-    save_checkpoint(run / "pretrain", unique_state_dict(GPT(mcfg)), {"stage": "pretrain", "model": mcfg.to_dict()})
-    return run, path, tok, all_rows[-n_test:]
-
-
-def sft_args(data, *extra):
-    return [f"sft.data={data}", "sft.batch_size=16", "sft.seq_len=64", "sft.lr=3e-3", "sft.progress=false",
-            "sft.device=cpu", *extra]
-
-
+# ---------------------------------------------------------------- learning test (builders/reverse.py's task)
 @pytest.mark.slow
 def test_sft_learns_synthetic_chat_task(tmp_path):
     """Held-out exact match on "reverse: a b c" -> "c b a": ~0% before SFT, a clear majority after.
     Masking user text instead of assistant text, or dropping the <|end|> target, cannot pass."""
-    run, data, tok, test_rows = make_run(tmp_path)
+    run, data, tok, test_rows = make_reverse_run(tmp_path)
 
     def exact_match(stage):
         model, _ = load_model(run / stage)
@@ -194,7 +149,7 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     from chatfactory.train import sft
 
-    run, data, _, _ = make_run(tmp_path, n=300, n_test=20)
+    run, data, _, _ = make_reverse_run(tmp_path, n=300, n_test=20)
     args = sft_args(data, "sft.steps=12", "sft.ckpt_every=4", "sft.eval_every=6", "sft.batch_size=4")
     for name in ("ref", "cut"):
         shutil.copytree(run, tmp_path / name)
@@ -215,7 +170,7 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
     res = sft.run_sft(load_config(None, args), tmp_path / "cut")
     a, b = (load_file(tmp_path / "ref" / "sft" / "model.safetensors"),
             load_file(tmp_path / "cut" / "sft" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise, same host: a resume repeats the run's operations
     assert res["val_loss"] == ref["val_loss"]
     curve = lambda d: [json.loads(x) for x in open(d / "sft" / "metrics.jsonl")]  # noqa: E731
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tok_s", "mfu", "elapsed")} for r in rows]  # noqa: E731
@@ -227,7 +182,7 @@ def test_interrupted_sft_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_sft_under_torchrun_matches_one_process(tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert torchrun, "torchrun should be installed beside python"
-    run, data, _, _ = make_run(tmp_path, n=300, n_test=20)
+    run, data, _, _ = make_reverse_run(tmp_path, n=300, n_test=20)
     for name in ("one", "two"):
         shutil.copytree(run, tmp_path / name)
     common = sft_args(data, "sft.steps=6", "sft.eval_every=3", "sft.batch_size=4", "sft.ckpt_every=0")
@@ -249,7 +204,7 @@ def test_run_sft_errors_name_what_is_wrong(tmp_path):
     from chatfactory.store.files import CheckpointError
     from chatfactory.train.sft import run_sft
 
-    run, data, _, _ = make_run(tmp_path, n=40, n_test=5)
+    run, data, _, _ = make_reverse_run(tmp_path, n=40, n_test=5)
     with pytest.raises(CheckpointError, match=r"sft.init_from='nowhere'"):
         run_sft(load_config(None, sft_args(data, "sft.init_from=nowhere")), run)
     with pytest.raises(ValueError, match=r"sft.seq_len=128 exceeds the model's block_size=64"):
@@ -266,9 +221,15 @@ def test_sft_from_a_stage_directory_elsewhere(tmp_path):
     """init_from may be a path to any stage directory (e.g. an imported model); its tokenizer comes along."""
     from chatfactory.train.sft import run_sft
 
-    run, data, _, _ = make_run(tmp_path, n=60, n_test=5)
+    run, data, _, _ = make_reverse_run(tmp_path, n=60, n_test=5)
     fresh = tmp_path / "fresh"
     res = run_sft(load_config(None, sft_args(data, f"sft.init_from={run / 'pretrain'}", "sft.steps=2",
                                              "sft.batch_size=2")), fresh)
     assert (fresh / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
-    assert json.loads((fresh / "sft" / "config.json").read_text())["finished"] and res["val_loss"] > 0
+    assert json.loads((fresh / "sft" / "config.json").read_text())["finished"]
+    # it trained the weights found there: each tensor moved a little from them (two steps), and its loss is still
+    # about the random model's ln V (a uniform guess), not a fresh model's nor a loss of nothing
+    start, tuned = load_model(run / "pretrain")[0].state_dict(), load_model(fresh / "sft")[0].state_dict()
+    moved = [((tuned[k] - v).abs().max() / v.abs().max()).item() for k, v in start.items() if v.is_floating_point()]
+    assert 0 < max(moved) and max(moved) < 0.2, moved
+    assert abs(res["val_loss"] - math.log(start["tok_emb.weight"].shape[0])) < 0.5, res

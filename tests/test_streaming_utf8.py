@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serve import serve_subprocess
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -33,7 +32,7 @@ from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.serve.protocol import Detokenizer
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.text.tokenizer import SPECIAL_TOKENS, TextStream, Tokenizer, _bytes_to_unicode
-from conftest import cli_cmd
+from conftest import cli_cmd, serve_subprocess
 
 FFFD = "\ufffd"
 TEXTS = ["「你好，世界！」", "👋🏽 hi 👩‍💻 and 🇨🇳", "é中😀a", "你好，世界！👋🏽 我是👩‍💻。"]
@@ -235,6 +234,7 @@ def test_terminal_chat_streams_whole_characters(echo_run):
     assert pieces[-1] == FFFD and "".join(pieces) == answer
 
 
+@pytest.mark.slow
 def test_terminal_chat_subprocess_prints_the_reply(echo_run):
     """`chatfactory chat` as a user runs it: its stdout is UTF-8 and holds the whole reply."""
     root, tok, ids = echo_run
@@ -281,6 +281,7 @@ def joined(events, field="content") -> dict[int, list[str]]:
 CHAT = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [{}, {"n": 2}, {"logprobs": True, "top_logprobs": 2}],
                          ids=["plain", "n=2", "logprobs"])
 def test_sse_chat_deltas_are_whole_characters(served, extra):
@@ -308,6 +309,7 @@ def _token_deltas(tok, ids) -> list[str]:
     return [s.add(t) for t in ids]
 
 
+@pytest.mark.slow
 def test_sse_completions_n2_and_stop_and_length_cuts(served):
     url, tok, ids = served
     body = {"prompt": "Q", "max_tokens": 100, "temperature": 0, "n": 2}
@@ -370,21 +372,17 @@ def chat_in_browser(browser, url: str, model: str) -> tuple[str, list[str]]:
     return shown, [s for s in dict.fromkeys(seen) if s]
 
 
-def test_web_ui_never_shows_a_broken_character(browser, echo_run):
-    from chatfactory.serve.api import create_app
-    from chatfactory.serve.server import ServerThread
-    from chatfactory.serve.service import load_service
-
+@pytest.mark.browser
+def test_web_ui_never_shows_a_broken_character(browser, echo_run, serve_run):
     root, tok, ids = echo_run
-    svc = load_service(root, "sft", slots=2)
+    url, svc, _ = serve_run(root, slots=2)
     real_step = svc.scheduler.step
 
     def paced_step():  # 15 ms a token, so the page sees the reply grow token by token
         time.sleep(0.015)
         real_step()
     svc.scheduler.step = paced_step
-    with ServerThread(create_app(svc)) as url:
-        shown, states = chat_in_browser(browser, url, "echo/sft")
+    shown, states = chat_in_browser(browser, url, "echo/sft")
     assert shown == REPLY
     assert len(states) >= 8, states  # it streamed
     assert all(FFFD not in s and REPLY.startswith(s) for s in states), [s for s in states if not REPLY.startswith(s)]
@@ -430,6 +428,7 @@ class Trickle(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.browser
 def test_web_ui_decodes_characters_split_between_network_reads(browser):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
     threading.Thread(target=server.serve_forever, daemon=True).start()

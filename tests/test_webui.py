@@ -16,15 +16,13 @@ import time
 import urllib.request
 
 import pytest
-from test_serve import make_run, serve_subprocess
 
 from chatfactory.inference.batching import Step
-from chatfactory.serve.api import create_app
-from chatfactory.serve.server import ServerThread
-from chatfactory.serve.service import Service, load_service
+from conftest import make_run, serve_subprocess
 
 pytest.importorskip("playwright.sync_api",
                     reason="the playwright Python package is not installed")  # the module needs it
+pytestmark = pytest.mark.browser
 
 
 XSS = ('Here is **bold** and `code`.\n\n<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script>\n'
@@ -94,148 +92,145 @@ def wait_until(fn, timeout=15.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run_dir, tmp_path):
-    real = load_service(long_run_dir, "sft", slots=2)
-    real.close()
-    sched = ScriptedScheduler(real.tok, [XSS, OTHER])
-    svc = Service(real.model, real.tok, real.name, "sft", tmp_path / "feedback.sqlite", scheduler=sched)
-    with ServerThread(create_app(svc)) as url:
-        # the page's CSP forbids inline script anyway; bypass it so this checks the escaping itself
-        page = browser.new_page(bypass_csp=True)
-        dialogs, errors = [], []
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model').textContent === 'ui/sft'")
+def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run_dir, tmp_path, serve_run):
+    url, svc, _ = serve_run(long_run_dir, slots=2, feedback_path=tmp_path / "feedback.sqlite",
+                            scheduler=lambda svc: ScriptedScheduler(svc.tok, [XSS, OTHER]))
+    sched = svc.scheduler
+    # the page's CSP forbids inline script anyway; bypass it so this checks the escaping itself
+    page = browser.new_page(bypass_csp=True)
+    dialogs, errors = [], []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'ui/sft'")
 
-        # settings: a system prompt and a temperature reach the request
-        page.click("#settings-toggle")
-        page.fill("#system", "Be kind.")
-        page.eval_on_selector("#temperature", "el => { el.value = '0.3'; el.dispatchEvent(new Event('input')); }")
+    # settings: a system prompt and a temperature reach the request
+    page.click("#settings-toggle")
+    page.fill("#system", "Be kind.")
+    page.eval_on_selector("#temperature", "el => { el.value = '0.3'; el.dispatchEvent(new Event('input')); }")
 
-        # send a message and watch the reply arrive piece by piece
-        page.fill("#input", "Hello there")
-        page.press("#input", "Enter")
-        content = page.locator(".msg.assistant .content").first
-        seen = set()
+    # send a message and watch the reply arrive piece by piece
+    page.fill("#input", "Hello there")
+    page.press("#input", "Enter")
+    content = page.locator(".msg.assistant .content").first
+    seen = set()
 
-        def grown():
-            seen.add(len(content.text_content() or ""))
-            return page.locator(".msg.assistant .thumb-up").count() > 0
-        wait_until(grown, what="the streamed reply to finish")
-        final = len(content.text_content())
-        assert len({n for n in seen if 0 < n < final}) >= 3, f"no partial renders seen: {sorted(seen)}"
+    def grown():
+        seen.add(len(content.text_content() or ""))
+        return page.locator(".msg.assistant .thumb-up").count() > 0
+    wait_until(grown, what="the streamed reply to finish")
+    final = len(content.text_content())
+    assert len({n for n in seen if 0 < n < final}) >= 3, f"no partial renders seen: {sorted(seen)}"
 
-        req = sched.requests[0]
-        assert req.params.temperature == pytest.approx(0.3)
-        assert req.prompt == real.tok.chat_prompt([{"role": "system", "content": "Be kind."},
-                                                   {"role": "user", "content": "Hello there"}])
+    req = sched.requests[0]
+    assert req.params.temperature == pytest.approx(0.3)
+    assert req.prompt == svc.tok.chat_prompt([{"role": "system", "content": "Be kind."},
+                                               {"role": "user", "content": "Hello there"}])
 
-        # the model's HTML is text: visible literally, no element made from it, nothing ran
-        text = content.text_content()
-        assert '<img src=x onerror="window.__xss=1">' in text and "<script>window.__xss=2</script>" in text
-        assert page.locator("#chat img, #chat script, #chat [onerror], #chat [onmouseover]").count() == 0
-        # ... while the Markdown subset still renders
-        assert content.locator("strong").text_content() == "bold" and content.locator("code").text_content() == "code"
-        assert content.locator("li").count() == 2
+    # the model's HTML is text: visible literally, no element made from it, nothing ran
+    text = content.text_content()
+    assert '<img src=x onerror="window.__xss=1">' in text and "<script>window.__xss=2</script>" in text
+    assert page.locator("#chat img, #chat script, #chat [onerror], #chat [onmouseover]").count() == 0
+    # ... while the Markdown subset still renders
+    assert content.locator("strong").text_content() == "bold" and content.locator("code").text_content() == "code"
+    assert content.locator("li").count() == 2
 
-        # thumbs up -> a row in SQLite
-        page.click(".msg.assistant .thumb-up")
-        page.wait_for_function("document.getElementById('status').textContent.includes('rating saved')")
-        r = rows(svc.feedback.path)
-        assert len(r) == 1 and r[0]["kind"] == "rating" and r[0]["rating"] == 1 and r[0]["answer"] == XSS
-        assert json.loads(r[0]["messages"]) == [{"role": "system", "content": "Be kind."},
-                                                {"role": "user", "content": "Hello there"}]
-        assert r[0]["model"] == "ui/sft" and r[0]["stage"] == "sft"
+    # thumbs up -> a row in SQLite
+    page.click(".msg.assistant .thumb-up")
+    page.wait_for_function("document.getElementById('status').textContent.includes('rating saved')")
+    r = rows(svc.feedback.path)
+    assert len(r) == 1 and r[0]["kind"] == "rating" and r[0]["rating"] == 1 and r[0]["answer"] == XSS
+    assert json.loads(r[0]["messages"]) == [{"role": "system", "content": "Be kind."},
+                                            {"role": "user", "content": "Hello there"}]
+    assert r[0]["model"] == "ui/sft" and r[0]["stage"] == "sft"
 
-        # compare mode: two answers side by side; choose B -> a comparison row; B joins the history
-        page.check("#compare")
-        page.fill("#input", "Which is better?")
-        page.press("#input", "Enter")
-        page.wait_for_selector(".compare button.prefer >> nth=1")
-        boxes = page.locator(".compare .msg.assistant")
-        assert boxes.count() == 2
-        shown = [boxes.nth(i).locator(".content").text_content() for i in range(2)]
-        assert shown[0] == OTHER and shown[1].startswith("Here is bold and code.<img src=x onerror=")
-        assert page.is_disabled("#send")  # a choice is needed before the chat goes on
-        page.click(".compare button.prefer >> nth=1")
-        page.wait_for_function("document.getElementById('status').textContent.includes('Preference saved')")
-        r = rows(svc.feedback.path)
-        assert len(r) == 2 and r[1]["kind"] == "comparison" and r[1]["preferred"] == 1
-        assert (r[1]["answer"], r[1]["answer_b"]) == (OTHER, XSS)
-        assert json.loads(r[1]["messages"])[-1] == {"role": "user", "content": "Which is better?"}
-        assert "preferred" in boxes.nth(1).get_attribute("class")
+    # compare mode: two answers side by side; choose B -> a comparison row; B joins the history
+    page.check("#compare")
+    page.fill("#input", "Which is better?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".compare button.prefer >> nth=1")
+    boxes = page.locator(".compare .msg.assistant")
+    assert boxes.count() == 2
+    shown = [boxes.nth(i).locator(".content").text_content() for i in range(2)]
+    assert shown[0] == OTHER and shown[1].startswith("Here is bold and code.<img src=x onerror=")
+    assert page.is_disabled("#send")  # a choice is needed before the chat goes on
+    page.click(".compare button.prefer >> nth=1")
+    page.wait_for_function("document.getElementById('status').textContent.includes('Preference saved')")
+    r = rows(svc.feedback.path)
+    assert len(r) == 2 and r[1]["kind"] == "comparison" and r[1]["preferred"] == 1
+    assert (r[1]["answer"], r[1]["answer_b"]) == (OTHER, XSS)
+    assert json.loads(r[1]["messages"])[-1] == {"role": "user", "content": "Which is better?"}
+    assert "preferred" in boxes.nth(1).get_attribute("class")
 
-        # multi-turn: the next request carries the whole history, with the preferred answer
-        page.uncheck("#compare")
-        sched.answers, sched.delay = [LONG], 0.02
-        n0 = len(sched.requests)
-        page.fill("#input", "Go on")
-        page.press("#input", "Enter")
-        wait_until(lambda: len(sched.requests) > n0 and len(sched.requests[n0].generated) > 5,
-                   what="a long reply to start")
-        assert sched.requests[n0].prompt == real.tok.chat_prompt([
-            {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"},
-            {"role": "assistant", "content": XSS}, {"role": "user", "content": "Which is better?"},
-            {"role": "assistant", "content": XSS}, {"role": "user", "content": "Go on"}])
+    # multi-turn: the next request carries the whole history, with the preferred answer
+    page.uncheck("#compare")
+    sched.answers, sched.delay = [LONG], 0.02
+    n0 = len(sched.requests)
+    page.fill("#input", "Go on")
+    page.press("#input", "Enter")
+    wait_until(lambda: len(sched.requests) > n0 and len(sched.requests[n0].generated) > 5,
+               what="a long reply to start")
+    assert sched.requests[n0].prompt == svc.tok.chat_prompt([
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": XSS}, {"role": "user", "content": "Which is better?"},
+        {"role": "assistant", "content": XSS}, {"role": "user", "content": "Go on"}])
 
-        # stop: the browser aborts, the server cancels the request (its slot is free), partial text stays
-        page.click("#stop")
-        wait_until(lambda: sched.requests[n0].finished, what="the stopped request to be cancelled")
-        assert sched.requests[n0].cancelled and len(sched.requests[n0].generated) < len(real.tok.encode(LONG))
-        page.wait_for_function("!document.getElementById('regenerate').disabled")
-        last = page.locator(".msg.assistant .content").last
-        partial = last.text_content()
-        assert 0 < len(partial) < len(LONG.strip())
+    # stop: the browser aborts, the server cancels the request (its slot is free), partial text stays
+    page.click("#stop")
+    wait_until(lambda: sched.requests[n0].finished, what="the stopped request to be cancelled")
+    assert sched.requests[n0].cancelled and len(sched.requests[n0].generated) < len(svc.tok.encode(LONG))
+    page.wait_for_function("!document.getElementById('regenerate').disabled")
+    last = page.locator(".msg.assistant .content").last
+    partial = last.text_content()
+    assert 0 < len(partial) < len(LONG.strip())
 
-        # regenerate: the same conversation is sampled again and the new answer replaces the old one
-        sched.answers, sched.delay = ["A fresh answer."], 0.01
-        n_boxes = page.locator("#chat > .msg.assistant").count()
-        page.click("#regenerate")
-        page.wait_for_function("[...document.querySelectorAll('.msg.assistant .content')]"
-                               ".some(e => e.textContent === 'A fresh answer.')")
-        assert sched.requests[-1].prompt == sched.requests[n0].prompt
-        assert page.locator("#chat > .msg.assistant").count() == n_boxes
+    # regenerate: the same conversation is sampled again and the new answer replaces the old one
+    sched.answers, sched.delay = ["A fresh answer."], 0.01
+    n_boxes = page.locator("#chat > .msg.assistant").count()
+    page.click("#regenerate")
+    page.wait_for_function("[...document.querySelectorAll('.msg.assistant .content')]"
+                           ".some(e => e.textContent === 'A fresh answer.')")
+    assert sched.requests[-1].prompt == sched.requests[n0].prompt
+    assert page.locator("#chat > .msg.assistant").count() == n_boxes
 
-        assert page.evaluate("window.__xss") is None and not dialogs and not errors
-        page.close()
+    assert page.evaluate("window.__xss") is None and not dialogs and not errors
+    page.close()
 
 
-def test_real_model_reply_and_thumbs_down(browser, run_dir):
-    svc = load_service(run_dir, "sft", slots=2)
-    with ServerThread(create_app(svc)) as url:
-        page = browser.new_page(bypass_csp=True)  # Playwright's waits evaluate strings
-        page.goto(url + "/")
-        page.wait_for_function("document.getElementById('model').textContent === 'ui/sft'")
-        page.fill("#input", "hello world")
+def test_real_model_reply_and_thumbs_down(browser, run_dir, serve_run):
+    url, svc, _ = serve_run(run_dir, slots=2)
+    page = browser.new_page(bypass_csp=True)  # Playwright's waits evaluate strings
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'ui/sft'")
+    page.fill("#input", "hello world")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .thumb-down", timeout=30_000)
+    page.click(".msg.assistant .thumb-down")
+    page.wait_for_function("document.getElementById('status').textContent.includes('rating saved')")
+    r = rows(svc.feedback.path)
+    assert r[-1]["rating"] == -1 and json.loads(r[-1]["messages"]) == [{"role": "user", "content": "hello world"}]
+    shown = page.locator(".msg.assistant .content").text_content()
+    def bare(t):
+        return re.sub(r"[\s*`#\-.]|\d+\.", "", t)  # Markdown marks and whitespace aside,
+    assert bare(shown) == bare(r[-1]["answer"])  # what was shown is what was rated
+
+    # a conversation that outgrows the 128-token context: the page stops sending the oldest
+    # exchange and answers the newest message instead of failing
+    long_msg = next(m for k in range(1, 60) for end in ("", ".", " ok", " ok.")
+                    if 60 <= len(svc.tok.encode(m := " ".join(["fox"] * k) + end)) <= 61)
+    # two of these (+ the template's 8 tokens) overflow 128, one fits
+    sent, real_submit = [], svc.scheduler.submit
+    svc.scheduler.submit = lambda req: (sent.append(req.prompt), real_submit(req))[1]
+    for _ in range(2):
+        n = page.locator("#chat > .msg.assistant .thumb-up").count()
+        page.fill("#input", long_msg)
         page.click("#send")
-        page.wait_for_selector(".msg.assistant .thumb-down", timeout=30_000)
-        page.click(".msg.assistant .thumb-down")
-        page.wait_for_function("document.getElementById('status').textContent.includes('rating saved')")
-        r = rows(svc.feedback.path)
-        assert r[-1]["rating"] == -1 and json.loads(r[-1]["messages"]) == [{"role": "user", "content": "hello world"}]
-        shown = page.locator(".msg.assistant .content").text_content()
-        def bare(t):
-            return re.sub(r"[\s*`#\-.]|\d+\.", "", t)  # Markdown marks and whitespace aside,
-        assert bare(shown) == bare(r[-1]["answer"])  # what was shown is what was rated
-
-        # a conversation that outgrows the 128-token context: the page stops sending the oldest
-        # exchange and answers the newest message instead of failing
-        long_msg = next(m for k in range(1, 60) for end in ("", ".", " ok", " ok.")
-                        if 60 <= len(svc.tok.encode(m := " ".join(["fox"] * k) + end)) <= 61)
-        # two of these (+ the template's 8 tokens) overflow 128, one fits
-        sent, real_submit = [], svc.scheduler.submit
-        svc.scheduler.submit = lambda req: (sent.append(req.prompt), real_submit(req))[1]
-        for _ in range(2):
-            n = page.locator("#chat > .msg.assistant .thumb-up").count()
-            page.fill("#input", long_msg)
-            page.click("#send")
-            page.wait_for_function(f"document.querySelectorAll('#chat > .msg.assistant .thumb-up').length > {n}",
-                                   timeout=30_000)
-        assert "no longer sent" in page.text_content("#status")
-        assert sent[-1] == svc.tok.chat_prompt([{"role": "user", "content": long_msg}])
-        assert page.locator(".msg.error").count() == 0
-        page.close()
+        page.wait_for_function(f"document.querySelectorAll('#chat > .msg.assistant .thumb-up').length > {n}",
+                               timeout=30_000)
+    assert "no longer sent" in page.text_content("#status")
+    assert sent[-1] == svc.tok.chat_prompt([{"role": "user", "content": long_msg}])
+    assert page.locator(".msg.error").count() == 0
+    page.close()
 
 
 # ---------------------------------------------------------------- input methods, language, precision

@@ -106,6 +106,7 @@ def test_the_chinese_openassistant_pairs_parse(shared_data):
     assert (len(train), len(val)) == (697, 78)
 
 
+@pytest.mark.slow
 def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared_data, tmp_path, monkeypatch):
     """The preset's stages, options and data, shrunk to a 1-block model and a few steps. Pretraining
     reads only the OpenAssistant answers (the full text takes minutes to tokenize), with a bigger slice so
@@ -157,9 +158,16 @@ def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared
     for s, fn in (("reward", run_reward), ("dpo", run_dpo)):
         fn(cfg, run)
         assert stage_finished(run / s)
-    for s in ("pretrain", "sft", "reward", "dpo"):
-        rows = [json.loads(line) for line in (run / s / "metrics.jsonl").read_text().splitlines()]
+    logged = {s: [json.loads(line) for line in (run / s / "metrics.jsonl").read_text().splitlines()]
+              for s in ("pretrain", "sft", "reward", "dpo")}
+    for s, rows in logged.items():
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2] and any("val_loss" in r for r in rows), s
         assert all(math.isfinite(v) for r in rows for k, v in r.items() if isinstance(v, float)), s
+    # the numbers are the stages' own: a random model's first loss is about ln V (a uniform guess), and DPO's
+    # first is ln 2 exactly (the policy is its reference before the first update; any host: the same forward)
+    vocab = json.loads((run / "pretrain" / "config.json").read_text())["model"]["vocab_size"]
+    assert abs(logged["pretrain"][0]["loss"] - math.log(vocab)) < 0.5, logged["pretrain"][0]
+    assert logged["dpo"][0]["loss"] == round(math.log(2), 6)
     acc = [r["val_accuracy"] for r in map(json.loads, (run / "reward/metrics.jsonl").read_text().splitlines())
            if "val_accuracy" in r]
     # every one of the 78 held-out pairs was scored: an accuracy is a multiple of 1/78 (ties: 1/156)
