@@ -9,8 +9,11 @@ joining at different steps (so the speed is of correct decoding), then times:
   engine_N    Engine.generate on the same N prompts as one static batch (what batching can reach)
 
     .venv/bin/python bench/batching_speed.py [--depth 4 --width 256 --n 16 --tokens 128 --device auto]
+    .venv/bin/python bench/batching_speed.py --quick   # smoke test (tests/test_benches.py): tiny sizes, n=4
 
-Run it alone: on a 2-core machine anything else running is noise.
+Last line: ``RESULT device=… equal=… tok_s_1=… tok_s_N=… ratio=… vs_static=… overhead_1=…`` (equal: 1 when
+the scheduler's greedy tokens equal the engine's). Run it alone: on a 2-core machine anything else running
+is noise.
 """
 
 import argparse
@@ -22,6 +25,9 @@ from chatfactory.inference.batching import Request, Scheduler
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
+
+# --quick: a tiny model, 4 requests of 8 tokens
+QUICK = dict(depth=2, width=64, vocab=256, n=4, tokens=8, prompt=8)
 
 
 def check_equal(model, device):
@@ -60,7 +66,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     ap.add_argument("--prompt", type=int, default=32, help="prompt length")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     torch.manual_seed(0)
     model = GPT(GPTConfig(depth=a.depth, n_embd=a.width, vocab_size=a.vocab,

@@ -15,8 +15,11 @@ both sides), so compile time is excluded from tokens/s, and the first one is pri
 ("first call ... s"). ``--no-compile`` measures the eager engine.
 
     .venv/bin/python bench/decode_speed.py [--new 256 --prompt 32 --repeats 3 --no-compile]
+    .venv/bin/python bench/decode_speed.py --quick     # smoke test (tests/test_benches.py): tiny sizes, 1 thread
 
-Run it alone: on a 2-core machine anything else running is noise.
+Last line: ``RESULT ratio_b1=… ratio_b8=… same_tokens=… configs=…`` (same_tokens: the batch x thread-count
+configurations, of ``configs``, where both sides produced the same tokens). Run it alone: on a 2-core
+machine anything else running is noise.
 """
 
 import argparse
@@ -28,6 +31,9 @@ from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
 from chatfactory.inference.engine import Engine, default_threads
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
+
+# --quick: a tiny model, a few tokens, one thread count (the sweep still runs, once)
+QUICK = dict(layers=2, width=64, vocab=256, prompt=8, new=8, repeats=1, threads="1")
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
@@ -50,7 +56,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-compile", action="store_true", help="measure the eager engine (no torch.compile)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     import transformers
 
     torch.manual_seed(0)
@@ -61,7 +71,7 @@ def main():
     hf.generation_config.pad_token_id = 0
     engine = Engine(ours, compile=not a.no_compile)
     torch_default = torch.get_num_threads()  # what the engine uses when default_threads says None
-    results = {}
+    results, same_tokens = {}, 0
     for batch in (1, 8):
         prompts = torch.randint(0, a.vocab, (batch, a.prompt))
         params = SamplingParams(max_tokens=a.new, temperature=0)
@@ -84,6 +94,7 @@ def main():
                 lambda prompts=prompts, params=params: engine.generate(prompts.tolist(), params), a.repeats)
             t_hf, out_hf = best_time(run_hf, a.repeats)
             same = out_ours == out_hf
+            same_tokens += same
             results[(batch, threads)] = (batch * a.new / t_ours, batch * a.new / t_hf)
             print(f"batch {batch} threads {threads}: ours {batch * a.new / t_ours:8.1f} tok/s   "
                   f"HF {batch * a.new / t_hf:8.1f} tok/s   ratio {t_hf / t_ours:5.2f}x   same tokens: {same}")
@@ -98,7 +109,7 @@ def main():
         ratios[batch] = results[(batch, default)][0] / hf_best
         print(f"batch {batch}: fastest thread count for ours = {best_ours_threads}, engine default = {default}; "
               f"ours (default) / HF (best) = {ratios[batch]:.2f}x")
-    print(f"RESULT ratio_b1={ratios[1]:.2f} ratio_b8={ratios[8]:.2f}")
+    print(f"RESULT ratio_b1={ratios[1]:.2f} ratio_b8={ratios[8]:.2f} same_tokens={same_tokens} configs={len(results)}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ two cores.
 
     .venv/bin/python bench/faults.py                    # seed 0, 20 kills, 2 workers
     .venv/bin/python bench/faults.py --seed 3 --kills 20 --workers 2 --workdir /tmp/faults --keep
+    .venv/bin/python bench/faults.py --quick           # smoke test (tests/test_benches.py): one kill in
+                                                       # pretrain, each damaged file once, docs text
 
 1. Kills. One uninterrupted ``chatfactory run`` (pipeline-tiny, every stage, short) is both the
    reference of the whole-pipeline trials and the upstream every stage trial copies (tokenizer, data,
@@ -80,6 +82,9 @@ STAGE_ARGS = {
 }
 ORDER = ["run", "pretrain", "sft", "reward", "dpo", "ppo", "grpo"]
 RUN_STAGES = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
+# --quick: one kill in pretraining, each damaged file read by one command; the upstream pipeline without dpo and
+# grpo, on pretraining text that needs no building (parts 1-3 all run)
+QUICK = dict(kills=1, stages="pretrain", damaged="few", docs_text=True, pipeline="pretrain,sft,comparisons,reward,ppo")
 SAVE_POINTS = ["model.safetensors-half", "weights-temp-only", "config.json-half", "state.pt-half", "before-renames",
                "after-rename-1", "after-rename-2", "after-renames"]
 
@@ -367,15 +372,17 @@ class StageBench:
         return res
 
     def __call__(self) -> StageBench:
+        if not self.kills:  # no trial to compare with it
+            return self
         self.reference()
         for i, n in enumerate(self.kills):
             self.results.append(self.trial(i, n))
         return self
 
 
-def split_kills(total: int) -> dict[str, list[int]]:
+def split_kills(total: int, stages=ORDER) -> dict[str, list[int]]:
     """Kills per stage (as even as can be) and per trial (1, then the rest in a second trial)."""
-    per = {s: total // len(ORDER) + (i < total % len(ORDER)) for i, s in enumerate(ORDER)}
+    per = {s: total // len(stages) + (i < total % len(stages)) for i, s in enumerate(stages)}
     return {s: ([1, n - 1] if n > 1 else [n]) if n else [] for s, n in per.items()}
 
 
@@ -444,7 +451,9 @@ def disk_full(work: Path, upstream: Path, ref: Path) -> dict:
 
 
 # ---------------------------------------------------------------- 3. damaged files
-def damaged_files(work: Path, upstream: Path, workers: int) -> tuple[int, int]:
+def damaged_files(work: Path, upstream: Path, workers: int, few: bool = False) -> tuple[int, int]:
+    """-> (cases whose error named the file, cases). ``few``: each file damaged one way (half, garbage in
+    turn) and read by one command (sample, chat, eval, the resume in turn: four cases)."""
     text = work / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     read_cmds = {
@@ -464,6 +473,10 @@ def damaged_files(work: Path, upstream: Path, workers: int) -> tuple[int, int]:
                 cmds = {**read_cmds, **cmds}
             for cname, cmd in cmds.items():
                 cases.append((name, rel, how, cname, cmd))
+    if few:
+        few_cases = [("tokenizer.json", "half", "sample"), ("config.json", "garbage", "chat"),
+                     ("model.safetensors", "half", "eval"), ("state.pt", "garbage", "resume (chatfactory ppo)")]
+        cases = [c for c in cases if (c[0], c[2], c[3]) in few_cases]
 
     def one(i_case):
         i, (name, rel, how, cname, cmd) = i_case
@@ -510,12 +523,32 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--reuse", action="store_true", help="reuse --workdir's finished upstream run (when debugging)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: kills, disk, damaged")
+    ap.add_argument("--stages", default=",".join(ORDER), help="the stages whose trials the kills are spread over")
+    ap.add_argument("--damaged", choices=("all", "few"), default="all",
+                    help="all: each file cut to half and overwritten, read by every command; few: see damaged_files")
+    ap.add_argument("--pipeline", default=RUN_ARGS[2].split("=")[1],
+                    help="the stages of the upstream pipeline (their trials need theirs; the damaged files are ppo's)")
+    ap.add_argument("--docs-text", action="store_true",
+                    help="pretrain on the repo's README and docs/ instead of pipeline-tiny's embedded+tasks text")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 kill, few damaged files (the same code)")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
+    stages = [s for s in ORDER if s in a.stages.split(",")]
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     t_start = time.perf_counter()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="faults-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     say(f"faults bench: seed {a.seed}, {a.kills} kills, {a.workers} workers, work dir {work}")
+    # every command line built from RUN_ARGS (the upstream, `run` trials, damaged files) takes these
+    RUN_ARGS[2] = f"pipeline.stages={a.pipeline}"
+    RUN_STAGES[:] = [s for s in RUN_STAGES if s in a.pipeline.split(",")]
+    if a.docs_text:
+        root = Path(__file__).resolve().parents[1]
+        docs = work / "docs.txt"
+        docs.write_text("".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]))
+        RUN_ARGS.append(f"data.source={docs}")
     try:
         upstream = work / "upstream"
         log = work / "upstream.saves"
@@ -539,10 +572,10 @@ def main() -> None:
         results, kill_total, stages_hit = [], 0, set()
         ref_pretrain = None
         if "kills" not in skip:
-            say(f"\n1. SIGKILL and resume ({a.kills} kills over {', '.join(ORDER)})")
-            plan = split_kills(a.kills)
+            say(f"\n1. SIGKILL and resume ({a.kills} kills over {', '.join(stages)})")
+            plan = split_kills(a.kills, stages)
             benches = []
-            for s in ORDER:
+            for s in stages:
                 b = StageBench(s, work, upstream, a.seed, plan[s])
                 b.upstream_s, b.upstream_saves = up_s, up_saves
                 benches.append(b)
@@ -568,7 +601,7 @@ def main() -> None:
         named, cases = 0, 0
         if "damaged" not in skip:
             say("\n3. Damaged files (each cut to half, or random bytes) read through the CLI")
-            named, cases = damaged_files(work, upstream, a.workers)
+            named, cases = damaged_files(work, upstream, a.workers, few=a.damaged == "few")
     finally:
         for d in work.glob("*-trial*"):  # trial and reference runs (the logs stay with --keep)
             if d.is_dir() and not a.keep:

@@ -14,10 +14,12 @@ was spent waiting for a layer the prefetch thread had not loaded yet. ``agree`` 
 answers are the same ids on both sides (greedy over identical weights: ~1, round-off aside).
 
     .venv/bin/python bench/offload_compare.py [--run runs/smol --stage pretrain --prompts 64 --new-tokens 32]
-    .venv/bin/python bench/offload_compare.py --prompts 4 --new-tokens 4      # a quick check that it runs
+    .venv/bin/python bench/offload_compare.py --quick     # smoke test: SmolLM2's 2-layer stand-in, 4 prompts
 
 Last line: ``RESULT offload_vs_accelerate=… ours_tok_s=… accelerate_tok_s=… ours_peak_rss_mb=…
-accelerate_peak_rss_mb=… budget_mb=… agree=…``. Run it alone: on a shared 2-core machine anything else
+accelerate_peak_rss_mb=… budget_mb=… agree=… rows=… skipped=…`` (rows: answers written by ours; skipped:
+``accelerate`` where transformers + accelerate are not installed: ours is measured alone, nan for theirs,
+else ``none``). Run it alone: on a shared 2-core machine anything else
 running is noise. The stage defaults to ``pretrain``: a LoRA stage (runs/smol's sft) streams too, but
 merges its adapters at every load of a block, which the exported (merged) transformers side never pays.
 """
@@ -33,6 +35,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# --quick (tests/test_benches.py): SmolLM2's stand-in (bench/standin.py) in a temp dir, 4 prompts, 4 tokens
+QUICK = dict(run=None, prompts=4, new_tokens=4, batch=4)
 TOPICS = ["the sea", "a library", "winter", "bread", "the moon", "trains", "a garden", "music", "rain", "mountains",
           "a cat", "coffee", "the city at night", "old maps", "bicycles", "the desert"]
 ASKS = ["Write two sentences about {}.", "What is interesting about {}?", "Give three facts about {}.",
@@ -99,8 +103,18 @@ def _child(code: str, args: list[str], timeout: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def accelerate_missing() -> str:
+    """Why the transformers + accelerate side cannot run here ('' when it can)."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "accelerate") if importlib.util.find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed (pip install accelerate)" if missing else ""
+
+
 def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new_tokens=32, batch=64,
             workdir=None, timeout=3600) -> dict:
+    """Both sides at the same budget -> the figures (the accelerate side's are nan, and ``skipped`` says
+    so, where it is not installed)."""
     sys.path.insert(0, str(ROOT / "src"))
     from chatfactory.formats.hf import export_run
     from chatfactory.store.safetensors import SafetensorsFile
@@ -113,7 +127,10 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
     work = Path(workdir or tempfile.mkdtemp(prefix="offload_compare_"))
     work.mkdir(parents=True, exist_ok=True)
     hf_dir = work / "hf"
-    if not (hf_dir / "config.json").exists():
+    why_not = accelerate_missing()
+    if why_not:
+        print(f"transformers + accelerate offload: {why_not}: skipped, ours measured alone")
+    elif not (hf_dir / "config.json").exists():
         export_run(str(run), stage, str(hf_dir))
     rows = prompt_rows(prompts)
     (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -129,7 +146,7 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     (work / "offload").mkdir(exist_ok=True)
     theirs = {"tokens": 0, "seconds": 0.0, "base": 0, "hwm": 0, "answers": []}
-    for b in range(0, prompts, batch):  # the same batches as ours
+    for b in range(0, 0 if why_not else prompts, batch):  # the same batches as ours
         (work / "ids_b.json").write_text(json.dumps({"ids": ids[b: b + batch], "stop_ids": list(tok.stop_ids)}))
         r = _child(THEIRS, [str(hf_dir), str(work / "offload"), str(budget), str(work / "ids_b.json"), str(new_tokens)],
                    timeout)
@@ -138,13 +155,16 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
     agree = sum(a["answer"] == tok.decode([t for t in b if t not in tok.stop_ids])
                 for a, b in zip(answers, theirs["answers"])) / max(1, len(answers))
     ours_tps, theirs_tps = ours["tokens"] / ours["seconds"], theirs["tokens"] / max(theirs["seconds"], 1e-9)
+    if why_not:
+        agree = theirs_tps = theirs["hwm"] = theirs["base"] = theirs["seconds"] = float("nan")
     return {"offload_vs_accelerate": ours_tps / theirs_tps, "ours_tok_s": ours_tps, "accelerate_tok_s": theirs_tps,
             "ours_peak_rss_mb": ours["hwm"] / 1e6, "accelerate_peak_rss_mb": theirs["hwm"] / 1e6,
             "ours_base_rss_mb": ours["base"] / 1e6, "accelerate_base_rss_mb": theirs["base"] / 1e6,
             "budget_mb": budget / 1e6, "model_mb": weights / 1e6, "ours_tokens": ours["tokens"],
             "accelerate_tokens": theirs["tokens"], "ours_seconds": ours["seconds"],
             "accelerate_seconds": theirs["seconds"], "ours_stalled_seconds": ours["stalled"],
-            "accelerate_devices": theirs.get("device_map"), "agree": agree}
+            "accelerate_devices": theirs.get("device_map"), "agree": agree, "rows": len(answers),
+            "skipped": "accelerate" if why_not else "none"}
 
 
 def main() -> None:
@@ -156,13 +176,22 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workdir", default=None, help="keeps the exported HF directory between runs")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes on SmolLM2's 2-layer stand-in")
     a = ap.parse_args()
-    r = compare(a.run, a.stage, a.budget_frac, a.prompts, a.new_tokens, a.batch, a.workdir)
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.run is None:
+            from standin import smollm2_run  # bench/ is on sys.path: this script runs by path
+
+            a.run = str(smollm2_run(Path(tmp)))
+        r = compare(a.run, a.stage, a.budget_frac, a.prompts, a.new_tokens, a.batch, a.workdir)
     for k, v in r.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     keys = ["offload_vs_accelerate", "ours_tok_s", "accelerate_tok_s", "ours_peak_rss_mb", "accelerate_peak_rss_mb",
             "budget_mb", "agree"]
-    print("RESULT " + " ".join(f"{k}={r[k]:.2f}" for k in keys))
+    print("RESULT " + " ".join(f"{k}={r[k]:.2f}" for k in keys) + f" rows={r['rows']} skipped={r['skipped']}")
 
 
 if __name__ == "__main__":

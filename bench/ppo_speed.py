@@ -19,9 +19,11 @@ torch.multinomial. Our PPO iteration also decodes with the compiled step.
 
     .venv/bin/python bench/ppo_speed.py [--layers 2 --width 128 --vocab 512 --prompts 8 --samples 4 --answer 32 \
 --iters 8 --rounds 3]
+    .venv/bin/python bench/ppo_speed.py --quick     # smoke test (tests/test_benches.py): tiny sizes, 1 round
 
-Last line: ``RESULT ours_s=… trl_s=… ratio=… ppo_s=… eager_s=… eager_ratio=…`` (ratio = trl_s / ours_s;
-> 1 means ours is faster; eager_*: ours with the default eager rollout).
+Last line: ``RESULT ours_s=… trl_s=… ratio=… ppo_s=… eager_s=… eager_ratio=… iters=… trl_iters=…``
+(ratio = trl_s / ours_s; > 1 means ours is faster; eager_*: ours with the default eager rollout; iters and
+trl_iters: the timed iterations of our GRPO and of TRL's).
 Run it alone: on a 2-core machine anything else running is noise.
 """
 
@@ -56,6 +58,8 @@ def trl_reward(prompts, completions, **kw):
     return [score(None, t) for t in texts]
 '''
 WORDS = "the a cat dog sees runs red blue tree house small big river stone light under over near far".split()
+# --quick: a one-layer model, 2 prompts x 2 answers of 4 tokens, one timed iteration, one round
+QUICK = dict(layers=1, width=64, vocab=300, prompts=2, samples=2, answer=4, iters=1, rounds=1)
 
 
 def setup(root: Path, a):
@@ -183,7 +187,11 @@ def main():
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--minibatches", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3, help="alternate ours / TRL this many times (load drift hits both)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run, tok, rows, n_params = setup(root, a)
@@ -224,7 +232,8 @@ def main():
           f"+ updates ({a.ppo_epochs} epochs x {a.minibatches} minibatches) {ppo['updates']:.3f} s "
           f"({ppo['updates'] / ppo['total']:.0%})")
     print(f"RESULT ours_s={ours:.4f} trl_s={trl:.4f} ratio={trl / ours:.2f} ppo_s={ppo['total']:.4f} "
-          f"eager_s={eager:.4f} eager_ratio={trl / eager:.2f}")
+          f"eager_s={eager:.4f} eager_ratio={trl / eager:.2f} iters={len(ours_t)} "
+          f"trl_iters={len(trl_t)}")
 
 if __name__ == "__main__":
     main()

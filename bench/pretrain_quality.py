@@ -6,6 +6,10 @@ first. Prints the validation curve in bits per byte (per byte, not per token, so
 compares fairly with nanoGPT's character model) and the total seconds.
 
     .venv/bin/python bench/pretrain_quality.py [--budget 300] [key=value overrides of the preset]
+    .venv/bin/python bench/pretrain_quality.py --quick   # smoke test (tests/test_benches.py): a 12 s budget,
+                                                         # a 1-layer model, the first 200k characters
+
+Last line: ``RESULT val_bpb=… seconds=… steps=…`` (steps: the optimizer steps the budget allowed).
 
 Anchor (nanoGPT's CPU configuration, character-level, measured on this machine): 2.70 bits/byte
 after 85 s, 2.28 bits/byte after 4 min 45 s. Run it alone: other load on 2 cores is noise.
@@ -27,6 +31,11 @@ from chatfactory.train.loop import make_optimizer
 from chatfactory.train.pretrain import run_pretrain
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain" / "tinyshakespeare" / "input.txt"
+# --quick: a short budget and a small model on the first 200k characters (overrides given on the command
+# line replace these)
+QUICK = dict(budget=12.0, overrides=["data.max_chars=200000", "tokenizer.train_chars=150000",
+                                     "tokenizer.vocab_size=512", "model.depth=1", "model.block_size=64",
+                                     "pretrain.seq_len=64", "pretrain.batch_size=4", "pretrain.eval_batches=8"])
 
 
 def step_seconds(cfg, vocab: int) -> float:
@@ -54,8 +63,12 @@ def main():
     ap.add_argument("--budget", type=float, default=300.0, help="wall-clock seconds for the whole run")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--keep", default=None, help="keep the run directory here (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     if not Path(a.data).exists():
         sys.exit(f"tiny Shakespeare not found at {a.data} (pass --data PATH)")
     t_start = time.perf_counter()
@@ -63,7 +76,9 @@ def main():
     per_step = step_seconds(cfg, cfg.tokenizer.vocab_size)
     n_evals = 6
     # reserve time for tokenizer+tokenization (~5 s), the evaluations and the calibration already spent
-    eval_cost = 0.35 * per_step * (0.1 * 1.1e6 / 3.0) / (cfg.pretrain.batch_size * cfg.pretrain.seq_len)
+    b, t = cfg.pretrain.batch_size, cfg.pretrain.seq_len
+    val_tokens = min(0.1 * 1.1e6 / 3.0, cfg.pretrain.eval_batches * b * t)  # the preset's: the whole split
+    eval_cost = 0.35 * per_step * val_tokens / (b * t)
     left = a.budget - (time.perf_counter() - t_start) - 8.0 - n_evals * eval_cost
     steps = int(left / (per_step * 1.03))
     cfg = load_config("shakespeare", [f"data.source={a.data}", "pretrain.progress=false", f"pretrain.steps={steps}",
@@ -87,7 +102,7 @@ def main():
         if not a.keep:
             shutil.rmtree(run, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    print(f"RESULT val_bpb={res['val_bpb']:.4f} seconds={seconds:.1f}")
+    print(f"RESULT val_bpb={res['val_bpb']:.4f} seconds={seconds:.1f} steps={steps}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ and our MFU against the fp32 matmul peak measured in this same run (FLOPs counte
 convention, 6N + 12·L·d·T per token, for both models).
 
     .venv/bin/python bench/pretrain_speed.py [--steps 20] [--layers 4 --width 256 --vocab 4096 --batch 16 --seq 256]
+    .venv/bin/python bench/pretrain_speed.py --quick   # smoke test (tests/test_benches.py): tiny sizes
 
-Run it alone: on a 2-core machine anything else running is noise.
+Last line: ``RESULT ours_tok_s=… hf_tok_s=… ratio=… mfu=… step_tokens=…`` (step_tokens: batch x seq). Run it
+alone: on a 2-core machine anything else running is noise.
 """
 
 import argparse
@@ -17,6 +19,9 @@ import torch
 from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.train.loop import measure_matmul_peak
+
+# --quick: a tiny model and batch, 3 timed steps per round
+QUICK = dict(layers=2, width=64, vocab=256, batch=2, seq=32, steps=3)
 
 
 def time_steps(step_fn, steps: int, warmup: int = 3) -> float:
@@ -39,7 +44,11 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     import transformers
 
     torch.manual_seed(0)
@@ -83,7 +92,8 @@ def main():
     print(f"ours: {ours_s:,.0f} tok/s  (MFU {mfu:.1%})")
     print(f"hf:   {hf_s:,.0f} tok/s  (MFU {flops * hf_s / peak:.1%})")
     print(f"ratio ours/hf: {ours_s / hf_s:.3f}")
-    print(f"RESULT ours_tok_s={ours_s:.0f} hf_tok_s={hf_s:.0f} ratio={ours_s / hf_s:.3f} mfu={mfu:.3f}")
+    print(f"RESULT ours_tok_s={ours_s:.0f} hf_tok_s={hf_s:.0f} ratio={ours_s / hf_s:.3f} mfu={mfu:.3f} "
+          f"step_tokens={tokens}")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ Absolute times are printed with this host's measured fp32 matmul peak (train.loo
     .venv/bin/python bench/real_model.py --quick        # a 2-layer stand-in, tiny sizes: a smoke test
 
 Last line: ``RESULT decode_b1=… decode_b8=… lora_sft=… ppo_lora_rss_mb=… ppo_full_rss_mb=…
-decode_b1_eager=… decode_b8_eager=…`` (decode_* and lora_sft: ours / theirs tokens/s, > 1 means ours
-is faster; decode_b1/b8: the engine's fast step, ``Engine(compile=True)``, as bench/decode_speed.py
-reports it; *_eager: ``Engine(model)``, what chat, serve and the pipeline run). Run it alone: on a 2-core machine
+decode_b1_eager=… decode_b8_eager=… skipped=…`` (decode_* and lora_sft: ours / theirs tokens/s, > 1 means
+ours is faster; decode_b1/b8: the engine's fast step, ``Engine(compile=True)``, as bench/decode_speed.py
+reports it; *_eager: ``Engine(model)``, what chat, serve and the pipeline run; skipped: the parts --skip
+named, or none). Run it alone: on a 2-core machine
 anything else running is noise. A full run takes ~5-8 minutes on a 2-core CPU (~1 minute of it
 compiling the batch-1 step) and ~7-8 GB of memory at its peak (the full-fine-tuning PPO child: three
 copies of the model, gradients and AdamW state for policy and critic, ~1.2 GB of activations each).
@@ -81,6 +82,8 @@ from chatfactory.train.loop import measure_matmul_peak
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, BETAS, WEIGHT_DECAY, CLIP = 5e-4, (0.9, 0.95), 0.1, 1.0  # the smollm2 config's SFT settings
+# --quick (tests/test_benches.py): a 2-layer stand-in (prepare_run) and these sizes
+QUICK = dict(new=8, repeats=1, sft_batch=2, sft_len=64, sft_steps=1, ppo_batch=2, ppo_new=4)
 
 
 def vm_hwm_mb() -> float:
@@ -354,8 +357,9 @@ def main():
     a = ap.parse_args()
     if a.ppo_child:
         return ppo_child(a)
-    if a.quick:
-        a.new, a.repeats, a.sft_batch, a.sft_len, a.sft_steps, a.ppo_batch, a.ppo_new = 8, 1, 2, 64, 1, 2, 4
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -396,7 +400,8 @@ def main():
             r["ppo_lora_rss_mb"], r["ppo_full_rss_mb"] = rss["lora"], rss["full"]
     print("RESULT " + " ".join(f"{k}={v:.0f}" if k.endswith("_mb") else f"{k}={v:.2f}" for k, v in
                                [(k, r[k]) for k in ("decode_b1", "decode_b8", "lora_sft", "ppo_lora_rss_mb",
-                                                    "ppo_full_rss_mb", "decode_b1_eager", "decode_b8_eager")]))
+                                                    "ppo_full_rss_mb", "decode_b1_eager", "decode_b8_eager")])
+          + f" skipped={','.join(sorted(skip)) or 'none'}")
 
 
 if __name__ == "__main__":

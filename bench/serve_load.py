@@ -8,9 +8,12 @@ p50/p95 time to first token, and errors; the ratio is the 16-client aggregate ov
 
     .venv/bin/python bench/serve_load.py                       # a random-init model (depth 4, width 256)
     .venv/bin/python bench/serve_load.py --run runs/demo --stage sft
-    .venv/bin/python bench/serve_load.py --requests 2 --max-tokens 32 --levels 1,4,16   # quick
+    .venv/bin/python bench/serve_load.py --requests 2 --max-tokens 32 --levels 1,4,16   # shorter
+    .venv/bin/python bench/serve_load.py --quick      # smoke test (tests/test_benches.py): tiny model, 1 and 4 clients
 
-Run it alone: on a 2-core machine anything else running is noise (clients share the CPU too).
+Last line: ``RESULT tok_s_LO=… tok_s_HI=… ratio=… p50_ttft_HI_ms=… p95_ttft_HI_ms=… errors=… requests=…``
+(LO, HI: the first and last of --levels; requests: the streams sent in all levels together). Run it alone:
+on a 2-core machine anything else running is noise (clients share the CPU too).
 """
 
 import argparse
@@ -29,6 +32,8 @@ from pathlib import Path
 
 PROMPTS = ["Tell me about Python lists.", "What does the with statement do?", "Explain generators, briefly.",
            "How do I read a file?", "What is a decorator?", "Say something about dictionaries."]
+# --quick: a tiny random model, 1 then 4 clients, one short stream each
+QUICK = dict(depth=2, width=64, block=128, levels="1,4", requests=1, max_tokens=8, slots=4)
 
 
 def make_random_run(root: Path, depth: int, width: int, block: int) -> Path:
@@ -123,7 +128,11 @@ def main():
     ap.add_argument("--requests", type=int, default=3, help="streams per client per phase (bounded load)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
 
     tmp = tempfile.TemporaryDirectory()
@@ -169,7 +178,8 @@ def main():
     errors = sum(r["errors"] for r in res.values())
     print(f"aggregate tokens/s at {hi} clients = {ratio:.2f}x the {lo}-client figure (target >= 4x, 0 errors)")
     print(f"RESULT tok_s_{lo}={res[lo]['tok_s']:.1f} tok_s_{hi}={res[hi]['tok_s']:.1f} ratio={ratio:.2f} "
-          f"p50_ttft_{hi}_ms={res[hi]['p50'] * 1000:.0f} p95_ttft_{hi}_ms={res[hi]['p95'] * 1000:.0f} errors={errors}")
+          f"p50_ttft_{hi}_ms={res[hi]['p50'] * 1000:.0f} p95_ttft_{hi}_ms={res[hi]['p95'] * 1000:.0f} errors={errors} "
+          f"requests={sum(r['requests'] for r in res.values())}")
 
 
 if __name__ == "__main__":

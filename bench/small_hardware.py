@@ -32,15 +32,19 @@ llama.cpp on the same GGUF file, and streamed layers against accelerate's offloa
 Absolute figures depend on the host: the fp32 matmul peak measured here is printed beside them.
 
     .venv/bin/python bench/small_hardware.py [--run runs/smol --demo runs/demo --threads 2]
-    .venv/bin/python bench/small_hardware.py --quick        # small sizes, eager engine: a smoke test
+    .venv/bin/python bench/small_hardware.py --quick        # stand-in models, tiny sizes, eager engine: a smoke test
     pip install -e '.[bench]'                                # llama-cpp-python, built from source
 
 Last line: ``RESULT int4_vs_llamacpp_b1=… int8_ppl_delta=… int4_ppl_delta=… offload_vs_accelerate=…
 peak_rss_mb=… budget_mb=… matmul_peak_gflops=…`` and per-variant keys (``int8_ppl_delta`` and
 ``int4_ppl_delta`` are SmolLM2's, int4 at groups of 32; ``demo_*`` the demo model's; ``tps_*`` tokens/s;
-nan = not measured). Run it alone: on a 2-core machine anything else running is noise. A full run takes
-~25-35 minutes on 2 cores, most of it the quantized variants' bits/byte (their kernels are built for
-decoding a few rows, not 1024-token windows); ``--quick`` about 5.
+nan = not measured; ``skipped``: the parts not run, by option or for want of an optional extra:
+``llamacpp`` without llama-cpp-python, ``accelerate`` without it, or ``none``). Run it alone: on a 2-core
+machine anything else running is noise. A full run takes ~25-35 minutes on 2 cores, most of it the
+quantized variants' bits/byte (their kernels are built for decoding a few rows, not 1024-token windows).
+``--quick`` (tests/test_benches.py) runs every part in well under a minute on stand-ins (bench/standin.py):
+SmolLM2's family at 2 layers, imported from a GGUF file of the same kinds (so gguf-q4 and llama.cpp run
+too), and a demo run of the same size, unless --run / --demo name real ones.
 """
 
 import argparse
@@ -50,6 +54,7 @@ import gzip
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +79,9 @@ TINYSTORIES = Path(__file__).resolve().parents[2] / "shared/data/pretrain/tinyst
 QUALITY = ("fp32", "int8", "int4:32", "int4:64")
 SPEED = ("fp32", "int8", "int4:32", "int4:32+head")
 NAN = float("nan")
+# --quick: stand-ins for --run and --demo (None), tiny sizes, the eager engine
+QUICK = dict(run=None, demo=None, smol_tokens=512, demo_tokens=1024, seq_len=256, prompts=4, agree_new=8, new=8,
+             repeats=1, no_compile=True, offload_prompts=4, offload_new=4)
 
 
 # ---------------------------------------------------------------- variants of one model
@@ -288,14 +296,13 @@ def offload(a) -> dict:
         return {}
     import tempfile
 
-    kw = dict(prompts=4, new_tokens=4) if a.quick else dict(prompts=64, new_tokens=32)
     with tempfile.TemporaryDirectory() as tmp:  # its exported model and offload folder go away with it
-        o = compare(run=a.run, budget_frac=0.25, workdir=tmp, **kw)
+        o = compare(run=a.run, budget_frac=0.25, workdir=tmp, prompts=a.offload_prompts, new_tokens=a.offload_new)
     print("offload: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in o.items()))
     # peak_rss_mb is our streamed side's (VmHWM of its generate process); accelerate's beside it
     return {"offload_vs_accelerate": o["offload_vs_accelerate"], "peak_rss_mb": o["ours_peak_rss_mb"],
             "budget_mb": o["budget_mb"], "accelerate_peak_rss_mb": o["accelerate_peak_rss_mb"],
-            "tps_offload": o["ours_tok_s"], "tps_accelerate": o["accelerate_tok_s"]}
+            "tps_offload": o["ours_tok_s"], "tps_accelerate": o["accelerate_tok_s"], "skipped": o["skipped"]}
 
 
 # ---------------------------------------------------------------- driver
@@ -327,8 +334,8 @@ def gguf_q4(path: str):
 
 def result_line(r: dict) -> str:
     def fmt(k, v):
-        return f"{v:.0f}" if k.endswith("_mb") else f"{v:.1f}" if k.startswith("tps_") else \
-            f"{v:.4f}" if "delta" in k else f"{v:.3f}"
+        return v if isinstance(v, str) else f"{v:.0f}" if k.endswith("_mb") else \
+            f"{v:.1f}" if k.startswith("tps_") else f"{v:.4f}" if "delta" in k else f"{v:.3f}"
     return "RESULT " + " ".join(f"{k}={fmt(k, v)}" for k, v in r.items())
 
 
@@ -388,11 +395,24 @@ def main():
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-offload", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="small sizes, eager engine: a smoke test of every part")
+    ap.add_argument("--offload-prompts", type=int, default=64, help="offload: prompts (one batch)")
+    ap.add_argument("--offload-new", type=int, default=32, help="offload: new tokens per prompt at most")
+    ap.add_argument("--quick", action="store_true",
+                    help="stand-ins for --run and --demo, tiny sizes, eager engine: a smoke test of every part")
     a = ap.parse_args()
-    if a.quick:
-        a.smol_tokens, a.demo_tokens, a.seq_len, a.prompts, a.agree_new = 1024, 2048, 512, 4, 16
-        a.new, a.repeats, a.no_compile = 16, 1, True
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.run is None or a.demo is None:
+            import standin
+
+            a.run = a.run if a.run is not None else str(standin.smollm2_run(Path(tmp)))
+            a.demo = a.demo if a.demo is not None else str(standin.demo_run(Path(tmp)))
+        measure(a)
+
+
+def measure(a) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     run = Path(a.run)
@@ -400,6 +420,7 @@ def main():
     print(f"host: torch {torch.__version__}, {a.threads} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     r = {"int4_vs_llamacpp_b1": NAN, "int8_ppl_delta": NAN, "int4_ppl_delta": NAN, "offload_vs_accelerate": NAN,
          "peak_rss_mb": NAN, "budget_mb": NAN, "matmul_peak_gflops": peak / 1e9}
+    skipped = [part for part in ("quality", "llamacpp", "offload") if getattr(a, f"skip_{part}")]
     tok = Tokenizer.load(run / "tokenizer.json")
     model, _ = load_model(run / "pretrain")
     gguf = gguf_path(run)
@@ -420,12 +441,14 @@ def main():
             r.update(demo_quality(Path(a.demo), a))
     if not gguf and not a.skip_llamacpp:
         print(f"llama.cpp: {run}/pretrain/config.json names no GGUF file that exists: not measured")
+        skipped.append("llamacpp")
     if gguf and not a.skip_llamacpp:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             print("llama.cpp: llama-cpp-python is not installed (pip install -e '.[bench]'): not measured")
             gguf = None
+            skipped.append("llamacpp")
     print(f"decode, {a.prompt}-token chat prompts, {a.new} new tokens, {a.threads} threads, "
           f"{'eager' if a.no_compile else 'compile=True'} engine; tokens/s without the prefill")
     s = speed(model, tok, None if a.skip_llamacpp else gguf, a, SPEED + tuple(ready), ready)
@@ -441,6 +464,9 @@ def main():
     del model
     if not a.skip_offload:
         r.update(offload(a))
+        if r.pop("skipped", "none") != "none":
+            skipped.append("accelerate")
+    r["skipped"] = ",".join(skipped) or "none"
     print(result_line(r))
 
 

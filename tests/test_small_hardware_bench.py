@@ -1,21 +1,22 @@
 """bench/small_hardware.py's parts at toy size, so the script cannot rot: the agreement measure, the
 quality table on a tiny random model (fp32 against itself is exact; a quantized variant is really
-quantized and close), the decode timer against plain greedy, the held-out text readers, and, where
-llama-cpp-python and the SmolLM2 GGUF are installed, that llama.cpp decoding rows together gives
-each row the tokens it gets alone."""
-import math
+quantized and close), the decode timer (what it times, and that it returns plain greedy's tokens), the
+held-out text readers, and, where llama-cpp-python and the SmolLM2 GGUF are installed, that llama.cpp
+decoding rows together gives each row the tokens it gets alone. (tests/test_benches.py runs the whole
+script in its --quick mode.)"""
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_serve import TEXT, make_run
 
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.quant import QuantLinear
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer
+from conftest import TEXT, make_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import small_hardware as sh  # noqa: E402
@@ -64,16 +65,40 @@ def test_quality_table_on_a_tiny_model(tiny):
     assert 0.5 <= q["int8"]["agree"] <= 1.0 and 0 <= q["int4:32"]["prefix"] <= 12
 
 
-def test_decode_rate_times_the_same_tokens_greedy_gives(tiny):
+def test_decode_rate_times_the_decode_steps_of_the_best_call_after_a_warm_up():
+    """A stream whose prefill takes 0.3 s and whose steps take 20 ms (100 ms in the warm-up call): 2 rows
+    x 7 steps in 7 x 20 ms is 100 tokens/s. Timing the prefill (<= 2 x 7 / 0.44 s = 32) or the warm-up
+    call (<= 20) falls below the bound; counting 8 steps (114) passes the upper one, which holds because
+    a sleep can only overshoot."""
+    calls = []
+
+    def start():
+        calls.append(len(calls))
+        step = 0.1 if len(calls) == 1 else 0.02
+
+        def steps():
+            time.sleep(0.3)  # prefill: the first new token comes out before the clock starts
+            yield [1, 2]
+            for i in range(7):
+                time.sleep(step)
+                yield [3 + i, 4 + i]
+        return steps()
+
+    rate, rows = sh.decode_rate(start, 2, 8, repeats=2)
+    assert len(calls) == 3  # the warm-up and two timed calls
+    assert 60 < rate <= 100
+    assert rows == [[1, 3, 4, 5, 6, 7, 8, 9], [2, 4, 5, 6, 7, 8, 9, 10]]  # per row, from per step
+    with pytest.raises(RuntimeError, match="stopped after 3 of 10 steps"):
+        sh.decode_rate(lambda: iter([[1], [2], [3]]), 1, 10, repeats=1)
+
+
+def test_decode_rate_of_the_engine_gives_greedy_tokens(tiny):
     model, _ = tiny
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
     engine = Engine(model)
     p = SamplingParams(max_tokens=10, temperature=0)
-    rate, rows = sh.decode_rate(lambda: engine.stream(prompts, p), 2, 10, repeats=2)
-    assert rate > 0 and math.isfinite(rate)
+    _, rows = sh.decode_rate(lambda: engine.stream(prompts, p), 2, 10, repeats=2)
     assert rows == sh.greedy(model, prompts, 10) and all(len(r) == 10 for r in rows)
-    with pytest.raises(RuntimeError, match="stopped after 3 of 10 steps"):
-        sh.decode_rate(lambda: iter([[1], [2], [3]]), 1, 10, repeats=1)
 
 
 def test_held_out_text_readers(tmp_path, tiny):
