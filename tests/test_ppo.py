@@ -8,16 +8,7 @@ import sys
 
 import pytest
 import torch
-
-# build_world, train_reward_model and ppo_config are also what bench/rl_gpu_check.py reads from this module
-from builders.rl_world import (  # noqa: F401
-    build_world,
-    first_micro_batch,
-    gold,
-    policy_kl,
-    ppo_config,
-    train_reward_model,
-)
+from builders.rl_world import first_micro_batch, gold, policy_kl, ppo_config, train_reward_model
 
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.load import load_model
@@ -217,6 +208,7 @@ def test_ppo_learned_reward_raises_gold_while_zero_reward_stays(world):
     assert kl0 < 0.05 and kl0 < kl / 10 and abs(gold0 - before) < 0.15
 
 
+@pytest.mark.slow
 def test_ppo_resume_is_exact(world, tmp_path):
     """Two iterations, then two more on re-running (the critic and adaptive beta restored from
     state.pt) end with the same policy as four uninterrupted iterations."""
@@ -340,6 +332,7 @@ def test_ppo_resumes_exactly_after_sigkill(world, tmp_path):
     assert iters == list(range(1, 7))  # no iteration logged twice or lost
 
 
+@pytest.mark.slow
 def test_keep_best_keeps_the_iteration_that_scored_best_on_dev(world, tmp_path):
     """keep_best: the stage ends with the policy of the iteration whose gold score on eval_prompts was
     highest, not the last one. Here the "dev" judge prefers answers WITHOUT blue while the reward pays
