@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from builders import write_jsonl
 from builders.preferences import (
     HELD_OUT_TOPICS,
@@ -15,7 +16,6 @@ from builders.preferences import (
     make_tokenizer,
     prompt_of,
 )
-
 from chatfactory.config import Config, DPOConfig, LoRAConfig
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams

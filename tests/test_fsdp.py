@@ -18,12 +18,12 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from builders import write_jsonl
 from builders.preferences import TRAIN_TOPICS, comparison_rows, make_tokenizer
 from builders.pretrain import SMALL
 from builders.reverse import make_reverse_run, sft_args
-from safetensors.torch import load_file
-
 from conftest import cli_cmd
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,6 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from builders.gguf_model import TEXTS, write_gguf  # noqa: E402  (after the importorskips: it imports both)
-
 from chatfactory.cli import main as cli_main  # noqa: E402
 from chatfactory.formats.gguf import GGUFError, GGUFFile, dequantize  # noqa: E402
 from chatfactory.store.load import load_model  # noqa: E402  (after the importorskips, like the imports around it)

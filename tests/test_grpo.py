@@ -5,8 +5,8 @@ builders/rl_world.py: the SFT policy answers "blue" about a quarter of the time)
 
 import pytest
 import torch
-from builders.rl_world import collect, first_micro_batch, gold, policy_kl
 
+from builders.rl_world import collect, first_micro_batch, gold, policy_kl
 from chatfactory.config import Config, GRPOConfig, RLOOConfig
 from chatfactory.store.load import load_model
 from chatfactory.train.grpo import GRPO, group_advantages, kl_shaped_advantages, run_grpo

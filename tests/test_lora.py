@@ -13,12 +13,12 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from builders import write_jsonl
 from builders.preferences import HELD_OUT_TOPICS, TRAIN_TOPICS, comparison_rows
 from builders.reverse import LETTERS, SYS, make_reverse_run, sft_args
 from builders.rl_world import ppo_config
-from safetensors.torch import load_file
-
 from chatfactory.config import Config, DPOConfig, LoRAConfig, RewardConfig, load_config
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.model.lora import (

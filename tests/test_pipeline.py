@@ -215,7 +215,6 @@ def test_pipeline_from_an_imported_chat_model(tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("transformers")
     from builders.gguf_model import write_gguf
-
     from chatfactory.store.load import load_model
     from chatfactory.text.tokenizer import Tokenizer
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from builders.rl_world import first_micro_batch, gold, policy_kl, ppo_config, train_reward_model
 
+from builders.rl_world import first_micro_batch, gold, policy_kl, ppo_config, train_reward_model
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.load import load_model
 from chatfactory.train.loop import read_metrics

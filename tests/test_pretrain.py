@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
-from builders.pretrain import SMALL
 from safetensors.torch import load_file
 
+from builders.pretrain import SMALL
 from conftest import cli_cmd
 
 pytestmark = pytest.mark.slow

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from builders import write_jsonl
 from builders.preferences import (
     HELD_OUT_TOPICS,
@@ -15,7 +16,6 @@ from builders.preferences import (
     make_tokenizer,
     prompt_of,
 )
-
 from chatfactory.config import Config, RewardConfig
 from chatfactory.data.preferences import (
     PairBatches,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from builders.rl_gradients import ANSWERS, all_gradients, gradients
 
 TESTS = Path(__file__).resolve().parent

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+
 from builders import write_jsonl
 from builders.reverse import SYS, make_reverse_run, sft_args
-
 from chatfactory.config import load_config
 from chatfactory.data.chat import load_conversations, parse_hh_transcript
 from chatfactory.formats.jsonl import DataError
