@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from builders import rl_world as W  # noqa: E402
-
 from chatfactory.config import Config, GRPOConfig  # noqa: E402
 from chatfactory.data.preferences import load_prompts  # noqa: E402
 from chatfactory.store.load import load_model  # noqa: E402
