@@ -7,7 +7,7 @@ threads. Prints tokens/s (new tokens over the whole generate call, prefill inclu
 (ours at the engine's default thread count against Hugging Face at its best), and checks that both
 produced the same tokens.
 
-Ours runs ``Engine(model, compile=True)``, the fast decode step of ``chatfactory/decode_step.py``:
+Ours runs ``Engine(model, compile=True)``, the fast decode step of ``chatfactory/inference/decode_step.py``:
 at batch 1 the step compiled by ``torch.compile``, at batch 8 an eager step on oneDNN-packed
 weights. Compiling (and packing) happens on the first generation of each batch size, and again
 when the thread count changes; that call is the warm-up every measurement here starts with (for

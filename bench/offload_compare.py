@@ -1,4 +1,4 @@
-"""Offline batch generation under a memory budget: ``chatfactory generate --max-memory`` (offload.py's
+"""Offline batch generation under a memory budget: ``chatfactory generate --max-memory`` (model/offload.py's
 streamed layers and block schedule) against Hugging Face ``transformers`` + ``accelerate``'s offload
 (``device_map="auto"``, ``max_memory={"cpu": budget}``, ``offload_folder``), same weights, same budget.
 
@@ -6,7 +6,7 @@ The budget is ``budget_frac`` (default a quarter) of the stage's fp32 weights. B
 ``prompts`` chat prompts (our tokenizer renders them once; the transformers side receives the ids,
 left-padded with an attention mask), one batch of ``batch`` rows, greedy, at most ``new_tokens`` new
 tokens, stopping at the template's end tokens (a row's count includes its stop token, on both sides).
-The transformers model is the stage exported with hf.py (``chatfactory export``), fp32. Each side runs in
+The transformers model is the stage exported with formats/hf.py (``chatfactory export``), fp32. Each side runs in
 its own subprocess, so its peak resident memory (VmHWM) is its own; the baseline (the interpreter and
 libraries, before any weight is loaded) is printed beside it. Tokens/s = generated tokens / the
 generation's wall time (loading excluded, on both sides); ``ours_stalled_seconds`` is how much of ours

@@ -1,7 +1,7 @@
 """RL iteration speed: our GRPO against TRL's GRPOTrainer, same process, same settings; and our PPO
 iteration split into rollout, scoring and updates.
 
-Both GRPOs start from the same weights (ours, exported to the Hugging Face Llama layout with hf.py)
+Both GRPOs start from the same weights (ours, exported to the Hugging Face Llama layout with formats/hf.py)
 and the same tokenizer (ours, wrapped as a PreTrainedTokenizerFast with our chat template), see the
 same chat prompts, sample ``--prompts x --samples`` answers of at most ``--answer`` tokens per
 iteration at temperature 1, score them with the same function, keep a KL term with the same beta to a
@@ -12,7 +12,7 @@ over ``--iters`` iterations after the first (warm-up) of each of ``--rounds`` al
 The work is the same; how it is done differs. Ours prefills each prompt once for its group of samples
 and runs it once per group in the reference and policy forwards (train/rollout.py), samples by inverse
 CDF (sampling.sample_probs), skips the last answer column in every forward, and decodes its rollouts
-with the compiled step of decode_step.py (``compile_rollout=true``: a one-off compile in the first
+with the compiled step of inference/decode_step.py (``compile_rollout=true``: a one-off compile in the first
 iteration, which the median leaves out like TRL's first; both first iterations are printed, and so is
 ours with the default eager step); TRL runs every prompt+answer row whole and samples with
 torch.multinomial. Our PPO iteration also decodes with the compiled step.

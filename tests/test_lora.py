@@ -1,4 +1,4 @@
-"""LoRA (train/lora.py): adapters start as the base and switch off to it exactly; merging equals the
+"""LoRA (model/lora.py): adapters start as the base and switch off to it exactly; merging equals the
 adapter model; the PEFT export round-trips through the real ``peft`` package; every stage trains only its
 adapters (and heads), with the policy's own base as DPO's and RL's reference; a LoRA SFT run killed with
 SIGKILL resumes to the same weights; LoRA SFT learns, and a LoRA reward model beats chance."""

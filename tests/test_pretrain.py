@@ -45,7 +45,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, seeded_run):
     args = [*SMALL, "pretrain.steps=40", "pretrain.ckpt_every=8", "pretrain.eval_every=10", "pretrain.batch_size=16"]
     ref = seeded_run(tmp_path / "ref")
     # one thread, as the other kill tests: two-thread CPU runs on a busy machine were seen to round
-    # differently from run to run (README log, 2026-12-01), which is not what this test is about
+    # differently from run to run (docs/experiment-log.md, 2026-12-01), which is not what this test is about
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cli_cmd("pretrain", "--config", "tiny", "--out", ref, *args), check=True, capture_output=True,
                    env=env)

@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 quantization (quant.py): layers against fp32 and against their own dequantized
+"""Weight-only int8/int4 quantization (model/quant.py): layers against fp32 and against their own dequantized
 reference, a quantized GPT through the engine (eager and decode-step paths), the portable file format
 round trip, the ``quantize`` command with ``sample``, and the errors a user can hit."""
 import copy
@@ -92,7 +92,7 @@ def test_quantized_gpt_logits_are_close_and_it_generates(flavour, bits, tol):
     p = SamplingParams(max_tokens=10, temperature=0)
     eager = Engine(q).generate(prompts, p)
     assert all(len(o) == 10 for o in eager)
-    # Engine(compile=True) takes the decode step of decode_step.py: eager for quantized layers, same ids
+    # Engine(compile=True) takes the decode step of inference/decode_step.py: eager for quantized layers, same ids
     assert Engine(q, compile=True).generate(prompts, p) == eager
     one = Engine(q).generate([prompts[0]], p)
     assert Engine(q, compile=True).generate([prompts[0]], p) == one and DecodeStep(q, compile=False).quantized

@@ -110,7 +110,8 @@ def test_the_chinese_openassistant_pairs_parse(shared_data):
 def test_the_zh_preset_runs_every_stage_and_never_trains_sft_on_the_slice(shared_data, tmp_path, monkeypatch):
     """The preset's stages, options and data, shrunk to a 1-block model and a few steps. Pretraining
     reads only the OpenAssistant answers (the full text takes minutes to tokenize), with a bigger slice so
-    its validation tail has room (the full preset keeps its tail inside its slice too: the README says by how much)."""
+    its validation tail has room (the full preset keeps its tail inside its slice too: docs/chinese.md says
+    by how much)."""
     import chatfactory.train.sft as sft_mod
     from chatfactory.store.checkpoint import stage_finished
     from chatfactory.text.tokenizer import Tokenizer
