@@ -365,7 +365,7 @@ def main():
 
     import torch
 
-    from chatfactory.train.loop import measure_matmul_peak
+    from chatfactory.train.meters import measure_matmul_peak
 
     peak = measure_matmul_peak(torch.device("cpu"), n=1024, seconds=1.0)  # before the server takes the CPU
     print(f"fp32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s", flush=True)

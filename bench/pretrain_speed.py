@@ -18,7 +18,7 @@ import torch
 
 from chatfactory.formats.hf import to_hf_config, to_hf_state_dict
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.train.loop import measure_matmul_peak
+from chatfactory.train.meters import measure_matmul_peak
 
 # --quick: a tiny model and batch, 3 timed steps per round
 QUICK = dict(layers=2, width=64, vocab=256, batch=2, seq=32, steps=3)

@@ -38,7 +38,7 @@ thread count for both sides. Three measurements:
    (checkpoint tensors beside a fresh model; printed too), and read when the loop reaches its
    final checkpoint, which is skipped.
 
-Absolute times are printed with this host's measured fp32 matmul peak (train.loop.measure_matmul_peak).
+Absolute times are printed with this host's measured fp32 matmul peak (train.meters.measure_matmul_peak).
 
     .venv/bin/python bench/real_model.py [--run runs/smol] [--new 64 --repeats 3 --sft-steps 5]
     .venv/bin/python bench/real_model.py --quick        # a 2-layer stand-in, tiny sizes: a smoke test
@@ -77,7 +77,7 @@ from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer
-from chatfactory.train.loop import measure_matmul_peak
+from chatfactory.train.meters import measure_matmul_peak
 
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -73,7 +73,7 @@ from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.quant import linear_bytes, parse_spec, quantize_model
 from chatfactory.store.load import load_model
 from chatfactory.text.tokenizer import Tokenizer
-from chatfactory.train.loop import measure_matmul_peak
+from chatfactory.train.meters import measure_matmul_peak
 
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared/data/pretrain/tinystories/tinystories_sample.jsonl.gz"
 QUALITY = ("fp32", "int8", "int4:32", "int4:64")

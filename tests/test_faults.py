@@ -14,7 +14,7 @@ from chatfactory.config import TrainConfig
 from chatfactory.store import checkpoint as ck
 from chatfactory.store.checkpoint import CONFIG, MODEL, STATE, load_checkpoint, save_checkpoint
 from chatfactory.store.files import CheckpointError, DiskFullError, atomic_write_text
-from chatfactory.train import loop
+from chatfactory.train import loop, meters
 from chatfactory.train.loop import Stage, train
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -80,7 +80,7 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpo
 
 
 def test_a_full_disk_while_logging_metrics_names_the_file(tmp_path, monkeypatch):
-    m = loop.Metrics(tmp_path / "metrics.jsonl", True)
+    m = meters.Metrics(tmp_path / "metrics.jsonl", True)
     m.log({"step": 1})
 
     class Full:
@@ -231,9 +231,9 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     d.mkdir()
     (d / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # then the kill (torn row)
     train(Toy(), _model(), _cfg(steps=2), d)
-    assert [r["step"] for r in loop.read_metrics(d / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in meters.read_metrics(d / "metrics.jsonl")] == [1, 2]
 
 
 def test_read_metrics_skips_a_torn_last_line(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
-    assert loop.read_metrics(tmp_path / "m.jsonl") == [{"step": 1}]
+    assert meters.read_metrics(tmp_path / "m.jsonl") == [{"step": 1}]

@@ -212,6 +212,7 @@ def test_lora_sft_learns_and_trains_only_the_adapters(tmp_path):
     first, val = rows[0]["loss"], [r["val_loss"] for r in rows if "val_loss" in r]
     print(f"LoRA SFT: train loss {first:.3f} -> {rows[-2]['loss']:.3f}, held-out loss {[round(v, 3) for v in val]}")
     assert val[-1] < 0.6 * first
+    assert all(0 < r["mfu"] <= 1 for r in rows if "mfu" in r)  # LoRA's FLOPs: adapters 6, frozen weights 4 per weight
     info = json.loads((run / "sft" / "config.json").read_text())
     assert info["lora"] == {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": list(TARGETS)}
     after, before = load_file(run / "sft" / "model.safetensors"), load_file(run / "copy" / "model.safetensors")
@@ -285,7 +286,9 @@ def test_lora_reward_model_beats_chance_with_its_backbone_frozen(sft_run, tmp_pa
                                      eval_every=10, eval_batches=0, progress=False, device="cpu"),
                  lora=LoRAConfig(rank=8))
     res = run_reward(cfg, run)
-    evals = [r for r in map(json.loads, open(run / "reward" / "metrics.jsonl")) if "val_accuracy" in r]
+    rows = list(map(json.loads, open(run / "reward" / "metrics.jsonl")))
+    evals = [r for r in rows if "val_accuracy" in r]
+    assert all(0 < r["mfu"] <= 1 for r in rows if "mfu" in r)
     print(f"LoRA reward model: held-out accuracy {[r['val_accuracy'] for r in evals]}")
     # held-out topics; chance is 0.5, and the head alone on the frozen SFT features reaches about 0.77
     # with a held-out loss of 0.62 (measured): the adapters must do the rest
@@ -322,7 +325,9 @@ def test_lora_dpo_uses_its_own_base_as_the_reference(sft_run, tmp_path, monkeypa
                                epochs=1, eval_every=10, eval_batches=0, progress=False, device="cpu"),
                  lora=LoRAConfig(rank=8))
     res = dpo.run_dpo(cfg, run)
-    evals = [r for r in map(json.loads, open(run / "dpo" / "metrics.jsonl")) if "val_reward_accuracy" in r]
+    rows = list(map(json.loads, open(run / "dpo" / "metrics.jsonl")))
+    evals = [r for r in rows if "val_reward_accuracy" in r]
+    assert all(0 < r["mfu"] <= 1 for r in rows if "mfu" in r)  # the reference's forward passes count too
     print(f"LoRA DPO: held-out implicit-reward accuracy {[r['val_reward_accuracy'] for r in evals]}")
     assert res["val_reward_accuracy"] >= 0.8 and res["val_loss"] < 0.6  # log 2 = 0.69 where policy == reference
     stage, policy = seen["stage"], seen["policy"]
@@ -351,7 +356,9 @@ def test_lora_ppo_trains_adapters_against_its_base_and_resumes_exactly(world, tm
     run_ppo(cfg(3), tmp_path / "a")
     run_ppo(cfg(1), tmp_path / "b")
     run_ppo(cfg(3), tmp_path / "b")  # resumes after the first iteration
-    rows = [r for r in map(json.loads, open(tmp_path / "a" / "ppo" / "metrics.jsonl")) if "iteration" in r]
+    every = list(map(json.loads, open(tmp_path / "a" / "ppo" / "metrics.jsonl")))
+    rows = [r for r in every if "iteration" in r]
+    assert all(0 < r["mfu"] <= 1 for r in every if "mfu" in r)  # rollout, scoring and updates counted
     assert rows[0]["kl"] == 0.0  # the policy starts as its reference: the SFT model (B = 0: the same logits)
     assert rows[-1]["kl"] != 0.0  # and moved away from it
     sa, sb = (load_file(tmp_path / "a" / "ppo" / "model.safetensors"),

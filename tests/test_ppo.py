@@ -12,7 +12,7 @@ import torch
 from builders.rl_world import first_micro_batch, gold, policy_kl, ppo_config, train_reward_model
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.load import load_model
-from chatfactory.train.loop import read_metrics
+from chatfactory.train.meters import read_metrics
 from chatfactory.train.ppo import PPO, gae, masked_whiten, run_ppo, token_rewards
 from chatfactory.train.rl import RLStage
 from chatfactory.train.rl_loss import kl_k1, kl_k3, masked_mean

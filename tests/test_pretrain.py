@@ -35,7 +35,8 @@ def test_pretraining_learns_and_samples(tmp_path, seeded_run):
     assert train[0][1] > 6.0 and val[-1][1] < train[0][1] - 1.0  # from ~ln(512)=6.24 down by > 1 nat
     rows = [json.loads(x) for x in open(run / "pretrain" / "metrics.jsonl")]
     # bits per byte is the loss in bits over the bytes each token spells: 2-5 bytes a token for this BPE
-    assert 0 < rows[-2]["mfu"] < 1 and 2 < rows[-1]["val_loss"] / math.log(2) / rows[-1]["val_bpb"] < 5, rows[-1]
+    assert all(0 < r["mfu"] <= 1 for r in rows if "mfu" in r)
+    assert 2 < rows[-1]["val_loss"] / math.log(2) / rows[-1]["val_bpb"] < 5, rows[-1]
     s = subprocess.run(cli_cmd("sample", "--run", run, "--prompt", "The", "--max-tokens", "20", "--seed", "1"),
                        capture_output=True, text=True)
     assert s.returncode == 0 and s.stdout.startswith("The") and len(s.stdout) > 10, s.stderr

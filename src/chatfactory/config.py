@@ -76,6 +76,11 @@ class TrainConfig:
     # FSDP2 under torchrun (train/memory.py): weights, gradients and optimizer state sharded over the
     # processes instead of DDP's full copy on each; with one process it trains unsharded (a note says so)
     fsdp: bool = False
+    # wall-clock seconds for the training loop, its evaluations and checkpoints included (0: off; ``steps``
+    # still caps it). The stage evaluates and checkpoints after its first step to learn what they cost,
+    # stops when the next step, the final evaluation and checkpoint would not fit, and decays the learning
+    # rate over the budget's time instead of its steps (so a resumed run is no longer bit-exact)
+    time_budget: float = 0.0
 
 
 @dataclass
@@ -156,6 +161,10 @@ class RLConfig(TrainConfig):
     # reward: a reward-model stage ("reward" or a directory), a scorer "module:function" with
     # score(row, answer) -> float, or "zero" (a sanity check: the policy should stay where it is)
     reward: str = "reward"
+    # a verifier (data/verifiers.py: "correct", "constraints", … or a scorer "module:function") whose score in
+    # [0, 1], times verifier_weight, is added to the reward where it has a check for the prompt ("": none)
+    verifier: str = ""
+    verifier_weight: float = 1.0
     rollout_batch: int = 16  # prompts per iteration, per process
     max_new_tokens: int = 32
     temperature: float = 1.0  # sampling temperature; every log-prob is taken at the same one

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..stages import BY_NAME, STAGES, names, policies
 from ..store.files import atomic_write_text
 from ..text.tokenizer import Tokenizer
-from ..train.loop import read_metrics
+from ..train.meters import read_metrics
 from .heldout import chars_per_token, read_rows
 
 BARS = {  # the bars the demo is held to, checked in the report (on >= 200 held-out prompts)

@@ -233,13 +233,55 @@ class GPT(nn.Module):
         """Unique parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight that takes part in a matmul
-        (every Linear, the LM head included; embedding lookups excluded), plus attention's
-        q·k and p·v products, 12 * depth * width * seq_len (the PaLM appendix B convention)."""
+    def flops_per_token(self, seq_len: int | None = None, *, head: bool = True, train: bool = True) -> float:
+        """Model FLOPs per token of a training step (``train``: forward and backward) or of a forward pass,
+        counted as autograd runs them: 2 per weight of a matmul in the forward; in the backward 2 more for
+        the gradient of its input wherever that input needs one (a frozen weight still passes the gradient
+        down to whatever trains below it) and 2 for the weight's own gradient if it trains. A LoRA layer's
+        adapter counts the same way. Attention's q·k and p·v products cost 4 * width * seq_len per token and
+        layer forward and twice that backward (the PaLM appendix B convention). Embedding lookups, norms and
+        the loss are not matmuls and are left out. ``head``: the LM head runs (a reward model or critic reads
+        ``hidden_states`` instead)."""
         t = seq_len or self.cfg.block_size
-        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_params + 12 * self.cfg.depth * self.cfg.n_embd * t
+        total = 0.0
+
+        def trains(*modules) -> bool:
+            return train and any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+        def linear(m: nn.Linear, needs: bool) -> tuple[float, bool]:
+            # -> (its FLOPs, whether its output needs a gradient)
+            parts = [(m.weight, needs)]
+            lora_a = getattr(m, "lora_A", None)
+            if lora_a is not None and getattr(m, "enabled", True):
+                parts += [(lora_a, needs), (m.lora_B, needs or (train and lora_a.requires_grad))]
+            f, out = 0.0, needs or (train and m.bias is not None and m.bias.requires_grad)
+            for w, grad_in in parts:
+                f += 2 * w.numel() * (1 + (train and grad_in) + (train and w.requires_grad))
+                out = out or (train and w.requires_grad)
+            return f, out
+
+        needs = trains(self.tok_emb, self.pos_emb)
+        for b in self.blocks:
+            f, q = linear(b.attn.qkv, needs or trains(b.norm1))
+            total += f + 4 * self.cfg.n_embd * t * (1 + 2 * q)
+            f, a = linear(b.attn.proj, q)
+            total += f
+            needs = needs or a
+            f, h = linear(b.mlp.fc, needs or trains(b.norm2))
+            total += f
+            f, m = linear(b.mlp.proj, h)
+            total += f
+            needs = needs or m
+        if head and self.lm_head is not None:
+            total += linear(self.lm_head, needs or trains(self.norm_f))[0]
+        return total
+
+    def flops(self, tokens: int, scored: int | None = None, seq_len: int | None = None, *, train: bool = True) -> float:
+        """Model FLOPs of ``tokens`` tokens through the blocks, ``scored`` of them (default: all) through the
+        LM head too (SFT and DPO run the head only where a target is scored), as ``flops_per_token``."""
+        body = self.flops_per_token(seq_len, head=False, train=train)
+        head = self.flops_per_token(seq_len, train=train) - body
+        return body * tokens + head * (tokens if scored is None else scored)
 
     # ---- forward ----
     def hidden_states(self, idx, cache: Cache | None = None, positions=None, attn_mask=None):

@@ -71,6 +71,14 @@ class DPOStage(PairStage):
     def loss(self, model, batch):
         return self.implicit_rewards(model, batch)[0]
 
+    def flops(self, model, batch):
+        # the policy trains and the reference scores: the LM head on the answer tokens only (answer_logps)
+        tokens, scored = int(batch["last"].sum()), int(batch["answer_mask"][:, 1:].sum())
+        width = batch["idx"].size(1) - 1
+        with as_reference(self.ref):  # a LoRA policy's reference is its base: adapters off
+            ref = self.ref.flops(tokens, scored, width, train=False)
+        return model.flops(tokens, scored, width) + ref
+
     def val_values(self, model, batch):
         _, chosen, rejected = self.implicit_rewards(model, batch)
         margin = chosen - rejected

@@ -121,7 +121,8 @@ class Rollouts:
         raw = self.reward(exp, rows)
         ended = exp["ended"].float()
         exp["score"] = raw - s.no_end_penalty * (1 - ended)
-        log.rollout = {"score": raw.mean(), "answer_len": mask.sum(1).mean(), "end_rate": ended.mean()}
+        log.rollout = {"score": raw.mean(), "answer_len": mask.sum(1).mean(), "end_rate": ended.mean(),
+                       **self.reward.last}
         if old_logp:  # else the loss logs them from its own forward pass
             kl = kl_k1(exp["old_logp"], exp["ref_logp"]) * mask
             log.rollout.update(kl=kl.sum(1).mean(), entropy=masked_mean(torch.cat(ent), mask))
@@ -140,6 +141,37 @@ class Rollouts:
         if self.ref is not None:
             with as_reference(self.ref):  # a LoRA policy: its base, adapters off
                 ref_logp.append(answer_logprobs(forward_answers(self.ref, chunk), chunk["tokens"], chunk["start"], T))
+
+    # ---- model FLOPs, for the MFU the trainer logs (GPT.flops_per_token counts them)
+    def flops(self, exp: dict) -> float:
+        """Model FLOPs of sampling and scoring ``exp`` (forward passes only): the policy writing the answers,
+        and the passes ``score`` runs — the sampling policy's log-probs, the critic's values, the
+        reference's log-probs, the reward model's score."""
+        valid = exp["valid"]
+        policy, width = self.ac.policy, valid.size(1)
+        total = policy.flops(int(valid.sum()), int(exp["answer_mask"].sum()), width, train=False)
+        if self.needs_old_logp:
+            total += answer_pass_flops(policy, exp, train=False)
+        if self.ac.critic is not None:
+            total += self.ac.critic.flops_per_token(width - 1, train=False) * int(valid[:, :-1].sum())
+        if self.ref is not None:
+            with as_reference(self.ref):  # a LoRA policy's reference is its base: adapters off
+                total += answer_pass_flops(self.ref, exp, train=False)
+        if self.reward.model is not None:
+            total += self.reward.model.flops_per_token(width, train=False) * int(valid.sum())
+        return total
+
+    def update_flops(self, batch: dict) -> float:
+        """Model FLOPs of one update micro-batch: the policy and the critic forward and backward (and the
+        policy on its PPO-ptx text)."""
+        total = answer_pass_flops(self.ac.policy, batch)
+        valid = batch["valid"][:, :-1]
+        if self.ac.critic is not None:
+            total += self.ac.critic.flops_per_token(valid.size(1)) * int(valid.sum())
+        if batch.get("ptx") is not None:
+            x = batch["ptx"][0]
+            total += self.ac.policy.flops_per_token(x.size(1)) * x.numel()
+        return total
 
     def minibatches(self, exp: dict, it: int, rank: int, world: int, ptx=None):
         """The iteration's ``ppo_epochs x minibatches`` updates in order, each an iterator over its
@@ -168,3 +200,13 @@ class Rollouts:
             if ptx is not None:
                 batch["ptx"] = ptx.micro_batch(step, micro, s.grad_accum, s.batch_size, rank, world)
             yield batch
+
+
+def answer_pass_flops(model, batch: dict, train: bool = True) -> float:
+    """Model FLOPs of ``forward_answers(model, batch)`` (with its backward if ``train``): the prompt and
+    answer tokens through the blocks, a group's shared prompt once, and the answer positions through the
+    LM head."""
+    s, g = batch["start"], batch.get("group", 1)
+    valid = batch["valid"][:, :-1]
+    tokens = int(valid[:, :s].sum()) // g + int(valid[:, s:].sum())
+    return model.flops(tokens, int(batch["answer_mask"].sum()), valid.size(1), train=train)

@@ -17,11 +17,12 @@ from its last checkpoint and ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,9 @@ from ..store.checkpoint import (
     save_checkpoint,
     unique_state_dict,
 )
-from ..store.files import CheckpointError, append_text
+from ..store.files import CheckpointError
 from . import memory
+from .meters import Metrics, peak_flops
 
 
 # ---------------------------------------------------------------- distributed / device
@@ -104,48 +106,16 @@ def autocast_for(d: Dist, dtype: str):
     return torch.autocast(d.device.type, dtype=getattr(torch, dtype))
 
 
-# ---------------------------------------------------------------- peak FLOP/s for MFU
-# dense bf16 tensor-core peaks (no sparsity), by device-name substring
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-def measure_matmul_peak(device: torch.device, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """FLOP/s of a large square matmul on this device in this process (threads as configured)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
-    return best
-
-
-def peak_flops(device: torch.device, dtype: str) -> float:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if dtype != "float32":
-            for key, val in GPU_PEAK_BF16.items():
-                if key in name:
-                    return val
-        return measure_matmul_peak(device, torch.bfloat16 if dtype != "float32" else torch.float32, n=4096)
-    return measure_matmul_peak(device)
-
-
 # ---------------------------------------------------------------- schedule / optimizer
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+def lr_at(step: int, cfg: TrainConfig, time_fraction: float | None = None) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step — or, with a
+    ``time_budget``, at ``time_fraction`` 1 (the share of the budget's training time used)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.time_budget and time_fraction is not None:
+        progress = min(1.0, time_fraction)
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -166,47 +136,6 @@ def reseed(seed: int, step: int, rank: int) -> None:
     random.seed(s)
 
 
-# ---------------------------------------------------------------- metrics
-class Metrics:
-    """``metrics.jsonl``: one JSON object per line. On resume, lines past the checkpoint are dropped
-    (they belong to work the checkpoint does not hold), along with any torn last line."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        if not (self.enabled and self.path.exists()):
-            return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        from ..store.files import atomic_write_text
-
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
-
-    def log(self, row: dict) -> None:
-        if self.enabled:
-            append_text(self.path, json.dumps(row) + "\n")  # a full disk: DiskFullError naming the file
-
-
-def read_metrics(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the torn last line of a run killed while it logged
-            continue
-    return rows
-
-
 # ---------------------------------------------------------------- the loop
 class Stage:
     """What a training stage provides: its name and what its checkpoint holds (the ``Trainer``'s part), and
@@ -217,6 +146,7 @@ class Stage:
     model_config: dict = {}
     info: dict = {}  # more entries for config.json (a LoRA stage's settings: model/lora.py)
     fsdp_unsupported: str = ""  # why this stage cannot train under FSDP2 ("": it can)
+    budget_unsupported: str = ""  # why this stage cannot stop by a time_budget ("": it can)
     # a stage with work after training that belongs to its final weights (the reward model's bias shift)
     # marks its checkpoint finished itself once that work is saved: the loop's last save is then left
     # unfinished, so a crash in between never leaves a finished stage without it
@@ -229,8 +159,16 @@ class Stage:
         raise NotImplementedError
 
     def token_count(self, batch) -> int:
-        """How many tokens the micro-batch trains on (the tok/s and MFU the loop logs)."""
+        """How many tokens the micro-batch trains on (the tok/s the loop logs)."""
         raise NotImplementedError
+
+    def flops(self, model, batch) -> float:
+        """Model FLOPs of training on the micro-batch, forward and backward, as ``GPT.flops_per_token``
+        counts them (the MFU the loop logs). ``model`` is the unwrapped model. Here: every counted token
+        through the whole model at the stage's ``seq_len``; a stage whose tokens do not all take the same
+        path (an LM head only on the scored tokens, a reference's forward pass) counts its own."""
+        per_token = getattr(model, "flops_per_token", None)
+        return per_token(getattr(self, "seq_len", None)) * self.token_count(batch) if per_token else 0.0
 
     def evaluate(self, model, d: Dist) -> dict:
         return {}
@@ -266,6 +204,8 @@ class Trainer:
 
     def __init__(self, stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: Dist | None = None):
         self.stage, self.cfg = stage, cfg
+        if cfg.time_budget and stage.budget_unsupported:
+            raise ValueError(f"{stage.name}.time_budget: {stage.budget_unsupported}")
         self.d = d = d or setup_dist(cfg.device)
         self.dir = Path(stage_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -296,20 +236,43 @@ class Trainer:
             memory.load_optimizer_state(self.opt, saved_opt)
             del saved_opt  # the whole optimizer state (twice the model) is not kept for the run either
         self.autocast = autocast_for(d, cfg.dtype)
-        raw = self.raw_model
-        self.flops_tok = raw.flops_per_token(getattr(stage, "seq_len", None)) if hasattr(raw, "flops_per_token") else 0
-        self.peak = float(all_reduce_sum(torch.tensor(peak_flops(d.device, cfg.dtype), dtype=torch.float64)))
+        self.peak, self.peak_rechecks, self.flops = self._measure_peak(), 0, 0.0
+        # the time budget: what the loop has used (``spent``), what a step, an evaluation and a checkpoint
+        # cost as last measured (None: not yet), and whether it stopped for the budget (``_resume``)
+        self.costs: dict = {"step": 0.0, "eval": None, "ckpt": None}
+        self._clock = time.perf_counter()
         self.last: dict = {}
-        self.bar = tqdm(total=cfg.steps, initial=self.start, desc=stage.name, disable=not (d.main and cfg.progress),
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=None if cfg.time_budget else cfg.steps, initial=self.start, desc=stage.name,
+                        disable=not (d.main and cfg.progress), dynamic_ncols=True)
         self._begun, self._t0, self.lr = None, 0.0, cfg.lr
         self.model.train()
+
+    def _measure_peak(self) -> float:
+        """The peak FLOP/s MFU is measured against: every rank's, summed."""
+        return float(all_reduce_sum(torch.tensor(peak_flops(self.d.device, self.cfg.dtype), dtype=torch.float64,
+                                                 device=self.d.device)))
+
+    def _mfu(self, flops: float, seconds: float) -> float:
+        """The model FLOPs utilisation of a step that did ``flops`` (every rank's) in ``seconds``. A step
+        faster than the peak means the peak was measured at a bad moment (another process on the cores, a
+        CPU still clocking up): it is measured again, twice at most, and kept if higher."""
+        if not self.peak:
+            return 0.0
+        if flops / seconds > self.peak and self.peak_rechecks < 2:
+            self.peak_rechecks += 1
+            before, self.peak = self.peak, max(self.peak, self._measure_peak())
+            if flops / seconds > self.peak and self.d.main:
+                warnings.warn(f"{self.stage.name}: a step ran {flops / seconds / 1e9:.1f} GFLOP/s, above the "
+                              f"measured matmul peak ({before / 1e9:.1f}, then {self.peak / 1e9:.1f} GFLOP/s): the "
+                              f"MFU it logs is over 100% (is the stage's FLOP count right?)", stacklevel=3)
+        return flops / seconds / self.peak
 
     def _resume(self, model, home):
         """Continue from the checkpoint in the stage directory, if any (``start``, ``elapsed``, the
         weights); drop metrics rows past it. -> the saved optimizer state, or None."""
         d, stage, stage_dir = self.d, self.stage, self.dir
         self.start, self.elapsed, saved_opt = 0, 0.0, None
+        self.spent_before, self.stopped = 0.0, False
         if d.main and has_checkpoint(stage_dir):
             repair_checkpoint(stage_dir)  # the writer: finish or discard a save a kill cut short (maybe the first)
         if d.world > 1:
@@ -328,6 +291,8 @@ class Trainer:
             del weights  # a whole copy of the model: not kept for the run
             saved_opt, self.start = state.pop("optimizer"), int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
+            self.spent_before = float(state.get("spent", self.elapsed))
+            self.stopped = bool(saved_cfg.get("finished")) and self.cfg.time_budget > 0  # spent its budget
             self.metrics.truncate_after(self.start)
             if d.main and self.start < self.cfg.steps:
                 print(f"[{stage.name}] resuming from step {self.start} in {stage_dir}")
@@ -343,16 +308,54 @@ class Trainer:
         (an RL iteration's rollout is part of its first update)."""
         if self._begun == step:
             return
-        self._begun, self._t0 = step, time.perf_counter()
+        self._begun, self._t0, self.flops = step, time.perf_counter(), 0.0
         reseed(self.cfg.seed, step, self.d.rank)
-        self.lr = lr_at(step, self.cfg)
+        self.lr = lr_at(step, self.cfg, self.time_fraction())
         for g in self.opt.param_groups:
             g["lr"] = self.lr
 
-    def step(self, step: int, micro_batches, loss_fn, count_tokens) -> None:
+    @property
+    def spent(self) -> float:
+        """Wall-clock seconds the loop has used in this stage (steps, evaluations, checkpoints), resumes included."""
+        return self.spent_before + time.perf_counter() - self._clock
+
+    def time_fraction(self) -> float | None:
+        """With a time budget: the share used of the time it leaves for training (the budget less the final
+        evaluation and checkpoint, as last measured), which the learning rate's decay follows."""
+        if not self.cfg.time_budget:
+            return None
+        train_time = self.cfg.time_budget - (self.costs["eval"] or 0.0) - (self.costs["ckpt"] or 0.0)
+        return self.spent / max(train_time, 1e-9)
+
+    def out_of_time(self, evals: int = 1, ckpts: int = 1) -> bool:
+        """With a time budget: another step and ``evals`` evaluations and ``ckpts`` checkpoints (the final
+        ones, and any due before that step), as last measured, would not fit in what is left of it (the same
+        answer on every rank). Then ``stopped`` is set."""
+        if not self.cfg.time_budget:
+            return False
+        need = self.costs["step"] + evals * (self.costs["eval"] or 0.0) + ckpts * (self.costs["ckpt"] or 0.0)
+        late = torch.tensor([float(self.spent + need > self.cfg.time_budget)], device=self.d.device)
+        self.stopped = self.stopped or bool(all_reduce_sum(late).item())
+        return self.stopped
+
+    def _cost(self, what: str, seconds: float) -> None:
+        """The cost of a step, evaluation or checkpoint: the slowest rank's."""
+        if self.cfg.time_budget:
+            t = torch.tensor([seconds], dtype=torch.float64, device=self.d.device)
+            if self.d.world > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.costs[what] = t.item()
+
+    def add_flops(self, flops: float) -> None:
+        """Model FLOPs of work that belongs to the current step besides its micro-batches' training (an
+        RL iteration's rollout), for its MFU."""
+        self.flops += flops
+
+    def step(self, step: int, micro_batches, loss_fn, count_tokens, count_flops=None) -> None:
         """Optimizer step ``step`` on ``micro_batches`` (``grad_accum`` of them, made as they are asked
         for): ``loss_fn(model, batch)`` under autocast, backward with the loss / grad_accum, the gradients
-        clipped, the optimizer stepped; the step's row of metrics.jsonl and the progress bar."""
+        clipped, the optimizer stepped; the step's row of metrics.jsonl and the progress bar.
+        ``count_tokens(batch)`` and ``count_flops(batch)`` give the tok/s and MFU it logs."""
         cfg, d = self.cfg, self.d
         self.begin(step)
         loss_sum = torch.zeros((), device=d.device)
@@ -369,6 +372,8 @@ class Trainer:
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             n_tok += count_tokens(batch)
+            if count_flops is not None:
+                self.flops += count_flops(batch)
         grad_norm = (memory.grad_norm_value(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip))
                      if cfg.grad_clip > 0 else torch.zeros(()))
         self.opt.step()
@@ -382,7 +387,10 @@ class Trainer:
         done = step + 1
         train_loss, tokens = stats[0].item() / d.world, stats[1].item()
         tok_s = tokens / dt
-        mfu = self.flops_tok * tok_s / self.peak if self.peak else 0.0
+        # every rank's FLOPs over the ranks' mean time: the same figure on each rank
+        flops, seconds = all_reduce_sum(torch.tensor([self.flops, dt], dtype=torch.float64, device=d.device)).tolist()
+        mfu = self._mfu(flops, seconds / d.world)
+        self.costs["step"] = seconds / d.world
         self.last.update(loss=train_loss)
         if done % cfg.log_every == 0 or done == cfg.steps:
             self.metrics.log({"step": done, "loss": round(train_loss, 6), "lr": self.lr, "grad_norm": float(grad_norm),
@@ -409,26 +417,29 @@ class Trainer:
 
     def evaluate(self, step: int, evaluate) -> None:
         """``evaluate(model, d) -> row`` as an evaluation, then logged."""
+        t = time.perf_counter()
         with self.evaluating() as model:
             row = evaluate(model, self.d)
+        self._cost("eval", time.perf_counter() - t)
         self.log(step, row)
 
     def checkpoint(self, step: int) -> None:
         """Save weights, optimizer and the stage's extra state atomically, marked finished at the last step
-        (unless the stage finishes itself); every rank takes part."""
-        d, stage = self.d, self.stage
+        or when the time budget stopped the run (unless the stage finishes itself); every rank takes part."""
+        d, stage, t = self.d, self.stage, time.perf_counter()
         if self.fsdp:  # gathering the shards is a collective: every rank takes part, rank 0 keeps the result
             weights, extra = memory.full_weights(self.raw_model, d.main), {}
             opt_state = memory.full_optimizer_state(self.opt, d.main)
         elif d.main:
             (weights, extra), opt_state = stage.checkpoint_weights(self.raw_model), self.opt.state_dict()
         if d.main:
-            state = {"optimizer": opt_state, "elapsed": self.elapsed, **extra}
+            state = {"optimizer": opt_state, "elapsed": self.elapsed, "spent": self.spent, **extra}
             info = {"stage": stage.name, "model": stage.model_config,
-                    "finished": step >= self.cfg.steps and not stage.finishes_itself, **stage.info}
+                    "finished": (step >= self.cfg.steps or self.stopped) and not stage.finishes_itself, **stage.info}
             save_checkpoint(self.dir, weights, info, state, step)
         if d.world > 1:
             dist.barrier()
+        self._cost("ckpt", time.perf_counter() - t)
 
     def finish(self) -> dict:
         """-> the last metrics: train loss, the last evaluation's entries, and the run's elapsed seconds."""
@@ -444,11 +455,21 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
     trainer = Trainer(stage, model, cfg, stage_dir, d)
     rank, world = trainer.d.rank, trainer.d.world
     for step in range(trainer.start, cfg.steps):
+        if trainer.stopped:  # a resumed run that had spent its time budget
+            break
         micro_batches = (stage.micro_batch(step, micro, rank, world) for micro in range(cfg.grad_accum))
-        trainer.step(step, micro_batches, stage.loss, stage.token_count)
+        trainer.step(step, micro_batches, stage.loss, stage.token_count,
+                     functools.partial(stage.flops, trainer.raw_model))
         done = step + 1
-        if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+        # going on means this step's periodic evaluation and checkpoint (if due), another step, the final ones
+        evals, ckpts = (1 + bool(every and done % every == 0) for every in (cfg.eval_every, cfg.ckpt_every))
+        last = done == cfg.steps or trainer.out_of_time(evals, ckpts)
+        # with a time budget the first step also evaluates and checkpoints: what they cost decides when to stop
+        first = cfg.time_budget and trainer.costs["ckpt"] is None
+        if last or first or (cfg.eval_every and done % cfg.eval_every == 0):
             trainer.evaluate(done, stage.evaluate)
-        if done == cfg.steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+        if last or first or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
             trainer.checkpoint(done)
+        if last:
+            break
     return trainer.finish()

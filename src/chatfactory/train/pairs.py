@@ -104,6 +104,9 @@ class PairStage(Stage):
     def token_count(self, batch):
         return int(batch["last"].sum()) + len(batch["last"])
 
+    def flops(self, model, batch):
+        return model.flops_per_token(batch["idx"].size(1)) * self.token_count(batch)
+
     def val_values(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """{metric: (B,) its value for each pair of the batch}."""
         raise NotImplementedError

@@ -60,8 +60,10 @@ class RewardModel(nn.Module):
 
     forward = score  # DDP only synchronises through forward()
 
-    def flops_per_token(self, seq_len=None) -> float:
-        return self.backbone.flops_per_token(seq_len)
+    def flops_per_token(self, seq_len=None, *, train: bool = True) -> float:
+        """The backbone's FLOPs per token without its LM head, and the scalar head's (GPT.flops_per_token)."""
+        head = 2 * self.head.weight.numel() * (1 + 2 * train)
+        return self.backbone.flops_per_token(seq_len, head=False, train=train) + head
 
 
 def load_reward_model(stage_dir, device="cpu") -> RewardModel:

@@ -55,9 +55,11 @@ def train_rl(stage: RLStage, trainer: Trainer) -> dict:
         exp.update(algo.advantages(exp, log))  # 3. the algorithm's advantages
         _sync(exp["tokens"].device)
         log.rollout.update(t_rollout=torch.tensor(t1 - t0), t_score=torch.tensor(time.perf_counter() - t1))
+        trainer.add_flops(stage.rollouts.flops(exp))  # the rollout's work is the first update's step's
         # 4. ppo_epochs x minibatches updates, each an optimizer step on its micro-batches
         for u, micro_batches in enumerate(stage.rollouts.minibatches(exp, it, d.rank, d.world, stage.ptx)):
-            trainer.step(first + u, micro_batches, functools.partial(algo.loss, log=log), _tokens)
+            trainer.step(first + u, micro_batches, functools.partial(algo.loss, log=log), _tokens,
+                         stage.rollouts.update_flops)
         done = first + updates
         with trainer.evaluating():  # 5. the iteration's row of metrics.jsonl
             row = stage.report(log, it + 1, d)
@@ -86,6 +88,8 @@ class RLStage(Stage):
     fsdp_unsupported = ("each rank samples its rollouts on its own, a different number of forward passes per "
                         "rank, which FSDP2's per-forward all-gathers cannot follow; and its checkpoint holds "
                         "a critic and beta beside the policy")
+    budget_unsupported = ("an RL stage runs whole iterations and evaluates the gold score at its last one: "
+                          "set its steps (iterations) instead")
 
     def __init__(self, name: str, settings: RLConfig, algo, tok, rows: list[dict], ac: ActorCritic, ref,
                  reward: Reward, model_config: dict, eval_rows=None, gold=None, ptx=None):
@@ -177,7 +181,7 @@ def build_rl(cfg: Config, run_dir: Path, d: Dist, name: str, algo) -> tuple[RLSt
     if settings.kl_coef > 0 or getattr(settings, "adaptive_kl", False):
         ref_dir = resolve_stage(run_dir, settings.ref_from, f"{name}.ref_from") if settings.ref_from else init
         ref = policy if lora and not settings.ref_from else frozen(load_model(ref_dir, d.device)[0])
-    reward = Reward(settings.reward, run_dir, tok, d.device)
+    reward = Reward(settings.reward, run_dir, tok, d.device, settings.verifier, settings.verifier_weight)
     ac = ActorCritic(policy.requires_grad_(True), algo.make_critic(run_dir, reward, d.device))
     if lora:
         apply_lora(ac.policy, lora, settings.seed)

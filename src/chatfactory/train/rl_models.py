@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..data.scorer import load_scorer
+from ..data.verifiers import load_verifier
 from ..store.checkpoint import resolve_stage
 from .reward import load_reward_model
 from .rollout import attention_mask, forward_answers
@@ -57,10 +58,14 @@ class ActorCritic(nn.Module):
 
 class Reward:
     """What scores a rollout: a reward model (read at the last real token), a scorer function of the
-    prompt row and the decoded answer, or zero."""
+    prompt row and the decoded answer, or zero; plus ``verifier_weight`` times a verifier's score
+    (data/verifiers.py) where the verifier has a check for the row."""
 
-    def __init__(self, spec: str, run_dir, tok, device):
+    def __init__(self, spec: str, run_dir, tok, device, verifier: str = "", verifier_weight: float = 1.0):
         self.spec, self.tok, self.model, self.fn = spec, tok, None, None
+        self.verifier_spec, self.verifier_weight = verifier, verifier_weight
+        self.verifier = load_verifier(verifier) if verifier else None
+        self.last: dict = {}  # the parts of the last call's scores, for the iteration's log
         if spec == "zero":
             pass
         elif ":" in spec and not Path(spec).exists():
@@ -70,10 +75,31 @@ class Reward:
             self.model = frozen(load_reward_model(self.dir, device))
 
     def describe(self) -> str:
-        return f"reward model {self.dir}" if self.model is not None else f"reward {self.spec}"
+        base = f"reward model {self.dir}" if self.model is not None else f"reward {self.spec}"
+        return base + (f" + {self.verifier_weight:g} x verifier {self.verifier_spec}" if self.verifier else "")
 
     @torch.no_grad()
     def __call__(self, batch: dict, rows: list[dict]) -> torch.Tensor:
+        base = self._base(batch, rows)
+        self.last = {}
+        if self.verifier is None:
+            return base
+        scores = [self._verify(r, text) for r, text in zip(rows, self.answer_texts(batch))]
+        checked = [s for s in scores if s is not None]
+        # the rows the verifier checked, and the share of them it passed: what the verifier term taught
+        self.last = {"verified": torch.tensor(len(checked) / len(scores)),
+                     "verifier": torch.tensor(sum(checked) / len(checked) if checked else 0.0)}
+        extra = torch.tensor([0.0 if s is None else s for s in scores], device=base.device)
+        return base + self.verifier_weight * extra
+
+    def _verify(self, row: dict, text: str) -> float | None:
+        s = self.verifier(row, text)
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1):
+            raise ValueError(f"verifier {self.verifier_spec!r} returned {s!r} (expected a number in [0, 1] or None) "
+                             f"for prompt {row['messages']!r}")
+        return s
+
+    def _base(self, batch: dict, rows: list[dict]) -> torch.Tensor:
         dev = batch["tokens"].device
         if self.model is not None:
             return self.model.score(batch["tokens"], batch["last"], positions=batch["positions"],

@@ -166,6 +166,10 @@ class SFTStage(Stage):
     def token_count(self, batch):
         return int((batch["doc"] >= 0).sum())
 
+    def flops(self, model, batch):
+        # the LM head runs on the assistant targets alone (GPT.forward)
+        return model.flops(self.token_count(batch), int((batch["y"] != IGNORE).sum()), self.seq_len)
+
     def evaluate(self, model, d: Dist) -> dict:
         if not self.val_rows:
             return {}
