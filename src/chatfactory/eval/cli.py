@@ -4,6 +4,7 @@
     chatfactory eval --run runs/NAME --stage pretrain --task t.jsonl --shots 0,1,5
     chatfactory eval --run runs/NAME --stage sft --task t.jsonl --mode gen   (chat template: auto for sft/ppo/…)
     chatfactory eval --run runs/NAME --stage ppo --against sft --prompts p.jsonl --judge runs/NAME/reward
+    chatfactory eval --run runs/NAME --task ifeval            (IFEval: 541 prompts, greedy, eval/ifeval.py)
     chatfactory eval … --json results.json
 
 Kept free of heavy imports at module level: the main parser imports it to register the command.
@@ -28,7 +29,8 @@ def add_eval_parser(sub, fn) -> None:
                                                  "(default: the last trained)")
     p.add_argument("--text", action="append", default=[], help="text file/folder for loss and bits/byte (repeatable)")
     p.add_argument("--task", action="append", default=[], help="task JSONL (context + choices/gold, or context + "
-                                                                "answer; repeatable)")
+                                                                "answer; repeatable), or 'ifeval' (or an IFEval "
+                                                                "input_data.jsonl)")
     p.add_argument("--shots", default="0,1,5", help="shot counts for the task table (default: 0,1,5)")
     p.add_argument("--mode", choices=["ll", "gen"], default="ll", help="ll: log-likelihood scoring; "
                                                                        "gen: greedy generation, exact match")
@@ -38,7 +40,8 @@ def add_eval_parser(sub, fn) -> None:
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows of each task")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the shots and for sampling")
     p.add_argument("--max-tokens", type=int, default=0, help="--text: at most this many tokens; "
-                                                             "win rate: reply length (default 64)")
+                                                             "win rate: reply length (default 64); "
+                                                             "ifeval: new tokens per response (default 512)")
     p.add_argument("--against", default=None, help="win rate: the other checkpoint (a stage of this run, "
                                                    "or a stage directory)")
     p.add_argument("--prompts", default=None, help="win rate: prompts JSONL ({'messages': [... user]})")
@@ -62,6 +65,7 @@ def run_eval(run, stage: str | None = None, text=(), task=(), shots: str = "0,1,
     from ..store.load import load_model
     from ..text.tokenizer import Tokenizer
     from .fewshot import few_shot_table, format_table, load_task
+    from .ifeval import format_ifeval, ifeval_path, run_ifeval
     from .lm import text_loss
 
     run = Path(run)
@@ -87,6 +91,14 @@ def run_eval(run, stage: str | None = None, text=(), task=(), shots: str = "0,1,
         print(f"{path}: loss {r['loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte over {r['tokens']:,} tokens")
 
     for path in task:
+        ifeval_file = ifeval_path(path)
+        if ifeval_file is not None:
+            r = run_ifeval(model, tok, ifeval_file, run / "eval" / Path(stage).name,
+                           resolve_stage(run, stage, "--stage"), max_tokens=max_tokens or 512, limit=limit,
+                           quantize=quantize)
+            res["ifeval"] = r
+            print(format_ifeval(r))
+            continue
         table = few_shot_table(model, tok, load_task(path), shots, chat=chat, mode=mode, seed=seed, limit=limit)
         res.setdefault("tasks", {})[path] = {name: {str(k): v for k, v in t.items()} for name, t in table.items()}
         print(f"\n{path} ({'chat template' if chat else 'plain text'}, "

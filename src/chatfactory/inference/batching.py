@@ -77,7 +77,7 @@ class QueueFull(RuntimeError):
 
 class Scheduler:
     def __init__(self, model: GPT, slots: int = 16, max_waiting: int = 256, start: bool = True,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, context: int | None = None):
         self.model = model.eval()
         # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
@@ -85,7 +85,10 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.slots = slots
         self.max_waiting = max_waiting
-        self.cache = KVCache.for_model(model, slots, self.cfg.block_size)  # a row per slot
+        # a row per slot, each ``context`` positions (default the model's whole block): a model with a long
+        # block (SmolLM2's 8192) serving short conversations needs a fraction of the memory
+        self.context = min(context or self.cfg.block_size, self.cfg.block_size)
+        self.cache = KVCache.for_model(model, slots, self.context)
         self.rows: list[Request | None] = [None] * slots  # the request in each slot
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -99,7 +102,7 @@ class Scheduler:
 
     # ---- the public side (any thread) ----
     def submit(self, req: Request) -> Request:
-        n, limit = len(req.prompt), self.cfg.block_size
+        n, limit = len(req.prompt), self.context
         if n == 0:
             raise ValueError("a prompt needs at least one token")
         if n >= limit:
@@ -287,7 +290,7 @@ class Scheduler:
             finish = None
             if t in r.params.stop_ids:
                 finish = "stop"
-            elif len(r.generated) >= r.params.max_tokens or len(r.prompt) + len(r.generated) >= self.cfg.block_size:
+            elif len(r.generated) >= r.params.max_tokens or len(r.prompt) + len(r.generated) >= self.context:
                 finish = "length"
             if finish:
                 self._finish(r, Step(t, lp, top, finish))
@@ -301,3 +304,40 @@ def _safe_emit(req: Request, step: Step) -> None:
         req.emit(step)
     except Exception:
         req.cancelled = True
+
+
+def complete_all(model: GPT, prompts: list[list[int]], params: SamplingParams, *, slots: int = 32,
+                 context: int | None = None, vocab_limit: int | None = None, on_done=None) -> list[list[int]]:
+    """Every prompt's completion (its ids, a final stop id left out), by continuous batching in the calling
+    thread: ``slots`` rows decode together and a finished row's slot takes the next prompt at the next
+    iteration, so a batch never waits for its longest row. ``on_done(i, ids)`` is called as prompt ``i``
+    finishes (in finishing order: a caller can save each as it comes). ``context``: as ``Scheduler``'s."""
+    sched = Scheduler(model, slots=slots, max_waiting=max(1, len(prompts)), start=False, vocab_limit=vocab_limit,
+                      context=context)
+    out: list[list[int] | None] = [None] * len(prompts)
+    errors: list[str] = []  # the scheduler keeps a callback's exception from its loop: raised here instead
+
+    def finisher(i: int, req: Request):
+        def emit(step: Step) -> None:
+            if step.finish is None:
+                return
+            if step.finish not in ("stop", "length"):
+                errors.append(f"prompt {i}: generation ended with {step.finish}")
+                return
+            out[i] = req.generated[:-1] if step.finish == "stop" else list(req.generated)
+            if on_done is not None:
+                try:
+                    on_done(i, out[i])
+                except Exception as e:
+                    errors.append(f"prompt {i}: on_done failed: {type(e).__name__}: {e}")
+        return emit
+
+    for i, p in enumerate(prompts):
+        req = Request(list(p), params, emit=None)
+        req.emit = finisher(i, req)
+        sched.submit(req)
+    while (sched.waiting or sched.active()) and not errors:
+        sched.step()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return out

@@ -1,0 +1,162 @@
+"""IFEval (Zhou et al. 2023): does the model follow verifiable instructions? 541 prompts, each with one to
+three instructions a rule can check ("no commas", "at least 300 words", "wrap the answer in JSON", …);
+no judge model. Every prompt goes through the model's own chat template (its default system prompt, if
+it has one), greedy, at most ``max_tokens`` new tokens, all of them by continuous batching
+(inference/batching.py: a finished row's slot takes the next prompt at once). The checkers are
+data/constraints.py; the four figures are the paper's: prompt-level (every instruction of a prompt
+followed) and instruction-level, each strict (the response as it is) and loose (also with its first
+or last line or its asterisks removed).
+
+    chatfactory eval --run runs/NAME --task ifeval [--stage S] [--max-tokens 512] [--limit N]
+
+``--task ifeval`` reads ../shared/data/eval/ifeval/input_data.jsonl (``--task PATH`` any file in that
+format). Written to ``RUN/eval/STAGE/``: ``ifeval_responses.jsonl`` (``key``, ``prompt``, ``response``:
+anyone can rescore them with another checker) and ``ifeval.json`` (the settings, the figures, the
+per-instruction table, the time). A pass that is interrupted resumes where it stopped; one whose
+settings, data and weights match a finished pass is read back instead of generated again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ..data.constraints import INSTRUCTION_TYPES, score
+from ..formats.jsonl import DataError, read_jsonl
+from ..inference.batching import complete_all
+from ..inference.sampling import SamplingParams
+from ..store.files import atomic_write_text
+
+DEFAULT_DATA = Path("../shared/data/eval/ifeval/input_data.jsonl")
+RESPONSES, RESULTS = "ifeval_responses.jsonl", "ifeval.json"
+PARTIAL = "ifeval_responses.partial.jsonl"
+
+
+def ifeval_path(spec: str) -> Path | None:
+    """``--task`` -> the IFEval file it names ("ifeval": the default location), or None for another task."""
+    if spec == "ifeval":
+        if not DEFAULT_DATA.exists():
+            raise FileNotFoundError(f"--task ifeval: {DEFAULT_DATA.resolve()} not found (give the path of an "
+                                    f"IFEval input_data.jsonl instead)")
+        return DEFAULT_DATA
+    path = Path(spec)
+    if not path.is_file():
+        return None
+    first = next(read_jsonl(path), (0, {}))[1]
+    return path if "instruction_id_list" in first else None
+
+
+def load_ifeval(path) -> list[dict]:
+    """The rows of an IFEval file, checked: key, prompt, instruction ids the checkers know, one kwargs each."""
+    rows, known = [], set(INSTRUCTION_TYPES)
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        for k, kind in (("key", int), ("prompt", str), ("instruction_id_list", list), ("kwargs", list)):
+            if not isinstance(row.get(k), kind):
+                raise DataError(f"{where}: {k!r} must be of type {kind.__name__}")
+        unknown = [i for i in row["instruction_id_list"] if i not in known]
+        if unknown:
+            raise DataError(f"{where}: unknown instruction id(s) {unknown}")
+        if len(row["kwargs"]) != len(row["instruction_id_list"]):
+            raise DataError(f"{where}: {len(row['instruction_id_list'])} instructions but "
+                            f"{len(row['kwargs'])} kwargs")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _settings(path: Path, rows: list[dict], stage_dir: Path, max_tokens: int, quantize) -> dict:
+    """What a pass's responses depend on: the data, the weights (their save), the token cap, the precision."""
+    info = json.loads((stage_dir / "config.json").read_text()) if (stage_dir / "config.json").exists() else {}
+    return {"data": str(path), "data_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "prompts": len(rows), "stage": str(stage_dir), "save_id": info.get("save_id"),
+            "max_tokens": max_tokens, "decoding": "greedy", "quantize": quantize}
+
+
+def _read_partial(path: Path, settings: dict) -> dict[int, str]:
+    """key -> response of an interrupted pass with the same settings ({} if none, or another pass's)."""
+    if not path.exists():
+        return {}
+    done, first = {}, True
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the torn last line of a killed pass
+            continue
+        if first:
+            if row.get("settings") != settings:
+                return {}
+            first = False
+        elif "key" in row:
+            done[row["key"]] = row["response"]
+    return done
+
+
+def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, limit: int = 0, slots: int = 32,
+               quantize: str | None = None, progress: bool = True) -> dict:
+    """IFEval on ``model`` -> {"prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "per_type",
+    "settings", "seconds", "tokens", ...}; writes ``out_dir``/ifeval_responses.jsonl and ifeval.json."""
+    from tqdm import tqdm
+
+    path, out_dir, stage_dir = Path(path), Path(out_dir), Path(stage_dir)
+    rows = load_ifeval(path)[: limit or None]
+    settings = _settings(path, rows, stage_dir, max_tokens, quantize)
+    results = out_dir / RESULTS
+    if results.exists() and (out_dir / RESPONSES).exists():
+        saved = json.loads(results.read_text())
+        if saved.get("settings") == settings:
+            print(f"ifeval: reusing the finished pass in {out_dir} (same data, weights and settings)")
+            return saved
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / PARTIAL
+    done = _read_partial(partial, settings)
+    todo = [r for r in rows if r["key"] not in done]
+    if done:
+        print(f"ifeval: resuming: {len(done)} of {len(rows)} responses already written in {partial}")
+    else:
+        atomic_write_text(partial, json.dumps({"settings": settings}) + "\n")
+    prompts = [tok.chat_prompt([{"role": "user", "content": r["prompt"]}]) for r in todo]
+    context = min(model.cfg.block_size, max((len(p) for p in prompts), default=1) + max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_ids=tuple(tok.stop_ids))
+    bar = tqdm(total=len(rows), initial=len(done), desc="ifeval", unit="prompt", disable=not progress)
+    n_tokens = 0
+    t0 = time.perf_counter()
+    with open(partial, "a", encoding="utf-8") as f:
+        def save(i: int, ids: list[int]) -> None:
+            nonlocal n_tokens
+            n_tokens += len(ids)
+            done[todo[i]["key"]] = tok.decode(ids)
+            f.write(json.dumps({"key": todo[i]["key"], "response": done[todo[i]["key"]]}, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(1)
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s")
+
+        complete_all(model, prompts, params, slots=slots, context=context, vocab_limit=tok.vocab_size, on_done=save)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    responses = [done[r["key"]] for r in rows]
+    res = {**score(rows, responses), "settings": settings, "seconds": round(seconds, 1), "new_tokens": n_tokens,
+           "tok_s": round(n_tokens / seconds, 1) if seconds > 0 else 0.0,
+           "mean_response_chars": round(sum(map(len, responses)) / len(responses), 1)}
+    atomic_write_text(out_dir / RESPONSES, "".join(
+        json.dumps({"key": r["key"], "prompt": r["prompt"], "response": x}, ensure_ascii=False) + "\n"
+        for r, x in zip(rows, responses)))
+    atomic_write_text(results, json.dumps(res, indent=2))
+    partial.unlink(missing_ok=True)
+    return res
+
+
+def format_ifeval(res: dict) -> str:
+    """The four figures, the token cap and time, and the per-instruction table."""
+    s = res["settings"]
+    lines = [f"IFEval on {s['prompts']} prompts (greedy, at most {s['max_tokens']} new tokens; "
+             f"{res['seconds']:.0f} s, {res['new_tokens']:,} tokens generated at {res['tok_s']:.0f} tok/s)",
+             f"  prompt-level strict {res['prompt_strict']:.1%}   instruction-level strict {res['inst_strict']:.1%}",
+             f"  prompt-level loose  {res['prompt_loose']:.1%}   instruction-level loose  {res['inst_loose']:.1%}",
+             "", f"  {'instruction':45s} {'n':>4s} {'strict':>7s} {'loose':>7s}"]
+    for name, t in sorted(res["per_type"].items()):
+        lines.append(f"  {name:45s} {t['n']:4d} {t['strict']:7.1%} {t['loose']:7.1%}")
+    return "\n".join(lines)
