@@ -61,13 +61,15 @@ def test_ifeval_pass_writes_resumes_and_reuses(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", block=256)
     data = write_jsonl(tmp_path / "ifeval.jsonl", ROWS)
     out = run / "eval" / "sft"
+    responses, results, partial_name = ifeval.files(data)
+    assert responses == "ifeval_ifeval_responses.jsonl"  # named after a file that is not IFEval's own
     r = subprocess.run(cli_cmd("eval", "--run", run, "--task", data, "--max-tokens", "12", "--json",
                                tmp_path / "res.json"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "prompt-level strict" in r.stdout and "at most 12 new tokens" in r.stdout
-    rows = [json.loads(x) for x in open(out / "ifeval_responses.jsonl")]
+    rows = [json.loads(x) for x in open(out / responses)]
     assert [x["key"] for x in rows] == [1, 2, 3, 4, 5] and [x["prompt"] for x in rows] == [x["prompt"] for x in ROWS]
-    res = json.loads((out / "ifeval.json").read_text())
+    res = json.loads((out / results).read_text())
     assert set(res) >= {"prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "per_type", "seconds"}
     assert res["settings"]["max_tokens"] == 12 and res["per_type"]["punctuation:no_comma"]["n"] == 1
     # the figures are the checkers' on the written responses: anyone can rescore the file
@@ -83,18 +85,18 @@ def test_ifeval_pass_writes_resumes_and_reuses(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # an interrupted pass: the partial file keeps the responses written so far, and a rerun generates the rest
-    (out / "ifeval.json").unlink()
+    (out / results).unlink()
     settings = res["settings"]
     partial = [json.dumps({"settings": settings})] + [json.dumps({"key": x["key"], "response": x["response"]})
                                                       for x in rows[:3]]
-    (out / ifeval.PARTIAL).write_text("\n".join(partial) + "\n{\"key\": 4, \"resp")  # torn last line
+    (out / partial_name).write_text("\n".join(partial) + "\n{\"key\": 4, \"resp")  # torn last line
     asked = []
     real = ifeval.complete_all
     monkeypatch.setattr(ifeval, "complete_all", lambda m, prompts, *a, **k: asked.append(len(prompts)) or
                         real(m, prompts, *a, **k))
     again = ifeval.run_ifeval(model, tok, data, out, run / "sft", max_tokens=12, progress=False)
-    assert asked == [2] and not (out / ifeval.PARTIAL).exists()
-    assert [json.loads(x)["response"] for x in open(out / "ifeval_responses.jsonl")] == [x["response"] for x in rows]
+    assert asked == [2] and not (out / partial_name).exists()
+    assert [json.loads(x)["response"] for x in open(out / responses)] == [x["response"] for x in rows]
     figures = ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose")
     assert {k: again[k] for k in figures} == {k: res[k] for k in figures}
 
@@ -109,3 +111,24 @@ def test_a_bad_ifeval_row_names_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], row])
     with pytest.raises(DataError, match=rf"bad.jsonl:2: .*{message}"):
         ifeval.load_ifeval(path)
+
+
+def test_pipeline_ifeval_on_two_stages_compares_them_on_the_same_prompts(tmp_path):
+    """``pipeline.ifeval=sft,ppo``: a pass per stage, the second compared with the first by McNemar on the
+    same prompts, and the report's section with the four figures and the types that moved."""
+    from chatfactory.model.gpt import GPTConfig
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+
+    run = make_run(tmp_path / "run", block=256)
+    for name, seed in (("sft", 0), ("ppo", 1)):
+        torch.manual_seed(seed)
+        cfg = GPTConfig(depth=1, n_embd=64, head_dim=32, vocab_size=320, block_size=256)
+        save_checkpoint(run / name, unique_state_dict(GPT(cfg)), {"model": cfg.to_dict(), "finished": True})
+    data = write_jsonl(tmp_path / "ifeval.jsonl", ROWS)
+    res = ifeval.ifeval_stages(run, ["sft", "ppo", "dpo"], data, 8, log=lambda *a: None)
+    assert list(res) == ["sft", "ppo"] and "vs" not in res["sft"]  # dpo: not trained, left out
+    vs = res["ppo"]["vs"]
+    assert vs["stage"] == "sft" and vs["n"] == len(ROWS) and 0 <= vs["p"] <= 1
+    assert vs["diff"] == pytest.approx(res["ppo"]["prompt_loose"] - res["sft"]["prompt_loose"])
+    md = "\n".join(ifeval.ifeval_markdown(res))
+    assert "## IFEval" in md and "| ppo |" in md and "McNemar p=" in md and "moved most" in md

@@ -262,6 +262,11 @@ class PipelineConfig:
     eval_max_tokens: int = 48
     eval_seed: int = 0
     samples: int = 4  # sample conversations per stage in the report
+    # IFEval (eval/ifeval.py) on these stages, in the report ("" = none; e.g. "pretrain,sft"); a pass whose
+    # data, weights and settings match a finished one is read back (the imported base's is computed once)
+    ifeval: str = ""
+    ifeval_data: str = "../shared/data/eval/ifeval/input_data.jsonl"
+    ifeval_max_tokens: int = 512
 
 
 @dataclass

@@ -159,6 +159,14 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
                                                         Tokenizer.load(run_dir / "tokenizer.json"), langs=langs))
     ledger.add_time("eval", time.perf_counter() - t)
     ledger.update("eval", status="done")
+    if settings.ifeval:
+        from .eval.ifeval import ifeval_stages
+
+        t = time.perf_counter()
+        wanted_if = [s.strip() for s in settings.ifeval.split(",") if s.strip()]
+        ledger.update("ifeval", status="done", results=ifeval_stages(run_dir, wanted_if, settings.ifeval_data,
+                                                                     settings.ifeval_max_tokens, log))
+        ledger.add_time("ifeval", time.perf_counter() - t)
 
     t = time.perf_counter()
     report = write_report(cfg, run_dir, ledger.data, evals)

@@ -10,8 +10,9 @@ or last line or its asterisks removed).
     chatfactory eval --run runs/NAME --task ifeval [--stage S] [--max-tokens 512] [--limit N]
 
 ``--task ifeval`` reads ../shared/data/eval/ifeval/input_data.jsonl (``--task PATH`` any file in that
-format). Written to ``RUN/eval/STAGE/``: ``ifeval_responses.jsonl`` (``key``, ``prompt``, ``response``:
-anyone can rescore them with another checker) and ``ifeval.json`` (the settings, the figures, the
+format, e.g. the constraint prompts' dev split: its files are then named after it). Written to
+``RUN/eval/STAGE/``: ``ifeval_responses.jsonl`` (``key``, ``prompt``, ``response``: anyone can rescore them
+with another checker) and ``ifeval.json`` (the settings, the figures, the
 per-instruction table, the time). A pass that is interrupted resumes where it stopped; one whose
 settings, data and weights match a finished pass is read back instead of generated again.
 """
@@ -30,8 +31,14 @@ from ..inference.sampling import SamplingParams
 from ..store.files import atomic_write_text
 
 DEFAULT_DATA = Path("../shared/data/eval/ifeval/input_data.jsonl")
-RESPONSES, RESULTS = "ifeval_responses.jsonl", "ifeval.json"
-PARTIAL = "ifeval_responses.partial.jsonl"
+
+
+def files(path) -> tuple[str, str, str]:
+    """The names a pass over the IFEval file ``path`` writes: (responses, results, partial responses). IFEval
+    itself (``input_data.jsonl``) writes ifeval_responses.jsonl and ifeval.json; another file in its format
+    (the constraint prompts' dev split, data/constraint_prompts.py) ifeval_<its stem>_…, beside them."""
+    prefix = "ifeval" if Path(path).name == DEFAULT_DATA.name else f"ifeval_{Path(path).stem}"
+    return f"{prefix}_responses.jsonl", f"{prefix}.json", f"{prefix}_responses.partial.jsonl"
 
 
 def ifeval_path(spec: str) -> Path | None:
@@ -49,10 +56,12 @@ def ifeval_path(spec: str) -> Path | None:
 
 
 def load_ifeval(path) -> list[dict]:
-    """The rows of an IFEval file, checked: key, prompt, instruction ids the checkers know, one kwargs each."""
+    """The rows of an IFEval file, checked: key (default: the line number), prompt, instruction ids the
+    checkers know, one kwargs each."""
     rows, known = [], set(INSTRUCTION_TYPES)
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
+        row.setdefault("key", n)
         for k, kind in (("key", int), ("prompt", str), ("instruction_id_list", list), ("kwargs", list)):
             if not isinstance(row.get(k), kind):
                 raise DataError(f"{where}: {k!r} must be of type {kind.__name__}")
@@ -95,7 +104,7 @@ def _read_partial(path: Path, settings: dict) -> dict[int, str]:
     return done
 
 
-def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, limit: int = 0, slots: int = 32,
+def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, limit: int = 0, slots: int = 64,
                quantize: str | None = None, progress: bool = True) -> dict:
     """IFEval on ``model`` -> {"prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "per_type",
     "settings", "seconds", "tokens", ...}; writes ``out_dir``/ifeval_responses.jsonl and ifeval.json."""
@@ -104,14 +113,15 @@ def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, l
     path, out_dir, stage_dir = Path(path), Path(out_dir), Path(stage_dir)
     rows = load_ifeval(path)[: limit or None]
     settings = _settings(path, rows, stage_dir, max_tokens, quantize)
-    results = out_dir / RESULTS
-    if results.exists() and (out_dir / RESPONSES).exists():
+    responses_file, results_file, partial_file = files(path)
+    results = out_dir / results_file
+    if results.exists() and (out_dir / responses_file).exists():
         saved = json.loads(results.read_text())
         if saved.get("settings") == settings:
             print(f"ifeval: reusing the finished pass in {out_dir} (same data, weights and settings)")
             return saved
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / PARTIAL
+    partial = out_dir / partial_file
     done = _read_partial(partial, settings)
     todo = [r for r in rows if r["key"] not in done]
     if done:
@@ -141,7 +151,7 @@ def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, l
     res = {**score(rows, responses), "settings": settings, "seconds": round(seconds, 1), "new_tokens": n_tokens,
            "tok_s": round(n_tokens / seconds, 1) if seconds > 0 else 0.0,
            "mean_response_chars": round(sum(map(len, responses)) / len(responses), 1)}
-    atomic_write_text(out_dir / RESPONSES, "".join(
+    atomic_write_text(out_dir / responses_file, "".join(
         json.dumps({"key": r["key"], "prompt": r["prompt"], "response": x}, ensure_ascii=False) + "\n"
         for r, x in zip(rows, responses)))
     atomic_write_text(results, json.dumps(res, indent=2))
@@ -160,3 +170,73 @@ def format_ifeval(res: dict) -> str:
     for name, t in sorted(res["per_type"].items()):
         lines.append(f"  {name:45s} {t['n']:4d} {t['strict']:7.1%} {t['loose']:7.1%}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- in the pipeline's report
+def prompt_verdicts(out_dir, data) -> dict[int, bool]:
+    """key -> every instruction of the prompt followed (loose), rescored from a pass's responses file
+    against the IFEval file ``data``."""
+    from ..data.constraints import follows
+
+    rows = {r["key"]: r for _, r in read_jsonl(Path(out_dir) / files(data)[0])}
+    data = {r["key"]: r for r in load_ifeval(data)}
+    return {k: all(follows(data[k], r["response"], loose=True)) for k, r in rows.items()}
+
+
+def ifeval_stages(run_dir, stages: list[str], data, max_tokens: int, log=print) -> dict:
+    """IFEval on each finished stage of ``stages`` (a pass reused where its data, weights and settings match)
+    -> {stage: the four figures, per-type table, time, mean response length; from the second stage on,
+    McNemar on prompt-level loose against the first}."""
+    from ..store.checkpoint import stage_finished
+    from ..store.load import load_model
+    from ..text.tokenizer import Tokenizer
+    from .stats import mcnemar
+
+    run_dir, out = Path(run_dir), {}
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    verdicts = {}
+    for stage in stages:
+        if not stage_finished(run_dir / stage):
+            log(f"[run] ifeval: {stage} is not finished, left out")
+            continue
+        log(f"[run] ifeval on {stage} ...")
+        model = load_model(run_dir / stage, inference=True)[0]
+        res = run_ifeval(model, tok, data, run_dir / "eval" / stage, run_dir / stage, max_tokens=max_tokens)
+        del model
+        out[stage] = {k: res[k] for k in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "per_type",
+                                          "seconds", "new_tokens", "mean_response_chars")}
+        verdicts[stage] = prompt_verdicts(run_dir / "eval" / stage, data)
+        first = next(iter(verdicts))
+        if stage != first:
+            keys = sorted(verdicts[first])
+            out[stage]["vs"] = {"stage": first, **mcnemar([verdicts[first][k] for k in keys],
+                                                          [verdicts[stage][k] for k in keys])}
+    return out
+
+
+def ifeval_markdown(res: dict) -> list[str]:
+    """The report's IFEval section: the four figures per stage, McNemar against the first, the instruction
+    types that moved most."""
+    if not res:
+        return []
+    stages = list(res)
+    L = ["## IFEval (instruction following, checked by rules)", "",
+         "541 prompts with verifiable instructions, each through the model's chat template, greedy "
+         "(eval/ifeval.py). Loose also accepts a reply without its first or last line or its asterisks.", "",
+         "| stage | prompt strict | inst strict | prompt loose | inst loose | vs first (prompt loose) | "
+         "mean reply chars | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        r, vs = res[s], res[s].get("vs")
+        cmp = (f"{vs['diff']:+.3f} (McNemar p={vs['p']:.3g}; {vs['b_only']} gained, {vs['a_only']} lost)"
+               if vs else "")
+        L.append(f"| {s} | {r['prompt_strict']:.3f} | {r['inst_strict']:.3f} | {r['prompt_loose']:.3f} | "
+                 f"{r['inst_loose']:.3f} | {cmp} | {r['mean_response_chars']:.0f} | {r['seconds']:.0f} |")
+    if len(stages) > 1:
+        a, b = res[stages[0]]["per_type"], res[stages[-1]]["per_type"]
+        moved = sorted(a, key=lambda t: b[t]["loose"] - a[t]["loose"])
+        L += ["", f"Instruction types that moved most, {stages[0]} → {stages[-1]} (loose, instruction level):", "",
+              "| instruction | n | " + f"{stages[0]} | {stages[-1]} | change |", "|---|---|---|---|---|"]
+        for t in moved[-5:][::-1] + moved[:5]:
+            L.append(f"| {t} | {a[t]['n']} | {a[t]['loose']:.3f} | {b[t]['loose']:.3f} | "
+                     f"{b[t]['loose'] - a[t]['loose']:+.3f} |")
+    return L + [""]
