@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# --quick (tests/test_benches.py): SmolLM2's stand-in (bench/standin.py) in a temp dir, 4 prompts, 4 tokens
+# --quick (tests/test_benches.py): SmolLM2's stand-in (tests/builders/standin.py) in a temp dir, 4 prompts, 4 tokens
 QUICK = dict(run=None, prompts=4, new_tokens=4, batch=4)
 TOPICS = ["the sea", "a library", "winter", "bread", "the moon", "trains", "a garden", "music", "rain", "mountains",
           "a cat", "coffee", "the city at night", "old maps", "bicycles", "the desert"]
@@ -183,7 +183,8 @@ def main() -> None:
         a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if a.run is None:
-            from standin import smollm2_run  # bench/ is on sys.path: this script runs by path
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the stand-ins: tests/builders
+            from builders.standin import smollm2_run
 
             a.run = str(smollm2_run(Path(tmp)))
         r = compare(a.run, a.stage, a.budget_frac, a.prompts, a.new_tokens, a.batch, a.workdir)

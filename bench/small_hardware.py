@@ -42,7 +42,7 @@ nan = not measured; ``skipped``: the parts not run, by option or for want of an 
 ``llamacpp`` without llama-cpp-python, ``accelerate`` without it, or ``none``). Run it alone: on a 2-core
 machine anything else running is noise. A full run takes ~25-35 minutes on 2 cores, most of it the
 quantized variants' bits/byte (their kernels are built for decoding a few rows, not 1024-token windows).
-``--quick`` (tests/test_benches.py) runs every part in well under a minute on stand-ins (bench/standin.py):
+``--quick`` (tests/test_benches.py) runs every part in well under a minute on stand-ins (tests/builders/standin.py):
 SmolLM2's family at 2 layers, imported from a GGUF file of the same kinds (so gguf-q4 and llama.cpp run
 too), and a demo run of the same size, unless --run / --demo name real ones.
 """
@@ -405,7 +405,8 @@ def main():
         a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if a.run is None or a.demo is None:
-            import standin
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the stand-ins: tests/builders
+            from builders import standin
 
             a.run = a.run if a.run is not None else str(standin.smollm2_run(Path(tmp)))
             a.demo = a.demo if a.demo is not None else str(standin.demo_run(Path(tmp)))

@@ -7,6 +7,7 @@ share; tests/conftest.py turns the run directories into fixtures.
 - ``rl_gradients``: one RL update's gradients on fixed answers (loss aggregation, also under torchrun)
 - ``pretrain``: the tiny preset's small overrides for pretraining through the CLI
 - ``gguf_model``: a small random Llama/Qwen2 written as a GGUF file
+- ``standin``: the stand-ins of the benches' ``--quick`` mode (a SmolLM2-family GGUF run, a demo run)
 """
 import gzip
 import json
