@@ -28,7 +28,7 @@ from ..data.constraints import INSTRUCTION_TYPES, score
 from ..formats.jsonl import DataError, read_jsonl
 from ..inference.batching import complete_all
 from ..inference.sampling import SamplingParams
-from ..store.files import atomic_write_text
+from ..store.files import append_text, atomic_write_text, read_appended
 
 DEFAULT_DATA = Path("../shared/data/eval/ifeval/input_data.jsonl")
 
@@ -87,21 +87,10 @@ def _settings(path: Path, rows: list[dict], stage_dir: Path, max_tokens: int, qu
 
 def _read_partial(path: Path, settings: dict) -> dict[int, str]:
     """key -> response of an interrupted pass with the same settings ({} if none, or another pass's)."""
-    if not path.exists():
+    rows = [row for _, row in read_appended(path)]
+    if not rows or rows[0].get("settings") != settings:
         return {}
-    done, first = {}, True
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the torn last line of a killed pass
-            continue
-        if first:
-            if row.get("settings") != settings:
-                return {}
-            first = False
-        elif "key" in row:
-            done[row["key"]] = row["response"]
-    return done
+    return {row["key"]: row["response"] for row in rows[1:] if "key" in row}
 
 
 def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, limit: int = 0, slots: int = 64,
@@ -134,17 +123,17 @@ def run_ifeval(model, tok, path, out_dir, stage_dir, *, max_tokens: int = 512, l
     bar = tqdm(total=len(rows), initial=len(done), desc="ifeval", unit="prompt", disable=not progress)
     n_tokens = 0
     t0 = time.perf_counter()
-    with open(partial, "a", encoding="utf-8") as f:
-        def save(i: int, ids: list[int]) -> None:
-            nonlocal n_tokens
-            n_tokens += len(ids)
-            done[todo[i]["key"]] = tok.decode(ids)
-            f.write(json.dumps({"key": todo[i]["key"], "response": done[todo[i]["key"]]}, ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(1)
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s")
 
-        complete_all(model, prompts, params, slots=slots, context=context, vocab_limit=tok.vocab_size, on_done=save)
+    def save(i: int, ids: list[int]) -> None:
+        nonlocal n_tokens
+        n_tokens += len(ids)
+        done[todo[i]["key"]] = tok.decode(ids)
+        append_text(partial, json.dumps({"key": todo[i]["key"], "response": done[todo[i]["key"]]},
+                                        ensure_ascii=False) + "\n")
+        bar.update(1)
+        bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s")
+
+    complete_all(model, prompts, params, slots=slots, context=context, vocab_limit=tok.vocab_size, on_done=save)
     bar.close()
     seconds = time.perf_counter() - t0
     responses = [done[r["key"]] for r in rows]

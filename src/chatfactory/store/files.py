@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def atomic_write_text(path, text: str) -> None:
 
 def append_text(path, text: str) -> None:
     """Append ``text`` to a log (``metrics.jsonl``). A full disk raises DiskFullError naming the file; a
-    line cut short is dropped when the run resumes (train/loop.py's Metrics)."""
+    line cut short is dropped when it is read back (``read_appended``)."""
     path = Path(path)
     try:
         with open(path, "a", encoding="utf-8") as f:
@@ -134,3 +135,19 @@ def append_text(path, text: str) -> None:
             raise DiskFullError(f"{path}: disk full (no space left on device) while appending to it; "
                                 f"free some space and run the same command again") from None
         raise
+
+
+
+def read_appended(path) -> list[tuple[str, dict]]:
+    """(line, row) for each whole JSON line of a log ``append_text`` wrote; a line a kill cut short is
+    skipped; no file, no rows."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:  # the torn last line of a process killed while it appended
+            continue
+    return out

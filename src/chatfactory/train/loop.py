@@ -325,7 +325,7 @@ class Trainer:
         if not self.cfg.time_budget:
             return None
         train_time = self.cfg.time_budget - (self.costs["eval"] or 0.0) - (self.costs["ckpt"] or 0.0)
-        return self.spent / max(train_time, 1e-9)
+        return self._slowest(self.spent) / max(train_time, 1e-9)  # one figure on every rank: the same lr
 
     def out_of_time(self, evals: int = 1, ckpts: int = 1) -> bool:
         """With a time budget: another step and ``evals`` evaluations and ``ckpts`` checkpoints (the final
@@ -334,17 +334,21 @@ class Trainer:
         if not self.cfg.time_budget:
             return False
         need = self.costs["step"] + evals * (self.costs["eval"] or 0.0) + ckpts * (self.costs["ckpt"] or 0.0)
-        late = torch.tensor([float(self.spent + need > self.cfg.time_budget)], device=self.d.device)
-        self.stopped = self.stopped or bool(all_reduce_sum(late).item())
+        self.stopped = self.stopped or self._slowest(self.spent) + need > self.cfg.time_budget
         return self.stopped
+
+    def _slowest(self, seconds: float) -> float:
+        """The largest of every rank's ``seconds``: a figure all ranks agree on, so they decide alike."""
+        if self.d.world > 1:
+            t = torch.tensor([seconds], dtype=torch.float64, device=self.d.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return t.item()
+        return seconds
 
     def _cost(self, what: str, seconds: float) -> None:
         """The cost of a step, evaluation or checkpoint: the slowest rank's."""
         if self.cfg.time_budget:
-            t = torch.tensor([seconds], dtype=torch.float64, device=self.d.device)
-            if self.d.world > 1:
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            self.costs[what] = t.item()
+            self.costs[what] = self._slowest(seconds)
 
     def add_flops(self, flops: float) -> None:
         """Model FLOPs of work that belongs to the current step besides its micro-batches' training (an
@@ -461,14 +465,14 @@ def train(stage: Stage, model: torch.nn.Module, cfg: TrainConfig, stage_dir, d: 
         trainer.step(step, micro_batches, stage.loss, stage.token_count,
                      functools.partial(stage.flops, trainer.raw_model))
         done = step + 1
+        due_eval, due_ckpt = (bool(every) and done % every == 0 for every in (cfg.eval_every, cfg.ckpt_every))
         # going on means this step's periodic evaluation and checkpoint (if due), another step, the final ones
-        evals, ckpts = (1 + bool(every and done % every == 0) for every in (cfg.eval_every, cfg.ckpt_every))
-        last = done == cfg.steps or trainer.out_of_time(evals, ckpts)
+        last = done == cfg.steps or trainer.out_of_time(1 + due_eval, 1 + due_ckpt)
         # with a time budget the first step also evaluates and checkpoints: what they cost decides when to stop
         first = cfg.time_budget and trainer.costs["ckpt"] is None
-        if last or first or (cfg.eval_every and done % cfg.eval_every == 0):
+        if last or first or due_eval:
             trainer.evaluate(done, stage.evaluate)
-        if last or first or (cfg.ckpt_every and done % cfg.ckpt_every == 0):
+        if last or first or due_ckpt:
             trainer.checkpoint(done)
         if last:
             break

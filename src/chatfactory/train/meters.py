@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..store.files import append_text
+from ..store.files import append_text, atomic_write_text, read_appended
 
 # ---------------------------------------------------------------- peak FLOP/s for MFU
 # dense bf16 tensor-core peaks (no sparsity), by device-name substring
@@ -61,16 +61,7 @@ class Metrics:
     def truncate_after(self, step: int) -> None:
         if not (self.enabled and self.path.exists()):
             return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(line)
-        from ..store.files import atomic_write_text
-
+        keep = [line for line, row in read_appended(self.path) if row.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, row: dict) -> None:
@@ -79,13 +70,5 @@ class Metrics:
 
 
 def read_metrics(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the torn last line of a run killed while it logged
-            continue
-    return rows
+    """The rows of a metrics.jsonl (a torn last line of a run killed while it logged left out)."""
+    return [row for _, row in read_appended(path)]

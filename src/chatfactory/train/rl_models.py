@@ -80,11 +80,13 @@ class Reward:
 
     @torch.no_grad()
     def __call__(self, batch: dict, rows: list[dict]) -> torch.Tensor:
-        base = self._base(batch, rows)
+        # the answers as text, decoded once for the scorer and the verifier (a reward model reads the ids)
+        texts = self.answer_texts(batch) if (self.fn is not None or self.verifier is not None) else None
+        base = self._base(batch, rows, texts)
         self.last = {}
         if self.verifier is None:
             return base
-        scores = [self._verify(r, text) for r, text in zip(rows, self.answer_texts(batch))]
+        scores = [self._verify(r, text) for r, text in zip(rows, texts)]
         checked = [s for s in scores if s is not None]
         # the rows the verifier checked, and the share of them it passed: what the verifier term taught
         self.last = {"verified": torch.tensor(len(checked) / len(scores)),
@@ -99,7 +101,7 @@ class Reward:
                              f"for prompt {row['messages']!r}")
         return s
 
-    def _base(self, batch: dict, rows: list[dict]) -> torch.Tensor:
+    def _base(self, batch: dict, rows: list[dict], texts: list[str] | None) -> torch.Tensor:
         dev = batch["tokens"].device
         if self.model is not None:
             return self.model.score(batch["tokens"], batch["last"], positions=batch["positions"],
@@ -107,7 +109,7 @@ class Reward:
         if self.fn is None:
             return torch.zeros(len(rows), device=dev)
         scores = []
-        for r, text in zip(rows, self.answer_texts(batch)):
+        for r, text in zip(rows, texts):
             s = self.fn(r, text)
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
                 raise ValueError(f"scorer {self.spec!r} returned {s!r} (expected a finite number) "
