@@ -130,5 +130,12 @@ def test_pipeline_ifeval_on_two_stages_compares_them_on_the_same_prompts(tmp_pat
     vs = res["ppo"]["vs"]
     assert vs["stage"] == "sft" and vs["n"] == len(ROWS) and 0 <= vs["p"] <= 1
     assert vs["diff"] == pytest.approx(res["ppo"]["prompt_loose"] - res["sft"]["prompt_loose"])
+    for stage in res:  # startend:quotation is a held-back type, the other five instructions are trained ones
+        g = res[stage]["groups"]
+        assert (g["held_back"]["n"], g["trained"]["n"]) == (1, 5)
+        assert (g["held_back"]["inst_loose"] + 5 * g["trained"]["inst_loose"]) / 6 == pytest.approx(
+            res[stage]["inst_loose"])
+    assert res["ppo"]["groups"]["trained"]["vs"]["n"] == 5 and "vs" not in res["sft"]["groups"]["trained"]
     md = "\n".join(ifeval.ifeval_markdown(res))
     assert "## IFEval" in md and "| ppo |" in md and "McNemar p=" in md and "moved most" in md
+    assert "hold back from training" in md and " of 1" in md

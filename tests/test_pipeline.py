@@ -239,3 +239,43 @@ def test_pipeline_from_an_imported_chat_model(tmp_path):
     sft, _ = load_model(out / "sft")  # merged for use: the same architecture, moved weights
     assert sft.cfg == base.cfg and any((a != b).any()
                                        for a, b in zip(sft.state_dict().values(), base.state_dict().values()))
+
+
+def test_constraint_prompts_pipeline_as_smollm2_if_runs_it(tmp_path):
+    """The shape of configs/smollm2-if.yaml on the tiny model: comparisons sampled from pretraining on the
+    constraint prompts and labelled by the constraint checkers, DPO from pretraining on them, IFEval (here the
+    run's own held-back split in IFEval's format) and bits per byte on held-out text (only the rows of its
+    validation split) for both stages, all in the report."""
+    from chatfactory.data.constraints import follows
+    from chatfactory.formats.jsonl import read_jsonl
+
+    text = tmp_path / "stories.jsonl"
+    text.write_text("".join(json.dumps({"text": f"Story {i}: the cat sat on the mat and looked at the sun.",
+                                        "split": "validation" if i % 2 else "train"}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    cfg = load_config("pipeline-tiny", [
+        "pipeline.stages=pretrain,comparisons,dpo", "pipeline.if_prompts=24", "pipeline.if_dev=6",
+        "comparisons.stage=pretrain", "comparisons.labeler=chatfactory.data.verifiers:constraints_fraction",
+        "comparisons.k=4", "comparisons.pairs=all", "comparisons.mismatched=0", "dpo.init_from=pretrain",
+        "pipeline.ifeval=pretrain,dpo", f"pipeline.ifeval_data={out / 'tasks' / 'if_dev_heldback.jsonl'}",
+        "pipeline.ifeval_max_tokens=8", f"pipeline.bpb_text={text}", "pipeline.bpb_tokens=4096",
+        "pipeline.fewshot_shots=", "pipeline.heldout=8", "model.block_size=512"])
+    rep = pipeline.run_pipeline(cfg, out, log=lambda *_: None)
+    assert [rep[s]["status"] for s in ("pretrain", "comparisons", "dpo")] == ["done"] * 3
+    rows = {r["prompt"]: r for _, r in read_jsonl(out / "tasks" / "if_train.jsonl")}
+    pairs = [p for _, p in read_jsonl(out / "comparisons.jsonl")]
+    assert pairs and len(rows) == 24
+    for p in pairs[:10]:  # every pair is on a training prompt, the chosen reply following more of its constraints
+        row = rows[p["prompt"][-1]["content"]]
+        assert sum(follows(row, p["chosen"], loose=True)) > sum(follows(row, p["rejected"], loose=True))
+    assert all(p["prompt"][-1]["content"] not in rows for _, p in read_jsonl(out / "comparisons_heldout.jsonl"))
+    assert list(rep["ifeval"]) == ["pretrain", "dpo"] and "vs" in rep["ifeval"]["dpo"]
+    assert rep["ifeval"]["pretrain"]["groups"]["trained"]["n"] == 0  # the held-back split: held-back types only
+    bpb = rep["bpb"]
+    assert list(bpb) == ["pretrain", "dpo"] and bpb["pretrain"]["change"] == 0.0
+    assert 0 < bpb["dpo"]["bpb"]
+    assert bpb["dpo"]["change"] == pytest.approx(bpb["dpo"]["bpb"] / bpb["pretrain"]["bpb"] - 1)
+    md = (out / "report.md").read_text()
+    assert "## Bits per byte on held-out text" in md and "## IFEval" in md
+    cached = json.loads((out / "eval" / "dpo" / "bpb.json").read_text())
+    assert cached["result"]["bpb"] == bpb["dpo"]["bpb"] and cached["settings"]["split"] == "validation"

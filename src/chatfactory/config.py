@@ -267,6 +267,15 @@ class PipelineConfig:
     ifeval: str = ""
     ifeval_data: str = "../shared/data/eval/ifeval/input_data.jsonl"
     ifeval_max_tokens: int = 512
+    # constraint-augmented prompts (data/constraint_prompts.py) for comparisons and RL instead of the tasks'
+    # rl split (0 = the tasks'): RUN/tasks/if_train.jsonl, if_dev.jsonl (chooses) and if_dev_heldback.jsonl
+    if_prompts: int = 0
+    if_dev: int = 80
+    # bits per byte of every evaluated stage on held-out text ("" = none): what fine-tuning cost the model's
+    # knowledge of plain text; rows with a "split" field count only where it equals bpb_split
+    bpb_text: str = ""
+    bpb_split: str = "validation"
+    bpb_tokens: int = 32768
 
 
 @dataclass

@@ -62,18 +62,23 @@ class Ledger:
 
 
 def _use_tasks(cfg: Config, paths: dict) -> None:
-    """Point the stages' data at the task files (only what the config leaves at "tasks")."""
+    """Point the stages' data at the task files (only what the config leaves at "tasks"); with
+    ``pipeline.if_prompts`` the RL stages train on the constraint prompts instead, chosen on their dev split
+    by the constraints verifier."""
     if cfg.pipeline.tasks:
         cfg.sft.data = str(paths["sft"])
+        constrained = "if_train" in paths
         for section in names(method="rl"):
             sec = getattr(cfg, section, None)
             if sec is None:
                 continue
-            sec.prompts = str(paths["prompts"])
+            sec.prompts = str(paths["if_train" if constrained else "prompts"])
             if hasattr(sec, "eval_prompts") and not sec.eval_prompts:
                 # the gold curve over RL iterations, on the dev prompts: keep_best chooses the iteration on
                 # it, and held-out prompts must only report
-                sec.eval_prompts, sec.gold = str(paths["dev"]), sec.gold or "chatfactory.data.tasks:rubric_score"
+                sec.eval_prompts = str(paths["if_dev" if constrained else "dev"])
+                sec.gold = sec.gold or ("chatfactory.data.verifiers:constraints_fraction" if constrained
+                                        else "chatfactory.data.tasks:rubric_score")
     if hasattr(cfg, "reward") and not cfg.reward.val_data:
         cfg.reward.val_data = str(paths["comparisons_heldout"])
     if hasattr(cfg, "dpo") and not cfg.dpo.val_data:
@@ -95,6 +100,13 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     tdir = run_dir / "tasks"
     paths = write_task_files(tdir, settings.tasks_seed, n_sft=settings.sft_rows, n_prompts=settings.rl_prompts,
                              n_heldout=settings.heldout, n_fewshot=settings.fewshot, n_dev=settings.dev)
+    if settings.if_prompts:
+        # constraint-augmented prompts (data/constraint_prompts.py): comparisons and RL train on if_train; their
+        # dev split holds the held-out comparisons that DPO and the reward model report on
+        from .data.constraint_prompts import write_prompt_files
+
+        write_prompt_files(tdir, settings.if_prompts, settings.if_dev, settings.tasks_seed)
+        paths.update({n: tdir / f"{n}.jsonl" for n in ("if_train", "if_dev", "if_dev_heldback")})
     paths["comparisons"] = run_dir / "comparisons.jsonl"
     paths["comparisons_heldout"] = run_dir / "comparisons_heldout.jsonl"
     _use_tasks(cfg, paths)
@@ -133,14 +145,15 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         if stage == "pretrain" and settings.base:
             res = import_base(cfg, run_dir)
         elif stage == "comparisons":
-            if not has_checkpoint(run_dir / "sft"):
-                ledger.update(stage, status="not run: no sft checkpoint to sample from")
+            # label the SFT policy's samples (InstructGPT step 2), or those of the stage the config names
+            cfg.comparisons.stage = cfg.comparisons.stage or "sft"
+            if not has_checkpoint(run_dir / cfg.comparisons.stage):
+                ledger.update(stage, status=f"not run: no {cfg.comparisons.stage} checkpoint to sample from")
                 continue
             k = cfg.comparisons.k
-            # label the SFT policy's samples (InstructGPT step 2)
-            cfg.comparisons.stage = cfg.comparisons.stage or "sft"
-            res = {"train": fn(cfg, run_dir, str(paths["prompts"]), str(paths["comparisons"]), k),
-                   "heldout": fn(cfg, run_dir, str(paths["heldout"]), str(paths["comparisons_heldout"]), k)}
+            train, held = ("if_train", "if_dev") if settings.if_prompts else ("prompts", "heldout")
+            res = {"train": fn(cfg, run_dir, str(paths[train]), str(paths["comparisons"]), k),
+                   "heldout": fn(cfg, run_dir, str(paths[held]), str(paths["comparisons_heldout"]), k)}
         else:
             res = fn(cfg, run_dir)
             if isinstance(res, dict) and res.get("dev_choice"):  # the kept policy's own dev scores, for the report
@@ -157,6 +170,11 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         langs = {prompt_text(r): r.get("lang") for r in read_rows(paths["heldout"])}  # each pair's prompt language
         ledger.update("reward", heldout=reward_accuracy(run_dir / "reward", paths["comparisons_heldout"],
                                                         Tokenizer.load(run_dir / "tokenizer.json"), langs=langs))
+    if settings.bpb_text:
+        from .eval.lm import text_bpb_stages
+
+        ledger.update("eval", bpb=text_bpb_stages(run_dir, evaluated, settings.bpb_text, settings.bpb_split,
+                                                  settings.bpb_tokens, log))
     ledger.add_time("eval", time.perf_counter() - t)
     ledger.update("eval", status="done")
     if settings.ifeval:

@@ -162,20 +162,37 @@ def format_ifeval(res: dict) -> str:
 
 
 # ---------------------------------------------------------------- in the pipeline's report
-def prompt_verdicts(out_dir, data) -> dict[int, bool]:
-    """key -> every instruction of the prompt followed (loose), rescored from a pass's responses file
-    against the IFEval file ``data``."""
+def instruction_verdicts(out_dir, data) -> dict[int, list[tuple[str, bool]]]:
+    """key -> (instruction id, followed under the loose rule) for each instruction of the prompt, rescored
+    from a pass's responses file against the IFEval file ``data``."""
     from ..data.constraints import follows
 
     rows = {r["key"]: r for _, r in read_jsonl(Path(out_dir) / files(data)[0])}
     data = {r["key"]: r for r in load_ifeval(data)}
-    return {k: all(follows(data[k], r["response"], loose=True)) for k, r in rows.items()}
+    return {k: list(zip(data[k]["instruction_id_list"], follows(data[k], r["response"], loose=True)))
+            for k, r in rows.items()}
+
+
+def prompt_verdicts(out_dir, data) -> dict[int, bool]:
+    """key -> every instruction of the prompt followed (loose)."""
+    return {k: all(ok for _, ok in v) for k, v in instruction_verdicts(out_dir, data).items()}
+
+
+def _by_group(verdicts: dict, held_back) -> dict[str, list[bool]]:
+    """Instruction-level loose verdicts in a fixed order, split into the types training held back and the rest."""
+    out: dict[str, list[bool]] = {"held_back": [], "trained": []}
+    for k in sorted(verdicts):
+        for inst, ok in verdicts[k]:
+            out["held_back" if inst in held_back else "trained"].append(ok)
+    return out
 
 
 def ifeval_stages(run_dir, stages: list[str], data, max_tokens: int, log=print) -> dict:
     """IFEval on each finished stage of ``stages`` (a pass reused where its data, weights and settings match)
-    -> {stage: the four figures, per-type table, time, mean response length; from the second stage on,
-    McNemar on prompt-level loose against the first}."""
+    -> {stage: the four figures, per-type table, time, mean response length, instruction-level loose on the
+    types the constraint prompts hold back from training and on the rest; from the second stage on, McNemar
+    against the first on prompt-level loose and on each group's instructions}."""
+    from ..data.constraint_prompts import HELD_BACK
     from ..store.checkpoint import stage_finished
     from ..store.load import load_model
     from ..text.tokenizer import Tokenizer
@@ -194,12 +211,18 @@ def ifeval_stages(run_dir, stages: list[str], data, max_tokens: int, log=print) 
         del model
         out[stage] = {k: res[k] for k in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose", "per_type",
                                           "seconds", "new_tokens", "mean_response_chars")}
-        verdicts[stage] = prompt_verdicts(run_dir / "eval" / stage, data)
+        verdicts[stage] = instruction_verdicts(run_dir / "eval" / stage, data)
+        groups = _by_group(verdicts[stage], HELD_BACK)
+        out[stage]["groups"] = {g: {"n": len(v), "inst_loose": sum(v) / max(len(v), 1)} for g, v in groups.items()}
         first = next(iter(verdicts))
         if stage != first:
             keys = sorted(verdicts[first])
-            out[stage]["vs"] = {"stage": first, **mcnemar([verdicts[first][k] for k in keys],
-                                                          [verdicts[stage][k] for k in keys])}
+            out[stage]["vs"] = {"stage": first, **mcnemar([all(ok for _, ok in verdicts[first][k]) for k in keys],
+                                                          [all(ok for _, ok in verdicts[stage][k]) for k in keys])}
+            base = _by_group(verdicts[first], HELD_BACK)
+            for g, v in groups.items():
+                if v:
+                    out[stage]["groups"][g]["vs"] = mcnemar(base[g], v)
     return out
 
 
@@ -220,6 +243,18 @@ def ifeval_markdown(res: dict) -> list[str]:
                if vs else "")
         L.append(f"| {s} | {r['prompt_strict']:.3f} | {r['inst_strict']:.3f} | {r['prompt_loose']:.3f} | "
                  f"{r['inst_loose']:.3f} | {cmp} | {r['mean_response_chars']:.0f} | {r['seconds']:.0f} |")
+    if all("groups" in res[s] for s in stages):
+        L += ["", "Instruction level, loose, on the 7 types the constraint prompts hold back from training "
+              "(data/constraint_prompts.py: HELD_BACK) and on the 18 they train:", "",
+              "| stage | held back | trained |", "|---|---|---|"]
+        for s in stages:
+            cells = []
+            for g in ("held_back", "trained"):
+                r = res[s]["groups"][g]
+                vs = r.get("vs")
+                cells.append(f"{r['inst_loose']:.3f} of {r['n']}" + (
+                    f" ({vs['diff']:+.3f}, McNemar p={vs['p']:.3g})" if vs else ""))
+            L.append(f"| {s} | {cells[0]} | {cells[1]} |")
     if len(stages) > 1:
         a, b = res[stages[0]]["per_type"], res[stages[-1]]["per_type"]
         moved = sorted(a, key=lambda t: b[t]["loose"] - a[t]["loose"])

@@ -64,3 +64,71 @@ def text_loss(model, tok, path, text_key: str = "text", seq_len: int = 0, batch_
         if max_tokens and len(ids) > max_tokens:
             break
     return stream_loss(model, tok, ids, seq_len, batch_size, max_tokens)
+
+
+def split_texts(path, split: str = "") -> list[str]:
+    """The texts of a JSONL(.gz) file whose rows carry ``"text"``; with ``split``, only rows whose "split" field
+    equals it (rows without the field count too). Another kind of source: every text (data/sources.py)."""
+    name = str(path)
+    if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
+        return list(iter_texts(DataConfig(source=name)))
+    from ..formats.jsonl import read_jsonl
+
+    return [row["text"] for _, row in read_jsonl(path)
+            if isinstance(row.get("text"), str) and (not split or row.get("split", split) == split)]
+
+
+def text_bpb_stages(run_dir, stages: list[str], path, split: str = "validation", max_tokens: int = 32768,
+                    log=print) -> dict:
+    """Bits per byte of each stage's model on the same held-out text (the first ``max_tokens`` tokens of its
+    ``split`` rows) -> {stage: {"bpb", "loss", "tokens", "bytes", "change" (relative to the first stage)}}.
+    A stage's figure is kept in RUN/eval/STAGE/bpb.json and read back while its weights and the settings
+    match (pipeline.bpb_text)."""
+    import json
+    from pathlib import Path
+
+    from ..store.files import atomic_write_text
+    from ..store.load import load_model
+    from ..text.tokenizer import Tokenizer
+
+    run_dir, out = Path(run_dir), {}
+    tok, ids = Tokenizer.load(run_dir / "tokenizer.json"), None
+    for stage in stages:
+        conf = run_dir / stage / "config.json"
+        info = json.loads(conf.read_text()) if conf.exists() else {}
+        settings = {"text": str(path), "split": split, "max_tokens": max_tokens, "save_id": info.get("save_id")}
+        cache = run_dir / "eval" / stage / "bpb.json"
+        old = json.loads(cache.read_text()) if cache.exists() else {}
+        if old.get("settings") == settings:
+            res = old["result"]
+        else:
+            if ids is None:
+                texts = split_texts(path, split)
+                if not texts:
+                    raise ValueError(f"pipeline.bpb_text: no texts in {path} (split {split!r})")
+                ids = []
+                for text in texts:
+                    ids += tok.document(text)
+                    if len(ids) > max_tokens:
+                        break
+            log(f"[run] bits per byte of {stage} on {Path(path).name} ({min(len(ids), max_tokens)} tokens) ...")
+            model = load_model(run_dir / stage, inference=True)[0]
+            res = stream_loss(model, tok, ids, seq_len=min(1024, model.cfg.block_size), max_tokens=max_tokens)
+            del model
+            atomic_write_text(cache, json.dumps({"settings": settings, "result": res}, indent=2))
+        first = out[next(iter(out))]["bpb"] if out else res["bpb"]
+        out[stage] = {**res, "change": res["bpb"] / first - 1.0}
+    return out
+
+
+def bpb_markdown(res: dict) -> list[str]:
+    """The report's section on held-out text: each stage's bits per byte and its change from the first."""
+    if not res:
+        return []
+    first = next(iter(res))
+    L = ["## Bits per byte on held-out text", "",
+         f"The same {res[first]['tokens']:,} tokens of held-out text (pipeline.bpb_text) through every stage: what "
+         "fine-tuning cost the model's knowledge of plain text.", "",
+         f"| stage | bits per byte | change vs {first} |", "|---|---|---|"]
+    L += [f"| {s} | {r['bpb']:.4f} | {r['change']:+.2%} |" for s, r in res.items()]
+    return L + [""]

@@ -24,6 +24,7 @@ from ..text.tokenizer import Tokenizer
 from ..train.meters import read_metrics
 from .heldout import chars_per_token, read_rows
 from .ifeval import ifeval_markdown
+from .lm import bpb_markdown
 
 BARS = {  # the bars the demo is held to, checked in the report (on >= 200 held-out prompts)
     "sft_beats_base": "SFT held-out accuracy > base model's",
@@ -126,7 +127,7 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
             sec.update(stage_cost(run_dir / s))
         return sec
 
-    rep["ifeval"] = st.get("ifeval", {}).get("results", {})
+    rep["ifeval"], rep["bpb"] = st.get("ifeval", {}).get("results", {}), st.get("eval", {}).get("bpb", {})
     pre = base_section("pretrain")
     imported = (st.get("pretrain", {}).get("result") or {}).get("source")
     if imported:  # pipeline.base: a pretrained model took pretraining's place
@@ -439,7 +440,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
               f"KL vs SFT {_fmt(sec.get('kl'), 2)} nats per reply.", ""]
         if plots.get(s):
             L += [f"![{s} curves]({plots[s]})", ""]
-    L += ifeval_markdown(rep.get("ifeval") or {})
+    L += ifeval_markdown(rep.get("ifeval") or {}) + bpb_markdown(rep.get("bpb") or {})
     L += _samples_md(run_dir, rep, evals, samples)
     L += ["## The rubric (simulated labeler and gold judge)", "", "```", rubric.rstrip(), "```", ""]
     return "\n".join(L)
