@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast venv clean browser
+.PHONY: demo demo-seeds test test-fast venv clean browser
 
 # torch first, pinned: its CPU wheel is what the machine has; an unpinned torch pulls a CUDA build
 $(STAMP): pyproject.toml
@@ -27,6 +27,17 @@ demo: $(STAMP)
 	@echo "report:        runs/demo/report.md  (numbers: runs/demo/report.json; plots: runs/demo/*.png)"
 	@echo "chat with it:  $(BIN)/chatfactory chat --run runs/demo"
 	@echo "serve it:      $(BIN)/chatfactory serve --run runs/demo   (OpenAI-compatible API + web UI at http://127.0.0.1:8000)"
+
+# the demo over 3 seeds (pipeline.seed 0, 1, 2; the same held-out prompts): held-out accuracy and win rate as
+# mean ± SE, seed-paired differences vs SFT (docs/evaluation.md). runs/demo is reused where finished: delete it
+# first if an older checkout trained it, or its stages would not be the config the other two seeds run
+demo-seeds: $(STAMP)
+	$(BIN)/chatfactory run --config demo --out runs/demo
+	$(BIN)/chatfactory run --config demo --out runs/demo-seed1 pipeline.seed=1
+	$(BIN)/chatfactory run --config demo --out runs/demo-seed2 pipeline.seed=2
+	$(BIN)/chatfactory seeds runs/demo runs/demo-seed1 runs/demo-seed2 --out runs/demo-seeds.md
+	@echo
+	@echo "3-seed table:  runs/demo-seeds.md  (numbers: runs/demo-seeds.json; each run's report: runs/demo*/report.md)"
 
 # Debian's chromium for the web UI's browser test (tests/test_webui.py skips without it). Playwright's
 # Python package drives /usr/bin/chromium; no browser is ever downloaded by a test tool.

@@ -9,6 +9,7 @@
     chatfactory serve     --run runs/tiny                        OpenAI-compatible API + web UI
     chatfactory quantize  --run runs/tiny --stage sft --bits 4   int8/int4 weights: a stage sft-int4
     chatfactory generate  --run runs/tiny --prompts p.jsonl --out a.jsonl --max-memory 300MB   offline batches
+    chatfactory seeds     runs/demo runs/demo-seed1 runs/demo-seed2 --out runs/demo-seeds.md   mean ± SE over seeds
 
 ``--config`` takes a preset name from configs/ (tiny, shakespeare, gpt2-124m, …) or a YAML file; any
 ``section.key=value`` after it overrides one setting (``pretrain.steps=500 model.depth=6``). Every
@@ -192,6 +193,16 @@ def cmd_eval(a):
              a.prompts, a.judge, a.temperature, a.json, quantize=a.quantize, max_memory=a.max_memory)
 
 
+def cmd_seeds(a):
+    from pathlib import Path
+
+    from .eval.seeds import seeds_report
+
+    md, _ = seeds_report(a.runs, a.out)
+    print(md if a.out is None else f"{a.out}: held-out results over {len(a.runs)} seeds "
+                                   f"(numbers: {Path(a.out).with_suffix('.json')})")
+
+
 def cmd_serve(a):
     from .serve.server import serve
 
@@ -311,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub, cmd_eval)
     _add_quantize_arg(sub.choices["eval"])
+    p = sub.add_parser("seeds", help="held-out results of repeats of one run (pipeline.seed=1, 2, …): mean ± SE "
+                                     "over seeds, seed-paired accuracy vs SFT, McNemar (eval/seeds.py)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished runs of one config with different pipeline.seed "
+                                                          "(the same held-out prompts)")
+    p.add_argument("--out", default=None, help="write the table to this .md file and its numbers beside it as .json "
+                                               "(default: print the table)")
+    p.set_defaults(fn=cmd_seeds)
     p = sub.add_parser("generate", help="answer a file of prompts in batches (offline; pairs with --max-memory: "
                                         "each loaded layer serves the whole batch); resumable")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")

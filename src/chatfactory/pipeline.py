@@ -32,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import Config, save_config
+from .config import Config, save_config, with_run_seed
 from .data.tasks import prompt_text, write_task_files
 from .eval.heldout import dev_scores, evaluate_all, read_rows, reward_accuracy
 from .eval.report import write_report
@@ -89,6 +89,11 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     """Run every stage that is not finished, evaluate, and write the report. Returns report.json's dict."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # pipeline.seed, the repeat dial, is added to every stage's seed and eval_seed on a copy, once per call:
+    # the caller builds cfg from the preset and overrides each time (a resumed run gets the same seeds), and
+    # the copy, saved below as RUN/config.yaml, holds the seeds used with the dial back at 0, so a run started
+    # from that file does not add it twice
+    cfg = with_run_seed(cfg)
     settings = cfg.pipeline
     ledger = Ledger(run_dir / "pipeline.json")
     wanted = [s.strip() for s in settings.stages.split(",") if s.strip()]

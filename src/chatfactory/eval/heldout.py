@@ -5,7 +5,11 @@ Two splits of the embedded tasks (data/tasks.py), two uses:
   heldout  only reports. ``evaluate_all`` has every finished policy answer the same held-out prompts
            (RUN/tasks/heldout.jsonl) and scores each reply: accuracy, gold (rubric) score, win rate vs
            SFT (ties half), KL vs SFT, and each of those per language of the prompts (``by_language``);
-           the base model also gets its zero/one/few-shot table. Cached per stage in RUN/eval/<stage>.json.
+           the base model also gets its zero/one/few-shot table. Cached per stage in RUN/eval/<stage>.json
+           with the per-prompt verdicts (``correct``, ``scores``, ``reply_chars``) and the prompts'
+           identity (``prompts_sha``), which eval/seeds.py pairs across repeats of a run. Each aligned
+           stage also gets ``vs_sft`` (``versus_sft``): mean reply length of both, the length-controlled
+           win rate and McNemar's test of accuracy on the same prompts.
            ``reward_accuracy`` scores the reward model on held-out pairs (overall and per language);
            ``chars_per_token`` measures the tokenizer on the held-out prompts' text, per language.
   dev      chooses. ``dev_scores`` judges one policy (a stage of the run, or a model in memory such as
@@ -44,6 +48,7 @@ from ..store.files import atomic_write_text
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer
 from .fewshot import few_shot_table
+from .stats import length_controlled_win_rate, mcnemar
 from .winrate import compare
 
 
@@ -118,7 +123,51 @@ def score_replies(rows: list[dict], replies: list[str]) -> dict:
     return {"accuracy": sum(right) / len(rows), "gold_score": sum(scores) / len(rows), "n": len(rows),
             "scores": scores, "correct": right,
             "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(by_task.items())},
-            "mean_words": sum(len(a.split()) for a in replies) / len(replies)}
+            "mean_words": sum(len(a.split()) for a in replies) / len(replies),
+            "reply_chars": [len(a) for a in replies]}
+
+
+def prompts_sha(rows: list[dict]) -> str:
+    """The identity of a set of prompts, in order: a hash of their messages. Two runs whose held-out
+    prompts hash alike answered the same prompts, so their per-prompt verdicts pair."""
+    return hashlib.sha256(json.dumps([r["messages"] for r in rows], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def prompt_wins(scores_a: list[float], scores_b: list[float]) -> list[float]:
+    """Per prompt, A's outcome against B under the rubric's scores: 1 win, 0.5 tie, 0 loss (``compare``'s count)."""
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b, strict=True)]
+
+
+def versus_sft(res: dict, sft: dict) -> dict:
+    """One aligned stage against SFT on the same prompts, from their cached per-prompt verdicts: the win rate
+    with the mean reply length (characters) of both beside it, the length-controlled win rate (eval/stats.py:
+    a logistic fit of the outcome on the length difference read at equal length, and the win rate over
+    length-matched pairs), and McNemar's exact test of accuracy (``diff``: the stage's minus SFT's)."""
+    chars = [e.get("reply_chars") or [len(a) for a in e["replies"]] for e in (res, sft)]
+    lc = length_controlled_win_rate(prompt_wins(res["scores"], sft["scores"]), chars[0], chars[1])
+    return {"n": lc["n"], "win_rate": lc["win_rate"], "lc_win_rate": lc["lc_win_rate"],
+            "matched_win_rate": lc["matched_win_rate"], "n_matched": lc["n_matched"],
+            "mean_chars": lc["mean_len_a"], "sft_mean_chars": lc["mean_len_b"],
+            "mcnemar": mcnemar(sft["correct"], res["correct"])}
+
+
+def vs_sft_md(evals: dict) -> list[str]:
+    """report.md's lines beside the win rates: each aligned stage's ``vs_sft`` record in words ([] if none)."""
+    lines = []
+    for s in policies(after=1):
+        v = (evals.get(s) or {}).get("vs_sft")
+        if not v:
+            continue
+        matched = f" (length-matched pairs {v['matched_win_rate']:.3f} of {v['n_matched']})" if v["n_matched"] else ""
+        mc = v["mcnemar"]
+        lines.append(f"- {s}: mean reply {v['mean_chars']:.1f} characters (SFT {v['sft_mean_chars']:.1f}); win rate "
+                     f"{v['win_rate']:.3f}, length-controlled {v['lc_win_rate']:.3f}{matched}; accuracy "
+                     f"{mc['diff']:+.3f} vs SFT, McNemar p = {mc['p']:.3g} (right only here {mc['b_only']}, "
+                     f"only in SFT {mc['a_only']})")
+    if not lines:
+        return []
+    return ["", "Reply length beside each win rate; the length-controlled win rate is the logistic fit's at equal "
+                "length (eval/stats.py); McNemar: exact test of accuracy on the same prompts.", ""] + lines
 
 
 def by_language(rows: list[dict], res: dict, sft_replies: list[str] | None = None) -> dict:
@@ -181,6 +230,7 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
     tok = Tokenizer.load(tok_path)
     key = {"n": len(rows), "T": settings.eval_temperature, "max_tokens": settings.eval_max_tokens,
            "seed": settings.eval_seed, "shots": settings.fewshot_shots}
+    sha = prompts_sha(rows)
     device = _device(cfg)
     out = {}
     for stage in stages:
@@ -189,7 +239,11 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         cache = run_dir / "eval" / f"{stage}.json"
         if cache.exists():
             got = json.loads(cache.read_text(encoding="utf-8"))
-            if got.get("fingerprint") == fp:
+            # a cache written before prompts_sha was kept holds none: taken as answering these prompts
+            if got.get("fingerprint") == fp and got.get("prompts_sha", sha) == sha:
+                if "reply_chars" not in got or "prompts_sha" not in got:
+                    got.update(reply_chars=[len(a) for a in got["replies"]], prompts_sha=sha)
+                    atomic_write_text(cache, json.dumps(got, indent=1))
                 out[stage] = got
                 continue
         log(f"[run] eval {stage} on {len(rows)} held-out prompts")
@@ -204,13 +258,16 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         if stage != "sft" and ids is not None and "sft" in stages and settings.eval_temperature > 0:
             ref, _ = load_model(run_dir / "sft", device)
             res["kl_vs_sft"] = policy_kl(model, ref, tok, rows, ids, settings.eval_temperature)
-        res.update(fingerprint=fp, seconds=time.perf_counter() - t, replies=replies)
+        res.update(fingerprint=fp, prompts_sha=sha, seconds=time.perf_counter() - t, replies=replies)
         atomic_write_text(cache, json.dumps(res, indent=1))
         out[stage] = res
     if "sft" in out:
         for stage in policies(after=1) + ("pretrain",):
             if stage in out:
                 out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
+        for stage in policies(after=1):
+            if stage in out:
+                out[stage]["vs_sft"] = versus_sft(out[stage], out["sft"])
     for stage, res in out.items():
         res["by_language"] = by_language(rows, res, out["sft"]["replies"] if "sft" in out and stage != "sft" else None)
     return out

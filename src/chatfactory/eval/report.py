@@ -22,7 +22,7 @@ from ..stages import BY_NAME, STAGES, names, policies
 from ..store.files import atomic_write_text
 from ..text.tokenizer import Tokenizer
 from ..train.meters import read_metrics
-from .heldout import chars_per_token, read_rows
+from .heldout import chars_per_token, read_rows, vs_sft_md
 from .ifeval import ifeval_markdown
 from .lm import bpb_markdown
 
@@ -174,7 +174,7 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
         if not e:
             rep[s].setdefault("heldout_accuracy", None)
             if s != "sft":
-                rep[s].update(win_rate_vs_sft=None, kl=None)
+                rep[s].update(win_rate_vs_sft=None, kl=None, vs_sft=None)
             continue
         rep[s].update(heldout_accuracy=e["heldout_accuracy"], gold_score=e["gold_score"],
                       accuracy_by_task=e["accuracy_by_task"], mean_words=e["mean_words"])
@@ -182,6 +182,7 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
             wr = e.get("win_rate_vs_sft") or {}
             rep[s].update(win_rate_vs_sft=wr.get("win_rate"),
                           wins_ties_losses=[wr.get("wins"), wr.get("ties"), wr.get("losses")], kl=e.get("kl_vs_sft"))
+            rep[s]["vs_sft"] = e.get("vs_sft")  # reply lengths, length-controlled win rate, McNemar (heldout.py)
     if "pretrain" in evals and evals["pretrain"].get("win_rate_vs_sft"):
         rep["base"]["sft_win_rate_vs_base"] = 1 - evals["pretrain"]["win_rate_vs_sft"]["win_rate"]
 
@@ -370,6 +371,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         name = _base_name(rep) if s == "pretrain" else s
         L.append(f"| {name} | {_fmt(e['heldout_accuracy'])} | {_fmt(e['gold_score'])} | "
                  f"{_fmt(wr) if s != 'sft' else '—'} | {_fmt(e.get('kl_vs_sft'), 2)} | {e['mean_words']:.1f} |")
+    L += vs_sft_md(evals)
     L += ["", _dev_md(rep["dev"])]
     tasks = sorted({t for e in evals.values() for t in e.get("accuracy_by_task", {})})
     if tasks:
@@ -479,7 +481,7 @@ if __name__ == "__main__":
 
     from ..config import load_config
     from .heldout import by_language as per_language
-    from .heldout import win_vs
+    from .heldout import versus_sft, win_vs
 
     rd = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
     ev = {p.stem: json.loads(p.read_text()) for p in sorted((rd / "eval").glob("*.json"))}
@@ -488,6 +490,7 @@ if __name__ == "__main__":
         sft = ev["sft"]["replies"] if s != "sft" and "sft" in ev else None
         if sft is not None:
             e["win_rate_vs_sft"] = win_vs(rows, e["replies"], sft)
+            e["vs_sft"] = versus_sft(e, ev["sft"]) if s in policies(after=1) else None
         e["by_language"] = per_language(rows, e, sft)
     led = json.loads((rd / "pipeline.json").read_text())
     rep = write_report(load_config(str(rd / "config.yaml")), rd, led, ev)
