@@ -98,3 +98,68 @@ def test_the_template_travels_with_the_tokenizer(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
         Tokenizer.load(tmp_path / "tokenizer.json")
+
+
+BOMBS = {"a literal folded when the template compiles": "{{ 'a' * 10**10 }}",
+         "loops nested past the iteration budget":
+             "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+             "{% for message in messages %}{{ message['content'] }}{% endfor %}"}
+
+
+def test_template_bombs_are_refused_at_load_with_a_clear_error():
+    """The review's two template bombs, each loaded in a child process under a 4 GB address-space limit.
+    Before: Jinja folded `'a' * 10**10` when the template compiled (`'a' * 10**9` took 19.9 s and 3.9 GB
+    to load here; under the 4 GB limit the fold fails quietly and every render then fails), and the
+    nested range(100000) loops loaded fine, then hung every chat request on the event loop. After: both
+    are refused when the tokenizer loads, in 0.01 s, by a ValueError naming the line and the limit."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    for what, src in BOMBS.items():
+        child = textwrap.dedent(f"""
+            import resource, sys, time
+            resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from test_chat_template import chat_tok
+            t = time.perf_counter()
+            try:
+                chat_tok({src!r})
+                print("loaded", round(time.perf_counter() - t, 2))
+            except BaseException as e:
+                print(type(e).__name__, round(time.perf_counter() - t, 2), str(e)[:300])
+        """)
+        p = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+        print(f"\n{what}: {p.stdout.strip() or p.stderr.strip()[-300:]}")
+        kind, seconds, *message = p.stdout.split(maxsplit=2)
+        assert kind == "TemplateBudgetError" and float(seconds) < 1.0, p.stdout + p.stderr[-1000:]
+        assert "refused at load: line 1" in message[0] and "the limit is" in message[0]
+
+
+def test_a_template_that_outgrows_its_limits_on_a_long_conversation_is_refused_in_time():
+    """A template whose work grows with the conversation loads (a 4-message trial render is within limits)
+    and then refuses a long conversation as a ValueError within its time limit, not a hang; so do output
+    bombs built at render time."""
+    import time
+
+    from chatfactory.text.chat_template import TemplateBudgetError
+
+    loops = ("{% for message in messages %}{% for i in range(100000) %}{% endfor %}{% endfor %}" + CHATML)
+    tok, _ = chat_tok(loops)
+    t = time.perf_counter()
+    with pytest.raises(TemplateBudgetError, match="loop iterations"):
+        tok.render_chat([{"role": "user", "content": "x"}] * 64)
+    assert time.perf_counter() - t < 3
+    doubling = ("{% set ns = namespace(x='ab') %}{% for m in messages %}{% for i in range(5) %}"
+                "{% set ns.x = ns.x ~ ns.x %}{% endfor %}{% endfor %}" + CHATML)
+    tok, _ = chat_tok(doubling)  # 4 messages: 2 MB, within the 4 MB a string may have
+    with pytest.raises(TemplateBudgetError, match="would build a string"):
+        tok.render_chat([{"role": "user", "content": "x"}] * 8)
+    for src in ("{{ 'a'.ljust(10**9) }}", "{{ 'a' | center(10**9) }}", "{{ '%0999999999d' % 1 }}",
+                "{{ ('x' * 1000000).replace('', 'yyyy') }}", "{{ 10 ** (10 ** 10) }}"):
+        with pytest.raises(TemplateBudgetError):
+            chat_tok(src + CHATML)
+    # an ordinary template is not slowed down past use, and still matches transformers
+    tok, t = chat_tok()
+    assert tok.render_chat(CONV)[0] == hf_ids(t, CHATML, CONV)
