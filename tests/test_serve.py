@@ -360,17 +360,17 @@ def test_disconnected_stream_frees_its_slot(server):
     """A client that hangs up mid-stream stops costing decode steps: its request is cancelled."""
     svc, url, client = server
     sched = svc.scheduler
-    seen, real_step, real_submit = [], sched.step, sched.submit
+    seen, real_step, real_submit = [], sched.step, sched.submit_all
 
     def slow_step():  # ~20 ms a step, so the answer cannot finish before the client leaves
         time.sleep(0.02)
         real_step()
 
-    def spy_submit(req):
-        seen.append(req)
-        return real_submit(req)
+    def spy_submit(reqs):  # a request's generations go in as one group
+        seen.extend(reqs)
+        return real_submit(reqs)
 
-    sched.step, sched.submit = slow_step, spy_submit
+    sched.step, sched.submit_all = slow_step, spy_submit
     try:
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -387,7 +387,7 @@ def test_disconnected_stream_frees_its_slot(server):
         assert seen[0].finished and seen[0].cancelled and len(seen[0].generated) < 100
         assert post(url, "/health", None)[1]["active"] == 0
     finally:
-        sched.step, sched.submit = real_step, real_submit
+        sched.step, sched.submit_all = real_step, real_submit
 
 
 def test_concurrent_clients_share_decode_steps(server):

@@ -114,13 +114,13 @@ def test_a_temperature_too_small_for_float32_is_greedy_and_fails_nothing(served,
     _, alone = post(url, "/v1/chat/completions", long)
     assert alone["usage"]["completion_tokens"] == 120  # greedy here runs its whole length
     sched = svc.scheduler
-    real_submit, busy = sched.submit, []
+    real_submit, busy = sched.submit_all, []
 
-    def spy_submit(req):
+    def spy_submit(reqs):  # a request's generations go in as one group
         busy.append(sched.active())  # requests decoding when this one arrives
-        return real_submit(req)
+        return real_submit(reqs)
 
-    sched.submit = spy_submit
+    sched.submit_all = spy_submit
     beside = {}
     t = threading.Thread(target=lambda: beside.update(r=post(url, "/v1/chat/completions", long)))
     try:
@@ -132,7 +132,7 @@ def test_a_temperature_too_small_for_float32_is_greedy_and_fails_nothing(served,
                                                           "top_p": 0.5, "n": 2})
         t.join(timeout=60)
     finally:
-        sched.submit = real_submit
+        sched.submit_all = real_submit
     assert status == 200, tiny
     greedy = alone["choices"][0]["message"]["content"]
     assert all(c["message"]["content"] and greedy.startswith(c["message"]["content"]) for c in tiny["choices"]), tiny

@@ -204,10 +204,15 @@ def cmd_seeds(a):
 
 
 def cmd_serve(a):
+    from .serve.limits import ServerLimits
     from .serve.server import serve
 
+    # a refused bind (off loopback without a key, --allow-origin * without one) or limit: a ValueError,
+    # which main() prints without a traceback (exit 2), before the model loads
+    limits = ServerLimits(max_waiting=a.max_queue, client_share=a.client_share, feedback_per_minute=a.feedback_rate,
+                          max_connections=a.max_connections)
     serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin,
-          quantize=a.quantize, max_memory=a.max_memory)
+          quantize=a.quantize, max_memory=a.max_memory, insecure_no_key=a.insecure_no_key, limits=limits)
 
 
 def cmd_feedback(a):
@@ -229,8 +234,19 @@ def _add_serve_parsers(sub):
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $CHATFACTORY_API_KEY, else none)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="another front end that may call the API from a browser, e.g. http://localhost:3000 "
-                        "(repeatable or comma-separated; * allows any); other origins and hosts get 403")
+                        "(repeatable or comma-separated; * allows any, and needs --api-key); other origins and "
+                        "hosts get 403")
+    p.add_argument("--insecure-no-key", action="store_true",
+                   help="serve an address other than loopback without --api-key: anyone who can reach it may use "
+                        "the model and write the feedback that trains the next one (refused otherwise)")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="generations (and prompts to score) waiting at most, all clients together; past it: 429")
+    p.add_argument("--client-share", type=float, default=0.5,
+                   help="the share of --max-queue one client (IP address) may hold; 1 behind a proxy (default 0.5)")
+    p.add_argument("--feedback-rate", type=float, default=60.0,
+                   help="feedback posts a minute per client (IP address); past it: 429 (default 60)")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections at most (default 512)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default auto: cuda if available)")
     _add_quantize_arg(p)
     p.set_defaults(fn=cmd_serve)

@@ -14,6 +14,18 @@ So a request joins the running batch at the next iteration and leaves as soon as
 client that disconnects calls ``cancel`` and its slot is free one iteration later. The scheduler
 runs in one background thread that owns the model; callbacks are called from that thread.
 
+Sharing between clients (each request names its ``client``): a group of requests is admitted whole
+or not at all (``submit_all``), and not when it would take the queue past ``max_waiting`` or its
+client past ``max_client_waiting`` (waiting and running together): ``QueueFull``, which says when to
+retry. A free slot goes to the waiting client with the fewest running rows; when none is free and a
+waiting client has fewer than its share (slots / clients), the newest row of the client furthest over
+its share goes back to the queue, keeping what it generated, and resumes later by prefilling its
+prompt and tokens (vLLM's preemption by recompute). Prompt scoring (``Request(score=True)``: the
+log-probability of each prompt token, what ``echo`` + ``logprobs`` ask) is queued, counted and
+cancelled like generation and runs here too, one prompt per iteration, its LM head a chunk of
+positions at a time, so that scoring cannot run beside the model's other work nor hold every
+position's logits at once.
+
     sched = Scheduler(model, slots=16)                      # starts its thread
     req = sched.submit(Request(prompt_ids, SamplingParams(max_tokens=50), emit=print))
     ...                                                     # emit(Step(token, logprob, top, finish))
@@ -47,6 +59,9 @@ class Step:
     logprob: float | None = None  # log-probability of ``token`` under the model (temperature 1)
     top: list[tuple[int, float]] | None = None  # the ``logprobs`` most likely ids and their log-probs
     finish: str | None = None
+    # a scoring request's answer (finish "scored"): log-prob of each prompt[i] given prompt[:i] (i >= 1),
+    # and the ``logprobs`` likeliest ids and their log-probs there
+    scored: tuple[list[float], list[list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -55,11 +70,14 @@ class Request:
     params: SamplingParams
     emit: Callable[[Step], None]
     logprobs: int | None = None  # report log-probs (and this many alternatives) per token
+    client: str = ""  # who asked: slots and queue places are shared fairly between clients
+    score: bool = False  # score the prompt (one Step with ``scored``) instead of generating
     # scheduler state
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
     slot: int = -1
+    admitted: int = 0  # the iteration it last took a slot (the newest row is preempted first)
     _gen: torch.Generator | None = None
     _scheduler: Scheduler | None = None  # set by submit: where a waiting request is withdrawn from
 
@@ -72,12 +90,18 @@ class Request:
 
 
 class QueueFull(RuntimeError):
-    """More requests are waiting than the scheduler accepts (the server answers 429)."""
+    """More requests are waiting than the scheduler accepts, in all or from one client (the server answers
+    429); ``retry_after``: seconds, a rough guess at when a place is free."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Scheduler:
     def __init__(self, model: GPT, slots: int = 16, max_waiting: int = 256, start: bool = True,
-                 vocab_limit: int | None = None, context: int | None = None):
+                 vocab_limit: int | None = None, context: int | None = None, max_client_waiting: int | None = None,
+                 score_chunk: int = 256):
         self.model = model.eval()
         # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
@@ -85,6 +109,11 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.slots = slots
         self.max_waiting = max_waiting
+        # one client's requests, waiting and running (default: as many as the whole queue)
+        self.max_client_waiting = max_client_waiting or max_waiting
+        self.score_chunk = score_chunk  # positions per LM-head call when scoring a prompt
+        self.preempted = 0  # rows sent back to the queue for another client's (for tests and stats)
+        self._scored: collections.Counter[str] = collections.Counter()  # prompts scored per client lately
         # a row per slot, each ``context`` positions (default the model's whole block): a model with a long
         # block (SmolLM2's 8192) serving short conversations needs a fraction of the memory
         self.context = min(context or self.cfg.block_size, self.cfg.block_size)
@@ -102,7 +131,46 @@ class Scheduler:
 
     # ---- the public side (any thread) ----
     def submit(self, req: Request) -> Request:
-        n, limit = len(req.prompt), self.context
+        self._check(req)
+        with self.cv:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests already waiting")
+            req._scheduler = self
+            self.waiting.append(req)
+            self.cv.notify()
+        return req
+
+    def submit_all(self, reqs: list[Request]) -> list[Request]:
+        """Queue every request of ``reqs`` (one client's: ``reqs[0].client``), or none: ValueError for a
+        bad one, QueueFull when the queue or the client's share of it has no room for them all."""
+        client = reqs[0].client if reqs else ""
+        with self.cv:  # (re-entrant: each goes through submit, under the same lock, so the group fits)
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            retry = max(1, min(60, len(self.waiting) // max(1, self.slots)))
+            if len(self.waiting) + len(reqs) > self.max_waiting:
+                room = max(0, self.max_waiting - len(self.waiting))
+                raise QueueFull(f"{len(self.waiting)} requests already waiting, room for {room} more, this asks for "
+                                f"{len(reqs)}", retry)
+            held = sum(r.client == client for r in self.waiting) + sum(r is not None and r.client == client
+                                                                       for r in self.rows)
+            if held + len(reqs) > self.max_client_waiting:
+                raise QueueFull(f"this client already has {held} generations queued or running and asks for "
+                                f"{len(reqs)} more; one client may hold {self.max_client_waiting}", retry)
+            done = []
+            try:
+                for req in reqs:
+                    done.append(self.submit(req))
+            except BaseException:  # none or all: those already queued would run for no reader
+                for r in done:
+                    r.cancel()
+                raise
+        return reqs
+
+    def _check(self, req: Request) -> None:
+        n, limit = len(req.prompt), (self.cfg.block_size + 1 if req.score else self.context)
         if n == 0:
             raise ValueError("a prompt needs at least one token")
         if n >= limit:
@@ -113,15 +181,6 @@ class Scheduler:
             if not -2**63 <= req.params.seed < 2**64:
                 raise ValueError(f"seed {req.params.seed!r} is outside the generator's range [-2**63, 2**64)")
             req._gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
-        with self.cv:
-            if self._closed:
-                raise RuntimeError("scheduler is closed")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests already waiting")
-            req._scheduler = self
-            self.waiting.append(req)
-            self.cv.notify()
-        return req
 
     def _withdraw(self, req: Request) -> None:
         with self.cv:
@@ -188,6 +247,7 @@ class Scheduler:
         for r in self.rows:  # disconnected clients leave before any work is spent on them
             if r is not None and r.cancelled:
                 self._finish(r, Step(None, finish="cancelled"))
+        self._preempt()
         logits: dict[int, torch.Tensor] = {}
         decoding = [r for r in self.rows if r is not None]
         if decoding:
@@ -195,26 +255,68 @@ class Scheduler:
         new = self._admit()
         if new:
             logits.update(self._prefill(new))
-        if not logits:
-            return
-        self.steps += 1
-        self.max_batch = max(self.max_batch, len(logits))
-        self._sample_and_emit(logits)
+        if logits:
+            self.steps += 1
+            self.max_batch = max(self.max_batch, len(logits))
+            self._sample_and_emit(logits)
+        self._score_one()
+
+    def _take(self, ranks: dict[str, int], scoring: bool) -> Request | None:
+        """Under the lock: out of the queue, the first request of the kind asked for whose client ranks lowest
+        (fewest running rows; for scoring, fewest prompts scored lately); cancelled ones are dropped."""
+        for r in [r for r in self.waiting if r.cancelled]:  # (a row cancelled as it was preempted)
+            self.waiting.remove(r)
+            r.finished = True
+            _safe_emit(r, Step(None, finish="cancelled"))
+        best = None
+        for i, r in enumerate(self.waiting):
+            if r.score == scoring and (best is None or ranks.get(r.client, 0) < best[1]):
+                best = (i, ranks.get(r.client, 0))
+        if best is None:
+            return None
+        req = self.waiting[best[0]]
+        del self.waiting[best[0]]
+        return req
+
+    def _running(self) -> collections.Counter[str]:
+        return collections.Counter(r.client for r in self.rows if r is not None)
 
     def _admit(self) -> list[Request]:
         new = []
         with self.cv:
             free = [s for s, r in enumerate(self.rows) if r is None]
-            while free and self.waiting:
-                req = self.waiting.popleft()
-                if req.cancelled:
-                    _safe_emit(req, Step(None, finish="cancelled"))
-                    req.finished = True
-                    continue
+            running = self._running()
+            while free:
+                req = self._take(running, scoring=False)
+                if req is None:
+                    break
                 req.slot = free.pop(0)  # lowest free slot: keeps the decoded range 0..n-1 short
+                req.admitted = self.steps
                 self.rows[req.slot] = req
+                running[req.client] += 1
                 new.append(req)
         return new
+
+    def _preempt(self) -> None:
+        """No free slot, and a client waits with fewer rows than its share: the newest row of the client
+        furthest over its share goes back to the front of the queue (it keeps its tokens)."""
+        with self.cv:
+            if all(r is not None for r in self.rows) and self.waiting:
+                running = self._running()
+                waiting = {r.client for r in self.waiting if not r.score and not r.cancelled}
+                share = max(1, self.slots // len(waiting | set(running)))
+                for client in waiting:
+                    over = max(running, key=running.get)
+                    if running[client] >= share or running[over] <= share:
+                        continue
+                    victim = max((r for r in self.rows if r is not None and r.client == over), key=lambda r: r.admitted)
+                    self.rows[victim.slot] = None
+                    self.cache.free(victim.slot)
+                    victim.slot = -1
+                    self.waiting.appendleft(victim)
+                    running[over] -= 1
+                    running[client] += 1  # its turn: _admit gives it the slot
+                    self.preempted += 1
 
     def _decode(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
         n = max(r.slot for r in reqs) + 1  # free slots below n ride along, masked, on key 0
@@ -229,13 +331,14 @@ class Scheduler:
         return {r.slot: out[r.slot, -1] for r in reqs}
 
     def _prefill(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
-        T = max(len(r.prompt) for r in reqs)
         # right padding: a causal mask alone keeps real tokens from seeing pads, and the pads' keys
         # (written past each row's length) are masked out at decode and later overwritten
-        idx = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
-        self.cache.prefill([r.slot for r in reqs], [len(r.prompt) for r in reqs])
+        seqs = [r.prompt + r.generated for r in reqs]  # a preempted row resumes with what it generated
+        T = max(len(x) for x in seqs)
+        idx = torch.tensor([x + [0] * (T - len(x)) for x in seqs], device=self.device)
+        self.cache.prefill([r.slot for r in reqs], [len(x) for x in seqs])
         hidden = self.model.hidden_states(idx, cache=self.cache, positions=torch.arange(T, device=self.device))
-        last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=self.device)
+        last = torch.tensor([len(x) - 1 for x in seqs], device=self.device)
         # the LM head on each row's last real position only, as the engine does: every position's
         # logits would be rows x T x vocab floats (gigabytes at a real vocabulary and context)
         picked = self.model.lm_head(hidden[torch.arange(len(reqs), device=self.device), last])
@@ -296,6 +399,41 @@ class Scheduler:
                 self._finish(r, Step(t, lp, top, finish))
             else:
                 _safe_emit(r, Step(t, lp, top))
+
+
+    def _score_one(self) -> None:
+        """Score one waiting prompt (the client with the fewest lately scored first): its log-probs a chunk
+        of positions at a time, so memory holds ``score_chunk`` x vocabulary floats, not the whole prompt's."""
+        with self.cv:
+            req = self._take(self._scored, scoring=True)
+            if req is None:
+                self._scored.clear()  # nobody waits: start the count again
+                return
+            self._scored[req.client] += 1
+        try:
+            scored = self._score(req)
+        except Exception as e:  # fails this prompt only
+            scored, finish = None, f"error: {type(e).__name__}: {e}"
+        else:
+            finish = "cancelled" if scored is None else "scored"
+        self._finish(req, Step(None, finish=finish, scored=scored))
+
+    def _score(self, req: Request):
+        x = torch.tensor([req.prompt], device=self.device)
+        hidden = self.model.hidden_states(x)[0, :-1]  # position i predicts prompt[i + 1]
+        target, vocab, chunk = x[0, 1:], self.vocab_limit or self.cfg.vocab_size, self.score_chunk
+        lps, tops = [], []
+        for a in range(0, hidden.size(0), chunk):
+            if req.cancelled:  # its client left: stop here
+                return None
+            logp = torch.log_softmax(self.model.lm_head(hidden[a:a + chunk])[:, :vocab].float(), -1)
+            lps += logp.gather(1, target[a:a + chunk, None])[:, 0].tolist()
+            if req.logprobs:
+                vals, idx = logp.topk(min(req.logprobs, vocab), -1)
+                tops += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            else:
+                tops += [[] for _ in range(logp.size(0))]
+        return lps, tops
 
 
 def _safe_emit(req: Request, step: Step) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -36,10 +37,11 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..inference.batching import QueueFull, Request
-from ..inference.sampling import SamplingParams
 from ..text.tokenizer import TextStream
-from .guard import client_gone, install_guards, read_body
+from .feedback import FeedbackFull
+from .generation import Scoring, events, finish_reason, start, usage
+from .guard import install_guards, read_body
+from .limits import RateLimiter, WorkerPool, client_of, request_budget
 from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_openapi, doc, file_doc
 from .protocol import (
     APIError,
@@ -68,23 +70,35 @@ from .service import Service
 
 # ---------------------------------------------------------------- the app
 
-def create_app(svc: Service, allow_origins=()):
+log = logging.getLogger("chatfactory.serve")
+
+
+def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
+    """The FastAPI app serving ``svc`` (its limits: ``svc.server_limits``); ``allow_origins`` and ``bind_host``
+    (the ``--host`` it serves, a name the Host header may use): serve/guard.py (``*`` needs an API key)."""
+    lim, slim = svc.limits, svc.server_limits
+    pool = WorkerPool(slim.tokenize_threads, slim.max_tokenizing)  # tokenizing: off the event loop
+    feedback_rate = RateLimiter(slim.feedback_per_minute, slim.feedback_burst)
+
     @asynccontextmanager
     async def lifespan(app):
         yield
+        pool.close()
         svc.close()
 
     app = FastAPI(title="chatfactory", description=API_DESCRIPTION, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", lifespan=lifespan)
-    lim = svc.limits
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(Exception)
-    async def _crash(request, e):  # a bug must still answer in the shape clients parse
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status_code=500)
+    async def _crash(request, e):  # a bug must still answer in the shape clients parse, without its insides
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error (reference %s) on %s %s", ref, request.method, request.url.path, exc_info=e)
+        return JSONResponse(APIError(500, f"internal error (reference {ref}; the server's log has the "
+                                          "details)").body(), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):  # unknown paths and methods: OpenAI-shaped too
@@ -104,11 +118,14 @@ def create_app(svc: Service, allow_origins=()):
 
     async def read_json(request) -> dict:
         """The body as a JSON object, read under the size limit; a model other than this one is a 404."""
-        raw = await read_body(request, lim.max_body_bytes)  # 413 as soon as a streamed body passes the limit
+        # 413 as soon as a streamed body passes the limit; 408 when it takes longer than body_timeout
+        raw = await read_body(request, lim.max_body_bytes, slim.body_timeout)
         try:
-            body = json.loads(raw)
+            body = await pool.run(json.loads, raw)  # (a large body's parse, off the event loop too)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the JSON body must be an object", code="invalid_json")
         model = body.get("model")
@@ -117,71 +134,27 @@ def create_app(svc: Service, allow_origins=()):
                            "model_not_found")
         return body
 
-    def submit(prompt: list[int], params: SamplingParams, choice: Choice, queue: asyncio.Queue, logprobs=None):
-        loop = asyncio.get_running_loop()
-        req = Request(prompt, params, emit=lambda st: loop.call_soon_threadsafe(queue.put_nowait, (choice, st)),
-                      logprobs=logprobs)
-        choice.req = req
+    def fits(what: str, texts, param: str) -> None:
+        """400 before tokenizing a prompt that cannot fit the context whatever its tokens (svc.max_prompt_chars)."""
+        chars = sum(len(t) for t in texts)
+        if chars > svc.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {svc.block_size} tokens; {what} has {chars} "
+                                f"characters, more than {svc.max_prompt_chars} (no {svc.block_size} tokens spell "
+                                "that many)", param, "context_length_exceeded")
+
+    async def render_chat(msgs: list[dict], generation_prompt: bool = True) -> list[int]:
         try:
-            svc.scheduler.submit(req)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy ({e}); retry later", code="server_busy") from None
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from None
+            if generation_prompt:
+                return await pool.run(svc.tok.chat_prompt, msgs)
+            return (await pool.run(svc.tok.render_chat, msgs))[0]
+        except ValueError as e:  # the chat template refused the conversation, or went past its limits
+            raise APIError(400, str(e), "messages", "invalid_value") from None
 
-    def start(prompts: list[list[int]], s: dict, max_tokens: int, logprobs=None) -> tuple[list[Choice], asyncio.Queue]:
-        """Submit n samples of each prompt -> the choices (index = prompt * n + sample) and their queue."""
-        queue: asyncio.Queue = asyncio.Queue()
-        choices = []
-        try:
-            for _pi, prompt in enumerate(prompts):
-                for j in range(s["n"]):
-                    c = Choice(len(choices), svc.tok, s["stop"], svc.stop_ids)
-                    choices.append(c)
-                    seed = None if s["seed"] is None else s["seed"] + j  # n samples must differ
-                    p = SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_k=s["top_k"],
-                                       top_p=s["top_p"], repetition_penalty=s["repetition_penalty"], seed=seed,
-                                       stop_ids=svc.stop_ids)
-                    submit(prompt, p, c, queue, logprobs)
-        except BaseException:  # any failure: siblings already started would generate for no reader
-            cancel(choices)
-            raise
-        return choices, queue
-
-    def cancel(choices):
-        for c in choices:
-            if c.req is not None and not c.req.finished:
-                c.req.cancel()
-
-    async def events(choices, queue, request=None):
-        """(choice, new text) as tokens arrive until every choice has finished; cancels the requests when left
-        early. The hang-up is watched alongside the tokens: waiting for a slot sends nothing to fail."""
-        gone = asyncio.ensure_future(client_gone(request)) if request is not None else asyncio.Future()
-        try:
-            while any(c.finish is None for c in choices):
-                get = asyncio.ensure_future(queue.get())
-                await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
-                if gone.done():
-                    get.cancel()
-                    return
-                c, st = get.result()
-                if c.finish is not None:
-                    continue  # late Steps of an answer already cut by a stop string
-                text = c.feed(st)
-                if c.finish and c.finish.startswith("error"):
-                    raise APIError(500, f"generation failed: {c.finish}", code="engine_error")
-                yield c, text, st
-        finally:
-            gone.cancel()
-            cancel(choices)
-
-    def usage(prompts, choices) -> dict:
-        p = sum(len(x) for x in prompts)
-        c = sum(len(ch.tokens) for ch in choices)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def finish_reason(c: Choice) -> str:
-        return c.finish if c.finish in ("stop", "length") else "abort"
+    def budget(req, prompts: int, n: int, max_tokens: int, scored: int = 0) -> int:
+        explicit = req.max_tokens is not None or req.max_completion_tokens is not None
+        sched = svc.scheduler  # (a stand-in scheduler may not say: the defaults)
+        return request_budget(slim, getattr(sched, "slots", 16), getattr(sched, "context", svc.block_size), prompts,
+                              n, max_tokens, explicit, scored)
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -193,8 +166,8 @@ def create_app(svc: Service, allow_origins=()):
     # ---- routes ----
     def post(path: str, summary: str, body: str, answer, stream_chunk=None):
         """A POST route documented with its JSON body (a schema named in openapi.py), its answer and its
-        errors; a generating route (one that streams ``stream_chunk`` events) may also answer 429 and 500."""
-        errors = POST_ERRORS + ((429, 500) if stream_chunk is not None else ())
+        errors; a generating route (one that streams ``stream_chunk`` events) may also answer 500."""
+        errors = POST_ERRORS + ((500,) if stream_chunk is not None else ())
         return app.post(path, summary=summary, responses=doc(answer, *errors, stream=stream_chunk),
                         openapi_extra=body_doc(body))
 
@@ -226,13 +199,14 @@ def create_app(svc: Service, allow_origins=()):
     @post("/v1/chat/completions", "a chat completion (stream: true for server-sent events)", "ChatCompletionRequest",
           ChatCompletion, ChatCompletionChunk)
     async def chat_completions(request: HTTPRequest):
-        req = parse_body(ChatCompletionRequest, await read_json(request))
+        req = await pool.run(parse_body, ChatCompletionRequest, await read_json(request))
         s = req.sampling()
         want_lp, top_lp = bool(req.logprobs), req.top_logprobs or 0
         include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
-        prompt = svc.tok.chat_prompt(messages(req.messages))
-        max_tokens = req.max_tokens_for(len(prompt), svc.block_size, None)
-        choices, queue = start([prompt], s, max_tokens, logprobs=top_lp if want_lp else None)
+        fits("the conversation", (m.text for m in req.messages), "messages")
+        prompt = await render_chat(messages(req.messages))
+        max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), svc.block_size, None))
+        choices, _, queue = start(svc, [prompt], s, max_tokens, top_lp if want_lp else None, client=client_of(request))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name}
 
@@ -323,25 +297,31 @@ def create_app(svc: Service, allow_origins=()):
     @post("/v1/completions", "a text completion; with echo and logprobs it scores the prompt", "CompletionRequest",
           Completion, CompletionChunk)
     async def completions(request: HTTPRequest):
-        req = parse_body(CompletionRequest, await read_json(request))
+        req = await pool.run(parse_body, CompletionRequest, await read_json(request))
         s = req.sampling()
         echo, logprobs = bool(req.echo), req.logprobs
-        prompts = completion_prompts(req.prompts())
+        for i, p in enumerate(req.prompts()):
+            if isinstance(p, str):
+                fits(f"prompt[{i}]", [p], "prompt")
+        prompts = await pool.run(completion_prompts, req.prompts())
         longest = max(len(ids) for ids, _ in prompts)
         max_tokens = req.max_tokens_for(longest, svc.block_size, 16)
         if s["stream"] and (echo or logprobs is not None):
             raise APIError(400, "'echo' and 'logprobs' are supported without 'stream' only", "stream", "invalid_value")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         feed = [ids for ids, _ in prompts]
-
-        if max_tokens > 0:
-            choices, queue = start(feed, s, max_tokens, logprobs=logprobs)
-        else:
+        scoring = echo and logprobs is not None  # prompt log-probs: one forward per prompt, in the scheduler
+        max_tokens = budget(req, len(feed), s["n"], max_tokens, len(feed) if scoring else 0)
+        scorings: list[Scoring] = []
+        queue = None
+        if max_tokens > 0 or scoring:
+            choices, scorings, queue = start(svc, feed if max_tokens > 0 else [], s, max_tokens, logprobs,
+                                             feed if scoring else [], client_of(request))
+        if max_tokens == 0:
             choices = [Choice(i * s["n"] + j, svc.tok, [], svc.stop_ids)
                        for i in range(len(feed)) for j in range(s["n"])]
             for c in choices:
                 c.finish = "length"
-            queue = None
 
         if s["stream"]:
             head = {"id": rid, "object": "text_completion", "created": created, "model": svc.name}
@@ -367,38 +347,40 @@ def create_app(svc: Service, allow_origins=()):
             return stream_response(gen())
 
         if queue is not None:
-            async for _ in events(choices, queue, request):
+            parts = [c for c in choices if c.finish is None] + scorings
+            async for _ in events(parts, queue, request):
                 pass
-            if any(c.finish is None for c in choices):
+            if any(c.finish is None for c in parts):
                 return JSONResponse({}, status_code=499)
-        scored = {}
-        if echo and logprobs is not None:  # prompt log-probs: one forward pass per distinct prompt
-            for i, (ids, _skip) in enumerate(prompts):
-                scored[i] = await asyncio.to_thread(svc.score, ids, logprobs)
-        out = []
-        for c in choices:
-            pi = c.index // s["n"]
-            ids, skip = prompts[pi]
-            shown = ids[skip:]
-            prompt_text = svc.tok.decode(shown) if echo else ""
-            text = prompt_text + c.detok.text
-            lp = None
-            if logprobs is not None:
-                gen_ids = [t for t, _, _ in c.logprobs]
-                gen_lps = [v for _, v, _ in c.logprobs]
-                gen_tops = [a or [] for _, _, a in c.logprobs]
-                if echo:
-                    # scored[k] is the log-prob of ids[k+1]; the first shown token gets null (OpenAI's
-                    # format), even when a hidden <|bos|> before it makes it computable
-                    plps, ptops = scored[pi]
-                    p_l = [None] + (plps[1:] if skip else plps)
-                    p_t = [None] + (ptops[1:] if skip else ptops)
-                    lp = legacy_logprobs(shown + gen_ids, p_l + gen_lps, p_t + gen_tops, 0)
-                else:
-                    lp = legacy_logprobs(gen_ids, gen_lps, gen_tops, len(prompt_text))
-            out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish_reason(c)})
-        return {"id": rid, "object": "text_completion", "created": created, "model": svc.name, "choices": out,
-                "usage": usage(feed, choices)}
+        scored = {sc.index: sc.result for sc in scorings}
+
+        def answer() -> JSONResponse:  # every token decoded and serialized: off the event loop too
+            out = []
+            for c in choices:
+                pi = c.index // s["n"]
+                ids, skip = prompts[pi]
+                shown = ids[skip:]
+                prompt_text = svc.tok.decode(shown) if echo else ""
+                text = prompt_text + c.detok.text
+                lp = None
+                if logprobs is not None:
+                    gen_ids = [t for t, _, _ in c.logprobs]
+                    gen_lps = [v for _, v, _ in c.logprobs]
+                    gen_tops = [a or [] for _, _, a in c.logprobs]
+                    if echo:
+                        # scored[k] is the log-prob of ids[k+1]; the first shown token gets null (OpenAI's
+                        # format), even when a hidden <|bos|> before it makes it computable
+                        plps, ptops = scored[pi]
+                        p_l = [None] + (plps[1:] if skip else plps)
+                        p_t = [None] + (ptops[1:] if skip else ptops)
+                        lp = legacy_logprobs(shown + gen_ids, p_l + gen_lps, p_t + gen_tops, 0)
+                    else:
+                        lp = legacy_logprobs(gen_ids, gen_lps, gen_tops, len(prompt_text))
+                out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish_reason(c)})
+            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+                                 "choices": out, "usage": usage(feed, choices)})
+
+        return await pool.run(answer, admitted=True)
 
     # ---- tokenizer endpoints, as vLLM serves them: lm-eval's local-completions finds them by itself
     # and then needs no tokenizer files of its own ("remote" tokenizer backend). Text is tokenized as
@@ -412,19 +394,18 @@ def create_app(svc: Service, allow_origins=()):
     @post("/tokenize", "text, or a conversation rendered by the chat template, to token ids", "TokenizeRequest",
           TokenizeResponse)
     async def tokenize(request: HTTPRequest):
-        req = parse_tokenize(await read_json(request))
+        req = await pool.run(parse_tokenize, await read_json(request))
         if isinstance(req, TokenizeChat):
-            msgs = messages(req.messages)
-            ids = svc.tok.chat_prompt(msgs) if req.add_generation_prompt is not False else svc.tok.render_chat(msgs)[0]
+            ids = await render_chat(messages(req.messages), req.add_generation_prompt is not False)
         else:
-            ids = svc.tok.hf.encode(req.prompt, add_special_tokens=False).ids
+            ids = (await pool.run(lambda p: svc.tok.hf.encode(p, add_special_tokens=False), req.prompt)).ids
             if req.add_special_tokens is not False and svc.tok.add_bos:
                 ids = [svc.tok.bos_id] + ids
         return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
 
     @post("/detokenize", "token ids to text", "DetokenizeRequest", DetokenizeResponse)
     async def detokenize(request: HTTPRequest):
-        ids = parse_body(DetokenizeRequest, await read_json(request)).tokens
+        ids = (await pool.run(parse_body, DetokenizeRequest, await read_json(request))).tokens
         if any(not 0 <= t < svc.tok.vocab_size for t in ids):
             raise APIError(400, "'tokens' holds an id outside the vocabulary", "tokens", "invalid_value")
         return {"prompt": svc.tok.decode(ids)}
@@ -436,8 +417,15 @@ def create_app(svc: Service, allow_origins=()):
         if svc.feedback is None:
             raise APIError(404, "this server keeps no feedback store", code="feedback_disabled")
         item = parse_feedback(body).model_dump(exclude={"model"})
+        wait = feedback_rate.take(client_of(request))
+        if wait:
+            raise APIError(429, f"too much feedback from this client: at most {slim.feedback_per_minute:g} a minute "
+                                f"(bursts of {slim.feedback_burst}); retry later", code="rate_limited",
+                           retry_after=wait)
         try:
             fid = await asyncio.to_thread(svc.feedback.add, item, svc.name, svc.stage)
+        except FeedbackFull as e:
+            raise APIError(400, str(e), "messages", "feedback_limit") from None
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
         return {"id": fid, "object": "feedback"}
@@ -458,7 +446,8 @@ def create_app(svc: Service, allow_origins=()):
             raise APIError(404, f"no static file {name!r}")
         return FileResponse(path, headers={"Content-Security-Policy": csp})
 
-    install_guards(app, allow_origins)  # outermost: foreign pages and non-JSON writes are refused first
+    # outermost: foreign pages and non-JSON writes are refused first
+    install_guards(app, allow_origins, bind_host, svc.api_key)
 
     def openapi():
         if app.openapi_schema is None:

@@ -7,27 +7,55 @@ DNS-rebinding page may even talk to the server as if it were same-origin. So:
 
 * a POST must say ``Content-Type: application/json`` (415 otherwise): a cross-site page can only send
   that after a CORS preflight, which this server does not grant to foreign origins;
-* a connection that arrives on a loopback address must name a loopback host (``Host: localhost``,
-  ``127.0.0.1``, ``[::1]``) or an allowed one: a rebinding page sends its own domain as the Host;
+* every request must name this server as its ``Host``: a loopback name (``localhost``, ``127.0.0.1``,
+  ``[::1]``), the address the connection arrived on (``192.168.1.5`` on a LAN), the ``--host`` it was
+  bound to, or a host of an allowed origin; a DNS-rebinding page sends its own domain. This holds on
+  every listener, ``0.0.0.0`` and ``::`` included (an IPv4-mapped ``::ffff:127.0.0.1`` is ``127.0.0.1``);
 * an ``Origin`` header (browsers send it on cross-origin requests and on same-origin POSTs) must be
   the server's own (the origin of the request's Host) or an allowed one;
 * a body may be at most ``max_body_bytes``, counted while it streams in (a chunked body has no
-  Content-Length to check up front), so an oversized upload is refused without being read whole;
+  Content-Length to check up front), so an oversized upload is refused without being read whole, and
+  must arrive within ``body_timeout`` seconds (408);
 * a client's hang-up is watched for while its answer is generated (``client_gone``), so a request
   that is still queued, or whose sends have not failed yet, is cancelled at once.
 
 Other front ends (a chat app at another origin, a reverse proxy with its own host name) are let in
-with ``--allow-origin URL`` (repeatable or comma-separated; ``*`` turns the origin and host checks off).
+with ``--allow-origin URL`` (repeatable or comma-separated). ``*`` turns the origin and host checks off,
+so it is refused without an API key (the key is then what keeps foreign pages out). Binding an address
+other than loopback needs an API key too, or ``--insecure-no-key`` (``check_bind``): without one, anyone
+who can reach the address can use the model and write the feedback that trains the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from urllib.parse import urlsplit
 
 from .protocol import APIError
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _ip(addr: str | None):
+    """``addr`` as an IP address (an IPv4-mapped IPv6 one as its IPv4 address), or None for a name."""
+    try:
+        ip = ipaddress.ip_address((addr or "").strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def check_bind(host: str, api_key: str | None, insecure_no_key: bool = False, allow_origins=()) -> None:
+    """Refuse (ValueError, saying what to do) to serve ``host`` off loopback without an API key unless
+    ``insecure_no_key``, and ``--allow-origin *`` without one at all."""
+    if "*" in parse_allowed(allow_origins) and not api_key:
+        raise ValueError("--allow-origin * lets any web page call this server, so it needs --api-key KEY (or "
+                         "$CHATFACTORY_API_KEY); or name the front ends: --allow-origin http://host:port")
+    if not _is_loopback(host) and host != "localhost" and not api_key and not insecure_no_key:
+        raise ValueError(f"serving on {host} without --api-key: anyone who can reach that address could use the "
+                         "model and write the feedback that trains the next one. Set --api-key KEY (or "
+                         "$CHATFACTORY_API_KEY), or pass --insecure-no-key to open it anyway")
 
 
 def parse_allowed(values) -> set[str]:
@@ -57,13 +85,22 @@ def _origin(url: str) -> str:
 
 
 def _is_loopback(addr: str | None) -> bool:
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except (TypeError, ValueError):
+    ip = _ip(addr)
+    return ip is not None and ip.is_loopback
+
+
+def host_is_ours(name: str | None, local: str | None, names: set[str]) -> bool:
+    """Whether a Host header's name is this server's: a loopback name or address, one of ``names`` (the
+    bound host, allowed origins' hosts), or the address ``local`` the connection arrived on."""
+    if not name:
         return False
+    if name in names or name == "localhost":
+        return True
+    ip = _ip(name)
+    return ip is not None and (ip.is_loopback or ip == _ip(local) or any(ip == _ip(n) for n in names))
 
 
-def check_request(request, allowed: set[str]) -> None:
+def check_request(request, allowed: set[str], bind_host: str | None = None) -> None:
     """Refuse (APIError 403/415) a request that a foreign page may have sent; see the module docstring."""
     headers = request.headers
     if "*" not in allowed:
@@ -72,11 +109,9 @@ def check_request(request, allowed: set[str]) -> None:
             host_name = urlsplit(f"//{host}").hostname or ""
         except ValueError:  # an unclosed IPv6 bracket and the like: no name this server answers to
             host_name = None
-        allowed_hosts = LOOPBACK_NAMES | {urlsplit(o).hostname for o in allowed}
+        names = LOOPBACK_NAMES | {urlsplit(o).hostname for o in allowed} | ({bind_host.lower()} if bind_host else set())
         local = (request.scope.get("server") or (None,))[0]
-        # only a loopback listener knows all its own names; a server on another address is reachable by
-        # names it cannot list (and is told to use --api-key)
-        if _is_loopback(local) and host_name not in allowed_hosts:
+        if not host_is_ours(host_name, local, names):
             raise APIError(403, f"Host {host!r} is not this server's (a DNS-rebinding page?); "
                                 "allow it with --allow-origin", code="forbidden_host")
         origin = headers.get("origin")
@@ -99,17 +134,19 @@ def check_request(request, allowed: set[str]) -> None:
                            code="unsupported_media_type")
 
 
-def install_guards(app, allow_origins=()) -> None:
-    """Check every request (``check_request``) before anything else runs; CORS for allowed front ends."""
+def install_guards(app, allow_origins=(), bind_host: str | None = None, api_key: str | None = None) -> None:
+    """Check every request (``check_request``) before anything else runs; CORS for allowed front ends.
+    ``*`` without ``api_key``: ValueError (``check_bind``)."""
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse
 
     allowed = parse_allowed(allow_origins)
+    check_bind("127.0.0.1", api_key, allow_origins=allowed)
 
     @app.middleware("http")
     async def _guard(request, call_next):
         try:
-            check_request(request, allowed)
+            check_request(request, allowed, bind_host)
         except APIError as e:  # raised in a middleware, so the app's exception handlers never see it
             return JSONResponse(e.body(), status_code=e.status)
         return await call_next(request)
@@ -126,16 +163,24 @@ async def client_gone(request) -> None:
         pass
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
+async def read_body(request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed), and
+    with 408 when it has not all arrived within ``timeout`` seconds (a client trickling it in)."""
     size = request.headers.get("content-length")
     if size and size.isdigit() and int(size) > limit:
         raise APIError(413, f"request body of {size} bytes is over the {limit}-byte limit", code="body_too_large")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:  # stop reading here: the rest of a huge (chunked) upload never lands in memory
-            raise APIError(413, f"request body is over the {limit}-byte limit ({total} bytes "
-                                "arrived before reading stopped)", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:  # stop reading here: the rest of a huge (chunked) upload never lands in memory
+                raise APIError(413, f"request body is over the {limit}-byte limit ({total} bytes "
+                                    "arrived before reading stopped)", code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None

@@ -31,15 +31,17 @@ API_DESCRIPTION = ("An OpenAI-compatible API for one chatfactory model, its toke
 ERRORS = {
     400: "a bad request: error.param names the field, error.code says what is wrong",
     401: "the server runs with --api-key and the request lacks 'Authorization: Bearer KEY' (or has a wrong one)",
-    403: "a foreign page: an Origin or (on a loopback address) a Host that is not this server's nor allowed "
-         "with --allow-origin",
+    403: "a foreign page: an Origin or a Host that is not this server's nor allowed with --allow-origin",
     404: "the body names another model (code model_not_found), or feedback is off (feedback_disabled)",
+    408: "the body did not arrive within the server's body deadline (code request_timeout)",
     413: "the body is over the size limit (counted while it streams in)",
     415: "a POST whose Content-Type is not application/json",
-    429: "the queue of requests waiting for a batch slot is full: retry later",
-    500: "generation failed (code engine_error)",
+    429: "busy: the queue, or this client's share of it, is full (server_busy), or this client sent too much "
+         "feedback (rate_limited); Retry-After says when to try again",
+    500: "generation failed (code engine_error); the message names a reference in the server's log, no more",
 }
-POST_ERRORS = (400, 401, 403, 404, 413, 415)
+POST_ERRORS = (400, 401, 403, 404, 408, 413, 415, 429)
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 # what each request body is, by its schema's name in components/schemas
 REQUEST_BODIES = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest,
                   "FeedbackRequest": FeedbackRequest, "TokenizeRequest": TokenizeRequest,
@@ -56,7 +58,8 @@ def doc(model, *errors: int, stream=None) -> dict:
     ok: dict = {"model": model, "description": "OK"}
     if stream is not None:
         ok["content"] = {"text/event-stream": {"schema": sse_event(stream.__name__)}}
-    return {200: ok, **{c: {"model": ErrorResponse, "description": ERRORS[c]} for c in errors}}
+    return {200: ok, **{c: {"model": ErrorResponse, "description": ERRORS[c], **({"headers": RETRY_AFTER} if c == 429
+                                                                              else {})} for c in errors}}
 
 
 def sse_event(chunk: str) -> dict:

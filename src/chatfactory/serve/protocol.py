@@ -9,6 +9,7 @@ answers). No HTTP and no model here: ``api.py`` wires these to FastAPI and the s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -48,9 +49,15 @@ LIMITS = Limits()  # what the request models below check: the OpenAPI schema sho
 class APIError(Exception):
     """Becomes OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | float | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after  # a 429's Retry-After (seconds)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
@@ -272,21 +279,22 @@ class DetokenizeRequest(Body):
 
 class FeedbackTurn(BaseModel):
     role: Literal[ROLES]
-    content: SStr
+    content: Text
 
 
 class LaterFeedbackTurn(FeedbackTurn):
     role: Literal["user", "assistant"]
 
 
-FeedbackConversation = Annotated[list[FeedbackTurn], Field(min_length=1), AfterValidator(_system_first)]
+FeedbackConversation = Annotated[list[FeedbackTurn], Field(min_length=1, max_length=LIMITS.max_messages),
+                                 AfterValidator(_system_first)]
 
 
 class RatingFeedback(Body):
     """Thumbs up (1) or down (-1) on one answer to ``messages``."""
     kind: Literal["rating"]
     messages: FeedbackConversation = Field(description="the conversation the answer replies to (it ends before it)")
-    answer: SStr
+    answer: Text
     rating: int_choice(1, -1)
 
 
@@ -294,7 +302,7 @@ class ComparisonFeedback(Body):
     """Two answers to ``messages`` side by side; ``preferred`` is the index of the better one."""
     kind: Literal["comparison"]
     messages: FeedbackConversation = Field(description="the conversation the answers reply to (it ends before them)")
-    answers: Annotated[list[SStr], Field(min_length=2, max_length=2)]
+    answers: Annotated[list[Text], Field(min_length=2, max_length=2)]
     preferred: int_choice(0, 1)
 
 

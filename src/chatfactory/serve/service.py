@@ -1,5 +1,6 @@
 """What the HTTP endpoints serve: one model, its tokenizer, the continuous-batching scheduler that owns
-the model, the feedback store, and the server's limits. ``load_service`` builds one from a run directory."""
+the model (generation and prompt scoring both run there), the feedback store, and the server's limits
+(``limits.ServerLimits``). ``load_service`` builds one from a run directory."""
 
 from __future__ import annotations
 
@@ -13,21 +14,33 @@ from ..model.offload import memory_mode
 from ..text.tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
 from .feedback import FeedbackStore
+from .limits import ServerLimits
 from .protocol import LIMITS
 
 
 class Service:
-    """What the endpoints need: the tokenizer, the scheduler (which owns the model), names, limits."""
+    """What the endpoints need: the tokenizer, the scheduler (which owns the model), names, limits
+    (``limits``: the request shapes protocol.py checks; ``server_limits``: what one client may cost)."""
 
     def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
-                 api_key: str | None = None, slots: int = 16, scheduler=None):
+                 api_key: str | None = None, slots: int = 16, scheduler=None,
+                 server_limits: ServerLimits | None = None):
+        server_limits = server_limits or ServerLimits()
         self.model, self.tok, self.name, self.stage = model, tok, name, stage
         self.block_size = model.cfg.block_size
+        self.server_limits = server_limits
         self.scheduler = (scheduler if scheduler is not None
-                          else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size))
-        self.feedback = FeedbackStore(feedback_path) if feedback_path else None
+                          else Scheduler(model, slots=slots, vocab_limit=tok.vocab_size,
+                                         max_waiting=server_limits.max_waiting,
+                                         max_client_waiting=server_limits.max_client_waiting))
+        self.feedback = (FeedbackStore(feedback_path, server_limits.feedback_rows_per_conversation,
+                                       server_limits.feedback_pairs_per_conversation) if feedback_path else None)
         self.api_key = api_key or None
         self.limits = LIMITS
+        # past this many characters a prompt cannot fit the context, whatever its tokens: no token spells
+        # more bytes than the longest one (and a character is at least a byte). Checked before tokenizing
+        self.max_prompt_chars = server_limits.max_prompt_chars or self.block_size * max(
+            (len(b) for b in tok.token_bytes), default=1)
         self.created = int(time.time())
         self.precision = precision_of(model)
         # what /v1/models says of where the weights live: {"memory": "resident"}, or with --max-memory
@@ -39,22 +52,10 @@ class Service:
     def close(self) -> None:
         self.scheduler.close()
 
-    @torch.no_grad()
-    def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """Log-probability of each ids[i] given ids[:i] (i >= 1), and the ``top`` likeliest ids there."""
-        x = torch.tensor([ids], device=next(self.model.parameters()).device)
-        logp = torch.log_softmax(self.model(x)[0, :-1, : self.tok.vocab_size].float(), -1)  # as sampling does
-        target = x[0, 1:]
-        lps = logp.gather(1, target[:, None])[:, 0].tolist()
-        tops = [[]] * len(lps)
-        if top > 0:
-            vals, idx = logp.topk(min(top, logp.size(-1)), -1)
-            tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-        return lps, tops
-
 
 def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
-                 device: str = "cpu", quantize: str | None = None, max_memory: int | str | None = None) -> Service:
+                 device: str = "cpu", quantize: str | None = None, max_memory: int | str | None = None,
+                 server_limits: ServerLimits | None = None) -> Service:
     """The Service of ``run_dir``'s ``stage`` (default: the last trained); the model loads as ``load_model``
     does for inference (a quantized stage as it is; ``quantize``, ``max_memory``)."""
     from ..store.checkpoint import latest_stage
@@ -69,7 +70,8 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{run_dir}/tokenizer.json has {tok.vocab_size} tokens but the {stage} model only "
                          f"{model.cfg.vocab_size}")
-    return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots)
+    return Service(model, tok, f"{run_dir.name}/{stage}", stage, run_dir / FEEDBACK_FILE, api_key, slots,
+                   server_limits=server_limits)
 
 
 def precision_of(model) -> str:

@@ -358,11 +358,18 @@ $("settings-toggle").addEventListener("click", () => {
 
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
 
-// settings survive a reload (this browser only)
-for (const id of ["system", "temperature", "apikey"]) {
+// settings survive a reload (this browser only); the API key only in this tab, until it closes
+// (sessionStorage), never on disk for good; a key an older page left in localStorage is removed
+localStorage.removeItem("chatfactory.apikey");
+for (const id of ["system", "temperature"]) {
   const saved = localStorage.getItem("chatfactory." + id);
   if (saved !== null) $(id).value = saved;
-  $(id).addEventListener("change", () => { localStorage.setItem("chatfactory." + id, $(id).value); if (id === "apikey") loadModel(); });
+  $(id).addEventListener("change", () => localStorage.setItem("chatfactory." + id, $(id).value));
+}
+{
+  const saved = sessionStorage.getItem("chatfactory.apikey");
+  if (saved !== null) $("apikey").value = saved;
+  $("apikey").addEventListener("change", () => { sessionStorage.setItem("chatfactory.apikey", $("apikey").value); loadModel(); });
 }
 $("compare").checked = localStorage.getItem("chatfactory.compare") === "1";
 $("compare").addEventListener("change", () => localStorage.setItem("chatfactory.compare", $("compare").checked ? "1" : "0"));
