@@ -17,7 +17,14 @@ is padded past the tokenizer's, as an imported model's often is; no download), s
    time, at least 10 s) - 1. Afterwards /health must show no slot, queue place or KV-cache position
    still held. Time to first token (first content delta) p50/p95.
 3. Feedback: --fb-threads threads x --fb-posts concurrent POST /v1/feedback; exactly threads x posts
-   rows with this run's marker must be in the SQLite file.
+   rows with this run's marker must be in the SQLite file (the server runs with --feedback-rate high
+   enough for the burst: its per-client rate limit is tested in tests/test_serve_hardening_feedback.py).
+4. Headers (issue 24): at least --header-cases raw requests whose Host, Origin, Content-Type,
+   Authorization, Content-Length, Transfer-Encoding, method and body are drawn from odd, broken, huge and
+   hostile values; no answer may be a 5xx, nor may a connection fail before the server answered or closed.
+5. --api-key mode: a second server started with a key; the schema fuzzing of 1. again (--keyed-cases,
+   with the key on every request) and the header fuzzing of 4. (half the requests with the right key):
+   0 x 5xx, and a request without the key gets 401.
 
 The last line is the RESULT line, with this host's measured fp32 matmul peak (GFLOP/s) for scale.
 
@@ -45,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -59,8 +67,8 @@ STREAMING = ("POST /v1/chat/completions", "POST /v1/completions")  # operations 
 PROMPTS = ["Tell me about Python lists.", "What does the with statement do?", "Explain generators, briefly.",
            "How do I read a file?", "What is a decorator?", "Say something about dictionaries."]
 # --quick: a few fuzz cases per operation, a 5-second soak (shorter than the warm-up: RSS growth is measured
-# from the first sample), a small feedback burst
-QUICK = dict(fuzz_cases=20, soak_minutes=0.08, clients=4, fb_threads=2, fb_posts=5)
+# from the first sample), a small feedback burst, a few header cases, a few keyed fuzz cases
+QUICK = dict(fuzz_cases=20, soak_minutes=0.08, clients=4, fb_threads=2, fb_posts=5, header_cases=40, keyed_cases=20)
 
 
 # ---------------------------------------------------------------- the server under test
@@ -86,19 +94,20 @@ class Server:
     """`chatfactory serve` in a subprocess on 127.0.0.1 (its output goes to a log file, never a pipe
     that could fill up and stall it)."""
 
-    def __init__(self, run: Path, slots: int):
+    def __init__(self, run: Path, slots: int, api_key: str = ""):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = run / "server.log"
+        self.api_key = api_key
+        self.log_path = run / ("server-keyed.log" if api_key else "server.log")
         self.cmd = [sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--port", str(self.port),
-                    "--slots", str(slots), "--device", "cpu"]
+                    "--slots", str(slots), "--device", "cpu", "--feedback-rate", "1000000"]
 
     def __enter__(self) -> Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "CHATFACTORY_API_KEY": ""})
+                                     env={**os.environ, "CHATFACTORY_API_KEY": self.api_key})
         deadline = time.time() + 120
         while True:
             try:
@@ -133,9 +142,10 @@ class Server:
 
 # ---------------------------------------------------------------- 1. fuzzing
 
-def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
+def fuzz(url: str, cases: int, seed: int, save: str | None = None, api_key: str = "") -> dict:
     """schemathesis over every operation of the server's schema, positive and negative, until at least
-    ``cases`` requests were sent -> counts and the first few failures of each kind."""
+    ``cases`` requests were sent -> counts and the first few failures of each kind (``api_key``: sent with
+    every request)."""
     import requests
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings, strategies
@@ -157,6 +167,8 @@ def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
                    response_schema_conformance]
     informative = [negative_data_rejection, positive_data_acceptance]
     session = requests.Session()
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
     st = {"cases": 0, "5xx": 0, "schema_failures": 0, "transport_errors": 0, "by_op": Counter(),
           "status": Counter(), "failures": Counter(), "examples": [], "informative": Counter(), "answered": Counter(),
           "informative_examples": []}
@@ -243,6 +255,80 @@ def fuzz(url: str, cases: int, seed: int, save: str | None = None) -> dict:
                         record("generation", op.label, f"{type(e).__name__}: {e}")
         rounds += 1
     st["operations"] = [op.label for op in ops]
+    return st
+
+
+# ---------------------------------------------------------------- 4. headers
+
+HEADER_VALUES = {
+    "Host": ["127.0.0.1", "", "[::1", "[::1]", "a" * 5000, "127.0.0.1:99999", "evil.example", "[::ffff:127.0.0.1]",
+             "localhost:0", "%00", "127.0.0.1, evil.example", "127.0.0.1\t", "xn--80ak6aa92e.com"],
+    "Origin": ["null", "http://127.0.0.1", "http://[::1", "javascript:alert(1)", "x" * 3000, "http://:80", "*",
+               "http://127.0.0.1:99999", "https://evil.example"],
+    "Content-Type": ["application/json", "text/plain", "application/json; charset=utf-8", "", "a" * 2000,
+                     "APPLICATION/JSON", "multipart/form-data; boundary=x"],
+    "Authorization": ["Bearer {key}", "Bearer wrong", "Basic azN5", "Bearer", "Bearer " + "k" * 4000, "\u00e9",
+                      "bearer {key}", "Bearer {key} extra"],
+    "Content-Length": ["0", "-1", "abc", "99999999999999999999", "5", "1000001", " 3"],
+    "Transfer-Encoding": ["chunked", "gzip", "identity", "chunked, chunked"],
+    "Connection": ["close", "keep-alive", "upgrade", "x" * 100],
+    "Upgrade": ["websocket", "h2c"],
+}
+PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/feedback", "/tokenize", "/detokenize", "/health",
+         "/v1/models", "/tokenizer_info", "/", "/static/app.js", "/static/../serve.py", "/v1/nothing"]
+
+
+def fuzz_headers(port: int, cases: int, seed: int, api_key: str = "") -> dict:
+    """``cases`` raw requests over sockets with headers drawn from HEADER_VALUES (each present or not, 30% of
+    them twice), random methods, paths and bodies -> status counts, 5xx and failures. A connection the server
+    closes without answering (h11 refusing what cannot be parsed) is counted, not a failure."""
+    import random
+
+    rng = random.Random(seed)
+    st = {"cases": 0, "5xx": 0, "failures": 0, "closed": 0, "status": Counter(), "examples": []}
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    # how often each header is there (Host nearly always; framing headers seldom, or h11 refuses most requests)
+    present = {"Host": 0.9, "Content-Length": 0.3, "Transfer-Encoding": 0.1, "Connection": 0.2, "Upgrade": 0.05}
+    for _ in range(cases):
+        body = rng.choice([chat, chat, b"", b"{" * rng.randint(1, 3000), b"[1]" * 50, os.urandom(rng.randint(1, 200))])
+        lines = [f"Content-Length: {len(body)}"]  # the true length, unless replaced below
+        for name, values in HEADER_VALUES.items():
+            for _ in range(1 + (rng.random() < 0.15)):
+                if rng.random() < present.get(name, 0.6):
+                    lines.append(f"{name}: {rng.choice(values).replace('{key}', api_key or 'k')}")
+        if sum(x.startswith("Content-Length") for x in lines) > 1 and rng.random() < 0.8:
+            lines.pop(0)  # mostly one Content-Length, the fuzzed one
+        rng.shuffle(lines)
+        head = f"{rng.choice(['POST', 'GET', 'PUT', 'OPTIONS', 'HEAD'])} {rng.choice(PATHS)} HTTP/1.1\r\n"
+        data = (head + "".join(x + "\r\n" for x in lines) + "\r\n").encode("utf-8", "surrogateescape") + body
+        st["cases"] += 1
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                answer = b""
+                while b"\r\n" not in answer:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        except OSError as e:
+            if isinstance(e, ConnectionResetError):  # refused and closed while the request still arrived
+                st["closed"] += 1
+                continue
+            st["failures"] += 1
+            if len(st["examples"]) < 3:
+                st["examples"].append(f"{type(e).__name__}: {e} on {data[:300]!r}")
+            continue
+        if not answer:
+            st["closed"] += 1
+            continue
+        code = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        st["status"][code] += 1
+        if code >= 500 or code == 0:
+            st["5xx"] += 1
+            if len(st["examples"]) < 3:
+                st["examples"].append(f"{answer[:200]!r} on {data[:300]!r}")
     return st
 
 
@@ -356,6 +442,8 @@ def main():
     ap.add_argument("--block", type=int, default=128, help="the tiny model's context: bounds every max_tokens")
     ap.add_argument("--fb-threads", type=int, default=8)
     ap.add_argument("--fb-posts", type=int, default=500, help="feedback posts per thread")
+    ap.add_argument("--header-cases", type=int, default=1000, help="raw requests with fuzzed headers, per server")
+    ap.add_argument("--keyed-cases", type=int, default=300, help="schema fuzz cases against the --api-key server")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-failures", default=None, metavar="JSONL", help="append every 5xx case (with its curl) here")
     a = ap.parse_args()
@@ -423,15 +511,46 @@ def main():
               f"failed posts {fb['failures']}" + (f" {fb['first_failures']}" if fb["failures"] else ""))
         if fb["rows"] != want or fb["distinct"] != want or fb["failures"]:
             failed.append("feedback")
+
+        # 4. headers
+        hd = fuzz_headers(server.port, a.header_cases, a.seed)
+        print(f"\nheaders: {hd['cases']} raw requests, statuses {dict(sorted(hd['status'].items()))}, closed "
+              f"unanswered {hd['closed']}, 5xx {hd['5xx']}, failures {hd['failures']}")
+        for e in hd["examples"]:
+            print(f"  --- {e}")
+        if hd["5xx"] or hd["failures"]:
+            failed.append("headers")
         if server.proc.poll() is not None or server.health()["status"] != "ok":
             failed.append("server down at the end")
         if failed:
             print(f"\nserver log tail:\n{server.log_tail()}")
+
+    # 5. --api-key mode: the schema fuzzing and the header fuzzing against a keyed server
+    key = f"fuzz-{time.time_ns()}"
+    with Server(run, a.slots, api_key=key) as keyed:
+        kz = fuzz(keyed.url, a.keyed_cases, a.seed + 1, a.save_failures, api_key=key)
+        kh = fuzz_headers(keyed.port, a.header_cases, a.seed + 1, api_key=key)
+        req = urllib.request.Request(keyed.url + "/v1/models")
+        try:
+            urllib.request.urlopen(req, timeout=10)
+            unkeyed = 200
+        except urllib.error.HTTPError as e:
+            unkeyed = e.code
+        print(f"\n--api-key: {kz['cases']} fuzz cases, statuses {dict(sorted(kz['status'].items()))}, 5xx {kz['5xx']}, "
+              f"schema failures {kz['schema_failures']}, transport errors {kz['transport_errors']}; headers: "
+              f"{kh['cases']} requests, 5xx {kh['5xx']}, failures {kh['failures']}; without the key: {unkeyed}")
+        for kind, op, detail in kz["examples"][:3]:
+            print(f"  --- {kind} on {op}:\n    " + detail.replace("\n", "\n    "))
+        if any((kz["5xx"], kz["schema_failures"], kz["transport_errors"], kh["5xx"], kh["failures"], unkeyed != 401)):
+            failed.append("--api-key mode")
+            print(f"\nkeyed server log tail:\n{keyed.log_tail()}")
     tmp.cleanup()
     print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}")
     print(f"RESULT fuzz_cases={fz['cases']} fuzz_5xx={fz['5xx']} schema_failures={fz['schema_failures']} "
           f"soak_errors={sk['errors']} rss_growth={sk['rss_growth']:+.3f} ttft_p95_ms={sk['ttft_p95'] * 1000:.0f} "
-          f"feedback_rows={fb['rows']} soak_minutes={a.soak_minutes:.3g} matmul_peak_gflops={peak / 1e9:.1f}")
+          f"feedback_rows={fb['rows']} header_cases={hd['cases'] + kh['cases']} header_5xx={hd['5xx'] + kh['5xx']} "
+          f"keyed_cases={kz['cases']} keyed_5xx={kz['5xx']} soak_minutes={a.soak_minutes:.3g} "
+          f"matmul_peak_gflops={peak / 1e9:.1f}")
     return 1 if failed else 0
 
 
