@@ -161,7 +161,8 @@ def fuzz(url: str, cases: int, seed: int, save: str | None = None, api_key: str 
         status_code_conformance,
     )
 
-    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    schema = schemathesis.openapi.from_url(url + "/openapi.json", headers=auth)  # the schema is behind the key too
     ops = [r.ok() for r in schema.get_all_operations()]
     conformance = [status_code_conformance, content_type_conformance, response_headers_conformance,
                    response_schema_conformance]
