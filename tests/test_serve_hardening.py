@@ -283,3 +283,29 @@ def test_the_scheduler_shares_slots_between_clients_and_resumes_what_it_preempte
     assert sched.preempted == 1 and {r.client for r in sched.rows if r is not None} == {"a", "b"}
     sched.run_until_idle()
     assert outs["a0"] == want and outs["a1"] == want  # the preempted one resumed exactly
+
+
+def test_the_tokenizing_pool_refuses_past_its_bound_and_never_an_admitted_answer():
+    """WorkerPool: work past ``max_pending`` at once is a 429 (server_busy), but an answer of a request already
+    admitted always runs; the default bound sits well above the 32 streaming clients of the soak."""
+    import asyncio
+
+    from chatfactory.serve.limits import ServerLimits, WorkerPool
+    from chatfactory.serve.protocol import APIError
+
+    assert ServerLimits().max_tokenizing >= 64
+    gate = threading.Event()
+
+    async def main():
+        pool = WorkerPool(1, 2)
+        held = [asyncio.ensure_future(pool.run(gate.wait)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as e:
+            await pool.run(gate.wait)
+        assert e.value.status == 429 and e.value.code == "server_busy"
+        answer = asyncio.ensure_future(pool.run(lambda: "answer", admitted=True))
+        gate.set()
+        assert await answer == "answer" and all(await asyncio.gather(*held))
+        pool.close()
+
+    asyncio.run(main())

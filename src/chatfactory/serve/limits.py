@@ -44,7 +44,9 @@ class ServerLimits:
     max_request_tokens: int | None = None  # prompts x n x max_tokens of one request; None: slots x context
     max_prompt_chars: int | None = None  # None: the context x the longest token's bytes
     tokenize_threads: int = 2
-    max_tokenizing: int = 16  # requests tokenizing or waiting for a thread to
+    # requests tokenizing (or building an answer) or waiting for a thread to: a bound on queued work, not on
+    # clients, so well above the concurrent clients a server holds (at 16, 32 streaming clients got 429s)
+    max_tokenizing: int = 128
     feedback_per_minute: float = 60.0  # per client
     feedback_burst: int = 20
     feedback_rows_per_conversation: int = 64
