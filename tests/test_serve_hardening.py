@@ -309,3 +309,36 @@ def test_the_tokenizing_pool_refuses_past_its_bound_and_never_an_admitted_answer
         pool.close()
 
     asyncio.run(main())
+
+
+def test_a_long_prompt_is_scored_a_chunk_per_iteration_with_the_log_probs_of_one_forward():
+    """A prompt of 5 chunks is scored over 5 iterations, a running row decoding a token in each of them (not
+    waiting for the whole prompt's forward), and its log-probs equal one full forward's."""
+    import torch
+
+    from chatfactory.inference.batching import Request, Scheduler
+    from chatfactory.inference.sampling import SamplingParams
+    from chatfactory.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=2, n_embd=64, head_dim=32, n_kv_head=1, vocab_size=97, block_size=256)).eval()
+    sched = Scheduler(model, slots=2, start=False, score_chunk=16)
+    prompt = torch.randint(0, 97, (77,)).tolist()  # 76 positions to score: chunks of 16, 16, 16, 16, 12
+    got, tokens = [], []
+    gen = Request([1, 2, 3], SamplingParams(max_tokens=40, temperature=0), emit=lambda s: tokens.append(s.token))
+    sched.submit(gen)
+    sched.step()  # the generating row is running
+    sched.submit(Request(prompt, SamplingParams(max_tokens=0), emit=got.append, score=True))
+    before, steps = len(tokens), 0
+    while not got:
+        sched.step()
+        steps += 1
+    assert steps == 5 and len(tokens) - before == 5  # one decoded token beside each chunk
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt]))[0, :-1].float(), -1)
+    want = ref.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    lps, _ = got[0].scored
+    assert got[0].finish == "scored" and len(lps) == 76
+    assert torch.allclose(torch.tensor(lps), want, atol=1e-4)
+    sched.run_until_idle()
+    assert sched.active() == 0

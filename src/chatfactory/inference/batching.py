@@ -111,7 +111,8 @@ class Scheduler:
         self.max_waiting = max_waiting
         # one client's requests, waiting and running (default: as many as the whole queue)
         self.max_client_waiting = max_client_waiting or max_waiting
-        self.score_chunk = score_chunk  # positions per LM-head call when scoring a prompt
+        self.score_chunk = score_chunk  # positions of a prompt scored per iteration
+        self._scoring = None  # (request, its scoring generator) while a prompt is being scored
         self.preempted = 0  # rows sent back to the queue for another client's (for tests and stats)
         self._scored: collections.Counter[str] = collections.Counter()  # prompts scored per client lately
         # a row per slot, each ``context`` positions (default the model's whole block): a model with a long
@@ -193,7 +194,8 @@ class Scheduler:
         _safe_emit(req, Step(None, finish="cancelled"))
 
     def active(self) -> int:
-        return sum(r is not None for r in self.rows)
+        """Rows generating, and the prompt being scored if one is."""
+        return sum(r is not None for r in self.rows) + (self._scoring is not None)
 
     def close(self) -> None:
         with self.cv:
@@ -228,7 +230,8 @@ class Scheduler:
         with self.cv:
             pending = list(self.waiting)
             self.waiting.clear()
-        for r in [r for r in self.rows if r is not None] + pending:
+        scoring, self._scoring = self._scoring, None
+        for r in [r for r in self.rows if r is not None] + pending + ([scoring[0]] if scoring else []):
             self._finish(r, Step(None, finish=reason))
         for s in range(self.slots):
             self.cache.free(s)
@@ -402,37 +405,50 @@ class Scheduler:
 
 
     def _score_one(self) -> None:
-        """Score one waiting prompt (the client with the fewest lately scored first): its log-probs a chunk
-        of positions at a time, so memory holds ``score_chunk`` x vocabulary floats, not the whole prompt's."""
-        with self.cv:
-            req = self._take(self._scored, scoring=True)
-            if req is None:
-                self._scored.clear()  # nobody waits: start the count again
-                return
-            self._scored[req.client] += 1
+        """One chunk of prompt scoring: ``score_chunk`` positions of the prompt being scored (taking the next
+        waiting one, the client with the fewest lately scored first, when none is), so a long prompt's forward
+        is spread over iterations and the running rows decode between its chunks."""
+        if self._scoring is None:
+            with self.cv:
+                req = self._take(self._scored, scoring=True)
+                if req is None:
+                    self._scored.clear()  # nobody waits: start the count again
+                    return
+                self._scored[req.client] += 1
+            self._scoring = (req, self._score(req))
+        req, steps = self._scoring
         try:
-            scored = self._score(req)
+            next(steps)
+            return  # more chunks to go
+        except StopIteration as done:
+            scored, finish = done.value, "cancelled" if done.value is None else "scored"
         except Exception as e:  # fails this prompt only
             scored, finish = None, f"error: {type(e).__name__}: {e}"
-        else:
-            finish = "cancelled" if scored is None else "scored"
+        self._scoring = None
         self._finish(req, Step(None, finish=finish, scored=scored))
 
     def _score(self, req: Request):
+        """A generator: each step runs the forward of the next ``score_chunk`` positions through a KV cache of
+        the prompt's own and their log-probs (memory: that many positions x vocabulary floats, not the whole
+        prompt's); returns (log-probs, top alternatives), or None when the client left."""
         x = torch.tensor([req.prompt], device=self.device)
-        hidden = self.model.hidden_states(x)[0, :-1]  # position i predicts prompt[i + 1]
-        target, vocab, chunk = x[0, 1:], self.vocab_limit or self.cfg.vocab_size, self.score_chunk
+        n, vocab, chunk = x.size(1), self.vocab_limit or self.cfg.vocab_size, self.score_chunk
+        cache = KVCache.for_model(self.model, 1, max(1, n - 1))
         lps, tops = [], []
-        for a in range(0, hidden.size(0), chunk):
+        for a in range(0, n - 1, chunk):  # position i predicts prompt[i + 1]: the last one predicts nothing
             if req.cancelled:  # its client left: stop here
                 return None
-            logp = torch.log_softmax(self.model.lm_head(hidden[a:a + chunk])[:, :vocab].float(), -1)
-            lps += logp.gather(1, target[a:a + chunk, None])[:, 0].tolist()
+            b = min(a + chunk, n - 1)
+            hidden = self.model.hidden_states(x[:, a:b], cache=cache)[0]
+            logp = torch.log_softmax(self.model.lm_head(hidden)[:, :vocab].float(), -1)
+            lps += logp.gather(1, x[0, a + 1:b + 1, None])[:, 0].tolist()
             if req.logprobs:
                 vals, idx = logp.topk(min(req.logprobs, vocab), -1)
                 tops += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
             else:
                 tops += [[] for _ in range(logp.size(0))]
+            if b < n - 1:
+                yield  # the next chunk in the next iteration
         return lps, tops
 
 
