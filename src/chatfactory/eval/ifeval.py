@@ -28,6 +28,7 @@ from ..data.constraints import INSTRUCTION_TYPES, score
 from ..formats.jsonl import DataError, read_jsonl
 from ..inference.batching import complete_all
 from ..inference.sampling import SamplingParams
+from ..store.checkpoint import stage_config
 from ..store.files import append_text, atomic_write_text, read_appended
 
 DEFAULT_DATA = Path("../shared/data/eval/ifeval/input_data.jsonl")
@@ -79,7 +80,7 @@ def load_ifeval(path) -> list[dict]:
 
 def _settings(path: Path, rows: list[dict], stage_dir: Path, max_tokens: int, quantize) -> dict:
     """What a pass's responses depend on: the data, the weights (their save), the token cap, the precision."""
-    info = json.loads((stage_dir / "config.json").read_text()) if (stage_dir / "config.json").exists() else {}
+    info = stage_config(stage_dir) if (stage_dir / "config.json").exists() else {}
     return {"data": str(path), "data_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
             "prompts": len(rows), "stage": str(stage_dir), "save_id": info.get("save_id"),
             "max_tokens": max_tokens, "decoding": "greedy", "quantize": quantize}

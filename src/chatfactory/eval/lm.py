@@ -58,12 +58,18 @@ def stream_loss(model, tok, ids: list[int], seq_len: int = 0, batch_size: int = 
 def text_loss(model, tok, path, text_key: str = "text", seq_len: int = 0, batch_size: int = 8,
               max_tokens: int = 0) -> dict:
     """Loss and bits/byte on a text source (a .txt/.jsonl(.gz)/.parquet file or folder, as ``data.source``)."""
+    ids = document_ids(tok, iter_texts(DataConfig(source=str(path), text_key=text_key)), max_tokens)
+    return stream_loss(model, tok, ids, seq_len, batch_size, max_tokens)
+
+
+def document_ids(tok, texts, max_tokens: int = 0) -> list[int]:
+    """The token stream of ``texts``, each opened as a document; read only until past ``max_tokens`` (0: all)."""
     ids: list[int] = []
-    for text in iter_texts(DataConfig(source=str(path), text_key=text_key)):
+    for text in texts:
         ids += tok.document(text)
         if max_tokens and len(ids) > max_tokens:
             break
-    return stream_loss(model, tok, ids, seq_len, batch_size, max_tokens)
+    return ids
 
 
 def split_texts(path, split: str = "") -> list[str]:
@@ -87,6 +93,7 @@ def text_bpb_stages(run_dir, stages: list[str], path, split: str = "validation",
     import json
     from pathlib import Path
 
+    from ..store.checkpoint import stage_config
     from ..store.files import atomic_write_text
     from ..store.load import load_model
     from ..text.tokenizer import Tokenizer
@@ -94,9 +101,8 @@ def text_bpb_stages(run_dir, stages: list[str], path, split: str = "validation",
     run_dir, out = Path(run_dir), {}
     tok, ids = Tokenizer.load(run_dir / "tokenizer.json"), None
     for stage in stages:
-        conf = run_dir / stage / "config.json"
-        info = json.loads(conf.read_text()) if conf.exists() else {}
-        settings = {"text": str(path), "split": split, "max_tokens": max_tokens, "save_id": info.get("save_id")}
+        settings = {"text": str(path), "split": split, "max_tokens": max_tokens,
+                    "save_id": stage_config(run_dir / stage).get("save_id")}  # the stages given are finished
         cache = run_dir / "eval" / stage / "bpb.json"
         old = json.loads(cache.read_text()) if cache.exists() else {}
         if old.get("settings") == settings:
@@ -106,11 +112,7 @@ def text_bpb_stages(run_dir, stages: list[str], path, split: str = "validation",
                 texts = split_texts(path, split)
                 if not texts:
                     raise ValueError(f"pipeline.bpb_text: no texts in {path} (split {split!r})")
-                ids = []
-                for text in texts:
-                    ids += tok.document(text)
-                    if len(ids) > max_tokens:
-                        break
+                ids = document_ids(tok, texts, max_tokens)
             log(f"[run] bits per byte of {stage} on {Path(path).name} ({min(len(ids), max_tokens)} tokens) ...")
             model = load_model(run_dir / stage, inference=True)[0]
             res = stream_loss(model, tok, ids, seq_len=min(1024, model.cfg.block_size), max_tokens=max_tokens)
