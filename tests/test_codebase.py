@@ -354,7 +354,7 @@ LAYERS = (
     ("train/",),
     ("eval/",),
     ("serve/",),
-    ("pipeline.py",),
+    ("pipeline.py", "learn.py"),
     ("cli.py", "__init__.py"),
 )
 

@@ -82,6 +82,25 @@ def cmd_rlhf(a):
     run_rlhf(load_config(a.config, a.overrides), a.out, a.rounds, a.prompts or "", a.k or 0)
 
 
+def cmd_learn(a):
+    import json
+    from pathlib import Path
+
+    from .config import load_config
+    from .learn import learn_round
+
+    config = a.config or (str(Path(a.run) / "config.yaml") if (Path(a.run) / "config.yaml").exists() else None)
+    res = learn_round(load_config(config, a.overrides), a.run)
+    print(json.dumps({k: res[k] for k in ("version", "status", "serving", "seconds") if k in res}))
+
+
+def cmd_rollback(a):
+    from .store.versions import Versions
+
+    v = Versions(a.run)
+    print(f"{a.run}: serving version {v.rollback(a.to)} (was {v.serving_record()['history'][-2]['version']})")
+
+
 def cmd_comparisons(a):
     from pathlib import Path
 
@@ -296,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompts JSONL (default: ppo.prompts)")
     p.add_argument("--k", type=int, default=None, help="answers per prompt for comparisons (default: comparisons.k)")
     p.set_defaults(fn=cmd_rlhf)
+    p = sub.add_parser("learn", help="one flywheel round: people's votes (RUN/feedback.sqlite) -> reward model -> "
+                                     "policy -> gate on the dev prompts -> promoted to RUN/versions/N if it passes")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME (served with `chatfactory serve`)")
+    p.add_argument("--config", default=None, help="preset or YAML (default: RUN/config.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. learn.policy=ppo")
+    p.set_defaults(fn=cmd_learn)
+    p = sub.add_parser("rollback", help="serve an earlier version of the run again (RUN/versions/serving.json)")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--to", type=int, default=None, help="the version to serve (default: the one served before)")
+    p.set_defaults(fn=cmd_rollback)
     p = sub.add_parser("sample", help="continue a text prompt with a trained model")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default=None, help="which weights: pretrain, sft, ppo, … (default: the last trained)")

@@ -284,6 +284,27 @@ class PipelineConfig:
 
 
 @dataclass
+class LearnConfig:
+    """`chatfactory learn` (learn.py): one round of the flywheel, people's votes -> the next served version.
+    The gate's defaults were set before any round was run against them (issue 25), not tuned to pass."""
+    policy: str = "dpo"  # the policy round: "dpo" on the new pairs, or "ppo" against the round's reward model
+    min_pairs: int = 50  # fewer new pairs than this and the round says so and stops, changing nothing
+    max_per_rater: int = 200  # one rater's pairs counted per round (the first ones): no one swamps a round
+    heldout_every: int = 10  # every Nth new pair (by vote id) is held out to measure the round's reward model
+    serve_stage: str = ""  # version 1 (made by the first round): this stage of the run ("" = the last policy trained)
+    # the gate, on the dev prompts (held-out prompts only report):
+    # the judge of the win rate: a "module:function" scorer or a reward-model stage; "" = the rubric when the
+    # dev prompts are the embedded tasks, else the round's reward model
+    judge: str = ""
+    min_win: float = 0.55  # win rate vs the serving version, ties half; its 95% interval must also clear 0.5
+    max_kl: float = 8.0  # KL to SFT (nats per reply, on the candidate's own dev replies)
+    length_band: float = 0.25  # mean reply length within this fraction of the serving version's
+    accuracy_se: float = 1.0  # accuracy (checked tasks) may fall at most this many standard errors
+    dev_prompts: str = ""  # "" = RUN/tasks/dev.jsonl
+    dev_rows: int = 0  # 0 = all of them
+
+
+@dataclass
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -298,6 +319,7 @@ class Config:
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ import torch
 from ..config import PairTrainConfig
 from ..data.preferences import EncodedPair, PairBatches, collate, pair_data, val_chunks
 from ..model.gpt import GPT
-from ..store.checkpoint import resolve_stage
+from ..store.checkpoint import resolve_stage, stage_config
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer
 from .loop import Dist, Stage, all_reduce_sum, setup_dist
@@ -49,7 +49,7 @@ class PairInputs:
     train: list[EncodedPair]
     val: list[EncodedPair]
     skipped: int  # malformed rows skipped (``skip_bad``)
-    model: GPT  # the init stage's weights
+    model: GPT | None  # the init stage's weights (None: the init is a reward model, loaded by its stage)
 
     def describe(self, name: str, steps: int) -> str:
         """The first line a stage prints: its data and where it starts."""
@@ -67,10 +67,17 @@ def pair_inputs(run_dir, settings: PairTrainConfig, name: str) -> PairInputs:
     init_dir = resolve_stage(run_dir, settings.init_from, f"{name}.init_from")
     tok = run_tokenizer(run_dir, init_dir)
     train_pairs, val_pairs, skipped = pair_data(settings, tok)
-    gpt, _ = load_model(init_dir)
-    if settings.seq_len > gpt.cfg.block_size:
-        raise ValueError(f"{name}.seq_len={settings.seq_len} exceeds the model's block_size={gpt.cfg.block_size} "
-                         f"({init_dir})")
+    if stage_config(init_dir).get("kind") == "reward":
+        # a reward model continued on new pairs (the flywheel's rounds, learn.py): its stage loads it whole
+        if name != "reward":
+            raise ValueError(f"{name}.init_from={settings.init_from!r} is a reward model ({init_dir}); "
+                             f"{name} starts from a policy")
+        gpt, block = None, stage_config(init_dir)["model"]["block_size"]
+    else:
+        gpt, _ = load_model(init_dir)
+        block = gpt.cfg.block_size
+    if settings.seq_len > block:
+        raise ValueError(f"{name}.seq_len={settings.seq_len} exceeds the model's block_size={block} ({init_dir})")
     return PairInputs(settings, d, init_dir, tok, train_pairs, val_pairs, skipped, gpt)
 
 

@@ -114,7 +114,8 @@ def run_reward(cfg: Config, run_dir) -> dict:
     inputs = pair_inputs(run_dir, cfg.reward, "reward")
     settings, d, tok = inputs.settings, inputs.dist, inputs.tok
     torch.manual_seed(settings.seed)  # the head's init
-    model = RewardModel(inputs.model)
+    # from a policy: its backbone and a new head; from a reward model: continued, head and all
+    model = RewardModel(inputs.model) if inputs.model is not None else load_reward_model(inputs.init_dir).train()
     stage = RewardStage(inputs, model.cfg.to_dict())
     if lora:  # adapters on the backbone (frozen); the new head trains whole
         apply_lora(model.backbone, lora, settings.seed)
