@@ -6,12 +6,12 @@ import json
 import random
 
 import pytest
-from conftest import make_run
 
 from chatfactory.config import LearnConfig
 from chatfactory.eval.gate import accuracy_check, decide, length_check, win_check
 from chatfactory.store.files import CheckpointError
 from chatfactory.store.versions import Versions
+from conftest import make_run
 
 
 def test_version_one_is_a_copy_of_the_stage_served_until_a_promotion(tmp_path):
