@@ -28,6 +28,8 @@ import asyncio
 import hmac
 import json
 import logging
+import re
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -38,7 +40,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..text.tokenizer import TextStream
-from .feedback import FeedbackFull
+from .feedback import FeedbackFull, FeedbackStoreError
 from .generation import Scoring, events, finish_reason, start, usage
 from .guard import install_guards, read_body
 from .limits import RateLimiter, WorkerPool, client_of, request_budget
@@ -71,6 +73,15 @@ from .service import Service
 # ---------------------------------------------------------------- the app
 
 log = logging.getLogger("chatfactory.serve")
+RATER_COOKIE = "cf_rater"  # an opaque random id: who votes from this browser (feedback.py hashes it)
+RATER_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")  # what the server sets; anything else is no cookie
+
+
+def set_rater_cookie(response: Response, request: HTTPRequest) -> None:
+    """Give a browser without one its ``cf_rater``: random, unreadable by script, never sent by another site."""
+    if not RATER_TOKEN.fullmatch(request.cookies.get(RATER_COOKIE, "")):
+        response.set_cookie(RATER_COOKIE, secrets.token_urlsafe(18), max_age=365 * 86400, httponly=True,
+                            samesite="strict", secure=request.url.scheme == "https")
 
 
 def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
@@ -419,27 +430,49 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         body = await read_json(request)
         if svc.feedback is None:
             raise APIError(404, "this server keeps no feedback store", code="feedback_disabled")
-        item = parse_feedback(body).model_dump(exclude={"model"})
+        req = parse_feedback(body)
+        item = req.model_dump(exclude={"model", "rater"}, exclude_none=True)
         wait = feedback_rate.take(client_of(request))
         if wait:
             raise APIError(429, f"too much feedback from this client: at most {slim.feedback_per_minute:g} a minute "
                                 f"(bursts of {slim.feedback_burst}); retry later", code="rate_limited",
                            retry_after=wait)
         try:
-            fid = await asyncio.to_thread(svc.feedback.add, item, svc.name, svc.stage)
+            fid = await asyncio.to_thread(svc.feedback.add, item, svc.name, svc.stage, rater_of(request, req.rater))
         except FeedbackFull as e:
             raise APIError(400, str(e), "messages", "feedback_limit") from None
+        except FeedbackStoreError:
+            raise  # the server's file, not the request: a 500 (the log names the file)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value") from None
-        return {"id": fid, "object": "feedback"}
+        answer = JSONResponse({"id": fid, "object": "feedback"})
+        set_rater_cookie(answer, request)  # a client without one is known by its address until it sends it
+        return answer
+
+    def rater_of(request: HTTPRequest, named: str | None) -> str:
+        """Who votes, as feedback.py's rater id. A caller with the API key names its raters (``X-Rater``, else
+        the body's ``rater``, else its cookie: several people may share a key); anyone else cannot choose: the
+        ``cf_rater`` cookie, else the address (a script that drops cookies stays one rater)."""
+        cookie = request.cookies.get(RATER_COOKIE, "")
+        cookie = cookie if RATER_TOKEN.fullmatch(cookie) else ""
+        if svc.api_key:
+            name = request.headers.get("x-rater") or named or cookie
+            if len(name) > 200:
+                raise APIError(400, "X-Rater: at most 200 characters", "X-Rater", "invalid_value")
+            return svc.feedback.rater_id("key", svc.api_key, name)
+        if cookie:
+            return svc.feedback.rater_id("cookie", cookie)
+        return svc.feedback.rater_id("address", client_of(request))
 
     # ---- the web UI: one static page; the CSP forbids inline script as a second line of defence ----
     csp = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
     @app.get("/", summary="the web chat", response_class=Response, responses=file_doc("index.html"))
-    async def index():
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": csp})
+    async def index(request: HTTPRequest):
+        page = FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": csp})
+        set_rater_cookie(page, request)  # the rater id of the votes cast from this page
+        return page
 
     @app.get("/static/{name}", summary="the web chat's script and style", response_class=Response,
              responses=file_doc(*(p.name for p in STATIC.iterdir()), missing=True))
