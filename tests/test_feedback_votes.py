@@ -459,3 +459,62 @@ def test_a_caller_with_the_api_key_names_its_raters_and_the_key_is_never_stored(
     assert stats["raters"] == 4 and stats["dropped"]["duplicate"] == 1  # alice voted twice on one pair
     for where in (svc.feedback.path, tmp_path / "round.jsonl"):
         assert key.encode() not in where.read_bytes()
+
+
+# ---------------------------------------------------------------- the web UI's compare mode (real Chromium)
+
+def test_compare_mode_draws_the_sides_and_posts_every_choice(browser, tmp_path, serve_run):
+    """Math.random is pinned so each side is drawn once: the boxes stay in the order the answers came, the
+    left one on screen is ``shown_left``, "Prefer A" is under it, and A/B, tie and both-bad votes are stored
+    with the side shown; the cf_rater cookie the page got is the votes' rater."""
+    from test_webui import ScriptedScheduler
+
+    url, svc, _ = serve_run(make_run(tmp_path / "ui"), slots=2, feedback_path=tmp_path / "feedback.sqlite",
+                            scheduler=lambda svc: ScriptedScheduler(svc.tok, ["first answer", "second answer"], 0))
+    ctx = browser.new_context(locale="en-US", bypass_csp=True)  # Playwright's waits evaluate strings
+    ctx.add_init_script("window.__draws = [0.9, 0.9, 0.1, 0.1]; Math.random = () => window.__draws.shift() ?? 0.1;")
+    page = ctx.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'ui/sft'")
+    (cookie,) = [c["value"] for c in ctx.cookies() if c["name"] == "cf_rater"]
+    page.click("#settings-toggle")
+    page.check("#compare")
+
+    def ask(text: str, click: str, n_rows: int) -> dict:
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        row = page.locator(".compare").nth(n_rows)
+        row.locator(".tie").wait_for()
+        boxes = row.locator(".msg.assistant")
+        xs = [boxes.nth(i).bounding_box()["x"] for i in range(2)]
+        left = 0 if xs[0] < xs[1] else 1
+        assert boxes.nth(left).locator("button.prefer").text_content() == "Prefer A"
+        assert boxes.nth(1 - left).locator("button.prefer").text_content() == "Prefer B"
+        texts = [boxes.nth(i).locator(".content").text_content() for i in range(2)]
+        target = {"left": boxes.nth(left).locator("button.prefer"), "right": boxes.nth(1 - left).locator(
+            "button.prefer")}.get(click) or row.locator(click)
+        n = len(svc.feedback.rows())
+        target.click()
+        page.wait_for_function(f"document.querySelectorAll('.compare')[{n_rows}].querySelector('button:disabled')")
+        rows = svc.feedback.rows()
+        assert len(rows) == n + 1
+        assert page.is_enabled("#send")  # the chat goes on
+        return {"left": left, "texts": texts, **rows[-1]}
+
+    r = ask("one", "left", 0)  # drawn 0.9: answer 1 on the left; the left one wins: B (answers[1])
+    assert (r["left"], r["shown_left"], r["choice"], r["preferred"]) == (1, 1, "b", 1)
+    assert [r["answer"], r["answer_b"]] == r["texts"] and r["rater"] == svc.feedback.rater_id("cookie", cookie)
+    r = ask("two", ".tie", 1)
+    assert (r["left"], r["shown_left"], r["choice"], r["preferred"]) == (1, 1, "tie", None)
+    r = ask("three", ".both-bad", 2)  # drawn 0.1: answer 0 on the left
+    assert (r["left"], r["shown_left"], r["choice"]) == (0, 0, "both_bad")
+    r = ask("four", "right", 3)
+    assert (r["left"], r["shown_left"], r["choice"]) == (0, 0, "b")
+    assert page.text_content("#status") == "Preference saved."
+    # with neither better the chat goes on with the left answer; with a winner, with it
+    history = page.evaluate("state.history.filter(m => m.role === 'assistant').map(m => m.content)")
+    assert history == ["second answer", "second answer", "first answer", "second answer"]
+    assert not errors
+    ctx.close()

@@ -255,15 +255,28 @@ async function answer(context, compare) {
   try {
     ({ texts } = await streamChat(context, 2, (i, t) => setMarkdown(boxes[i].querySelector(".content"), t)));
   } catch (e) { row.remove(); throw e; }
-  state.pendingCompare = { row, boxes, texts, context };
+  // the side each answer is shown on is drawn at random and posted with the vote (shown_left), so a
+  // leaning towards the left can be measured and does not favour the first sample. The boxes stay in the
+  // order the answers came (box i holds answer i); the CSS order puts answer shown_left on the left
+  const shownLeft = Math.random() < 0.5 ? 0 : 1;
+  row.classList.toggle("swapped", shownLeft === 1);
+  state.pendingCompare = { row, boxes, texts, context, shownLeft };
   boxes.forEach((box, i) => {
     const actions = document.createElement("div");
     actions.className = "actions";
-    const b = button(t(i === 0 ? "preferA" : "preferB"), t("preferTitle"), () => choose(i));
+    const left = i === shownLeft;  // "A" is the left one, as the person sees it
+    const b = button(t(left ? "preferA" : "preferB"), t("preferTitle"), () => vote(i === 0 ? "a" : "b"));
     b.className = "prefer";
     actions.appendChild(b);
     box.appendChild(actions);
   });
+  const both = document.createElement("div");
+  both.className = "actions compare-both";
+  const tie = button(t("tie"), t("tieTitle"), () => vote("tie"));
+  const bad = button(t("bothBad"), t("bothBadTitle"), () => vote("both_bad"));
+  tie.className = "tie"; bad.className = "both-bad";
+  both.append(tie, bad);
+  row.appendChild(both);
 }
 
 async function reply() {
@@ -290,21 +303,27 @@ async function reply() {
   }
 }
 
-async function choose(i) {
+// The person's vote on the pending comparison: "a" or "b" (answer 0 or 1 is better), "tie" or "both_bad".
+// The chat goes on with the better answer, or, with neither better, the one shown on the left
+// (Regenerate replaces it).
+async function vote(choice) {
   const p = state.pendingCompare;
   if (!p) return;
   try {
-    const r = await sendFeedback({ kind: "comparison", messages: p.context, answers: p.texts, preferred: i });
+    const r = await sendFeedback({ kind: "comparison", messages: p.context, answers: p.texts, choice,
+                                   shown_left: p.shownLeft });
     p.row.dataset.feedbackId = r.id;
   } catch (e) { showError(e.message); return; }
+  const kept = choice === "a" ? 0 : choice === "b" ? 1 : p.shownLeft;
   p.boxes.forEach((box, j) => {
-    box.classList.add(j === i ? "preferred" : "not-preferred");
-    box.querySelectorAll("button.prefer").forEach((b) => (b.disabled = true));
+    const mark = choice === "tie" ? "tied" : choice === "both_bad" ? "both-bad" : j === kept ? "preferred" : "not-preferred";
+    box.classList.add(mark);
   });
-  state.history.push({ role: "assistant", content: p.texts[i] });
-  p.boxes[i].dataset.turn = String(state.history.length - 1);
+  p.row.querySelectorAll("button").forEach((b) => (b.disabled = true));
+  state.history.push({ role: "assistant", content: p.texts[kept] });
+  p.boxes[kept].dataset.turn = String(state.history.length - 1);
   state.pendingCompare = null;
-  $("status").textContent = t("preferenceSaved");
+  $("status").textContent = t(choice === "a" || choice === "b" ? "preferenceSaved" : "voteSaved");
   busy(false);
 }
 
