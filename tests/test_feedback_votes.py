@@ -116,6 +116,29 @@ def test_a_store_from_before_conv_key_migrates_through_both_versions(tmp_path):
     assert store.comparisons() == [{"prompt": C1, "chosen": "y", "rejected": "x"}]
 
 
+def test_a_migration_that_fails_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """Each opening migrates in one transaction, the version number with it: a crash halfway (here, the
+    second migration failing after its first column) leaves version 0 and its rows, and the next opening
+    migrates from there."""
+    import chatfactory.serve.feedback as fb
+
+    db = tmp_path / "feedback.sqlite"
+    todays_store(db)
+
+    def half(con):
+        con.execute("ALTER TABLE feedback ADD COLUMN choice TEXT")
+        raise OSError("killed")
+
+    monkeypatch.setattr(fb, "MIGRATIONS", (fb.MIGRATIONS[0], half))
+    with pytest.raises(OSError, match="killed"):
+        FeedbackStore(db)
+    con = sqlite3.connect(db)
+    assert user_version(db) == 0 and "choice" not in {r[1] for r in con.execute("PRAGMA table_info(feedback)")}
+    con.close()
+    monkeypatch.undo()
+    assert FeedbackStore(db).comparisons() == TODAY_EXPORT and user_version(db) == 2
+
+
 def test_a_corrupt_or_newer_file_is_a_clear_error_naming_it(tmp_path, capsys):
     from chatfactory.cli import main
 

@@ -163,14 +163,16 @@ class FeedbackStore:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: readers never block the writer
             db.create_function("conversation_key", 1, lambda m: conversation_key(json.loads(m)), deterministic=True)
             db.create_function("vote_key", 3, vote_key, deterministic=True)
-            db.execute("BEGIN IMMEDIATE")  # one process migrates; another one waits, then finds it done
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
+            if version < len(MIGRATIONS):  # (an up-to-date store is only read: an export works on a read-only copy)
+                db.execute("BEGIN IMMEDIATE")  # one process migrates; another one waits, then finds it done
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                for migrate in MIGRATIONS[version:]:
+                    migrate(db)
+                db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")  # in the transaction: all or nothing
+            elif version > len(MIGRATIONS):
                 raise FeedbackStoreError(f"{self.path}: a feedback store of schema version {version}, written by a "
                                          f"newer chatfactory (this one reads up to version {len(MIGRATIONS)})")
-            for migrate in MIGRATIONS[version:]:
-                migrate(db)
-            db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")  # in the transaction: all or nothing
             self._salt = db.execute("SELECT value FROM meta WHERE key = 'rater_salt'").fetchone()[0]
 
     @contextmanager
