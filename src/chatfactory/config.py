@@ -288,6 +288,8 @@ class LearnConfig:
     """`chatfactory learn` (learn.py): one round of the flywheel, people's votes -> the next served version.
     The gate's defaults were set before any round was run against them (issue 25), not tuned to pass."""
     policy: str = "dpo"  # the policy round: "dpo" on the new pairs, or "ppo" against the round's reward model
+    policy_lr: float = 0.0  # the policy round's learning rate (0 = its section's, dpo.lr or ppo.lr)
+    policy_epochs: float = 0.0  # DPO's passes over the round's pairs (0 = dpo.epochs)
     min_pairs: int = 50  # fewer new pairs than this and the round says so and stops, changing nothing
     max_per_rater: int = 200  # one rater's pairs counted per round (the first ones): no one swamps a round
     heldout_every: int = 10  # every Nth new pair (by vote id) is held out to measure the round's reward model

@@ -106,6 +106,7 @@ def _policy(cfg: Config, run_dir: Path, versions: Versions, n: int, parent: int,
         c.dpo.data = str(vdir / "votes.jsonl")
         c.dpo.val_data = str(vdir / "votes_heldout.jsonl") if versions.info(n)["export"]["heldout"] else ""
         c.dpo.init_from, c.dpo.ref_from, c.dpo.max_pairs = start, start, 0
+        c.dpo.lr, c.dpo.epochs = s.policy_lr or c.dpo.lr, s.policy_epochs or c.dpo.epochs
         if not stage_finished(vdir / "dpo"):
             log(f"[learn] version {n}: DPO from version {parent} on this round's pairs")
             from .train.dpo import run_dpo
@@ -113,7 +114,7 @@ def _policy(cfg: Config, run_dir: Path, versions: Versions, n: int, parent: int,
             run_dpo(c, vdir)
     elif s.policy == "ppo":
         c.ppo.init_from, c.ppo.ref_from = start, str((run_dir / "sft").resolve())
-        c.ppo.reward = str((vdir / "reward").resolve())
+        c.ppo.reward, c.ppo.lr = str((vdir / "reward").resolve()), s.policy_lr or c.ppo.lr
         c.ppo.prompts = c.ppo.prompts or str(run_dir / "tasks" / "prompts.jsonl")
         if c.ppo.keep_best and not c.ppo.eval_prompts:  # the iteration kept is chosen on the dev prompts
             c.ppo.eval_prompts = s.dev_prompts or str(run_dir / "tasks" / "dev.jsonl")
