@@ -231,7 +231,8 @@ def cmd_serve(a):
     limits = ServerLimits(max_waiting=a.max_queue, client_share=a.client_share, feedback_per_minute=a.feedback_rate,
                           max_connections=a.max_connections)
     serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin,
-          quantize=a.quantize, max_memory=a.max_memory, insecure_no_key=a.insecure_no_key, limits=limits)
+          quantize=a.quantize, max_memory=a.max_memory, insecure_no_key=a.insecure_no_key, limits=limits,
+          watch=a.watch)
 
 
 def cmd_feedback(a):
@@ -246,7 +247,12 @@ def _add_serve_parsers(sub):
 
     p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API (/v1), web chat UI (/), feedback store")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
-    p.add_argument("--stage", default=None, help="which weights: sft, ppo, … (default: the last trained)")
+    p.add_argument("--stage", default=None,
+                   help="which weights: sft, ppo, … (default: the version RUN/versions/serving.json names, followed "
+                        "as `learn` promotes and `rollback` moves it; without versions, the last trained stage)")
+    p.add_argument("--watch", type=float, default=1.0, metavar="SECONDS",
+                   help="how often to look at RUN/versions/serving.json for a newly promoted version (default 1; 0: "
+                        "never, POST /v1/admin/reload with the API key still does); not with --stage")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("CHATFACTORY_API_KEY"),

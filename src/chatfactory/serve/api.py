@@ -11,8 +11,9 @@ Existing clients work unchanged (the ``openai`` SDK, chat front ends, evaluation
 The request format, its checks and the error shape live in ``protocol.py``; this module is the HTTP
 side. Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (stream via SSE), ``POST /v1/completions``
 (``logprobs`` and ``echo``: with ``echo=true, max_tokens=0`` it scores the prompt, as lm-eval's
-``local-completions`` needs), ``POST /v1/feedback`` (see serve/feedback.py), ``GET /health``, and the
-web UI at ``/``. ``GET /openapi.json`` describes every endpoint: its request body (the pydantic models in
+``local-completions`` needs), ``GET /health``, and the web UI at ``/``; in modules of their own: the tokenizer
+endpoints (tokenizing.py), ``POST /v1/feedback`` (votes.py), the arena and its leaderboard (arena.py), admin
+routes (admin.py). ``GET /openapi.json`` describes every endpoint: its request body (the pydantic models in
 protocol.py, which also validate it) and each answer, errors included. Bad requests get OpenAI's error
 JSON with a 4xx status; with ``--api-key`` every ``/v1/`` request needs ``Authorization: Bearer KEY``. Streamed
 deltas hold whole characters only (text/tokenizer.py's ``TextStream``, through protocol.Detokenizer): a Chinese
@@ -20,16 +21,17 @@ character or emoji split across tokens waits for the token that completes it, an
 entries of the tokens it waited for ride in that chunk. Generation goes through the continuous-batching
 scheduler (inference/batching.py): concurrent requests share the model's decode steps, and a client that
 disconnects frees its slot.
+
+Every generating request holds a lease on the model version it started on (service.py) until its answer
+is complete, streamed ones included: a newly promoted version (hotswap.py) takes the requests that start
+after the swap, and the answer's ``model`` names the version that wrote it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-import re
-import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -37,12 +39,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..text.tokenizer import TextStream
-from .feedback import FeedbackFull, FeedbackStoreError
+from .admin import install_admin
+from .arena import install_arena
 from .generation import Scoring, events, finish_reason, start, usage
 from .guard import install_guards, read_body
+from .kit import RouteKit
 from .limits import RateLimiter, WorkerPool, client_of, request_budget
 from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_openapi, doc, file_doc
 from .protocol import (
@@ -50,38 +55,23 @@ from .protocol import (
     ChatCompletionRequest,
     Choice,
     CompletionRequest,
-    DetokenizeRequest,
-    TokenizeChat,
     parse_body,
-    parse_feedback,
-    parse_tokenize,
 )
 from .responses import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
     CompletionChunk,
-    DetokenizeResponse,
-    FeedbackCreated,
     Health,
     ModelList,
-    TokenizeResponse,
-    TokenizerInfo,
 )
 from .service import Service
+from .tokenizing import install_tokenizer_routes
+from .votes import install_votes, set_rater_cookie
 
 # ---------------------------------------------------------------- the app
 
 log = logging.getLogger("chatfactory.serve")
-RATER_COOKIE = "cf_rater"  # an opaque random id: who votes from this browser (feedback.py hashes it)
-RATER_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}")  # what the server sets; anything else is no cookie
-
-
-def set_rater_cookie(response: Response, request: HTTPRequest) -> None:
-    """Give a browser without one its ``cf_rater``: random, unreadable by script, never sent by another site."""
-    if not RATER_TOKEN.fullmatch(request.cookies.get(RATER_COOKIE, "")):
-        response.set_cookie(RATER_COOKIE, secrets.token_urlsafe(18), max_age=365 * 86400, httponly=True,
-                            samesite="strict", secure=request.url.scheme == "https")
 
 
 def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
@@ -93,6 +83,7 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
 
     @asynccontextmanager
     async def lifespan(app):
+        svc.start()  # the versions' watcher (hotswap.py), when the run's versions are served
         yield
         pool.close()
         svc.close()
@@ -127,10 +118,13 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                 return JSONResponse(APIError(401, msg, code="invalid_api_key").body(), status_code=401)
         return await call_next(request)
 
-    async def read_json(request) -> dict:
-        """The body as a JSON object, read under the size limit; a model other than this one is a 404."""
+    async def read_json(request, empty_ok: bool = False) -> dict:
+        """The body as a JSON object, read under the size limit (``empty_ok``: no body is ``{}``); a model this
+        server does not answer to is a 404 (the route takes its lease on the one it names: ``svc.lease``)."""
         # 413 as soon as a streamed body passes the limit; 408 when it takes longer than body_timeout
         raw = await read_body(request, lim.max_body_bytes, slim.body_timeout)
+        if empty_ok and not raw.strip():
+            return {}
         try:
             body = await pool.run(json.loads, raw)  # (a large body's parse, off the event loop too)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -139,19 +133,16 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
             raise APIError(400, "the JSON body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the JSON body must be an object", code="invalid_json")
-        model = body.get("model")
-        if model is not None and model != svc.name:
-            raise APIError(404, f"The model {model!r} does not exist; this server serves {svc.name!r}.", "model",
-                           "model_not_found")
+        svc.check_name(body.get("model"))
         return body
 
-    def fits(what: str, texts, param: str) -> None:
-        """400 before tokenizing a prompt that cannot fit the context whatever its tokens (svc.max_prompt_chars)."""
-        chars = sum(len(t) for t in texts)
-        if chars > svc.max_prompt_chars:
-            raise APIError(400, f"This model's maximum context length is {svc.block_size} tokens; {what} has {chars} "
-                                f"characters, more than {svc.max_prompt_chars} (no {svc.block_size} tokens spell "
-                                "that many)", param, "context_length_exceeded")
+    def fits(what: str, texts, param: str, served) -> None:
+        """400 before tokenizing a prompt that cannot fit the context whatever its tokens (max_prompt_chars)."""
+        chars, most, block = sum(len(t) for t in texts), served.max_prompt_chars, served.block_size
+        if chars > most:
+            raise APIError(400, f"This model's maximum context length is {block} tokens; {what} has {chars} "
+                                f"characters, more than {most} (no {block} tokens spell that many)", param,
+                           "context_length_exceeded")
 
     async def render_chat(msgs: list[dict], generation_prompt: bool = True) -> list[int]:
         try:
@@ -161,24 +152,37 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         except ValueError as e:  # the chat template refused the conversation, or went past its limits
             raise APIError(400, str(e), "messages", "invalid_value") from None
 
-    def budget(req, prompts: int, n: int, max_tokens: int, scored: int = 0) -> int:
+    def budget(req, prompts: int, n: int, max_tokens: int, served, scored: int = 0) -> int:
         explicit = req.max_tokens is not None or req.max_completion_tokens is not None
-        sched = svc.scheduler  # (a stand-in scheduler may not say: the defaults)
-        return request_budget(slim, getattr(sched, "slots", 16), getattr(sched, "context", svc.block_size), prompts,
-                              n, max_tokens, explicit, scored)
+        sched = served.scheduler  # (a stand-in scheduler may not say: the defaults)
+        return request_budget(slim, getattr(sched, "slots", 16), getattr(sched, "context", served.block_size),
+                              prompts, n, max_tokens, explicit, scored)
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def stream_response(gen):
-        return StreamingResponse(gen, media_type="text/event-stream",
+    def stream_response(gen, *leases):
+        """Server-sent events from ``gen``; ``leases`` are given back when it ends, or, should the client go
+        before it starts (Starlette then never runs it), once the response is done."""
+        async def body():
+            try:
+                async for event in gen:
+                    yield event
+            finally:
+                for lease in leases:
+                    lease.release()
+
+        def release():
+            for lease in leases:
+                lease.release()
+        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(release),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- routes ----
-    def post(path: str, summary: str, body: str, answer, stream_chunk=None):
+    def post(path: str, summary: str, body: str, answer, stream_chunk=None, errors=()):
         """A POST route documented with its JSON body (a schema named in openapi.py), its answer and its
         errors; a generating route (one that streams ``stream_chunk`` events) may also answer 500."""
-        errors = POST_ERRORS + ((500,) if stream_chunk is not None else ())
+        errors = POST_ERRORS + tuple(errors) + ((500,) if stream_chunk is not None else ())
         return app.post(path, summary=summary, responses=doc(answer, *errors, stream=stream_chunk),
                         openapi_extra=body_doc(body))
 
@@ -187,15 +191,19 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
 
     @app.get("/health", summary="liveness, and how busy the scheduler is", responses=doc(Health, 403))
     async def health():
-        sch = svc.scheduler
-        return {"status": "ok", "model": svc.name, "active": sch.active(), "waiting": len(sch.waiting),
+        cur = svc.current
+        sch = cur.scheduler
+        return {"status": "ok", "model": cur.name, "active": sch.active(), "waiting": len(sch.waiting),
                 "slots": sch.slots, "cached_tokens": sum(sch.cache.lengths)}
 
-    @app.get("/v1/models", summary="the one model this server serves", responses=doc(ModelList, 401, 403))
+    @app.get("/v1/models", summary="the served model version, and the arena's", responses=doc(ModelList, 401, 403))
     async def models():
-        return {"object": "list", "data": [{"id": svc.name, "object": "model", "created": svc.created,
-                                             "owned_by": "chatfactory", "max_model_len": svc.block_size,
-                                             "precision": svc.precision, **svc.memory}]}
+        cur = svc.current
+        cards = [(cur, "serving")] + [(s, "arena") for s in svc.arena.values() if s is not cur]
+        return {"object": "list", "data": [{"id": s.name, "object": "model", "created": s.created,
+                                             "owned_by": "chatfactory", "max_model_len": s.block_size,
+                                             "precision": s.precision, **s.memory, "version": s.version,
+                                             "role": role} for s, role in cards]}
 
     def chat_logprobs(entries, top: int):
         """(id, log-prob, alternatives) per token -> the chat format's list. A token that is part of a
@@ -210,23 +218,41 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
     @post("/v1/chat/completions", "a chat completion (stream: true for server-sent events)", "ChatCompletionRequest",
           ChatCompletion, ChatCompletionChunk)
     async def chat_completions(request: HTTPRequest):
-        req = await pool.run(parse_body, ChatCompletionRequest, await read_json(request))
+        return await leased(chat_answer, request, ChatCompletionRequest)
+
+    async def leased(answer, request, body_model):
+        """The body as ``body_model``, and ``answer(request, req, lease)`` on the version this request starts on
+        (it finishes there too); the lease is given back here, or by the stream when the answer is one."""
+        req = await pool.run(parse_body, body_model, await read_json(request))
+        lease = svc.lease(req.model)
+        try:
+            out = await answer(request, req, lease)
+        except BaseException:
+            lease.release()
+            raise
+        if not isinstance(out, StreamingResponse):
+            lease.release()
+        return out
+
+    async def chat_answer(request, req, lease):
+        served = lease.served
         s = req.sampling()
         want_lp, top_lp = bool(req.logprobs), req.top_logprobs or 0
         include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
-        fits("the conversation", (m.text for m in req.messages), "messages")
+        fits("the conversation", (m.text for m in req.messages), "messages", served)
         prompt = await render_chat(messages(req.messages))
-        max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), svc.block_size, None))
-        choices, _, queue = start(svc, [prompt], s, max_tokens, top_lp if want_lp else None, client=client_of(request))
+        max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
+        choices, _, queue = start(served, [prompt], s, max_tokens, top_lp if want_lp else None,
+                                  client=client_of(request))
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.name}
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
 
         if not s["stream"]:
             async for _ in events(choices, queue, request):
                 pass
             if any(c.finish is None for c in choices):
                 return JSONResponse({}, status_code=499)  # the client went away; nobody reads this
-            return {"id": rid, "object": "chat.completion", "created": created, "model": svc.name,
+            return {"id": rid, "object": "chat.completion", "created": created, "model": served.name,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.detok.text},
                                  "logprobs": chat_logprobs(c.logprobs, top_lp) if want_lp else None,
                                  "finish_reason": finish_reason(c)} for c in choices],
@@ -269,7 +295,7 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                 yield sse({**head, "choices": [], "usage": usage([prompt], choices)})
             yield "data: [DONE]\n\n"
 
-        return stream_response(gen())
+        return stream_response(gen(), lease)
 
     def completion_prompts(prompts: list[str | list[int]]) -> list[tuple[list[int], int]]:
         """-> (ids fed to the model, how many of them are a conditioning <|bos|> not shown to the client)."""
@@ -308,25 +334,28 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
     @post("/v1/completions", "a text completion; with echo and logprobs it scores the prompt", "CompletionRequest",
           Completion, CompletionChunk)
     async def completions(request: HTTPRequest):
-        req = await pool.run(parse_body, CompletionRequest, await read_json(request))
+        return await leased(completion_answer, request, CompletionRequest)
+
+    async def completion_answer(request, req, lease):
+        served = lease.served
         s = req.sampling()
         echo, logprobs = bool(req.echo), req.logprobs
         for i, p in enumerate(req.prompts()):
             if isinstance(p, str):
-                fits(f"prompt[{i}]", [p], "prompt")
+                fits(f"prompt[{i}]", [p], "prompt", served)
         prompts = await pool.run(completion_prompts, req.prompts())
         longest = max(len(ids) for ids, _ in prompts)
-        max_tokens = req.max_tokens_for(longest, svc.block_size, 16)
+        max_tokens = req.max_tokens_for(longest, served.block_size, 16)
         if s["stream"] and (echo or logprobs is not None):
             raise APIError(400, "'echo' and 'logprobs' are supported without 'stream' only", "stream", "invalid_value")
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         feed = [ids for ids, _ in prompts]
         scoring = echo and logprobs is not None  # prompt log-probs: one forward per prompt, in the scheduler
-        max_tokens = budget(req, len(feed), s["n"], max_tokens, len(feed) if scoring else 0)
+        max_tokens = budget(req, len(feed), s["n"], max_tokens, served, len(feed) if scoring else 0)
         scorings: list[Scoring] = []
         queue = None
         if max_tokens > 0 or scoring:
-            choices, scorings, queue = start(svc, feed if max_tokens > 0 else [], s, max_tokens, logprobs,
+            choices, scorings, queue = start(served, feed if max_tokens > 0 else [], s, max_tokens, logprobs,
                                              feed if scoring else [], client_of(request))
         if max_tokens == 0:
             choices = [Choice(i * s["n"] + j, svc.tok, [], svc.stop_ids)
@@ -335,7 +364,7 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                 c.finish = "length"
 
         if s["stream"]:
-            head = {"id": rid, "object": "text_completion", "created": created, "model": svc.name}
+            head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
 
             async def gen():
                 try:
@@ -355,7 +384,7 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                     yield sse(e.body())
                 yield "data: [DONE]\n\n"
 
-            return stream_response(gen())
+            return stream_response(gen(), lease)
 
         if queue is not None:
             parts = [c for c in choices if c.finish is None] + scorings
@@ -388,81 +417,10 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                     else:
                         lp = legacy_logprobs(gen_ids, gen_lps, gen_tops, len(prompt_text))
                 out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish_reason(c)})
-            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": svc.name,
+            return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": served.name,
                                  "choices": out, "usage": usage(feed, choices)})
 
         return await pool.run(answer, admitted=True)
-
-    # ---- tokenizer endpoints, as vLLM serves them: lm-eval's local-completions finds them by itself
-    # and then needs no tokenizer files of its own ("remote" tokenizer backend). Text is tokenized as
-    # the Hugging Face export does: spelled-out special tokens are special here.
-    @app.get("/tokenizer_info", summary="the tokenizer and its chat template (vLLM's endpoint)",
-             responses=doc(TokenizerInfo, 401, 403))
-    async def tokenizer_info():
-        return {"tokenizer_class": "chatfactory", **svc.tok.chat_config,
-                "model_max_length": svc.block_size, "vocab_size": svc.tok.vocab_size}
-
-    @post("/tokenize", "text, or a conversation rendered by the chat template, to token ids", "TokenizeRequest",
-          TokenizeResponse)
-    async def tokenize(request: HTTPRequest):
-        req = await pool.run(parse_tokenize, await read_json(request))
-        if isinstance(req, TokenizeChat):
-            ids = await render_chat(messages(req.messages), req.add_generation_prompt is not False)
-        else:
-            ids = (await pool.run(lambda p: svc.tok.hf.encode(p, add_special_tokens=False), req.prompt)).ids
-            if req.add_special_tokens is not False and svc.tok.add_bos:
-                ids = [svc.tok.bos_id] + ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": svc.block_size}
-
-    @post("/detokenize", "token ids to text", "DetokenizeRequest", DetokenizeResponse)
-    async def detokenize(request: HTTPRequest):
-        ids = (await pool.run(parse_body, DetokenizeRequest, await read_json(request))).tokens
-
-        def decode():  # up to a megabyte of ids: off the event loop
-            if any(not 0 <= t < svc.tok.vocab_size for t in ids):
-                raise APIError(400, "'tokens' holds an id outside the vocabulary", "tokens", "invalid_value")
-            return {"prompt": svc.tok.decode(ids)}
-        return await pool.run(decode)
-
-    @post("/v1/feedback", "a thumbs up/down rating, or a preference between two answers (SQLite)", "FeedbackRequest",
-          FeedbackCreated)
-    async def feedback(request: HTTPRequest):
-        body = await read_json(request)
-        if svc.feedback is None:
-            raise APIError(404, "this server keeps no feedback store", code="feedback_disabled")
-        req = parse_feedback(body)
-        item = req.model_dump(exclude={"model", "rater"}, exclude_none=True)
-        wait = feedback_rate.take(client_of(request))
-        if wait:
-            raise APIError(429, f"too much feedback from this client: at most {slim.feedback_per_minute:g} a minute "
-                                f"(bursts of {slim.feedback_burst}); retry later", code="rate_limited",
-                           retry_after=wait)
-        try:
-            fid = await asyncio.to_thread(svc.feedback.add, item, svc.name, svc.stage, rater_of(request, req.rater))
-        except FeedbackFull as e:
-            raise APIError(400, str(e), "messages", "feedback_limit") from None
-        except FeedbackStoreError:
-            raise  # the server's file, not the request: a 500 (the log names the file)
-        except ValueError as e:
-            raise APIError(400, str(e), code="invalid_value") from None
-        answer = JSONResponse({"id": fid, "object": "feedback"})
-        set_rater_cookie(answer, request)  # a client without one is known by its address until it sends it
-        return answer
-
-    def rater_of(request: HTTPRequest, named: str | None) -> str:
-        """Who votes, as feedback.py's rater id. A caller with the API key names its raters (``X-Rater``, else
-        the body's ``rater``, else its cookie: several people may share a key); anyone else cannot choose: the
-        ``cf_rater`` cookie, else the address (a script that drops cookies stays one rater)."""
-        cookie = request.cookies.get(RATER_COOKIE, "")
-        cookie = cookie if RATER_TOKEN.fullmatch(cookie) else ""
-        if svc.api_key:
-            name = request.headers.get("x-rater") or named or cookie
-            if len(name) > 200:
-                raise APIError(400, "X-Rater: at most 200 characters", "X-Rater", "invalid_value")
-            return svc.feedback.rater_id("key", svc.api_key, name)
-        if cookie:
-            return svc.feedback.rater_id("cookie", cookie)
-        return svc.feedback.rater_id("address", client_of(request))
 
     # ---- the web UI: one static page; the CSP forbids inline script as a second line of defence ----
     csp = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -482,12 +440,25 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
             raise APIError(404, f"no static file {name!r}")
         return FileResponse(path, headers={"Content-Security-Policy": csp})
 
+    # votes, the arena and its leaderboard, admin: routes of their own modules, with the helpers above
+    kit = RouteKit(app=app, svc=svc, pool=pool, feedback_rate=feedback_rate, read_json=read_json, post=post,
+                   render_chat=render_chat, fits=fits, budget=budget, sse=sse, stream_response=stream_response,
+                   messages=messages)
+    install_tokenizer_routes(kit)
+    install_votes(kit)
+    install_arena(kit)
+    install_admin(kit)
+
     # outermost: foreign pages and non-JSON writes are refused first
     install_guards(app, allow_origins, bind_host, svc.api_key)
 
-    def openapi():
-        if app.openapi_schema is None:
+    described_for: list = []  # the model names the cached schema lists
+
+    def openapi():  # described again when the names it accepts change (a swap, the arena)
+        names = svc.names()
+        if app.openapi_schema is None or described_for != names:
             app.openapi_schema = build_openapi(app, svc)
+            described_for[:] = names
         return app.openapi_schema
 
     app.openapi = openapi

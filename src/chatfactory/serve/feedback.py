@@ -14,6 +14,10 @@ rater, and:
   that wrote each answer (``models``, default the served model), an optional ``reason``;
 * a rating: thumbs up (+1) or down (-1) on one answer, an optional ``reason``.
 
+An arena vote (serve/arena.py) is a comparison whose two versions the server chose and recorded; table
+``battles`` names those rows, and ``battles()`` reads them for the leaderboard (a body's own ``models`` never
+counts there).
+
 The rater is a short salted hash (``rater_id``; the salt stays in the file), so an export names no key
 and no address. serve/api.py derives it: from the API key plus ``X-Rater`` when the request carries the
 key, else from the ``cf_rater`` cookie, else from the client's address.
@@ -146,6 +150,10 @@ def _to_v2(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO meta VALUES ('rater_salt', ?)", (secrets.token_hex(16),))
 
 
+# the arena's votes (serve/arena.py): which feedback rows decided a battle. Made by the first such vote, in
+# its transaction, not by a migration: a store without battles reads as before, and opening one writes nothing
+BATTLES = "CREATE TABLE IF NOT EXISTS battles (id TEXT PRIMARY KEY, feedback_id INTEGER NOT NULL UNIQUE)"
+
 MIGRATIONS = (_to_v1, _to_v2)  # MIGRATIONS[n] takes a file from version n to n + 1; append, never edit
 
 # a vote that does not count (rule 1): a later vote of its rater on the same thing in the round, or, for a
@@ -199,7 +207,8 @@ class FeedbackStore:
         ``"address", ip``): salted with the store's secret, so no key or address can be read back from it."""
         return hashlib.sha256(json.dumps([self._salt, *parts]).encode()).hexdigest()[:16]
 
-    def add(self, item: dict, model: str | None = None, stage: str | None = None, rater: str | None = None) -> int:
+    def add(self, item: dict, model: str | None = None, stage: str | None = None, rater: str | None = None,
+            battle: str | None = None) -> int:
         """Validate one vote (the body of ``POST /v1/feedback``) and store it -> its id.
 
         rating:     {"kind": "rating", "messages": [...], "answer": str, "rating": 1 | -1, "reason"?: str}
@@ -207,7 +216,8 @@ class FeedbackStore:
                      "choice": "a" | "b" | "tie" | "both_bad" (or "preferred": 0 | 1), "shown_left"?: 0 | 1,
                      "models"?: [str, str], "reason"?: str}
         ``messages`` is the conversation the answer(s) reply to (it ends before them). ``model`` is the served
-        version (each answer's, unless ``models`` names them); ``rater`` is ``rater_id``'s, never from ``item``."""
+        version (each answer's, unless ``models`` names them); ``rater`` is ``rater_id``'s, never from ``item``;
+        ``battle``: the arena battle the vote decides (its ``models`` are the server's record, see ``battles``)."""
         row = validate(item)
         key = conversation_key(row["messages"])
         model_a, model_b = row.get("models") or (model, model if row["kind"] == "comparison" else None)
@@ -225,7 +235,21 @@ class FeedbackStore:
                  row.get("answer_b"), row.get("rating"), row.get("preferred"), row.get("choice"),
                  row.get("shown_left"), model_a, model_b, stage, rater, row.get("reason"), key,
                  vote_key(key, row["answer"], row.get("answer_b"))))
+            if battle is not None:  # in the vote's transaction: a vote is a battle's whole or not at all
+                db.execute(BATTLES)
+                db.execute("INSERT INTO battles (id, feedback_id) VALUES (?, ?)", (battle, cur.lastrowid))
             return int(cur.lastrowid)
+
+    def battles(self) -> list[dict]:
+        """The arena's decided battles, in the order voted: ``{"a", "b", "winner", "id"}`` (the versions of
+        answers A and B, the choice, the vote's id): votes whose versions the server recorded itself, never
+        a body's ``models``."""
+        with self._connect() as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'battles'").fetchone() is None:
+                return []
+            return [{"a": a, "b": b, "winner": c, "id": i} for i, a, b, c in db.execute(
+                "SELECT f.id, f.model, f.model_b, f.choice FROM battles t JOIN feedback f ON f.id = t.feedback_id"
+                " WHERE f.model IS NOT NULL AND f.model_b IS NOT NULL AND f.model != f.model_b ORDER BY f.id")]
 
     def rows(self) -> list[dict]:
         with self._connect() as db:

@@ -31,11 +31,13 @@ class Scoring:
 
 
 def start(svc, prompts: list[list[int]], s: dict, max_tokens: int, logprobs=None, score: list[list[int]] = (),
-          client: str = "") -> tuple[list[Choice], list[Scoring], asyncio.Queue]:
+          client: str = "", queue: asyncio.Queue | None = None) -> tuple[list[Choice], list[Scoring], asyncio.Queue]:
     """Submit ``n`` samples of each of ``prompts`` (index = prompt * n + sample) and a scoring of each of
-    ``score`` (index = its place there), as one group -> (choices, scorings, the queue their Steps arrive on)."""
+    ``score`` (index = its place there), as one group -> (choices, scorings, the queue their Steps arrive on).
+    ``svc``: what serves them (service.Served: its tokenizer, stop ids and scheduler); ``queue``: one that
+    another group's Steps arrive on too (the arena's two versions answer one prompt together)."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    queue = asyncio.Queue() if queue is None else queue
     choices, scorings, reqs = [], [], []
 
     def add(part, prompt, params, lp, scoring=False):

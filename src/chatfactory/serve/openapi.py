@@ -1,7 +1,7 @@
 """The server's OpenAPI schema (``GET /openapi.json``): FastAPI's description of the routes, plus the
 request bodies generated from the same pydantic models that validate them (protocol.py), the answers
 (responses.py), the server-sent events, and the errors each route really returns, narrowed to what one
-server accepts: its model id, its context length, its vocabulary and its static files. The fuzzing
+server accepts: its model ids, its context length, its vocabulary and its static files. The fuzzing
 bench (bench/fuzz_and_soak.py) generates requests from it and checks the answers against it.
 """
 
@@ -13,6 +13,14 @@ from pathlib import Path
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
+from .arena_protocol import (
+    AdminEmpty,
+    ArenaBattleChunk,
+    ArenaBattleRequest,
+    ArenaSetup,
+    ArenaVoteRequest,
+    RollbackRequest,
+)
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,21 +39,27 @@ API_DESCRIPTION = ("An OpenAI-compatible API for one chatfactory model, its toke
 ERRORS = {
     400: "a bad request: error.param names the field, error.code says what is wrong",
     401: "the server runs with --api-key and the request lacks 'Authorization: Bearer KEY' (or has a wrong one)",
-    403: "a foreign page: an Origin or a Host that is not this server's nor allowed with --allow-origin",
-    404: "the body names another model (code model_not_found), or feedback is off (feedback_disabled)",
+    403: "a foreign page: an Origin or a Host that is not this server's nor allowed with --allow-origin; an admin "
+         "route on a server without --api-key (admin_disabled)",
+    404: "the body names another model (code model_not_found), feedback is off (feedback_disabled), or a vote "
+         "names no open battle (battle_not_found)",
     408: "the body did not arrive within the server's body deadline (code request_timeout)",
     413: "the body is over the size limit (counted while it streams in)",
+    409: "the arena is not set up (arena_closed), or the server serves a pinned --stage (versions_off)",
     415: "a POST whose Content-Type is not application/json",
     429: "busy: the queue, or this client's share of it, is full (server_busy), or this client sent too much "
          "feedback (rate_limited); Retry-After says when to try again",
-    500: "generation failed (code engine_error); the message names a reference in the server's log, no more",
+    500: "generation failed (code engine_error); the message names a reference in the server's log, no more; "
+         "an admin route's version that loaded but did not generate (version_failed)",
 }
 POST_ERRORS = (400, 401, 403, 404, 408, 413, 415, 429)
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 # what each request body is, by its schema's name in components/schemas
 REQUEST_BODIES = {"ChatCompletionRequest": ChatCompletionRequest, "CompletionRequest": CompletionRequest,
                   "FeedbackRequest": FeedbackRequest, "TokenizeRequest": TokenizeRequest,
-                  "DetokenizeRequest": DetokenizeRequest,
+                  "DetokenizeRequest": DetokenizeRequest, "ArenaBattleRequest": ArenaBattleRequest,
+                  "ArenaVoteRequest": ArenaVoteRequest, "ArenaSetup": ArenaSetup, "RollbackRequest": RollbackRequest,
+                  "AdminEmpty": AdminEmpty,
                   # only a conversation's first message may be a system message (JSON Schema's prefixItems)
                   "LaterChatMessage": LaterChatMessage, "LaterFeedbackTurn": LaterFeedbackTurn}
 LATER = {"#/components/schemas/ChatMessage": "#/components/schemas/LaterChatMessage",
@@ -88,7 +102,7 @@ def body_doc(name: str) -> dict:
 
 def build_openapi(app, svc) -> dict:
     """FastAPI's schema of the routes, plus the request bodies (generated from the same pydantic models
-    that validate them), narrowed to what this server accepts: its model id, its context length, its
+    that validate them), narrowed to what this server accepts: its model ids, its context length, its
     vocabulary and its static files."""
     doc_ = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
     schemas = doc_.setdefault("components", {}).setdefault("schemas", {})
@@ -97,7 +111,8 @@ def build_openapi(app, svc) -> dict:
         js = TypeAdapter(t).json_schema(ref_template="#/components/schemas/{model}")
         request_defs.update(js.pop("$defs", {}))
         request_defs[name] = js
-    for chunk in (ChatCompletionChunk, CompletionChunk):  # referred to by the event streams' schemas only
+    # referred to by the event streams' schemas only
+    for chunk in (ChatCompletionChunk, CompletionChunk, ArenaBattleChunk):
         js = chunk.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
         schemas.update(js.pop("$defs", {}))
         schemas[chunk.__name__] = js
@@ -110,8 +125,8 @@ def build_openapi(app, svc) -> dict:
             if msgs.get("items", {}).get("$ref") in LATER:  # a system message comes first or not at all
                 first = msgs["items"]["$ref"]
                 msgs["prefixItems"], msgs["items"] = [{"$ref": first}], {"$ref": LATER[first]}
-            if "model" in props:  # the one model served (null or absent: that one too)
-                props["model"] = {"anyOf": [{"type": "string", "enum": [svc.name]}, {"type": "null"}],
+            if "model" in props:  # the models served (null or absent: the served version)
+                props["model"] = {"anyOf": [{"type": "string", "enum": svc.names()}, {"type": "null"}],
                                   "default": None, "description": props["model"].get("description", "")}
             for key in ("max_tokens", "max_completion_tokens"):
                 if key in props:  # never more than the context holds (the prompt's share is checked per request)

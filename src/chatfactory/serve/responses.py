@@ -31,6 +31,9 @@ class ModelCard(BaseModel):
         description="where the weights live while serving: all in memory (resident), or the layers beyond "
                     "--max-memory read from disk just before they run (streamed)")
     memory_budget_mb: float | None = Field(None, description="streamed: the weights' memory budget, in MB")
+    version: int | None = Field(None, description="the run's version (RUN/versions/N); null for a stage")
+    role: Literal["serving", "arena"] = Field("serving", description="served to every request without a model, "
+                                                                     "or one of the arena's versions")
 
 
 class ModelList(BaseModel):
