@@ -1,0 +1,167 @@
+"""The arena and its leaderboard over HTTP (issue 25, item 6): an admin puts a candidate version in the arena
+before it is promoted; each battle is one prompt answered by the served version and the candidate, in an
+order drawn per battle, with no version named until the vote; a scripted voter that prefers version 2's
+answer in most battles ranks version 2 above version 1 on GET /v1/leaderboard with an interval that
+excludes a tie; a vote that names versions itself is refused, and a
+/v1/feedback comparison that names two versions is stored but never counted; each battle takes one vote;
+the admin route refuses without the key; a promoted candidate closes the arena. A browser test plays one
+battle through the web UI's Arena tab."""
+import json
+import random
+import urllib.request
+
+import pytest
+from test_hot_swap import add_version
+
+from chatfactory.serve.limits import ServerLimits
+from chatfactory.store.versions import Versions
+from conftest import make_run, post
+
+KEY = "test-key-arena"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FAST_VOTES = ServerLimits(feedback_per_minute=1e6, feedback_burst=10**6)  # every scripted voter is 127.0.0.1
+PROMPTS = [f"question number {i}: how are you today?" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("arena") / "ar")
+    assert add_version(run, seed=1) == 2  # a candidate: not promoted
+    return run
+
+
+def ask(url, prompt, model):
+    """A greedy answer of ``model`` (a scripted voter learns what version 2 sounds like, as a person would)."""
+    status, out = post(url, "/v1/chat/completions", {"model": model, "max_tokens": 8, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": prompt}]}, AUTH)
+    assert status == 200, out
+    return out["choices"][0]["message"]["content"]
+
+
+def battle(url, prompt):
+    status, out = post(url, "/v1/arena/battle", {"messages": [{"role": "user", "content": prompt}],
+                                                 "max_tokens": 8, "temperature": 0}, AUTH)
+    assert status == 200, out
+    return out
+
+
+def vote(url, bid, choice, rater="scripted", **extra):
+    return post(url, "/v1/arena/vote", {"battle_id": bid, "choice": choice, **extra}, {**AUTH, "X-Rater": rater})
+
+
+def board(url):
+    status, out = post(url, "/v1/leaderboard", None, AUTH)
+    assert status == 200, out
+    return out
+
+
+def test_votes_rank_the_preferred_version_first(run, serve_run):
+    url, svc, _ = serve_run(run, stage=None, api_key=KEY, watch=0, server_limits=FAST_VOTES)
+    prompt0 = [{"role": "user", "content": PROMPTS[0]}]
+    # no arena yet; the admin route needs the key
+    status, err = post(url, "/v1/arena/battle", {"messages": prompt0}, AUTH)
+    assert status == 409 and err["error"]["code"] == "arena_closed", err
+    assert post(url, "/v1/admin/arena", {"candidate": 2})[0] == 401
+    status, err = post(url, "/v1/admin/arena", {"candidate": 1}, AUTH)
+    assert status == 400 and err["error"]["param"] == "candidate", err  # the served one cannot battle itself
+    status, err = post(url, "/v1/admin/arena", {"candidate": 9}, AUTH)
+    assert status == 400 and err["error"]["param"] == "candidate" and "version 9" in err["error"]["message"], err
+    status, err = post(url, "/v1/admin/arena", {"versions": [2, 2]}, AUTH)
+    assert status == 400 and err["error"]["param"] == "versions", err
+    status, state = post(url, "/v1/admin/arena", {"candidate": 2}, AUTH)
+    assert status == 200 and state["open"] and state["models"] == ["ar/v1", "ar/v2"], state
+    status, models = post(url, "/v1/models", None, AUTH)
+    assert [(m["id"], m["role"]) for m in models["data"]] == [("ar/v1", "serving"), ("ar/v2", "arena")]
+    assert svc.version == 1  # put in the arena before promotion: not served
+
+    assert board(url) == {"object": "leaderboard", "battles": 0, "level": 0.95, "rounds": 200, "data": [],
+                          "gaps": []}
+    rng = random.Random(0)
+    v2_first = 0
+    for i, prompt in enumerate(PROMPTS):
+        liked = ask(url, prompt, "ar/v2")
+        out = battle(url, prompt)
+        assert set(out) == {"id", "object", "answers", "finish_reasons"} and "ar/v" not in json.dumps(out)
+        a0, a1 = out["answers"]
+        assert a0 != a1, "the two versions' greedy answers should differ"
+        # the voter prefers version 2's answer, with 15% random votes
+        pick = "a" if a0 == liked else "b" if a1 == liked else rng.choice("ab")
+        if rng.random() < 0.15:
+            pick = rng.choice(["a", "b", "tie", "both_bad"])
+        status, voted = vote(url, out["id"], pick, rater=f"r{i % 3}", shown_left=rng.randrange(2))
+        assert status == 200 and voted["object"] == "arena.vote", voted
+        # the names, revealed by the vote, are the server's record of who wrote what
+        assert sorted(voted["models"]) == ["ar/v1", "ar/v2"]
+        assert (voted["models"][0] == "ar/v2") == (a0 == liked)
+        v2_first += voted["models"][0] == "ar/v2"
+    assert 10 < v2_first < len(PROMPTS) - 10  # which version is answer 0 is drawn per battle
+
+    final = board(url)
+    assert final["battles"] == len(PROMPTS)
+    first, second = final["data"]
+    assert (first["model"], second["model"]) == ("ar/v2", "ar/v1") and first["score"] > second["score"]
+    assert first["lo"] > second["hi"] or final["gaps"][0]["separated"]
+    assert final["gaps"] == [{**final["gaps"][0], "better": "ar/v2", "worse": "ar/v1", "separated": True}]
+    assert first["battles"] == second["battles"] == len(PROMPTS)
+    assert first["wins"] + first["ties"] + first["losses"] == len(PROMPTS) and first["wins"] > first["losses"]
+
+    rows = svc.feedback.rows()
+    arena_rows = [r for r in rows if r["stage"] == "arena"]
+    assert len(arena_rows) == len(PROMPTS) and {(r["kind"], r["model"] != r["model_b"]) for r in arena_rows} == {
+        ("comparison", True)}
+    assert arena_rows[0]["messages"] == [{"role": "user", "content": PROMPTS[0]}]
+
+
+def test_a_vote_cannot_choose_the_versions_and_counts_once(run, serve_run):
+    url, svc, _ = serve_run(run, stage=None, api_key=KEY, watch=0, server_limits=FAST_VOTES)
+    assert post(url, "/v1/admin/arena", {"versions": [2, 1]}, AUTH)[0] == 200
+    before = board(url)["battles"]
+    out = battle(url, "a forged vote?")
+    # a vote that names versions or answers itself is refused, naming the field
+    for forged in ({"models": ["ar/v2", "ar/v1"]}, {"answers": ["x", "y"]}):
+        status, err = vote(url, out["id"], "a", **forged)
+        assert status == 400 and err["error"]["param"] == next(iter(forged)), err
+    status, err = vote(url, out["id"], "left")
+    assert status == 400 and err["error"]["param"] == "choice", err
+    # the battle is still open after refused votes; it takes one vote, then no more
+    assert vote(url, out["id"], "tie")[0] == 200
+    status, err = vote(url, out["id"], "a")
+    assert status == 404 and err["error"]["code"] == "battle_not_found" and err["error"]["param"] == "battle_id"
+    assert vote(url, "battle-made-up", "a")[0] == 404
+    # a comparison posted to /v1/feedback may say which versions wrote its answers (stored as said), but the
+    # leaderboard counts only battles whose versions the server recorded
+    forged = {"kind": "comparison", "messages": [{"role": "user", "content": "hi"}], "answers": ["x", "y"],
+              "choice": "a", "models": ["ar/v1", "ar/v2"]}
+    for _ in range(3):
+        assert post(url, "/v1/feedback", forged, AUTH)[0] == 200
+    assert board(url)["battles"] == before + 1  # the tie only
+    # a streamed battle names no version either, and ends with the battle's id
+    req = urllib.request.Request(url + "/v1/arena/battle", json.dumps(
+        {"messages": [{"role": "user", "content": "stream it"}], "max_tokens": 6, "stream": True}).encode(),
+        {"Content-Type": "application/json", **AUTH})
+    events = [line[6:] for line in urllib.request.urlopen(req, timeout=60).read().decode().splitlines()
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "ar/v" not in "".join(events)
+    done = json.loads(events[-2])
+    assert done["object"] == "arena.battle" and done["id"].startswith("battle-") and len(done["finish_reasons"]) == 2
+    assert {json.loads(e)["index"] for e in events[:-2]} <= {0, 1}
+    status, voted = vote(url, done["id"], "b")
+    assert status == 200 and sorted(voted["models"]) == ["ar/v1", "ar/v2"]
+
+
+def test_a_promoted_candidate_closes_the_arena(run, tmp_path, serve_run):
+    import shutil
+
+    copy = tmp_path / "ar"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("feedback.sqlite*"))
+    url, svc, _ = serve_run(copy, stage=None, api_key=KEY, watch=0)
+    assert post(url, "/v1/admin/arena", {"candidate": 2}, AUTH)[0] == 200
+    candidate = svc.arena[2]
+    Versions(copy).promote(2)
+    status, out = post(url, "/v1/admin/reload", {}, AUTH)
+    assert status == 200 and out["changed"] and out["model"] == "ar/v2", out
+    assert svc.current is candidate  # the arena's loaded, warm candidate is what is served now
+    status, err = post(url, "/v1/arena/battle", {"messages": [{"role": "user", "content": "hi"}]}, AUTH)
+    assert status == 409 and err["error"]["code"] == "arena_closed", err
+    status, state = post(url, "/v1/admin/arena", None, AUTH)
+    assert status == 200 and state == {"object": "arena", "open": False, "models": []}
