@@ -165,3 +165,49 @@ def test_a_promoted_candidate_closes_the_arena(run, tmp_path, serve_run):
     assert status == 409 and err["error"]["code"] == "arena_closed", err
     status, state = post(url, "/v1/admin/arena", None, AUTH)
     assert status == 200 and state == {"object": "arena", "open": False, "models": []}
+
+
+def test_one_battle_through_the_web_ui(browser, run, serve_run):
+    import sqlite3
+
+    url, svc, _ = serve_run(run, stage=None, watch=0)
+    svc.hotswap.set_arena(candidate=2)  # (the admin route needs a key; this server has none)
+    page = browser.new_page(bypass_csp=True)  # (wait_for_function evaluates a string; the page's CSP forbids it)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === 'ar/v1'")
+    page.click("#tab-arena")
+    assert page.is_visible("#arena-panel") and not page.is_visible("#chat-panel")
+    page.fill("#arena-input", "Which version are you?")
+    page.press("#arena-input", "Enter")
+    page.wait_for_selector(".arena button.prefer >> nth=1")
+    boxes = page.locator(".arena .msg.assistant")
+    assert boxes.count() == 2 and page.locator(".arena .model-name").count() == 0
+    assert "ar/v" not in page.locator("#arena-panel").inner_text()  # anonymous until the vote
+    left = page.locator(".arena button.prefer", has_text="Prefer A")
+    left.click()
+    page.wait_for_function("document.getElementById('status').textContent.includes('A was')")
+    names = [boxes.nth(i).locator(".model-name").text_content() for i in range(2)]
+    assert sorted(names) == ["ar/v1", "ar/v2"]
+    db = sqlite3.connect(svc.feedback.path)
+    row = db.execute("SELECT answer, answer_b, model, model_b, choice, shown_left, stage FROM feedback"
+                     " ORDER BY id DESC LIMIT 1").fetchone()
+    db.close()
+    def letters(text):  # what the page's Markdown keeps of the random model's text, whatever its markup
+        return [c for c in text if c.isalnum()]
+    texts = [letters(boxes.nth(i).locator(".content").text_content()) for i in range(2)]
+    assert row[6] == "arena" and [row[2], row[3]] == names and [letters(row[0]), letters(row[1])] == texts
+    # the person chose the answer shown on the left
+    assert row[4] == "ab"[row[5]] and "preferred" in boxes.nth(row[5]).get_attribute("class")
+    shown = page.locator("#status").text_content()
+    assert f"A was {names[row[5]]}, B was {names[1 - row[5]]}" in shown
+
+    page.click("#tab-board")
+    page.wait_for_selector("#board tbody tr >> nth=1")
+    cells = page.locator("#board tbody tr").nth(0).locator("td")
+    assert cells.nth(1).text_content() == names[row[5]] and cells.nth(5).text_content() == str(
+        len(svc.feedback.battles()))
+    assert "arena votes" in page.locator("#board-summary").text_content()
+    assert not errors
+    page.close()

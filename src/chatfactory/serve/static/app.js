@@ -11,7 +11,7 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   history: [],        // the conversation sent to the model: [{role, content}]
-  model: null,        // the served model's id (GET /v1/models)
+  model: null,        // the served model's id (GET /v1/models), then the version that wrote the last answer
   controller: null,   // AbortController of the reply being streamed
   pendingCompare: null, // a comparison waiting for the person's choice
   dropped: 0,         // oldest history messages no longer sent: the chat outgrew the model's context
@@ -105,54 +105,66 @@ async function loadModel() {
   }
 }
 
+// Server-sent events of a fetch response: onEvent(JSON) for each, until "data: [DONE]" or the end of the
+// body; an error event throws its message.
+async function readEvents(res, onEvent) {
+  const reader = res.body.getReader();
+  // stream: true holds the bytes of a character split between two network reads until the second one
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, cut); buf = buf.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        const j = JSON.parse(data);
+        if (j.error) throw new Error(j.error.message);
+        onEvent(j);
+      }
+    }
+  }
+  decoder.decode();  // the end of the body: bytes of a character cut short are dropped with it
+}
+
 // Stream a chat completion with n answers; onText(index, fullText) after every delta.
-// Resolves to {texts, finish} (finish[i] is null for an answer cut by Stop).
+// Resolves to {texts, finish, model} (finish[i] is null for an answer cut by Stop; model: the version that
+// wrote them, which a vote on them names: a newer version may be served by the time the person votes).
 async function streamChat(messages, n, onText) {
   state.controller = new AbortController();
   const body = { messages, stream: true, n, temperature: parseFloat($("temperature").value) };
   if (state.model) body.model = state.model;
   const texts = Array(n).fill(""), finish = Array(n).fill(null);
+  let model = null;
   const res = await fetch("/v1/chat/completions", {
     method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.controller.signal,
   });
   if (!res.ok) throw await apiError(res);
-  const reader = res.body.getReader();
-  // stream: true holds the bytes of a character split between two network reads until the second one
-  const decoder = new TextDecoder();
-  let buf = "";
   try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const event = buf.slice(0, cut); buf = buf.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data: ")) continue;
-          const data = line.slice(6);
-          if (data === "[DONE]") return { texts, finish };
-          const j = JSON.parse(data);
-          if (j.error) throw new Error(j.error.message);
-          for (const c of j.choices || []) {
-            if (c.delta && c.delta.content) { texts[c.index] += c.delta.content; onText(c.index, texts[c.index]); }
-            if (c.finish_reason) finish[c.index] = c.finish_reason;
-          }
-        }
+    await readEvents(res, (j) => {
+      model = j.model || model;
+      for (const c of j.choices || []) {
+        if (c.delta && c.delta.content) { texts[c.index] += c.delta.content; onText(c.index, texts[c.index]); }
+        if (c.finish_reason) finish[c.index] = c.finish_reason;
       }
-    }
-    buf += decoder.decode();  // the end of the body: bytes of a character cut short show as U+FFFD here
+    });
   } catch (e) {
     if (e.name !== "AbortError") throw e;  // Stop: keep what arrived
   } finally {
     state.controller = null;
   }
-  return { texts, finish };
+  if (model && model !== state.model) { state.model = model; $("model").textContent = model; }
+  return { texts, finish, model };
 }
 
-async function sendFeedback(item) {
+async function sendFeedback(item, model) {
   const body = Object.assign({}, item);
-  if (state.model) body.model = state.model;
+  if (model || state.model) body.model = model || state.model;
   const res = await fetch("/v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
   if (!res.ok) throw new Error(await errorText(res));
   return res.json();
@@ -214,12 +226,12 @@ function busy(on) {
   $("regenerate").disabled = on || !!state.pendingCompare || !state.history.some((m) => m.role === "assistant");
 }
 
-function addRating(box, context, answer) {
+function addRating(box, context, answer, model) {
   const actions = document.createElement("div");
   actions.className = "actions";
   const rate = (value, btn) => async () => {
     try {
-      const r = await sendFeedback({ kind: "rating", messages: context, answer, rating: value });
+      const r = await sendFeedback({ kind: "rating", messages: context, answer, rating: value }, model);
       actions.querySelectorAll("button").forEach((b) => b.classList.remove("chosen"));
       btn.classList.add("chosen");
       btn.dataset.feedbackId = r.id;
@@ -240,10 +252,10 @@ async function answer(context, compare) {
     const box = addAnswerBox($("chat"));
     const content = box.querySelector(".content");
     try {
-      const { texts } = await streamChat(context, 1, (i, t) => setMarkdown(content, t));
+      const { texts, model } = await streamChat(context, 1, (i, t) => setMarkdown(content, t));
       state.history.push({ role: "assistant", content: texts[0] });
       box.dataset.turn = String(state.history.length - 1);
-      addRating(box, context, texts[0]);
+      addRating(box, context, texts[0], model);
     } catch (e) { box.remove(); throw e; }
     return;
   }
@@ -251,32 +263,49 @@ async function answer(context, compare) {
   row.className = "compare";
   $("chat").appendChild(row);
   const boxes = [addAnswerBox(row), addAnswerBox(row)];
-  let texts;
+  let texts, model;
   try {
-    ({ texts } = await streamChat(context, 2, (i, t) => setMarkdown(boxes[i].querySelector(".content"), t)));
+    ({ texts, model } = await streamChat(context, 2, (i, t) => setMarkdown(boxes[i].querySelector(".content"), t)));
   } catch (e) { row.remove(); throw e; }
-  // the side each answer is shown on is drawn at random and posted with the vote (shown_left), so a
-  // leaning towards the left can be measured and does not favour the first sample. The boxes stay in the
-  // order the answers came (box i holds answer i); the CSS order puts answer shown_left on the left
+  const shownLeft = addVoteButtons(row, boxes, vote);
+  state.pendingCompare = { row, boxes, texts, context, shownLeft, model };
+}
+
+// The buttons of a side-by-side vote (compare mode, the arena) under answers boxes[0] and boxes[1]:
+// onVote("a" | "b" | "tie" | "both_bad"). The side each answer is shown on is drawn at random and posted
+// with the vote (shown_left), so a leaning towards the left can be measured and does not favour the first
+// answer. The boxes stay in the order the answers came (box i holds answer i); the CSS order puts answer
+// shown_left on the left -> shown_left
+function addVoteButtons(row, boxes, onVote) {
   const shownLeft = Math.random() < 0.5 ? 0 : 1;
   row.classList.toggle("swapped", shownLeft === 1);
-  state.pendingCompare = { row, boxes, texts, context, shownLeft };
   boxes.forEach((box, i) => {
     const actions = document.createElement("div");
     actions.className = "actions";
     const left = i === shownLeft;  // "A" is the left one, as the person sees it
-    const b = button(t(left ? "preferA" : "preferB"), t("preferTitle"), () => vote(i === 0 ? "a" : "b"));
+    const b = button(t(left ? "preferA" : "preferB"), t("preferTitle"), () => onVote(i === 0 ? "a" : "b"));
     b.className = "prefer";
     actions.appendChild(b);
     box.appendChild(actions);
   });
   const both = document.createElement("div");
   both.className = "actions compare-both";
-  const tie = button(t("tie"), t("tieTitle"), () => vote("tie"));
-  const bad = button(t("bothBad"), t("bothBadTitle"), () => vote("both_bad"));
+  const tie = button(t("tie"), t("tieTitle"), () => onVote("tie"));
+  const bad = button(t("bothBad"), t("bothBadTitle"), () => onVote("both_bad"));
   tie.className = "tie"; bad.className = "both-bad";
   both.append(tie, bad);
   row.appendChild(both);
+  return shownLeft;
+}
+
+// After a side-by-side vote: mark the boxes ("kept": the better answer, or the left one with neither
+// better) and disable the row's buttons
+function markVote(row, boxes, choice, kept) {
+  boxes.forEach((box, j) => {
+    const mark = choice === "tie" ? "tied" : choice === "both_bad" ? "both-bad" : j === kept ? "preferred" : "not-preferred";
+    box.classList.add(mark);
+  });
+  row.querySelectorAll("button").forEach((b) => (b.disabled = true));
 }
 
 async function reply() {
@@ -311,15 +340,11 @@ async function vote(choice) {
   if (!p) return;
   try {
     const r = await sendFeedback({ kind: "comparison", messages: p.context, answers: p.texts, choice,
-                                   shown_left: p.shownLeft });
+                                   shown_left: p.shownLeft }, p.model);
     p.row.dataset.feedbackId = r.id;
   } catch (e) { showError(e.message); return; }
   const kept = choice === "a" ? 0 : choice === "b" ? 1 : p.shownLeft;
-  p.boxes.forEach((box, j) => {
-    const mark = choice === "tie" ? "tied" : choice === "both_bad" ? "both-bad" : j === kept ? "preferred" : "not-preferred";
-    box.classList.add(mark);
-  });
-  p.row.querySelectorAll("button").forEach((b) => (b.disabled = true));
+  markVote(p.row, p.boxes, choice, kept);
   state.history.push({ role: "assistant", content: p.texts[kept] });
   p.boxes[kept].dataset.turn = String(state.history.length - 1);
   state.pendingCompare = null;
@@ -341,11 +366,14 @@ $("composer").addEventListener("submit", (ev) => {
 // kana...) Enter belongs to it: it picks the candidate, and must not send the half-typed message.
 // isComposing says so during composition; keyCode 229 covers the Enter that some browsers (Safari)
 // deliver just after compositionend, and older ones that never set isComposing.
-$("input").addEventListener("keydown", (ev) => {
-  if (ev.key !== "Enter" || ev.shiftKey || ev.isComposing || ev.keyCode === 229) return;
-  ev.preventDefault();
-  $("composer").requestSubmit();
-});
+function enterSends(input, form) {
+  input.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Enter" || ev.shiftKey || ev.isComposing || ev.keyCode === 229) return;
+    ev.preventDefault();
+    form.requestSubmit();
+  });
+}
+enterSends($("input"), $("composer"));
 
 $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
 
