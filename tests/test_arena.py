@@ -8,6 +8,8 @@ the admin route refuses without the key; a promoted candidate closes the arena. 
 battle through the web UI's Arena tab."""
 import json
 import random
+import shutil
+import sqlite3
 import urllib.request
 
 import pytest
@@ -150,8 +152,6 @@ def test_a_vote_cannot_choose_the_versions_and_counts_once(run, serve_run):
 
 
 def test_a_promoted_candidate_closes_the_arena(run, tmp_path, serve_run):
-    import shutil
-
     copy = tmp_path / "ar"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("feedback.sqlite*"))
     url, svc, _ = serve_run(copy, stage=None, api_key=KEY, watch=0)
@@ -167,10 +167,10 @@ def test_a_promoted_candidate_closes_the_arena(run, tmp_path, serve_run):
     assert status == 200 and state == {"object": "arena", "open": False, "models": []}
 
 
-def test_one_battle_through_the_web_ui(browser, run, serve_run):
-    import sqlite3
-
-    url, svc, _ = serve_run(run, stage=None, watch=0)
+def test_one_battle_through_the_web_ui(browser, run, tmp_path, serve_run):
+    copy = tmp_path / "ar"  # a store of its own: this battle is the board's only one
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("feedback.sqlite*"))
+    url, svc, _ = serve_run(copy, stage=None, watch=0)
     svc.hotswap.set_arena(candidate=2)  # (the admin route needs a key; this server has none)
     page = browser.new_page(bypass_csp=True)  # (wait_for_function evaluates a string; the page's CSP forbids it)
     errors = []
@@ -206,8 +206,21 @@ def test_one_battle_through_the_web_ui(browser, run, serve_run):
     page.click("#tab-board")
     page.wait_for_selector("#board tbody tr >> nth=1")
     cells = page.locator("#board tbody tr").nth(0).locator("td")
-    assert cells.nth(1).text_content() == names[row[5]] and cells.nth(5).text_content() == str(
-        len(svc.feedback.battles()))
-    assert "arena votes" in page.locator("#board-summary").text_content()
+    assert cells.nth(1).text_content() == names[row[5]] and cells.nth(5).text_content() == "1"  # the winner first
+    assert page.locator("#board-summary").text_content() == "Arena votes: 1"
     assert not errors
     page.close()
+
+
+def test_open_battles_are_bounded_in_number_size_and_time():
+    from chatfactory.serve.arena import BattleBook
+
+    book = BattleBook(cap=3, ttl=60, max_chars=100)
+    msgs = [{"role": "user", "content": "x" * 10}]
+    ids = [book.add(msgs, ["a" * 5, "b" * 5], ["v1", "v2"]) for _ in range(4)]  # 20 characters each
+    assert book.take(ids[0]) is None and book.take(ids[1])["models"] == ["v1", "v2"]  # past the cap: the oldest
+    assert book.take(ids[1]) is None  # one vote per battle
+    big = book.add([{"role": "user", "content": "y" * 90}], ["", ""], ["v1", "v2"])  # 90 + 40 > 100 characters
+    assert book.take(ids[2]) is None and book.take(ids[3]) is None and book.take(big) is not None
+    book.ttl = -1  # every open battle is past its time
+    assert book.take(book.add(msgs, ["a", "b"], ["v1", "v2"])) is None

@@ -43,30 +43,36 @@ LEVEL = 0.95
 
 
 class BattleBook:
-    """Battles waiting for their vote: id -> {messages, answers, models}; at most ``cap`` (the oldest go
-    first), each for ``ttl`` seconds, one vote each (``take`` removes it). Safe from any thread."""
+    """Battles waiting for their vote: id -> {messages, answers, models}; at most ``cap`` of them holding at
+    most ``max_chars`` characters of text together (the oldest go first: a client that opens battles and never
+    votes cannot fill the memory), each for ``ttl`` seconds, one vote each (``take`` removes it). Safe from
+    any thread."""
 
-    def __init__(self, cap: int = 10_000, ttl: float = 3600.0):
-        self.cap, self.ttl = cap, ttl
+    def __init__(self, cap: int = 10_000, ttl: float = 3600.0, max_chars: int = 50_000_000):
+        self.cap, self.ttl, self.max_chars = cap, ttl, max_chars
         self._open: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._chars = 0
         self._lock = threading.Lock()
 
     def add(self, messages: list[dict], answers: list[str], models: list[str]) -> str:
         bid = "battle-" + secrets.token_urlsafe(16)  # unguessable: only who asked for the battle can vote on it
-        with self._lock:
-            self._open[bid] = {"messages": messages, "answers": answers, "models": models, "at": time.monotonic()}
-            while len(self._open) > self.cap:
-                self._open.popitem(last=False)
+        chars = sum(len(m["content"]) for m in messages) + sum(map(len, answers))
+        self.put_back(bid, {"messages": messages, "answers": answers, "models": models, "at": time.monotonic(),
+                            "chars": chars})
         return bid
 
     def put_back(self, bid: str, battle: dict) -> None:
-        """A battle whose vote could not be stored: open again, so the vote can be sent again."""
+        """Open ``battle`` (again, when its vote could not be stored: the vote can be sent again)."""
         with self._lock:
             self._open[bid] = battle
+            self._chars += battle["chars"]
+            while len(self._open) > self.cap or (self._chars > self.max_chars and len(self._open) > 1):
+                self._chars -= self._open.popitem(last=False)[1]["chars"]
 
     def take(self, bid: str) -> dict | None:
         with self._lock:
             battle = self._open.pop(bid, None)
+            self._chars -= battle["chars"] if battle is not None else 0
         if battle is None or time.monotonic() - battle["at"] > self.ttl:
             return None
         return battle
@@ -172,8 +178,8 @@ def install_arena(kit) -> None:
     @kit.post("/v1/arena/vote", "the vote on a battle; the answer reveals which version wrote each answer",
               "ArenaVoteRequest", ArenaVote)
     async def vote(request: HTTPRequest):
-        need_store(svc)
         body = await kit.read_json(request)
+        need_store(svc)
         for forged in ("models", "answers", "messages"):
             if forged in body:
                 raise APIError(400, f"{forged}: a vote names its battle_id only; the server keeps the battle's "

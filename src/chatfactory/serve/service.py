@@ -130,7 +130,7 @@ class Service:
         """(under the lock) The version a request naming ``name`` is answered by: the served one for no name,
         its own name, or a name served before a swap (a client that read /v1/models a moment before must
         not fail; the answer's ``model`` says which version wrote it); an arena version by its name."""
-        if name is None or name == self.current.name or name in self.retired_names:
+        if name is None or name == self.current.name or (isinstance(name, str) and name in self.retired_names):
             return self.current
         for s in self.arena.values():
             if s.name == name:

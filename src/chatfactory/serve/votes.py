@@ -74,8 +74,9 @@ def install_votes(kit) -> None:
     @kit.post("/v1/feedback", "a thumbs up/down rating, or a preference between two answers (SQLite)",
               "FeedbackRequest", FeedbackCreated)
     async def feedback(request: HTTPRequest):
+        body = await kit.read_json(request)
         need_store(svc)
-        req = parse_feedback(await kit.read_json(request))
+        req = parse_feedback(body)
         # the version the vote is about: the one the body names (read_json checked that this server answers
         # to it: an answer written before a swap keeps its version), else the one served now
         model = req.model if req.model is not None else svc.name

@@ -53,7 +53,7 @@ const MESSAGES = {
     arenaUnfinished: "the battle did not finish; try again",
     arenaRevealed: "Vote saved. A was {a}, B was {b}.",
     boardRefresh: "Refresh",
-    boardBattles: "{n} arena votes",
+    boardBattles: "Arena votes: {n}",
     boardEmpty: "No arena votes yet.",
     colRank: "Rank",
     colModel: "Model",
