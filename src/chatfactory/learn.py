@@ -162,7 +162,8 @@ def learn_round(cfg: Config, run_dir, log=print, device: str = "cpu") -> dict:
         msg = (f"{stats['pairs']} new pairs since the last round (vote {stats['after_id']}), fewer than "
                f"learn.min_pairs={cfg.learn.min_pairs}: no round; collect more votes")
         log(f"[learn] {msg}")
-        return {"version": None, "status": "too_few_pairs", "export": stats, "message": msg}
+        return {"version": None, "status": "too_few_pairs", "export": stats, "message": msg,
+                "serving": versions.serving()}
     timed("reward", lambda: _reward(cfg, versions, n, parent, log))
     cand = timed("policy", lambda: _policy(cfg, run_dir, versions, n, parent, log))
     gate_path = vdir / "gate.json"
