@@ -74,7 +74,7 @@ def start_server(run: Path) -> tuple[subprocess.Popen, str]:
 class Rater:
     """One person at the web UI: a browser context (cookies of its own), the API key typed into Settings."""
 
-    def __init__(self, browser, url: str, seed: int, noise: float):
+    def __init__(self, browser, url: str, seed: int, noise: float, temperature: float):
         self.ctx = browser.new_context(locale="en-US", bypass_csp=True, viewport={"width": 1100, "height": 800})
         self.page, self.rng, self.noise = self.ctx.new_page(), random.Random(seed), noise
         self.page.goto(url + "/")
@@ -83,6 +83,8 @@ class Rater:
         self.page.press("#apikey", "Tab")  # its change event stores it (sessionStorage) and asks for the model
         self.page.wait_for_function("document.getElementById('model').textContent.includes('/v')")
         self.page.check("#compare")
+        self.page.fill("#temperature", str(temperature))  # a range input: fill sets its value
+        self.page.dispatch_event("#temperature", "input")
         self.page.click("#settings-toggle")
 
     def _answers(self, where):
@@ -223,6 +225,8 @@ def main() -> None:
     ap.add_argument("--raters", type=int, default=3)
     ap.add_argument("--noise", type=float, default=0.15)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="the raters set this in Settings (the page's default is 0.8; the demo samples at 1.0)")
     ap.add_argument("--shots", default="", help="folder for the screenshots ('' = none)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -245,7 +249,7 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            raters = [Rater(browser, url, a.seed * 100 + i, a.noise) for i in range(a.raters)]
+            raters = [Rater(browser, url, a.seed * 100 + i, a.noise, a.temperature) for i in range(a.raters)]
             res["round1_votes"] = vote_round(raters, rows[:a.votes], "compare")
             if a.shots:
                 Path(a.shots).mkdir(parents=True, exist_ok=True)

@@ -276,7 +276,9 @@ HEADER_VALUES = {
     "Upgrade": ["websocket", "h2c"],
 }
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/feedback", "/tokenize", "/detokenize", "/health",
-         "/v1/models", "/tokenizer_info", "/", "/static/app.js", "/static/../serve.py", "/v1/nothing"]
+         "/v1/models", "/tokenizer_info", "/", "/static/app.js", "/static/../serve.py", "/v1/nothing",
+         "/v1/arena/battle", "/v1/arena/vote", "/v1/leaderboard", "/v1/admin/reload", "/v1/admin/rollback",
+         "/v1/admin/arena"]
 
 
 def fuzz_headers(port: int, cases: int, seed: int, api_key: str = "") -> dict:

@@ -137,3 +137,44 @@ def test_rollback_from_the_command_line(tiny_run, tmp_path):
     assert v.serving() == 1 and "serving version 1 (was 2)" in out.stdout
     bad = subprocess.run(cli_cmd("rollback", "--run", run, "--to", "7"), capture_output=True, text=True)
     assert bad.returncode != 0 and "no version 7" in bad.stderr and v.serving() == 1
+
+
+def test_the_arena_gate_waits_for_peoples_votes_then_decides_by_them(tiny_run, tmp_path, monkeypatch):
+    import chatfactory.learn as learn
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    vote(run, 60)
+    # the dev gate passes here by decree: this test is about what the arena adds to it
+    monkeypatch.setattr(learn, "run_gate", lambda *a, **k: {"passed": True, "checks": {"win_rate": {"passed": True}}})
+    cfg = load_config(str(run / "config.yaml"), ROUND + ["learn.gate=arena", "learn.arena_votes=40"])
+    res = learn_round(cfg, run)
+    v = Versions(run)
+    assert res["status"] == "in_arena" and "0 of learn.arena_votes=40" in res["message"]
+    assert v.arena_candidate() == 2 and v.info(2)["status"] == "candidate" and v.serving() == 1
+    store, rng = FeedbackStore(run / FILENAME), random.Random(3)
+
+    def battles(k: int, start: int, p_candidate: float) -> None:
+        for i in range(start, start + k):
+            models = [v.name(2), v.name(1)] if i % 2 else [v.name(1), v.name(2)]
+            won = rng.random() < p_candidate  # the candidate's answer preferred
+            choice = "a" if won == (models[0] == v.name(2)) else "b"
+            item = {"kind": "comparison", "messages": [{"role": "user", "content": f"arena prompt {i}"}],
+                    "answers": [f"answer {i} one", f"answer {i} two"], "choice": choice, "models": models}
+            store.add(item, rater=store.rater_id("cookie", f"r{i % 5}"), battle=f"battle-{i}")
+
+    battles(20, 0, 0.85)
+    assert learn_round(cfg, run)["status"] == "in_arena" and v.arena_candidate() == 2  # 20 of 40: still waiting
+    battles(30, 20, 0.85)
+    done = learn_round(cfg, run)
+    gate = json.loads((v.dir(2) / "gate.json").read_text())
+    assert done["status"] == "promoted" and v.serving() == 2 and v.arena_candidate() is None
+    assert gate["checks"]["arena"]["votes"] == 50 and gate["checks"]["arena"]["lo"] > 0 and gate["passed"]
+    # a candidate people do not prefer is rejected once its votes are in, and the served version stays
+    vote(run, 60, start=60, seed=2)
+    assert learn_round(cfg, run)["status"] == "in_arena" and v.arena_candidate() == 3
+    for i in range(50, 100):
+        models = [v.name(3), v.name(2)]
+        item = {"kind": "comparison", "messages": [{"role": "user", "content": f"arena prompt {i}"}],
+                "answers": [f"answer {i} one", f"answer {i} two"], "choice": "b" if i % 5 else "a", "models": models}
+        store.add(item, rater=store.rater_id("cookie", f"r{i % 5}"), battle=f"battle-{i}")
+    assert learn_round(cfg, run)["status"] == "rejected" and v.serving() == 2 and v.arena_candidate() is None

@@ -302,6 +302,8 @@ class LearnConfig:
     max_kl: float = 8.0  # KL to SFT (nats per reply, on the candidate's own dev replies)
     length_band: float = 0.25  # mean reply length within this fraction of the serving version's
     accuracy_se: float = 1.0  # accuracy (checked tasks) may fall at most this many standard errors
+    gate: str = "dev"  # "dev": the checks below; "arena": those, then people's votes in the arena (learn.py)
+    arena_votes: int = 200  # arena votes between the candidate and the served version before it is decided
     dev_prompts: str = ""  # "" = RUN/tasks/dev.jsonl
     dev_rows: int = 0  # 0 = all of them
 

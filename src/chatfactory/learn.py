@@ -17,6 +17,11 @@ thumbs and "which response do you prefer?". Here a round reads the votes that pe
     5. promote   passed: ``versions/serving.json`` names the candidate, and a server watching it switches;
                  failed: the candidate stays on record as rejected and the served version stays
 
+With ``learn.gate=arena`` a candidate that passed the dev gate goes to the arena first
+(``versions/arena.json``; the server battles it against the served version, anonymously, in the web UI),
+and the round ends there; run ``learn`` again: once ``learn.arena_votes`` votes are in, it is promoted if
+people ranked it above the served version with a bootstrap interval that excludes a tie, else rejected.
+
 Everything lives in ``RUN/versions/N/`` (store/versions.py): ``votes.jsonl`` (the pairs it trained on),
 ``votes_heldout.jsonl``, ``reward/``, ``dpo/`` or ``ppo/``, ``gate.json``, ``version.json``. A round
 killed at any point resumes where it stopped when the command is run again: the export is written once,
@@ -130,6 +135,26 @@ def _policy(cfg: Config, run_dir: Path, versions: Versions, n: int, parent: int,
     return vdir / s.policy
 
 
+def arena_check(run_dir: Path, versions: Versions, n: int, parent: int, min_votes: int) -> dict:
+    """People's arena votes between the candidate and the served version (``learn.gate=arena``): passed when
+    there are ``min_votes`` of them and the candidate ranks above with a bootstrap interval of the gap
+    that excludes a tie (eval/leaderboard.py)."""
+    from .eval.leaderboard import difference_interval, leaderboard
+
+    cand, serv = versions.name(n), versions.name(parent)
+    db = run_dir / FEEDBACK_FILE
+    battles = [b for b in (FeedbackStore(db).battles() if db.exists() else []) if {b["a"], b["b"]} == {cand, serv}]
+    out = {"votes": len(battles), "need": f">= {min_votes} votes, ranked above {serv} with the gap's interval > 0",
+           "passed": False}
+    if len(battles) < min_votes:
+        return out
+    board = leaderboard(battles)
+    lo, hi = difference_interval(board, cand, serv)
+    score = {r["model"]: r["score"] for r in board}
+    out.update(value=score[cand] - score[serv], lo=lo, hi=hi, passed=lo > 0)
+    return out
+
+
 def learn_round(cfg: Config, run_dir, log=print, device: str = "cpu") -> dict:
     """One round (see the module docstring) -> {"version", "status", "gate", "seconds", ...}."""
     run_dir, t0 = Path(run_dir), time.perf_counter()
@@ -174,6 +199,20 @@ def learn_round(cfg: Config, run_dir, log=print, device: str = "cpu") -> dict:
                                               vdir / "reward", device))
         gate["parent"] = parent
         atomic_write_text(gate_path, json.dumps(gate, indent=1))
+    if cfg.learn.gate == "arena" and gate["passed"] and "arena" not in gate["checks"]:
+        arena = arena_check(run_dir, versions, n, parent, cfg.learn.arena_votes)
+        if arena["votes"] < cfg.learn.arena_votes:
+            versions.set_arena_candidate(n)  # a server following RUN/versions puts it in the arena
+            msg = (f"version {n} passed the dev gate and is in the arena: {arena['votes']} of "
+                   f"learn.arena_votes={cfg.learn.arena_votes} votes so far; run learn again to decide")
+            log(f"[learn] {msg}")
+            return {"version": n, "status": "in_arena", "gate": gate, "export": stats, "message": msg,
+                    "serving": versions.serving(), "seconds": times}
+        gate["checks"]["arena"] = arena
+        gate["passed"] = arena["passed"]
+        atomic_write_text(gate_path, json.dumps(gate, indent=1))
+    if cfg.learn.gate == "arena" and versions.arena_candidate() == n:
+        versions.set_arena_candidate(None)
     if gate["passed"]:
         versions.promote(n)
     else:

@@ -175,15 +175,36 @@ class HotSwap:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def _signature(self):
+    def _signature(self, path=None):
         try:
-            st = os.stat(self.versions.serving_file)
+            st = os.stat(path or self.versions.serving_file)
         except FileNotFoundError:
             return None
         return st.st_size, st.st_mtime_ns, st.st_ino
 
+    def follow_arena(self) -> None:
+        """Battle the candidate ``RUN/versions/arena.json`` names (``learn.gate=arena``) against the served
+        version; close the arena when it names none (a file that never named one leaves the arena alone)."""
+        n = self.versions.arena_candidate()
+        pair = self.svc.arena_pair
+        if n is None:
+            if pair is not None and pair[0] is None:
+                self.set_arena(None)
+        elif pair != (None, n) and n != self.svc.current.version:
+            self.set_arena(candidate=n)
+            log.warning("arena: %s battles the served %s", self.versions.name(n), self.svc.current.name)
+
     def _watch(self) -> None:
+        arena_seen = None
         while not self._stop.is_set():
+            seen_arena = self._signature(self.versions.arena_file)
+            if seen_arena != arena_seen:
+                arena_seen = seen_arena
+                try:
+                    if seen_arena is not None:
+                        self.follow_arena()
+                except Exception as e:  # the arena stays as it was; the served version is not touched
+                    log.error("arena.json changed but could not be followed: %s: %s", type(e).__name__, e)
             seen = self._signature()
             if seen != self._seen:
                 self._seen = seen

@@ -169,6 +169,28 @@ class Versions:
         rec["version"] = n
         atomic_write_text(self.serving_file, json.dumps(rec, indent=1))
 
+    # ---- the arena's candidate: a version people battle against the served one before its gate decides
+    @property
+    def arena_file(self) -> Path:
+        return self.root / "arena.json"
+
+    def arena_candidate(self) -> int | None:
+        """The version ``learn.gate=arena`` put in the arena (a server watching the file battles it), or None."""
+        if not self.arena_file.exists():
+            return None
+        try:
+            n = json.loads(self.arena_file.read_text(encoding="utf-8")).get("candidate")
+        except (ValueError, OSError, AttributeError) as e:
+            raise CheckpointError(f"{self.arena_file}: corrupt ({e}); it names the arena's candidate") from None
+        if n is not None and not isinstance(n, int):
+            raise CheckpointError(f"{self.arena_file}: corrupt (candidate must be a version number or null)")
+        return n
+
+    def set_arena_candidate(self, n: int | None) -> None:
+        if n is not None:
+            self.info(n)  # on record
+        atomic_write_text(self.arena_file, json.dumps({"candidate": n}))
+
     def last_vote_id(self, exclude: int | None = None) -> int:
         """The highest feedback id an earlier round read (``exclude``: the round asking): a round reads after it."""
         return max((self.info(n).get("last_vote_id") or 0 for n in self.numbers() if n != exclude), default=0)
