@@ -99,7 +99,7 @@ class Rater:
         p.click("#new-chat")
         p.fill("#input", row["messages"][-1]["content"])
         p.press("#input", "Enter")
-        cmp = p.locator(".compare").last
+        cmp = p.locator("#chat .compare").last  # (arena battles are .compare rows too, in their own panel)
         cmp.locator(".tie").wait_for()
         p.wait_for_function("!document.getElementById('stop') || document.getElementById('stop').disabled")
         boxes, texts, left = self._answers(cmp)
@@ -136,10 +136,10 @@ class Rater:
     def arena_vote(self, row: dict) -> str:
         p = self.page
         p.click("#tab-arena")
-        n = p.locator(".arena").count()
+        n = p.locator("#arena-battles .arena").count()
         p.fill("#arena-input", row["messages"][-1]["content"])
         p.press("#arena-input", "Enter")
-        battle = p.locator(".arena").nth(n)
+        battle = p.locator("#arena-battles .arena").nth(n)
         battle.locator("button.prefer >> nth=1").wait_for()
         boxes, texts, left = self._answers(battle)
         choice = rater_choice("gold", row, texts[0], texts[1], self.rng, self.noise)
