@@ -16,6 +16,7 @@ the run's RL split (never dev or held-out prompts), votes in compare mode by the
     5. screenshots of compare mode, an arena battle and the leaderboard (``--shots DIR``)
 
     .venv/bin/python bench/flywheel_browser.py --run runs/demo --out /tmp/flyb --shots docs/img
+    .venv/bin/python bench/flywheel_browser.py --quick    # smoke test (tests/test_benches.py): a pipeline-tiny run
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def start_server(run: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("chatfactory serve did not start")
 
 
+# --quick: a pipeline-tiny run made here (bench/flywheel.py's tiny_run), a few votes of each kind
+QUICK = dict(votes=40, arena_votes=10, raters=2, clients=2, stage="sft")
+QUICK_ROUND = ["learn.min_pairs=5", "learn.dev_rows=24", "learn.policy_epochs=1"]
+
+
 class Rater:
     """One person at the web UI: a browser context (cookies of its own), the API key typed into Settings."""
 
@@ -124,7 +130,7 @@ class Rater:
         p.wait_for_function("!document.getElementById('regenerate').disabled")
         p.click("#regenerate")
         p.wait_for_function("!document.getElementById('regenerate').disabled")
-        last = p.locator(".msg.assistant").last
+        last = p.locator("#chat .msg.assistant").last
         good = rubric_score(row, last.locator(".content").inner_text()) >= 0.65  # right, on topic, concise
         if self.rng.random() < self.noise:
             good = not good
@@ -165,7 +171,7 @@ def vote_round(raters, rows, kind: str, every_chat: int = 25) -> dict:
     return {"votes": len(rows), "choices": counts, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def learn_under_load(run: Path, url: str, clients: int, rows: list[dict]) -> dict:
+def learn_under_load(run: Path, url: str, clients: int, rows: list[dict], overrides=()) -> dict:
     """``chatfactory learn`` while ``clients`` threads chat; -> the round's summary and the load's counts."""
     stop, ok, failed, models = threading.Event(), [0], [], set()
 
@@ -185,7 +191,7 @@ def learn_under_load(run: Path, url: str, clients: int, rows: list[dict]) -> dic
     for t in threads:
         t.start()
     t0 = time.perf_counter()
-    out = subprocess.run([str(BIN), "learn", "--run", str(run)], capture_output=True, text=True)
+    out = subprocess.run([str(BIN), "learn", "--run", str(run), *overrides], capture_output=True, text=True)
     learn_s = time.perf_counter() - t0
     if out.returncode:
         stop.set()
@@ -229,7 +235,19 @@ def main() -> None:
                     help="the raters set this in Settings (the page's default is 0.8; the demo samples at 1.0)")
     ap.add_argument("--shots", default="", help="folder for the screenshots ('' = none)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke test: a pipeline-tiny run made here, few votes")
+    ap.add_argument("overrides", nargs="*", help="config overrides for the learn rounds, e.g. learn.min_pairs=20")
     a = ap.parse_args()
+    if a.quick:
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from flywheel import tiny_run
+
+        a.run = str(tiny_run(Path(tempfile.mkdtemp(prefix="flywheel-browser-quick-")) / "run"))
+        a.out, a.overrides = a.run + "-copy", QUICK_ROUND + a.overrides
     from playwright.sync_api import sync_playwright
 
     src, run = Path(a.run), Path(a.out)
@@ -254,7 +272,7 @@ def main() -> None:
             if a.shots:
                 Path(a.shots).mkdir(parents=True, exist_ok=True)
                 raters[0].page.screenshot(path=str(Path(a.shots) / "flywheel-compare.png"))
-            res["round1"] = learn_under_load(run, url, a.clients, rows[:a.votes])
+            res["round1"] = learn_under_load(run, url, a.clients, rows[:a.votes], a.overrides)
             print(json.dumps(res["round1"]), flush=True)
             if res["round1"]["status"] == "promoted":
                 res["arena_setup"] = api(url, "/v1/admin/arena", {"versions": [1, res["round1"]["version"]]})
@@ -272,7 +290,7 @@ def main() -> None:
                 res["heldout_v2_vs_v1"] = heldout_win(run, res["round1"]["version"], 1)
                 start = a.votes + a.arena_votes
                 res["round2_votes"] = vote_round(raters, rows[start:start + a.votes], "compare")
-                res["round2"] = learn_under_load(run, url, a.clients, rows[:a.votes])
+                res["round2"] = learn_under_load(run, url, a.clients, rows[:a.votes], a.overrides)
             browser.close()
     finally:
         proc.terminate()
