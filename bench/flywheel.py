@@ -10,6 +10,7 @@ preference) and ``longer`` the negative case (a rater that always prefers the lo
 fail the gate.
 
     .venv/bin/python bench/flywheel.py --run runs/demo --out /tmp/fly --votes 300 --raters gold
+    .venv/bin/python bench/flywheel.py --quick      # smoke test (tests/test_benches.py): a pipeline-tiny run
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ from chatfactory.serve.api import create_app
 from chatfactory.serve.limits import ServerLimits
 from chatfactory.serve.server import ServerThread
 from chatfactory.serve.service import load_service
+
+# --quick: a pipeline-tiny run made here (tokenizer, pretrain, SFT, comparisons, reward; version 1 = its SFT)
+QUICK = dict(votes=60, n_raters=3, stage="sft")
+QUICK_ROUND = ["learn.min_pairs=5", "learn.dev_rows=24", "learn.policy_epochs=1"]
+
+
+def tiny_run(where: Path) -> Path:
+    """A pipeline-tiny run up to its reward model, through the CLI (seconds)."""
+    import subprocess
+
+    subprocess.run([str(Path(sys.executable).parent / "chatfactory"), "run", "--config", "pipeline-tiny", "--out",
+                    str(where), "pipeline.stages=pretrain,sft,comparisons,reward"], check=True, capture_output=True)
+    return where
 
 
 class Rater:
@@ -76,8 +90,9 @@ def collect(run: Path, stage: str, votes: int, kind: str, n_raters: int, noise: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="a finished run (tasks/, sft, reward and a policy stage)")
-    ap.add_argument("--out", required=True, help="where the copy lives (replaced)")
+    ap.add_argument("--run", default="runs/demo", help="a finished run (tasks/, sft, reward and a policy stage)")
+    ap.add_argument("--out", default="/tmp/flywheel", help="where the copy lives (replaced)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: a pipeline-tiny run made here, few votes")
     ap.add_argument("--stage", default="ppo", help="the stage version 1 serves")
     ap.add_argument("--votes", type=int, default=300)
     ap.add_argument("--raters", default="gold", choices=("gold", "shuffled", "longer"))
@@ -86,6 +101,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*", help="config overrides for the round, e.g. learn.policy=ppo")
     a = ap.parse_args()
+    if a.quick:  # the quick sizes are defaults: an option on the command line still wins
+        ap.set_defaults(**QUICK)
+        a = ap.parse_args()
+        import tempfile
+
+        a.run = str(tiny_run(Path(tempfile.mkdtemp(prefix="flywheel-quick-")) / "run"))
+        a.out, a.overrides = a.run + "-copy", QUICK_ROUND + a.overrides
     src, out = Path(a.run), Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("versions", "feedback.sqlite*", "state.pt"))

