@@ -74,7 +74,6 @@ def start_server(run: Path) -> tuple[subprocess.Popen, str]:
 
 # --quick: a pipeline-tiny run made here (bench/flywheel.py's tiny_run), a few votes of each kind
 QUICK = dict(votes=40, arena_votes=10, raters=2, clients=2, stage="sft")
-QUICK_ROUND = ["learn.min_pairs=5", "learn.dev_rows=24", "learn.policy_epochs=1"]
 
 
 class Rater:
@@ -244,7 +243,7 @@ def main() -> None:
         import tempfile
 
         sys.path.insert(0, str(Path(__file__).parent))
-        from flywheel import tiny_run
+        from flywheel import QUICK_ROUND, tiny_run
 
         a.run = str(tiny_run(Path(tempfile.mkdtemp(prefix="flywheel-browser-quick-")) / "run"))
         a.out, a.overrides = a.run + "-copy", QUICK_ROUND + a.overrides

@@ -161,26 +161,32 @@ def serve_run():
         yield lambda run_dir, stage="sft", **kw: stack.enter_context(serving(run_dir, stage, **kw))
 
 
-@contextmanager
-def serve_subprocess(run, *args, env=None):
-    """`chatfactory serve --run RUN ARGS` on a free port, as a user starts it -> its URL while it runs."""
+def start_serve(run, *args, env=None, **popen) -> tuple[subprocess.Popen, str]:
+    """`chatfactory serve --run RUN ARGS` on a free port, as a user starts it, once /health answers ->
+    (the process, its URL); the caller stops it (``popen``: more Popen arguments, e.g. a session of its own)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--port", port, *args), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env)
+                            stderr=subprocess.STDOUT, env=env, **popen)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
+            time.sleep(0.3)
+
+
+@contextmanager
+def serve_subprocess(run, *args, env=None):
+    """``start_serve`` -> its URL while it runs, stopped afterwards."""
+    proc, url = start_serve(run, *args, env=env)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    pytest.fail("chatfactory serve did not start: " + proc.stdout.read().decode(errors="replace"))
-                time.sleep(0.3)
         yield url
     finally:
         proc.terminate()

@@ -6,34 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 
 from chatfactory.serve.feedback import FILENAME, FeedbackStore
-from conftest import cli_cmd, make_run
+from conftest import make_run, start_serve
 
 
 def test_a_killed_server_loses_no_acknowledged_vote(tmp_path):
     run = make_run(tmp_path / "run")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(cli_cmd("serve", "--run", run, "--stage", "sft", "--port", port,
-                                    "--feedback-rate", "1000000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode(errors="replace")
-            time.sleep(0.3)
+    proc, url = start_serve(run, "--stage", "sft", "--feedback-rate", "1000000", start_new_session=True)
     acked: list[int] = []
     stop = threading.Event()
 

@@ -19,13 +19,13 @@ decision and every figure go to ``versions/N/gate.json``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..data.verifiers import correct
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer
 from .heldout import policy_kl, read_rows, replies_of
+from .stats import mean_se
 from .winrate import load_judge
 
 Z95 = 1.959964
@@ -36,8 +36,7 @@ def win_check(outcomes: list[float], min_win: float) -> dict:
     n = len(outcomes)
     if n < 2:
         raise ValueError(f"the gate needs at least 2 dev prompts, got {n}")
-    m = sum(outcomes) / n
-    se = math.sqrt(sum((o - m) ** 2 for o in outcomes) / (n - 1) / n)
+    m, se = mean_se(outcomes)
     lo, hi = m - Z95 * se, m + Z95 * se
     return {"value": m, "lo": lo, "hi": hi, "need": min_win, "n": n, "passed": m >= min_win and lo > 0.5,
             "wins": sum(o == 1 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
@@ -51,8 +50,8 @@ def accuracy_check(cand: list[float | None], serv: list[float | None], max_se: f
         return {"passed": True, "n": 0, "note": "no dev prompt has a checker: accuracy not gated"}
     d = [a - b for a, b in pairs]
     n = len(d)
-    mean = sum(d) / n
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1) / n)
+    mean, se = mean_se(d)
+    se = 0.0 if n == 1 else se  # one checked prompt: its difference alone decides
     return {"value": sum(a for a, _ in pairs) / n, "serving": sum(b for _, b in pairs) / n, "diff": mean, "se": se,
             "need": f"diff >= -{max_se:g} SE", "n": n, "passed": mean >= -max_se * se}
 
