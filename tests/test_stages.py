@@ -12,13 +12,13 @@ from conftest import ROOT
 
 
 def test_the_lists_every_consumer_derives():
-    assert stages.names() == ("pretrain", "sft", "comparisons", "reward", "ppo", "dpo", "grpo", "rloo")
-    assert stages.policies() == ("pretrain", "sft", "ppo", "dpo", "grpo", "rloo")
-    assert stages.policies(after=1) == ("ppo", "dpo", "grpo", "rloo")  # compared with SFT in the report
+    assert stages.names() == ("pretrain", "sft", "comparisons", "reward", "rft", "ppo", "dpo", "grpo", "rloo")
+    assert stages.policies() == ("pretrain", "sft", "rft", "ppo", "dpo", "grpo", "rloo")
+    assert stages.policies(after=1) == ("rft", "ppo", "dpo", "grpo", "rloo")  # compared with SFT in the report
     assert stages.names(method="rl") == ("ppo", "grpo", "rloo")
-    assert stages.names(lora=True) == ("sft", "reward", "ppo", "dpo", "grpo", "rloo")
+    assert stages.names(lora=True) == ("sft", "reward", "rft", "ppo", "dpo", "grpo", "rloo")
     # chat, sample and generate take the furthest-along stage a run has
-    assert stages.most_advanced_first() == ("ppo", "grpo", "rloo", "dpo", "sft", "pretrain")
+    assert stages.most_advanced_first() == ("ppo", "grpo", "rloo", "rft", "dpo", "sft", "pretrain")
     assert Config().pipeline.stages == "pretrain,sft,comparisons,reward,ppo,dpo"  # in_run, in pipeline order
 
 

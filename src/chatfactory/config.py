@@ -101,6 +101,26 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
+class RFTConfig(TrainConfig):
+    # rejection-sampling fine-tuning (train/rft.py): k answers per prompt from init_from, the best kept by
+    # the verifier (where it checks the prompt) and then the reward model, the SFT loss on the kept ones
+    prompts: str = ""  # prompts JSONL; `chatfactory run` points it at the RL prompts
+    init_from: str = "sft"
+    reward: str = "reward"  # the reward-model stage that chooses among the answers that remain ("": none)
+    verifier: str = "correct"  # "" = the reward model alone
+    rounds: int = 1  # each round samples from the one before and continues it (expert iteration)
+    k: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    steps: int = 200
+    lr: float = 3e-4
+    warmup_steps: int = 10
+    val_fraction: float = 0.05
+    batch_prompts: int = 32  # prompts per generation batch (each expands to k rows)
+    weight_decay: float = 0.0
+
+
+@dataclass
 class ComparisonsConfig:
     # `chatfactory comparisons`: K answers per prompt from the policy, labeled by a scorer function
     labeler: str = "chatfactory.data.tasks:rubric_score"  # "module:function", score(row, answer) -> float
@@ -318,6 +338,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rft: RFTConfig = field(default_factory=RFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     rloo: RLOOConfig = field(default_factory=RLOOConfig)

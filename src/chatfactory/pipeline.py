@@ -68,7 +68,7 @@ def _use_tasks(cfg: Config, paths: dict) -> None:
     if cfg.pipeline.tasks:
         cfg.sft.data = str(paths["sft"])
         constrained = "if_train" in paths
-        for section in names(method="rl"):
+        for section in names(method="rl") + names(method="rft"):
             sec = getattr(cfg, section, None)
             if sec is None:
                 continue

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 class Stage:
     name: str  # the command, the config section and the run's folder
     kind: str  # what it leaves: "policy" (a chat model), "reward" (a scoring model), "data" (comparison pairs)
-    method: str  # how: "pretrain", "sft", "sample" (label samples), "pairs" (reward model), "dpo", "rl"
+    method: str  # how: "pretrain", "sft", "sample" (label samples), "pairs" (reward model), "rft" (SFT on
+    # its own best samples), "dpo", "rl"
     level: int  # how far along GPT -> InstructGPT: 0 pretrained, 1 demonstrations, 2 comparisons, 3 RL
     entry: str  # "module:function", called as function(cfg, run_dir) -> result dict
     in_run: bool = True  # `chatfactory run` runs it unless pipeline.stages says otherwise
@@ -39,12 +40,15 @@ STAGES = (
     Stage("reward", "reward", "pairs", 2, "chatfactory.train.reward:run_reward",
           help="train the reward model on comparisons (reward.data), from reward.init_from; resumes if "
                "interrupted"),
+    Stage("rft", "policy", "rft", 2, "chatfactory.train.rft:run_rft", in_run=False,
+          help="rejection-sampling fine-tuning: k answers per RL prompt from rft.init_from, the best kept by the "
+               "verifier and the reward model, SFT on them; resumes if interrupted"),
     Stage("ppo", "policy", "rl", 3, "chatfactory.train.ppo:run_ppo",
           help="RLHF: PPO from ppo.init_from against the reward model, KL penalty to SFT; resumes if interrupted"),
     Stage("dpo", "policy", "dpo", 2, "chatfactory.train.dpo:run_dpo",
           help="direct preference optimisation on comparisons (dpo.data), SFT as reference; resumes if "
                "interrupted"),
-    # GRPO and RLOO run with `chatfactory run` only when pipeline.stages names them
+    # RFT, GRPO and RLOO run with `chatfactory run` only when pipeline.stages names them
     Stage("grpo", "policy", "rl", 3, "chatfactory.train.grpo:run_grpo", in_run=False,
           help="GRPO: K answers per prompt, group-normalised advantages, reward = a scorer module:function or "
                "the reward model; resumes if interrupted"),

@@ -338,6 +338,8 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         "comparisons": f"{_fmt(rep['comparisons'].get('pairs'))} pairs "
                        f"(+{_fmt(rep['comparisons'].get('heldout_pairs'))} held out)",
         "reward": f"held-out pairwise accuracy {_fmt(rep['reward'].get('heldout_accuracy'))}",
+        "rft": f"kept {_fmt(rep['rft'].get('kept'))} answers; win rate vs SFT "
+               f"{_fmt(rep['rft'].get('win_rate_vs_sft'))} at KL {_fmt(rep['rft'].get('kl'), 2)} nats",
         "ppo": f"win rate vs SFT {_fmt(rep['ppo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['ppo'].get('kl'), 2)} nats",
         "dpo": f"win rate vs SFT {_fmt(rep['dpo'].get('win_rate_vs_sft'))} at KL {_fmt(rep['dpo'].get('kl'), 2)} nats",
         "grpo": f"win rate vs SFT {_fmt(rep['grpo'].get('win_rate_vs_sft'))} "

@@ -194,11 +194,23 @@ def split_conversations(convs: list, val_fraction: float, seed: int) -> tuple[li
 
 def run_sft(cfg: Config, run_dir) -> dict:
     """Fine-tune ``sft.init_from`` on ``sft.data``; writes ``run_dir/sft``. Safe to re-run: it resumes."""
-    run_dir = Path(run_dir)
     tc = cfg.sft
-    lora = lora_settings(cfg, "sft")
+    # data.chat_holdout's slice is never trained on (pretraining may validate on it; data/chat.py)
+    convs = load_conversations(tc.data, tc.max_rows, tc.hf_split, cfg.data.chat_holdout)
+    held = f"; data.chat_holdout's {cfg.data.chat_holdout:.0%} slice left out" if cfg.data.chat_holdout else ""
+    return fine_tune(cfg, run_dir, "sft", convs, f"from {tc.data}", held)
+
+
+def fine_tune(cfg: Config, run_dir, name: str, convs: list, source: str, note: str = "", src=None,
+              out=None) -> dict:
+    """The SFT loss (assistant tokens) on ``convs``, from ``src`` (default ``cfg.<name>.init_from``), with
+    ``cfg.<name>``'s training settings; writes ``out`` (default ``run_dir/<name>``). SFT runs it on
+    demonstrations, RFT on the policy's own best answers. Safe to re-run: it resumes."""
+    run_dir = Path(run_dir)
+    tc = getattr(cfg, name)
+    lora = lora_settings(cfg, name)
     d = setup_dist(tc.device)
-    src = resolve_stage(run_dir, tc.init_from, "sft.init_from")
+    src = Path(src) if src is not None else resolve_stage(run_dir, tc.init_from, f"{name}.init_from")
     tok_path = run_dir / "tokenizer.json"
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,26 +226,24 @@ def run_sft(cfg: Config, run_dir) -> dict:
         raise CheckpointError(f"{src}: model vocabulary ({model.cfg.vocab_size}) is smaller than "
                               f"{tok_path} ({tok.vocab_size})")
     if tc.seq_len > model.cfg.block_size:
-        raise ValueError(f"sft.seq_len={tc.seq_len} exceeds the model's block_size={model.cfg.block_size}")
+        raise ValueError(f"{name}.seq_len={tc.seq_len} exceeds the model's block_size={model.cfg.block_size}")
 
-    # data.chat_holdout's slice is never trained on (pretraining may validate on it; data/chat.py)
-    convs = load_conversations(tc.data, tc.max_rows, tc.hf_split, cfg.data.chat_holdout)
     train_convs, val_convs = split_conversations(convs, tc.val_fraction, tc.seed)
     tx, ty, stats = tokenize_conversations(train_convs, tok, tc.seq_len)
     vx, vy, _ = tokenize_conversations(val_convs, tok, tc.seq_len)
     stage = SFTStage(tc, (tx, ty), (vx, vy), tok.pad_id, model.cfg.to_dict())
+    stage.name = name
     if lora:
         apply_lora(model, lora, tc.seed)
         stage.info = {"lora": lora}
     if d.main:
         n_tok = sum(len(x) for x in tx)
         n_rows = len(stage.batches.epoch_rows(0))
-        held = f"; data.chat_holdout's {cfg.data.chat_holdout:.0%} slice left out" if cfg.data.chat_holdout else ""
-        print(f"sft: {len(tx):,} train / {len(vx):,} held-out conversations from {tc.data} "
+        print(f"{name}: {len(tx):,} train / {len(vx):,} held-out conversations {source} "
               f"({stats['truncated']} cut to {tc.seq_len} tokens, {stats['dropped']} dropped); "
               f"{n_tok:,} tokens packed into {n_rows:,} rows ({n_tok / (n_rows * tc.seq_len):.0%} full); "
-              f"starting from {src}" + (f"; {summary(model)}" if lora else "") + held)
-    result = train(stage, model, tc, run_dir / "sft", d)
+              f"starting from {src}" + (f"; {summary(model)}" if lora else "") + note)
+    result = train(stage, model, tc, Path(out) if out is not None else run_dir / name, d)
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return result

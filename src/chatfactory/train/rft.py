@@ -1,0 +1,173 @@
+"""Rejection-sampling fine-tuning (RFT): the policy's own best answers become its next demonstrations.
+
+Llama 2 ran it before PPO, ReST and expert iteration repeat it, and it is the simplest way to turn a
+verifier into training signal: for every RL prompt the policy samples ``rft.k`` answers, and one is kept:
+
+    1. an answer counts only if it ended (``<|end|>`` within ``rft.max_new_tokens``) and decodes to clean
+       text (no U+FFFD: a byte-level model can stop inside a multi-byte character);
+    2. where the verifier (``rft.verifier``, data/verifiers.py) has a check for the prompt, only answers it
+       passes remain, and a prompt with none is skipped: a wrong answer is never a demonstration;
+    3. of what remains, the reward model's (``rft.reward``) highest-scored answer is kept — for small talk
+       the reward model alone chooses (``rft.reward=""``: the first answer that remains, a random draw).
+
+Then the SFT loss on the kept answers (train/sft.py ``fine_tune``), from ``rft.init_from``. Why it works
+where RL on the same signal does not, on a small model: RL reinforces the single answers it samples, noise
+included, while RFT imitates the best of K — it moves the model toward what it already does on its good
+draws, so sampling at temperature 1 looks more like its greedy answers. The kept answers are written to
+``RUN/rft/answers.jsonl`` (with their scores) before training, and a rerun with the same settings reuses
+them, so an interrupted stage resumes where it was.
+
+    chatfactory rft --config demo --out runs/demo        # after sft and reward
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..data.preferences import load_prompts
+from ..data.verifiers import load_verifier
+from ..inference.engine import Engine
+from ..inference.sampling import SamplingParams
+from ..store.checkpoint import resolve_stage, stage_finished
+from ..store.load import load_model
+from ..text.tokenizer import Tokenizer
+from .reward import load_reward_model
+from .rollout import attention_mask, pad_batch
+from .sft import fine_tune
+
+SAMPLE_KEYS = ("k", "temperature", "max_new_tokens", "batch_prompts", "verifier", "reward", "init_from", "seed")
+
+
+def sample(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int) -> list[list[list[int]]]:
+    """``k`` answers (ids, ``<|end|>`` kept when emitted) per row; batch b samples with seed ``p.seed + b``."""
+    engine = Engine(model, vocab_limit=tok.vocab_size)
+    room = model.cfg.block_size - p.max_tokens
+    out = []
+    for b, start in enumerate(range(0, len(rows), batch_prompts)):
+        chunk = rows[start:start + batch_prompts]
+        prompts = [tok.chat_prompt(r["messages"])[-room:] for r in chunk for _ in range(k)]
+        params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed + b,
+                                stop_ids=(tok.end_id,))
+        gen = engine.generate(prompts, params)
+        out += [gen[i * k:(i + 1) * k] for i in range(len(chunk))]
+    return out
+
+
+@torch.no_grad()
+def reward_scores(rm, tok, rows: list[dict], answers: list[list[list[int]]], batch: int = 256) -> list[list[float]]:
+    """The reward model's score of every answer, read at its last token (as the RL stages read it)."""
+    flat = [(i, a) for i, group in enumerate(answers) for a in group]
+    scores: list[float] = []
+    block, device = rm.cfg.block_size, next(rm.parameters()).device
+    for s in range(0, len(flat), batch):
+        part = flat[s:s + batch]
+        prompts = [tok.chat_prompt(rows[i]["messages"]) for i, _ in part]
+        # the answer fits whole; a long prompt keeps its end
+        prompts = [p[-(block - len(a)):] for p, (_, a) in zip(prompts, part)]
+        b = {k: (v.to(device) if torch.is_tensor(v) else v)
+             for k, v in pad_batch(prompts, [a for _, a in part], tok.pad_id, tok.end_id).items()}
+        scores += rm.score(b["tokens"], b["last"], positions=b["positions"],
+                           attn_mask=attention_mask(b["valid"])).float().tolist()
+    k = len(answers[0]) if answers else 0
+    return [scores[i * k:(i + 1) * k] for i in range(len(answers))]
+
+
+def pick_best(row: dict, texts: list[str], ended: list[bool], scores: list[float], verifier) -> int | None:
+    """The index of the answer to keep (rules 1-3 in the module docstring), or None."""
+    ok = [j for j, t in enumerate(texts) if ended[j] and t.strip() and "\ufffd" not in t]
+    if verifier is not None:
+        checked = [(j, verifier(row, texts[j])) for j in ok]
+        if any(v is not None for _, v in checked):
+            ok = [j for j, v in checked if v is not None and v >= 1.0]
+    return max(ok, key=lambda j: scores[j]) if ok else None
+
+
+def best_answers(cfg: Config, run_dir: Path, tok, policy_dir: Path, seed: int, out: Path) -> dict:
+    """Sample from ``policy_dir``, score and keep (rules 1-3); writes ``out`` (JSONL: messages with the kept
+    answer, its reward score and verdict) and returns the counts."""
+    s = cfg.rft
+    rows = load_prompts(s.prompts)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy, _ = load_model(policy_dir, device)
+    rm = load_reward_model(resolve_stage(run_dir, s.reward, "rft.reward"), device).eval() if s.reward else None
+    verifier = load_verifier(s.verifier) if s.verifier else None
+    t0 = time.perf_counter()
+    p = SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
+    answers = sample(policy, tok, rows, s.k, p, s.batch_prompts)
+    # without a reward model every remaining answer ties and the first (a random draw) is kept
+    scores = reward_scores(rm, tok, rows, answers) if rm is not None else [[0.0] * s.k for _ in rows]
+    kept, counts = [], {"prompts": len(rows), "answers": len(rows) * s.k, "kept": 0, "no_passing_answer": 0,
+                        "ended": 0}
+    for row, group, sc in zip(rows, answers, scores):
+        ended = [bool(a) and a[-1] == tok.end_id for a in group]
+        texts = [tok.decode([t for t in a if t != tok.end_id]) for a in group]
+        counts["ended"] += sum(ended)
+        j = pick_best(row, texts, ended, sc, verifier)
+        if j is None:
+            counts["no_passing_answer"] += 1
+            continue
+        v = verifier(row, texts[j]) if verifier is not None else None
+        kept.append({"messages": row["messages"] + [{"role": "assistant", "content": texts[j]}],
+                     "reward": sc[j], "verified": v} | ({"task": row["task"]} if "task" in row else {}))
+    counts["kept"] = len(kept)
+    counts["verified_kept"] = sum(r["verified"] is not None for r in kept)
+    counts["sample_seconds"] = round(time.perf_counter() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, out)
+    return counts
+
+
+def _fingerprint(cfg: Config, round_: int) -> str:
+    s = cfg.rft
+    key = {k: getattr(s, k) for k in SAMPLE_KEYS} | {"prompts": s.prompts, "round": round_}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_rft(cfg: Config, run_dir) -> dict:
+    """``rft.rounds`` rounds of: keep the policy's best answers to ``rft.prompts``, fine-tune on them. Round 1
+    samples from and starts at ``rft.init_from``; each later round samples from and continues the round before
+    (expert iteration). Round r < last writes ``run_dir/rft/round<r>``, the last ``run_dir/rft``. Safe to
+    re-run: finished rounds are skipped, kept answers reused, training resumes."""
+    s, run_dir = cfg.rft, Path(run_dir)
+    if not s.prompts:
+        raise ValueError("rft.prompts is empty: name a prompts JSONL (`chatfactory run` points it at the RL prompts)")
+    if s.k < 1 or s.rounds < 1:
+        raise ValueError(f"rft.k={s.k}, rft.rounds={s.rounds}: each must be at least 1")
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    policy = resolve_stage(run_dir, s.init_from, "rft.init_from")
+    home = run_dir / "rft"
+    result: dict = {"rounds": []}
+    for r in range(1, s.rounds + 1):
+        last = r == s.rounds
+        stage_dir = home if last else home / f"round{r}"
+        work = home / f"round{r}"  # the round's kept answers
+        out, meta = work / "answers.jsonl", work / "answers.json"
+        if not last and stage_finished(stage_dir):
+            policy = stage_dir
+            result["rounds"].append(json.loads(meta.read_text()))
+            continue
+        fp = _fingerprint(cfg, r)
+        counts = json.loads(meta.read_text()) if meta.exists() and out.exists() else None
+        if counts is None or counts.get("fingerprint") != fp:
+            counts = best_answers(cfg, run_dir, tok, policy, s.seed + 1000 * r, out) | {"fingerprint": fp, "round": r}
+            meta.write_text(json.dumps(counts, indent=1))
+        print(f"rft round {r}/{s.rounds}: kept {counts['kept']:,} of {counts['prompts']:,} prompts' best answers "
+              f"({s.k} sampled each at T={s.temperature} from {policy}; {counts['no_passing_answer']:,} prompts had "
+              f"no answer that ended" + (f" and passed verifier {s.verifier}" if s.verifier else "") + ")")
+        if not counts["kept"]:
+            raise ValueError(f"rft round {r}: no answer was kept from {s.prompts}; nothing to fine-tune on")
+        convs = [row["messages"] for row in map(json.loads, out.read_text(encoding="utf-8").splitlines())]
+        res = fine_tune(cfg, run_dir, "rft", convs, f"kept from {s.k} samples of {policy}", src=policy, out=stage_dir)
+        result["rounds"].append({k: v for k, v in counts.items() if k != "fingerprint"})
+        policy = stage_dir
+    seconds = sum(x["sample_seconds"] for x in result["rounds"])
+    return res | result | {"kept": result["rounds"][-1]["kept"], "sample_seconds": seconds}
