@@ -61,31 +61,38 @@ def sample(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompt
 
 
 @torch.no_grad()
-def reward_scores(rm, tok, rows: list[dict], answers: list[list[list[int]]], batch: int = 256) -> list[list[float]]:
-    """The reward model's score of every answer, read at its last token (as the RL stages read it)."""
-    flat = [(i, a) for i, group in enumerate(answers) for a in group]
+def reward_scores(rm, tok, pairs: list[tuple[dict, list[int]]], batch: int = 256) -> list[float]:
+    """The reward model's score of each (prompt row, answer ids), read at its last token (as the RL stages
+    read it)."""
     scores: list[float] = []
     block, device = rm.cfg.block_size, next(rm.parameters()).device
-    for s in range(0, len(flat), batch):
-        part = flat[s:s + batch]
-        prompts = [tok.chat_prompt(rows[i]["messages"]) for i, _ in part]
+    for s in range(0, len(pairs), batch):
+        part = pairs[s:s + batch]
         # the answer fits whole; a long prompt keeps its end
-        prompts = [p[-(block - len(a)):] for p, (_, a) in zip(prompts, part)]
+        prompts = [tok.chat_prompt(row["messages"])[-(block - len(a)):] for row, a in part]
         b = {k: (v.to(device) if torch.is_tensor(v) else v)
              for k, v in pad_batch(prompts, [a for _, a in part], tok.pad_id, tok.end_id).items()}
         scores += rm.score(b["tokens"], b["last"], positions=b["positions"],
                            attn_mask=attention_mask(b["valid"])).float().tolist()
-    k = len(answers[0]) if answers else 0
-    return [scores[i * k:(i + 1) * k] for i in range(len(answers))]
+    return scores
 
 
-def pick_best(row: dict, texts: list[str], ended: list[bool], scores: list[float], verifier) -> int | None:
-    """The index of the answer to keep (rules 1-3 in the module docstring), or None."""
+def candidates(row: dict, texts: list[str], ended: list[bool], verifier) -> list[int]:
+    """The answers rules 1-2 leave (the module docstring), one index per distinct text."""
     ok = [j for j, t in enumerate(texts) if ended[j] and t.strip() and "\ufffd" not in t]
     if verifier is not None:
         checked = [(j, verifier(row, texts[j])) for j in ok]
         if any(v is not None for _, v in checked):
             ok = [j for j, v in checked if v is not None and v >= 1.0]
+    first = {}
+    for j in ok:
+        first.setdefault(texts[j], j)
+    return list(first.values())
+
+
+def pick_best(row: dict, texts: list[str], ended: list[bool], scores: list[float], verifier) -> int | None:
+    """The index of the answer to keep (rules 1-3), or None."""
+    ok = candidates(row, texts, ended, verifier)
     return max(ok, key=lambda j: scores[j]) if ok else None
 
 
@@ -101,21 +108,28 @@ def best_answers(cfg: Config, run_dir: Path, tok, policy_dir: Path, seed: int, o
     t0 = time.perf_counter()
     p = SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
     answers = sample(policy, tok, rows, s.k, p, s.batch_prompts)
-    # without a reward model every remaining answer ties and the first (a random draw) is kept
-    scores = reward_scores(rm, tok, rows, answers) if rm is not None else [[0.0] * s.k for _ in rows]
-    kept, counts = [], {"prompts": len(rows), "answers": len(rows) * s.k, "kept": 0, "no_passing_answer": 0,
-                        "ended": 0}
-    for row, group, sc in zip(rows, answers, scores):
+    counts = {"prompts": len(rows), "answers": len(rows) * s.k, "kept": 0, "no_passing_answer": 0, "ended": 0,
+              "scored": 0}
+    texts, left = [], []
+    for row, group in zip(rows, answers):
         ended = [bool(a) and a[-1] == tok.end_id for a in group]
-        texts = [tok.decode([t for t in a if t != tok.end_id]) for a in group]
+        texts.append([tok.decode([t for t in a if t != tok.end_id]) for a in group])
+        left.append(candidates(row, texts[-1], ended, verifier))
         counts["ended"] += sum(ended)
-        j = pick_best(row, texts, ended, sc, verifier)
-        if j is None:
+    # the reward model reads only where it has a choice to make: two or more distinct answers remain
+    # (without one every remaining answer ties, and the first, a random draw, is kept)
+    todo = [(i, j) for i, c in enumerate(left) if len(c) > 1 and rm is not None for j in c]
+    scores = dict(zip(todo, reward_scores(rm, tok, [(rows[i], answers[i][j]) for i, j in todo]))) if todo else {}
+    counts["scored"] = len(todo)
+    kept = []
+    for i, (row, c) in enumerate(zip(rows, left)):
+        if not c:
             counts["no_passing_answer"] += 1
             continue
-        v = verifier(row, texts[j]) if verifier is not None else None
-        kept.append({"messages": row["messages"] + [{"role": "assistant", "content": texts[j]}],
-                     "reward": sc[j], "verified": v} | ({"task": row["task"]} if "task" in row else {}))
+        j = max(c, key=lambda j: scores.get((i, j), 0.0))
+        v = verifier(row, texts[i][j]) if verifier is not None else None
+        kept.append({"messages": row["messages"] + [{"role": "assistant", "content": texts[i][j]}],
+                     "reward": scores.get((i, j)), "verified": v} | ({"task": row["task"]} if "task" in row else {}))
     counts["kept"] = len(kept)
     counts["verified_kept"] = sum(r["verified"] is not None for r in kept)
     counts["sample_seconds"] = round(time.perf_counter() - t0, 1)
