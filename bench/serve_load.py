@@ -9,10 +9,13 @@ p50/p95 time to first token, and errors; the ratio is the 16-client aggregate ov
     .venv/bin/python bench/serve_load.py                       # a random-init model (depth 4, width 256)
     .venv/bin/python bench/serve_load.py --run runs/demo --stage sft
     .venv/bin/python bench/serve_load.py --requests 2 --max-tokens 32 --levels 1,4,16   # shorter
+    .venv/bin/python bench/serve_load.py --compile    # then `serve --compile` under the same load: the ratios
     .venv/bin/python bench/serve_load.py --quick      # smoke test (tests/test_benches.py): tiny model, 1 and 4 clients
 
 Last line: ``RESULT tok_s_LO=… tok_s_HI=… ratio=… p50_ttft_HI_ms=… p95_ttft_HI_ms=… errors=… requests=…``
-(LO, HI: the first and last of --levels; requests: the streams sent in all levels together). Run it alone:
+(LO, HI: the first and last of --levels; requests: the streams sent in all levels together), with --compile
+also ``compiled_tok_s_HI=… compiled_vs_eager_LO=… compiled_vs_eager_HI=… compiled_p95_ttft_HI_ms=…
+compiled_errors=…``. Run it alone:
 on a 2-core machine anything else running is noise (clients share the CPU too).
 """
 
@@ -33,7 +36,7 @@ from pathlib import Path
 PROMPTS = ["Tell me about Python lists.", "What does the with statement do?", "Explain generators, briefly.",
            "How do I read a file?", "What is a decorator?", "Say something about dictionaries."]
 # --quick: a tiny random model, 1 then 4 clients, one short stream each
-QUICK = dict(depth=2, width=64, block=128, levels="1,4", requests=1, max_tokens=8, slots=4)
+QUICK = dict(depth=2, width=64, block=128, levels="1,4", requests=1, max_tokens=8, slots=4, compile=True)
 
 
 def make_random_run(root: Path, depth: int, width: int, block: int) -> Path:
@@ -128,6 +131,8 @@ def main():
     ap.add_argument("--requests", type=int, default=3, help="streams per client per phase (bounded load)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--compile", action="store_true",
+                    help="then the same load on `serve --compile` (the compiled decode step), and their ratios")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, seconds (the same code)")
     a = ap.parse_args()
     if a.quick:  # the quick sizes are defaults: an option on the command line still wins
@@ -137,17 +142,43 @@ def main():
 
     tmp = tempfile.TemporaryDirectory()
     run = Path(a.run) if a.run else make_random_run(Path(tmp.name) / "bench", a.depth, a.width, a.block)
+    try:
+        res = measure(run, a, levels)
+        # --compile: the same load on a server decoding with the compiled step, right after, in this process
+        fast = measure(run, a, levels, ["--compile"]) if a.compile else None
+    finally:
+        tmp.cleanup()
+    lo, hi = levels[0], levels[-1]
+    ratio = res[hi]["tok_s"] / res[lo]["tok_s"]
+    errors = sum(r["errors"] for r in res.values())
+    print(f"aggregate tokens/s at {hi} clients = {ratio:.2f}x the {lo}-client figure (target >= 4x, 0 errors)")
+    line = (f"RESULT tok_s_{lo}={res[lo]['tok_s']:.1f} tok_s_{hi}={res[hi]['tok_s']:.1f} ratio={ratio:.2f} "
+            f"p50_ttft_{hi}_ms={res[hi]['p50'] * 1000:.0f} p95_ttft_{hi}_ms={res[hi]['p95'] * 1000:.0f} "
+            f"errors={errors} requests={sum(r['requests'] for r in res.values())}")
+    if fast is not None:
+        print(f"compiled step: {fast[lo]['tok_s'] / res[lo]['tok_s']:.2f}x eager at {lo} client(s), "
+              f"{fast[hi]['tok_s'] / res[hi]['tok_s']:.2f}x at {hi}")
+        line += (f" compiled_tok_s_{hi}={fast[hi]['tok_s']:.1f} "
+                 f"compiled_vs_eager_{lo}={fast[lo]['tok_s'] / res[lo]['tok_s']:.2f} "
+                 f"compiled_vs_eager_{hi}={fast[hi]['tok_s'] / res[hi]['tok_s']:.2f} "
+                 f"compiled_p95_ttft_{hi}_ms={fast[hi]['p95'] * 1000:.0f} "
+                 f"compiled_errors={sum(r['errors'] for r in fast.values())}")
+    print(line)
+
+
+def measure(run: Path, a, levels: list[int], extra: list[str] = ()) -> dict:
+    """Start `chatfactory serve` on ``run`` (with ``extra`` arguments), run every level against it, stop it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "chatfactory.cli", "serve", "--run", str(run), "--port", str(port),
-           "--slots", str(a.slots)]
+           "--slots", str(a.slots), *extra]
     if a.stage:
         cmd += ["--stage", a.stage]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "CHATFACTORY_API_KEY": ""})
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # --compile compiles every attention window before /health answers
         while True:
             try:
                 health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2))
@@ -159,8 +190,8 @@ def main():
                 time.sleep(0.3)
         model = health["model"]
         one_stream(port, model, "warm up", 8, 0)  # first-call costs (allocation, lazy init) stay out of the numbers
-        print(f"server: {model} on 127.0.0.1:{port}, {a.slots} slots; {a.requests} streams/client, "
-              f"max_tokens={a.max_tokens}")
+        print(f"server{' ' + ' '.join(extra) if extra else ''}: {model} on 127.0.0.1:{port}, {a.slots} slots; "
+              f"{a.requests} streams/client, max_tokens={a.max_tokens}")
         print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'p50 TTFT':>9} "
               f"{'p95 TTFT':>9} {'errors':>6}")
         res = {}
@@ -172,14 +203,7 @@ def main():
     finally:
         server.terminate()
         server.wait(timeout=30)
-        tmp.cleanup()
-    lo, hi = levels[0], levels[-1]
-    ratio = res[hi]["tok_s"] / res[lo]["tok_s"]
-    errors = sum(r["errors"] for r in res.values())
-    print(f"aggregate tokens/s at {hi} clients = {ratio:.2f}x the {lo}-client figure (target >= 4x, 0 errors)")
-    print(f"RESULT tok_s_{lo}={res[lo]['tok_s']:.1f} tok_s_{hi}={res[hi]['tok_s']:.1f} ratio={ratio:.2f} "
-          f"p50_ttft_{hi}_ms={res[hi]['p50'] * 1000:.0f} p95_ttft_{hi}_ms={res[hi]['p95'] * 1000:.0f} errors={errors} "
-          f"requests={sum(r['requests'] for r in res.values())}")
+    return res
 
 
 if __name__ == "__main__":

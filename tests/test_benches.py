@@ -185,6 +185,10 @@ def test_serve_load(quick):
     positive(r, f"tok_s_{lo}", f"tok_s_{hi}", f"p50_ttft_{hi}_ms")
     ratio(r, "ratio")
     assert r[f"p50_ttft_{hi}_ms"] <= r[f"p95_ttft_{hi}_ms"] < 60_000
+    # QUICK runs `serve --compile` too: its ratios and its own error count
+    assert r["compiled_errors"] == 0
+    positive(r, f"compiled_tok_s_{hi}")
+    ratio(r, f"compiled_vs_eager_{lo}", f"compiled_vs_eager_{hi}")
 
 
 def test_pretrain_speed(quick):

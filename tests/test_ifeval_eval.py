@@ -11,8 +11,8 @@ import torch
 from builders import write_jsonl
 from chatfactory.eval import ifeval
 from chatfactory.formats.jsonl import DataError
-from chatfactory.inference.batching import complete_all
 from chatfactory.inference.engine import Engine
+from chatfactory.inference.generate import complete_all
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.store.load import load_model

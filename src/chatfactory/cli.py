@@ -232,7 +232,7 @@ def cmd_serve(a):
                           max_connections=a.max_connections)
     serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin,
           quantize=a.quantize, max_memory=a.max_memory, insecure_no_key=a.insecure_no_key, limits=limits,
-          watch=a.watch)
+          watch=a.watch, compile=a.compile)
 
 
 def cmd_feedback(a):
@@ -265,6 +265,9 @@ def _add_serve_parsers(sub):
                    help="serve an address other than loopback without --api-key: anyone who can reach it may use "
                         "the model and write the feedback that trains the next one (refused otherwise)")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (continuous batching)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the compiled step (torch.compile), compiled before the server listens; "
+                        "eager, with a warning saying why, for a quantized model or where compiling fails")
     p.add_argument("--max-queue", type=int, default=256,
                    help="generations (and prompts to score) waiting at most, all clients together; past it: 429")
     p.add_argument("--client-share", type=float, default=0.5,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..data.constraints import INSTRUCTION_TYPES, score
 from ..formats.jsonl import DataError, read_jsonl
-from ..inference.batching import complete_all
+from ..inference.generate import complete_all
 from ..inference.sampling import SamplingParams
 from ..store.checkpoint import stage_config
 from ..store.files import append_text, atomic_write_text, read_appended

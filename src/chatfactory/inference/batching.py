@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.gpt import GPT
+from .decode_step import SlotStep
 from .kv_cache import KVCache
 from .sampling import SamplingParams, bad_rows, sample_next
 
@@ -101,7 +102,7 @@ class QueueFull(RuntimeError):
 class Scheduler:
     def __init__(self, model: GPT, slots: int = 16, max_waiting: int = 256, start: bool = True,
                  vocab_limit: int | None = None, context: int | None = None, max_client_waiting: int | None = None,
-                 score_chunk: int = 256):
+                 score_chunk: int = 256, compile: bool = False):
         self.model = model.eval()
         # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
@@ -119,6 +120,11 @@ class Scheduler:
         # block (SmolLM2's 8192) serving short conversations needs a fraction of the memory
         self.context = min(context or self.cfg.block_size, self.cfg.block_size)
         self.cache = KVCache.for_model(model, slots, self.context)
+        # compile: decode with the compiled step (decode_step.py SlotStep: static shapes, every slot a row),
+        # each attention window compiled here, before the first request; eager, with a warning, if it fails
+        self.fast, self.eager_reason = None, "" if compile else "compile=False"
+        if compile:
+            self.fast, self.eager_reason = SlotStep.ready(model, self.cache)
         self.rows: list[Request | None] = [None] * slots  # the request in each slot
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -322,6 +328,9 @@ class Scheduler:
                     self.preempted += 1
 
     def _decode(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
+        if self.fast is not None:
+            out = self.fast([r.slot for r in reqs], [r.generated[-1] for r in reqs])
+            return {r.slot: out[r.slot] for r in reqs}
         n = max(r.slot for r in reqs) + 1  # free slots below n ride along, masked, on key 0
         tokens = [0] * n
         for r in reqs:
@@ -458,40 +467,3 @@ def _safe_emit(req: Request, step: Step) -> None:
         req.emit(step)
     except Exception:
         req.cancelled = True
-
-
-def complete_all(model: GPT, prompts: list[list[int]], params: SamplingParams, *, slots: int = 32,
-                 context: int | None = None, vocab_limit: int | None = None, on_done=None) -> list[list[int]]:
-    """Every prompt's completion (its ids, a final stop id left out), by continuous batching in the calling
-    thread: ``slots`` rows decode together and a finished row's slot takes the next prompt at the next
-    iteration, so a batch never waits for its longest row. ``on_done(i, ids)`` is called as prompt ``i``
-    finishes (in finishing order: a caller can save each as it comes). ``context``: as ``Scheduler``'s."""
-    sched = Scheduler(model, slots=slots, max_waiting=max(1, len(prompts)), start=False, vocab_limit=vocab_limit,
-                      context=context)
-    out: list[list[int] | None] = [None] * len(prompts)
-    errors: list[str] = []  # the scheduler keeps a callback's exception from its loop: raised here instead
-
-    def finisher(i: int, req: Request):
-        def emit(step: Step) -> None:
-            if step.finish is None:
-                return
-            if step.finish not in ("stop", "length"):
-                errors.append(f"prompt {i}: generation ended with {step.finish}")
-                return
-            out[i] = req.generated[:-1] if step.finish == "stop" else list(req.generated)
-            if on_done is not None:
-                try:
-                    on_done(i, out[i])
-                except Exception as e:
-                    errors.append(f"prompt {i}: on_done failed: {type(e).__name__}: {e}")
-        return emit
-
-    for i, p in enumerate(prompts):
-        req = Request(list(p), params, emit=None)
-        req.emit = finisher(i, req)
-        sched.submit(req)
-    while (sched.waiting or sched.active()) and not errors:
-        sched.step()
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return out

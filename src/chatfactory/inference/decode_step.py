@@ -33,6 +33,7 @@ fails (no C++ compiler, an unsupported Python).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -66,23 +67,31 @@ def blas(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 
 
 def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids: torch.Tensor,
-                positions: torch.Tensor, rope, slot: torch.Tensor, key_valid: torch.Tensor,
-                linear: Callable[[torch.Tensor, nn.Linear], torch.Tensor], span: int | None = None) -> torch.Tensor:
+                positions: torch.Tensor, rope, slot: torch.Tensor, key_valid: torch.Tensor | None,
+                linear: Callable[[torch.Tensor, nn.Linear], torch.Tensor], span: int | None = None,
+                window: int | None = None) -> torch.Tensor:
     """One token per row through the model -> logits (B, vocab).
 
     ks[layer], vs[layer]: (B, kv_heads, S, head_dim) buffers; this step's keys/values go to slot
-    ``slot`` (a 1-element long tensor). Attention sees the slots <= slot where ``key_valid`` (B, S)
-    is True: with ``span`` None over all S slots through a mask (static shapes, for compiling),
-    with ``span`` = slot + 1 over those slots only (eager; there ``key_valid`` may be None: no
-    pads). ids, positions: (B, 1). rope: the rotary (cos, sin) of the positions, each (B, 1, 1,
-    head_dim) (``DecodeStep.rope``), None for a model with learned positions."""
+    ``slot``: a 1-element long tensor (every row at one length: the engine) or (B,) (each row at its
+    own: the server's continuous batching). Attention sees each row's slots <= its slot where
+    ``key_valid`` (B, S) is True (None: all): with ``span`` None over the first ``window`` slots (None:
+    all S) through a mask (static shapes, for compiling), with ``span`` = slot + 1 over those slots only
+    (eager, one shared slot; there ``key_valid`` None means no pads: no mask, SDPA's fastest path).
+    ids, positions: (B, 1). rope: the rotary (cos, sin) of the positions, each (B, 1, 1, head_dim)
+    (``DecodeStep.rope``), None for a model with learned positions."""
     cfg = model.cfg
     B, H, G, D = ids.size(0), cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    S = ks[0].size(2)
+    S = window or ks[0].size(2)
     if span is None:
-        visible = (key_valid & (torch.arange(S, device=ids.device) <= slot))[:, None, None, :]  # (B, 1, 1, S)
+        visible = torch.arange(S, device=ids.device) <= slot.view(-1, 1)  # (B or 1, S)
+        if key_valid is not None:
+            visible = visible & key_valid[:, :S]
+        visible = visible.expand(B, S)[:, None, None, :]  # (B, 1, 1, S)
     else:  # eager: key_valid None when every prompt slot is real (no mask, SDPA's fastest path)
         visible = None if key_valid is None else key_valid[:, None, None, :span]
+    # each row's own slot, for every head and feature (the server's rows); one shared slot: index_copy_
+    where = slot.view(-1, 1, 1, 1).expand(B, G, 1, D) if slot.numel() > 1 else None
     x = model.tok_emb(ids)
     if model.pos_emb is not None:
         x = x + model.pos_emb(positions)
@@ -93,15 +102,20 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
         if rope is not None:  # q and k rotate together: half the small ops of the eager (packed) step
             qk = apply_rope(qk, *rope)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2)
-        ks[layer].index_copy_(2, slot, k)
-        vs[layer].index_copy_(2, slot, v)
+        if where is None:
+            ks[layer].index_copy_(2, slot, k)
+            vs[layer].index_copy_(2, slot, v)
+        else:
+            ks[layer].scatter_(2, where, k)
+            vs[layer].scatter_(2, where, v)
         if span is None:
             # grouped-query attention without repeating keys: the H // G query heads of a key
             # head become that head's rows
             qg = q.reshape(B, G, H // G, D)
-            scores = (qg @ ks[layer].transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, G, H // G, S)
+            K, V = ks[layer][:, :, :S], vs[layer][:, :, :S]
+            scores = (qg @ K.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, G, H // G, S)
             probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-            y = (probs @ vs[layer]).reshape(B, 1, H * D)
+            y = (probs @ V).reshape(B, 1, H * D)
         else:
             y = F.scaled_dot_product_attention(q, ks[layer][:, :, :span], vs[layer][:, :, :span],
                                                attn_mask=visible, enable_gqa=G != H)
@@ -239,3 +253,82 @@ class DecodeStep:
             return logits
 
         return step
+
+
+def slot_logits(*args, **kwargs) -> torch.Tensor:
+    """``step_logits`` under its own name: the server's step compiles into a graph cache of its own (one graph
+    per attention window), apart from the engine's graphs (one per batch size), so neither evicts the other's."""
+    return step_logits(*args, **kwargs)
+
+
+class SlotStep:
+    """The server's decode step (continuous batching, batching.py ``Scheduler(compile=True)``): every slot
+    row of the server's KV cache takes one token, each written at its own length, in one compiled graph.
+
+    Shapes are static: all ``slots`` rows run (an idle one is on its slot 0 and its logits are dropped), and
+    attention reads a window of the cache, the power of two >= 64 that holds the longest row (one graph
+    per window, compiled on the window's first step; ``warm`` compiles them ahead). Keys and values are
+    written into the cache's own per-layer tensors, so the eager path (prefill, scoring) reads them."""
+
+    MIN_WINDOW = 64
+
+    def __init__(self, model: GPT, cache: KVCache, compile: bool = True):
+        self.model, self.cache = model, cache
+        self.fn = torch.compile(slot_logits, dynamic=False, fullgraph=True) if compile else slot_logits
+        self.rope = DecodeStep(model, compile=False).rope
+        self.ks, self.vs = cache.buffers()
+        streamed = sum(p.numel() * p.element_size() for p in model.parameters()) >= STREAMED_MIN_BYTES
+        self.linear = gemv if cache.num_rows <= GEMV_MAX_ROWS and not streamed else blas
+
+    @classmethod
+    def ready(cls, model: GPT, cache: KVCache) -> tuple[SlotStep | None, str]:
+        """A step with every window compiled, or (None, why not) with a warning: a quantized model (its
+        kernels run eagerly), a model with LoRA adapters, or a compiler that fails."""
+        why = ""
+        if any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules()):
+            why = "int8/int4 layers run their own kernels, eagerly"
+        elif any(type(m).__name__.startswith("LoRA") for m in model.modules()):
+            why = "LoRA adapters are not merged into the weights"
+        else:
+            try:
+                step = cls(model, cache)
+                step.warm()
+                return step, ""
+            except Exception as e:  # no C++ compiler, an unsupported Python
+                e = getattr(e, "inner_exception", None) or e
+                why = f"torch.compile failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+        warnings.warn(f"compiled decode step not used: {why}; decoding eagerly", RuntimeWarning, stacklevel=3)
+        return None, why
+
+    def window(self, needed: int) -> int:
+        w = self.MIN_WINDOW
+        while w < needed:
+            w *= 2
+        return min(w, self.cache.capacity)
+
+    def __call__(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """Rows ``rows`` (slot indices) decode ``tokens`` -> logits (slots, vocab); the cache grows by one
+        position on those rows."""
+        B, dev = self.cache.num_rows, self.cache.device
+        ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        ids[rows, 0] = torch.tensor(tokens, device=dev)
+        at = self.cache.advance(rows)  # (slots,): each row's new position; idle rows 0
+        window = self.window(int(at.max()) + 1)
+        positions = at.view(-1, 1)
+        return self.fn(self.model, self.ks, self.vs, ids, positions, self.rope(positions), at, None, self.linear,
+                       None, window)
+
+    @torch.no_grad()
+    def warm(self, max_context: int | None = None) -> int:
+        """Compile every window up to ``max_context`` positions (default the cache's capacity) now, on idle rows
+        (nothing is written where a row holds anything): -> the number of windows."""
+        n, w, top = 0, self.MIN_WINDOW // 2, self.window(max_context or self.cache.capacity)
+        while w < top:
+            w = min(w * 2, top)
+            B, dev = self.cache.num_rows, self.cache.device
+            ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+            at = torch.full((B,), w - 1, dtype=torch.long, device=dev)  # the window's last slot: never a filled one
+            self.fn(self.model, self.ks, self.vs, ids, at.view(-1, 1), self.rope(at.view(-1, 1)), at, None,
+                    self.linear, None, w)
+            n += 1
+        return n

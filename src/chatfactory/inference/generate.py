@@ -1,4 +1,5 @@
-"""Offline batch generation: answers for a JSONL file of prompts, a batch at a time.
+"""Offline batch generation: answers for a JSONL file of prompts, a batch at a time; and ``complete_all``, every
+prompt of a list completed by continuous batching (the IFEval pass: a finished row frees its slot at once).
 
 Each batch goes through the engine together, so with streamed layers (``--max-memory``, model/offload.py) a
 layer read from disk serves every sequence of the batch (the block schedule) before the next is read.
@@ -19,10 +20,12 @@ import torch
 from tqdm import tqdm
 
 from ..formats.jsonl import DataError, read_jsonl
+from ..model.gpt import GPT
 from ..store.checkpoint import latest_stage
 from ..store.files import atomic_write_text
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer, check_messages
+from .batching import Request, Scheduler, Step
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -118,3 +121,40 @@ def generate(run, prompts, out, stage: str | None = None, batch: int = 64, max_n
                else "")
     print(f"{out}: {len(rows)} answers ({len(todo)} new, {new_tokens} tokens in "
           f"{time.perf_counter() - t0:.2f}s{stalled})")
+
+
+def complete_all(model: GPT, prompts: list[list[int]], params: SamplingParams, *, slots: int = 32,
+                 context: int | None = None, vocab_limit: int | None = None, on_done=None) -> list[list[int]]:
+    """Every prompt's completion (its ids, a final stop id left out), by continuous batching in the calling
+    thread: ``slots`` rows decode together and a finished row's slot takes the next prompt at the next
+    iteration, so a batch never waits for its longest row. ``on_done(i, ids)`` is called as prompt ``i``
+    finishes (in finishing order: a caller can save each as it comes). ``context``: as ``Scheduler``'s."""
+    sched = Scheduler(model, slots=slots, max_waiting=max(1, len(prompts)), start=False, vocab_limit=vocab_limit,
+                      context=context)
+    out: list[list[int] | None] = [None] * len(prompts)
+    errors: list[str] = []  # the scheduler keeps a callback's exception from its loop: raised here instead
+
+    def finisher(i: int, req: Request):
+        def emit(step: Step) -> None:
+            if step.finish is None:
+                return
+            if step.finish not in ("stop", "length"):
+                errors.append(f"prompt {i}: generation ended with {step.finish}")
+                return
+            out[i] = req.generated[:-1] if step.finish == "stop" else list(req.generated)
+            if on_done is not None:
+                try:
+                    on_done(i, out[i])
+                except Exception as e:
+                    errors.append(f"prompt {i}: on_done failed: {type(e).__name__}: {e}")
+        return emit
+
+    for i, p in enumerate(prompts):
+        req = Request(list(p), params, emit=None)
+        req.emit = finisher(i, req)
+        sched.submit(req)
+    while (sched.waiting or sched.active()) and not errors:
+        sched.step()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return out

@@ -116,6 +116,18 @@ class KVCache:
         self._plan = (write, None)
         return at
 
+    def advance(self, rows: list[int]) -> torch.Tensor:
+        """For a step that writes keys itself (decode_step.py ``SlotStep``): rows ``rows`` grow by one position.
+        Returns every row's place for its new key, (num_rows,) on the device: a growing row's length before
+        the step, 0 for the others (idle: what lands there is overwritten by the row's next prefill)."""
+        grow = set(rows)
+        at = [n if r in grow else 0 for r, n in enumerate(self._lengths)]
+        if max(at) + 1 > self.capacity:
+            raise ValueError(f"KV cache overflow: a row of {max(at)} positions is at capacity {self.capacity}")
+        for r in grow:
+            self._lengths[r] += 1
+        return torch.tensor(at, device=self.device)
+
     # ---- what the model calls
     def start(self, tokens: int) -> int | None:
         """A forward of ``tokens`` new positions per row begins: as planned, or else appended to every row

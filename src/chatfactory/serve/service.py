@@ -86,9 +86,10 @@ class Service:
 
     def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
                  api_key: str | None = None, slots: int = 16, scheduler=None,
-                 server_limits: ServerLimits | None = None, version: int | None = None):
+                 server_limits: ServerLimits | None = None, version: int | None = None, compile: bool = False):
         self.server_limits = server_limits = server_limits or ServerLimits()
         self.tok, self.slots = tok, slots
+        self.compile = compile  # each served version decodes with the compiled step (inference/decode_step.py)
         self.feedback = (FeedbackStore(feedback_path, server_limits.feedback_rows_per_conversation,
                                        server_limits.feedback_pairs_per_conversation) if feedback_path else None)
         self.api_key = api_key or None
@@ -105,7 +106,8 @@ class Service:
         lim = self.server_limits
         if scheduler is None:
             scheduler = Scheduler(model, slots=self.slots, vocab_limit=self.tok.vocab_size,
-                                  max_waiting=lim.max_waiting, max_client_waiting=lim.max_client_waiting)
+                                  max_waiting=lim.max_waiting, max_client_waiting=lim.max_client_waiting,
+                                  compile=self.compile)
         return Served(model, scheduler, name, stage, self.tok, version, lim.max_prompt_chars)
 
     # ---- the served version, for code that holds no lease (a request takes one: ``lease``)
@@ -230,11 +232,12 @@ class Service:
 
 def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
                  device: str = "cpu", quantize: str | None = None, max_memory: int | str | None = None,
-                 server_limits: ServerLimits | None = None, watch: float = 1.0) -> Service:
+                 server_limits: ServerLimits | None = None, watch: float = 1.0, compile: bool = False) -> Service:
     """The Service of ``run_dir``: the version ``RUN/versions/serving.json`` names, else ``stage`` (default: the
     last trained); a ``stage`` given by name wins over the versions. Without one, the service follows
     serving.json (``watch``: seconds between looks, 0 for none; ``POST /v1/admin/reload`` in any case). The
-    model loads as ``load_model`` does for inference (a quantized stage as it is; ``quantize``, ``max_memory``)."""
+    model loads as ``load_model`` does for inference (a quantized stage as it is; ``quantize``, ``max_memory``);
+    ``compile``: decode with the compiled step, compiled before this returns."""
     from ..store.versions import Versions
     from .hotswap import HotSwap, VersionLoader
 
@@ -255,7 +258,7 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
         model = loader.load_model(run_dir / where)
         name = f"{run_dir.name}/{where}"
     svc = Service(model, tok, name, where, run_dir / FEEDBACK_FILE, api_key, slots, server_limits=server_limits,
-                  version=n)
+                  version=n, compile=compile)
     if stage is None:
         svc.hotswap = HotSwap(svc, loader, watch)
     return svc

@@ -1,0 +1,115 @@
+"""The server's compiled decode step (inference/decode_step.py ``SlotStep``, ``Scheduler(compile=True)``): the
+same greedy tokens as the eager scheduler through joins, preemption, cancellation and a window boundary;
+logits within fp32 round-off of a plain forward for rows at different lengths; the eager fallback says why;
+and ``chatfactory serve --compile`` over HTTP."""
+
+import warnings
+
+import pytest
+import torch
+
+from chatfactory.inference.batching import Request, Scheduler
+from chatfactory.inference.decode_step import SlotStep
+from chatfactory.inference.kv_cache import KVCache
+from chatfactory.inference.sampling import SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+
+
+def _model(block=256):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(depth=2, n_embd=64, head_dim=16, n_kv_head=2, vocab_size=300, block_size=block)).eval()
+
+
+def _generate(model, compile, cancel_after=None, slots=3):
+    """7 requests from two clients on 3 slots (rows join, leave, and one client's rows are preempted for the
+    other's), greedy, some long enough to cross the 64-slot window; -> (the requests, the scheduler)."""
+    sched = Scheduler(model, slots=slots, start=False, compile=compile)
+    reqs = []
+    for i in range(7):
+        prompt = [1 + (i * 7 + j) % 290 for j in range(2 + 6 * i)]
+        req = Request(prompt, SamplingParams(max_tokens=15 + 9 * i, temperature=0.0), emit=lambda st: None,
+                      client="a" if i < 4 else "b")
+        reqs.append(req)
+    for req in reqs[:4]:  # client a fills the slots; b arrives later and takes its share back
+        sched.submit(req)
+    for _ in range(3):
+        sched.step()
+    for req in reqs[4:]:
+        sched.submit(req)
+    while sched.waiting or sched.active():
+        sched.step()
+        if cancel_after is not None and sched.steps == cancel_after:
+            reqs[1].cancel()
+    return reqs, sched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slots", [1, 3])
+def test_compiled_scheduler_gives_the_eager_tokens(slots):
+    model = _model()
+    eager, plain = _generate(model, compile=False, cancel_after=12, slots=slots)
+    fast, sched = _generate(model, compile=True, cancel_after=12, slots=slots)
+    assert sched.fast is not None and sched.eager_reason == ""
+    assert [r.generated for r in fast] == [r.generated for r in eager]
+    assert max(len(r.prompt) + len(r.generated) for r in fast) > 64  # a row crossed from the 64-slot window to 128
+    assert fast[1].cancelled and len(fast[1].generated) < 24  # the cancelled row stopped early
+    assert sched.preempted == plain.preempted and (sched.preempted > 0 or slots == 1)  # b took a's slots
+
+
+def test_slot_step_logits_match_a_plain_forward_at_different_lengths():
+    """Rows at lengths 5, 9 and idle: one step of the (uncompiled) slot step against the model on each whole
+    sequence, within fp32 round-off."""
+    model = _model()
+    cache = KVCache.for_model(model, 3, 128)
+    seqs = [[3, 5, 7, 9, 11], [2, 4, 6, 8, 10, 12, 14, 16, 18]]
+    with torch.no_grad():
+        T = max(map(len, seqs))
+        cache.prefill([0, 1], [len(s) for s in seqs])
+        model.hidden_states(torch.tensor([s + [0] * (T - len(s)) for s in seqs]), cache=cache,
+                            positions=torch.arange(T))
+        step = SlotStep(model, cache, compile=False)
+        logits = step([0, 1], [21, 22])
+        for row, (s, tok) in enumerate(zip(seqs, (21, 22))):
+            want = model(torch.tensor([s + [tok]]))[0, -1]
+            torch.testing.assert_close(logits[row], want, rtol=1e-4, atol=1e-4)
+    assert cache.lengths == [6, 10, 0]
+
+
+def test_the_eager_fallback_says_why(monkeypatch):
+    def broken(self, *a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(SlotStep, "warm", broken)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        sched = Scheduler(_model(), slots=2, start=False, compile=True)
+    assert sched.fast is None and "no C++ compiler" in sched.eager_reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Scheduler(_model(), slots=2, start=False).eager_reason == "compile=False"
+
+
+@pytest.mark.slow
+def test_serve_compile_over_http_answers_as_the_eager_server(tmp_path):
+    """`chatfactory serve --compile`: its start line names the compiled step (compiled before /health answers),
+    and four concurrent greedy chats get the eager server's replies word for word."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import make_run, post, start_serve
+
+    run = make_run(tmp_path / "run")
+    asks = [{"model": "run/sft", "messages": [{"role": "user", "content": f"Say something about {w}."}],
+             "temperature": 0, "max_tokens": 24 + 8 * i} for i, w in enumerate(["bold", "code", "add", "text"])]
+    replies = {}
+    for args in ((), ("--compile",)):
+        proc, url = start_serve(run, "--slots", "2", *args)
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(post, [url] * len(asks), ["/v1/chat/completions"] * len(asks), asks))
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=30)[0].decode(errors="replace")
+        assert all(status == 200 for status, _ in answers), answers
+        replies[args] = [body["choices"][0]["message"]["content"] for _, body in answers]
+        assert ("compiled decode step" in out) == bool(args), out[-2000:]
+        assert all(replies[args]), replies[args]
+    assert replies[("--compile",)] == replies[()]
