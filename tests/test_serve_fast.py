@@ -15,9 +15,9 @@ from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
 
 
-def _model(block=256):
+def _model(block=256, width=64):
     torch.manual_seed(0)
-    return GPT(GPTConfig(depth=2, n_embd=64, head_dim=16, n_kv_head=2, vocab_size=300, block_size=block)).eval()
+    return GPT(GPTConfig(depth=2, n_embd=width, head_dim=16, n_kv_head=2, vocab_size=300, block_size=block)).eval()
 
 
 def _generate(model, compile, cancel_after=None, slots=3):
@@ -44,12 +44,14 @@ def _generate(model, compile, cancel_after=None, slots=3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("slots", [1, 3])
-def test_compiled_scheduler_gives_the_eager_tokens(slots):
-    model = _model()
+@pytest.mark.parametrize("slots,width", [(1, 64), (3, 64), (4, 256)])
+def test_compiled_scheduler_gives_the_eager_tokens(slots, width):
+    """(4, 256): a model as wide as PACKED_MIN_WIDTH runs 1-2 rows compiled and 3-4 on the eager step."""
+    model = _model(width=width)
     eager, plain = _generate(model, compile=False, cancel_after=12, slots=slots)
     fast, sched = _generate(model, compile=True, cancel_after=12, slots=slots)
     assert sched.fast is not None and sched.eager_reason == ""
+    assert sched.fast.buckets == {1: [1], 3: [1, 2, 3], 4: [1, 2]}[slots]
     assert [r.generated for r in fast] == [r.generated for r in eager]
     assert max(len(r.prompt) + len(r.generated) for r in fast) > 64  # a row crossed from the 64-slot window to 128
     assert fast[1].cancelled and len(fast[1].generated) < 24  # the cancelled row stopped early

@@ -328,8 +328,8 @@ class Scheduler:
                     self.preempted += 1
 
     def _decode(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
-        if self.fast is not None:
-            out = self.fast([r.slot for r in reqs], [r.generated[-1] for r in reqs])
+        out = self.fast([r.slot for r in reqs], [r.generated[-1] for r in reqs]) if self.fast is not None else None
+        if out is not None:  # the compiled step ran (None: this many rows are the eager step's)
             return {r.slot: out[r.slot] for r in reqs}
         n = max(r.slot for r in reqs) + 1  # free slots below n ride along, masked, on key 0
         tokens = [0] * n

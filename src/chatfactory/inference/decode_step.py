@@ -256,19 +256,23 @@ class DecodeStep:
 
 
 def slot_logits(*args, **kwargs) -> torch.Tensor:
-    """``step_logits`` under its own name: the server's step compiles into a graph cache of its own (one graph
-    per attention window), apart from the engine's graphs (one per batch size), so neither evicts the other's."""
+    """``step_logits`` under its own name: the server's step compiles into a graph cache of its own (a graph per
+    row bucket and attention window), apart from the engine's graphs (one per batch size)."""
     return step_logits(*args, **kwargs)
 
 
 class SlotStep:
-    """The server's decode step (continuous batching, batching.py ``Scheduler(compile=True)``): every slot
-    row of the server's KV cache takes one token, each written at its own length, in one compiled graph.
+    """The server's decode step (continuous batching, batching.py ``Scheduler(compile=True)``): the slot rows
+    of the server's KV cache take one token each, each written at its own length, in one compiled graph.
 
-    Shapes are static: all ``slots`` rows run (an idle one is on its slot 0 and its logits are dropped), and
-    attention reads a window of the cache, the power of two >= 64 that holds the longest row (one graph
-    per window, compiled on the window's first step; ``warm`` compiles them ahead). Keys and values are
-    written into the cache's own per-layer tensors, so the eager path (prefill, scoring) reads them."""
+    Shapes are static. Rows 0..n-1 run, n the highest busy slot + 1 rounded up to a power of two (a *bucket*;
+    an idle row among them is on its slot 0 and its logits are dropped), and attention reads a *window* of the
+    cache, the power of two >= 64 that holds the longest row: a graph per bucket and window, all compiled by
+    ``warm`` before the server takes requests. A bucket takes the compiled step where the engine's measurements
+    (module docstring) say it wins: up to ``GEMV_MAX_ROWS`` rows, or more rows of a model narrower than
+    ``PACKED_MIN_WIDTH``; for the other buckets ``__call__`` returns None and the scheduler runs its eager step.
+    Keys and values are written into the cache's own per-layer tensors, so the eager path (prefill, scoring,
+    the other buckets) reads them."""
 
     MIN_WINDOW = 64
 
@@ -277,12 +281,19 @@ class SlotStep:
         self.fn = torch.compile(slot_logits, dynamic=False, fullgraph=True) if compile else slot_logits
         self.rope = DecodeStep(model, compile=False).rope
         self.ks, self.vs = cache.buffers()
-        streamed = sum(p.numel() * p.element_size() for p in model.parameters()) >= STREAMED_MIN_BYTES
-        self.linear = gemv if cache.num_rows <= GEMV_MAX_ROWS and not streamed else blas
+        self.streamed = sum(p.numel() * p.element_size() for p in model.parameters()) >= STREAMED_MIN_BYTES
+        wide = model.cfg.n_embd >= PACKED_MIN_WIDTH and cache.device.type == "cpu"
+        b, self.buckets = 1, []
+        while True:
+            if b <= GEMV_MAX_ROWS or not wide:
+                self.buckets.append(min(b, cache.num_rows))
+            if b >= cache.num_rows:
+                break
+            b *= 2
 
     @classmethod
     def ready(cls, model: GPT, cache: KVCache) -> tuple[SlotStep | None, str]:
-        """A step with every window compiled, or (None, why not) with a warning: a quantized model (its
+        """A step with every graph compiled, or (None, why not) with a warning: a quantized model (its
         kernels run eagerly), a model with LoRA adapters, or a compiler that fails."""
         why = ""
         if any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules()):
@@ -306,29 +317,47 @@ class SlotStep:
             w *= 2
         return min(w, self.cache.capacity)
 
-    def __call__(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
-        """Rows ``rows`` (slot indices) decode ``tokens`` -> logits (slots, vocab); the cache grows by one
-        position on those rows."""
-        B, dev = self.cache.num_rows, self.cache.device
+    def windows(self) -> list[int]:
+        out = [self.window(1)]
+        while out[-1] < self.cache.capacity:
+            out.append(self.window(out[-1] + 1))
+        return out
+
+    def bucket(self, n: int) -> int | None:
+        """The compiled row count for rows 0..n-1, or None (the eager step is the faster one there)."""
+        b = 1
+        while b < n:
+            b *= 2
+        b = min(b, self.cache.num_rows)
+        return b if b in self.buckets else None
+
+    def _run(self, B: int, ids: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
+        linear = gemv if B <= GEMV_MAX_ROWS and not self.streamed else blas
+        positions = at.view(-1, 1)
+        return self.fn(self.model, [k[:B] for k in self.ks], [v[:B] for v in self.vs], ids, positions,
+                       self.rope(positions), at, None, linear, None, window)
+
+    def __call__(self, rows: list[int], tokens: list[int]) -> torch.Tensor | None:
+        """Rows ``rows`` (slot indices) decode ``tokens`` -> logits (bucket rows, vocab), the cache one position
+        longer on those rows; None (nothing done) when the eager step serves this many rows better."""
+        B = self.bucket(max(rows) + 1)
+        if B is None:
+            return None
+        dev = self.cache.device
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         ids[rows, 0] = torch.tensor(tokens, device=dev)
-        at = self.cache.advance(rows)  # (slots,): each row's new position; idle rows 0
-        window = self.window(int(at.max()) + 1)
-        positions = at.view(-1, 1)
-        return self.fn(self.model, self.ks, self.vs, ids, positions, self.rope(positions), at, None, self.linear,
-                       None, window)
+        at = self.cache.advance(rows)[:B]  # each row's new position; idle rows 0
+        return self._run(B, ids, at, self.window(int(at.max()) + 1))
 
     @torch.no_grad()
-    def warm(self, max_context: int | None = None) -> int:
-        """Compile every window up to ``max_context`` positions (default the cache's capacity) now, on idle rows
-        (nothing is written where a row holds anything): -> the number of windows."""
-        n, w, top = 0, self.MIN_WINDOW // 2, self.window(max_context or self.cache.capacity)
-        while w < top:
-            w = min(w * 2, top)
-            B, dev = self.cache.num_rows, self.cache.device
-            ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-            at = torch.full((B,), w - 1, dtype=torch.long, device=dev)  # the window's last slot: never a filled one
-            self.fn(self.model, self.ks, self.vs, ids, at.view(-1, 1), self.rope(at.view(-1, 1)), at, None,
-                    self.linear, None, w)
-            n += 1
-        return n
+    def warm(self) -> int:
+        """Compile every bucket's graph for every window now, on the window's last slot of each row (the server
+        holds no row yet): -> the number of graphs."""
+        graphs = [(b, w) for b in self.buckets for w in self.windows()]
+        # the graphs live in one cache keyed on slot_logits: room for all of them, so none falls back
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(graphs) + 8)
+        dev = self.cache.device
+        for b, w in graphs:
+            ids = torch.zeros(b, 1, dtype=torch.long, device=dev)
+            self._run(b, ids, torch.full((b,), w - 1, dtype=torch.long, device=dev), w)
+        return len(graphs)

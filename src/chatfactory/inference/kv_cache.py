@@ -36,8 +36,11 @@ class KVCache:
     the server one for its lifetime (rows are slots, filled and freed independently)."""
 
     def __init__(self, cfg: GPTConfig, rows: int, capacity: int, device=None, dtype=torch.float32):
-        shape = (cfg.depth, rows, cfg.n_kv_head, capacity, cfg.head_dim)
-        self._store(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        shape = (rows, cfg.n_kv_head, capacity, cfg.head_dim)
+        # a tensor of its own per layer, not views of one block: a compiled step (decode_step.py) writes into
+        # them in place, where views of one storage would make it copy the whole cache at every step
+        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
+        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.depth)]
         self.capacity = capacity
         self._lengths = [0] * rows
         self._write: Callable | None = None  # how the forward being run writes a layer (see ``start``)
@@ -50,10 +53,6 @@ class KVCache:
         p = model.tok_emb.weight
         return cls(model.cfg, rows, capacity, device=p.device, dtype=p.dtype)
 
-    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._all = (k, v)  # (depth, rows, kv_heads, capacity, head_dim): one block of memory
-        self._k, self._v = list(k.unbind(0)), list(v.unbind(0))  # per layer (rows, kv_heads, capacity, head_dim)
-
     # ---- what callers read
     @property
     def num_rows(self) -> int:
@@ -61,7 +60,7 @@ class KVCache:
 
     @property
     def device(self) -> torch.device:
-        return self._all[0].device
+        return self._k[0].device
 
     @property
     def lengths(self) -> list[int]:
@@ -162,7 +161,8 @@ class KVCache:
     def fork(self, rows: list[int]) -> None:
         """Row i continues row ``rows[i]`` (a prompt prefilled once for every row that asked for it)."""
         index = torch.tensor(rows, device=self.device)
-        self._store(*(t.index_select(1, index) for t in self._all))
+        self._k = [t.index_select(0, index) for t in self._k]
+        self._v = [t.index_select(0, index) for t in self._v]
         self._lengths = [self._lengths[r] for r in rows]
 
     def free(self, row: int) -> None:
