@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from ..data.verifiers import load_verifier
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..store.checkpoint import resolve_stage, stage_finished
+from ..store.files import atomic_write_text
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer
 from .reward import load_reward_model
@@ -134,9 +134,7 @@ def best_answers(cfg: Config, run_dir: Path, tok, policy_dir: Path, seed: int, o
     counts["verified_kept"] = sum(r["verified"] is not None for r in kept)
     counts["sample_seconds"] = round(time.perf_counter() - t0, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return counts
 
 
@@ -167,13 +165,13 @@ def run_rft(cfg: Config, run_dir) -> dict:
         out, meta = work / "answers.jsonl", work / "answers.json"
         if not last and stage_finished(stage_dir):
             policy = stage_dir
-            result["rounds"].append(json.loads(meta.read_text()))
+            result["rounds"].append({k: v for k, v in json.loads(meta.read_text()).items() if k != "fingerprint"})
             continue
         fp = _fingerprint(cfg, r)
         counts = json.loads(meta.read_text()) if meta.exists() and out.exists() else None
         if counts is None or counts.get("fingerprint") != fp:
             counts = best_answers(cfg, run_dir, tok, policy, s.seed + 1000 * r, out) | {"fingerprint": fp, "round": r}
-            meta.write_text(json.dumps(counts, indent=1))
+            atomic_write_text(meta, json.dumps(counts, indent=1))
         print(f"rft round {r}/{s.rounds}: kept {counts['kept']:,} of {counts['prompts']:,} prompts' best answers "
               f"({s.k} sampled each at T={s.temperature} from {policy}; {counts['no_passing_answer']:,} prompts had "
               f"no answer that ended" + (f" and passed verifier {s.verifier}" if s.verifier else "") + ")")
