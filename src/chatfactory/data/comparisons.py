@@ -56,16 +56,16 @@ def pick_pairs(answers: list[str], scores: list[float], mode: str) -> list[tuple
     raise ValueError(f"comparisons.pairs must be 'best_worst' or 'all', got {mode!r}")
 
 
-def sample_answers(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int,
-                   progress: bool = False) -> list[list[str]]:
-    """K sampled answers (text, up to <|end|>) per prompt row, through the Engine in batches. Batch b
-    samples with seed ``p.seed + b``, so the output is a function of the inputs alone."""
+def sample_ids(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int,
+               progress: bool = False) -> list[list[list[int]]]:
+    """K sampled answers per prompt row as ids (``<|end|>`` kept where it was sampled), through the Engine in
+    batches. Batch b samples with seed ``p.seed + b``, so the output is a function of the inputs alone."""
     engine = Engine(model, vocab_limit=tok.vocab_size)
     room = model.cfg.block_size - p.max_tokens
     if room < 2:
         raise ValueError(f"comparisons.max_tokens={p.max_tokens} leaves no room for a prompt in a "
                          f"{model.cfg.block_size}-token context")
-    out: list[list[str]] = []
+    out: list[list[list[int]]] = []
     starts = range(0, len(rows), batch_prompts)
     for b, start in enumerate(tqdm(starts, desc="comparisons", disable=not progress)):
         chunk = rows[start:start + batch_prompts]
@@ -74,9 +74,15 @@ def sample_answers(model, tok, rows: list[dict], k: int, p: SamplingParams, batc
         seed = None if p.seed is None else p.seed + b
         gen = engine.generate(ids, SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                                                   seed=seed, stop_ids=(tok.end_id,)))
-        texts = [tok.decode([t for t in g if t != tok.end_id]) for g in gen]
-        out += [texts[i * k:(i + 1) * k] for i in range(len(chunk))]
+        out += [gen[i * k:(i + 1) * k] for i in range(len(chunk))]
     return out
+
+
+def sample_answers(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int,
+                   progress: bool = False) -> list[list[str]]:
+    """K sampled answers (text, up to <|end|>) per prompt row (``sample_ids``, decoded)."""
+    return [[tok.decode([t for t in a if t != tok.end_id]) for a in group]
+            for group in sample_ids(model, tok, rows, k, p, batch_prompts, progress)]
 
 
 def add_mismatched(rows: list[dict], samples: list[list[str]], m: int, seed: int) -> list[list[str]]:

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model.gpt import GPT, apply_rope, rope_cos_sin
+from ..model.lora import LoRALinear
 from .kv_cache import KVCache
 
 # Batches of up to this many rows take the compiled multiply-sum step on a CPU: one fused loop streaming
@@ -54,6 +55,13 @@ PACKED_MIN_WIDTH = 256
 # Models with at least this many bytes of weights (far past a CPU's last-level cache) stream them from
 # memory at every step: BLAS products and power-of-two spans at every batch size.
 STREAMED_MIN_BYTES = 128 << 20
+
+
+def compile_failure(e: Exception) -> str:
+    """What torch.compile raised, in one line (dynamo wraps what the compiler raised)."""
+    e = getattr(e, "inner_exception", None) or e
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"torch.compile failed ({type(e).__name__}: {first})"
 
 
 def gemv(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
@@ -279,13 +287,12 @@ class SlotStep:
     def __init__(self, model: GPT, cache: KVCache, compile: bool = True):
         self.model, self.cache = model, cache
         self.fn = torch.compile(slot_logits, dynamic=False, fullgraph=True) if compile else slot_logits
-        self.rope = DecodeStep(model, compile=False).rope
+        engine = DecodeStep(model, compile=False)  # the engine's choices: rope tables, streamed, packed rows
+        self.rope, self.streamed = engine.rope, engine.streamed()
         self.ks, self.vs = cache.buffers()
-        self.streamed = sum(p.numel() * p.element_size() for p in model.parameters()) >= STREAMED_MIN_BYTES
-        wide = model.cfg.n_embd >= PACKED_MIN_WIDTH and cache.device.type == "cpu"
         b, self.buckets = 1, []
         while True:
-            if b <= GEMV_MAX_ROWS or not wide:
+            if not engine.packs(min(b, cache.num_rows)):
                 self.buckets.append(min(b, cache.num_rows))
             if b >= cache.num_rows:
                 break
@@ -296,9 +303,9 @@ class SlotStep:
         """A step with every graph compiled, or (None, why not) with a warning: a quantized model (its
         kernels run eagerly), a model with LoRA adapters, or a compiler that fails."""
         why = ""
-        if any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules()):
+        if DecodeStep(model, compile=False).quantized:
             why = "int8/int4 layers run their own kernels, eagerly"
-        elif any(type(m).__name__.startswith("LoRA") for m in model.modules()):
+        elif any(isinstance(m, LoRALinear) for m in model.modules()):
             why = "LoRA adapters are not merged into the weights"
         else:
             try:
@@ -306,8 +313,7 @@ class SlotStep:
                 step.warm()
                 return step, ""
             except Exception as e:  # no C++ compiler, an unsupported Python
-                e = getattr(e, "inner_exception", None) or e
-                why = f"torch.compile failed ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+                why = compile_failure(e)
         warnings.warn(f"compiled decode step not used: {why}; decoding eagerly", RuntimeWarning, stacklevel=3)
         return None, why
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 
 from ..model.gpt import GPT
-from .decode_step import DecodeStep
+from .decode_step import DecodeStep, compile_failure
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample_next
 
@@ -108,10 +108,8 @@ class Engine:
 
     def _compile_failed(self, e: Exception) -> None:
         self.compiled = None
-        e = getattr(e, "inner_exception", None) or e  # dynamo wraps what the compiler raised
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"Engine(compile=True): torch.compile failed ({type(e).__name__}: {first}); "
-                      f"decoding eagerly instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"Engine(compile=True): {compile_failure(e)}; decoding eagerly instead", RuntimeWarning,
+                      stacklevel=3)
 
     def _threads_for(self, batch_size: int) -> int | None:
         if self.device.type != "cpu":

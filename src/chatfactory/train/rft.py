@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..data.comparisons import sample_ids
 from ..data.preferences import load_prompts
 from ..data.verifiers import load_verifier
-from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..store.checkpoint import resolve_stage, stage_finished
 from ..store.files import atomic_write_text
@@ -43,21 +43,6 @@ from .rollout import attention_mask, pad_batch
 from .sft import fine_tune
 
 SAMPLE_KEYS = ("k", "temperature", "max_new_tokens", "batch_prompts", "verifier", "reward", "init_from", "seed")
-
-
-def sample(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int) -> list[list[list[int]]]:
-    """``k`` answers (ids, ``<|end|>`` kept when emitted) per row; batch b samples with seed ``p.seed + b``."""
-    engine = Engine(model, vocab_limit=tok.vocab_size)
-    room = model.cfg.block_size - p.max_tokens
-    out = []
-    for b, start in enumerate(range(0, len(rows), batch_prompts)):
-        chunk = rows[start:start + batch_prompts]
-        prompts = [tok.chat_prompt(r["messages"])[-room:] for r in chunk for _ in range(k)]
-        params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed + b,
-                                stop_ids=(tok.end_id,))
-        gen = engine.generate(prompts, params)
-        out += [gen[i * k:(i + 1) * k] for i in range(len(chunk))]
-    return out
 
 
 @torch.no_grad()
@@ -107,15 +92,15 @@ def best_answers(cfg: Config, run_dir: Path, tok, policy_dir: Path, seed: int, o
     verifier = load_verifier(s.verifier) if s.verifier else None
     t0 = time.perf_counter()
     p = SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
-    answers = sample(policy, tok, rows, s.k, p, s.batch_prompts)
+    answers = sample_ids(policy, tok, rows, s.k, p, s.batch_prompts)
     counts = {"prompts": len(rows), "answers": len(rows) * s.k, "kept": 0, "no_passing_answer": 0, "ended": 0,
               "scored": 0}
-    texts, left = [], []
+    texts, ended, left = [], [], []
     for row, group in zip(rows, answers):
-        ended = [bool(a) and a[-1] == tok.end_id for a in group]
+        ended.append([bool(a) and a[-1] == tok.end_id for a in group])
         texts.append([tok.decode([t for t in a if t != tok.end_id]) for a in group])
-        left.append(candidates(row, texts[-1], ended, verifier))
-        counts["ended"] += sum(ended)
+        left.append(candidates(row, texts[-1], ended[-1], verifier))
+        counts["ended"] += sum(ended[-1])
     # the reward model reads only where it has a choice to make: two or more distinct answers remain
     # (without one every remaining answer ties, and the first, a random draw, is kept)
     todo = [(i, j) for i, c in enumerate(left) if len(c) > 1 and rm is not None for j in c]
@@ -126,14 +111,13 @@ def best_answers(cfg: Config, run_dir: Path, tok, policy_dir: Path, seed: int, o
         if not c:
             counts["no_passing_answer"] += 1
             continue
-        j = max(c, key=lambda j: scores.get((i, j), 0.0))
+        j = pick_best(row, texts[i], ended[i], [scores.get((i, j), 0.0) for j in range(s.k)], verifier)
         v = verifier(row, texts[i][j]) if verifier is not None else None
         kept.append({"messages": row["messages"] + [{"role": "assistant", "content": texts[i][j]}],
                      "reward": scores.get((i, j)), "verified": v} | ({"task": row["task"]} if "task" in row else {}))
     counts["kept"] = len(kept)
     counts["verified_kept"] = sum(r["verified"] is not None for r in kept)
     counts["sample_seconds"] = round(time.perf_counter() - t0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return counts
 
