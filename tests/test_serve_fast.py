@@ -1,4 +1,4 @@
-"""The server's compiled decode step (inference/decode_step.py ``SlotStep``, ``Scheduler(compile=True)``): the
+"""The server's compiled decode step (inference/decode_step.py ``SlotStep``, ``BatchOptions(compile=True)``): the
 same greedy tokens as the eager scheduler through joins, preemption, cancellation and a window boundary;
 logits within fp32 round-off of a plain forward for rows at different lengths; the eager fallback says why;
 and ``chatfactory serve --compile`` over HTTP."""
@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from chatfactory.inference.batching import Request, Scheduler
+from chatfactory.inference.batching import BatchOptions, Request, Scheduler
 from chatfactory.inference.decode_step import SlotStep
 from chatfactory.inference.kv_cache import KVCache
 from chatfactory.inference.sampling import SamplingParams
@@ -23,7 +23,7 @@ def _model(block=256, width=64):
 def _generate(model, compile, cancel_after=None, slots=3):
     """7 requests from two clients on 3 slots (rows join, leave, and one client's rows are preempted for the
     other's), greedy, some long enough to cross the 64-slot window; -> (the requests, the scheduler)."""
-    sched = Scheduler(model, slots=slots, start=False, compile=compile)
+    sched = Scheduler(model, slots=slots, start=False, options=BatchOptions(compile=compile))
     reqs = []
     for i in range(7):
         prompt = [1 + (i * 7 + j) % 290 for j in range(2 + 6 * i)]
@@ -83,7 +83,7 @@ def test_the_eager_fallback_says_why(monkeypatch):
 
     monkeypatch.setattr(SlotStep, "warm", broken)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-        sched = Scheduler(_model(), slots=2, start=False, compile=True)
+        sched = Scheduler(_model(), slots=2, start=False, options=BatchOptions(compile=True))
     assert sched.fast is None and "no C++ compiler" in sched.eager_reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")

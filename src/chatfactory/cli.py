@@ -223,6 +223,7 @@ def cmd_seeds(a):
 
 
 def cmd_serve(a):
+    from .inference.batching import BatchOptions
     from .serve.limits import ServerLimits
     from .serve.server import serve
 
@@ -232,7 +233,8 @@ def cmd_serve(a):
                           max_connections=a.max_connections)
     serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin,
           quantize=a.quantize, max_memory=a.max_memory, insecure_no_key=a.insecure_no_key, limits=limits,
-          watch=a.watch, compile=a.compile)
+          watch=a.watch, options=BatchOptions(compile=a.compile, prefix_cache_mb=a.prefix_cache_mb,
+                                              prefill_chunk=a.prefill_chunk))
 
 
 def cmd_feedback(a):
@@ -268,6 +270,12 @@ def _add_serve_parsers(sub):
     p.add_argument("--compile", action="store_true",
                    help="decode with the compiled step (torch.compile), compiled before the server listens; "
                         "eager, with a warning saying why, for a quantized model or where compiling fails")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MIB",
+                   help="memory for the keys and values of earlier prompts and replies, so a conversation's next "
+                        "turn or a shared system prompt is not prefilled again (default 256; 0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="prompt tokens prefilled per step at most, so a long prompt does not stall the replies "
+                        "being decoded (default 512; 0: no limit)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="generations (and prompts to score) waiting at most, all clients together; past it: 429")
     p.add_argument("--client-share", type=float, default=0.5,

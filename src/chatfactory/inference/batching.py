@@ -6,9 +6,15 @@ number of *slots*, each a row of one KV cache (kv_cache.py) with its own length.
 
 1. rows that are generating run one decode step together (each writes its key/value at its own
    length, attends to its own keys only, and has its own position id);
-2. waiting requests take the free slots and are prefilled (right-padded, one batched forward);
-3. every row samples its next token (``sampling.sample_next``, with the request's own settings), the
-   token goes to the request's callback, and finished or cancelled rows free their slot.
+2. waiting requests take the free slots; a prompt that starts with blocks the prefix cache holds
+   (prefix_cache.py: what earlier rows held when they ended, e.g. a conversation's earlier turns) gets
+   them copied into its row;
+3. rows still prefilling take their next chunk, ``prefill_chunk`` tokens in all, in one forward
+   (right-padded), each from its own position: a long prompt is spread over iterations and the rows
+   generating decode between its chunks;
+4. every row with logits samples its next token (``sampling.sample_next``, with the request's own
+   settings), the token goes to the request's callback, and finished or cancelled rows free their slot,
+   their positions kept in the prefix cache.
 
 So a request joins the running batch at the next iteration and leaves as soon as it is done; a
 client that disconnects calls ``cancel`` and its slot is free one iteration later. The scheduler
@@ -38,71 +44,23 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from ..model.gpt import GPT
 from .decode_step import SlotStep
 from .kv_cache import KVCache
-from .sampling import SamplingParams, bad_rows, sample_next
+from .prefix_cache import PrefixCache
+from .requests import BatchOptions, QueueFull, Request, Step
+from .sampling import bad_rows, sample_next
 
-
-@dataclass
-class Step:
-    """What a request receives per sampled token; ``finish`` is set on its last Step.
-
-    finish: "stop" (a stop id was sampled; ``token`` is that id), "length" (max_tokens or the context
-    is full), "cancelled", or "error: …". ``token`` is None on a finish-only Step."""
-
-    token: int | None
-    logprob: float | None = None  # log-probability of ``token`` under the model (temperature 1)
-    top: list[tuple[int, float]] | None = None  # the ``logprobs`` most likely ids and their log-probs
-    finish: str | None = None
-    # a scoring request's answer (finish "scored"): log-prob of each prompt[i] given prompt[:i] (i >= 1),
-    # and the ``logprobs`` likeliest ids and their log-probs there
-    scored: tuple[list[float], list[list[tuple[int, float]]]] | None = None
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    params: SamplingParams
-    emit: Callable[[Step], None]
-    logprobs: int | None = None  # report log-probs (and this many alternatives) per token
-    client: str = ""  # who asked: slots and queue places are shared fairly between clients
-    score: bool = False  # score the prompt (one Step with ``scored``) instead of generating
-    # scheduler state
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    finished: bool = False
-    slot: int = -1
-    admitted: int = 0  # the iteration it last took a slot (the newest row is preempted first)
-    _gen: torch.Generator | None = None
-    _scheduler: Scheduler | None = None  # set by submit: where a waiting request is withdrawn from
-
-    def cancel(self) -> None:
-        """Safe from any thread: a waiting request leaves the queue now (it must not count toward the
-        429 limit), a running one frees its slot at the scheduler's next iteration."""
-        self.cancelled = True
-        if self._scheduler is not None:
-            self._scheduler._withdraw(self)
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than the scheduler accepts, in all or from one client (the server answers
-    429); ``retry_after``: seconds, a rough guess at when a place is free."""
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
+__all__ = ["BatchOptions", "QueueFull", "Request", "Scheduler", "Step"]  # requests.py's, imported from here too
 
 
 class Scheduler:
     def __init__(self, model: GPT, slots: int = 16, max_waiting: int = 256, start: bool = True,
                  vocab_limit: int | None = None, context: int | None = None, max_client_waiting: int | None = None,
-                 score_chunk: int = 256, compile: bool = False):
+                 score_chunk: int = 256, options: BatchOptions | None = None):
         self.model = model.eval()
         # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
@@ -120,11 +78,14 @@ class Scheduler:
         # block (SmolLM2's 8192) serving short conversations needs a fraction of the memory
         self.context = min(context or self.cfg.block_size, self.cfg.block_size)
         self.cache = KVCache.for_model(model, slots, self.context)
+        self.options = options = options or BatchOptions()
         # compile: decode with the compiled step (decode_step.py SlotStep: static shapes, every slot a row),
         # each attention window compiled here, before the first request; eager, with a warning, if it fails
-        self.fast, self.eager_reason = None, "" if compile else "compile=False"
-        if compile:
+        self.fast, self.eager_reason = None, "" if options.compile else "compile=False"
+        if options.compile:
             self.fast, self.eager_reason = SlotStep.ready(model, self.cache)
+        self.prefix = (PrefixCache(options.prefix_block, int(options.prefix_cache_mb * 2**20))
+                       if options.prefix_cache_mb > 0 else None)
         self.rows: list[Request | None] = [None] * slots  # the request in each slot
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -238,32 +199,39 @@ class Scheduler:
             self.waiting.clear()
         scoring, self._scoring = self._scoring, None
         for r in [r for r in self.rows if r is not None] + pending + ([scoring[0]] if scoring else []):
-            self._finish(r, Step(None, finish=reason))
+            self._finish(r, Step(None, finish=reason), keep=False)  # after a failure the rows may be half written
         for s in range(self.slots):
             self.cache.free(s)
 
-    def _finish(self, req: Request, step: Step) -> None:
+    def _finish(self, req: Request, step: Step, keep: bool = True) -> None:
         req.finished = True
         if req.slot >= 0:
+            if keep and not (step.finish or "").startswith("error"):
+                self._remember(req)
             self.rows[req.slot] = None
             self.cache.free(req.slot)
             req.slot = -1
         _safe_emit(req, step)
 
+    def _remember(self, req: Request) -> None:
+        """The prefix cache keeps the full blocks of what ``req``'s row holds (prompt, then what it generated)."""
+        if self.prefix is not None:
+            slot, n = req.slot, self.cache.lengths[req.slot]
+            self.prefix.store((req.prompt + req.generated)[:n], lambda a, b: self.cache.read(slot, a, b))
+
     @torch.no_grad()
     def step(self) -> None:
-        """One iteration: decode the running rows, admit and prefill new ones, sample, emit."""
+        """One iteration: decode the running rows, admit new ones, prefill (a chunk of) theirs, sample, emit."""
         for r in self.rows:  # disconnected clients leave before any work is spent on them
             if r is not None and r.cancelled:
                 self._finish(r, Step(None, finish="cancelled"))
         self._preempt()
         logits: dict[int, torch.Tensor] = {}
-        decoding = [r for r in self.rows if r is not None]
+        decoding = [r for r in self.rows if r is not None and not r.prefilling]
         if decoding:
             logits.update(self._decode(decoding))
-        new = self._admit()
-        if new:
-            logits.update(self._prefill(new))
+        self._admit()
+        logits.update(self._prefill())
         if logits:
             self.steps += 1
             self.max_batch = max(self.max_batch, len(logits))
@@ -290,7 +258,9 @@ class Scheduler:
     def _running(self) -> collections.Counter[str]:
         return collections.Counter(r.client for r in self.rows if r is not None)
 
-    def _admit(self) -> list[Request]:
+    def _admit(self) -> None:
+        """Waiting requests take the free slots (the client with the fewest running rows first); a prompt that
+        starts with blocks the prefix cache holds gets them in its row, to prefill only the rest."""
         new = []
         with self.cv:
             free = [s for s, r in enumerate(self.rows) if r is None]
@@ -304,7 +274,14 @@ class Scheduler:
                 self.rows[req.slot] = req
                 running[req.client] += 1
                 new.append(req)
-        return new
+        for req in new:
+            req.prefilling, req.filled = True, 0
+            if self.prefix is not None:
+                seq = req.prompt + req.generated
+                n, kv = self.prefix.match(seq, limit=len(seq) - 1)  # the last token's logits are computed here
+                if n:
+                    self.cache.load(req.slot, kv)
+                    req.filled = n
 
     def _preempt(self) -> None:
         """No free slot, and a client waits with fewer rows than its share: the newest row of the client
@@ -319,6 +296,7 @@ class Scheduler:
                     if running[client] >= share or running[over] <= share:
                         continue
                     victim = max((r for r in self.rows if r is not None and r.client == over), key=lambda r: r.admitted)
+                    self._remember(victim)  # its resume finds its prompt and tokens in the prefix cache
                     self.rows[victim.slot] = None
                     self.cache.free(victim.slot)
                     victim.slot = -1
@@ -342,19 +320,48 @@ class Scheduler:
         out = self.model(tokens[:, None], cache=self.cache, positions=at[:, None], attn_mask=mask[:, None, None])
         return {r.slot: out[r.slot, -1] for r in reqs}
 
-    def _prefill(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
-        # right padding: a causal mask alone keeps real tokens from seeing pads, and the pads' keys
-        # (written past each row's length) are masked out at decode and later overwritten
-        seqs = [r.prompt + r.generated for r in reqs]  # a preempted row resumes with what it generated
+    def _prefill(self) -> dict[int, torch.Tensor]:
+        """The rows still prefilling take their next chunk, oldest admitted first, ``prefill_chunk`` tokens in all
+        (0: no limit), in one forward -> the logits of the rows whose prefill it completes."""
+        pending = sorted((r for r in self.rows if r is not None and r.prefilling), key=lambda r: (r.admitted, r.slot))
+        budget = self.options.prefill_chunk or float("inf")
+        reqs, seqs, starts = [], [], []
+        for r in pending:
+            seq = r.prompt + r.generated  # a preempted row resumes with what it generated
+            n = int(min(len(seq) - r.filled, budget))
+            if n <= 0:
+                break
+            budget -= n
+            reqs.append(r)
+            seqs.append(seq[r.filled:r.filled + n])
+            starts.append(r.filled)
+        if not reqs:
+            return {}
+        # right padding: a causal mask keeps real tokens from seeing pads, whose keys are never written (extend)
+        # or written past each row's length, masked out at decode and later overwritten (prefill)
         T = max(len(x) for x in seqs)
         idx = torch.tensor([x + [0] * (T - len(x)) for x in seqs], device=self.device)
-        self.cache.prefill([r.slot for r in reqs], [len(x) for x in seqs])
-        hidden = self.model.hidden_states(idx, cache=self.cache, positions=torch.arange(T, device=self.device))
-        last = torch.tensor([len(x) - 1 for x in seqs], device=self.device)
-        # the LM head on each row's last real position only, as the engine does: every position's
+        slots, lengths = [r.slot for r in reqs], [len(x) for x in seqs]
+        if any(starts):  # rows that hold a cached prefix or an earlier chunk: each from its own position
+            self.cache.extend(slots, starts, lengths)
+            positions, mask = KVCache.extend_mask(starts, lengths, self.device)
+        else:
+            self.cache.prefill(slots, lengths)
+            positions, mask = torch.arange(T, device=self.device), None
+        hidden = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)
+        done = []
+        for i, r in enumerate(reqs):
+            r.filled += lengths[i]
+            if r.filled == len(r.prompt) + len(r.generated):
+                r.prefilling = False
+                done.append(i)
+        if not done:
+            return {}
+        # the LM head on each finished row's last real position only, as the engine does: every position's
         # logits would be rows x T x vocab floats (gigabytes at a real vocabulary and context)
-        picked = self.model.lm_head(hidden[torch.arange(len(reqs), device=self.device), last])
-        return {r.slot: picked[i] for i, r in enumerate(reqs)}
+        at = torch.tensor(done, device=self.device)
+        picked = self.model.lm_head(hidden[at, torch.tensor([lengths[i] - 1 for i in done], device=self.device)])
+        return {reqs[i].slot: picked[j] for j, i in enumerate(done)}
 
     def _sample_and_emit(self, logits: dict[int, torch.Tensor]) -> None:
         slots = list(logits)

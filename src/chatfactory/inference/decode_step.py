@@ -274,7 +274,7 @@ class SlotStep:
     of the server's KV cache take one token each, each written at its own length, in one compiled graph.
 
     Shapes are static. Rows 0..n-1 run, n the highest busy slot + 1 rounded up to a power of two (a *bucket*;
-    an idle row among them is on its slot 0 and its logits are dropped), and attention reads a *window* of the
+    an idle row among them writes past what it holds and its logits are dropped), and attention reads a *window* of the
     cache, the power of two >= 64 that holds the longest row: a graph per bucket and window, all compiled by
     ``warm`` before the server takes requests. A bucket takes the compiled step where the engine's measurements
     (module docstring) say it wins: up to ``GEMV_MAX_ROWS`` rows, or more rows of a model narrower than
@@ -352,7 +352,7 @@ class SlotStep:
         dev = self.cache.device
         ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         ids[rows, 0] = torch.tensor(tokens, device=dev)
-        at = self.cache.advance(rows)[:B]  # each row's new position; idle rows 0
+        at = self.cache.advance(rows)[:B]  # each row's new position (an idle row's: past what it holds)
         return self._run(B, ids, at, self.window(int(at.max()) + 1))
 
     @torch.no_grad()

@@ -88,6 +88,54 @@ class KVCache:
             self._lengths[r] = n
         self._plan = (write, 0)
 
+    def extend(self, rows: list[int], starts: list[int], lengths: list[int]) -> None:
+        """The next forward continues rows ``rows``: row ``rows[i]`` already holds ``starts[i]`` positions (a
+        cached prefix, an earlier chunk of its prompt) and takes ``lengths[i]`` new ones, right-padded to the
+        forward's width (pads are not written). Its queries attend over the rows' keys up to the longest row's
+        end: the caller masks each row to its own (``extend_mask``)."""
+        index = torch.tensor(rows, device=self.device)
+        ends = [s + n for s, n in zip(starts, lengths)]
+        if max(ends) > self.capacity:
+            raise ValueError(f"KV cache overflow: a row of {max(ends)} positions > capacity {self.capacity}")
+        span = max(ends)
+
+        def write(K, V, k, v):
+            for i, (r, s, n) in enumerate(zip(rows, starts, lengths)):
+                K[r, :, s:s + n] = k[i, :, :n]
+                V[r, :, s:s + n] = v[i, :, :n]
+            return K[:, :, :span].index_select(0, index), V[:, :, :span].index_select(0, index)
+
+        for r, e in zip(rows, ends):
+            self._lengths[r] = e
+        self._plan = (write, None)
+
+    @staticmethod
+    def extend_mask(starts: list[int], lengths: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (rows, width) and the attention mask (rows, 1, width, span) of an ``extend`` forward (width:
+        the longest of ``lengths``; span: the longest row's end): row i's query t sits at starts[i] + t and sees
+        keys 0..starts[i] + t. A pad's position is held below the span (a learned position table ends at the
+        context); its output is never read."""
+        span = max(s + n for s, n in zip(starts, lengths))
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(max(lengths), device=device)[None]
+        pos = pos.clamp(max=span - 1)
+        mask = torch.arange(span, device=device)[None, None] <= pos[:, :, None]
+        return pos, mask[:, None]
+
+    def load(self, row: int, kv: torch.Tensor) -> None:
+        """Row ``row`` holds ``kv`` (layers, 2, kv_heads, n, head_dim) as its first n positions (a cached
+        prefix, prefix_cache.py) and nothing after them."""
+        n = kv.size(3)
+        if n > self.capacity:
+            raise ValueError(f"KV cache overflow: a prefix of {n} positions > capacity {self.capacity}")
+        for layer, (K, V) in enumerate(zip(self._k, self._v)):
+            K[row, :, :n] = kv[layer, 0]
+            V[row, :, :n] = kv[layer, 1]
+        self._lengths[row] = n
+
+    def read(self, row: int, a: int, b: int) -> torch.Tensor:
+        """Row ``row``'s keys and values of positions a..b-1: (layers, 2, kv_heads, b - a, head_dim), a copy."""
+        return torch.stack([torch.stack((K[row, :, a:b], V[row, :, a:b])) for K, V in zip(self._k, self._v)])
+
     def decode(self, rows: list[int]) -> torch.Tensor:
         """The next forward is one new position for each of rows 0..n-1 (n = max(rows) + 1), each written
         at its own length; only ``rows`` grow (the others ride along, for the caller to mask). Returns
@@ -117,12 +165,14 @@ class KVCache:
 
     def advance(self, rows: list[int]) -> torch.Tensor:
         """For a step that writes keys itself (decode_step.py ``SlotStep``): rows ``rows`` grow by one position.
-        Returns every row's place for its new key, (num_rows,) on the device: a growing row's length before
-        the step, 0 for the others (idle: what lands there is overwritten by the row's next prefill)."""
+        Returns every row's place for its new key, (num_rows,) on the device: its length before the step
+        (a row that does not grow — free, or half way through a chunked prefill — gets a key past what it
+        holds, which its next write overwrites)."""
         grow = set(rows)
-        at = [n if r in grow else 0 for r, n in enumerate(self._lengths)]
-        if max(at) + 1 > self.capacity:
-            raise ValueError(f"KV cache overflow: a row of {max(at)} positions is at capacity {self.capacity}")
+        if max(self._lengths[r] for r in rows) + 1 > self.capacity:
+            raise ValueError(f"KV cache overflow: a row of {max(self._lengths[r] for r in rows)} positions is at "
+                             f"capacity {self.capacity}")
+        at = [min(n, self.capacity - 1) for n in self._lengths]
         for r in grow:
             self._lengths[r] += 1
         return torch.tensor(at, device=self.device)

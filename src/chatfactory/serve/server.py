@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 
+from ..inference.batching import BatchOptions
 from .api import create_app
 from .guard import check_bind
 from .limits import ServerLimits, canonical_ip
@@ -120,24 +121,27 @@ class ServerThread:
 def serve(run_dir, stage=None, host="127.0.0.1", port=8000, api_key=None, slots=16, device="auto",
           allow_origin=(), quantize: str | None = None, max_memory: int | str | None = None,
           insecure_no_key: bool = False, limits: ServerLimits | None = None, watch: float = 1.0,
-          compile: bool = False) -> None:
+          options: BatchOptions | None = None) -> None:
     """``chatfactory serve``: load the run and serve it until interrupted (``allow_origin``, ``insecure_no_key``:
     serve/guard.py, checked before the model loads; ``quantize`` / ``max_memory``: how the model loads, as in
     ``load_model``; ``limits``: what one client may cost, serve/limits.py). Without ``stage`` it serves the
     version RUN/versions/serving.json names, if any, and follows that file (``watch``: seconds between looks,
-    0 for none; serve/hotswap.py). ``compile``: decode with the compiled step, every attention window compiled
-    before the server listens (eager, with a warning that says why, where it cannot be)."""
+    0 for none; serve/hotswap.py). ``options``: how the scheduler runs (inference/batching.py ``BatchOptions``):
+    with ``compile`` every attention window is compiled before the server listens (eager, with a warning that
+    says why, where it cannot be)."""
     import uvicorn
 
     limits = limits or ServerLimits()
     check_bind(host, api_key, insecure_no_key, allow_origin)
-    svc = load_service(run_dir, stage, api_key, slots, device, quantize, max_memory, limits, watch, compile)
+    svc = load_service(run_dir, stage, api_key, slots, device, quantize, max_memory, limits, watch, options)
     if insecure_no_key and not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host} without --api-key (--insecure-no-key): anyone who can reach it can "
               "use the model and write the feedback that trains the next one")
     where = next(svc.model.parameters()).device
     sched = svc.scheduler
     step = "compiled decode step" if sched.fast is not None else f"eager decode step: {sched.eager_reason}"
+    if sched.prefix is not None:
+        step += f", prefix cache {sched.options.prefix_cache_mb:g} MiB"
     print(f"serving {svc.name} at http://{host}:{port}/  (API: http://{host}:{port}/v1, {slots} batch slots, "
           f"{where}, {step})", flush=True)
     if svc.hotswap is not None and watch:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..inference.batching import Scheduler
+from ..inference.batching import BatchOptions, Scheduler
 from ..model.offload import memory_mode
 from ..text.tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
@@ -86,10 +86,11 @@ class Service:
 
     def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
                  api_key: str | None = None, slots: int = 16, scheduler=None,
-                 server_limits: ServerLimits | None = None, version: int | None = None, compile: bool = False):
+                 server_limits: ServerLimits | None = None, version: int | None = None,
+                 options: BatchOptions | None = None):
         self.server_limits = server_limits = server_limits or ServerLimits()
         self.tok, self.slots = tok, slots
-        self.compile = compile  # each served version decodes with the compiled step (inference/decode_step.py)
+        self.options = options or BatchOptions()  # how every served version's scheduler runs (compile, prefix cache)
         self.feedback = (FeedbackStore(feedback_path, server_limits.feedback_rows_per_conversation,
                                        server_limits.feedback_pairs_per_conversation) if feedback_path else None)
         self.api_key = api_key or None
@@ -107,7 +108,7 @@ class Service:
         if scheduler is None:
             scheduler = Scheduler(model, slots=self.slots, vocab_limit=self.tok.vocab_size,
                                   max_waiting=lim.max_waiting, max_client_waiting=lim.max_client_waiting,
-                                  compile=self.compile)
+                                  options=self.options)
         return Served(model, scheduler, name, stage, self.tok, version, lim.max_prompt_chars)
 
     # ---- the served version, for code that holds no lease (a request takes one: ``lease``)
@@ -232,12 +233,14 @@ class Service:
 
 def load_service(run_dir, stage: str | None = None, api_key: str | None = None, slots: int = 16,
                  device: str = "cpu", quantize: str | None = None, max_memory: int | str | None = None,
-                 server_limits: ServerLimits | None = None, watch: float = 1.0, compile: bool = False) -> Service:
+                 server_limits: ServerLimits | None = None, watch: float = 1.0,
+                 options: BatchOptions | None = None) -> Service:
     """The Service of ``run_dir``: the version ``RUN/versions/serving.json`` names, else ``stage`` (default: the
     last trained); a ``stage`` given by name wins over the versions. Without one, the service follows
     serving.json (``watch``: seconds between looks, 0 for none; ``POST /v1/admin/reload`` in any case). The
     model loads as ``load_model`` does for inference (a quantized stage as it is; ``quantize``, ``max_memory``);
-    ``compile``: decode with the compiled step, compiled before this returns."""
+    ``options``: how the scheduler runs (inference/batching.py ``BatchOptions``; a compiled step is compiled before
+    this returns)."""
     from ..store.versions import Versions
     from .hotswap import HotSwap, VersionLoader
 
@@ -258,7 +261,7 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
         model = loader.load_model(run_dir / where)
         name = f"{run_dir.name}/{where}"
     svc = Service(model, tok, name, where, run_dir / FEEDBACK_FILE, api_key, slots, server_limits=server_limits,
-                  version=n, compile=compile)
+                  version=n, options=options)
     if stage is None:
         svc.hotswap = HotSwap(svc, loader, watch)
     return svc
