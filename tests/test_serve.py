@@ -195,6 +195,21 @@ def test_openai_sdk_chat_stream_and_non_stream(server):
     assert ss == full[: full.index(cut)]
 
 
+def test_ignore_eos_generates_to_max_tokens(server):
+    """``ignore_eos`` (vLLM's and llama.cpp's extension, for benchmarks): a reply that would end at the
+    end-of-turn token goes on to max_tokens, its first tokens the same."""
+    svc, url, client = server
+    asks = [[{"role": "user", "content": w}] for w in ("hello world", "hi", "the", "a b c", "hello", "world")]
+    msgs, ref = next(((m, r) for m in asks if (r := greedy_reference(svc, m, 40))[-1] in svc.stop_ids), (None, None))
+    assert msgs is not None, "the tiny model ended none of these replies: nothing to ignore"
+    plain = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=40, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens == len(ref) < 40
+    r = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
+    assert r.choices[0].message.content.startswith(plain.choices[0].message.content)
+
+
 def test_completions_logprobs_echo_score_the_prompt(server):
     """What evaluation harnesses need: echo + logprobs with max_tokens=0 gives each prompt token's
     log-probability (the first is null), equal to the model's own."""

@@ -53,7 +53,7 @@ def start(svc, prompts: list[list[int]], s: dict, max_tokens: int, logprobs=None
             seed = None if s["seed"] is None else s["seed"] + j  # n samples must differ
             add(c, prompt, SamplingParams(max_tokens=max_tokens, temperature=s["temperature"], top_k=s["top_k"],
                                           top_p=s["top_p"], repetition_penalty=s["repetition_penalty"], seed=seed,
-                                          stop_ids=svc.stop_ids), logprobs)
+                                          stop_ids=() if s["ignore_eos"] else svc.stop_ids), logprobs)
     for prompt in score:
         scorings.append(Scoring(len(scorings)))
         add(scorings[-1], prompt, SamplingParams(max_tokens=0), logprobs, scoring=True)

@@ -182,6 +182,8 @@ class SamplingBody(Body):
     n: Int(ge=1, le=LIMITS.max_n) | None = Field(None, description="answers per prompt, default 1")
     stream: SBool | None = Field(None, description="server-sent events (text/event-stream) ending in 'data: [DONE]'")
     stop: Stop | None = None
+    # vLLM's and llama.cpp's extension: generate past the end-of-turn token, to max_tokens (benchmarks)
+    ignore_eos: SBool | None = Field(None, description="default false; true: only max_tokens or stop ends it")
 
     def sampling(self) -> dict:
         """-> the settings with defaults filled in (what api.py hands the scheduler)."""
@@ -194,7 +196,8 @@ class SamplingBody(Body):
             temperature = 0.0
         return dict(temperature=temperature, top_p=float(_given(self.top_p, 1.0)),
                     top_k=max(0, self.top_k or 0), repetition_penalty=float(_given(self.repetition_penalty, 1.0)),
-                    seed=self.seed, n=self.n or 1, stream=bool(self.stream), stop=[s for s in stops if s])
+                    seed=self.seed, n=self.n or 1, stream=bool(self.stream), stop=[s for s in stops if s],
+                    ignore_eos=bool(self.ignore_eos))
 
     def max_tokens_for(self, prompt_len: int, block: int, default: int | None) -> int:
         """The completion length asked for (``max_completion_tokens`` wins), checked against the context."""
