@@ -142,3 +142,33 @@ def test_options_are_checked():
         BatchOptions(prefill_chunk=-2)
     with pytest.raises(ValueError, match="block"):
         PrefixCache(block=0)
+
+
+def test_serve_context_prefix_cache_and_chunks_from_the_command_line(tmp_path):
+    """`chatfactory serve --context 64 --prefix-cache-mb 1 --prefill-chunk 8`: the start line names the prefix
+    cache, /v1/models gives the slot context as max_model_len, a conversation's second turn is answered (its
+    first turn's blocks from the cache), the same greedy reply as with the cache off, and a prompt past the
+    context is refused with OpenAI's error."""
+    from conftest import make_run, post, serve_subprocess
+
+    run = make_run(tmp_path / "tiny", block=128)
+    turn1 = [{"role": "user", "content": "hello world, the quick brown fox"}]
+    replies = {}
+    for mb in ("1", "0"):
+        with serve_subprocess(run, "--context", "64", "--prefix-cache-mb", mb, "--prefill-chunk", "8") as url:
+            status, models = post(url, "/v1/models", None)
+            assert status == 200 and models["data"][0]["max_model_len"] == 64
+            body = {"model": models["data"][0]["id"], "max_tokens": 6, "temperature": 0, "messages": turn1}
+            status, r1 = post(url, "/v1/chat/completions", body)
+            assert status == 200, r1
+            turn2 = turn1 + [r1["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+            status, r2 = post(url, "/v1/chat/completions", {**body, "messages": turn2})
+            assert status == 200, r2
+            replies[mb] = (r1["choices"][0]["message"]["content"], r2["choices"][0]["message"]["content"])
+            status, health = post(url, "/health", None)
+            on = mb == "1"
+            assert (health["prefix_hit_tokens"] >= 16) == on and (health["prefix_cache_mb"] > 0) == on, health
+            long_ = [{"role": "user", "content": "fox " * 80}]
+            status, err = post(url, "/v1/chat/completions", {**body, "messages": long_})
+            assert status == 400 and err["error"]["code"] == "context_length_exceeded", err
+    assert replies["1"] == replies["0"]

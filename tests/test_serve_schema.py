@@ -60,7 +60,8 @@ def test_the_schema_documents_every_endpoint_its_body_and_its_errors(served):
     fb = doc["components"]["schemas"]["FeedbackRequest"]
     assert fb["discriminator"]["propertyName"] == "kind" and len(fb["oneOf"]) == 2
     assert doc["components"]["schemas"]["Health"]["required"] == ["status", "model", "active", "waiting", "slots",
-                                                                  "cached_tokens"]
+                                                                  "cached_tokens", "prefix_cache_mb",
+                                                                  "prefix_hit_tokens"]
 
 
 def test_the_schema_agrees_with_the_server_on_sample_bodies(served):

@@ -234,7 +234,7 @@ def cmd_serve(a):
     serve(a.run, a.stage, a.host, a.port, a.api_key, a.slots, a.device, a.allow_origin,
           quantize=a.quantize, max_memory=a.max_memory, insecure_no_key=a.insecure_no_key, limits=limits,
           watch=a.watch, options=BatchOptions(compile=a.compile, prefix_cache_mb=a.prefix_cache_mb,
-                                              prefill_chunk=a.prefill_chunk))
+                                              prefill_chunk=a.prefill_chunk, context=a.context))
 
 
 def cmd_feedback(a):
@@ -273,6 +273,9 @@ def _add_serve_parsers(sub):
     p.add_argument("--prefix-cache-mb", type=float, default=256.0, metavar="MIB",
                    help="memory for the keys and values of earlier prompts and replies, so a conversation's next "
                         "turn or a shared system prompt is not prefilled again (default 256; 0: off)")
+    p.add_argument("--context", type=int, default=0, metavar="TOKENS",
+                   help="positions each slot holds, prompt and reply (default 0: the model's context); the KV cache "
+                        "is --slots x this, so a long-context model serving chats needs far less")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
                    help="prompt tokens prefilled per step at most, so a long prompt does not stall the replies "
                         "being decoded (default 512; 0: no limit)")

@@ -74,11 +74,11 @@ class Scheduler:
         self._scoring = None  # (request, its scoring generator) while a prompt is being scored
         self.preempted = 0  # rows sent back to the queue for another client's (for tests and stats)
         self._scored: collections.Counter[str] = collections.Counter()  # prompts scored per client lately
-        # a row per slot, each ``context`` positions (default the model's whole block): a model with a long
-        # block (SmolLM2's 8192) serving short conversations needs a fraction of the memory
-        self.context = min(context or self.cfg.block_size, self.cfg.block_size)
-        self.cache = KVCache.for_model(model, slots, self.context)
         self.options = options = options or BatchOptions()
+        # a row per slot, each ``context`` positions (the argument, else options.context, else the model's whole
+        # block): a model with a long block (SmolLM2's 8192) serving short conversations needs a fraction of it
+        self.context = min(context or options.context or self.cfg.block_size, self.cfg.block_size)
+        self.cache = KVCache.for_model(model, slots, self.context)
         # compile: decode with the compiled step (decode_step.py SlotStep: static shapes, every slot a row),
         # each attention window compiled here, before the first request; eager, with a warning, if it fails
         self.fast, self.eager_reason = None, "" if options.compile else "compile=False"

@@ -17,16 +17,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """How the scheduler runs its batch (``chatfactory serve --compile --prefix-cache-mb --prefill-chunk``)."""
+    """How the scheduler runs its batch (``chatfactory serve --compile --prefix-cache-mb
+    --prefill-chunk --context``)."""
 
     compile: bool = False  # decode with the compiled step (decode_step.py SlotStep), compiled before it serves
     prefix_cache_mb: float = 256.0  # keys/values of ended rows kept for prompts that start the same (0: off)
     prefix_block: int = 16  # tokens a prefix-cache block holds: prefixes are found a whole block at a time
     prefill_chunk: int = 512  # prompt tokens prefilled per iteration at most (0: no limit), decodes between chunks
+    context: int = 0  # positions a slot holds, prompt and reply (0: the model's block): the KV cache is slots x this
 
     def __post_init__(self):
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0 = off), got {self.prefix_cache_mb}")
+        if self.context < 0:
+            raise ValueError(f"context must be >= 0 (0 = the model's block size), got {self.context}")
         if self.prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0 = no limit), got {self.prefill_chunk}")
 

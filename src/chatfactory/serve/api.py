@@ -193,8 +193,11 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
     async def health():
         cur = svc.current
         sch = cur.scheduler
+        pc = getattr(sch, "prefix", None)
         return {"status": "ok", "model": cur.name, "active": sch.active(), "waiting": len(sch.waiting),
-                "slots": sch.slots, "cached_tokens": sum(sch.cache.lengths)}
+                "slots": sch.slots, "cached_tokens": sum(sch.cache.lengths),
+                "prefix_cache_mb": round(pc.bytes / 2**20, 3) if pc else 0.0,
+                "prefix_hit_tokens": pc.hit_tokens if pc else 0}
 
     @app.get("/v1/models", summary="the served model version, and the arena's", responses=doc(ModelList, 401, 403))
     async def models():

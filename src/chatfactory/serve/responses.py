@@ -158,6 +158,9 @@ class Health(BaseModel):
     waiting: int = Field(description="requests queued for a slot")
     slots: int = Field(description="batch slots in all")
     cached_tokens: int = Field(description="KV-cache positions held by all slots (0 when idle: nothing leaked)")
+    prefix_cache_mb: float = Field(description="memory the prefix cache holds now (0 when it is off)")
+    prefix_hit_tokens: int = Field(description="prompt tokens taken from the prefix cache instead of prefilled, "
+                                               "since the served version loaded")
 
 
 class TokenizerInfo(BaseModel):

@@ -40,7 +40,8 @@ class Served:
                  max_prompt_chars: int = 0):
         self.model, self.scheduler, self.name, self.stage, self.tok = model, scheduler, name, stage, tok
         self.version = version
-        self.block_size = model.cfg.block_size
+        # the context a request may use: the scheduler's (``--context``), at most the model's
+        self.block_size = getattr(scheduler, "context", model.cfg.block_size)
         self.created = int(time.time())
         self.precision = precision_of(model)
         # what /v1/models says of where the weights live: {"memory": "resident"}, or with --max-memory
@@ -50,7 +51,8 @@ class Served:
         self.stop_ids = tok.stop_ids
         # past this many characters a prompt cannot fit the context, whatever its tokens: no token spells
         # more bytes than the longest one (and a character is at least a byte). Checked before tokenizing
-        self.max_prompt_chars = max_prompt_chars or self.block_size * max((len(b) for b in tok.token_bytes),
+        # (the model's block, not a smaller ``--context``: a loose bound, the token count decides)
+        self.max_prompt_chars = max_prompt_chars or model.cfg.block_size * max((len(b) for b in tok.token_bytes),
                                                                           default=1)
         self.users = 0  # leases held (Service._lock)
         self.closed = threading.Event()  # set once its scheduler is closed (after a swap, when drained)
