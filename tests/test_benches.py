@@ -92,6 +92,7 @@ def skipped(r: dict) -> set:
 
 # test -> bench, the longest first (the order they start in)
 BENCHES = {"test_faults": "faults.py", "test_real_model": "real_model.py", "test_small_hardware": "small_hardware.py",
+           "test_serve_real": "serve_real.py",
            "test_offload_compare": "offload_compare.py", "test_fuzz_and_soak": "fuzz_and_soak.py",
            "test_gpu_check_sh": "gpu_check.sh", "test_ppo_speed": "ppo_speed.py",
            "test_pretrain_quality": "pretrain_quality.py", "test_decode_speed": "decode_speed.py",
@@ -189,6 +190,21 @@ def test_serve_load(quick):
     assert r["compiled_errors"] == 0
     positive(r, f"compiled_tok_s_{hi}")
     ratio(r, f"compiled_vs_eager_{lo}", f"compiled_vs_eager_{hi}")
+
+
+def test_serve_real(quick):
+    """SmolLM2's stand-in through `serve` at each --quick mode; llama-server where one is found (else skipped)."""
+    needs_smollm2()
+    q = quick_sizes("serve_real.py")
+    r = quick("serve_real.py")
+    assert r["errors"] == 0 and r["turns_equal"] == 1.0  # the prefix cache changes no greedy reply
+    modes = q["modes"].split(",")
+    positive(r, *[f"{k}_tok_s_{m}" for m in modes for k in ("b1", "agg16")], "ttft_p95_ms", "turn5_ttft_ms",
+             "peak_gflops", "bandwidth_gbs")
+    ratio(r, "turn5_ttft_ratio")
+    assert skipped(r) <= {"llamacpp"}
+    if "llamacpp" not in skipped(r):
+        ratio(r, "agg16_vs_llamacpp", "b1_vs_llamacpp")
 
 
 def test_pretrain_speed(quick):
