@@ -3,6 +3,7 @@ same greedy tokens as the eager scheduler through joins, preemption, cancellatio
 logits within fp32 round-off of a plain forward for rows at different lengths; the eager fallback says why;
 and ``chatfactory serve --compile`` over HTTP."""
 
+import time
 import warnings
 
 import pytest
@@ -115,3 +116,38 @@ def test_serve_compile_over_http_answers_as_the_eager_server(tmp_path):
         assert ("compiled decode step" in out) == bool(args), out[-2000:]
         assert all(replies[args]), replies[args]
     assert replies[("--compile",)] == replies[()]
+
+
+def test_a_lora_stage_is_served_on_the_compiled_step(tmp_path):
+    """A stage trained with LoRA loads for serving with its adapters merged (store/load.py), so the compiled
+    step serves it, with the greedy tokens of the adapter model itself."""
+    from chatfactory.inference.engine import Engine
+    from chatfactory.model.lora import apply_lora
+    from chatfactory.serve.service import load_service
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+    from conftest import make_run
+
+    run = make_run(tmp_path / "lora")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=1, n_embd=64, head_dim=32, vocab_size=320, block_size=128))
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["attn.qkv", "mlp.fc"]}
+    apply_lora(model, lora, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".lora_B"):
+                p.normal_(0, 0.5)  # adapters that change the answers
+    save_checkpoint(run / "sft", unique_state_dict(model), {"model": model.cfg.to_dict(), "lora": lora})
+    svc = load_service(run, "sft", slots=2, device="cpu", options=BatchOptions(compile=True))
+    try:
+        sched = svc.scheduler
+        assert sched.fast is not None, sched.eager_reason
+        out = []
+        sched.submit(Request([5, 6, 7, 8], SamplingParams(max_tokens=10, temperature=0.0), out.append))
+        deadline = time.time() + 60
+        while not (out and out[-1].finish) and time.time() < deadline:
+            time.sleep(0.02)
+        greedy = SamplingParams(max_tokens=10, temperature=0.0)
+        want = Engine(model.eval(), vocab_limit=svc.tok.vocab_size).generate([[5, 6, 7, 8]], greedy)[0]
+        assert [s.token for s in out if s.token is not None] == want
+    finally:
+        svc.close()
