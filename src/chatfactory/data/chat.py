@@ -1,9 +1,12 @@
-"""Chat data for SFT: read conversations from chat JSONL, Alpaca or HH-RLHF transcripts.
+"""Chat data for SFT: read conversations from chat JSONL, ShareGPT, Alpaca or HH-RLHF transcripts.
 
 Every loader yields conversations in one shape, a list of ``{"role", "content"}`` messages (see
 text/tokenizer.py's ``check_messages``), so SFT never sees the file format. The format is detected per row:
 
-  chat      ``{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", …}, …]}``
+  chat      ``{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", …}, …]}``; a ``content``
+            may be OpenAI's list of parts, ``[{"type": "text", "text": "…"}, …]`` (text parts only)
+  ShareGPT  ``{"conversations": [{"from": "system"|"human"|"gpt", "value": "…"}, …]}`` (LLaMA-Factory's and
+            Axolotl's datasets; "user"/"assistant" accepted as speakers too)
   Alpaca    ``{"instruction": "…", "input": "…", "output": "…"}``  (input may be empty)
   HH        ``{"chosen": "\\n\\nHuman: …\\n\\nAssistant: …"}`` or ``{"text": transcript}``
 
@@ -58,10 +61,64 @@ def parse_hh_transcript(text: str, where: str = "transcript") -> list[dict]:
     return messages
 
 
+# ShareGPT's speakers -> our roles; tool turns (function calls and their results) have no role here yet
+_SHAREGPT_ROLE = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant"}
+_TOOL_SPEAKERS = ("tool", "observation", "function_call", "function", "ipython")
+
+
+def message_text(content, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts, whose text parts are joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise DataError(f"{where}: content must be a string or a non-empty list of parts, got "
+                        f"{type(content).__name__}")
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind is None:
+            raise DataError(f"{where}[{i}]: a part must be {{'type': 'text', 'text': ...}}")
+        if kind != "text":
+            raise DataError(f"{where}[{i}]: only text parts are read, got a {kind!r} part")
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}[{i}]: a text part's 'text' must be a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def openai_messages(messages, where: str) -> list:
+    """``messages`` with every list-of-parts content joined into its text (other shapes are left for
+    ``check_messages`` to name)."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "content": message_text(m["content"], f"{where}: messages[{i}].content")}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for i, m in enumerate(messages)]
+
+
+def sharegpt_messages(turns, where: str) -> list[dict]:
+    """ShareGPT's ``conversations`` (``[{"from": speaker, "value": text}]``) -> messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+    out = []
+    for i, t in enumerate(turns):
+        at = f"{where}: conversations[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("from"), str) or "value" not in t:
+            raise DataError(f"{at}: a ShareGPT turn needs a string 'from' and a 'value'")
+        if t["from"] in _TOOL_SPEAKERS:
+            raise DataError(f"{at}: tool turns ('from': {t['from']!r}) are not read yet; chat roles only")
+        if t["from"] not in _SHAREGPT_ROLE:
+            raise DataError(f"{at}: unknown speaker {t['from']!r} (expected one of {', '.join(_SHAREGPT_ROLE)})")
+        out.append({"role": _SHAREGPT_ROLE[t["from"]], "content": message_text(t["value"], f"{at}.value")})
+    return out
+
+
 def row_to_messages(row: dict, where: str) -> list[dict]:
     """One data row in any supported format -> a checked conversation. Raises DataError naming ``where``."""
     if "messages" in row:
-        messages = row["messages"]
+        messages = openai_messages(row["messages"], where)
+    elif "conversations" in row:
+        messages = sharegpt_messages(row["conversations"], where)
     elif "instruction" in row and "output" in row:
         instr, extra, out = row["instruction"], row.get("input") or "", row["output"]
         if not all(isinstance(x, str) for x in (instr, extra, out)):
@@ -72,8 +129,9 @@ def row_to_messages(row: dict, where: str) -> list[dict]:
     elif "chosen" in row or "text" in row:
         messages = parse_hh_transcript(row.get("chosen", row.get("text")), where)
     else:
-        raise DataError(f"{where}: unknown chat row format with keys {sorted(row)} (expected 'messages', "
-                        f"Alpaca 'instruction'/'input'/'output', or an HH transcript in 'chosen'/'text')")
+        raise DataError(f"{where}: unknown chat row format with keys {sorted(row)} (expected 'messages', ShareGPT "
+                        f"'conversations', Alpaca 'instruction'/'input'/'output', or an HH transcript in "
+                        f"'chosen'/'text')")
     try:
         check_messages(messages, "messages")
     except ValueError as e:

@@ -1,13 +1,19 @@
 """Comparisons and prompts: the data of the reward model, DPO and PPO.
 
-Comparisons (JSONL, gzip accepted), either format on any line:
+Comparisons (JSONL, gzip accepted), any of these formats on any line:
 
     {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}
     {"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello!", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away."}
+    {"prompt": [...], "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "assistant", ...}]}
+    {"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [... the same, another answer]}
 
 The second is Anthropic's HH-RLHF layout, read as it is: both transcripts are split into turns by the
 parser SFT uses (data/chat.py: consecutive turns of one speaker merged), the conversation before the
 last ``Assistant:`` turn is the prompt and the two last turns are the answers.
+The last two are TRL's conversational format, with an explicit prompt or an implicit one (the turns both
+conversations share); UltraFeedback-binarized rows (a ``prompt`` string and whole conversations in
+``chosen``/``rejected``) read as the latter, their prompt checked against the conversations' shared turns.
+Message contents may be OpenAI's lists of text parts (data/chat.py).
 Prompts (JSONL) are ``{"messages": [... ending in a user turn], ...any extra keys}``.
 A malformed row raises DataError naming ``file:line``.
 
@@ -30,7 +36,7 @@ import torch
 
 from ..formats.jsonl import DataError, read_jsonl
 from ..text.tokenizer import check_messages
-from .chat import parse_hh_transcript
+from .chat import openai_messages, parse_hh_transcript
 
 
 @dataclass
@@ -50,8 +56,46 @@ def _split_hh(text: str, where: str) -> tuple[list[dict], str]:
     return msgs[:-1], msgs[-1]["content"]
 
 
+def _checked(messages, where: str) -> list[dict]:
+    messages = openai_messages(messages, where)
+    try:
+        check_messages(messages, where)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _conversational(row: dict, where: str) -> Pair:
+    """TRL's conversational preference row: ``chosen``/``rejected`` as message lists, each either the answer
+    alone (after an explicit ``prompt``) or the whole conversation (its prompt: the turns both share)."""
+    chosen, rejected = (_checked(row[k], f"{where}: {k}") for k in ("chosen", "rejected"))
+    given = row.get("prompt")
+    prompt = None if given is None else _checked([{"role": "user", "content": given}] if isinstance(given, str)
+                                                 else given, f"{where}: prompt")
+    if prompt is None or chosen[0]["role"] != "assistant":
+        # whole conversations: the prompt is the turns they share; a given one must be those turns, or (a string,
+        # as UltraFeedback's) the last user turn of them
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        shared = chosen[:n]
+        if prompt is not None and prompt != shared and not (isinstance(given, str) and shared[-1:] == prompt):
+            raise DataError(f"{where}: 'prompt' is not the turns 'chosen' and 'rejected' share before their answers")
+        prompt, chosen, rejected = shared, chosen[n:], rejected[n:]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end in a user turn"
+                        + (f", not {prompt[-1]['role']!r}" if prompt else " (the conversations share no turns)"))
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if len(answer) != 1 or answer[0]["role"] != "assistant":
+            raise DataError(f"{where}: '{key}' must end the conversation with one assistant answer after the prompt "
+                            f"(found {len(answer)} turn(s) after it: {[m['role'] for m in answer]})")
+    return Pair(prompt, chosen[0]["content"], rejected[0]["content"], where)
+
+
 def parse_pair(row: dict, where: str) -> Pair:
-    """One comparisons row (either format) -> Pair. Raises DataError naming ``where``."""
+    """One comparisons row (any format) -> Pair. Raises DataError naming ``where``."""
+    if isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        return _conversational(row, where)
     for key in ("chosen", "rejected"):
         if not isinstance(row.get(key), str):
             raise DataError(f"{where}: a comparison needs a string '{key}' (keys found: {', '.join(row) or 'none'})")
@@ -59,10 +103,7 @@ def parse_pair(row: dict, where: str) -> Pair:
         prompt = row["prompt"]
         if isinstance(prompt, str):  # a bare prompt string is one user turn
             prompt = [{"role": "user", "content": prompt}]
-        try:
-            check_messages(prompt, f"{where}: prompt")
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        prompt = _checked(prompt, f"{where}: prompt")
         if prompt[-1]["role"] != "user":
             raise DataError(f"{where}: the prompt must end in a user turn, not {prompt[-1]['role']!r}")
         return Pair(prompt, row["chosen"], row["rejected"], where)
