@@ -179,6 +179,16 @@ def cmd_generate(a):
 
 
 def cmd_export(a):
+    if a.to.lower().endswith(".gguf"):
+        from .formats.gguf_export import export_gguf
+
+        r = export_gguf(a.run, a.stage, a.to, a.type)
+        print(f"wrote {r['path']}: {r['architecture']}, {r['tensors']} tensors ({', '.join(r['types'])}), "
+              f"{r['bytes'] / 2**20:.1f} MiB, pre-tokenizer {r['pre_tokenizer']!r}, the run's chat template"
+              + (", LoRA merged" if r["lora_merged"] else "") + " (llama.cpp: llama-cli / llama-server -m FILE)")
+        return
+    if a.type != "f16":
+        raise ValueError(f"--type {a.type} is for a GGUF file (--to FILE.gguf); a Hugging Face directory is fp32")
     from .formats.hf import export_run
 
     print(f"wrote {export_run(a.run, a.stage, a.to, a.peft)} "
@@ -361,12 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
     _add_quantize_arg(p)
     p.set_defaults(fn=cmd_chat)
-    p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout)")
+    p = sub.add_parser("export", help="write a stage as a Hugging Face model directory (GPT-2 or Llama layout) or "
+                                      "a GGUF file for llama.cpp")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--stage", default="sft", help="which weights: pretrain, sft, ppo, … or a stage directory "
                                                   "(default: sft)")
     p.add_argument("--to", required=True, help="output directory (config.json, model.safetensors, tokenizer, "
-                                               "chat template)")
+                                               "chat template), or FILE.gguf: one GGUF file (llama.cpp, Ollama, "
+                                               "LM Studio), tokenizer and chat template inside")
+    p.add_argument("--type", default="f16", choices=["f16", "q8_0", "q4_0"],
+                   help="GGUF only: the matrices' type (default f16; q4_0 keeps the embedding and output in q8_0)")
     p.add_argument("--peft", default=None, metavar="DIR",
                    help="a stage trained with LoRA: write its base model to --to and its adapters to DIR as a PEFT "
                         "adapter (default: the adapters are merged into the exported weights)")

@@ -247,16 +247,20 @@ def gguf_config(g: GGUFFile):
                      qkv_bias=arch == "qwen2")
 
 
+def _arch(g: GGUFFile) -> str:
+    return g.meta["general.architecture"]
+
+
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp stores Llama's q and k rows reordered for its interleaved RoPE; put them back in the
     "rotate half" order Hugging Face (and our model) use."""
     return w.reshape(heads, w.size(0) // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _linears(g: GGUFFile, cfg) -> dict:
+def _linears(arch: str, cfg) -> dict:
     """Our linear layers -> the file's tensors stacked (along the output rows) to form each, with the
-    head count of Llama's permuted q and k rows (None: rows as stored)."""
-    llama = g.meta["general.architecture"] == "llama"
+    head count of Llama's permuted q and k rows (None: rows as stored). (gguf_export.py writes them so.)"""
+    llama = arch == "llama"
     out = {}
     for i in range(cfg.depth):
         b, ours = f"blk.{i}.", f"blocks.{i}."
@@ -268,7 +272,7 @@ def _linears(g: GGUFFile, cfg) -> dict:
     return out
 
 
-def _others(g: GGUFFile, cfg) -> dict:
+def _others(arch: str, cfg) -> dict:
     """Our other tensors (embedding, norms, q/k/v biases, an untied LM head) -> the file's tensors."""
     sd = {"tok_emb.weight": ["token_embd.weight"], "norm_f.weight": ["output_norm.weight"]}
     if not cfg.tie_embeddings:
@@ -288,8 +292,8 @@ def _rows(g: GGUFFile, parts) -> torch.Tensor:
 
 def gguf_state_dict(g: GGUFFile, cfg) -> dict:
     """Our state dict (fp32) from the file's tensors."""
-    sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(g, cfg).items()}
-    return {**sd, **{k + ".weight": _rows(g, parts) for k, parts in _linears(g, cfg).items()}}
+    sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(_arch(g), cfg).items()}
+    return {**sd, **{k + ".weight": _rows(g, parts) for k, parts in _linears(_arch(g), cfg).items()}}
 
 
 # ---- the file's 4-bit blocks kept as they are: a quantized stage (``import_gguf(..., keep_quantized=True)``)
@@ -323,9 +327,9 @@ def gguf_quantized_state_dict(g: GGUFFile, cfg) -> tuple[dict, dict]:
     untied LM head are fp32 (dequantized). No fp32 copy of the model's linears is ever made."""
     from ..model.quant import pack_nibbles, quantize_int8
 
-    sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(g, cfg).items()}
+    sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(_arch(g), cfg).items()}
     bits = {}
-    for name, parts in _linears(g, cfg).items():
+    for name, parts in _linears(_arch(g), cfg).items():
         if all(g.raw(n)[0] in INT4_KINDS for n, _ in parts):
             per = [[_unpermute(x, h) if h else x for x in int4_parts(g, n)] for n, h in parts]
             codes, scales, offsets = (torch.cat(xs) for xs in zip(*per))  # rows are outputs: q/k/v stack
