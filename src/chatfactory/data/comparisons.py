@@ -57,17 +57,19 @@ def pick_pairs(answers: list[str], scores: list[float], mode: str) -> list[tuple
 
 
 def sample_ids(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_prompts: int,
-               progress: bool = False) -> list[list[list[int]]]:
+               progress: bool = False, desc: str = "comparisons",
+               setting: str = "comparisons.max_tokens") -> list[list[list[int]]]:
     """K sampled answers per prompt row as ids (``<|end|>`` kept where it was sampled), through the Engine in
-    batches. Batch b samples with seed ``p.seed + b``, so the output is a function of the inputs alone."""
+    batches. Batch b samples with seed ``p.seed + b``, so the output is a function of the inputs alone.
+    ``desc``: the progress bar's name; ``setting``: the config key an error about ``p.max_tokens`` names."""
     engine = Engine(model, vocab_limit=tok.vocab_size)
     room = model.cfg.block_size - p.max_tokens
     if room < 2:
-        raise ValueError(f"comparisons.max_tokens={p.max_tokens} leaves no room for a prompt in a "
+        raise ValueError(f"{setting}={p.max_tokens} leaves no room for a prompt in a "
                          f"{model.cfg.block_size}-token context")
     out: list[list[list[int]]] = []
     starts = range(0, len(rows), batch_prompts)
-    for b, start in enumerate(tqdm(starts, desc="comparisons", disable=not progress)):
+    for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress)):
         chunk = rows[start:start + batch_prompts]
         # a long conversation keeps its end: that is what the answer continues
         ids = [tok.chat_prompt(r["messages"])[-room:] for r in chunk for _ in range(k)]

@@ -92,7 +92,8 @@ def best_answers(cfg: Config, run_dir: Path, tok, policy_dir: Path, seed: int, o
     verifier = load_verifier(s.verifier) if s.verifier else None
     t0 = time.perf_counter()
     p = SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, seed=seed)
-    answers = sample_ids(policy, tok, rows, s.k, p, s.batch_prompts)
+    answers = sample_ids(policy, tok, rows, s.k, p, s.batch_prompts, progress=s.progress, desc="rft: sampling",
+                         setting="rft.max_new_tokens")
     counts = {"prompts": len(rows), "answers": len(rows) * s.k, "kept": 0, "no_passing_answer": 0, "ended": 0,
               "scored": 0}
     texts, ended, left = [], [], []
