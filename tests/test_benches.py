@@ -98,6 +98,7 @@ BENCHES = {"test_faults": "faults.py", "test_real_model": "real_model.py", "test
            "test_pretrain_quality": "pretrain_quality.py", "test_decode_speed": "decode_speed.py",
            "test_demo_device_sh": "demo_device.sh", "test_pretrain_speed": "pretrain_speed.py",
            "test_rl_gpu_check": "rl_gpu_check.py", "test_serve_load": "serve_load.py",
+           "test_gguf_llamacpp": "gguf_llamacpp.py",
            "test_batching_speed": "batching_speed.py", "test_flywheel_browser": "flywheel_browser.py",
            "test_flywheel": "flywheel.py"}
 WORKERS = 2  # benches at once
@@ -205,6 +206,17 @@ def test_serve_real(quick):
     assert skipped(r) <= {"llamacpp"}
     if "llamacpp" not in skipped(r):
         ratio(r, "agg16_vs_llamacpp", "b1_vs_llamacpp")
+
+
+def test_gguf_llamacpp(quick):
+    """Every --quick type exported; llama.cpp's side where its binaries are found (else skipped)."""
+    r = quick("gguf_llamacpp.py")
+    positive(r, "bpb_ours")
+    assert r["chat_prompts"] == quick_sizes("gguf_llamacpp.py")["prompts"]
+    assert skipped(r) <= {"llamacpp"}
+    if "llamacpp" not in skipped(r):
+        assert r["f16_top1"] > 90 and r["tokenize_equal"] == 20  # a random stand-in: near-ties, but its own text
+        ratio(r, "f16_bpb_vs_ours", "q8_0_bpb_vs_ours", "q4_0_bpb_vs_ours", lo=0.9, hi=1.1)
 
 
 def test_pretrain_speed(quick):

@@ -57,7 +57,7 @@ def test_f16_reads_back_as_the_runs_weights_rounded_to_f16(tmp_path, tok, kw):
     assert cli_main(["export", "--run", str(tmp_path / "run"), "--to", str(tmp_path / "m.gguf")]) == 0
     g = GGUFFile(tmp_path / "m.gguf")
     arch = "qwen2" if kw.get("qkv_bias") else "llama"
-    assert g.meta["general.architecture"] == arch and g.meta["tokenizer.ggml.pre"] == "gpt2"
+    assert g.meta["general.architecture"] == arch and g.meta["tokenizer.ggml.pre"] == "gpt-2"
     assert g.meta["tokenizer.chat_template"] == tok.chat_config["chat_template"]
     assert g.meta["tokenizer.ggml.eos_token_id"] == tok.end_id and g.meta["tokenizer.ggml.bos_token_id"] == tok.bos_id
     assert len(g.meta["tokenizer.ggml.tokens"]) == model.cfg.vocab_size  # padded with unused tokens to the table
@@ -148,4 +148,4 @@ def test_what_llama_cpp_cannot_hold_is_refused_by_name(tmp_path, tok):
     assert not (tmp_path / "m.gguf").exists()
     with pytest.raises(ValueError, match="--type must be one of f16, q8_0, q4_0"):
         export_gguf(tmp_path / "run", "sft", tmp_path / "m.gguf", "q2_k")
-    assert pre_tokenizer_name(tok) == "gpt2"
+    assert pre_tokenizer_name(tok) == "gpt-2"

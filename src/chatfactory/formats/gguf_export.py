@@ -40,7 +40,7 @@ def pre_tokenizer_name(tok) -> str:
     pre = json.loads(tok.hf.to_str()).get("pre_tokenizer") or {}
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"  # GPT-2's split inside ByteLevel: ours, GPT-2's
+        return "gpt-2"  # GPT-2's split inside ByteLevel: ours, GPT-2's
     parts = pre.get("pretokenizers", []) if kind == "Sequence" else []
     if [p.get("type") for p in parts] == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") \
             and parts[1].get("use_regex", True):
@@ -48,11 +48,11 @@ def pre_tokenizer_name(tok) -> str:
     if parts and parts[-1].get("type") == "ByteLevel" and not parts[-1].get("use_regex", True) \
             and all(p.get("type") == "Split" and p.get("behavior") == "Isolated" for p in parts[:-1]):
         regexes = [p["pattern"].get("Regex") for p in parts[:-1]]
-        for name in ("gpt2", "smollm", "llama-bpe", "qwen2"):  # (the names llama.cpp writes itself)
+        for name in ("gpt-2", "smollm", "llama-bpe", "qwen2"):  # (the names llama.cpp's vocabulary knows)
             if regexes == PRE_TOKENIZERS[name]:
                 return name
     raise GGUFError(f"the tokenizer's pre-tokenizer has no llama.cpp name: {json.dumps(pre)[:300]} (llama.cpp knows "
-                    f"GPT-2's split ('gpt2'), SmolLM2's ('smollm'), Llama 3's ('llama-bpe') and Qwen2's ('qwen2'))")
+                    f"GPT-2's split ('gpt-2'), SmolLM2's ('smollm'), Llama 3's ('llama-bpe') and Qwen2's ('qwen2'))")
 
 
 def _merges(tok) -> list[str]:
