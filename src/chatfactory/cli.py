@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter (default: the adapters are merged into the exported weights)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import", help="bring a pretrained model (a GGUF file, or a Hugging Face GPT-2 / Llama / "
-                                      "Mistral / Qwen2 directory) and its tokenizer and chat template into a run")
+                                      "Mistral / Qwen2 / Qwen3 directory) with its tokenizer and template into a run")
     p.add_argument("--from", required=True, help="a .gguf file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), a Hugging Face "
                                                  "model directory (config.json, model.safetensors, tokenizer), a "
                                                  "Hub model 'hf:ORG/NAME[@REVISION]' (downloaded, or from the Hub's "

@@ -213,7 +213,7 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
 # A GGUF model -> our GPT config, weights and tokenizer (``chatfactory import --from FILE.gguf``)
 # ---------------------------------------------------------------------------------------------------
 
-ARCHITECTURES = ("llama", "qwen2")  # Llama, SmolLM2 and Mistral files say "llama"
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # Llama, SmolLM2 and Mistral files say "llama"
 
 # How the text is split before BPE, by ``tokenizer.ggml.pre`` (the split the vocabulary was learned on)
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -238,14 +238,15 @@ def gguf_config(g: GGUFFile):
     if scaling not in ("none", None):
         raise GGUFError(f"{g.path}: RoPE scaling {scaling!r} is not supported")
     d, n_head = m("embedding_length"), m("attention.head_count")
-    if m("rope.dimension_count", d // n_head) != d // n_head or m("attention.key_length", d // n_head) != d // n_head:
-        raise GGUFError(f"{g.path}: head size differs from embedding_length / head_count (not supported)")
+    head = m("attention.key_length", d // n_head)  # wider than d / heads in Qwen3
+    if m("attention.value_length", head) != head or m("rope.dimension_count", head) != head:
+        raise GGUFError(f"{g.path}: value length or RoPE dimensions differ from the key length {head} (not supported)")
     rows = g.tensors["token_embd.weight"][1][0]
     return GPTConfig(flavour="modern", depth=m("block_count"), vocab_size=rows, block_size=m("context_length", 2048),
-                     n_embd=d, n_head=n_head, n_kv_head=m("attention.head_count_kv", n_head),
+                     n_embd=d, n_head=n_head, head_dim=head, n_kv_head=m("attention.head_count_kv", n_head),
                      ffn_hidden=m("feed_forward_length"), norm_eps=m("attention.layer_norm_rms_epsilon", 1e-5),
                      rope_theta=float(m("rope.freq_base", 10000.0)), tie_embeddings="output.weight" not in g.tensors,
-                     qkv_bias=arch == "qwen2")
+                     qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
 
 
 def _arch(g: GGUFFile) -> str:
@@ -283,6 +284,9 @@ def _others(arch: str, cfg) -> dict:
         if cfg.qkv_bias:
             sd[ours + "attn.qkv.bias"] = [b + f"attn_{n}.bias" for n in "qkv"]
         sd[ours + "norm1.weight"], sd[ours + "norm2.weight"] = [b + "attn_norm.weight"], [b + "ffn_norm.weight"]
+        if cfg.qk_norm:
+            sd[ours + "attn.q_norm.weight"], sd[ours + "attn.k_norm.weight"] = ([b + "attn_q_norm.weight"],
+                                                                              [b + "attn_k_norm.weight"])
     return sd
 
 

@@ -3,7 +3,8 @@
 
 Written by the ``gguf`` package's writer (llama.cpp's own Python library). The architecture follows the model:
 ``llama`` for the modern flavour (q and k rows permuted for llama.cpp's interleaved RoPE, as its converter
-does; formats/gguf.py's import undoes it), ``qwen2`` where q/k/v have biases, ``gpt2`` for the gpt2 flavour.
+does; formats/gguf.py's import undoes it), ``qwen2`` where q/k/v have biases, ``qwen3`` with q/k norms,
+``gpt2`` for the gpt2 flavour.
 The tokenizer goes in as llama.cpp's ``gpt2``-type BPE: tokens, merges, token types (special tokens as
 control tokens), the pre-tokenizer by the name llama.cpp knows it by (a split it has no name for is an
 error naming it), bos / end-of-turn / pad ids, and the run's Jinja chat template. A LoRA stage is exported
@@ -148,7 +149,9 @@ def export_gguf(run_dir, stage: str, out, qtype: str = "f16") -> dict:
     model, info = load_model(run_dir / stage)  # adapters merged; a quantized stage is refused there
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     cfg = model.cfg
-    arch = "gpt2" if cfg.flavour == "gpt2" else "qwen2" if cfg.qkv_bias else "llama"
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise GGUFError("q/k norms with q/k/v biases: no llama.cpp architecture has both (Qwen3 has no biases)")
+    arch = "gpt2" if cfg.flavour == "gpt2" else "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
     pre = pre_tokenizer_name(tok)
     tokens, types = _vocab(tok, cfg.vocab_size)
     chat = tok.chat_config
@@ -172,6 +175,8 @@ def export_gguf(run_dir, stage: str, out, qtype: str = "f16") -> dict:
             w.add_layer_norm_rms_eps(cfg.norm_eps)
             w.add_rope_freq_base(cfg.rope_theta)
             w.add_rope_dimension_count(cfg.head_dim)
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
         w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
         w.add_tokenizer_model("gpt2")

@@ -34,8 +34,13 @@ def to_hf_config(cfg: GPTConfig) -> dict:
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "initializer_range": cfg.init_std, "tie_word_embeddings": True,
         }
-    # biases on q/k/v only are Qwen2's layout (Llama's attention_bias would put one on o_proj too)
-    family = ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+    # q/k norms are Qwen3's layout; biases on q/k/v only are Qwen2's (Llama's attention_bias would put one on
+    # o_proj too, Qwen3's too)
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ValueError("q/k norms with q/k/v biases have no Hugging Face layout (Qwen3 has no biases)")
+    family = ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+               "use_sliding_window": False} if cfg.qk_norm else
+              {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
               if cfg.qkv_bias else {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                                     "attention_bias": False, "mlp_bias": False})
     return {
@@ -59,8 +64,9 @@ def from_hf_config(h: dict) -> GPTConfig:
         return GPTConfig(flavour="gpt2", depth=h["n_layer"], vocab_size=h["vocab_size"], block_size=h["n_positions"],
                          n_embd=d, n_head=h["n_head"], ffn_hidden=h.get("n_inner") or 4 * d,
                          norm_eps=h.get("layer_norm_epsilon", 1e-5), dropout=h.get("resid_pdrop", 0.0))
-    if kind in ("llama", "mistral", "qwen2"):
-        # Qwen2 always has q/k/v biases (its config has no switch); Llama's attention_bias also biases o_proj
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
+        # Qwen2 always has q/k/v biases (its config has no switch); Llama's (and Qwen3's) attention_bias also
+        # biases o_proj
         if h.get("mlp_bias") or (kind != "qwen2" and h.get("attention_bias")):
             raise ValueError(f"{kind} checkpoint with attention_bias/mlp_bias is not supported")
         rope = h.get("rope_parameters") or h.get("rope_scaling") or {}
@@ -71,9 +77,10 @@ def from_hf_config(h: dict) -> GPTConfig:
         return GPTConfig(flavour="modern", depth=h["num_hidden_layers"], vocab_size=h["vocab_size"],
                          block_size=h.get("max_position_embeddings", 2048), n_embd=h["hidden_size"], n_head=n_head,
                          n_kv_head=h.get("num_key_value_heads") or n_head, ffn_hidden=h["intermediate_size"],
-                         norm_eps=h.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                         tie_embeddings=bool(h.get("tie_word_embeddings", False)), qkv_bias=kind == "qwen2")
-    raise ValueError(f"unsupported Hugging Face model_type {kind!r} (gpt2, llama, mistral and qwen2 are)")
+                         head_dim=h.get("head_dim") or 0, norm_eps=h.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                         tie_embeddings=bool(h.get("tie_word_embeddings", False)), qkv_bias=kind == "qwen2",
+                         qk_norm=kind == "qwen3")
+    raise ValueError(f"unsupported Hugging Face model_type {kind!r} (gpt2, llama, mistral, qwen2 and qwen3 are)")
 
 
 def _gpt2_names(i):
@@ -111,6 +118,9 @@ def _renamed(cfg: GPTConfig) -> dict:
                       f"blocks.{i}.norm2.weight": p + "post_attention_layernorm.weight",
                       f"blocks.{i}.attn.proj.weight": p + "self_attn.o_proj.weight",
                       f"blocks.{i}.mlp.proj.weight": p + "mlp.down_proj.weight"})
+        if cfg.qk_norm:
+            names.update({f"blocks.{i}.attn.q_norm.weight": p + "self_attn.q_norm.weight",
+                          f"blocks.{i}.attn.k_norm.weight": p + "self_attn.k_norm.weight"})
     return names
 
 
@@ -310,7 +320,7 @@ def write_imported(out_run, stage: str, cfg: GPTConfig, weights: dict, tok, info
 
 
 def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
-    """Bring a local Hugging Face GPT-2, Llama, Mistral or Qwen2 model and its tokenizer into ``out_run``.
+    """Bring a local Hugging Face GPT-2, Llama, Mistral, Qwen2 or Qwen3 model and its tokenizer into ``out_run``.
 
     A chat model (its tokenizer_config.json or chat_template.jinja holds a chat template) keeps its
     template and special tokens, untouched. A model without one gets ours: the chat special tokens it
@@ -345,9 +355,6 @@ def import_hf(src_dir, out_run, stage: str = "pretrain") -> dict:
         raise ValueError(f"{cpath}: missing or bad field {e}") from None
     except ValueError as e:
         raise ValueError(f"{cpath}: {e}") from None
-    if h.get("head_dim") and h["head_dim"] != cfg.head_dim:
-        raise ValueError(f"{cpath}: head_dim={h['head_dim']} differs from "
-                         f"hidden_size/num_attention_heads={cfg.head_dim} (not supported)")
 
     # weights: one model.safetensors or the shards an index names (never pickles)
     files = [src / "model.safetensors"]

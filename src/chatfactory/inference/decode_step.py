@@ -107,6 +107,8 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
         attn, mlp = block.attn, block.mlp
         qkv = linear(block.norm1(x), attn.qkv).view(B, 1, H + 2 * G, D)
         qk = qkv[:, :, : H + G]
+        if cfg.qk_norm:  # Qwen3: each head's q and k normalised before RoPE
+            qk = torch.cat([attn.q_norm(qk[:, :, :H]), attn.k_norm(qk[:, :, H:])], dim=2)
         if rope is not None:  # q and k rotate together: half the small ops of the eager (packed) step
             qk = apply_rope(qk, *rope)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2)

@@ -5,11 +5,13 @@ Two flavours share one code path:
 * ``gpt2``   — learned positions, LayerNorm, GELU (tanh), biases, tied embeddings: exactly Hugging
   Face's ``GPT2LMHeadModel`` (formats/hf.py converts weights both ways).
 * ``modern`` — RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings: exactly
-  expressible as Hugging Face's Llama layout, so export is lossless. Two switches cover the imported
-  families: ``tie_embeddings`` (SmolLM2, small Qwen2) and ``qkv_bias`` (Qwen2).
+  expressible as Hugging Face's Llama layout, so export is lossless. Three switches cover the imported
+  families: ``tie_embeddings`` (SmolLM2, small Qwen2), ``qkv_bias`` (Qwen2) and ``qk_norm`` (Qwen3: an
+  RMSNorm on each head's queries and keys before RoPE); with both ``n_head`` and ``head_dim`` given the
+  heads may be wider than ``n_embd / n_head`` (Qwen3-0.6B: 16 heads of 128 on a width of 1,024).
 
 One dial sets the size: ``depth`` (number of blocks). Width is ``depth * aspect`` (nanochat's rule),
-heads follow from ``head_dim``. Any field may still be set by hand.
+heads follow from ``head_dim`` (64 wide by default). Any field may still be set by hand.
 
     from chatfactory.model.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(depth=4, vocab_size=4096))
@@ -35,7 +37,7 @@ class GPTConfig:
     vocab_size: int = 4096
     block_size: int = 256  # longest context the model is trained for (gpt2: size of position table)
     aspect: int = 64  # width = depth * aspect unless n_embd is given
-    head_dim: int = 64
+    head_dim: int = 0  # a head's width; 0: n_embd // n_head (set alone, it sets the head count; 64 by default)
     n_embd: int = 0  # 0: derived from depth
     n_head: int = 0  # 0: n_embd // head_dim
     n_kv_head: int = 0  # 0: n_head (no grouping); modern flavour only
@@ -46,6 +48,7 @@ class GPTConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False  # LM head shares the embedding matrix (always for gpt2; SmolLM2, Qwen2-0.5B)
     qkv_bias: bool = False  # biases on the q/k/v projection (Qwen2); gpt2 has every bias anyway
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3); modern flavour only
 
     def __post_init__(self):
         if self.flavour not in ("gpt2", "modern"):
@@ -54,11 +57,14 @@ class GPTConfig:
             raise ValueError(f"model.depth must be >= 1, got {self.depth}")
         if not self.n_embd:
             self.n_embd = self.depth * self.aspect
-        if not self.n_head:
-            self.n_head = max(1, self.n_embd // self.head_dim)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        self.head_dim = self.n_embd // self.n_head
+        if not self.n_head:  # heads of about head_dim (64), then exactly n_embd / n_head wide
+            self.n_head, self.head_dim = max(1, self.n_embd // (self.head_dim or 64)), 0
+        if not self.head_dim:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+            self.head_dim = self.n_embd // self.n_head
+        if self.flavour == "gpt2" and (self.qk_norm or self.n_head * self.head_dim != self.n_embd):
+            raise ValueError("qk_norm and heads wider than n_embd / n_head need flavour 'modern'")
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if self.flavour == "gpt2":
@@ -137,14 +143,19 @@ class Attention(nn.Module):
         self.cfg, self.layer = cfg, layer
         # q, k and v in one matmul: one big GEMM is faster than three small ones
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.flavour == "gpt2")
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.flavour == "gpt2")
         self.proj.is_residual = True
+        if cfg.qk_norm:  # Qwen3: each head's q and k normalised (a weight per feature, shared by the heads)
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, rope=None, cache: Cache | None = None, attn_mask=None):
         B, T, _ = x.shape
         c = self.cfg
         qkv = self.qkv(x).view(B, T, c.n_head + 2 * c.n_kv_head, c.head_dim)
         qk, v = qkv.split([c.n_head + c.n_kv_head, c.n_kv_head], dim=2)
+        if c.qk_norm:
+            q, k = qk.split([c.n_head, c.n_kv_head], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         if rope is not None:  # q and k rotate together: one set of ops instead of two
             cos, sin = rope
             qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
@@ -158,7 +169,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         else:  # a single decode step sees every cached key; otherwise the caller's mask decides
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, c.n_embd)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim)
         return self.proj(y)
 
 

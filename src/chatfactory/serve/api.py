@@ -42,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..text.chat_template import check_options
 from ..text.tokenizer import TextStream
 from .admin import install_admin
 from .arena import install_arena
@@ -144,11 +145,15 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                                 f"characters, more than {most} (no {block} tokens spell that many)", param,
                            "context_length_exceeded")
 
-    async def render_chat(msgs: list[dict], generation_prompt: bool = True) -> list[int]:
+    async def render_chat(msgs: list[dict], generation_prompt: bool = True, options: dict | None = None) -> list[int]:
+        try:
+            check_options(options)
+        except ValueError as e:
+            raise APIError(400, str(e), "chat_template_kwargs", "invalid_value") from None
         try:
             if generation_prompt:
-                return await pool.run(svc.tok.chat_prompt, msgs)
-            return (await pool.run(svc.tok.render_chat, msgs))[0]
+                return await pool.run(svc.tok.chat_prompt, msgs, options)
+            return (await pool.run(svc.tok.render_chat, msgs, False, options))[0]
         except ValueError as e:  # the chat template refused the conversation, or went past its limits
             raise APIError(400, str(e), "messages", "invalid_value") from None
 
@@ -243,7 +248,7 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         want_lp, top_lp = bool(req.logprobs), req.top_logprobs or 0
         include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
         fits("the conversation", (m.text for m in req.messages), "messages", served)
-        prompt = await render_chat(messages(req.messages))
+        prompt = await render_chat(messages(req.messages), options=req.chat_template_kwargs)
         max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
         choices, _, queue = start(served, [prompt], s, max_tokens, top_lp if want_lp else None,
                                   client=client_of(request))

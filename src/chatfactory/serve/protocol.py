@@ -231,6 +231,9 @@ class ChatCompletionRequest(SamplingBody):
     logprobs: SBool | None = None
     top_logprobs: Int(ge=0, le=LIMITS.max_logprobs) | None = None
     stream_options: StreamOptions | None = None
+    # vLLM's extension: more variables for the model's chat template (Qwen3's {"enable_thinking": false})
+    chat_template_kwargs: dict[str, SBool | SInt | SFloat | SStr | None] | None = Field(
+        None, description="variables the chat template reads, e.g. {\"enable_thinking\": false} for Qwen3")
 
 
 def _prompt_shape(v):

@@ -48,6 +48,24 @@ OURS = (
 )
 
 _MARK = "\ue000{}\ue001"  # private-use characters: no real message holds them
+_RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token", "raise_exception")
+
+
+def check_options(options: dict | None) -> dict:
+    """A template's extra variables: names of letters, digits and _, values plain (bool, number, string, null);
+    never one of the variables the renderer sets itself. ValueError naming what is wrong."""
+    if not options:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"chat template options must be a mapping, got {type(options).__name__}")
+    for k, v in options.items():
+        if not isinstance(k, str) or not k.isidentifier() or k in _RESERVED:
+            raise ValueError(f"chat template option {k!r} is not allowed (a name of letters, digits and _, "
+                             f"not one of {', '.join(_RESERVED)})")
+        if not (v is None or isinstance(v, (bool, int, float, str))):
+            raise ValueError(f"chat template option {k!r} must be a bool, number, string or null, got "
+                             f"{type(v).__name__}")
+    return dict(options)
 
 
 # what a template renders at load, to find one that is too slow or too big before any request meets it
@@ -72,14 +90,16 @@ class ChatTemplate:
         except ValueError:
             pass
 
-    def render_text(self, messages, add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages, add_generation_prompt: bool = False, options: dict | None = None) -> str:
         """The template's text for ``messages``, within ``limits`` (a TemplateBudgetError past them;
-        text/template_sandbox.py)."""
+        text/template_sandbox.py). ``options``: more variables the template reads, as transformers'
+        ``apply_chat_template(**kwargs)`` passes them (Qwen3's ``enable_thinking``)."""
         import jinja2
 
+        options = check_options(options)
         try:
-            return render(self.source, self.limits, messages=messages, add_generation_prompt=add_generation_prompt,
-                          **self.tokens)
+            return render(self.source, self.limits, **options, messages=messages,
+                          add_generation_prompt=add_generation_prompt, **self.tokens)
         except TemplateBudgetError:
             raise
         except jinja2.exceptions.TemplateError as e:
@@ -88,10 +108,11 @@ class ChatTemplate:
                 AttributeError) as e:  # the template's own bug, not the server's
             raise ValueError(f"chat template failed on the conversation: {type(e).__name__}: {e}") from None
 
-    def spans(self, messages, text: str, add_generation_prompt: bool) -> list[tuple[int, int]]:
+    def spans(self, messages, text: str, add_generation_prompt: bool,
+              options: dict | None = None) -> list[tuple[int, int]]:
         """Where each message's content lies in ``text`` (character offsets)."""
         marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
-        mtext = self.render_text(marked, add_generation_prompt)
+        mtext = self.render_text(marked, add_generation_prompt, options)
         out, pieces, pos, shift = [], [], 0, 0
         for i, m in enumerate(messages):
             at = mtext.find(_MARK.format(i), pos)
@@ -116,10 +137,11 @@ class ChatTemplate:
             pos = at + len(body)
         return out
 
-    def render(self, tok, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """(ids, mask) of a conversation for ``tok`` (see the module docstring)."""
-        text = self.render_text(messages, add_generation_prompt)
-        spans = self.spans(messages, text, add_generation_prompt)
+    def render(self, tok, messages, add_generation_prompt: bool = False,
+               options: dict | None = None) -> tuple[list[int], list[int]]:
+        """(ids, mask) of a conversation for ``tok`` (see the module docstring); ``options``: ``render_text``'s."""
+        text = self.render_text(messages, add_generation_prompt, options)
+        spans = self.spans(messages, text, add_generation_prompt, options)
         starts = [a for a, _ in spans]  # in order: each message's text follows the one before
         parts, pos = [], 0  # pieces of text, and between them the ids of the template's special tokens
         for match in tok.special_pattern.finditer(text):

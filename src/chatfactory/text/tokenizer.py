@@ -181,16 +181,18 @@ class Tokenizer:
         return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
     # ---- chat template ----
-    def render_chat(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages, add_generation_prompt: bool = False,
+                    options: dict | None = None) -> tuple[list[int], list[int]]:
         """A conversation -> (ids, loss mask), rendered by the run's chat template. The mask is 1 on
         every assistant message's text and its end-of-turn token and 0 elsewhere (role markers, system
-        and user text). With ``add_generation_prompt`` the opening of an assistant turn is appended."""
+        and user text). With ``add_generation_prompt`` the opening of an assistant turn is appended;
+        ``options``: more variables the template reads (``{"enable_thinking": False}`` for Qwen3's)."""
         check_messages(messages)
-        return self.template.render(self, messages, add_generation_prompt)
+        return self.template.render(self, messages, add_generation_prompt, options)
 
-    def chat_prompt(self, messages) -> list[int]:
+    def chat_prompt(self, messages, options: dict | None = None) -> list[int]:
         """Ids of a conversation followed by an open assistant turn: what generation continues."""
-        return self.render_chat(messages, add_generation_prompt=True)[0]
+        return self.render_chat(messages, add_generation_prompt=True, options=options)[0]
 
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
