@@ -3,6 +3,7 @@ transformers imports from its Hugging Face directory and from a GGUF file writte
 (``convert_hf_to_gguf.py``, where ``$LLAMA_CPP_DIR`` holds llama.cpp's sources) with the same logits, ids, chat
 ids and greedy tokens as transformers, decodes the same through every decode path, and exports back to a
 directory transformers loads and to a GGUF file our import reads."""
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,23 @@ def test_a_gguf_written_by_llama_cpps_converter_imports_with_transformers_logits
     assert tok.chat_prompt(CONV, {"enable_thinking": False}) == _template_ids(hf_tok, enable_thinking=False)
     with torch.no_grad():
         _greedy_equal(ours, hf, tok.chat_prompt(CONV, {"enable_thinking": False}))
+
+
+def test_template_options_are_checked_in_the_library_and_over_http(tmp_path, serve_run):
+    from chatfactory.text.chat_template import check_options
+    from conftest import make_run, post
+
+    assert check_options({"enable_thinking": False, "x_1": "a", "n": 2, "none": None}) == {
+        "enable_thinking": False, "x_1": "a", "n": 2, "none": None}
+    for bad, match in (({"messages": []}, "not allowed"), ({"bos_token": "x"}, "not allowed"),
+                       ({"a b": 1}, "not allowed"), ({"x": [1]}, "must be a bool, number, string or null")):
+        with pytest.raises(ValueError, match=match):
+            check_options(bad)
+    url, svc, _ = serve_run(make_run(tmp_path / "tiny"))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    status, _ = post(url, "/v1/chat/completions", {**body, "chat_template_kwargs": {"enable_thinking": False}})
+    assert status == 200  # (our template reads no such variable: it renders as without it)
+    status, err = post(url, "/v1/chat/completions", {**body, "chat_template_kwargs": {"eos_token": "hi"}})
+    assert status == 400 and err["error"]["param"] == "chat_template_kwargs", err
+    status, err = post(url, "/v1/chat/completions", {**body, "chat_template_kwargs": {"x": {"y": 1}}})
+    assert status == 400 and "chat_template_kwargs" in json.dumps(err), err
