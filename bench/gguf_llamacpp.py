@@ -84,7 +84,7 @@ def text_ids(tok, n: int, path: Path | None) -> list[int]:
     return ids[:n]
 
 
-def write_kld_base(path: Path, model, tok, ids: list[int], ctx: int) -> tuple[float, int]:
+def write_kld_base(path: Path, model, tok, ids: list[int], ctx: int, add_bos: bool) -> tuple[float, int]:
     """Our log-probs in llama-perplexity's --kl-divergence-base layout -> (our nats summed over the scored
     positions, the bytes of the tokens they predict). Per chunk of ``ctx`` tokens (bos in front where the
     tokenizer adds one), positions ctx/2 .. ctx-2 each predict the next token; a row holds the scale and the
@@ -100,7 +100,7 @@ def write_kld_base(path: Path, model, tok, ids: list[int], ctx: int) -> tuple[fl
         f.write(np.asarray(ids[:chunks * ctx], dtype=np.int32).tobytes())
         for c in range(chunks):
             x = list(ids[c * ctx:(c + 1) * ctx])
-            if tok.add_bos:
+            if add_bos:  # as the file tells llama-perplexity to
                 x[0] = tok.bos_id
             with torch.no_grad():
                 logits = model(torch.tensor([x]))[0, first:ctx - 1].double()
@@ -203,7 +203,7 @@ def main():
 
 
 def measure(a, tmp: Path) -> None:
-    from chatfactory.formats.gguf_export import export_gguf
+    from chatfactory.formats.gguf_export import export_gguf, file_adds_bos
     from chatfactory.inference.engine import Engine
     from chatfactory.inference.sampling import SamplingParams
     from chatfactory.store.load import load_model
@@ -214,7 +214,8 @@ def measure(a, tmp: Path) -> None:
     model, _ = load_model(run / a.stage)
     model.eval()
     ids = text_ids(tok, a.ctx * a.chunks, Path(a.text) if a.text else None)
-    nll, nbytes = write_kld_base(tmp / "ours.kld", model, tok, ids, a.ctx)
+    nll, nbytes = write_kld_base(tmp / "ours.kld", model, tok, ids, a.ctx, file_adds_bos(tok))
+    scored = (len(ids) // a.ctx) * (a.ctx - 1 - a.ctx // 2)
     bpb_ours = nll / math.log(2) / nbytes
     print(f"ours: {run}/{a.stage}, {a.chunks} chunks of {a.ctx} tokens, the second half of each scored: "
           f"{bpb_ours:.4f} bits/byte")
@@ -235,9 +236,11 @@ def measure(a, tmp: Path) -> None:
         if not (perplexity and server):
             continue
         k = res[t] = kl_divergence(perplexity, path, tmp / "ours.kld", a.ctx, a.threads)
-        k["bpb_ratio"] = math.log(k["ppl"]) / math.log(k["ppl_base"])
+        # llama.cpp's mean nll over ours, computed exactly (the base file keeps log-probs over the top 16 nats only)
+        k["bpb_ratio"] = math.log(k["ppl"]) / (nll / scored)
         print(f"  llama.cpp's top-1 = ours at {k['top1']:.2f}% of positions; PPL {k['ppl']:.4f} vs ours "
-              f"{k['ppl_base']:.4f} -> bits/byte {bpb_ours * k['bpb_ratio']:.4f} ({k['bpb_ratio']:.4f}x ours); "
+              f"{math.exp(nll / scored):.4f} -> bits/byte {bpb_ours * k['bpb_ratio']:.4f} "
+              f"({k['bpb_ratio']:.4f}x ours); "
               f"mean KLD {k['kld']:.5f}")
         if t == "f16":
             srv = LlamaServer(server, path, 2048 if a.ctx < 2048 else a.ctx, a.threads)

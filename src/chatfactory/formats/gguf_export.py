@@ -7,8 +7,9 @@ does; formats/gguf.py's import undoes it), ``qwen2`` where q/k/v have biases, ``
 ``gpt2`` for the gpt2 flavour.
 The tokenizer goes in as llama.cpp's ``gpt2``-type BPE: tokens, merges, token types (special tokens as
 control tokens), the pre-tokenizer by the name llama.cpp knows it by (a split it has no name for is an
-error naming it), bos / end-of-turn / pad ids, and the run's Jinja chat template. A LoRA stage is exported
-with its adapters merged; a quantized stage is refused (export its full-precision source).
+error naming it), bos / end-of-turn / pad ids, and the run's Jinja chat template (``add_bos_token`` off where
+the template opens with bos itself: ``file_adds_bos``). A LoRA stage is exported with its adapters merged; a
+quantized stage is refused (export its full-precision source).
 
 Types: ``f16`` (every matrix in f16, norms and biases f32), ``q8_0`` (matrices in Q8_0), ``q4_0`` (block
 matrices in Q4_0, the token embedding and the output matrix in Q8_0, as llama.cpp keeps those two finer);
@@ -54,6 +55,15 @@ def pre_tokenizer_name(tok) -> str:
                 return name
     raise GGUFError(f"the tokenizer's pre-tokenizer has no llama.cpp name: {json.dumps(pre)[:300]} (llama.cpp knows "
                     f"GPT-2's split ('gpt-2'), SmolLM2's ('smollm'), Llama 3's ('llama-bpe') and Qwen2's ('qwen2'))")
+
+
+def file_adds_bos(tok) -> bool:
+    """The file's ``add_bos_token``: the tokenizer's, except where the chat template opens with bos itself (ours
+    does). llama.cpp adds bos to a templated prompt when the file says so, and the server of llama-cpp-python
+    0.3.16 does not strip the template's own: the chat prompt would open with two. Plain text then opens
+    without bos in llama.cpp."""
+    text = tok.template.render_text([{"role": "user", "content": "x"}], True)
+    return tok.add_bos and not text.startswith(tok.chat_config["bos_token"])
 
 
 def _merges(tok) -> list[str]:
@@ -156,6 +166,7 @@ def export_gguf(run_dir, stage: str, out, qtype: str = "f16") -> dict:
     tokens, types = _vocab(tok, cfg.vocab_size)
     chat = tok.chat_config
     merges = _merges(tok)
+    add_bos = file_adds_bos(tok)
     tensors = {name: _encode(name, t, qtype) for name, t in _tensors(model, arch).items()}
     out = Path(out)
 
@@ -188,7 +199,7 @@ def export_gguf(run_dir, stage: str, out, qtype: str = "f16") -> dict:
         w.add_eos_token_id(tok.end_id)
         w.add_eot_token_id(tok.end_id)
         w.add_pad_token_id(tok.pad_id)
-        w.add_add_bos_token(tok.add_bos)
+        w.add_add_bos_token(add_bos)
         w.add_chat_template(chat["chat_template"])
         for name, (data, kind) in tensors.items():
             w.add_tensor(name, data, raw_dtype=kind)
@@ -204,5 +215,5 @@ def export_gguf(run_dir, stage: str, out, qtype: str = "f16") -> dict:
     kinds = sorted({kind.name if kind is not None else {np.float16: "F16", np.float32: "F32"}[data.dtype.type]
                     for data, kind in tensors.values()})
     return {"path": str(out), "architecture": arch, "pre_tokenizer": pre, "type": qtype, "tensors": len(tensors),
-            "bytes": out.stat().st_size, "lora_merged": bool(info.get("lora")), "types": kinds}
+            "bytes": out.stat().st_size, "lora_merged": bool(info.get("lora")), "types": kinds, "add_bos": add_bos}
 
