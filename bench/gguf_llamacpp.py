@@ -15,7 +15,8 @@ checked with llama.cpp's own tools against our model on the same tokens.
 
 Targets (issue 27): top-1 agreement >= 99% (f16) and >= 97% (q8_0); bits/byte within 0.5% (f16), 1% (q8_0), 3%
 (q4_0) of ours. Last line: ``RESULT f16_top1=… q8_0_top1=… q4_0_top1=… f16_bpb_vs_ours=… q8_0_bpb_vs_ours=…
-q4_0_bpb_vs_ours=… bpb_ours=… chat_equal_f16=… chat_prompts=… tokenize_equal=… skipped=…`` (top-1 in percent,
+q4_0_bpb_vs_ours=… q8_0_llama_quantize_top1=… … bpb_ours=… chat_equal_f16=… chat_prompts=… tokenize_equal=…
+skipped=…`` (top-1 in percent; ``_llama_quantize_``: llama.cpp's own llama-quantize of our f16 file, where found,
 bpb ratios llama.cpp / ours; nan where not measured; skipped: ``llamacpp`` without llama-perplexity and
 llama-server in ``--llama-bin`` / ``$LLAMA_BIN`` / PATH, or ``none``).
 """
@@ -220,6 +221,7 @@ def measure(a, tmp: Path) -> None:
     print(f"ours: {run}/{a.stage}, {a.chunks} chunks of {a.ctx} tokens, the second half of each scored: "
           f"{bpb_ours:.4f} bits/byte")
     perplexity, server = find_bin("llama-perplexity", a.llama_bin), find_bin("llama-server", a.llama_bin)
+    quantize = find_bin("llama-quantize", a.llama_bin)
     types = [t for t in a.types.split(",") if t]
     res, chat_equal, tok_equal = {}, float("nan"), float("nan")
     prompts = PROMPTS[:a.prompts]
@@ -236,6 +238,15 @@ def measure(a, tmp: Path) -> None:
         if not (perplexity and server):
             continue
         k = res[t] = kl_divergence(perplexity, path, tmp / "ours.kld", a.ctx, a.threads)
+        if t != "f16" and quantize and (tmp / "f16.gguf").exists():
+            # the reference for a quantized type: llama.cpp's own quantizer on our f16 file
+            theirs = tmp / f"{t}-llama-quantize.gguf"
+            subprocess.run([quantize, str(tmp / "f16.gguf"), str(theirs), t.upper()], capture_output=True, check=True,
+                           timeout=1800)
+            q = res[t + "_llamaq"] = kl_divergence(perplexity, theirs, tmp / "ours.kld", a.ctx, a.threads)
+            q["bpb_ratio"] = math.log(q["ppl"]) / (nll / scored)
+            print(f"  llama-quantize {t.upper()} of our f16 file: top-1 = ours at {q['top1']:.2f}%, bits/byte "
+                  f"{q['bpb_ratio']:.4f}x ours, mean KLD {q['kld']:.5f}")
         # llama.cpp's mean nll over ours, computed exactly (the base file keeps log-probs over the top 16 nats only)
         k["bpb_ratio"] = math.log(k["ppl"]) / (nll / scored)
         print(f"  llama.cpp's top-1 = ours at {k['top1']:.2f}% of positions; PPL {k['ppl']:.4f} vs ours "
@@ -264,6 +275,8 @@ def measure(a, tmp: Path) -> None:
 
     line = "RESULT " + " ".join(f"{t}_top1={fig(t, 'top1'):.2f}" for t in ("f16", "q8_0", "q4_0"))
     line += " " + " ".join(f"{t}_bpb_vs_ours={fig(t, 'bpb_ratio'):.4f}" for t in ("f16", "q8_0", "q4_0"))
+    line += " " + " ".join(f"{t}_llama_quantize_{k}={fig(t + '_llamaq', key):.4f}" for t in ("q8_0", "q4_0")
+                           for k, key in (("top1", "top1"), ("bpb_vs_ours", "bpb_ratio")))
     line += (f" bpb_ours={bpb_ours:.4f} chat_equal_f16={chat_equal} chat_prompts={len(prompts)} "
              f"tokenize_equal={tok_equal} skipped={'none' if perplexity and server else 'llamacpp'}")
     print(line)
