@@ -28,17 +28,16 @@ import math
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
+from serve_real import Server, free_port  # (bench/ is the script's folder, on sys.path)
 
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared/data/pretrain/tinystories/tinystories_sample.jsonl.gz"
 TEXTS = ["Hello world, this is a test.", "def f(x):\n    return x ** 2  # square", "The quick brown fox, 12345 times.",
@@ -143,36 +142,17 @@ def kl_divergence(binary: str, gguf: Path, base: Path, ctx: int, threads: int) -
     return {"top1": top1, "ppl": ppl, "ppl_base": math.exp(math.log(ppl) - ln_ratio), "kld": kld}
 
 
-class LlamaServer:
-    def __init__(self, binary: str, gguf: Path, ctx: int, threads: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen([binary, "-m", str(gguf), "--port", str(self.port), "--host", "127.0.0.1",
-                                      "-c", str(ctx), "-t", str(threads), "-np", "1", "--jinja"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.close()
-                raise SystemExit(f"llama-server did not start on {gguf}")
-            time.sleep(0.3)
+def llama_server(binary: str, gguf: Path, ctx: int, threads: int) -> Server:
+    port = free_port()
+    return Server([binary, "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-c", str(ctx), "-t",
+                   str(threads), "-np", "1", "--jinja"], port, "llama-server")
 
-    def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return json.load(r)
 
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+def post(srv: Server, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.port}{path}", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.load(r)
 
 
 def main():
@@ -254,16 +234,13 @@ def measure(a, tmp: Path) -> None:
               f"({k['bpb_ratio']:.4f}x ours); "
               f"mean KLD {k['kld']:.5f}")
         if t == "f16":
-            srv = LlamaServer(server, path, 2048 if a.ctx < 2048 else a.ctx, a.threads)
-            try:
+            with llama_server(server, path, max(2048, a.ctx), a.threads) as srv:
                 ask = {"add_special": False, "parse_special": False}  # spelled special tokens stay text, as ours
-                same = [srv.post("/tokenize", {"content": x, **ask})["tokens"] == tok.encode(x) for x in TEXTS]
+                same = [post(srv, "/tokenize", {"content": x, **ask})["tokens"] == tok.encode(x) for x in TEXTS]
                 tok_equal = sum(same)
-                replies = [srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": p}],
+                replies = [post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": p}],
                                                               "max_tokens": a.max_tokens, "temperature": 0})
                            ["choices"][0]["message"]["content"] for p in prompts]
-            finally:
-                srv.close()
             chat_equal = sum(x == y for x, y in zip(replies, ours_chat))
             print(f"  tokenizer: {tok_equal}/{len(TEXTS)} texts to the same ids; chat: {chat_equal}/{len(prompts)} "
                   f"greedy replies equal ours (the file's template through llama-server --jinja)")

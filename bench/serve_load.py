@@ -60,13 +60,19 @@ def make_random_run(root: Path, depth: int, width: int, block: int) -> Path:
 
 def one_stream(port: int, model: str, prompt: str, max_tokens: int, seed: int) -> dict:
     """One streaming chat completion -> {ttft, tokens, ok, error}."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                       "temperature": 1.0, "seed": seed, "stream": True, "stream_options": {"include_usage": True}})
+    return stream_chat(port, {"model": model, "messages": [{"role": "user", "content": prompt}],
+                              "max_tokens": max_tokens, "temperature": 1.0, "seed": seed})
+
+
+def stream_chat(port: int, body: dict, timeout: float = 120) -> dict:
+    """One streamed chat completion of ``body`` (stream and usage asked for here) -> {ok, ttft, tokens (the
+    usage's, else the pieces seen), text} or {ok: False, error}. bench/serve_real.py reads llama-server with it."""
+    raw = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
-    ttft, tokens, done = None, 0, False
+    ttft, tokens, text, done = None, None, [], False
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("POST", "/v1/chat/completions", body=raw, headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         if r.status != 200:
             return {"ok": False, "error": f"HTTP {r.status}: {r.read()[:200]!r}"}
@@ -79,17 +85,22 @@ def one_stream(port: int, model: str, prompt: str, max_tokens: int, seed: int) -
                 break
             j = json.loads(data)
             if "error" in j:
-                return {"ok": False, "error": j["error"]["message"]}
+                return {"ok": False, "error": str(j["error"])[:200]}
             if j.get("usage"):
                 tokens = j["usage"]["completion_tokens"]
-            if ttft is None and any(c["delta"].get("content") for c in j.get("choices", [])):
-                ttft = time.perf_counter() - t0
+            for c in j.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content")
+                if piece:
+                    text.append(piece)
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
         conn.close()
     except OSError as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     if not done:
         return {"ok": False, "error": "stream ended without [DONE]"}
-    return {"ok": True, "ttft": ttft if ttft is not None else time.perf_counter() - t0, "tokens": tokens}
+    return {"ok": True, "ttft": ttft if ttft is not None else time.perf_counter() - t0,
+            "tokens": tokens if tokens is not None else len(text), "text": "".join(text)}
 
 
 def run_level(port: int, model: str, clients: int, requests: int, max_tokens: int) -> dict:

@@ -31,7 +31,6 @@ anything else running is noise (the clients share the CPU too).
 """
 
 import argparse
-import http.client
 import json
 import math
 import os
@@ -46,6 +45,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serve_load import stream_chat  # (bench/ is the script's folder, on sys.path)
+
 TOPICS = ["a lighthouse keeper", "a lost dragon", "two rival bakers", "a robot gardener", "a desert caravan",
           "a haunted library", "a young astronomer", "an old sailor", "a clockmaker's apprentice", "a city of cats",
           "a winter festival", "a runaway train", "a forgotten island", "a musician on the road", "a secret garden",
@@ -58,44 +59,10 @@ QUICK = dict(modes="fp32,int4", b1_requests=1, requests=1, clients=4, max_tokens
 
 
 # ---------------------------------------------------------------- one OpenAI chat stream
-def stream_chat(port: int, model: str, messages: list, max_tokens: int) -> dict:
+def stream(port: int, model: str, messages: list, max_tokens: int) -> dict:
     """One streamed chat completion, greedy, ignore_eos -> {ok, ttft, tokens, text} or {ok: False, error}."""
-    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
-    t0 = time.perf_counter()
-    ttft, tokens, text, done, pieces = None, None, [], False, 0
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        if r.status != 200:
-            return {"ok": False, "error": f"HTTP {r.status}: {r.read()[:200]!r}"}
-        for line in r:
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                done = True
-                break
-            j = json.loads(data)
-            if "error" in j:
-                return {"ok": False, "error": str(j["error"])[:200]}
-            if j.get("usage"):
-                tokens = j["usage"]["completion_tokens"]
-            for c in j.get("choices") or []:
-                piece = (c.get("delta") or {}).get("content")
-                if piece:
-                    pieces += 1
-                    text.append(piece)
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-        conn.close()
-    except OSError as e:
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    if not done:
-        return {"ok": False, "error": "stream ended without [DONE]"}
-    return {"ok": True, "ttft": ttft if ttft is not None else time.perf_counter() - t0,
-            "tokens": tokens if tokens is not None else pieces, "text": "".join(text)}
+    return stream_chat(port, {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                              "ignore_eos": True}, timeout=600)
 
 
 def story(i: int) -> list:
@@ -108,7 +75,7 @@ def load(port: int, model: str, clients: int, requests: int, max_tokens: int) ->
 
     def client(c):
         for r in range(requests):
-            res = stream_chat(port, model, story(c * requests + r), max_tokens)
+            res = stream(port, model, story(c * requests + r), max_tokens)
             with lock:
                 results.append(res)
 
@@ -134,7 +101,7 @@ def conversations(port: int, model: str, n: int, max_tokens: int) -> dict:
     for c in range(n):
         msgs = story(c + 7)
         for turn in range(5):
-            r = stream_chat(port, model, msgs, max_tokens)
+            r = stream(port, model, msgs, max_tokens)
             if not r["ok"]:
                 errors += 1
                 break
@@ -175,7 +142,7 @@ class Server:
             time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
             self.model = json.load(r)["data"][0]["id"]
-        stream_chat(port, self.model, story(0), 4)  # first-call costs stay out of the numbers
+        stream(port, self.model, story(0), 4)  # first-call costs stay out of the numbers
 
     def stop(self):
         if self.proc.poll() is None:
