@@ -104,11 +104,18 @@ def stream_chat(port: int, body: dict, timeout: float = 120) -> dict:
 
 
 def run_level(port: int, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    return run_clients(clients, requests, lambda c, r: one_stream(port, model, PROMPTS[(c + r) % len(PROMPTS)],
+                                                                  max_tokens, seed=1000 * c + r))
+
+
+def run_clients(clients: int, requests: int, ask) -> dict:
+    """``clients`` threads at once, each making ``requests`` streams one after another (``ask(client, i)``: one
+    stream's result) -> aggregate tokens/s, TTFT p50/p95, errors (bench/serve_real.py loads with it too)."""
     results, lock = [], threading.Lock()
 
     def client(c):
         for r in range(requests):
-            res = one_stream(port, model, PROMPTS[(c + r) % len(PROMPTS)], max_tokens, seed=1000 * c + r)
+            res = ask(c, r)
             with lock:
                 results.append(res)
 

@@ -40,12 +40,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from serve_load import stream_chat  # (bench/ is the script's folder, on sys.path)
+from serve_load import run_clients, stream_chat  # (bench/ is the script's folder, on sys.path)
 
 TOPICS = ["a lighthouse keeper", "a lost dragon", "two rival bakers", "a robot gardener", "a desert caravan",
           "a haunted library", "a young astronomer", "an old sailor", "a clockmaker's apprentice", "a city of cats",
@@ -71,27 +70,7 @@ def story(i: int) -> list:
 
 def load(port: int, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     """``clients`` threads, ``requests`` streams each -> aggregate tokens/s, TTFT p50/p95, errors."""
-    results, lock = [], threading.Lock()
-
-    def client(c):
-        for r in range(requests):
-            res = stream(port, model, story(c * requests + r), max_tokens)
-            with lock:
-                results.append(res)
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ok = [r for r in results if r["ok"]]
-    ttfts = sorted(r["ttft"] for r in ok) or [float("nan")]
-    errors = [r["error"] for r in results if not r["ok"]]
-    return {"tok_s": sum(r["tokens"] for r in ok) / wall, "tokens": sum(r["tokens"] for r in ok), "wall": wall,
-            "p50": statistics.median(ttfts), "p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-            "errors": len(errors), "first_error": errors[0] if errors else ""}
+    return run_clients(clients, requests, lambda c, r: stream(port, model, story(c * requests + r), max_tokens))
 
 
 def conversations(port: int, model: str, n: int, max_tokens: int) -> dict:
