@@ -362,8 +362,9 @@ class SlotStep:
         """Compile every bucket's graph for every window now, on the window's last slot of each row (the server
         holds no row yet): -> the number of graphs."""
         graphs = [(b, w) for b in self.buckets for w in self.windows()]
-        # the graphs live in one cache keyed on slot_logits: room for all of them, so none falls back
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(graphs) + 8)
+        # the graphs live in one cache keyed on slot_logits, which every scheduler of the process shares (a
+        # hot-swapped version, another model): room for these on top of those already there
+        torch._dynamo.config.recompile_limit += len(graphs) + 8
         dev = self.cache.device
         for b, w in graphs:
             ids = torch.zeros(b, 1, dtype=torch.long, device=dev)

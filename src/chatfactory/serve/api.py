@@ -151,9 +151,9 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         except ValueError as e:
             raise APIError(400, str(e), "chat_template_kwargs", "invalid_value") from None
         try:
-            if generation_prompt:
-                return await pool.run(svc.tok.chat_prompt, msgs, options)
-            return (await pool.run(svc.tok.render_chat, msgs, False, options))[0]
+            if generation_prompt:  # (template options passed only when given)
+                return await pool.run(svc.tok.chat_prompt, msgs, *([options] if options else []))
+            return (await pool.run(svc.tok.render_chat, msgs, False, *([options] if options else [])))[0]
         except ValueError as e:  # the chat template refused the conversation, or went past its limits
             raise APIError(400, str(e), "messages", "invalid_value") from None
 
