@@ -105,7 +105,7 @@ class Scheduler:
                 raise RuntimeError("scheduler is closed")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting")
-            req._scheduler = self
+            req._withdraw = self._withdraw
             self.waiting.append(req)
             self.cv.notify()
         return req

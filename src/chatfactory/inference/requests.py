@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from .sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from .batching import Scheduler
 
 
 @dataclass(frozen=True)
@@ -68,14 +64,15 @@ class Request:
     filled: int = 0  # while prefilling: the positions of prompt + generated its row holds
     admitted: int = 0  # the iteration it last took a slot (the newest row is preempted first)
     _gen: torch.Generator | None = None
-    _scheduler: Scheduler | None = None  # set by submit: where a waiting request is withdrawn from
+    # set by the scheduler's submit: takes a waiting request out of its queue (the scheduler's ``_withdraw``)
+    _withdraw: Callable[[Request], None] | None = None
 
     def cancel(self) -> None:
         """Safe from any thread: a waiting request leaves the queue now (it must not count toward the
         429 limit), a running one frees its slot at the scheduler's next iteration."""
         self.cancelled = True
-        if self._scheduler is not None:
-            self._scheduler._withdraw(self)
+        if self._withdraw is not None:
+            self._withdraw(self)
 
 
 class QueueFull(RuntimeError):
