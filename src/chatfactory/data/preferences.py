@@ -112,11 +112,7 @@ def parse_pair(row: dict, where: str) -> Pair:
     other_prompt, rejected = _split_hh(row["rejected"], f"{where}: rejected")
     if prompt != other_prompt:
         raise DataError(f"{where}: the chosen and rejected transcripts differ before their last Assistant turn")
-    try:
-        check_messages(prompt, f"{where}: prompt")
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    return Pair(prompt, chosen, rejected, where)
+    return Pair(_checked(prompt, f"{where}: prompt"), chosen, rejected, where)
 
 
 def _files(spec: str) -> list[Path]:
