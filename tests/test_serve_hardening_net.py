@@ -20,7 +20,7 @@ import time
 import pytest
 from test_serve_hardening import health_latency, read_head, request_bytes
 
-from chatfactory.inference.batching import Scheduler
+from chatfactory.inference.batching import BatchOptions, Scheduler
 from chatfactory.serve.api import create_app
 from chatfactory.serve.guard import check_bind
 from chatfactory.serve.limits import ServerLimits
@@ -52,7 +52,8 @@ def test_a_huge_special_token_body_does_not_stall_health(tmp_path, serve_run):
     faster: no quadratic mask placement), and /health answers within 100 ms meanwhile. The model's block is
     65,536 tokens so that 500 KB is not refused by the character cap before tokenizing (see below)."""
     url, svc, _ = serve_run(make_run(tmp_path / "big", block=65536), slots=2,
-                            scheduler=lambda svc: Scheduler(svc.model, slots=2, context=256))
+                            scheduler=lambda svc: Scheduler(svc.model, slots=2,
+                                                                            options=BatchOptions(context=256)))
     assert svc.max_prompt_chars > 500_000
     bomb = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "<|end|>" * 557}
                          for i in range(128)]}

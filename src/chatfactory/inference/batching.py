@@ -59,8 +59,8 @@ __all__ = ["BatchOptions", "QueueFull", "Request", "Scheduler", "Step"]  # reque
 
 class Scheduler:
     def __init__(self, model: GPT, slots: int = 16, max_waiting: int = 256, start: bool = True,
-                 vocab_limit: int | None = None, context: int | None = None, max_client_waiting: int | None = None,
-                 score_chunk: int = 256, options: BatchOptions | None = None):
+                 vocab_limit: int | None = None, max_client_waiting: int | None = None, score_chunk: int = 256,
+                 options: BatchOptions | None = None):
         self.model = model.eval()
         # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
@@ -75,9 +75,9 @@ class Scheduler:
         self.preempted = 0  # rows sent back to the queue for another client's (for tests and stats)
         self._scored: collections.Counter[str] = collections.Counter()  # prompts scored per client lately
         self.options = options = options or BatchOptions()
-        # a row per slot, each ``context`` positions (the argument, else options.context, else the model's whole
-        # block): a model with a long block (SmolLM2's 8192) serving short conversations needs a fraction of it
-        self.context = min(context or options.context or self.cfg.block_size, self.cfg.block_size)
+        # a row per slot, each ``options.context`` positions (0: the model's whole block): a model with a long
+        # block (SmolLM2's 8192) serving short conversations needs a fraction of it
+        self.context = min(options.context or self.cfg.block_size, self.cfg.block_size)
         self.cache = KVCache.for_model(model, slots, self.context)
         # compile: decode with the compiled step (decode_step.py SlotStep: static shapes, every slot a row),
         # each attention window compiled here, before the first request; eager, with a warning, if it fails

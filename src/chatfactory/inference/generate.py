@@ -25,7 +25,7 @@ from ..store.checkpoint import latest_stage
 from ..store.files import atomic_write_text
 from ..store.load import load_model
 from ..text.tokenizer import Tokenizer, check_messages
-from .batching import Request, Scheduler, Step
+from .batching import BatchOptions, Request, Scheduler, Step
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -128,9 +128,10 @@ def complete_all(model: GPT, prompts: list[list[int]], params: SamplingParams, *
     """Every prompt's completion (its ids, a final stop id left out), by continuous batching in the calling
     thread: ``slots`` rows decode together and a finished row's slot takes the next prompt at the next
     iteration, so a batch never waits for its longest row. ``on_done(i, ids)`` is called as prompt ``i``
-    finishes (in finishing order: a caller can save each as it comes). ``context``: as ``Scheduler``'s."""
+    finishes (in finishing order: a caller can save each as it comes). ``context``: positions a slot holds
+    (``BatchOptions.context``; None: the model's block)."""
     sched = Scheduler(model, slots=slots, max_waiting=max(1, len(prompts)), start=False, vocab_limit=vocab_limit,
-                      context=context)
+                      options=BatchOptions(context=context or 0))
     out: list[list[int] | None] = [None] * len(prompts)
     errors: list[str] = []  # the scheduler keeps a callback's exception from its loop: raised here instead
 
