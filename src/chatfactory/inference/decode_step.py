@@ -286,10 +286,11 @@ class SlotStep:
 
     MIN_WINDOW = 64
 
-    def __init__(self, model: GPT, cache: KVCache, compile: bool = True):
+    def __init__(self, model: GPT, cache: KVCache, compile: bool = True, engine: DecodeStep | None = None):
         self.model, self.cache = model, cache
         self.fn = torch.compile(slot_logits, dynamic=False, fullgraph=True) if compile else slot_logits
-        engine = DecodeStep(model, compile=False)  # the engine's choices: rope tables, streamed, packed rows
+        # the engine's choices (rope tables, streamed, packed rows), from ``engine`` when the caller has one
+        engine = engine or DecodeStep(model, compile=False)
         self.rope, self.streamed = engine.rope, engine.streamed()
         self.ks, self.vs = cache.buffers()
         b, self.buckets = 1, []
@@ -304,14 +305,14 @@ class SlotStep:
     def ready(cls, model: GPT, cache: KVCache) -> tuple[SlotStep | None, str]:
         """A step with every graph compiled, or (None, why not) with a warning: a quantized model (its
         kernels run eagerly), a model with LoRA adapters, or a compiler that fails."""
-        why = ""
-        if DecodeStep(model, compile=False).quantized:
+        why, engine = "", DecodeStep(model, compile=False)
+        if engine.quantized:
             why = "int8/int4 layers run their own kernels, eagerly"
         elif any(isinstance(m, LoRALinear) for m in model.modules()):
             why = "LoRA adapters are not merged into the weights"
         else:
             try:
-                step = cls(model, cache)
+                step = cls(model, cache, engine=engine)
                 step.warm()
                 return step, ""
             except Exception as e:  # no C++ compiler, an unsupported Python
