@@ -253,6 +253,12 @@ def _arch(g: GGUFFile) -> str:
     return g.meta["general.architecture"]
 
 
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's "rotate half" q/k rows -> llama.cpp's interleaved order (``_unpermute``'s inverse; the
+    exporter's, gguf_export.py)."""
+    return w.reshape(heads, 2, w.size(0) // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp stores Llama's q and k rows reordered for its interleaved RoPE; put them back in the
     "rotate half" order Hugging Face (and our model) use."""

@@ -27,14 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf import PRE_TOKENIZERS, GGUFError, _linears, _others
+from .gguf import PRE_TOKENIZERS, GGUFError, _linears, _others, _permute
 
 TYPES = ("f16", "q8_0", "q4_0")
-
-
-def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Hugging Face's "rotate half" q/k rows -> llama.cpp's interleaved order (the inverse of the import's)."""
-    return w.reshape(heads, 2, w.size(0) // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def pre_tokenizer_name(tok) -> str:
