@@ -49,6 +49,7 @@ import torch
 
 from ..model.gpt import GPT
 from .decode_step import SlotStep
+from .grammar import constrain
 from .kv_cache import KVCache
 from .prefix_cache import PrefixCache
 from .requests import BatchOptions, QueueFull, Request, Step
@@ -380,6 +381,9 @@ class Scheduler:
         failed: dict[int, str] = {i: "error: SamplingError: the model gave non-finite logits (NaN or inf) "
                                      "for this request"
                                   for i in bad_rows(stacked)}
+        # rows with an output grammar sample under its mask (and report the masked distribution's log-probs)
+        failed.update({i: why for i, why in constrain(stacked, [r.constraint for r in reqs]).items()
+                       if i not in failed})
         picked: list[int | None] = [None] * len(reqs)
         for _key, members in groups.items():
             members = [i for i in members if i not in failed]
@@ -410,6 +414,9 @@ class Scheduler:
                     top = list(zip(ids.tolist(), vals.tolist()))
             r.generated.append(t)
             finish = None
+            if r.constraint is not None and not r.constraint.accept(t):
+                self._finish(r, Step(None, finish=f"error: the output grammar refused token {t}: {r.constraint.error}"))
+                continue
             if t in r.params.stop_ids:
                 finish = "stop"
             elif len(r.generated) >= r.params.max_tokens or len(r.prompt) + len(r.generated) >= self.context:
@@ -418,7 +425,6 @@ class Scheduler:
                 self._finish(r, Step(t, lp, top, finish))
             else:
                 _safe_emit(r, Step(t, lp, top))
-
 
     def _score_one(self) -> None:
         """One chunk of prompt scoring: ``score_chunk`` positions of the prompt being scored (taking the next

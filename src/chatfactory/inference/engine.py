@@ -26,6 +26,7 @@ import torch
 
 from ..model.gpt import GPT
 from .decode_step import DecodeStep, compile_failure
+from .grammar import Constraint, constrain
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample_next
 
@@ -116,12 +117,14 @@ class Engine:
             return None
         return self.threads.get(batch_size, default_threads(batch_size))
 
-    def stream(self, prompts: list[list[int]], p: SamplingParams,
-               logprobs: list | None = None) -> Iterator[list[int | None]]:
+    def stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,
+               constraints: list[Constraint | None] | None = None) -> Iterator[list[int | None]]:
         """Yield, per decode step, the new id of each row (None for rows already stopped). ``logprobs``: a
-        list that receives, per step, every row's new id's log-probability under logits / temperature."""
+        list that receives, per step, every row's new id's log-probability under logits / temperature.
+        ``constraints``: per row, a grammar (grammar.py) its reply must follow, or None; a row whose grammar
+        is complete can only end its turn."""
         want = self._threads_for(len(prompts))
-        steps = self._stream(prompts, p, logprobs)
+        steps = self._stream(prompts, p, logprobs, constraints)
         if not want:
             yield from steps
             return
@@ -141,10 +144,12 @@ class Engine:
             yield out
 
     @torch.inference_mode()
-    def _stream(self, prompts: list[list[int]], p: SamplingParams,
-                logprobs: list | None = None) -> Iterator[list[int | None]]:
+    def _stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,
+                constraints: list[Constraint | None] | None = None) -> Iterator[list[int | None]]:
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ValueError("every prompt needs at least one token")
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
         dev = self.device
         B, L = len(prompts), max(len(x) for x in prompts)
         limit = self.model.cfg.block_size
@@ -192,12 +197,21 @@ class Engine:
         # past them), so the eager step can still take over if the first fast step fails
         compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
         for i in range(max_new):
+            if constraints is not None:  # rows with a grammar sample under its mask (a copy: logits may be a buffer)
+                logits = logits.float().clone()
+                broken = constrain(logits, [None if d else c for c, d in zip(constraints, done)])
+                if broken:
+                    raise ValueError(f"rows {sorted(broken)}: {next(iter(broken.values()))}")
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen, self.vocab_limit)
             # what an RL trainer recomputes for these tokens (train/experience.py compares the two)
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits.float() / p.temperature, -1)
                                 .gather(1, nxt[:, None]).squeeze(1))
             ids = nxt.tolist()
+            if constraints is not None:
+                for row, (c, t, d) in enumerate(zip(constraints, ids, done)):
+                    if c is not None and not d and not c.accept(t):
+                        raise ValueError(f"row {row}: the output grammar refused token {t}: {c.error}")
             yield [None if d else t for t, d in zip(ids, done)]
             done = [d or t in stop for t, d in zip(ids, done)]
             if i == max_new - 1 or all(done):
@@ -217,12 +231,13 @@ class Engine:
             step_mask = key_valid[..., : cache.length + 1] if padded else None
             logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
-    def generate(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,
+                 constraints: list[Constraint | None] | None = None) -> list[list[int]]:
         """New ids per row, up to and including a stop id. ``logprobs``: a list that receives, per row, the
-        log-probability of each new id under the model's logits / temperature."""
+        log-probability of each new id under the model's logits / temperature. ``constraints``: see stream."""
         outs: list[list[int]] = [[] for _ in prompts]
         steps: list | None = [] if logprobs is not None else None
-        for step in self.stream(prompts, p, steps):
+        for step in self.stream(prompts, p, steps, constraints):
             for row, t in enumerate(step):
                 if t is not None:
                     outs[row].append(t)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import Constraint
 from .sampling import SamplingParams
 
 
@@ -55,6 +56,8 @@ class Request:
     logprobs: int | None = None  # report log-probs (and this many alternatives) per token
     client: str = ""  # who asked: slots and queue places are shared fairly between clients
     score: bool = False  # score the prompt (one Step with ``scored``) instead of generating
+    # the reply must follow this grammar (grammar.py): sampled under its mask, log-probs of the masked distribution
+    constraint: Constraint | None = None
     # scheduler state
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
