@@ -14,7 +14,7 @@ from chatfactory.inference.batching import Request, Scheduler
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.serve.protocol import Detokenizer
+from chatfactory.serve.detokenize import Detokenizer
 from chatfactory.text.tokenizer import Tokenizer
 from conftest import TEXT, make_run, post, serve_subprocess
 

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.serve.protocol import Detokenizer
+from chatfactory.serve.detokenize import Detokenizer
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.text.tokenizer import SPECIAL_TOKENS, TextStream, Tokenizer, _bytes_to_unicode
 from conftest import cli_cmd, serve_subprocess

@@ -46,6 +46,7 @@ from ..text.chat_template import check_options
 from ..text.tokenizer import TextStream
 from .admin import install_admin
 from .arena import install_arena
+from .detokenize import Choice
 from .generation import Scoring, events, finish_reason, start, usage
 from .guard import install_guards, read_body
 from .kit import RouteKit
@@ -54,7 +55,6 @@ from .openapi import API_DESCRIPTION, POST_ERRORS, STATIC, body_doc, build_opena
 from .protocol import (
     APIError,
     ChatCompletionRequest,
-    Choice,
     CompletionRequest,
     parse_body,
 )
@@ -67,6 +67,7 @@ from .responses import (
     ModelList,
 )
 from .service import Service
+from .structured import response_constraint
 from .tokenizing import install_tokenizer_routes
 from .votes import install_votes, set_rater_cookie
 
@@ -250,8 +251,9 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         fits("the conversation", (m.text for m in req.messages), "messages", served)
         prompt = await render_chat(messages(req.messages), options=req.chat_template_kwargs)
         max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
+        constraint = await pool.run(response_constraint, served.grammars, req)  # (compiling: off the event loop)
         choices, _, queue = start(served, [prompt], s, max_tokens, top_lp if want_lp else None,
-                                  client=client_of(request))
+                                  client=client_of(request), constraint=constraint)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
 

@@ -1,10 +1,9 @@
 """OpenAI's wire format as this server speaks it: request and response bodies, the error shape, text out.
 
 What a request may hold (``Limits``; one pydantic model per request body, from which the OpenAPI schema
-is generated too), how a bad one is refused (``APIError`` → OpenAI's error JSON with a 4xx naming the
-field), what the endpoints answer (response models, for the schema), and how sampled ids become the
-text a client sees (``Detokenizer``: whole characters, cut at stop strings; ``Choice``: one of ``n``
-answers). No HTTP and no model here: ``api.py`` wires these to FastAPI and the scheduler.
+is generated too) and how a bad one is refused (``APIError`` → OpenAI's error JSON with a 4xx naming the
+field). How sampled ids become the text a client sees is detokenize.py's. No HTTP and no model here:
+``api.py`` wires these to FastAPI and the scheduler.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ..inference.batching import Request, Step
-from ..text.tokenizer import ROLES, TextStream, Tokenizer
+from ..text.tokenizer import ROLES
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,11 @@ class APIError(Exception):
 # the bytes itself, so that the size limit holds while a body streams in: guard.read_body), and the
 # OpenAPI schema at /openapi.json is generated from the same models, so the two cannot drift apart.
 # JSON types are strict, as OpenAI's are: a boolean is never a number and "5" is not an integer (an
-# integer is a number). null means "not given" for every optional field. Unknown keys are ignored
-# (OpenAI's other parameters: a client that sends them still works). Unions are told apart by the
+# integer is a number). null means "not given" for every optional field. Unions are told apart by the
 # JSON value's shape (a callable discriminator), so an error names the field, not a union member.
+# Nothing is dropped silently on the completion endpoints: an unknown key is a 400 naming it (as OpenAI
+# answers one), and an OpenAI parameter this server does not implement is accepted at its default value
+# only (``only_default``: clients send some by habit), any other value a 400 naming it.
 
 def _integral(v):
     """JSON has numbers, not integers: 5.0 is the integer 5 (as JSON Schema counts it); 5.5 and true are not."""
@@ -170,9 +170,31 @@ Stop = Annotated[
              "a string or a list of strings")]
 
 
+def only_default(kind, *defaults, what: str = ""):
+    """An OpenAI parameter this server does not implement: accepted at ``defaults`` (null too), else a 400."""
+    def check(v):
+        if v not in defaults:
+            raise PydanticCustomError("unsupported_parameter", "this server does not support it{what}; only its "
+                                      "default ({defaults}) is accepted",
+                                      {"what": what, "defaults": " or ".join(json_text(d) for d in defaults)})
+        return v
+    return Annotated[kind, AfterValidator(check),
+                     Field(description=f"not supported{what}: only {' or '.join(json_text(d) for d in defaults)}")]
+
+
+def json_text(v) -> str:
+    import json
+
+    return json.dumps(v)
+
+
+Metadata = Annotated[dict[str, Annotated[str, Strict(), Field(max_length=512)]], Field(max_length=16)]
+
+
 class SamplingBody(Body):
     """The sampling settings both completion endpoints share. Any temperature in (0, 2] is valid, tiny
     ones too (OpenAI accepts them; the sampler shifts logits by their maximum, so they sample greedily)."""
+    model_config = ConfigDict(extra="forbid")
     temperature: SFloat | None = Field(None, ge=0, le=2, description="default 1; 0 is greedy")
     top_p: SFloat | None = Field(None, gt=0, le=1, description="default 1 (off)")
     top_k: Int(ge=-1) | None = Field(None, description="default 0 (off); -1 is off too")
@@ -184,6 +206,17 @@ class SamplingBody(Body):
     stop: Stop | None = None
     # vLLM's and llama.cpp's extension: generate past the end-of-turn token, to max_tokens (benchmarks)
     ignore_eos: SBool | None = Field(None, description="default false; true: only max_tokens or stop ends it")
+    # what clients send by habit, with no effect on the answer
+    user: SStr | None = Field(None, description="who asks (OpenAI's end-user id): accepted, not used")
+    metadata: Metadata | None = Field(None, description="accepted, not stored")
+    # OpenAI's and vLLM's parameters this server does not implement: their defaults only
+    frequency_penalty: only_default(SFloat, 0) | None = None
+    presence_penalty: only_default(SFloat, 0) | None = None
+    logit_bias: only_default(dict[str, SFloat], {}) | None = None
+    service_tier: only_default(SStr, "auto", "default") | None = None
+    store: only_default(SBool, False, what=" (nothing is stored)") | None = None
+    min_p: only_default(SFloat, 0) | None = None
+    min_tokens: only_default(SInt, 0) | None = None
 
     def sampling(self) -> dict:
         """-> the settings with defaults filled in (what api.py hands the scheduler)."""
@@ -224,8 +257,65 @@ class StreamOptions(BaseModel):
     include_usage: SBool | None = Field(None, description="a last chunk with the usage and no choices")
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: SStr | None = None
+    schema_: dict | None = Field(None, alias="schema", description="a JSON Schema (default: any JSON object)")
+    strict: SBool | None = Field(None, description="accepted either way: the reply is always constrained")
+
+
+class TextFormat(BaseModel):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponse(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponse, Field(discriminator="type")]
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Annotated[str, Strict(), Field(max_length=4096)] | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema of the arguments object")
+    strict: SBool | None = Field(None, description="accepted either way: the arguments are always constrained")
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: SStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("as text")] | Annotated[NamedToolChoice, Tag("as object")],
+    by_shape(lambda v: "as text" if isinstance(v, str) else "as object" if isinstance(v, dict) else None,
+             "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}")]
+
+
 class ChatCompletionRequest(SamplingBody):
     messages: Conversation
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the reply is decoded under that grammar (valid JSON always)")
+    tools: Annotated[list[Tool], Field(max_length=64)] | None = Field(None, description="functions the model may call")
+    tool_choice: ToolChoice | None = Field(None, description="default 'auto' with tools, 'none' without")
+    parallel_tool_calls: SBool | None = Field(None, description="default true: more than one call in a reply")
     max_tokens: Int(ge=1) | None = Field(None, description="default: the room left in the context")
     max_completion_tokens: Int(ge=1) | None = Field(None, description="OpenAI's newer name for max_tokens")
     logprobs: SBool | None = None
@@ -374,8 +464,12 @@ def validation_error(e: ValidationError) -> APIError:
     """pydantic's first complaint -> OpenAI's error: the field as ``param``, a code clients can test."""
     err = e.errors(include_url=False)[0]
     kind, param = err["type"], _param(err["loc"])
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     if kind == "too_long" and param == "messages":
         code = "too_many_messages"
+    elif kind == "unsupported_parameter":
+        code = kind
     elif kind == "string_too_long":
         code = "message_too_long"
     elif kind in ("missing", "invalid_type", "invalid_value"):
@@ -390,69 +484,3 @@ def validation_error(e: ValidationError) -> APIError:
         shown = repr(got)
         msg += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
     return APIError(400, msg, param, code)
-
-
-# ---------------------------------------------------------------- text out
-
-class Detokenizer:
-    """Token ids -> text deltas, whole characters only (``TextStream``: half a Chinese character or
-    emoji is held until the next token completes it), cut at the first stop string.
-
-    Text that could still turn out to be the start of a stop string is held back until it cannot. A
-    stop string is matched on characters, so one whose last character is split across tokens matches
-    once that character is whole; the rest of the token that completed it is dropped with the stop.
-    ``final`` flushes: bytes that never became a character show as U+FFFD, as ``Tokenizer.decode``."""
-
-    def __init__(self, tok: Tokenizer, stops: list[str]):
-        self.tok, self.stops = tok, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.stream = TextStream(tok)
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, token: int | None, final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        if token is not None:
-            self.text += self.stream.add(token)
-        if final:
-            self.text += self.stream.finish()
-        cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-        end = len(self.text) if (final or self.stopped) else len(self.text) - self.hold
-        if end <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-
-class Choice:
-    """One sampled answer being collected (one of ``n``)."""
-
-    def __init__(self, index: int, tok: Tokenizer, stops: list[str], stop_ids: tuple[int, ...]):
-        self.index, self.tok, self.stop_ids = index, tok, stop_ids
-        self.detok = Detokenizer(tok, stops)
-        self.tokens: list[int] = []
-        self.logprobs: list[tuple[int, float | None, list | None]] = []
-        self.finish: str | None = None
-        self.req: Request | None = None
-
-    def feed(self, step: Step) -> str:
-        """Take the scheduler's Step -> new text for the client ('' if none yet)."""
-        text = ""
-        if step.token is not None:
-            self.tokens.append(step.token)
-            self.logprobs.append((step.token, step.logprob, step.top))  # a stop id too, as OpenAI lists it
-            if step.token not in self.stop_ids:
-                text = self.detok.add(step.token)
-        if self.detok.stopped:  # a stop string: the rest of this answer is not wanted
-            self.finish = "stop"
-            if self.req is not None:
-                self.req.cancel()
-        elif step.finish:
-            text += self.detok.add(None, final=True)
-            self.finish = step.finish
-            if self.detok.stopped:
-                self.finish = "stop"
-        return text

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..inference.batching import BatchOptions, Scheduler
+from ..inference.grammar import Grammars
 from ..model.offload import memory_mode
 from ..text.tokenizer import Tokenizer
 from .feedback import FILENAME as FEEDBACK_FILE
@@ -49,6 +50,7 @@ class Served:
         self.memory = memory_mode(model)
         # every special token ends a reply: a model that opens a new turn or document has finished
         self.stop_ids = tok.stop_ids
+        self.grammars = Grammars(tok)  # response_format's and tool calls' grammars (built on first use)
         # past this many characters a prompt cannot fit the context, whatever its tokens: no token spells
         # more bytes than the longest one (and a character is at least a byte). Checked before tokenizing
         # (the model's block, not a smaller ``--context``: a loose bound, the token count decides)
