@@ -54,7 +54,7 @@ def test_the_schema_documents_every_endpoint_its_body_and_its_errors(served):
     assert req["max_tokens"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": svc.block_size - 1}
     assert req["temperature"]["anyOf"][0] == {"type": "number", "minimum": 0, "maximum": 2}
     assert req["messages"]["prefixItems"] == [{"$ref": "#/components/schemas/ChatMessage"}]
-    assert resolve(doc, req["messages"]["items"]["$ref"])["properties"]["role"]["enum"] == ["user", "assistant"]
+    assert resolve(doc, req["messages"]["items"]["$ref"])["properties"]["role"]["enum"] == ["user", "assistant", "tool"]
     ids = doc["components"]["schemas"]["DetokenizeRequest"]["properties"]["tokens"]["items"]
     assert (ids["minimum"], ids["maximum"]) == (0, svc.tok.vocab_size - 1) < (0, svc.model.cfg.vocab_size - 1)
     fb = doc["components"]["schemas"]["FeedbackRequest"]

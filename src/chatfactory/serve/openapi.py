@@ -21,13 +21,12 @@ from .arena_protocol import (
     ArenaVoteRequest,
     RollbackRequest,
 )
+from .feedback_protocol import FeedbackRequest, LaterFeedbackTurn
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    FeedbackRequest,
     LaterChatMessage,
-    LaterFeedbackTurn,
     TokenizeRequest,
 )
 from .responses import ChatCompletionChunk, CompletionChunk, ErrorResponse

@@ -24,10 +24,9 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
-
-from ..text.tokenizer import ROLES
 
 
 @dataclass(frozen=True)
@@ -131,26 +130,57 @@ Content = Annotated[
              "a string or a list of text parts")]
 
 
+class CalledFunction(BaseModel):
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+    arguments: Annotated[str, Strict(), Field(max_length=LIMITS.max_message_chars)] = Field(
+        description="the arguments as a JSON object, in a string (as the model wrote them)")
+
+
+class ToolCall(BaseModel):
+    id: Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal[CHAT_ROLES]
-    content: Content
+    role: Literal[CHAT_ROLES + ("tool",)]
+    content: Content | None = Field(description="null only for an assistant message with tool_calls")
+    name: Annotated[str, Strict(), Field(max_length=64)] | None = Field(None, description="accepted, not used")
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=16)] | None = Field(
+        None, description="an assistant message's calls (its content may be null then)")
+    tool_call_id: Annotated[str, Strict(), Field(min_length=1, max_length=64)] | None = Field(
+        None, description="a tool message: the call it answers")
 
     @field_validator("content")
     @classmethod
     def _length(cls, c):
-        if not isinstance(c, str) and sum(len(p.text) for p in c) > LIMITS.max_message_chars:
+        if isinstance(c, list) and sum(len(p.text) for p in c) > LIMITS.max_message_chars:
             raise PydanticCustomError("string_too_long", "its text parts hold more than {limit} characters",
                                       {"limit": LIMITS.max_message_chars})
         return c
 
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("missing", "content: only an assistant message with tool_calls may have "
+                                                 "no content")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("invalid_value", "tool_calls: only an assistant message makes calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise PydanticCustomError("invalid_value", "tool_call_id: a tool message, and only a tool message, "
+                                                       "names the call it answers")
+        return self
+
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class LaterChatMessage(ChatMessage):
     """A message after the first one: any role but system (for the schema: JSON Schema's prefixItems)."""
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "tool"]
 
 
 def _system_first(msgs):
@@ -373,55 +403,7 @@ class DetokenizeRequest(Body):
     tokens: list[TokenId]
 
 
-class FeedbackTurn(BaseModel):
-    role: Literal[ROLES]
-    content: Text
-
-
-class LaterFeedbackTurn(FeedbackTurn):
-    role: Literal["user", "assistant"]
-
-
-FeedbackConversation = Annotated[list[FeedbackTurn], Field(min_length=1, max_length=LIMITS.max_messages),
-                                 AfterValidator(_system_first)]
-
-
-Name = Annotated[str, Strict(), Field(min_length=1, max_length=200)]
-Reason = Annotated[str, Strict(), Field(max_length=500)]
-RATER_DOC = ("honoured only from a caller with the API key, as the X-Rater header is (the header wins): who rated, "
-             "kept as a salted hash; anyone else is known by the cf_rater cookie the server sets, or their address")
-
-
-class RatingFeedback(Body):
-    """Thumbs up (1) or down (-1) on one answer to ``messages``, and why (optional)."""
-    kind: Literal["rating"]
-    messages: FeedbackConversation = Field(description="the conversation the answer replies to (it ends before it)")
-    answer: Text
-    rating: int_choice(1, -1)
-    reason: Reason | None = Field(None, description="why (optional)")
-    rater: Name | None = Field(None, description=RATER_DOC)
-
-
-class ComparisonFeedback(Body):
-    """Two answers to ``messages`` side by side and the better one: ``choice`` (``a`` = answers[0], ``b`` =
-    answers[1], ``tie``, ``both_bad``) or, as older clients send it, ``preferred`` (0 or 1, the index of the better
-    answer); exactly one of the two."""
-    kind: Literal["comparison"]
-    messages: FeedbackConversation = Field(description="the conversation the answers reply to (it ends before them)")
-    answers: Annotated[list[Text], Field(min_length=2, max_length=2)]
-    choice: Literal["a", "b", "tie", "both_bad"] | None = Field(None, description="a, b, tie or both_bad")
-    preferred: int_choice(0, 1) | None = Field(None, description="0 or 1: the index of the better answer (older "
-                                                                  "clients; give choice or preferred)")
-    shown_left: int_choice(0, 1) | None = Field(None, description="which answer the page showed on the left (0 or "
-                                                                   "1); it draws the side at random")
-    models: Annotated[list[Name], Field(min_length=2, max_length=2)] | None = Field(
-        None, description="the model version that wrote each answer (default: this server's model)")
-    reason: Reason | None = Field(None, description="why (optional)")
-    rater: Name | None = Field(None, description=RATER_DOC)
-
-
-# bodies that are one of two kinds, told apart by a key as api.py reads them
-FeedbackRequest = Annotated[RatingFeedback | ComparisonFeedback, Field(discriminator="kind")]
+# a body that is one of two kinds, told apart by a key as api.py reads it
 TokenizeRequest = TokenizeChat | TokenizeText
 
 
@@ -431,19 +413,6 @@ def parse_body(model, body: dict):
         return model.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
-
-
-def parse_feedback(body: dict) -> RatingFeedback | ComparisonFeedback:
-    kind = body.get("kind")
-    model = {"rating": RatingFeedback, "comparison": ComparisonFeedback}.get(kind) if isinstance(kind, str) else None
-    if model is None:
-        raise APIError(400, f"kind: expected 'rating' or 'comparison', got {kind!r}", "kind",
-                       "missing" if kind is None else "invalid_value")
-    req = parse_body(model, body)
-    if isinstance(req, ComparisonFeedback) and (req.choice is None) == (req.preferred is None):
-        raise APIError(400, "choice: give exactly one of 'choice' ('a', 'b', 'tie' or 'both_bad') and 'preferred' "
-                            "(0 or 1)", "choice", "missing" if req.choice is None else "invalid_value")
-    return req
 
 
 def parse_tokenize(body: dict) -> TokenizeChat | TokenizeText:

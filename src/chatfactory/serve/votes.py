@@ -11,8 +11,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 
 from .feedback import FeedbackFull, FeedbackStoreError
+from .feedback_protocol import parse_feedback
 from .limits import client_of
-from .protocol import APIError, parse_feedback
+from .protocol import APIError
 from .responses import FeedbackCreated
 
 RATER_COOKIE = "cf_rater"  # an opaque random id: who votes from this browser (feedback.py hashes it)
