@@ -24,7 +24,7 @@ class Person(pydantic.BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serve_run):
-    url, svc, _ = serve_run(make_run(tmp_path_factory.mktemp("structured") / "tiny", block=1024))
+    url, svc, _ = serve_run(make_run(tmp_path_factory.mktemp("structured") / "tiny", block=2048))
     return url, svc, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
 
 
@@ -92,3 +92,142 @@ def test_json_schema_parse_and_stream(server):
     assert "".join(pieces) == text and sum(bool(p) for p in pieces) > 3
     # log-probs of the masked distribution: no token the grammar forbade had any probability
     assert all(t.logprob <= 0 for t in whole.choices[0].logprobs.content)
+
+
+# ---------------------------------------------------------------- tool calls
+from chatfactory.serve.protocol import ChatCompletionRequest  # noqa: E402
+from chatfactory.serve.structured import ToolCallParser, read_reply, tool_messages  # noqa: E402
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"], "additionalProperties": False}}}
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+REPLY = ('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": {"x": "}"}}}\n</tool_call>')
+
+
+def _stream(parser, pieces):
+    events = [e for p in pieces for e in parser.feed(p)] + parser.finish()
+    content = "".join(e[1] for e in events if e[0] == "content")
+    calls: dict[int, dict] = {}
+    for e in events:
+        if e[0] == "call":
+            assert e[1] not in calls, "a call's id and name come once"
+            calls[e[1]] = {"id": e[2], "name": e[3], "arguments": ""}
+        elif e[0] == "args":
+            calls[e[1]]["arguments"] += e[2]
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 7, len(REPLY)])
+def test_parser_streams_what_the_whole_reply_holds(split):
+    """Tags and JSON split across pieces anywhere; text before a call; two calls; a brace inside a string."""
+    names = {"get_weather", "add"}
+    content, calls = read_reply(REPLY, names)
+    assert content == "Let me look." and [c["name"] for c in calls] == ["get_weather", "add"]
+    assert [json.loads(c["arguments"]) for c in calls] == [{"city": "Oslo", "unit": "c"}, {"a": 1, "b": {"x": "}"}}]
+    s_content, s_calls = _stream(ToolCallParser(names), [REPLY[i:i + split] for i in range(0, len(REPLY), split)])
+    assert s_content == content
+    assert [(c["name"], c["arguments"]) for c in s_calls] == [(c["name"], c["arguments"]) for c in calls]
+
+
+@pytest.mark.parametrize("reply", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os',  # cut by max_tokens
+    '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # not a listed function
+    '<tool_call>\n[1, 2]\n</tool_call>',  # not an object
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call> and then some words',
+    "a < b and <tool is not a tag",
+])
+def test_a_reply_not_in_the_format_is_content(reply):
+    content, calls = read_reply(reply, {"get_weather", "add"})
+    assert content == reply and calls == []
+    s_content, _ = _stream(ToolCallParser({"get_weather", "add"}), list(reply))
+    # streamed: what was not already sent as a call goes out as content when the reply turns out malformed
+    assert s_content == reply if not reply.startswith("<tool_call>") else reply.endswith(s_content)
+
+
+def _check_calls(calls, allowed):
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in allowed
+        jsonschema_rs.validate(SCHEMAS[c.function.name], json.loads(c.function.arguments))
+
+
+def test_tool_choices_through_the_openai_sdk(server):
+    url, svc, client = server
+    kw = dict(model=svc.name, messages=[{"role": "user", "content": "Weather in Oslo, and 2 + 3?"}], max_tokens=300,
+              temperature=1.0, tools=[WEATHER, ADD])
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(**kw, seed=seed, tool_choice="required")
+        c = r.choices[0]  # (a random model may go on calling until max_tokens: the complete calls are kept)
+        assert c.finish_reason in ("tool_calls", "length") and c.message.tool_calls, c.message
+        _check_calls(c.message.tool_calls, {"get_weather", "add"})
+        named = client.chat.completions.create(**kw, seed=seed, tool_choice={"type": "function",
+                                                                             "function": {"name": "add"}})
+        calls = named.choices[0].message.tool_calls
+        assert named.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+        _check_calls(calls, {"add"})
+        one = client.chat.completions.create(**kw, seed=seed, tool_choice="required", parallel_tool_calls=False)
+        assert len(one.choices[0].message.tool_calls) == 1 and one.choices[0].finish_reason == "tool_calls"
+    auto = client.chat.completions.create(**kw, seed=4, n=4)  # auto: text or calls, whichever, always well-formed
+    for c in auto.choices:
+        if c.message.tool_calls:
+            _check_calls(c.message.tool_calls, {"get_weather", "add"})
+        else:
+            assert c.message.content and "<tool_call>" not in c.message.content
+    none = client.chat.completions.create(**{**kw, "max_tokens": 20}, seed=5, tool_choice="none")
+    assert none.choices[0].message.tool_calls is None
+
+
+def test_streamed_tool_calls_follow_the_delta_contract(server):
+    url, svc, client = server
+    kw = dict(model=svc.name, messages=[{"role": "user", "content": "Weather?"}], max_tokens=300, temperature=1.0,
+              tools=[WEATHER, ADD], tool_choice="required", seed=11, parallel_tool_calls=False)
+    whole = client.chat.completions.create(**kw).choices[0]
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                assert d.function is not None  # a function object in every tool delta
+                if d.id is not None:
+                    assert d.index not in calls and d.type == "function" and d.function.name
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": d.function.arguments or ""}
+                else:
+                    assert d.function.name is None
+                    calls[d.index]["arguments"] += d.function.arguments
+    assert finish == "tool_calls"
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == \
+        [(t.function.name, t.function.arguments) for t in whole.message.tool_calls]
+
+
+def test_a_conversation_with_calls_and_results(server):
+    url, svc, client = server
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    r = client.chat.completions.create(model=svc.name, messages=msgs, max_tokens=5, tools=[ADD], tool_choice="none")
+    assert r.choices[0].finish_reason in ("stop", "length")
+    req = ChatCompletionRequest.model_validate({"messages": msgs, "tools": [ADD]})
+    plain = [{"role": m["role"], "content": m["content"] or ""} for m in msgs]
+    rendered = svc.tok.decode(svc.tok.chat_prompt(tool_messages(req, plain)))
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>' in rendered
+    assert '<tool_response>\n{"name": "add", "content": "5"}\n</tool_response>' in rendered
+    assert "add: Add two integers." in rendered and "Be brief." in rendered
+    for bad, param in [({"role": "tool", "content": "5"}, "messages[1]"),
+                       ({"role": "user", "content": None}, "messages[1]")]:
+        status, body = post(url, "/v1/chat/completions", {"messages": [msgs[1], bad], "max_tokens": 2})
+        assert status == 400 and body["error"]["param"].startswith(param), body
+    status, body = post(url, "/v1/chat/completions", {"messages": msgs[1:2], "tool_choice": "auto"})
+    assert status == 400 and body["error"]["param"] == "tool_choice"
+    status, body = post(url, "/v1/chat/completions", {"messages": msgs[1:2], "tools": [ADD],
+                                                      "tool_choice": {"type": "function", "function": {"name": "x"}}})
+    assert status == 400 and body["error"]["param"] == "tool_choice.function.name"

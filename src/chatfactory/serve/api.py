@@ -67,7 +67,7 @@ from .responses import (
     ModelList,
 )
 from .service import Service
-from .structured import response_constraint
+from .structured import ToolCallParser, active_tools, chat_message, response_constraint, tool_deltas, tool_messages
 from .tokenizing import install_tokenizer_routes
 from .votes import install_votes, set_rater_cookie
 
@@ -249,9 +249,11 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         want_lp, top_lp = bool(req.logprobs), req.top_logprobs or 0
         include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
         fits("the conversation", (m.text for m in req.messages), "messages", served)
-        prompt = await render_chat(messages(req.messages), options=req.chat_template_kwargs)
+        # tools: described in the system message, calls and results written in the format (structured.py)
+        prompt = await render_chat(tool_messages(req, messages(req.messages)), options=req.chat_template_kwargs)
         max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
         constraint = await pool.run(response_constraint, served.grammars, req)  # (compiling: off the event loop)
+        names = {t.function.name for t in active_tools(req)}
         choices, _, queue = start(served, [prompt], s, max_tokens, top_lp if want_lp else None,
                                   client=client_of(request), constraint=constraint)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -263,9 +265,9 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
             if any(c.finish is None for c in choices):
                 return JSONResponse({}, status_code=499)  # the client went away; nobody reads this
             return {"id": rid, "object": "chat.completion", "created": created, "model": served.name,
-                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.detok.text},
-                                 "logprobs": chat_logprobs(c.logprobs, top_lp) if want_lp else None,
-                                 "finish_reason": finish_reason(c)} for c in choices],
+                    "choices": [{"index": c.index, **chat_message(c.detok.text, finish_reason(c), names),
+                                 "logprobs": chat_logprobs(c.logprobs, top_lp) if want_lp else None}
+                                for c in choices],
                     "usage": usage([prompt], choices)}
 
         async def gen():
@@ -274,9 +276,15 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                                                 "logprobs": None, "finish_reason": None}]})
             pending: dict[int, str] = {}  # text not sent yet, per answer
             lp_sent: dict[int, int] = {}  # log-prob entries sent, per answer
+            parsers = {c.index: ToolCallParser(names) for c in choices} if names else {}
             try:
                 async for c, text, _st in events(choices, queue, request):
-                    if want_lp:
+                    if parsers:  # the reply read as content and tool-call deltas (OpenAI's delta contract)
+                        parser = parsers[c.index]
+                        for delta in tool_deltas(parser.feed(text) + (parser.finish() if c.finish else [])):
+                            yield sse({**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+                                                            "finish_reason": None}]})
+                    elif want_lp:
                         # a chunk per token that shows text, with the log-probs of every token since the
                         # last one: a token holding half a character shows none yet, and its entry rides
                         # with the token that completes the character (at the end, with what is left)
@@ -297,8 +305,12 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
                                                                 "finish_reason": None}]})
                             pending.clear()
                     if c.finish:
+                        why = finish_reason(c)
+                        if why == "stop" and c.index in parsers and parsers[c.index].calls_done() \
+                                and not parsers[c.index].broken:
+                            why = "tool_calls"
                         yield sse({**head, "choices": [{"index": c.index, "delta": {}, "logprobs": None,
-                                                        "finish_reason": finish_reason(c)}]})
+                                                        "finish_reason": why}]})
             except APIError as e:
                 yield sse(e.body())
             if include_usage:
