@@ -100,7 +100,8 @@ BENCHES = {"test_faults": "faults.py", "test_real_model": "real_model.py", "test
            "test_rl_gpu_check": "rl_gpu_check.py", "test_serve_load": "serve_load.py",
            "test_gguf_llamacpp": "gguf_llamacpp.py",
            "test_batching_speed": "batching_speed.py", "test_flywheel_browser": "flywheel_browser.py",
-           "test_flywheel": "flywheel.py"}
+           "test_flywheel": "flywheel.py", "test_constrained_overhead": "constrained_overhead.py",
+           "test_grammar_libs": "grammar_libs.py"}
 WORKERS = 2  # benches at once
 
 
@@ -157,6 +158,24 @@ def test_batching_speed(quick):
     assert r["equal"] == 1  # the scheduler's greedy tokens equal the engine's
     positive(r, "tok_s_1", f"tok_s_{n}")
     ratio(r, "ratio", "vs_static", "overhead_1")
+
+
+def test_constrained_overhead(quick):
+    r = quick("constrained_overhead.py")
+    assert r["valid"] == 1.0 and r["n"] == quick_sizes("constrained_overhead.py")["n"]
+    ratio(r, "overhead_b1", "overhead_bN")
+    positive(r, "ms_per_token_b1", "ms_per_token_constrained_b1", "ms_per_token_bN", "ms_per_token_constrained_bN")
+
+
+def test_grammar_libs(quick):
+    """llguidance (a dependency) always runs; xgrammar and outlines-core are measured where installed."""
+    r = quick("grammar_libs.py")
+    expected = {lib for lib, module in (("xgrammar", "xgrammar"), ("outlines-core", "outlines_core"))
+                if not installed(module)}
+    assert skipped(r) == expected
+    for lib in {"llguidance", "xgrammar", "outlines-core"} - expected:
+        key = lib.replace("-", "_")
+        positive(r, f"b1_ms_{key}", f"b{quick_sizes('grammar_libs.py')['batch']}_ms_{key}", f"compile_ms_{key}")
 
 
 def test_flywheel(quick):
