@@ -101,7 +101,7 @@ BENCHES = {"test_faults": "faults.py", "test_real_model": "real_model.py", "test
            "test_gguf_llamacpp": "gguf_llamacpp.py",
            "test_batching_speed": "batching_speed.py", "test_flywheel_browser": "flywheel_browser.py",
            "test_flywheel": "flywheel.py", "test_constrained_overhead": "constrained_overhead.py",
-           "test_grammar_libs": "grammar_libs.py"}
+           "test_grammar_libs": "grammar_libs.py", "test_tools_clients": "tools_clients.py"}
 WORKERS = 2  # benches at once
 
 
@@ -176,6 +176,21 @@ def test_grammar_libs(quick):
     for lib in {"llguidance", "xgrammar", "outlines-core"} - expected:
         key = lib.replace("-", "_")
         positive(r, f"b1_ms_{key}", f"b{quick_sizes('grammar_libs.py')['batch']}_ms_{key}", f"compile_ms_{key}")
+
+
+def test_tools_clients(quick):
+    """Each installed client gets schema-valid calls and objects from a random model (constrained decoding);
+    the llm CLI leaves tool_choice at auto, so the random model may not call at all (nan then)."""
+    r = quick("tools_clients.py")
+    assert r["prompts"] == quick_sizes("tools_clients.py")["prompts"]
+    packages = {"openai": "openai", "openai_stream": "openai", "openai_parse": "openai",
+                "langchain_tools": "langchain_openai", "langchain_structured": "langchain_openai", "llm": "llm",
+                "agents": "agents"}
+    assert skipped(r) == {c for c, m in packages.items() if not installed(m)}
+    for client in set(packages) - skipped(r):
+        if client != "llm":
+            assert r[f"called_{client}"] == 1.0 and r[f"valid_{client}"] == 1.0, client
+        assert math.isnan(r[f"valid_{client}"]) or r[f"valid_{client}"] == 1.0, client
 
 
 def test_flywheel(quick):

@@ -54,6 +54,9 @@ def test_habitual_defaults_are_accepted(server):
         logit_bias={}, store=False, metadata={"k": "v"}, service_tier="auto", stream_options=None,
         response_format={"type": "text"}, extra_body={"top_k": 5, "min_p": 0})
     assert r.choices[0].finish_reason in ("stop", "length")
+    nulls = post(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 2, "reasoning_effort": None,
+                                               "verbosity": None})  # null: not given, whatever the key
+    assert nulls[0] == 200, nulls
     completions = post(url, "/v1/completions", {"prompt": "a", "max_tokens": 2, "user": "u", "frobnicate": 1})
     assert completions[0] == 400 and completions[1]["error"]["param"] == "frobnicate"
 

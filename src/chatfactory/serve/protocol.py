@@ -408,7 +408,11 @@ TokenizeRequest = TokenizeChat | TokenizeText
 
 
 def parse_body(model, body: dict):
-    """``body`` (a JSON object) as ``model`` -> the model instance, or APIError 400 naming the field."""
+    """``body`` (a JSON object) as ``model`` -> the model instance, or APIError 400 naming the field. A key the
+    model does not know is refused unless its value is null: null means "not given" (SDKs send some so)."""
+    if model.model_config.get("extra") == "forbid" and isinstance(body, dict):
+        known = {f.alias or k for k, f in model.model_fields.items()}
+        body = {k: v for k, v in body.items() if v is not None or k in known}
     try:
         return model.model_validate(body)
     except ValidationError as e:
