@@ -404,7 +404,12 @@ class Scheduler:
             if i in failed:
                 self._finish(r, Step(None, finish=failed[i]))
                 continue
-            t = picked[i]
+            t, forced = picked[i], False
+            if r.tool is not None:  # the tool's output replaces what was sampled, one id per iteration
+                if r._pending:
+                    t, forced = r._pending.pop(0), True
+                else:
+                    r._pending = r.tool.add(t)
             lp = top = None
             if r.logprobs is not None:
                 logp = torch.log_softmax(stacked[i].float(), -1)
@@ -414,7 +419,7 @@ class Scheduler:
                     top = list(zip(ids.tolist(), vals.tolist()))
             r.generated.append(t)
             finish = None
-            if r.constraint is not None and not r.constraint.accept(t):
+            if r.constraint is not None and not forced and not r.constraint.accept(t):
                 self._finish(r, Step(None, finish=f"error: the output grammar refused token {t}: {r.constraint.error}"))
                 continue
             if t in r.params.stop_ids:
@@ -422,9 +427,9 @@ class Scheduler:
             elif len(r.generated) >= r.params.max_tokens or len(r.prompt) + len(r.generated) >= self.context:
                 finish = "length"
             if finish:
-                self._finish(r, Step(t, lp, top, finish))
+                self._finish(r, Step(t, lp, top, finish, forced=forced))
             else:
-                _safe_emit(r, Step(t, lp, top))
+                _safe_emit(r, Step(t, lp, top, forced=forced))
 
     def _score_one(self) -> None:
         """One chunk of prompt scoring: ``score_chunk`` positions of the prompt being scored (taking the next

@@ -118,13 +118,16 @@ class Engine:
         return self.threads.get(batch_size, default_threads(batch_size))
 
     def stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,
-               constraints: list[Constraint | None] | None = None) -> Iterator[list[int | None]]:
+               constraints: list[Constraint | None] | None = None, tools: list | None = None,
+               forced: list | None = None) -> Iterator[list[int | None]]:
         """Yield, per decode step, the new id of each row (None for rows already stopped). ``logprobs``: a
         list that receives, per step, every row's new id's log-probability under logits / temperature.
         ``constraints``: per row, a grammar (grammar.py) its reply must follow, or None; a row whose grammar
-        is complete can only end its turn."""
+        is complete can only end its turn. ``tools``: per row, a tool that reads each sampled id and returns ids
+        to write next instead of sampling (calculator.py's ``CalcRow``: a call's result), or None; ``forced``: a
+        list that receives, per step, which rows wrote a tool's id rather than a sampled one."""
         want = self._threads_for(len(prompts))
-        steps = self._stream(prompts, p, logprobs, constraints)
+        steps = self._stream(prompts, p, logprobs, constraints, tools, forced)
         if not want:
             yield from steps
             return
@@ -145,7 +148,8 @@ class Engine:
 
     @torch.inference_mode()
     def _stream(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,
-                constraints: list[Constraint | None] | None = None) -> Iterator[list[int | None]]:
+                constraints: list[Constraint | None] | None = None, tools: list | None = None,
+                forced: list | None = None) -> Iterator[list[int | None]]:
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ValueError("every prompt needs at least one token")
         if constraints is not None and len(constraints) != len(prompts):
@@ -196,6 +200,7 @@ class Engine:
         # the fast step never moves the cache's length (it copies the prefill's keys/values, or writes
         # past them), so the eager step can still take over if the first fast step fails
         compiled = self.compiled.begin(cache, valid if padded else None) if self.compiled else None
+        pending: list[list[int]] = [[] for _ in range(B)]  # per row: tool output still to be written
         for i in range(max_new):
             if constraints is not None:  # rows with a grammar sample under its mask (a copy: logits may be a buffer)
                 logits = logits.float().clone()
@@ -203,14 +208,25 @@ class Engine:
                 if broken:
                     raise ValueError(f"rows {sorted(broken)}: {next(iter(broken.values()))}")
             nxt = sample_next(logits, p, None if seen is None else seen[:, : L + i], gen, self.vocab_limit)
+            ids = nxt.tolist()
+            if tools is not None:  # a tool's output (the calculator's result) replaces what was sampled
+                was_forced = [bool(q) and not d for q, d in zip(pending, done)]
+                for row, tool in enumerate(tools):
+                    if was_forced[row]:
+                        ids[row] = pending[row].pop(0)
+                    elif tool is not None and not done[row]:
+                        pending[row] = tool.add(ids[row])
+                if any(was_forced):
+                    nxt = torch.tensor(ids, device=dev)
+                if forced is not None:
+                    forced.append(was_forced)
             # what an RL trainer recomputes for these tokens (train/experience.py compares the two)
             if logprobs is not None:
                 logprobs.append(torch.log_softmax(logits.float() / p.temperature, -1)
                                 .gather(1, nxt[:, None]).squeeze(1))
-            ids = nxt.tolist()
             if constraints is not None:
                 for row, (c, t, d) in enumerate(zip(constraints, ids, done)):
-                    if c is not None and not d and not c.accept(t):
+                    if c is not None and not d and not (tools is not None and was_forced[row]) and not c.accept(t):
                         raise ValueError(f"row {row}: the output grammar refused token {t}: {c.error}")
             yield [None if d else t for t, d in zip(ids, done)]
             done = [d or t in stop for t, d in zip(ids, done)]
@@ -232,16 +248,22 @@ class Engine:
             logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
     def generate(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,
-                 constraints: list[Constraint | None] | None = None) -> list[list[int]]:
+                 constraints: list[Constraint | None] | None = None, tools: list | None = None,
+                 forced: list | None = None) -> list[list[int]]:
         """New ids per row, up to and including a stop id. ``logprobs``: a list that receives, per row, the
-        log-probability of each new id under the model's logits / temperature. ``constraints``: see stream."""
+        log-probability of each new id under the model's logits / temperature. ``constraints``, ``tools``: see
+        stream; ``forced``: a list that receives, per row, a flag per new id (True: a tool wrote it)."""
         outs: list[list[int]] = [[] for _ in prompts]
         steps: list | None = [] if logprobs is not None else None
-        for step in self.stream(prompts, p, steps, constraints):
+        flags: list | None = [] if forced is not None else None
+        for step in self.stream(prompts, p, steps, constraints, tools, flags):
             for row, t in enumerate(step):
                 if t is not None:
                     outs[row].append(t)
         if logprobs is not None:
             table = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
             logprobs.extend(row[:len(o)] for row, o in zip(table, outs))
+        if forced is not None:
+            forced.extend([step[r] for step in flags][:len(o)] if flags else [False] * len(o)
+                          for r, o in enumerate(outs))
         return outs

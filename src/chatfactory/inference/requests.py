@@ -46,6 +46,7 @@ class Step:
     # a scoring request's answer (finish "scored"): log-prob of each prompt[i] given prompt[:i] (i >= 1),
     # and the ``logprobs`` likeliest ids and their log-probs there
     scored: tuple[list[float], list[list[tuple[int, float]]]] | None = None
+    forced: bool = False  # ``token`` was written by the request's tool (a calculator result), not sampled
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Request:
     score: bool = False  # score the prompt (one Step with ``scored``) instead of generating
     # the reply must follow this grammar (grammar.py): sampled under its mask, log-probs of the masked distribution
     constraint: Constraint | None = None
+    # reads each sampled id, returns ids to write next instead of sampling (calculator.py's CalcRow), or None
+    tool: object | None = None
     # scheduler state
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -67,6 +70,7 @@ class Request:
     filled: int = 0  # while prefilling: the positions of prompt + generated its row holds
     admitted: int = 0  # the iteration it last took a slot (the newest row is preempted first)
     _gen: torch.Generator | None = None
+    _pending: list[int] = field(default_factory=list)  # the tool's ids still to write
     # set by the scheduler's submit: takes a waiting request out of its queue (the scheduler's ``_withdraw``)
     _withdraw: Callable[[Request], None] | None = None
 

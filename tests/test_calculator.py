@@ -1,0 +1,96 @@
+"""The calculator the model calls while it writes (inference/calculator.py): a safe evaluator (no eval: names,
+calls, attributes and huge numbers refused), the row tool that answers ``<calc>…</calc>`` with the forced
+result, the forced-token mask training uses, and the engine and the scheduler writing a tool's ids in place of
+sampled ones (flagged, so RL can mask them)."""
+
+import pytest
+import torch
+
+from chatfactory.inference.batching import Request, Scheduler
+from chatfactory.inference.calculator import CalcError, CalcRow, evaluate, forced_mask, result_text
+from chatfactory.inference.engine import Engine
+from chatfactory.inference.sampling import SamplingParams
+from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.text.tokenizer import Tokenizer
+
+TEXT = ["What is 347 * 29? <calc>347*29</calc> <result>10063</result> The answer is 10063. "
+        "the quick brown fox jumps over the lazy dog 0123456789 + - * / ( ) " * 3] * 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXT, vocab_size=300)
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("347*29", "10063"), ("2 + 3 * 4", "14"), ("(2+3)*4", "20"), ("-7 + 2", "-5"), ("7/2", "3.5"),
+    ("1/3", "0.333333"), ("2**10", "1024"), ("17 // 5", "3"), ("17 % 5", "2"), ("1.5 * 4", "6"),
+    ("123456789 * 987654321", "121932631112635269"),
+])
+def test_evaluates_arithmetic(expr, value):
+    assert evaluate(expr) == value
+
+
+@pytest.mark.parametrize("expr, why", [
+    ("__import__('os').system('ls')", "not arithmetic"), ("open('x')", "not arithmetic"),
+    ("(1).__class__", "not arithmetic"), ("x + 1", "not arithmetic"), ("'a' * 3", "not arithmetic"),
+    ("1/0", "division by zero"), ("5 % 0", "division by zero"), ("9**9**9", "exponents"),
+    ("2**0.5", "exponents"), ("10**60 * 10", "digits"), ("1 +", "not an arithmetic expression"),
+    ("1" * 201, "longer than"), ("[1, 2]", "not arithmetic"), ("True + 1", "not arithmetic"),
+])
+def test_refuses_what_is_not_safe_arithmetic(expr, why):
+    with pytest.raises(CalcError, match=why):
+        evaluate(expr)
+    assert "error:" in result_text(expr)
+
+
+def test_row_answers_a_call_once_with_the_result_ids(tok):
+    row = CalcRow(tok)
+    ids = tok.encode("Let me see. <calc>347*29</calc>")
+    forced = [row.add(i) for i in ids]
+    assert all(f == [] for f in forced[:-1])
+    assert tok.decode(forced[-1]) == " <result>10063</result>"
+    for i in tok.encode(" The answer is 10063."):  # after the forced result, nothing more until the next call
+        assert row.add(i) == []
+
+
+def test_forced_mask_marks_only_the_results_the_engine_wrote(tok):
+    text = "What? <calc>2+3</calc> <result>5</result> So 5. Not a call: <result>9</result>"
+    ids = tok.encode(text)
+    mask = forced_mask(tok, ids)
+    forced = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert forced == " <result>5</result>"
+    assert tok.decode(ids[:mask.index(True)]).endswith("</calc>")
+
+
+class Caller:
+    """A stand-in tool: after the model's 2nd id, it writes ``ids`` (as a calculator writes a result)."""
+
+    def __init__(self, ids):
+        self.ids, self.seen = ids, 0
+
+    def add(self, token):
+        self.seen += 1
+        return list(self.ids) if self.seen == 2 else []
+
+
+def test_engine_and_scheduler_write_a_tools_ids_and_flag_them(tok):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=1, n_embd=32, head_dim=16, vocab_size=300, block_size=64)).eval()
+    write = tok.encode(" <result>5</result>")
+    prompts = [tok.encode("What is 2+3?"), tok.encode("hello there")]
+    p = SamplingParams(max_tokens=12, temperature=0)
+    forced, lps = [], []
+    outs = Engine(model).generate(prompts, p, logprobs=lps, tools=[Caller(write), None], forced=forced)
+    assert outs[0][2:2 + len(write)] == write and forced[0][2:2 + len(write)] == [True] * len(write)
+    assert not any(forced[0][:2]) and not any(forced[1]) and len(lps[0]) == len(outs[0])
+    free = Engine(model).generate(prompts, p)
+    assert outs[1] == free[1] and outs[0][:2] == free[0][:2]  # the other row, and what came before, unchanged
+
+    sched = Scheduler(model, slots=2, start=False)
+    got = [[], []]
+    for i, (x, tool) in enumerate(zip(prompts, [Caller(write), None])):
+        sched.submit(Request(x, p, emit=got[i].append, tool=tool))
+    sched.run_until_idle()
+    assert [s.token for s in got[0]] == outs[0] and [s.forced for s in got[0]] == forced[0]
+    assert [s.token for s in got[1]] == outs[1]
