@@ -94,3 +94,47 @@ def test_engine_and_scheduler_write_a_tools_ids_and_flag_them(tok):
     sched.run_until_idle()
     assert [s.token for s in got[0]] == outs[0] and [s.forced for s in got[0]] == forced[0]
     assert [s.token for s in got[1]] == outs[1]
+
+
+def test_calc_tasks_hold_out_operand_values():
+    from chatfactory.data.calc_tasks import calc_rows
+    from chatfactory.data.rubric import is_correct
+
+    train = calc_rows("sft", 300) + calc_rows("rl", 300)
+    held = calc_rows("heldout", 150) + calc_rows("dev", 60)
+    seen = {v for r in train for v in r["operands"]}
+    assert not seen & {v for r in held for v in r["operands"]}  # no held-out operand in any training prompt
+    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in held}
+    assert calc_rows("heldout", 20) == calc_rows("heldout", 20)  # the same rows every time
+    for r in held[:30]:
+        a, b = r["operands"]
+        assert is_correct(r, r["reference"]) and max(a, b) >= 10
+        assert not is_correct(r, f"<calc>{a}*{b}</calc> <result>{r['answer']}</result> I do not know.")
+        assert evaluate(r["reference"].split("<calc>")[1].split("</calc>")[0]) == r["answer"]
+
+
+def test_sft_learns_the_call_not_the_result(tok):
+    from chatfactory.train.sft import IGNORE, tokenize_conversations
+
+    conv = [{"role": "user", "content": "What is 347 * 29?"},
+            {"role": "assistant", "content": "<calc>347*29</calc> <result>10063</result> The answer is 10063."}]
+    xs, ys, _ = tokenize_conversations([conv], tok, seq_len=200)
+    learned = tok.decode([int(t) for t in ys[0] if t != IGNORE])
+    assert "<calc>347*29</calc>" in learned and " The answer is 10063." in learned
+    assert "<result>" not in learned and "10063</result>" not in learned
+
+
+def test_rollout_masks_what_the_tool_wrote(tok):
+    from chatfactory.train.rollout import rollout
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(depth=1, n_embd=32, head_dim=16, vocab_size=300, block_size=64))
+    write = tok.encode(" <result>5</result>")
+    prompts = [tok.encode("What is 2+3?"), tok.encode("hello there")]
+    batch = rollout(model, prompts, 12, 1.0, tok.end_id, tok.pad_id, seed=0, tools=[Caller(write), None])
+    plain = rollout(model, prompts, 12, 1.0, tok.end_id, tok.pad_id, seed=0)
+    assert batch["forced_tokens"].tolist() == [len(write), 0]
+    assert batch["lengths"].tolist() == plain["lengths"].tolist()  # the tool's tokens count as the answer's
+    mask = batch["answer_mask"][0].tolist()
+    assert mask[2:2 + len(write)] == [False] * len(write) and mask[:2] == [True, True]
+    assert batch["answer_mask"][1].tolist() == plain["answer_mask"][1].tolist()

@@ -296,6 +296,10 @@ class PipelineConfig:
     # rl split (0 = the tasks'): RUN/tasks/if_train.jsonl, if_dev.jsonl (chooses) and if_dev_heldback.jsonl
     if_prompts: int = 0
     if_dev: int = 80
+    # multi-digit arithmetic answered with the calculator (data/calc_tasks.py): this many demonstrations added
+    # to sft, as many prompts to rl, a tenth to dev and a quarter to heldout (0 = none); replies are then
+    # written with the calculator running (inference/calculator.py) in evaluation and RL rollouts
+    calc_rows: int = 0
     # bits per byte of every evaluated stage on held-out text ("" = none): what fine-tuning cost the model's
     # knowledge of plain text; rows with a "split" field count only where it equals bpb_split
     bpb_text: str = ""

@@ -61,6 +61,11 @@ class Ledger:
         self.update(stage, seconds=self.get(stage).get("seconds", 0.0) + seconds)
 
 
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def _use_tasks(cfg: Config, paths: dict) -> None:
     """Point the stages' data at the task files (only what the config leaves at "tasks"); with
     ``pipeline.if_prompts`` the RL stages train on the constraint prompts instead, chosen on their dev split
@@ -105,6 +110,15 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
     tdir = run_dir / "tasks"
     paths = write_task_files(tdir, settings.tasks_seed, n_sft=settings.sft_rows, n_prompts=settings.rl_prompts,
                              n_heldout=settings.heldout, n_fewshot=settings.fewshot, n_dev=settings.dev)
+    if settings.calc_rows:
+        from .data.calc_tasks import calc_rows
+        from .data.tasks import sft_row
+
+        n = settings.calc_rows
+        for name, split, k in (("sft", "sft", n), ("prompts", "rl", n), ("dev", "dev", n // 10),
+                               ("heldout", "heldout", n // 4)):
+            rows = calc_rows(split, k, settings.tasks_seed)
+            _append_jsonl(paths[name], [sft_row(r) for r in rows] if name == "sft" else rows)
     if settings.if_prompts:
         # constraint-augmented prompts (data/constraint_prompts.py): comparisons and RL train on if_train; their
         # dev split holds the held-out comparisons that DPO and the reward model report on

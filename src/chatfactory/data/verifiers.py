@@ -28,7 +28,7 @@ from .scorer import load_scorer
 
 # the embedded tasks whose right answer a rule checks (small talk is judged by the rubric's style rules only)
 CHECKED_TASKS = ("arithmetic", "compare", "string_count", "sort", "recall_name", "recall_color", "string_reverse",
-                 "string_upper", "string_first", "python_fact")
+                 "string_upper", "string_first", "python_fact", "calc")
 
 
 def correct(row: dict, answer: str) -> float | None:

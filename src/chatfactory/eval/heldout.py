@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def replies_of(model, tok, rows: list[dict], settings, plain: bool = False):
     args = (model, tok, rows, settings.eval_max_tokens, settings.eval_temperature, settings.eval_seed)
     if plain:
         return base_answers(*args), None
-    return chat_replies(*args, room=model.cfg.block_size - settings.eval_max_tokens)
+    return chat_replies(*args, room=model.cfg.block_size - settings.eval_max_tokens,
+                        calculator=getattr(settings, "calc_rows", 0) > 0)
 
 
 @torch.no_grad()
@@ -110,6 +112,47 @@ def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], t
         lr = answer_logprobs(forward_answers(ref, batch), batch["tokens"], batch["start"], temperature)
         total += float(((lp - lr) * batch["answer_mask"]).sum())
     return total / max(1, len(rows))
+
+
+def calculator_figures(model, tok, rows: list[dict], replies: list[str], settings) -> dict:
+    """On the calculator's held-out problems (task "calc", operands never seen in training): accuracy with the
+    calculator running (the replies given), the right-call rate (the reply's first call evaluates to the right
+    answer) and accuracy without it (the same prompts answered with no calculator: a call gets no result)."""
+    from ..inference.calculator import CalcError, evaluate
+
+    at = [i for i, r in enumerate(rows) if r.get("task") == "calc"]
+    if not at:
+        return {}
+    calc_rows = [rows[i] for i in at]
+
+    def right_call(reply: str, want: str) -> bool:
+        m = re.search(r"<calc>(.*?)</calc>", reply)
+        try:
+            return m is not None and evaluate(m.group(1)) == want
+        except CalcError:
+            return False
+
+    alone = chat_replies(model, tok, calc_rows, settings.eval_max_tokens, settings.eval_temperature,
+                         settings.eval_seed, room=model.cfg.block_size - settings.eval_max_tokens)[0]
+    return {"n": len(at), "accuracy": sum(is_correct(r, replies[i]) for r, i in zip(calc_rows, at)) / len(at),
+            "right_call": sum(right_call(replies[i], r["answer"]) for r, i in zip(calc_rows, at)) / len(at),
+            "accuracy_without": sum(is_correct(r, a) for r, a in zip(calc_rows, alone)) / len(at),
+            "correct": [bool(is_correct(r, replies[i])) for r, i in zip(calc_rows, at)],
+            "correct_without": [bool(is_correct(r, a)) for r, a in zip(calc_rows, alone)]}
+
+
+def calculator_md(evals: dict) -> list[str]:
+    """The calculator's table: held-out multi-digit problems answered with it, the right-call rate, without it."""
+    rows = [(s, e["calculator"]) for s, e in evals.items() if e.get("calculator")]
+    if not rows:
+        return []
+    out = ["", f"The calculator (multi-digit problems whose operands no training prompt holds; "
+               f"n = {rows[0][1]['n']}):", "", "| stage | accuracy with it | right call | accuracy without it | "
+           "McNemar p |", "|---|---|---|---|---|"]
+    for s, c in rows:
+        p = mcnemar(c["correct"], c["correct_without"])["p"]
+        out.append(f"| {s} | {c['accuracy']:.3f} | {c['right_call']:.3f} | {c['accuracy_without']:.3f} | {p:.2g} |")
+    return out
 
 
 # ---------------------------------------------------------------- scores
@@ -253,6 +296,8 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         replies, ids = replies_of(model, tok, rows, settings, plain=stage == "pretrain" and tok.chat is None)
         res = score_replies(rows, replies)
         res["heldout_accuracy"] = res.pop("accuracy")
+        if settings.calc_rows and ids is not None:
+            res["calculator"] = calculator_figures(model, tok, rows, replies, settings)
         if stage == "pretrain" and settings.fewshot_shots:
             res["few_shot"] = few_shot(model, tok, paths["fewshot"], settings)
         if stage != "sft" and ids is not None and "sft" in stages and settings.eval_temperature > 0:

@@ -22,7 +22,7 @@ from ..stages import BY_NAME, STAGES, names, policies
 from ..store.files import atomic_write_text
 from ..text.tokenizer import Tokenizer
 from ..train.meters import read_metrics
-from .heldout import chars_per_token, read_rows, vs_sft_md
+from .heldout import calculator_md, chars_per_token, read_rows, vs_sft_md
 from .ifeval import ifeval_markdown
 from .lm import bpb_markdown
 
@@ -383,7 +383,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         for t in tasks:
             L.append(f"| {t} | "
                      + " | ".join(_fmt(e.get("accuracy_by_task", {}).get(t), 2) for e in evals.values()) + " |")
-    L += [""] + _languages_md(rep["by_language"])
+    L += calculator_md(evals) + [""] + _languages_md(rep["by_language"])
     if not imp:  # the demo's bars (a model trained here from nothing, on the embedded default)
         L += ["", "Bars of the issue:", ""]
         for k, ok in rep["bars"].items():

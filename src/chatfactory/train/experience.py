@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inference.calculator import CalcRow
 from ..inference.engine import Engine
 from ..model.lora import as_reference, lora_layers
 from .loop import Dist, autocast_for
@@ -63,6 +64,8 @@ class Rollouts:
         self.engine = Engine(ac.policy, compile=settings.compile_rollout, vocab_limit=tok.vocab_size)
         ac.policy.train(training)
         self._perm_epoch, self._perm = -1, None
+        # prompts for the calculator's tasks: every answer runs with it (the reward sees the final answer)
+        self.calculator = any(r.get("task") == "calc" for r in self.rows)
 
     def answers_per_iteration(self) -> int:
         """Answers one rank samples per iteration."""
@@ -88,8 +91,9 @@ class Rollouts:
         picks = [i for i in self.prompts_for(it, rank, world) for _ in range(self.group)]
         s = self.settings
         seed = (s.seed * 1_000_003 + it * 7919 + rank * 104_729) % (2**31)
+        tools = [CalcRow(self.tok) for _ in picks] if self.calculator else None
         exp = rollout(self.ac.policy, [self.prompt_ids[i] for i in picks], s.max_new_tokens, s.temperature,
-                      self.tok.end_id, self.tok.pad_id, seed, self.engine)
+                      self.tok.end_id, self.tok.pad_id, seed, self.engine, tools)
         exp["group"] = self.group  # the prompt runs once per group in the forward passes
         return exp, [self.rows[i] for i in picks]
 

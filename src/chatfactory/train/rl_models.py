@@ -119,7 +119,7 @@ class Reward:
 
     def answer_texts(self, batch: dict) -> list[str]:
         """Each row's answer as text (``<|end|>`` dropped); answers are right-padded, so a row's real
-        tokens are its first ``answer_mask.sum()`` (one transfer for the batch, not one per row)."""
+        tokens are its first ``lengths`` (one transfer for the batch, not one per row)."""
         ids = batch["tokens"][:, batch["start"]:].tolist()
-        lengths = batch["answer_mask"].sum(1).tolist()
+        lengths = batch["lengths"].tolist() if "lengths" in batch else batch["answer_mask"].sum(1).tolist()
         return [self.tok.decode([t for t in row[:n] if t != self.tok.end_id]) for row, n in zip(ids, lengths)]

@@ -56,6 +56,7 @@ def pad_batch(prompts: list[list[int]], answers: list[list[int]], pad_id: int, e
     return {
         "tokens": tokens, "positions": positions, "valid": valid,
         "answer_mask": valid[:, P:].clone(),
+        "lengths": lengths,  # answer tokens, tool output included (answer_mask leaves the tool's out)
         "last": P + lengths - 1,  # an empty answer: the prompt's last token
         "ended": torch.tensor([bool(a) and a[-1] == end_id for a in answers]),
         "start": P,
@@ -150,29 +151,40 @@ def _whole_groups(idx: torch.Tensor, g: int) -> bool:
 
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int,
-             seed: int | None = None, engine: Engine | None = None, logprobs: list | None = None) -> list[list[int]]:
+             seed: int | None = None, engine: Engine | None = None, logprobs: list | None = None,
+             tools: list | None = None, forced: list | None = None) -> list[list[int]]:
     """Sample one answer per prompt with the KV-cache engine (stops at ``end_id``, which is kept).
     ``engine``: one kept across rollouts (e.g. ``Engine(policy, compile=True)``, compiled once);
-    ``logprobs``: a list that receives each answer's tokens' log-probs as the engine sampled them."""
+    ``logprobs``: a list that receives each answer's tokens' log-probs as the engine sampled them;
+    ``tools``, ``forced``: the engine's (a calculator per row; which tokens it wrote)."""
     if temperature <= 0:
         raise ValueError("RL rollouts need temperature > 0 (log-probs of a greedy policy are undefined)")
     was_training = policy.training
     engine = engine or Engine(policy)
     policy.eval()
     out = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                  seed=seed, stop_ids=(end_id,)), logprobs)
+                                                  seed=seed, stop_ids=(end_id,)), logprobs, tools=tools, forced=forced)
     policy.train(was_training)  # the engine decodes in eval mode; put it back
     return out
 
 
 def rollout(policy, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int, pad_id: int,
-            seed: int | None = None, engine: Engine | None = None) -> dict:
+            seed: int | None = None, engine: Engine | None = None, tools: list | None = None) -> dict:
     """Sample answers and return the padded batch (see ``pad_batch``) on the policy's device, with
-    ``rollout_logp`` (B, A): each answer token's log-prob as the engine sampled it (0 on padding)."""
+    ``rollout_logp`` (B, A): each answer token's log-prob as the engine sampled it (0 on padding).
+
+    ``tools``: per prompt, a tool the engine runs as the answer is written (the calculator, calculator.py);
+    the tokens it writes are taken out of ``answer_mask``, so that the policy ratio, the KL and the value loss
+    never count them (they are not the policy's choices), while ``lengths`` still counts them."""
     sampled: list[list[float]] = []
-    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed, engine, sampled)
+    forced: list[list[bool]] | None = [] if tools is not None else None
+    answers = generate(policy, prompts, max_new_tokens, temperature, end_id, seed, engine, sampled, tools, forced)
     batch = pad_batch(prompts, answers, pad_id, end_id)
     width = batch["answer_mask"].size(1)
+    if forced and any(any(f) for f in forced):
+        flags = torch.tensor([f + [False] * (width - len(f)) for f in forced])
+        batch["answer_mask"] &= ~flags
+        batch["forced_tokens"] = flags.sum(1)
     batch["rollout_logp"] = torch.tensor([row + [0.0] * (width - len(row)) for row in sampled])
     dev = next(policy.parameters()).device
     return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -25,7 +25,8 @@ def gold_score(policy, tok, rows: list[dict], scorer, max_new_tokens: int = 32, 
                seed: int = 0, batch_size: int = 64) -> float:
     """Mean ``scorer(row, answer_text)`` of the policy's sampled answers to prompt ``rows`` (an answer that
     never ends is scored as it stands). Temperature 0 is greedy."""
-    texts = chat_replies(policy, tok, rows, max_new_tokens, temperature, seed, batch_size)[0]
+    texts = chat_replies(policy, tok, rows, max_new_tokens, temperature, seed, batch_size,
+                         calculator=any(r.get("task") == "calc" for r in rows))[0]
     return sum(float(scorer(r, text)) for r, text in zip(rows, texts)) / max(1, len(rows))
 
 
