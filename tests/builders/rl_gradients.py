@@ -26,7 +26,7 @@ ANSWERS = ["blue", "red", "green blue", "pink", "red blue green pink blue", "gre
 def _fixed_rollout(order: list[tuple], group: int, tok):
     """A stand-in for rollout.rollout: the j-th row of the prompt at position p of the iteration's global
     prompt order ``order`` gets ANSWERS[p * group + j], whichever rank asks."""
-    def fake(policy, prompts, max_new_tokens, temperature, end_id, pad_id, seed=None, engine=None):
+    def fake(policy, prompts, max_new_tokens, temperature, end_id, pad_id, seed=None, engine=None, tools=None):
         seen, answers = Counter(), []
         for p in map(tuple, prompts):
             k = order.index(p) * group + seen[p]

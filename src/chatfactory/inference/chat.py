@@ -22,6 +22,7 @@ from ..store.checkpoint import has_checkpoint, stage_config
 from ..store.files import CheckpointError
 from ..store.load import load_model
 from ..text.tokenizer import TextStream, Tokenizer
+from .calculator import CalcRow
 from .engine import Engine, fit_messages
 from .sampling import SamplingParams
 
@@ -81,7 +82,8 @@ class ChatSession:
         pieces: list[str] = []
         stops = set(p.stop_ids)
         try:
-            for step in self.engine.stream([self.tok.chat_prompt(conv)], p):
+            # the calculator answers the reply's <calc> calls as it is written (calculator.py): shown as they come
+            for step in self.engine.stream([self.tok.chat_prompt(conv)], p, tools=[CalcRow(self.tok)]):
                 t = step[0]
                 if t is None or t in stops:
                     break

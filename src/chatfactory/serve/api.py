@@ -42,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..inference.calculator import CalcRow
 from ..text.chat_template import check_options
 from ..text.tokenizer import TextStream
 from .admin import install_admin
@@ -254,8 +255,10 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
         constraint = await pool.run(response_constraint, served.grammars, req)  # (compiling: off the event loop)
         names = {t.function.name for t in active_tools(req)}
+        # the calculator answers <calc> calls as a reply is written (a grammar-bound reply has none to answer)
+        tool = (lambda: CalcRow(served.tok)) if constraint is None else None
         choices, _, queue = start(served, [prompt], s, max_tokens, top_lp if want_lp else None,
-                                  client=client_of(request), constraint=constraint)
+                                  client=client_of(request), constraint=constraint, tool=tool)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name}
 

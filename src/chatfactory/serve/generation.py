@@ -33,12 +33,13 @@ class Scoring:
 
 def start(svc, prompts: list[list[int]], s: dict, max_tokens: int, logprobs=None, score: list[list[int]] = (),
           client: str = "", queue: asyncio.Queue | None = None,
-          constraint=None) -> tuple[list[Choice], list[Scoring], asyncio.Queue]:
+          constraint=None, tool=None) -> tuple[list[Choice], list[Scoring], asyncio.Queue]:
     """Submit ``n`` samples of each of ``prompts`` (index = prompt * n + sample) and a scoring of each of
     ``score`` (index = its place there), as one group -> (choices, scorings, the queue their Steps arrive on).
     ``svc``: what serves them (service.Served: its tokenizer, stop ids and scheduler); ``queue``: one that
     another group's Steps arrive on too (the arena's two versions answer one prompt together); ``constraint``:
-    a function giving each answer its own grammar (structured.py), or None."""
+    a function giving each answer its own grammar (structured.py), or None; ``tool``: one giving each answer
+    its own tool the scheduler runs as it is written (the calculator), or None."""
     loop = asyncio.get_running_loop()
     queue = asyncio.Queue() if queue is None else queue
     choices, scorings, reqs = [], [], []
@@ -46,7 +47,8 @@ def start(svc, prompts: list[list[int]], s: dict, max_tokens: int, logprobs=None
     def add(part, prompt, params, lp, scoring=False):
         req = Request(prompt, params, emit=lambda st: loop.call_soon_threadsafe(queue.put_nowait, (part, st)),
                       logprobs=lp, client=client, score=scoring,
-                      constraint=constraint() if constraint is not None and not scoring else None)
+                      constraint=constraint() if constraint is not None and not scoring else None,
+                      tool=tool() if tool is not None and not scoring else None)
         part.req = req
         reqs.append(req)
 

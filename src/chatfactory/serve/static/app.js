@@ -25,12 +25,21 @@ function escapeHtml(s) {
 }
 
 // inline: `code`, **bold**, *italic* on already-escaped text; code spans are left untouched
+// a calculator call and the result the server wrote after it (inference/calculator.py), in escaped text
+const CALC = /(&lt;calc&gt;[^&\n]*?&lt;\/calc&gt;(?: &lt;result&gt;[^&\n]*?&lt;\/result&gt;)?)/g;
+
+function calcHtml(escaped) {
+  const m = escaped.match(/^&lt;calc&gt;([^&\n]*?)&lt;\/calc&gt;(?: &lt;result&gt;([^&\n]*?)&lt;\/result&gt;)?$/);
+  return '<span class="calc" title="' + t("calculator") + '">🧮 <code>' + m[1] + "</code> = " +
+    (m[2] === undefined ? "…" : "<strong>" + m[2] + "</strong>") + "</span>";
+}
+
 function inline(escaped) {
-  return escaped.split(/(`[^`\n]+`)/g).map((part, i) => {
+  return escaped.split(CALC).map((seg, j) => (j % 2 === 1 ? calcHtml(seg) : seg.split(/(`[^`\n]+`)/g).map((part, i) => {
     if (i % 2 === 1) return "<code>" + part.slice(1, -1) + "</code>";
     return part.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>")
                .replace(/(^|[^*])\*([^*\n]+)\*(?!\*)/g, "$1<em>$2</em>");
-  }).join("");
+  }).join(""))).join("");
 }
 
 function blocks(escaped) {
