@@ -197,6 +197,28 @@ def test_chat_streams_rates_compares_and_never_runs_model_html(browser, long_run
     page.close()
 
 
+def test_a_calculator_call_shows_as_a_badge(browser, long_run_dir, serve_run):
+    """The calculator's call and the result the server wrote after it show as one element; anything inside a
+    call tag that is not plain text stays escaped text."""
+    calc = "Let me work it out. <calc>347*29</calc> <result>10063</result> So 347 * 29 = 10063."
+    evil = '<calc><img src=x onerror="window.__xss=4"></calc> <result>1</result>'
+    url, svc, _ = serve_run(long_run_dir, scheduler=lambda svc: ScriptedScheduler(svc.tok, [calc, evil], delay=0.005))
+    page = browser.new_page(bypass_csp=True)
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.length > 0")
+    for text in ("What is 347 * 29?", "again"):
+        page.fill("#input", text)
+        page.press("#input", "Enter")
+        wait_until(lambda: page.locator(".msg.assistant .thumb-up").count() >= (1 if text != "again" else 2),
+                   what="the reply")
+    badge = page.locator(".msg.assistant .content .calc").first
+    assert badge.locator("code").text_content() == "347*29" and badge.locator("strong").text_content() == "10063"
+    assert "So 347 * 29 = 10063." in page.locator(".msg.assistant .content").first.text_content()
+    second = page.locator(".msg.assistant .content").nth(1)
+    assert second.locator(".calc, img").count() == 0 and "<img src=x" in second.text_content()
+    assert page.evaluate("window.__xss") is None
+
+
 def test_real_model_reply_and_thumbs_down(browser, run_dir, serve_run):
     url, svc, _ = serve_run(run_dir, slots=2)
     page = browser.new_page(bypass_csp=True)  # Playwright's waits evaluate strings
