@@ -206,11 +206,10 @@ def test_a_calculator_call_shows_as_a_badge(browser, long_run_dir, serve_run):
     page = browser.new_page(bypass_csp=True)
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('model').textContent.length > 0")
-    for text in ("What is 347 * 29?", "again"):
+    for turn, text in enumerate(("What is 347 * 29?", "again"), 1):
         page.fill("#input", text)
         page.press("#input", "Enter")
-        wait_until(lambda: page.locator(".msg.assistant .thumb-up").count() >= (1 if text != "again" else 2),
-                   what="the reply")
+        wait_until(lambda n=turn: page.locator(".msg.assistant .thumb-up").count() >= n, what="the reply")
     badge = page.locator(".msg.assistant .content .calc").first
     assert badge.locator("code").text_content() == "347*29" and badge.locator("strong").text_content() == "10063"
     assert "So 347 * 29 = 10063." in page.locator(".msg.assistant .content").first.text_content()
