@@ -99,7 +99,7 @@ def test_json_schema_parse_and_stream(server):
 
 # ---------------------------------------------------------------- tool calls
 from chatfactory.serve.protocol import ChatCompletionRequest  # noqa: E402
-from chatfactory.serve.structured import ToolCallParser, read_reply, tool_messages  # noqa: E402
+from chatfactory.serve.structured import ToolCallParser, prompt_messages, read_reply, tool_messages  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -234,3 +234,64 @@ def test_a_conversation_with_calls_and_results(server):
     status, body = post(url, "/v1/chat/completions", {"messages": msgs[1:2], "tools": [ADD],
                                                       "tool_choice": {"type": "function", "function": {"name": "x"}}})
     assert status == 400 and body["error"]["param"] == "tool_choice.function.name"
+
+
+# ---------------------------------------------------------------- a template that renders tools itself
+TOOL_TEMPLATE = (
+    "{{ '<|bos|>' }}"
+    "{%- if tools %}{{ '<|system|>' }}{% if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}"
+    "{% endif %}{{ 'You may call these functions:\\n' }}{% for t in tools %}{{ t | tojson + '\\n' }}{% endfor %}"
+    "{{ 'To call one, write <tool_call>, a JSON object of name and arguments, and </tool_call>.<|end|>' }}"
+    "{%- elif messages[0].role == 'system' %}{{ '<|system|>' + messages[0].content + '<|end|>' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' %}"
+    "{%- elif m.role == 'tool' %}{{ '<|user|><tool_response>\\n' + m.content + '\\n</tool_response><|end|>' }}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}{{ '<|assistant|>' }}{% if m.content %}{{ m.content }}"
+    "{% endif %}{% for c in m.tool_calls %}{{ '<tool_call>\\n' + {'name': c.function.name, 'arguments': "
+    "c.function.arguments} | tojson + '\\n</tool_call>' }}{% endfor %}{{ '<|end|>' }}"
+    "{%- else %}{{ '<|' + m.role + '|>' + m.content + '<|end|>' }}{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory, serve_run):
+    """A run whose template renders tools (as Qwen's does) and whose tokenizer has the tags as added tokens."""
+    from chatfactory.text.tokenizer import Tokenizer
+
+    root = make_run(tmp_path_factory.mktemp("tooltpl") / "tpl", block=2048)
+    tok = Tokenizer.load(root / "tokenizer.json")
+    tok.hf.add_tokens(["<tool_call>", "</tool_call>"])  # added, not control tokens: as Qwen's tokenizer has them
+    chat = {"chat_template": TOOL_TEMPLATE, "bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>",
+            "add_bos_token": True}
+    Tokenizer(tok.hf, chat).save(root / "tokenizer.json")
+    url, svc, _ = serve_run(root)
+    return url, svc, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def test_a_template_that_renders_tools_gets_them(tool_server):
+    url, svc, client = tool_server
+    assert svc.tok.template.supports_tools
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    req = ChatCompletionRequest.model_validate({"messages": msgs, "tools": [ADD]})
+    plain = [{"role": m["role"], "content": m["content"] or ""} for m in msgs]
+    rendered_msgs, variables = prompt_messages(req, plain, native=True)
+    text = svc.tok.decode(svc.tok.chat_prompt(rendered_msgs, variables))
+    assert json.dumps(ADD, ensure_ascii=False) in text and text.startswith("<|bos|><|system|>Be brief.")
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|end|>' in text
+    assert "<|user|><tool_response>\n5\n</tool_response><|end|><|assistant|>" in text
+    ids = svc.tok.chat_prompt(rendered_msgs, variables)
+    assert svc.tok.special["<tool_call>"] in ids  # the template's tag is the added token, not spelled out
+    assert svc.tok.special["<tool_call>"] not in svc.stop_ids  # a word of the reply, not its end
+
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=svc.name, messages=msgs[:2], tools=[ADD, WEATHER], seed=seed,
+                                           tool_choice="required", parallel_tool_calls=False, max_tokens=300,
+                                           temperature=1.0, logprobs=True)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls", c.message
+        _check_calls(c.message.tool_calls, {"add", "get_weather"})
+        # the call opened with the token the tokenizer has for the tag
+        assert c.logprobs.content[0].token == "<tool_call>" and len(c.logprobs.content[0].bytes) == 11

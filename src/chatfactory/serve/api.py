@@ -68,7 +68,7 @@ from .responses import (
     ModelList,
 )
 from .service import Service
-from .structured import ToolCallParser, active_tools, chat_message, response_constraint, tool_deltas, tool_messages
+from .structured import ToolCallParser, active_tools, chat_message, prompt_messages, response_constraint, tool_deltas
 from .tokenizing import install_tokenizer_routes
 from .votes import install_votes, set_rater_cookie
 
@@ -251,7 +251,8 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
         fits("the conversation", (m.text for m in req.messages), "messages", served)
         # tools: described in the system message, calls and results written in the format (structured.py)
-        prompt = await render_chat(tool_messages(req, messages(req.messages)), options=req.chat_template_kwargs)
+        msgs, variables = prompt_messages(req, messages(req.messages), served.tok.template.supports_tools)
+        prompt = await render_chat(msgs, options={**(req.chat_template_kwargs or {}), **variables})
         max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
         constraint = await pool.run(response_constraint, served.grammars, req)  # (compiling: off the event loop)
         names = {t.function.name for t in active_tools(req)}

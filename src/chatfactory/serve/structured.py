@@ -52,7 +52,7 @@ def response_constraint(grammars: Grammars, req: ChatCompletionRequest) -> Calla
         raise APIError(400, "response_format: this server cannot constrain a reply to both a JSON format and tool "
                             "calls; send one of them", "response_format", "invalid_value")
     if tools:
-        constrained = tool_grammar(tools, req)
+        constrained = tool_grammar(tools, req, grammars.tok.special)
         param, build = "tools", lambda: grammars.lark(constrained, "tool_calls")
     elif fmt is None or fmt.type == "text":
         return None
@@ -99,22 +99,49 @@ def _call_schema(tools) -> dict:
     return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
 
 
-def tool_grammar(tools, req: ChatCompletionRequest) -> str:
-    """The Lark grammar (llguidance's dialect) of a reply that may or must call ``tools``."""
-    body = f'"\\n" %json {json.dumps(_call_schema(tools))} "\\n{CLOSE}"'
+def tool_grammar(tools, req: ChatCompletionRequest, special: dict[str, int] | None = None) -> str:
+    """The Lark grammar (llguidance's dialect) of a reply that may or must call ``tools``. ``special``: the
+    tokenizer's added tokens; where the tags are among them (Qwen's), the grammar asks for those ids (the
+    grammar library reads an added token as a token of its own, never as the text it spells)."""
+    special = special or {}
+    tag = {t: f"<[{special[t]}]>" if t in special else f'"{t}"' for t in (OPEN, CLOSE)}
+    body = f'"\\n" %json {json.dumps(_call_schema(tools))} "\\n" {tag[CLOSE]}'
     parallel = req.parallel_tool_calls is not False and not _named(req)
-    more = f' more*\nmore: "\\n"? "{OPEN}" {body}' if parallel else ""
-    if req.tool_choice in (None, "auto"):
-        # plain text without the tag, or text (maybe none) ending in the first tag: each one lexeme, so the
-        # lexer never has to take back text it read as the reply to find the tag in it
-        return (f"start: TEXT | TEXT_THEN_OPEN {body}{more}\n"
-                f"TEXT_THEN_OPEN: /(?s:.*){OPEN}/ & ~/(?s:.*{OPEN}.+)/\n"
-                f"TEXT: /(?s:.+)/ & ~/(?s:.*{OPEN}.*)/\n")
-    return f'start: "{OPEN}" {body}{more}\n'
+    more = f' more*\nmore: "\\n"? {tag[OPEN]} {body}' if parallel else ""
+    text = f"TEXT: /(?s:.+)/ & ~/(?s:.*{OPEN}.*)/\n"  # plain text that does not spell the tag
+    if req.tool_choice not in (None, "auto"):
+        return f"start: {tag[OPEN]} {body}{more}\n"
+    if OPEN in special:  # a special token ends the text by itself
+        return f"start: TEXT | TEXT? {tag[OPEN]} {body}{more}\n{text}"
+    # plain text without the tag, or text (maybe none) ending in the first tag: each one lexeme, so the lexer
+    # never has to take back text it read as the reply to find the tag in it
+    return (f"start: TEXT | TEXT_THEN_OPEN {body}{more}\n"
+            f"TEXT_THEN_OPEN: /(?s:.*){OPEN}/ & ~/(?s:.*{OPEN}.+)/\n{text}")
 
 
 def _named(req) -> bool:
     return req.tool_choice is not None and not isinstance(req.tool_choice, str)
+
+
+def prompt_messages(req: ChatCompletionRequest, messages: list[dict], native: bool) -> tuple[list[dict], dict]:
+    """-> (the conversation to render, the template's extra variables) for a template that renders tools itself
+    (``native``: the tools go to it as ``tools``, calls and results as messages, as transformers passes them)
+    or one that does not (``tool_messages``: the server writes them in)."""
+    if not native:
+        return tool_messages(req, messages), {}
+    names = {tc.id: tc.function.name for m in req.messages for tc in (m.tool_calls or [])}
+    out = []
+    for m, plain in zip(req.messages, messages):
+        d = {**plain, "content": None if m.content is None else plain["content"]}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": tc.id, "type": "function",
+                                "function": {"name": tc.function.name, "arguments": _arguments(tc)}}
+                               for tc in m.tool_calls]
+        if m.role == "tool":
+            d.update(tool_call_id=m.tool_call_id, name=names.get(m.tool_call_id, ""))
+        out.append(d)
+    tools = [t.model_dump(exclude_none=True) for t in active_tools(req)]
+    return out, ({"tools": tools} if tools else {})
 
 
 def tool_messages(req: ChatCompletionRequest, messages: list[dict]) -> list[dict]:
@@ -146,12 +173,15 @@ def tool_messages(req: ChatCompletionRequest, messages: list[dict]) -> list[dict
     return out
 
 
-def _call_json(tc) -> str:
+def _arguments(tc):
     try:
-        args = json.loads(tc.function.arguments)
+        return json.loads(tc.function.arguments)
     except json.JSONDecodeError:
-        args = tc.function.arguments  # as the client sent it
-    return json.dumps({"name": tc.function.name, "arguments": args}, ensure_ascii=False)
+        return tc.function.arguments  # as the client sent it
+
+
+def _call_json(tc) -> str:
+    return json.dumps({"name": tc.function.name, "arguments": _arguments(tc)}, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- the reply read back

@@ -53,12 +53,15 @@ _RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "pad
 
 def check_options(options: dict | None) -> dict:
     """A template's extra variables: names of letters, digits and _, values plain (bool, number, string, null);
-    never one of the variables the renderer sets itself. ValueError naming what is wrong."""
+    never one of the variables the renderer sets itself; ``tools`` may be a list of function descriptions
+    (objects). ValueError naming what is wrong."""
     if not options:
         return {}
     if not isinstance(options, dict):
         raise ValueError(f"chat template options must be a mapping, got {type(options).__name__}")
     for k, v in options.items():
+        if k == "tools" and isinstance(v, list) and all(isinstance(t, dict) for t in v):
+            continue  # the functions a model may call, as transformers passes them (a template that renders them)
         if not isinstance(k, str) or not k.isidentifier() or k in _RESERVED:
             raise ValueError(f"chat template option {k!r} is not allowed (a name of letters, digits and _, "
                              f"not one of {', '.join(_RESERVED)})")
@@ -75,6 +78,12 @@ _TRIAL = [{"role": "system", "content": "You are helpful."}, {"role": "user", "c
 
 class ChatTemplate:
     """A Jinja chat template and the token strings it is rendered with, bounded by ``limits``."""
+
+    @property
+    def supports_tools(self) -> bool:
+        """Does it render a ``tools`` variable and tool calls (Qwen's, Hermes'): then a conversation may hold
+        ``role: tool`` messages and assistant messages with ``tool_calls`` and no content."""
+        return "tools" in self.source and "tool_call" in self.source
 
     def __init__(self, source: str, limits: TemplateLimits | None = None, **tokens: str | None):
         self.source, self.limits = source, limits or TemplateLimits()
@@ -111,6 +120,8 @@ class ChatTemplate:
     def spans(self, messages, text: str, add_generation_prompt: bool,
               options: dict | None = None) -> list[tuple[int, int]]:
         """Where each message's content lies in ``text`` (character offsets)."""
+        # (an assistant message that only calls tools has no content: it is placed as empty text)
+        messages = [m if isinstance(m.get("content"), str) else {**m, "content": ""} for m in messages]
         marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
         mtext = self.render_text(marked, add_generation_prompt, options)
         out, pieces, pos, shift = [], [], 0, 0
@@ -142,6 +153,7 @@ class ChatTemplate:
         """(ids, mask) of a conversation for ``tok`` (see the module docstring); ``options``: ``render_text``'s."""
         text = self.render_text(messages, add_generation_prompt, options)
         spans = self.spans(messages, text, add_generation_prompt, options)
+        messages = [m if isinstance(m.get("content"), str) else {**m, "content": ""} for m in messages]
         starts = [a for a, _ in spans]  # in order: each message's text follows the one before
         parts, pos = [], 0  # pieces of text, and between them the ids of the template's special tokens
         for match in tok.special_pattern.finditer(text):

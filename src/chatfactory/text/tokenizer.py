@@ -45,15 +45,19 @@ CHAT_CONFIG = "tokenizer_config.json"  # an imported model's chat template, besi
 ROLES = ("system", "user", "assistant")
 
 
-def check_messages(messages, where: str = "messages") -> None:
-    """Raise ValueError naming what is wrong with a conversation (roles, types, system placement)."""
+def check_messages(messages, where: str = "messages", tools: bool = False) -> None:
+    """Raise ValueError naming what is wrong with a conversation (roles, types, system placement). ``tools``: the
+    template renders tool calls, so ``role: tool`` and assistant messages with ``tool_calls`` (content null) pass."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of messages")
+    roles = ROLES + ("tool",) if tools else ROLES
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        calls = tools and isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
             raise ValueError(f"{where}[{i}]: a message needs a string 'role' and a string 'content'")
-        if m["role"] not in ROLES:
-            raise ValueError(f"{where}[{i}]: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if m["role"] not in roles:
+            raise ValueError(f"{where}[{i}]: unknown role {m['role']!r} (expected one of {', '.join(roles)})")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"{where}[{i}]: a system message may only come first")
 
@@ -71,7 +75,8 @@ class Tokenizer:
 
         self.hf = hf
         self.chat = chat
-        added = {t.content for t in hf.get_added_tokens_decoder().values()}
+        decoder = hf.get_added_tokens_decoder()
+        added = {t.content for t in decoder.values()}
         if chat is None:
             missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
             if missing:
@@ -91,6 +96,10 @@ class Tokenizer:
                 raise ValueError("an imported chat model needs its chat_template (Jinja source)")
         # every added token is matched whole by the HF tokenizer: those are the ones a message may spell
         self.special = {t: hf.token_to_id(t) for t in sorted(added | set(names.values()))}
+        # the control tokens: those the tokenizer marks special (a turn's markers, bos, eos) and ours. Added
+        # tokens it does not mark (Qwen's <tool_call>, <think>) are words of the reply, not its end
+        control = {t.content for t in decoder.values() if t.special} | set(names.values())
+        self.control = {t: i for t, i in self.special.items() if t in control}
         self.special_pattern = special_pattern(self.special)
         self.bos_id, self.end_id, self.pad_id = (hf.token_to_id(names[k]) for k in ("bos", "eos", "pad"))
         self.template = ChatTemplate(source, bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"])
@@ -102,7 +111,7 @@ class Tokenizer:
     def stop_ids(self) -> tuple[int, ...]:
         """Ids that end a reply in chat and serving: the end of turn and every other control token
         (a model that opens a new turn, or a new document, has finished its answer)."""
-        return tuple(sorted(i for t, i in self.special.items() if i != self.pad_id))
+        return tuple(sorted(i for i in self.control.values() if i != self.pad_id))
 
     def document(self, text: str) -> list[int]:
         """Plain text as a document the model reads: opened with bos when the model's tokenizer does that."""
@@ -187,7 +196,7 @@ class Tokenizer:
         every assistant message's text and its end-of-turn token and 0 elsewhere (role markers, system
         and user text). With ``add_generation_prompt`` the opening of an assistant turn is appended;
         ``options``: more variables the template reads (``{"enable_thinking": False}`` for Qwen3's)."""
-        check_messages(messages)
+        check_messages(messages, tools=self.template.supports_tools)
         return self.template.render(self, messages, add_generation_prompt, options)
 
     def chat_prompt(self, messages, options: dict | None = None) -> list[int]:
