@@ -109,7 +109,8 @@ def test_calc_tasks_hold_out_operand_values():
     for r in held[:30]:
         a, b = r["operands"]
         assert is_correct(r, r["reference"]) and max(a, b) >= 10
-        assert not is_correct(r, f"<calc>{a}*{b}</calc> <result>{r['answer']}</result> I do not know.")
+        assert not is_correct(r, f"<calc>{a}*{b}</calc> <result>{int(r['answer']) + 1}</result>")
+        assert is_correct(r, f"So: <calc>{a}+{b}-{b}</calc> <result>{r['answer']}</result>")  # the result answers
         assert evaluate(r["reference"].split("<calc>")[1].split("</calc>")[0]) == r["answer"]
 
 

@@ -1,14 +1,15 @@
 """Multi-digit arithmetic that the model answers with the calculator (inference/calculator.py): the task family
 ``calc`` that ``pipeline.calculator: true`` adds to the embedded tasks.
 
-A demonstration calls the calculator and states the answer from its result::
+A demonstration calls the calculator, and its result is the answer::
 
     user:      What is 347 * 29?
-    assistant: <calc>347*29</calc> <result>10063</result> 347 * 29 = 10063.
+    assistant: <calc>347*29</calc> <result>10063</result>
 
 The result is the engine's (forced, not sampled: no loss on it, calculator.forced_mask), so what the model
-learns is to copy the operands into a call and the result into its answer: multi-digit products are out of
-reach of a small model's own arithmetic, not of its copying.
+learns is to copy the operands into a call: multi-digit products are out of reach of a small model's own
+arithmetic, not of its copying. Without the calculator the model writes the result tags itself, and its own
+number is its answer.
 
 Held out by operand values, not by wording: every operand value (10-999) is assigned to training or to
 evaluation by a hash of the value; a problem whose two operands are both evaluation values is ``heldout``
@@ -39,9 +40,11 @@ def value_side(v: int) -> str:
 
 
 def reference(a: int, op: str, b: int) -> str:
+    """The call and its result, nothing else: the result is the answer the reply gives (the rubric reads it as
+    such), so the model never copies a long number it did not compute. Nothing follows the result but the end
+    of turn (a character after ``</result>`` could merge with it into one token across the forced boundary)."""
     expr = f"{a}{op}{b}"
-    c = OPS[op][0](a, b)
-    return f"{call(expr)}{result_text(expr)} {a} {op} {b} = {c}."
+    return f"{call(expr)}{result_text(expr)}"
 
 
 def calc_rows(split: str, n: int, seed: int = 0) -> list[dict]:

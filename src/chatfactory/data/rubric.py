@@ -92,8 +92,9 @@ def clean_reply(answer: str) -> str:
 
 
 def without_calls(text: str) -> str:
-    """A reply with its calculator calls and their results taken out (calculator.py's format)."""
-    return re.sub(r"<calc>.*?</calc>( <result>[^<]*</result>)?", "", text).strip()
+    """A reply as its reader sees it (calculator.py's format): each call's expression taken out, its result
+    shown as the value it holds (the web UI shows the two as one badge)."""
+    return re.sub(r"<calc>.*?</calc>(?: <result>([^<]*)</result>)?", lambda m: m.group(1) or "", text).strip()
 
 
 def first_sentence(text: str) -> str:
@@ -114,7 +115,7 @@ def is_correct(row: dict, answer: str) -> bool:
     if task in ("arithmetic", "compare", "string_count"):
         nums = numbers(first)
         return bool(nums) and nums[-1] == want
-    if task == "calc":  # the answer the reply states itself: calls and their results (the engine's) left out
+    if task == "calc":  # the reply's last number, a calculator's result shown as its value
         nums = numbers(first_sentence(without_calls(a)))
         return bool(nums) and nums[-1] == want
     if task == "sort":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import operator
 import re
+import warnings
 from fractions import Fraction
 
 OPEN, CLOSE = "<calc>", "</calc>"
@@ -41,8 +42,10 @@ def evaluate(expression: str) -> str:
     if len(expression) > MAX_CHARS:
         raise CalcError(f"expression longer than {MAX_CHARS} characters")
     try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError:
+        with warnings.catch_warnings():  # ("invalid decimal literal" and the like: the model's typo, not ours)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError):  # (ValueError: a NUL byte in the expression)
         raise CalcError("not an arithmetic expression") from None
     value = _walk(tree.body)
     if value.denominator == 1:
