@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
+from ..inference.calculator import CalcRow
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..store.checkpoint import latest_stage
@@ -63,6 +64,7 @@ def sample_ids(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_pr
     batches. Batch b samples with seed ``p.seed + b``, so the output is a function of the inputs alone.
     ``desc``: the progress bar's name; ``setting``: the config key an error about ``p.max_tokens`` names."""
     engine = Engine(model, vocab_limit=tok.vocab_size)
+    calculator = any(r.get("task") == "calc" for r in rows)  # its tasks' answers are written with it running
     room = model.cfg.block_size - p.max_tokens
     if room < 2:
         raise ValueError(f"{setting}={p.max_tokens} leaves no room for a prompt in a "
@@ -75,7 +77,8 @@ def sample_ids(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_pr
         ids = [tok.chat_prompt(r["messages"])[-room:] for r in chunk for _ in range(k)]
         seed = None if p.seed is None else p.seed + b
         gen = engine.generate(ids, SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                                  seed=seed, stop_ids=(tok.end_id,)))
+                                                  seed=seed, stop_ids=(tok.end_id,)),
+                              tools=[CalcRow(tok) for _ in ids] if calculator else None)
         out += [gen[i * k:(i + 1) * k] for i in range(len(chunk))]
     return out
 
