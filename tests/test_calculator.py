@@ -139,3 +139,14 @@ def test_rollout_masks_what_the_tool_wrote(tok):
     mask = batch["answer_mask"][0].tolist()
     assert mask[2:2 + len(write)] == [False] * len(write) and mask[:2] == [True, True]
     assert batch["answer_mask"][1].tolist() == plain["answer_mask"][1].tolist()
+
+
+def test_dpo_pairs_leave_the_tools_output_out_of_the_answer_mask(tok):
+    from chatfactory.data.preferences import Pair, collate, encode_pairs
+
+    prompt = [{"role": "user", "content": "What is 2+3?"}]
+    pair = Pair(prompt, "<calc>2+3</calc> <result>5</result>", "<calc>2+4</calc> <result>6</result>")
+    batch = collate(encode_pairs(tok, [pair], 128), tok.pad_id)
+    for row in range(2):
+        learned = tok.decode(batch["idx"][row][batch["answer_mask"][row]].tolist())
+        assert learned.startswith("<calc>2+") and "<result>" not in learned and learned.endswith("<|end|>")

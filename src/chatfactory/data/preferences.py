@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..formats.jsonl import DataError, read_jsonl
+from ..inference.calculator import OPEN, forced_mask
 from ..text.tokenizer import check_messages
 from .chat import openai_messages, parse_hh_transcript
 
@@ -194,6 +195,8 @@ class EncodedPair:
     rejected: list[int]
     chosen_start: int  # where the answer begins in each row
     rejected_start: int
+    # positions of each row's answer that a tool wrote (a calculator's results): no log-prob of the policy's
+    forced: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
 
 def fit(prompt: list[int], answer: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -214,21 +217,25 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[EncodedPair]:
     for i, prompt in enumerate(prompts):
         prompt_c, c = fit(prompt, answers[i] + [tok.end_id], max_len)
         prompt_r, r = fit(prompt, answers[len(pairs) + i] + [tok.end_id], max_len)
-        out.append(EncodedPair(prompt_c + c, prompt_r + r, len(prompt_c), len(prompt_r)))
+        forced = tuple(tuple(len(p) + j for j, f in enumerate(forced_mask(tok, a)) if f) if OPEN in text else ()
+                       for p, a, text in ((prompt_c, c, pairs[i].chosen), (prompt_r, r, pairs[i].rejected)))
+        out.append(EncodedPair(prompt_c + c, prompt_r + r, len(prompt_c), len(prompt_r), forced))
     return out
 
 
 def collate(pairs: list[EncodedPair], pad_id: int) -> dict:
     """-> {"idx": (2B, T) chosen rows then rejected rows, right-padded; "last": (2B,) index of each row's
-    last real token; "answer_mask": (2B, T) True where a token belongs to the answer}."""
-    rows = [(p.chosen, p.chosen_start) for p in pairs] + [(p.rejected, p.rejected_start) for p in pairs]
-    T = max(len(r) for r, _ in rows)
+    last real token; "answer_mask": (2B, T) True where a token belongs to the answer and no tool wrote it}."""
+    rows = [(p.chosen, p.chosen_start, p.forced[0]) for p in pairs] + \
+        [(p.rejected, p.rejected_start, p.forced[1]) for p in pairs]
+    T = max(len(r) for r, _, _ in rows)
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, (r, s) in enumerate(rows):
+    for i, (r, s, forced) in enumerate(rows):
         idx[i, : len(r)] = torch.tensor(r)
         mask[i, s: len(r)] = True
-    last = torch.tensor([len(r) - 1 for r, _ in rows])
+        mask[i, list(forced)] = False  # a tool's output is not the policy's to score
+    last = torch.tensor([len(r) - 1 for r, _, _ in rows])
     return {"idx": idx, "last": last, "answer_mask": mask}
 
 
