@@ -56,7 +56,7 @@ def _load(a):
     from chatfactory.text.tokenizer import Tokenizer
 
     run = Path(a.run)
-    return load_model(run / a.stage, inference=True).eval(), Tokenizer.load(run / "tokenizer.json")
+    return load_model(run / a.stage, inference=True)[0].eval(), Tokenizer.load(run / "tokenizer.json")
 
 
 def decode(model, tok, grammars, n: int, tokens: int, constrained: bool):

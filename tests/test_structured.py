@@ -140,6 +140,14 @@ def test_parser_streams_what_the_whole_reply_holds(split):
     assert [(c["name"], c["arguments"]) for c in s_calls] == [(c["name"], c["arguments"]) for c in calls]
 
 
+def test_calls_before_a_cut_are_kept():
+    """max_tokens cut a third call (or its tag): the two complete ones are the answer's calls."""
+    two = REPLY + "\n"
+    for cut in (two + "<tool", two + '<tool_call>\n{"name": "add", "argu'):
+        content, calls = read_reply(cut, {"get_weather", "add"})
+        assert content == "Let me look." and [c["name"] for c in calls] == ["get_weather", "add"]
+
+
 @pytest.mark.parametrize("reply", [
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os',  # cut by max_tokens
     '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # not a listed function

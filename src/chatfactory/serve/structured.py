@@ -284,8 +284,9 @@ class ToolCallParser:
                 tag = self.text.find(OPEN, self.sent)
                 if tag < 0:
                     end = len(self.text) if final else len(self.text) - _tag_prefix(self.text, self.sent)
-                    if self.calls:  # after a call: only whitespace may come before the next one
-                        if self.text[self.sent:end].strip():
+                    if self.calls:  # after a call: only whitespace may come before the next one (or, at the
+                        rest = self.text[self.sent:end].strip()  # end, the start of a tag max_tokens cut)
+                        if rest and not (final and OPEN.startswith(rest)):
                             self.broken = True
                         break
                     if end > self.sent:
