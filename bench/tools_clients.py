@@ -86,10 +86,12 @@ def check(calls: list[tuple[str, str | dict]], tool: str, args: dict) -> dict:
 
 
 def numbers_check(obj, args: dict | None) -> dict:
+    """A structured reply (None: the client could not parse one) -> called, valid, right (None where the
+    question is not a sum: it has no two numbers to extract)."""
     import jsonschema_rs
 
     valid = obj is not None and jsonschema_rs.validator_for(NUMBERS).is_valid(obj)
-    return {"called": 1.0, "valid": float(valid), "right": float(valid and args is not None and obj == args)}
+    return {"called": 1.0, "valid": float(valid), "right": None if args is None else float(valid and obj == args)}
 
 
 # ---------------------------------------------------------------- the clients
@@ -122,7 +124,7 @@ def c_openai_stream(url, model, items, a):
 
 
 def c_openai_parse(url, model, items, a):
-    from openai import OpenAI
+    from openai import LengthFinishReasonError, OpenAI
     from pydantic import BaseModel
 
     class Numbers(BaseModel):
@@ -131,10 +133,13 @@ def c_openai_parse(url, model, items, a):
 
     client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     for q, tool, args in items:
-        r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": f"Give the two numbers "
-                                                                  f"in this question as JSON: {q}"}],
-                                          response_format=Numbers, max_tokens=a.max_tokens, temperature=0)
-        p = r.choices[0].message.parsed
+        try:
+            r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": f"Give the two "
+                                                                      f"numbers in this question as JSON: {q}"}],
+                                              response_format=Numbers, max_tokens=a.max_tokens, temperature=0)
+            p = r.choices[0].message.parsed
+        except LengthFinishReasonError:  # max_tokens cut the object: not a valid one
+            p = None
         yield numbers_check(p.model_dump() if p is not None else None, args if tool == "add" else None)
 
 

@@ -114,3 +114,17 @@ def test_fork_keeps_state_apart(tok):
     for t in tok.encode('"k": 1}'):
         assert b.accept(t)
     assert b.complete and not a.complete
+
+
+def test_integers_a_schema_leaves_unbounded_end(tok):
+    """A model that writes digits forever cannot: the number ends within I-JSON's range (2**53 has 16 digits)."""
+    g = Grammars(tok)
+    for schema in ({"type": "integer"}, {"type": "object", "properties": {"n": {"type": "integer"}}}):
+        c = g.json_schema(schema)
+        prefix = tok.encode('{"n": ' if "properties" in schema else "")
+        assert all(c.accept(t) for t in prefix)
+        digits = [t for t in tok.encode("5" * 40)]
+        taken = c.matcher.try_consume_tokens(digits)
+        assert 0 < len(tok.decode(digits[:taken])) <= 16
+    bounded = g.json_schema({"type": "integer", "minimum": 3, "maximum": 7})  # a bound the schema gives is kept
+    assert not bounded.accept(tok.encode("9")[0])

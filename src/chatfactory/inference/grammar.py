@@ -14,8 +14,9 @@ dependencies (xgrammar pulls transformers and triton), it takes Lark grammars be
 grammar compiles in about a millisecond (outlines-core compiles a regular expression: no recursive JSON,
 and hundreds of milliseconds a schema on a real vocabulary); docs/serving.md has the figures.
 
-JSON whitespace is bounded (at most ``JSON_WHITESPACE`` characters between two tokens of the document): a
-small model allowed unbounded whitespace can fill its whole reply with newlines, a valid prefix forever.
+JSON whitespace is bounded (at most ``JSON_WHITESPACE`` characters between two tokens of the document), and so
+are integers a schema leaves unbounded (to ±2**53, ``bounded_integers``): a small model allowed either can fill
+its whole reply with newlines or digits, a valid prefix forever.
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ import threading
 import torch
 
 JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{1,16}"  # between JSON tokens: some layout, never a reply of blanks
+SAFE_INTEGER = 2**53  # I-JSON's (RFC 7493) exact integers: what a JavaScript client can read back unchanged
+
+
+def bounded_integers(schema):
+    """A copy of ``schema`` whose integers without a bound get I-JSON's (±2**53): an unbounded integer lets a
+    model write digits until max_tokens, a valid prefix forever (a small model does: "5051555555…")."""
+    if isinstance(schema, list):
+        return [bounded_integers(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_integers(v) for k, v in schema.items()}
+    if out.get("type") == "integer":
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out
 
 
 class GrammarError(ValueError):
@@ -101,7 +119,7 @@ class Grammars:
 
         if schema is not None and not isinstance(schema, dict):
             raise GrammarError(f"a JSON Schema is a JSON object, not {type(schema).__name__}")
-        schema = {"type": "object"} if schema is None else schema
+        schema = {"type": "object"} if schema is None else bounded_integers(schema)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), overrides={"whitespace_pattern": JSON_WHITESPACE})

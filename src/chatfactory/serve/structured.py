@@ -28,7 +28,7 @@ import json
 import uuid
 from collections.abc import Callable
 
-from ..inference.grammar import JSON_WHITESPACE, Constraint, GrammarError, Grammars
+from ..inference.grammar import JSON_WHITESPACE, Constraint, GrammarError, Grammars, bounded_integers
 from .protocol import APIError, ChatCompletionRequest
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -92,8 +92,11 @@ def active_tools(req: ChatCompletionRequest) -> list:
 
 
 def _call_schema(tools) -> dict:
-    one = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                             "arguments": t.function.parameters or {"type": "object"}},
+    """One call as JSON: a listed function's name and arguments valid under its schema (integers bounded as
+    response_format's are: grammar.bounded_integers)."""
+    one = [{"type": "object",
+            "properties": {"name": {"const": t.function.name},
+                           "arguments": bounded_integers(t.function.parameters or {"type": "object"})},
             "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = one[0] if len(one) == 1 else {"anyOf": one}
     return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
