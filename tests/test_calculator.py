@@ -150,3 +150,27 @@ def test_dpo_pairs_leave_the_tools_output_out_of_the_answer_mask(tok):
     for row in range(2):
         learned = tok.decode(batch["idx"][row][batch["answer_mask"][row]].tolist())
         assert learned.startswith("<calc>2+") and "<result>" not in learned and learned.endswith("<|end|>")
+
+
+def test_a_run_with_the_calculators_problems(tmp_path):
+    """`run pipeline.calc_rows=N`: the task files gain the calculator's problems (no held-out operand in training),
+    and the report gains its table (accuracy with it, right calls, without it) for each evaluated stage."""
+    import json
+    import subprocess
+
+    from conftest import ROOT, cli_cmd
+
+    out = tmp_path / "run"
+    r = subprocess.run(cli_cmd("run", "--config", "pipeline-tiny", "--out", out, "pipeline.calc_rows=40",
+                               "pipeline.stages=pretrain,sft"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = {n: [json.loads(x) for x in open(out / "tasks" / f"{n}.jsonl")] for n in ("sft", "prompts", "heldout")}
+    calc = {n: [x for x in rows if x.get("task") == "calc" or "<calc>" in json.dumps(x)] for n, rows in files.items()}
+    assert [len(calc[n]) for n in ("sft", "prompts", "heldout")] == [40, 40, 10]
+    held = {v for x in calc["heldout"] for v in x["operands"]}
+    assert not held & {v for x in calc["prompts"] for v in x["operands"]}
+    assert all(str(v) not in x["messages"][0]["content"].split() for x in calc["sft"] for v in held)
+    report = (out / "report.md").read_text()
+    assert "The calculator (multi-digit problems" in report and "| sft |" in report.split("The calculator")[1]
+    evals = json.loads((out / "eval" / "sft.json").read_text())
+    assert evals["calculator"]["n"] == 10 and 0 <= evals["calculator"]["accuracy"] <= 1

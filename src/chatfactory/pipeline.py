@@ -115,10 +115,10 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         from .data.tasks import sft_row
 
         n = settings.calc_rows
-        for name, split, k in (("sft", "sft", n), ("prompts", "rl", n), ("dev", "dev", n // 10),
-                               ("heldout", "heldout", n // 4)):
-            rows = calc_rows(split, k, settings.tasks_seed)
-            _append_jsonl(paths[name], [sft_row(r) for r in rows] if name == "sft" else rows)
+        for split, k in {"sft": n, "rl": n, "dev": n // 10, "heldout": n // 4}.items():
+            rows = calc_rows(split, k, settings.tasks_seed)  # (the rl split's file is prompts.jsonl)
+            demos = split == "sft"
+            _append_jsonl(paths["prompts" if split == "rl" else split], [sft_row(r) for r in rows] if demos else rows)
     if settings.if_prompts:
         # constraint-augmented prompts (data/constraint_prompts.py): comparisons and RL train on if_train; their
         # dev split holds the held-out comparisons that DPO and the reward model report on
