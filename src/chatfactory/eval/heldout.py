@@ -40,6 +40,8 @@ import torch
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
 from ..formats.jsonl import read_jsonl
+from ..inference.calculator import OPEN as OPEN_CALL
+from ..inference.calculator import forced_mask
 from ..inference.engine import Engine
 from ..inference.replies import chat_replies
 from ..inference.sampling import SamplingParams
@@ -110,7 +112,14 @@ def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], t
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         lp = answer_logprobs(forward_answers(model, batch), batch["tokens"], batch["start"], temperature)
         lr = answer_logprobs(forward_answers(ref, batch), batch["tokens"], batch["start"], temperature)
-        total += float(((lp - lr) * batch["answer_mask"]).sum())
+        mask = batch["answer_mask"]
+        chunk = replies_ids[b:b + batch_size]
+        if any(OPEN_CALL in tok.decode(r) for r in chunk):  # a calculator's results were not sampled: not in the KL
+            width = mask.size(1)
+            forced = torch.tensor([(f + [False] * width)[:width] for f in (forced_mask(tok, r) for r in chunk)],
+                                  device=mask.device)
+            mask = mask & ~forced
+        total += float(((lp - lr) * mask).sum())
     return total / max(1, len(rows))
 
 
