@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..formats.jsonl import DataError, read_jsonl
-from ..inference.calculator import OPEN, forced_mask
+from ..inference.calculator import forced_mask
 from ..text.tokenizer import check_messages
 from .chat import openai_messages, parse_hh_transcript
 
@@ -217,8 +217,8 @@ def encode_pairs(tok, pairs: list[Pair], max_len: int) -> list[EncodedPair]:
     for i, prompt in enumerate(prompts):
         prompt_c, c = fit(prompt, answers[i] + [tok.end_id], max_len)
         prompt_r, r = fit(prompt, answers[len(pairs) + i] + [tok.end_id], max_len)
-        forced = tuple(tuple(len(p) + j for j, f in enumerate(forced_mask(tok, a)) if f) if OPEN in text else ()
-                       for p, a, text in ((prompt_c, c, pairs[i].chosen), (prompt_r, r, pairs[i].rejected)))
+        forced = tuple(tuple(len(p) + j for j, f in enumerate(forced_mask(tok, a)) if f)
+                       for p, a in ((prompt_c, c), (prompt_r, r)))
         out.append(EncodedPair(prompt_c + c, prompt_r + r, len(prompt_c), len(prompt_r), forced))
     return out
 

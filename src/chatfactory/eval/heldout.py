@@ -40,7 +40,6 @@ import torch
 from ..data.rubric import is_correct, lang_of, rubric_score
 from ..data.tasks import plain_prompt, prompt_text
 from ..formats.jsonl import read_jsonl
-from ..inference.calculator import OPEN as OPEN_CALL
 from ..inference.calculator import forced_mask
 from ..inference.engine import Engine
 from ..inference.replies import chat_replies
@@ -112,14 +111,11 @@ def policy_kl(model, ref, tok, rows: list[dict], replies_ids: list[list[int]], t
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         lp = answer_logprobs(forward_answers(model, batch), batch["tokens"], batch["start"], temperature)
         lr = answer_logprobs(forward_answers(ref, batch), batch["tokens"], batch["start"], temperature)
-        mask = batch["answer_mask"]
-        chunk = replies_ids[b:b + batch_size]
-        if any(OPEN_CALL in tok.decode(r) for r in chunk):  # a calculator's results were not sampled: not in the KL
-            width = mask.size(1)
-            forced = torch.tensor([(f + [False] * width)[:width] for f in (forced_mask(tok, r) for r in chunk)],
-                                  device=mask.device)
-            mask = mask & ~forced
-        total += float(((lp - lr) * mask).sum())
+        mask, width = batch["answer_mask"], batch["answer_mask"].size(1)
+        # a calculator's results were not sampled: not in the KL
+        forced = torch.tensor([(forced_mask(tok, r) + [False] * width)[:width] for r in replies_ids[b:b + batch_size]],
+                              device=mask.device)
+        total += float(((lp - lr) * (mask & ~forced)).sum())
     return total / max(1, len(rows))
 
 
@@ -143,11 +139,11 @@ def calculator_figures(model, tok, rows: list[dict], replies: list[str], setting
 
     alone = chat_replies(model, tok, calc_rows, settings.eval_max_tokens, settings.eval_temperature,
                          settings.eval_seed, room=model.cfg.block_size - settings.eval_max_tokens)[0]
-    return {"n": len(at), "accuracy": sum(is_correct(r, replies[i]) for r, i in zip(calc_rows, at)) / len(at),
+    correct = [bool(is_correct(r, replies[i])) for r, i in zip(calc_rows, at)]
+    without = [bool(is_correct(r, a)) for r, a in zip(calc_rows, alone)]
+    return {"n": len(at), "accuracy": sum(correct) / len(at),
             "right_call": sum(right_call(replies[i], r["answer"]) for r, i in zip(calc_rows, at)) / len(at),
-            "accuracy_without": sum(is_correct(r, a) for r, a in zip(calc_rows, alone)) / len(at),
-            "correct": [bool(is_correct(r, replies[i])) for r, i in zip(calc_rows, at)],
-            "correct_without": [bool(is_correct(r, a)) for r, a in zip(calc_rows, alone)]}
+            "accuracy_without": sum(without) / len(at), "correct": correct, "correct_without": without}
 
 
 def calculator_md(evals: dict) -> list[str]:

@@ -6,8 +6,8 @@ numbers, parentheses, unary +/-, and + - * / // % ** are walked; names, calls, a
 everything else are refused, as are expressions longer than ``MAX_CHARS``, exponents past ``MAX_POWER`` and
 results past ``MAX_DIGITS`` digits (no ``eval``: the expression is the model's, and so untrusted).
 
-``CalcTool`` watches a row's reply: when the text it has written ends with ``</calc>``, ``after`` gives the
-text to force (the result, or `` <result>error: …</result>``). The format's boundaries are token boundaries for
+``CalcRow`` watches a row's reply: when the text it has written ends with ``</calc>``, ``add`` gives the
+ids to force (the result, or `` <result>error: …</result>``). The format's boundaries are token boundaries for
 a byte-level BPE (``>`` is a piece of its own before a space), so the model writes ``</calc>`` whole and the
 forced text starts a fresh piece. Training marks the forced tokens (``forced_mask``) so that no loss,
 ratio, KL or value is computed on them.
@@ -27,6 +27,7 @@ MAX_CHARS = 200
 MAX_POWER = 64
 MAX_DIGITS = 60
 RESULT_PATTERN = re.compile(rb" <result>[^<]*</result>")  # (on bytes: a result has no "<" inside)
+_OPEN, _CLOSE = OPEN.encode(), CLOSE.encode()
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -90,40 +91,24 @@ def call(expression: str) -> str:
     return f"{OPEN}{expression}{CLOSE}"
 
 
-class CalcTool:
-    """One row's calculator: ``after(text)`` -> the text to force once ``text`` (the reply so far) ends a call,
-    else None. A call is answered once (the forced result follows it, so the text no longer ends with it)."""
-
-    def __init__(self, max_calls: int = 8):
-        self.max_calls, self.calls = max_calls, 0
-
-    def after(self, text: str) -> str | None:
-        if not text.endswith(CLOSE) or self.calls >= self.max_calls:
-            return None
-        start = text.rfind(OPEN)
-        if start < 0:
-            return None
-        self.calls += 1
-        return result_text(text[start + len(OPEN):-len(CLOSE)])
-
-
 class CalcRow:
     """A row of generation with the calculator: ``add(id)`` takes each id the model sampled and returns the
-    ids to force next (the call's result) or []; forced ids are not passed back to ``add``."""
+    ids to force next (the call's result, at most ``max_calls`` times a reply) or []; forced ids are not passed
+    back to ``add``. A call is answered once: its result follows it, so the reply no longer ends with it."""
 
     def __init__(self, tok, max_calls: int = 8):
-        self.tok, self.tool = tok, CalcTool(max_calls)
+        self.tok, self.max_calls, self.calls = tok, max_calls, 0
         self.data = b""
-        self._close = CLOSE.encode()
 
     def add(self, token: int) -> list[int]:
         self.data += self.tok.token_bytes[token]
-        if not self.data.endswith(self._close):
+        if not self.data.endswith(_CLOSE) or self.calls >= self.max_calls:
             return []
-        start = self.data.rfind(OPEN.encode())
-        forced = self.tool.after(self.data[max(0, start):].decode("utf-8", "replace")) if start >= 0 else None
-        if forced is None:
+        start = self.data.rfind(_OPEN)
+        if start < 0:
             return []
+        self.calls += 1
+        forced = result_text(self.data[start + len(_OPEN):-len(_CLOSE)].decode("utf-8", "replace"))
         self.data += forced.encode()
         return self.tok.encode(forced)
 
@@ -133,8 +118,9 @@ def forced_mask(tok, ids: list[int]) -> list[bool]:
     no loss, ratio, KL or value on them."""
     tb = tok.token_bytes
     data = b"".join(tb[i] for i in ids)
-    spans = [(m.start(), m.end()) for m in RESULT_PATTERN.finditer(data)
-             if data[:m.start()].endswith(CLOSE.encode())]
+    if _CLOSE not in data:  # no call: nothing forced (most replies)
+        return [False] * len(ids)
+    spans = [(m.start(), m.end()) for m in RESULT_PATTERN.finditer(data) if data[:m.start()].endswith(_CLOSE)]
     out, pos = [], 0
     for i in ids:
         a, b = pos, pos + len(tb[i])

@@ -26,7 +26,7 @@ import torch
 
 from ..config import Config, SFTConfig, save_config
 from ..data.chat import load_conversations
-from ..inference.calculator import OPEN, forced_mask
+from ..inference.calculator import forced_mask
 from ..model.lora import apply_lora, lora_settings, summary
 from ..store.checkpoint import resolve_stage
 from ..store.files import CheckpointError
@@ -44,10 +44,9 @@ def tokenize_conversations(convs, tok: Tokenizer, seq_len: int) -> tuple[list[np
     xs, ys, stats = [], [], {"conversations": len(convs), "truncated": 0, "dropped": 0}
     for conv in convs:
         ids, mask = tok.render_chat(conv)
-        if any(OPEN in m["content"] for m in conv if m["role"] == "assistant"):
-            # a calculator's results are the engine's, written into the reply: the model learns the call and
-            # what follows the result, never the result itself (inference/calculator.py)
-            mask = [0 if f else m for m, f in zip(mask, forced_mask(tok, ids))]
+        # a calculator's results are the engine's, written into the reply: the model learns the call and what
+        # follows the result, never the result itself (inference/calculator.py)
+        mask = [0 if f else m for m, f in zip(mask, forced_mask(tok, ids))]
         if len(ids) > seq_len + 1:
             ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
             stats["truncated"] += 1
