@@ -119,9 +119,7 @@ class ChatTemplate:
 
     def spans(self, messages, text: str, add_generation_prompt: bool,
               options: dict | None = None) -> list[tuple[int, int]]:
-        """Where each message's content lies in ``text`` (character offsets)."""
-        # (an assistant message that only calls tools has no content: it is placed as empty text)
-        messages = [m if isinstance(m.get("content"), str) else {**m, "content": ""} for m in messages]
+        """Where each message's content lies in ``text`` (character offsets); every content a string."""
         marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
         mtext = self.render_text(marked, add_generation_prompt, options)
         out, pieces, pos, shift = [], [], 0, 0
@@ -152,8 +150,9 @@ class ChatTemplate:
                options: dict | None = None) -> tuple[list[int], list[int]]:
         """(ids, mask) of a conversation for ``tok`` (see the module docstring); ``options``: ``render_text``'s."""
         text = self.render_text(messages, add_generation_prompt, options)
-        spans = self.spans(messages, text, add_generation_prompt, options)
+        # (an assistant message that only calls tools has no content: it is placed as empty text)
         messages = [m if isinstance(m.get("content"), str) else {**m, "content": ""} for m in messages]
+        spans = self.spans(messages, text, add_generation_prompt, options)
         starts = [a for a, _ in spans]  # in order: each message's text follows the one before
         parts, pos = [], 0  # pieces of text, and between them the ids of the template's special tokens
         for match in tok.special_pattern.finditer(text):
