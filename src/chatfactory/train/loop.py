@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import os
 import random
@@ -449,6 +450,14 @@ class Trainer:
         """-> the last metrics: train loss, the last evaluation's entries, and the run's elapsed seconds."""
         self.bar.close()
         self.last["elapsed"] = self.elapsed
+        if self.model is not self.raw_model:
+            # DDP's reducer holds the process group. Freed after the stage's destroy_process_group, it would
+            # free the group with the GIL held, and the group's destructor joins gloo's worker threads, one of
+            # which may wait for the GIL to free a finished collective's tensors: a deadlock (rank 1 of a
+            # torchrun PPO hung so). Freed here, it lets go of a group still registered, which
+            # destroy_process_group then frees with the GIL released.
+            self.model = self.raw_model
+            gc.collect()  # DDP's hooks make reference cycles
         return self.last
 
 
