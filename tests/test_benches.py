@@ -318,12 +318,22 @@ def test_offload_compare(quick):
     r = quick("offload_compare.py")
     assert r["rows"] == q["prompts"]
     positive(r, "ours_tok_s", "ours_peak_rss_mb", "budget_mb")
+    binding = "cgroup" not in skipped(r)  # root and cgroup v1's memory controller: each side in a memory cgroup
     if installed("accelerate") and installed("transformers"):
-        assert skipped(r) == set()
+        assert skipped(r) - {"cgroup"} == set()
         ratio(r, "offload_vs_accelerate", lo=0.001, hi=1000)
         assert 0.5 <= r["agree"] <= 1  # greedy on the same weights: the answers agree, round-off aside
+        if binding:
+            ratio(r, "offload_vs_accelerate_cgroup", lo=0.001, hi=1000)
     else:
-        assert skipped(r) == {"accelerate"} and math.isnan(r["accelerate_tok_s"])
+        assert skipped(r) - {"cgroup"} == {"accelerate"} and math.isnan(r["accelerate_tok_s"])
+    if binding:
+        assert r["killed"] == "none"  # each side ran within a limit it was given
+        positive(r, "ours_cgroup_tok_s")
+        assert r["cgroup_same_answers"] == 1  # the limit changes where the weights come from, not the answers
+        assert r["disk_bytes_per_token_vs_min"] >= 0  # read_bytes: 0 where the files' device is not accounted
+    else:
+        assert math.isnan(r["ours_cgroup_tok_s"])
 
 
 @pytest.mark.slow
