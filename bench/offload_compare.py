@@ -16,21 +16,23 @@ answers are the same ids on both sides (greedy over identical weights: ~1, round
     .venv/bin/python bench/offload_compare.py [--run runs/smol --stage pretrain --prompts 64 --new-tokens 32]
     .venv/bin/python bench/offload_compare.py --quick     # smoke test: SmolLM2's 2-layer stand-in, 4 prompts
 
-A budget that binds: accelerate's weights are memory-mapped, so in the first pass the page cache holds what
-its budget left out. Where the host allows (root, cgroup v1's memory controller), each side then runs again,
-after the page cache is dropped, inside a memory cgroup whose limit is its own anonymous memory's peak in the
-first pass (the weights within the budget, the KV cache, activations) plus one block's weights (15% more at each
-retry where the kernel stops it at the limit: the sampled peak misses short-lived allocations): page cache and
-process memory together cannot hold the model, and each side reads from the disk what it did not keep.
-``/proc/PID/io``'s ``read_bytes`` over the generation gives the disk bytes per generated token, beside the
-least a step can read (the model's bytes over the batch).
+A budget that binds: accelerate's weights are memory-mapped, so in the first pass the page cache holds what its
+budget left out. With ``--cgroup`` (``--quick`` sets it), where the host allows (root, cgroup v1's memory
+controller), each side then runs again, after the page cache is dropped, inside a memory cgroup whose limit is its
+own anonymous memory's peak in the first pass (the weights within the budget, the KV cache, activations) plus one
+block's weights (15% more at each retry where the kernel stops it at the limit: the sampled peak misses short-lived
+allocations): page cache and process memory together cannot hold the model, and each side reads from the disk what
+it did not keep. ``/proc/PID/io``'s ``read_bytes`` over the generation gives the disk bytes per generated token,
+beside the least a step can read (the model's bytes over the batch). Not yet sound at full size: the libraries'
+code pages, evicted and faulted again after the join, are charged to the group too, so a limit without room for
+them thrashes (docs/small-hardware.md).
 
 Last line: ``RESULT offload_vs_accelerate=… ours_tok_s=… accelerate_tok_s=… ours_peak_rss_mb=…
 accelerate_peak_rss_mb=… budget_mb=… agree=… offload_vs_accelerate_cgroup=… ours_cgroup_tok_s=…
 accelerate_cgroup_tok_s=… disk_bytes_per_token_vs_min=… accelerate_disk_bytes_per_token_vs_min=…
 cgroup_same_answers=… rows=… killed=… skipped=…`` (rows: answers written by ours; killed: a side the kernel stopped
 at its limit; skipped: ``accelerate`` where transformers + accelerate are not installed: ours is measured alone, nan
-for theirs; ``cgroup`` where the binding pass cannot run or ``--no-cgroup``; else ``none``). Run it alone: on a
+for theirs; ``cgroup`` without ``--cgroup`` or where the binding pass cannot run; else ``none``). Run it alone: on a
 shared 2-core machine anything else running is noise. The stage defaults to ``pretrain``: a LoRA stage (runs/smol's
 sft) streams too, but merges its adapters at every load of a block, which the exported (merged) transformers side
 never pays.
@@ -50,7 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # --quick (tests/test_benches.py): SmolLM2's stand-in (tests/builders/standin.py) in a temp dir, 4 prompts, 4 tokens
-QUICK = dict(run=None, prompts=4, new_tokens=4, batch=4)
+QUICK = dict(run=None, prompts=4, new_tokens=4, batch=4, cgroup=True)
 TOPICS = ["the sea", "a library", "winter", "bread", "the moon", "trains", "a garden", "music", "rain", "mountains",
           "a cat", "coffee", "the city at night", "old maps", "bicycles", "the desert"]
 ASKS = ["Write two sentences about {}.", "What is interesting about {}?", "Give three facts about {}.",
@@ -212,7 +214,7 @@ def accelerate_missing() -> str:
 
 
 def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new_tokens=32, batch=64,
-            workdir=None, timeout=3600, binding=True) -> dict:
+            workdir=None, timeout=3600, binding=False) -> dict:
     """Both sides at the same budget -> the figures (the accelerate side's are nan, and ``skipped`` says
     so, where it is not installed). ``binding``: each side runs twice, first in a memory cgroup without a limit
     (its figures as before, and its anonymous memory's peak), then in one whose limit is that peak plus one
@@ -339,7 +341,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workdir", default=None, help="keeps the exported HF directory between runs")
-    ap.add_argument("--no-cgroup", action="store_true", help="skip the binding pass (each side in a memory cgroup)")
+    ap.add_argument("--cgroup", action="store_true", help="add the binding pass (each side in a memory cgroup)")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny sizes on SmolLM2's 2-layer stand-in")
     a = ap.parse_args()
     if a.quick:  # the quick sizes are defaults: an option on the command line still wins
@@ -351,7 +353,7 @@ def main() -> None:
             from builders.standin import smollm2_run
 
             a.run = str(smollm2_run(Path(tmp)))
-        r = compare(a.run, a.stage, a.budget_frac, a.prompts, a.new_tokens, a.batch, a.workdir, binding=not a.no_cgroup)
+        r = compare(a.run, a.stage, a.budget_frac, a.prompts, a.new_tokens, a.batch, a.workdir, binding=a.cgroup)
     for k, v in r.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
     keys = ["offload_vs_accelerate", "ours_tok_s", "accelerate_tok_s", "ours_peak_rss_mb", "accelerate_peak_rss_mb",
