@@ -17,7 +17,7 @@ answers are the same ids on both sides (greedy over identical weights: ~1, round
     .venv/bin/python bench/offload_compare.py --quick     # smoke test: SmolLM2's 2-layer stand-in, 4 prompts
 
 A budget that binds: accelerate's weights are memory-mapped, so in the first pass the page cache holds what its
-budget left out. With ``--cgroup`` (``--quick`` sets it), where the host allows (root, cgroup v1's memory
+budget left out. With ``--cgroup``, where the host allows (root, cgroup v1's memory
 controller), each side then runs again, after the page cache is dropped, inside a memory cgroup whose limit is its
 own anonymous memory's peak in the first pass (the weights within the budget, the KV cache, activations) plus one
 block's weights (15% more at each retry where the kernel stops it at the limit: the sampled peak misses short-lived
@@ -52,7 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # --quick (tests/test_benches.py): SmolLM2's stand-in (tests/builders/standin.py) in a temp dir, 4 prompts, 4 tokens
-QUICK = dict(run=None, prompts=4, new_tokens=4, batch=4, cgroup=True)
+QUICK = dict(run=None, prompts=4, new_tokens=4, batch=4)
 TOPICS = ["the sea", "a library", "winter", "bread", "the moon", "trains", "a garden", "music", "rain", "mountains",
           "a cat", "coffee", "the city at night", "old maps", "bicycles", "the desert"]
 ASKS = ["Write two sentences about {}.", "What is interesting about {}?", "Give three facts about {}.",
