@@ -92,7 +92,8 @@ def test_quantized_gpt_logits_are_close_and_it_generates(flavour, bits, tol):
     p = SamplingParams(max_tokens=10, temperature=0)
     eager = Engine(q).generate(prompts, p)
     assert all(len(o) == 10 for o in eager)
-    # Engine(compile=True) takes the decode step of inference/decode_step.py: eager for quantized layers, same ids
+    # Engine(compile=True) takes the compiled decode step of inference/decode_step.py, the layers' kernels called
+    # inside the graph: the same ids
     assert Engine(q, compile=True).generate(prompts, p) == eager
     one = Engine(q).generate([prompts[0]], p)
     assert Engine(q, compile=True).generate([prompts[0]], p) == one and DecodeStep(q, compile=False).quantized

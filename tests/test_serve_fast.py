@@ -1,7 +1,7 @@
 """The server's compiled decode step (inference/decode_step.py ``SlotStep``, ``BatchOptions(compile=True)``): the
 same greedy tokens as the eager scheduler through joins, preemption, cancellation and a window boundary;
-logits within fp32 round-off of a plain forward for rows at different lengths; the eager fallback says why;
-and ``chatfactory serve --compile`` over HTTP."""
+logits within fp32 round-off of a plain forward for rows at different lengths; int8/int4 models on it; the eager
+fallback says why; and ``chatfactory serve --compile`` over HTTP."""
 
 import time
 import warnings
@@ -14,6 +14,7 @@ from chatfactory.inference.decode_step import SlotStep
 from chatfactory.inference.kv_cache import KVCache
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
+from chatfactory.model.quant import quantize_model, set_kernel_dtype
 
 
 def _model(block=256, width=64):
@@ -57,6 +58,21 @@ def test_compiled_scheduler_gives_the_eager_tokens(slots, width):
     assert max(len(r.prompt) + len(r.generated) for r in fast) > 64  # a row crossed from the 64-slot window to 128
     assert fast[1].cancelled and len(fast[1].generated) < 24  # the cancelled row stopped early
     assert sched.preempted == plain.preempted and (sched.preempted > 0 or slots == 1)  # b took a's slots
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_model_is_served_on_the_compiled_step_at_every_bucket(bits):
+    """int4/int8 layers run their own kernels as calls inside the compiled graph: every bucket compiles (the
+    packed step is for fp32 linears), with the eager scheduler's greedy tokens. The kernels take fp32 activations
+    here: in bfloat16 (the fast default) a fused graph's fp32 round-off can round an activation to the other
+    neighbouring bfloat16, and a near tie can then go the other way."""
+    model = quantize_model(_model(block=128, width=256), bits)
+    set_kernel_dtype(model, torch.float32)
+    eager, _ = _generate(model, compile=False, slots=4)
+    fast, sched = _generate(model, compile=True, slots=4)
+    assert sched.fast is not None and sched.eager_reason == "" and sched.fast.buckets == [1, 2, 4]
+    assert [r.generated for r in fast] == [r.generated for r in eager]
 
 
 def test_slot_step_logits_match_a_plain_forward_at_different_lengths():

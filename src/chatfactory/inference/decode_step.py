@@ -65,7 +65,10 @@ def compile_failure(e: Exception) -> str:
 
 
 def gemv(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """A linear as multiply-sum: under inductor one loop streaming the weight once (small batches)."""
+    """A linear as multiply-sum: under inductor one loop streaming the weight once (small batches). An int8/int4
+    layer (model/quant.py) runs its own kernel, which the graph calls as it is."""
+    if not isinstance(layer, nn.Linear):
+        return layer(x)
     y = (x.unsqueeze(-2) * layer.weight).sum(-1)
     return y if layer.bias is None else y + layer.bias
 
@@ -200,7 +203,8 @@ class DecodeStep:
         self.packed_min_width = PACKED_MIN_WIDTH  # tests set 0 to take the packed step on a small model
         self.streamed_min_bytes = STREAMED_MIN_BYTES  # tests set 0 to take the big-model choices
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        # int8/int4 layers (model/quant.py) run their own kernels: eagerly, one product per layer, never compiled
+        # int8/int4 layers (model/quant.py) run their own packed kernels, inside the compiled graph as calls (inductor
+        # lowers both ops), at every batch size: the packed step's oneDNN copies are for fp32 linears
         self.quantized = any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules())
         cfg, dev = model.cfg, model.tok_emb.weight.device
         self.tables = None if model.pos_emb is not None else rope_cos_sin(
@@ -220,7 +224,7 @@ class DecodeStep:
 
     def packs(self, batch_size: int) -> bool:
         p = self.model.tok_emb.weight
-        return (batch_size > GEMV_MAX_ROWS and self.model.cfg.n_embd >= self.packed_min_width
+        return (batch_size > GEMV_MAX_ROWS and self.model.cfg.n_embd >= self.packed_min_width and not self.quantized
                 and p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available())
 
     def begin(self, cache: KVCache, valid: torch.Tensor | None = None):
@@ -230,8 +234,8 @@ class DecodeStep:
         cache.length + i."""
         model, n, dev, B = self.model, cache.length, cache.device, cache.num_rows
         slot = torch.tensor([n], device=dev)
-        if self.packs(B) or self.quantized:  # eager: it writes into the prefill's own cache and reads its filled part
-            linear = blas if self.quantized else self.packed.setdefault(B, _Packed(model, B)).linear()
+        if self.packs(B):  # eager: it writes into the prefill's own cache and reads its filled part
+            linear = self.packed.setdefault(B, _Packed(model, B)).linear()
             ks, vs = cache.buffers()
             mask = None
             if valid is not None:
@@ -303,12 +307,10 @@ class SlotStep:
 
     @classmethod
     def ready(cls, model: GPT, cache: KVCache) -> tuple[SlotStep | None, str]:
-        """A step with every graph compiled, or (None, why not) with a warning: a quantized model (its
-        kernels run eagerly), a model with LoRA adapters, or a compiler that fails."""
+        """A step with every graph compiled, or (None, why not) with a warning: a model with LoRA adapters, or a
+        compiler that fails."""
         why, engine = "", DecodeStep(model, compile=False)
-        if engine.quantized:
-            why = "int8/int4 layers run their own kernels, eagerly"
-        elif any(isinstance(m, LoRALinear) for m in model.modules()):
+        if any(isinstance(m, LoRALinear) for m in model.modules()):
             why = "LoRA adapters are not merged into the weights"
         else:
             try:

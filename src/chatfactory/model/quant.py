@@ -226,6 +226,13 @@ class QuantLinear(nn.Module):
                 self.qweight = pack_nibbles(self._unpack_kernel_layout().to(self.qweight.device))
         self.layout = want
         self._kernel_scales = None
+        if want == "cpu" and not self.qweight.is_meta:
+            self._kernel_scales_for(self.kernel_dtype)  # made now: a compiled step reads them, never makes them
+
+    def _kernel_scales_for(self, kd: torch.dtype) -> torch.Tensor:
+        if self._kernel_scales is None or self._kernel_scales.dtype != kd:
+            self._kernel_scales = _aligned((self.scales if self.bits == 8 else self.scales_zeros).to(kd))
+        return self._kernel_scales
 
     def _unpack_kernel_layout(self) -> torch.Tensor:
         """The int4 codes (N, K) read back out of the CPU kernel's packed layout, by the kernel itself:
@@ -260,13 +267,11 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.layout == "cpu" and x.device.type == "cpu":
             kd = self.kernel_dtype
-            if self._kernel_scales is None or self._kernel_scales.dtype != kd:
-                self._kernel_scales = _aligned((self.scales if self.bits == 8 else self.scales_zeros).to(kd))
+            scales = self._kernel_scales_for(kd)
             if self.bits == 8:
-                y = torch.ops.aten._weight_int8pack_mm(x2.to(kd).contiguous(), self.qweight, self._kernel_scales)
+                y = torch.ops.aten._weight_int8pack_mm(x2.to(kd).contiguous(), self.qweight, scales)
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), self.qweight, self.group,
-                                                               self._kernel_scales)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), self.qweight, self.group, scales)
             y = y.to(x.dtype)
         else:  # no kernel for this layer or device: dequantize this layer's weight for this call only
             y = F.linear(x2, self.dequantized(x.dtype))
@@ -371,6 +376,8 @@ def set_kernel_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.kernel_dtype = dtype
+            if m.layout == "cpu":
+                m._kernel_scales_for(dtype)
 
 
 def linear_bytes(model: nn.Module) -> int:
