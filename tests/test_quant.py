@@ -14,7 +14,15 @@ from chatfactory.inference.decode_step import DecodeStep
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
 from chatfactory.model.gpt import GPT, GPTConfig
-from chatfactory.model.quant import QuantLinear, linear_bytes, pack_nibbles, quantize_int4, quantize_model
+from chatfactory.model.quant import (
+    QuantLinear,
+    linear_bytes,
+    pack_nibbles,
+    quantize_int4,
+    quantize_model,
+    set_kernels,
+    unpack_nibbles,
+)
 from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
 from chatfactory.store.files import CheckpointError
 from chatfactory.store.load import load_model, save_quantized
@@ -35,42 +43,83 @@ def linear(n_in=128, n_out=96, bias=True, seed=0):
     return lin
 
 
+@pytest.mark.parametrize("own", [True, False])
 @pytest.mark.parametrize("bits,group,tol", [(8, 64, 0.01), (4, 32, 0.08), (4, 64, 0.12), (4, 128, 0.14)])
-def test_quantized_linear_is_close_to_fp32(bits, group, tol):
+def test_quantized_linear_is_close_to_fp32(bits, group, tol, own):
     """Stated tolerances (relative L2 error of the output, N(0, 0.02) weights): int8 1%, int4 8-14% by group."""
     lin = linear()
     x = torch.randn(5, 7, 128)
     q = QuantLinear.from_linear(lin, bits, group)
-    assert q.layout == "cpu"  # both fit PyTorch's CPU kernels (96 outputs: a multiple of 16)
+    set_kernels(q, own)
+    # both fit our kernels (128 inputs: a multiple of 32) and PyTorch's (96 outputs: a multiple of 16)
+    assert q.layout == ("own" if own else "cpu")
     with torch.no_grad():
-        assert rel_err(q(x), lin(x)) < tol
+        assert rel_err(q(x), lin(x)) < tol  # 35 rows: the dequantized product
+        assert rel_err(q(x[0]), lin(x[0])) < tol  # 7 rows: the integer kernels
+
+
+def int8_blocks(x):
+    """Activations as the own kernels see them: int8 codes per block of 32 columns, scale max |x| / 127."""
+    xb = x.reshape(x.size(0), -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).reshape(x.shape)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_kernel_path_agrees_with_the_dequantized_reference(bits):
+def test_own_kernels_compute_the_integer_products_they_state(bits):
+    """The own kernels against the same arithmetic in PyTorch (kernels.cpp's header): activations rounded to
+    int8 blocks, the int4 offset times each block's exact sum. 1, 4, 6 and 16 rows (the 4-row passes and a
+    remainder); 17 rows take the exact dequantized product."""
+    q = QuantLinear.from_linear(linear(n_in=256, n_out=48, bias=False), bits, 64)
+    assert q.layout == "own"
+    p = q.portable()
+    if bits == 8:
+        w_codes, lo = p["qweight"].float() * p["scales"][:, None], None
+    else:
+        codes = unpack_nibbles(p["qweight"]).float().reshape(48, -1, 64)
+        w_codes = (codes * p["scales"].to(torch.bfloat16).float()[..., None]).reshape(48, 256)
+        lo = p["offsets"].to(torch.bfloat16).float() - 8 * p["scales"].to(torch.bfloat16).float()
+        lo = lo[..., None].expand(48, 4, 64).reshape(48, 256)
+    with torch.no_grad():
+        for rows in (1, 4, 6, 16):
+            x = torch.randn(rows, 256)
+            want = int8_blocks(x) @ w_codes.T + (0 if lo is None else x @ lo.T)
+            torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
+        x = torch.randn(17, 256)
+        torch.testing.assert_close(q(x), x @ q.dequantized().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_path_agrees_with_the_dequantized_reference(bits, own):
     lin = linear(bias=False)
     q = QuantLinear.from_linear(lin, bits, 64)
+    set_kernels(q, own)
     x = torch.randn(9, 128)
     ref = x @ q.dequantized().T
-    q.kernel_dtype = torch.float32  # the kernel on fp32 activations: fp32 round-off
+    q.kernel_dtype = torch.float32  # exact products: fp32 round-off
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
-    q.kernel_dtype = torch.bfloat16  # the fast path: activations rounded to bfloat16 (8 bits of mantissa)
-    assert rel_err(q(x), ref) < 1e-2
+    q.kernel_dtype = torch.bfloat16  # the fast path: activations in int8 blocks (own) or bfloat16 (PyTorch's)
+    assert rel_err(q(x), ref) < (3e-2 if own else 1e-2)
 
 
 def test_plain_layout_where_no_kernel_fits_dequantizes_on_the_fly():
     lin = linear(n_out=24)  # int4's CPU kernel wants output widths that are multiples of 16
     q = QuantLinear.from_linear(lin, 4, 64)
+    set_kernels(q, own=False)
     assert q.layout == "plain"
     x = torch.randn(3, 128)
     torch.testing.assert_close(q(x), x @ q.dequantized().T + lin.bias, rtol=1e-5, atol=1e-6)
     assert rel_err(q(x), lin(x).detach()) < 0.12
 
 
-def test_int4_codes_survive_the_kernel_layout():
-    """The saved codes are read back out of the kernel's packed layout: they must be the codes put in."""
+@pytest.mark.parametrize("own", [True, False])
+def test_int4_codes_survive_the_kernel_layout(own):
+    """The saved codes are read back out of each kernel's layout: they must be the codes put in."""
     q = QuantLinear.from_linear(linear(bias=False), 4, 64)
-    assert q.layout == "cpu"
+    set_kernels(q, own)
+    assert q.layout == ("own" if own else "cpu")
     codes, scales, offsets = quantize_int4(linear(bias=False).weight, 64)
     p = q.portable()
     assert torch.equal(p["qweight"], pack_nibbles(codes))

@@ -8,10 +8,11 @@ step is ``GPT.forward`` on one token per row rewritten in two forms:
   separate tensors, so the in-place write stays in place), the new key/value goes to a slot given as
   a tensor, and attention runs over every slot with a mask hiding later slots and left pads; the
   rotary cos/sin are looked up outside the graph. For up to ``GEMV_MAX_ROWS`` rows a linear is a
-  multiply-sum (one loop streaming each weight once) and the span is the whole context (one graph per
-  batch size); for more rows, or weights of ``STREAMED_MIN_BYTES`` and more (they stream from memory
-  at every step anyway), a linear is a BLAS product and the span the power of two that holds prompt +
-  answer (one graph per batch size and span), so attention reads no idle slots.
+  multiply-sum (one loop streaming each weight once) and the span is the whole context where that is
+  short (one graph per batch size); for more rows, or weights of ``STREAMED_MIN_BYTES`` and more (they
+  stream from memory at every step anyway), a linear is a BLAS product and the span the power of two
+  that holds prompt + answer (one graph per batch size and span), so attention reads no idle slots.
+  int8/int4 layers (model/quant.py) run their own packed kernels, called inside the graph.
 * **packed** (more than ``GEMV_MAX_ROWS`` rows of a model at least ``PACKED_MIN_WIDTH`` wide, on a CPU
   with oneDNN): eager, each linear a oneDNN product on weights reordered once into its blocked layout
   (``torch.compile`` cannot take those as inputs); it writes into the prefill's cache
@@ -55,6 +56,9 @@ PACKED_MIN_WIDTH = 256
 # Models with at least this many bytes of weights (far past a CPU's last-level cache) stream them from
 # memory at every step: BLAS products and power-of-two spans at every batch size.
 STREAMED_MIN_BYTES = 128 << 20
+# 1-2 rows attend over the whole context (one graph per batch size) only where it is this short: over a long
+# one (SmolLM2's 8,192 slots) a step's attention over idle slots costs more than its weights.
+WHOLE_SPAN_MAX = 512
 
 
 def compile_failure(e: Exception) -> str:
@@ -170,10 +174,10 @@ class _Packed:
 
 def span_for(batch_size: int, needed: int, block_size: int, streamed: bool = False) -> int:
     """Key/value slots of the compiled step's buffers: the whole context for 1-2 rows of a model not
-    ``streamed`` (one graph per batch size), else the power of two >= 32 that holds ``needed`` (one
-    graph per batch and span)."""
+    ``streamed`` whose context is at most ``WHOLE_SPAN_MAX`` (one graph per batch size), else the power of
+    two >= 32 that holds ``needed`` (one graph per batch and span)."""
     S = block_size
-    if batch_size > GEMV_MAX_ROWS or streamed:
+    if batch_size > GEMV_MAX_ROWS or streamed or block_size > WHOLE_SPAN_MAX:
         S = 32
         while S < needed:
             S *= 2
@@ -202,7 +206,8 @@ class DecodeStep:
         self.packed: dict[int, _Packed] = {}
         self.packed_min_width = PACKED_MIN_WIDTH  # tests set 0 to take the packed step on a small model
         self.streamed_min_bytes = STREAMED_MIN_BYTES  # tests set 0 to take the big-model choices
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # parameters and buffers: an int8/int4 layer's weights are buffers
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         # int8/int4 layers (model/quant.py) run their own packed kernels, inside the compiled graph as calls (inductor
         # lowers both ops), at every batch size: the packed step's oneDNN copies are for fp32 linears
         self.quantized = any(hasattr(m, "bits") and not isinstance(m, nn.Linear) for m in model.modules())

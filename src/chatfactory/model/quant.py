@@ -12,12 +12,16 @@ point. Two schemes:
   weights most closely; a larger one stores fewer scales and offsets (smaller weights, coarser codes) and
   must divide every layer's input width.
 
-On a CPU the matrix products run in PyTorch's own weight-packed kernels, never on a dequantized copy:
+On a CPU the matrix products run in integer kernels, never on a dequantized copy, for up to
+``kernels.MAX_ROWS`` rows (a decode step): chatfactory's own (model/kernels.py, built on first use: the
+activations quantized to int8 in blocks of 32 columns and each block an integer dot product, as llama.cpp
+does), and for more rows (a prefill) one BLAS product on the weight dequantized for that call. Where the own
+kernels do not fit (a width not a multiple of 32) or cannot be built (no C++ compiler), PyTorch's packed ones:
 ``aten._weight_int8pack_mm`` (int8 weights as they are) and ``aten._weight_int4pack_mm_for_cpu`` (on
-weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``). Those kernels are vectorised
-for bfloat16 activations only (fp32 and fp16 ones run a scalar loop, far slower), so ``QuantLinear``
-casts the activations, and reads int4 scales and offsets, in ``QuantLinear.kernel_dtype`` (bfloat16); set
-it to torch.float32 (``set_kernel_dtype``) for a product exact to fp32 round-off, at the scalar speed.
+weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``), vectorised for bfloat16 activations
+only, so ``QuantLinear`` casts the activations, and reads int4 scales and offsets, in
+``QuantLinear.kernel_dtype`` (bfloat16). Set it to torch.float32 (``set_kernel_dtype``) for products exact
+to fp32 round-off, at a lower speed; ``set_kernels(model, own=False)`` takes PyTorch's kernels.
 Where no kernel fits (int4 with an output width not a multiple of 16, a group the kernel lacks, a GPU
 tensor, a PyTorch without the op), the layer dequantizes its weight at each call (``layout == "plain"``).
 
@@ -48,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .gpt import GPT, GPTConfig
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes
@@ -149,12 +154,16 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """A linear layer with int8 or int4 weights (see the module docstring for the schemes).
 
-    Runtime buffers (``layout`` "cpu": PyTorch's CPU kernels; "plain": dequantized at each call):
-    int8 ``qweight`` (N, K) and ``scales`` (N,); int4 ``qweight`` (the kernel's packed layout, or the
-    portable nibble pairs (N, K/2)) and ``scales_zeros`` (K/group, N, 2). ``state_dict`` always holds
-    the portable form, whatever the layout."""
+    Runtime buffers by ``layout``: "own" (model/kernels.py, chatfactory's kernels) and "plain" (dequantized at
+    each call): int8 ``qweight`` (N, K) and ``scales`` (N,); int4 the portable nibble pairs ``qweight``
+    (N, K/2) and ``scales_zeros``, (N, K/group, 2) for "own" and (K/group, N, 2) for "plain"; "cpu" (PyTorch's
+    packed kernels): int4 ``qweight`` in that kernel's layout, ``scales_zeros`` (K/group, N, 2). ``state_dict``
+    always holds the portable form, whatever the layout."""
 
-    kernel_dtype = torch.bfloat16  # activations' dtype inside the CPU kernels (see the module docstring)
+    # activations inside the kernels: torch.float32 = exact products (the dequantized weight); otherwise the fast
+    # path: int8 blocks of 32 in the own kernels, this dtype (bfloat16) in PyTorch's (the module docstring)
+    kernel_dtype = torch.bfloat16
+    use_own_kernels = True  # take model/kernels.py's where they fit and build (``set_kernels``)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP, bias: bool = False):
         super().__init__()
@@ -204,26 +213,37 @@ class QuantLinear(nn.Module):
     def portable(self) -> dict:
         if self.bits == 8:
             return {"qweight": self.qweight, "scales": self.scales}
-        q = self.qweight if self.layout == "plain" else pack_nibbles(self._unpack_kernel_layout())
-        return {"qweight": q, "scales": self.scales_zeros[..., 0].t().float().contiguous(),
-                "offsets": self.scales_zeros[..., 1].t().float().contiguous()}
+        q = pack_nibbles(self._unpack_kernel_layout()) if self.layout == "cpu" else self.qweight
+        sz = self.scales_zeros if self.layout == "own" else self.scales_zeros.transpose(0, 1)  # (N, K/group, 2)
+        return {"qweight": q, "scales": sz[..., 0].float().contiguous(), "offsets": sz[..., 1].float().contiguous()}
 
     def kernel_fits(self) -> bool:
+        """Whether PyTorch's packed CPU kernel takes this layer."""
         if self.qweight.device.type != "cpu":
             return False  # the GPU kernels want other layouts (next step): dequantize on the fly there
         if self.bits == 8:
             return HAS_INT8_KERNEL
         return HAS_INT4_KERNEL and self.out_features % 16 == 0 and self.group in INT4_GROUPS
 
+    def own_kernel_fits(self) -> bool:
+        """Whether model/kernels.py's kernels take this layer (they are built on the first call that asks)."""
+        K = self.in_features
+        return (self.use_own_kernels and self.qweight.device.type == "cpu" and K % kernels.BLOCK == 0
+                and K <= kernels.MAX_WIDTH and (self.bits == 8 or self.group % kernels.BLOCK == 0)
+                and kernels.available())
+
     def relayout(self) -> None:
-        """Take the kernel's layout where a kernel fits the layer and its device, else the plain one."""
-        want = "cpu" if self.kernel_fits() else "plain"
+        """Take the layout of the best kernel that fits the layer and its device: own, PyTorch's, else plain."""
+        want = "own" if self.own_kernel_fits() else "cpu" if self.kernel_fits() else "plain"
         if want != self.layout and self.bits == 4:
+            p = self.portable()
+            sz = torch.stack([p["scales"], p["offsets"]], -1).to(INT4_SCALE_DTYPE)  # (N, K/group, 2)
             if want == "cpu":
-                codes = unpack_nibbles(self.qweight).to(torch.int32)
+                codes = unpack_nibbles(p["qweight"]).to(torch.int32)
                 self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-            else:  # back from the CPU kernel's layout (on the CPU, before a move to another device)
-                self.qweight = pack_nibbles(self._unpack_kernel_layout().to(self.qweight.device))
+            else:
+                self.qweight = p["qweight"]
+            self.scales_zeros = (sz if want == "own" else sz.transpose(0, 1)).contiguous()
         self.layout = want
         self._kernel_scales = None
         if want == "cpu" and not self.qweight.is_meta:
@@ -265,7 +285,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.layout == "cpu" and x.device.type == "cpu":
+        if self.layout == "own" and x.device.type == "cpu":
+            if self.kernel_dtype == torch.float32 or x2.size(0) > kernels.MAX_ROWS:  # exact: one BLAS product
+                w = (kernels.int4_dequantize(self.qweight, self.scales_zeros, self.group) if self.bits == 4
+                     else dequantize_int8(self.qweight, self.scales))
+                y = F.linear(x2.float(), w)
+            elif self.bits == 4:
+                y = kernels.int4_matmul(x2.float().contiguous(), self.qweight, self.scales_zeros, self.group)
+            else:
+                y = kernels.int8_matmul(x2.float().contiguous(), self.qweight, self.scales)
+            y = y.to(x.dtype)
+        elif self.layout == "cpu" and x.device.type == "cpu":
             kd = self.kernel_dtype
             scales = self._kernel_scales_for(kd)
             if self.bits == 8:
@@ -369,6 +399,14 @@ def scheme(bits: int, group: int, include_head: bool, layer_bits: dict | None = 
     s = {"scheme": f"int{bits}", "bits": bits, "group": group if 4 in [bits, *(layer_bits or {}).values()] else None,
          "include_head": include_head}
     return {**s, "layer_bits": dict(layer_bits)} if layer_bits else s
+
+
+def set_kernels(model: nn.Module, own: bool) -> None:
+    """Whether every QuantLinear of ``model`` takes model/kernels.py's kernels (where they fit) or PyTorch's."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.use_own_kernels = own
+            m.relayout()
 
 
 def set_kernel_dtype(model: nn.Module, dtype: torch.dtype) -> None:
