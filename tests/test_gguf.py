@@ -248,8 +248,10 @@ def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
 
     d, res = tiny_imports
     q = json.loads((d / "q" / "pretrain" / "config.json").read_text())["quantized"]
-    assert q == {"scheme": "int4", "bits": 4, "group": 32, "include_head": False,
-                 "layer_bits": {"blocks.0.attn.proj": 8, "blocks.1.attn.proj": 8, "blocks.1.mlp.proj": 8}}
+    # the head is tied to the Q8_0 token embedding: an int8 head of its own, as llama.cpp reads it
+    assert q == {"scheme": "int4", "bits": 4, "group": 32, "include_head": True,
+                 "layer_bits": {"blocks.0.attn.proj": 8, "blocks.1.attn.proj": 8, "blocks.1.mlp.proj": 8,
+                                "lm_head": 8}}
     assert res["quantized"] == q and res["params"] == load_model(d / "fp32" / "pretrain")[0].num_params()
     full = load_model(d / "fp32" / "pretrain")[0].state_dict()  # the file dequantized (q/k rows unpermuted)
     raw = load_file(str(d / "q" / "pretrain" / "model.safetensors"))
@@ -257,7 +259,7 @@ def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):
             continue
-        w = full[name + ".weight"]
+        w = full["tok_emb.weight" if name == "lm_head" else name + ".weight"]
         if m.bits == 4:  # the stage holds the file's codes: exact to a few fp32 ulps
             on_disk = dequantize_int4(unpack_nibbles(raw[name + ".qweight"]), raw[name + ".scales"],
                                       raw[name + ".offsets"], 32)
@@ -267,7 +269,7 @@ def test_keep_quantized_import_holds_the_files_codes(tiny_imports):
         else:  # int8 per output channel from the Q8_0 / F16 weights: at most half a step of the row's scale
             assert (dequantize_int8(raw[name + ".qweight"], raw[name + ".scales"]) - w).abs().amax(1).le(
                 w.abs().amax(1) / 254 + 1e-7).all(), name
-    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.tok_emb.weight
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
     assert torch.equal(model.tok_emb.weight, full["tok_emb.weight"])  # the Q8_0 embedding: fp32, as the file says
 
 
@@ -377,7 +379,8 @@ def test_smollm2_keep_quantized_bits_per_byte(smol, smol_q):
                 ids += tok.document(row["text"])
     full = stream_loss(load_model(run / "pretrain")[0], tok, ids[:1025], seq_len=512)["bpb"]
     model, info = load_model(smol_q / "pretrain", inference=True)
-    assert info["quantized"] == {"scheme": "int4", "bits": 4, "group": 32, "include_head": False}
+    assert info["quantized"] == {"scheme": "int4", "bits": 4, "group": 32, "include_head": True,
+                                 "layer_bits": {"lm_head": 8}}  # the head tied to the Q8_0 embedding
     assert all(isinstance(getattr(b.attn, n), QuantLinear) for b in model.blocks for n in ("qkv", "proj"))
     q = stream_loss(model, tok, ids[:1025], seq_len=512)["bpb"]
     assert 0.5 < full < 1.5 and abs(q / full - 1) < 0.005, (q, full)

@@ -72,6 +72,8 @@ def test_own_kernels_compute_the_integer_products_they_state(bits):
     int8 blocks, the int4 offset times each block's exact sum. 1, 4, 6 and 16 rows (the 4-row passes and a
     remainder); 17 rows take the exact dequantized product."""
     q = QuantLinear.from_linear(linear(n_in=256, n_out=48, bias=False), bits, 64)
+    assert q.layout == ("own" if bits == 8 else "cpu")  # the default: ours for int8, PyTorch's for int4
+    set_kernels(q, True)
     assert q.layout == "own"
     p = q.portable()
     if bits == 8:

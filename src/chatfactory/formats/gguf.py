@@ -18,10 +18,11 @@ materialising the fp32 model: Q4_0 (w = d(q - 8)), Q4_1 (w = dq + m) and Q4_K (3
 are exactly model/quant.py's int4 at groups of 32 (scale d, offset m + 8d), so the file's own codes are
 kept and the stage computes what the file says; a layer from any other format (Q8_0, Q6_K, F16, F32)
 becomes int8 per output channel (requantized from the dequantized layer: within half a step of its
-row's scale, max |w| / 254); embeddings, norms and an untied head are fp32. Q8_0 becomes int8 per
-channel rather than group-wise int8 because only the per-channel layout has a CPU kernel: a group-wise
-int8 layer would be dequantized at every call. (What both choices cost in bits/byte on SmolLM2:
-docs/small-hardware.md.)
+row's scale, max |w| / 254); embeddings and norms are fp32, and the LM head is held as the file holds
+it (a quantized head, or a quantized embedding it is tied to, becomes int8 or int4 like a layer; a float
+one fp32). Q8_0 becomes int8 per channel rather than group-wise int8 because only the per-channel layout
+has a CPU kernel: a group-wise int8 layer would be dequantized at every call. (What both choices cost in
+bits/byte on SmolLM2: docs/small-hardware.md.)
 
 ``transformers`` loads the same file (``from_pretrained(dir, gguf_file=NAME)``); the tests check that both
 give the same logits and token ids.
@@ -330,17 +331,28 @@ def int4_parts(g: GGUFFile, name: str):
     return tuple(torch.from_numpy(np.ascontiguousarray(x).reshape(N, -1)) for x in (q, scale, offset))
 
 
+FLOAT_KINDS = ("F32", "F16", "BF16")
+
+
 def gguf_quantized_state_dict(g: GGUFFile, cfg) -> tuple[dict, dict]:
     """-> (a quantized stage's state dict, {layer: bits}). A linear whose tensors are all 4-bit in blocks of
     32 (Q4_0, Q4_1, Q4_K) keeps the file's codes as int4 at groups of 32 (``int4_parts``); any other (Q8_0,
     Q6_K, F16, BF16, F32, or a mix) becomes int8 per output channel from its dequantized weights, one layer
-    at a time: |error| <= max |w| of the row / 254 beyond the file's own. Embedding, norms, biases and an
-    untied LM head are fp32 (dequantized). No fp32 copy of the model's linears is ever made."""
+    at a time: |error| <= max |w| of the row / 254 beyond the file's own. The LM head is held as the file
+    holds it: quantized the same way where its tensor is (``output.weight``, or the token embedding it is
+    tied to: its own int copy then, as llama.cpp reads the tied head from the embedding's blocks), fp32 where
+    the file has it in floats. Embedding, norms and biases are fp32 (dequantized). No fp32 copy of the model's
+    linears is ever made."""
     from ..model.quant import pack_nibbles, quantize_int8
 
     sd = {k: torch.cat([g.tensor(n) for n in names]) for k, names in _others(_arch(g), cfg).items()}
+    linears = _linears(_arch(g), cfg)
+    head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
+    if g.raw(head)[0] not in FLOAT_KINDS:
+        linears["lm_head"] = [(head, None)]
+        sd.pop("lm_head.weight", None)
     bits = {}
-    for name, parts in _linears(_arch(g), cfg).items():
+    for name, parts in linears.items():
         if all(g.raw(n)[0] in INT4_KINDS for n, _ in parts):
             per = [[_unpermute(x, h) if h else x for x in int4_parts(g, n)] for n, h in parts]
             codes, scales, offsets = (torch.cat(xs) for xs in zip(*per))  # rows are outputs: q/k/v stack
@@ -452,9 +464,9 @@ def _save_quantized_import(g: GGUFFile, cfg, tok, out_run: Path, stage: str, inf
     sd, bits = gguf_quantized_state_dict(g, cfg)  # before anything is written: a bad tensor leaves no run
     main = 4 if 4 in bits.values() else 8
     info = {**info, "chat_template": True,
-            "quantized": scheme(main, 32, False, {k: b for k, b in bits.items() if b != main}),
+            "quantized": scheme(main, 32, "lm_head" in bits, {k: b for k, b in bits.items() if b != main}),
             "quantized_from": f"{g.path} (import it without --keep-quantized for fp32 weights that train)"}
     params = sum(t.numel() for k, t in sd.items() if not k.endswith((".qweight", ".scales", ".offsets")))
-    params += sum(m.size(0) * m.size(1) * (2 if bits[k[:-8]] == 4 else 1)
-                  for k, m in sd.items() if k.endswith(".qweight"))
+    params += sum(m.size(0) * m.size(1) * (2 if bits[k[:-8]] == 4 else 1) for k, m in sd.items()
+                  if k.endswith(".qweight") and not (k == "lm_head.qweight" and cfg.tie_embeddings))  # a copy
     return write_imported(out_run, stage, cfg, sd, tok, info, params)

@@ -3,8 +3,10 @@
 PyTorch's packed int4/int8 CPU kernels pay a fixed cost per call that dominates a decode step, where each of a
 model's ~120 linears multiplies one or a few rows. ``kernels.cpp`` does what llama.cpp does instead: the
 activations are quantized to int8 in blocks of 32 columns and every block of weight codes becomes an integer dot
-product (AVX2 where the CPU has it, plain loops where not). ``model/quant.py`` runs its layers on them up to
-``MAX_ROWS`` rows (a decode step's batch) and takes one BLAS product on the dequantized weight for more (a prefill).
+product (AVX2 where the CPU has it, plain loops where not). ``model/quant.py`` runs its int8 layers on them up
+to ``MAX_ROWS`` rows (a decode step's batch) and takes one BLAS product on the dequantized weight for more (a
+prefill); its int4 layers take them only when asked (``set_kernels``): inside a decode step PyTorch's int4 kernel
+is the faster one on the hosts measured (docs/small-hardware.md).
 
 The source is compiled once per machine with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (a C++
 compiler is needed, as for ``torch.compile``) into its cache (``TORCH_EXTENSIONS_DIR``, default
@@ -26,8 +28,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # Rows up to which a layer takes these kernels: each pass over a weight serves 4 rows from registers, and up to
-# this many rows the integer products beat both PyTorch's packed kernels and a BLAS product on the dequantized
-# weight (bench/small_hardware.py's speed table; docs/small-hardware.md).
+# this many rows the int8 products beat PyTorch's packed kernel and a BLAS product on the dequantized weight
+# (docs/small-hardware.md).
 MAX_ROWS = 16
 BLOCK = 32  # activation block (columns): an int4 group or an int8 layer's width must be a multiple of it
 MAX_WIDTH = 512 * BLOCK  # the int4 kernel keeps a row's per-block scales on the stack

@@ -13,15 +13,16 @@ point. Two schemes:
   must divide every layer's input width.
 
 On a CPU the matrix products run in integer kernels, never on a dequantized copy, for up to
-``kernels.MAX_ROWS`` rows (a decode step): chatfactory's own (model/kernels.py, built on first use: the
-activations quantized to int8 in blocks of 32 columns and each block an integer dot product, as llama.cpp
-does), and for more rows (a prefill) one BLAS product on the weight dequantized for that call. Where the own
-kernels do not fit (a width not a multiple of 32) or cannot be built (no C++ compiler), PyTorch's packed ones:
-``aten._weight_int8pack_mm`` (int8 weights as they are) and ``aten._weight_int4pack_mm_for_cpu`` (on
-weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``), vectorised for bfloat16 activations
-only, so ``QuantLinear`` casts the activations, and reads int4 scales and offsets, in
-``QuantLinear.kernel_dtype`` (bfloat16). Set it to torch.float32 (``set_kernel_dtype``) for products exact
-to fp32 round-off, at a lower speed; ``set_kernels(model, own=False)`` takes PyTorch's kernels.
+``kernels.MAX_ROWS`` rows (a decode step). int8 layers take chatfactory's own (model/kernels.py, built on
+first use: the activations quantized to int8 in blocks of 32 columns and each block an integer dot product,
+as llama.cpp does), and for more rows (a prefill) one BLAS product on the weight dequantized for that call.
+int4 layers take PyTorch's packed kernel, which runs them faster inside a decode step than ours (measured:
+docs/small-hardware.md; ``set_kernels(model, True)`` takes ours for both): ``aten._weight_int4pack_mm_for_cpu``
+on weights packed once by ``aten._convert_weight_to_int4pack_for_cpu``, and ``aten._weight_int8pack_mm`` for
+int8 where ours do not fit (a width not a multiple of 32) or cannot be built (no C++ compiler). PyTorch's are
+vectorised for bfloat16 activations only, so ``QuantLinear`` casts the activations, and reads int4 scales and
+offsets, in ``QuantLinear.kernel_dtype`` (bfloat16). Set it to torch.float32 (``set_kernel_dtype``) for
+products exact to fp32 round-off, at a lower speed.
 Where no kernel fits (int4 with an output width not a multiple of 16, a group the kernel lacks, a GPU
 tensor, a PyTorch without the op), the layer dequantizes its weight at each call (``layout == "plain"``).
 
@@ -163,7 +164,9 @@ class QuantLinear(nn.Module):
     # activations inside the kernels: torch.float32 = exact products (the dequantized weight); otherwise the fast
     # path: int8 blocks of 32 in the own kernels, this dtype (bfloat16) in PyTorch's (the module docstring)
     kernel_dtype = torch.bfloat16
-    use_own_kernels = True  # take model/kernels.py's where they fit and build (``set_kernels``)
+    # model/kernels.py's kernels where they fit and build: by default for int8 layers, which they run faster than
+    # PyTorch's inside a decode step; int4 ones keep PyTorch's, faster there (docs/small-hardware.md)
+    use_own_kernels: bool | None = None  # None: the default by bits; True / False: ``set_kernels``
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP, bias: bool = False):
         super().__init__()
@@ -227,9 +230,10 @@ class QuantLinear(nn.Module):
 
     def own_kernel_fits(self) -> bool:
         """Whether model/kernels.py's kernels take this layer (they are built on the first call that asks)."""
-        K = self.in_features
-        return (self.use_own_kernels and self.qweight.device.type == "cpu" and K % kernels.BLOCK == 0
-                and K <= kernels.MAX_WIDTH and (self.bits == 8 or self.group % kernels.BLOCK == 0)
+        K, own = self.in_features, self.use_own_kernels
+        return ((own if own is not None else self.bits == 8) and self.qweight.device.type == "cpu"
+                and K % kernels.BLOCK == 0 and K <= kernels.MAX_WIDTH
+                and (self.bits == 8 or self.group % kernels.BLOCK == 0)
                 and kernels.available())
 
     def relayout(self) -> None:
@@ -242,7 +246,7 @@ class QuantLinear(nn.Module):
                 codes = unpack_nibbles(p["qweight"]).to(torch.int32)
                 self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             else:
-                self.qweight = p["qweight"]
+                self.qweight = p["qweight"].contiguous()
             self.scales_zeros = (sz if want == "own" else sz.transpose(0, 1)).contiguous()
         self.layout = want
         self._kernel_scales = None
@@ -401,8 +405,9 @@ def scheme(bits: int, group: int, include_head: bool, layer_bits: dict | None = 
     return {**s, "layer_bits": dict(layer_bits)} if layer_bits else s
 
 
-def set_kernels(model: nn.Module, own: bool) -> None:
-    """Whether every QuantLinear of ``model`` takes model/kernels.py's kernels (where they fit) or PyTorch's."""
+def set_kernels(model: nn.Module, own: bool | None) -> None:
+    """Whether every QuantLinear of ``model`` takes model/kernels.py's kernels (where they fit) or PyTorch's;
+    None: the default (own for int8 layers, PyTorch's for int4)."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.use_own_kernels = own
