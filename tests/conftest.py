@@ -44,6 +44,14 @@ def grad_mode_is_left_alone():
         pytest.fail("this test left autograd disabled for the process (use torch.no_grad() as a context)")
 
 
+def pytest_sessionstart(session):
+    """Build model/kernels.py's int8/int4 kernels once, before any test: a server a test starts then loads them
+    from the cache instead of compiling them inside its start-up deadline."""
+    from chatfactory.model import kernels
+
+    kernels.available()
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests skip, saying why, where there is no CUDA device; a test that drives Chromium (it asks
     for the ``browser`` fixture) is a ``browser`` test whether or not its module says so."""
