@@ -26,14 +26,21 @@
 
 namespace {
 
-constexpr int B = 32;
-constexpr int R = 4;  // activation rows per pass over a weight row (their accumulators stay in registers)  // activations are quantized to int8 in blocks of 32 columns
+constexpr int B = 32;  // activations are quantized to int8 in blocks of 32 columns
+constexpr int64_t MAX_BLOCKS = 512;  // blocks in a row the int4 kernel takes (model/kernels.py MAX_WIDTH)
+constexpr int R = 4;  // activation rows per pass over a weight row (their accumulators stay in registers)
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// One int4 group's (scale, offset) pair -> its scale and its low value (offset - 8 scale): w = code * scale + low.
+inline void scale_and_low(const uint16_t* pair, float& scale, float& low) {
+  scale = bf16_to_float(pair[0]);
+  low = bf16_to_float(pair[1]) - 8.f * scale;
 }
 
 // Activations (M, K) -> int8 codes per block of 32 columns with a scale d (x ~= d * code) and the block's exact sum.
@@ -77,12 +84,8 @@ inline float hsum(__m256 v) {
 void int4_row(const QuantX& xq, const uint8_t* __restrict p, const uint16_t* __restrict sz, int64_t per_group,
               int64_t M, int64_t K, int64_t N, int64_t n, float* __restrict y) {
   const int64_t NB = K / B;
-  float scale[512], lo[512];  // per block of 32 columns (K <= 16384)
-  for (int64_t b = 0; b < NB; ++b) {
-    const int64_t g = b / per_group;
-    scale[b] = bf16_to_float(sz[2 * g]);
-    lo[b] = bf16_to_float(sz[2 * g + 1]) - 8.f * scale[b];
-  }
+  float scale[MAX_BLOCKS], lo[MAX_BLOCKS];  // per block of 32 columns
+  for (int64_t b = 0; b < NB; ++b) scale_and_low(sz + 2 * (b / per_group), scale[b], lo[b]);
   const int8_t* __restrict xqq = xq.q.data();
   const float* __restrict xd = xq.d.data();
   const float* __restrict xs = xq.sum.data();
@@ -141,7 +144,8 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "int4_gemv: x must be 2-D float32");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "int4_gemv: codes (N, K/2) uint8");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) * 2 == K && group % B == 0 && K % group == 0 && K <= 512 * B, "int4_gemv: shapes do not match");
+  TORCH_CHECK(q.size(1) * 2 == K && group % B == 0 && K % group == 0 && K <= MAX_BLOCKS * B,
+              "int4_gemv: shapes do not match");
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == N * (K / group) * 2,
               "int4_gemv: scales (N, K/G, 2) bfloat16");
   at::Tensor xc = x.contiguous();
@@ -216,7 +220,8 @@ at::Tensor int4_dequant(const at::Tensor& q, const at::Tensor& sz, int64_t group
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t g = 0; g < NG; ++g) {
-        const float scale = bf16_to_float(zp[(n * NG + g) * 2]), lo = bf16_to_float(zp[(n * NG + g) * 2 + 1]) - 8.f * scale;
+        float scale, lo;
+        scale_and_low(zp + (n * NG + g) * 2, scale, lo);
         const uint8_t* pg = qp + n * (K / 2) + g * (group / 2);
         float* out = wp + n * K + g * group;
 #pragma omp simd

@@ -32,7 +32,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # (docs/small-hardware.md).
 MAX_ROWS = 16
 BLOCK = 32  # activation block (columns): an int4 group or an int8 layer's width must be a multiple of it
-MAX_WIDTH = 512 * BLOCK  # the int4 kernel keeps a row's per-block scales on the stack
+MAX_WIDTH = 512 * BLOCK  # the int4 kernel keeps a row's per-block scales on the stack (kernels.cpp MAX_BLOCKS)
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, once tried in this process
@@ -86,11 +86,6 @@ def available() -> bool:
                 warnings.warn(f"chatfactory's int8/int4 kernels not built ({_state['why']}); using PyTorch's",
                               RuntimeWarning, stacklevel=2)
         return _state["ok"]
-
-
-def why_not() -> str:
-    """Why the kernels are not available ('' when they are or were not tried)."""
-    return _state.get("why", "")
 
 
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
