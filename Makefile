@@ -49,7 +49,7 @@ browser:
 
 # everything: the slow end-to-end tests, the browser tests and (where there is CUDA) the gpu ones
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the fast tier, for a contributor's edit-test loop (pyproject.toml names the markers)
 test-fast: $(STAMP)

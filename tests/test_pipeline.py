@@ -241,6 +241,26 @@ def test_pipeline_from_an_imported_chat_model(tmp_path):
                                        for a, b in zip(sft.state_dict().values(), base.state_dict().values()))
 
 
+def test_a_resumed_run_records_the_imported_model_not_the_presets(tmp_path):
+    """RUN/config.yaml names the model the run trains: after a resume that skips the finished import too (it
+    once fell back to the preset's placeholder model section, a 4-layer model the run never had)."""
+    pytest.importorskip("gguf")
+    from builders.gguf_model import write_gguf
+
+    gguf = tmp_path / "base.gguf"
+    write_gguf(gguf, "llama", {"token_embd": "Q8_0", "attn_q": "Q4_1"})
+    out = tmp_path / "run"
+    cfg = load_config("pipeline-tiny", [f"pipeline.base={gguf}", "pipeline.stages=pretrain", "pipeline.heldout=2",
+                                        "pipeline.fewshot_shots="])
+    imported = None
+    for _ in range(2):  # the import, then a resume that skips it
+        pipeline.run_pipeline(cfg, out, log=lambda *_: None)
+        saved = load_config(str(out / "config.yaml")).model
+        imported = imported or json.loads((out / "pretrain" / "config.json").read_text())["model"]
+        assert dataclasses.asdict(saved) == imported
+    assert imported != dataclasses.asdict(cfg.model)  # the preset's section differs: the check can fail
+
+
 def test_constraint_prompts_pipeline_as_smollm2_if_runs_it(tmp_path):
     """The shape of configs/smollm2-if.yaml on the tiny model: comparisons sampled from pretraining on the
     constraint prompts and labelled by the constraint checkers, DPO from pretraining on them, IFEval (here the

@@ -185,6 +185,22 @@ def test_seeds_warns_of_repeated_seeds_and_other_settings(tmp_path):
     assert any("differs from" in w and "ppo.lr" in w for w in got["warnings"])
 
 
+def test_seeds_pairs_runs_copied_away_from_where_they_ran(tmp_path):
+    """A run's files kept elsewhere (docs/results/…) still point at the directory they were written in: those
+    paths are the run's own, not a difference of settings; a path outside the run still is one."""
+    runs = [_fake_run(tmp_path / "kept" / f"seed{i}", i) for i in range(2)]
+    for i, run in enumerate(runs):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["sft"]["data"] = f"runs/x-seed{i}/tasks/sft.jsonl"
+        cfg["reward"]["val_data"] = f"runs/x-seed{i}/comparisons_heldout.jsonl"
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert seeds_report(runs)[1]["warnings"] == []
+    cfg = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    cfg["dpo"]["data"] = "elsewhere/tasks/pairs.jsonl"
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert [w for w in seeds_report(runs)[1]["warnings"] if "dpo.data" in w]
+
+
 def test_seeds_command_writes_the_table(tmp_path):
     import subprocess
 

@@ -150,6 +150,8 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
             done = stage_finished(run_dir / stage)
         if done:
             log(f"[run] {stage}: finished earlier, skipped")
+            if stage == "pretrain" and settings.base:  # RUN/config.yaml names the imported model, not the preset's
+                _model_from_import(cfg, run_dir)
             if ledger.get(stage).get("status") != "done":
                 ledger.update(stage, status="done")
             continue
@@ -222,6 +224,14 @@ def import_base(cfg: Config, run_dir: Path) -> dict:
     cfg.model = GPTConfig.from_dict(res["model"])
     save_config(cfg, run_dir / "config.yaml")  # the import wrote the model section alone
     return {k: res.get(k) for k in ("source", "params", "vocab_size", "quantization", "chat_template")}
+
+
+def _model_from_import(cfg: Config, run_dir: Path) -> None:
+    """A resumed run whose import finished earlier: the model section from the imported checkpoint, saved."""
+    from .model.gpt import GPTConfig
+
+    cfg.model = GPTConfig.from_dict(json.loads((run_dir / "pretrain" / "config.json").read_text())["model"])
+    save_config(cfg, run_dir / "config.yaml")
 
 
 def _init_missing(cfg: Config, run_dir: Path, spec) -> str:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -91,9 +93,12 @@ def run_seeds(config: dict | None) -> dict:
 
 def _without_seeds(config: dict, run_dir: Path) -> dict:
     """A run's config with its seeds left out and its own directory written as RUN (the pipeline points the
-    stages' data at RUN/tasks/…), so repeats of one config compare equal."""
-    spellings = sorted({str(run_dir), str(run_dir.resolve()), os.path.relpath(run_dir.resolve())}, key=len,
-                       reverse=True)
+    stages' data at RUN/tasks/…), so repeats of one config compare equal. The directory the run was written in
+    counts as its own too (the one most of those RUN/tasks/… paths name): a run's files copied elsewhere pair."""
+    written = Counter(m.group(1) for sec in config.values() if isinstance(sec, dict) for v in sec.values()
+                      if isinstance(v, str) and (m := re.fullmatch(r"(.+)/tasks/[^/]+", v))).most_common(1)
+    spellings = sorted({str(run_dir), str(run_dir.resolve()), os.path.relpath(run_dir.resolve())}
+                       | {d for d, _ in written}, key=len, reverse=True)
 
     def norm(v):
         if isinstance(v, str):
