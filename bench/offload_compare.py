@@ -17,25 +17,26 @@ answers are the same ids on both sides (greedy over identical weights: ~1, round
     .venv/bin/python bench/offload_compare.py --quick     # smoke test: SmolLM2's 2-layer stand-in, 4 prompts
 
 A budget that binds: accelerate's weights are memory-mapped, so in the first pass the page cache holds what its
-budget left out. With ``--cgroup``, where the host allows (root, cgroup v1's memory
-controller), each side then runs again, after the page cache is dropped, inside a memory cgroup whose limit is its
-own anonymous memory's peak in the first pass (the weights within the budget, the KV cache, activations) plus one
-block's weights (15% more at each retry where the kernel stops it at the limit: the sampled peak misses short-lived
-allocations): page cache and process memory together cannot hold the model, and each side reads from the disk what
-it did not keep. ``/proc/PID/io``'s ``read_bytes`` over the generation gives the disk bytes per generated token,
-beside the least a step can read (the model's bytes over the batch). Not yet sound at full size: the libraries'
-code pages, evicted and faulted again after the join, are charged to the group too, so a limit without room for
-them thrashes (docs/small-hardware.md).
+budget left out. With ``--cgroup``, where the host allows (root, cgroup v1's memory controller), each side runs
+again inside a memory cgroup of its own, the page cache dropped before each pass. The process joins its group
+before the interpreter starts, so everything it touches is charged there, the libraries' files included. A first
+pass without a limit measures the process's fixed overhead: its anonymous memory's peak (the interpreter and
+libraries, the weights within the budget, the KV cache, activations) and the page cache its imports read. The
+second pass runs under that plus one block's weights of room for the page cache (15% more at each retry where
+the kernel stops the side at the limit, or where it thrashes: ten times its free pass's wall time): page cache
+and process memory together cannot hold the model, and each side reads from the disk what it did not keep.
+``/proc/PID/io``'s ``read_bytes`` over the generation gives the disk bytes per generated token, beside the least
+a step can read (the model's bytes over the batch).
 
 Last line: ``RESULT offload_vs_accelerate=… ours_tok_s=… accelerate_tok_s=… ours_peak_rss_mb=…
 accelerate_peak_rss_mb=… budget_mb=… agree=… offload_vs_accelerate_cgroup=… ours_cgroup_tok_s=…
 accelerate_cgroup_tok_s=… disk_bytes_per_token_vs_min=… accelerate_disk_bytes_per_token_vs_min=…
 cgroup_same_answers=… rows=… killed=… skipped=…`` (rows: answers written by ours; killed: a side the kernel stopped
-at its limit; skipped: ``accelerate`` where transformers + accelerate are not installed: ours is measured alone, nan
-for theirs; ``cgroup`` without ``--cgroup`` or where the binding pass cannot run; else ``none``). Run it alone: on a
-shared 2-core machine anything else running is noise. The stage defaults to ``pretrain``: a LoRA stage (runs/smol's
-sft) streams too, but merges its adapters at every load of a block, which the exported (merged) transformers side
-never pays.
+at its limit, or that thrashed; skipped: ``accelerate`` where transformers + accelerate are not installed: ours is
+measured alone, nan for theirs; ``cgroup`` without ``--cgroup`` or where the binding pass cannot run; else
+``none``). Run it alone: on a shared 2-core machine anything else running is noise. The stage defaults to
+``pretrain``: a LoRA stage (runs/smol's sft) streams too, but merges its adapters at every load of a block, which
+the exported (merged) transformers side never pays.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 def read_bytes():  # bytes this process (all its threads) had read from the block device
     return next(int(l.split()[1]) for l in open("/proc/self/io") if l.startswith("read_bytes"))
-def join_cgroup():  # after the imports: what the libraries hold stays charged to the parent group
-    if os.environ.get("BENCH_CGROUP"):
-        with open(os.path.join(os.environ["BENCH_CGROUP"], "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
+def charge():  # what the memory cgroup this process started in holds: {"rss": anonymous, "cache": page cache}
+    if not os.environ.get("BENCH_CGROUP"):
+        return {"rss": 0, "cache": 0}
+    stat = dict(l.split() for l in open(os.path.join(os.environ["BENCH_CGROUP"], "memory.stat")))
+    return {"rss": int(stat["rss"]), "cache": int(stat["cache"])}
 """
 
 OURS = STATUS + """
@@ -82,8 +84,7 @@ from chatfactory import cli
 from chatfactory.inference import engine
 from chatfactory.model import offload
 from chatfactory.text import tokenizer
-base = status("VmRSS")
-join_cgroup()
+base, base_charge = status("VmRSS"), charge()
 disk = [0]
 generate = engine.Engine.generate
 def counted(self, *args, **kwargs):  # the disk bytes read while generating (the prefetch thread's included)
@@ -97,7 +98,7 @@ buf = io.StringIO()
 with contextlib.redirect_stdout(buf):
     rc = cli.main(sys.argv[1:])
 m = re.search(r"(\\d+) tokens in ([0-9.]+)s(?:, ([0-9.]+)s of it waiting)?", buf.getvalue())
-print(json.dumps({"rc": rc, "base": base, "hwm": status("VmHWM"), "tokens": int(m.group(1)),
+print(json.dumps({"rc": rc, "base": base, "base_charge": base_charge, "hwm": status("VmHWM"), "tokens": int(m.group(1)),
                   "seconds": float(m.group(2)), "stalled": float(m.group(3) or 0), "disk": disk[0]}))
 """
 
@@ -106,8 +107,7 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 hf_dir, offload_dir, budget, ids_path, new_tokens = sys.argv[1:6]
 job = json.load(open(ids_path))
-base = status("VmRSS")
-join_cgroup()
+base, base_charge = status("VmRSS"), charge()
 model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, device_map="auto",
                                              max_memory={"cpu": int(budget)}, offload_folder=offload_dir)
 model.eval()
@@ -124,7 +124,8 @@ answers = []
 for row in out[:, L:].tolist():
     cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
     answers.append(row[:cut])
-print(json.dumps({"base": base, "hwm": status("VmHWM"), "tokens": sum(map(len, answers)), "seconds": seconds,
+print(json.dumps({"base": base, "base_charge": base_charge, "hwm": status("VmHWM"), "tokens": sum(map(len, answers)),
+                  "seconds": seconds,
                   "disk": disk,
                   "answers": answers, "device_map": sorted(set(map(str, model.hf_device_map.values())))}))
 """
@@ -132,7 +133,10 @@ print(json.dumps({"base": base, "hwm": status("VmHWM"), "tokens": sum(map(len, a
 
 def _child(code: str, args: list[str], timeout: int, cgroup: Path | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "BENCH_CGROUP": str(cgroup or "")}
-    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = [sys.executable, "-c", code, *args]
+    if cgroup is not None:  # joined before the interpreter starts: every page it ever touches is charged to the group
+        cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"child failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -215,9 +219,9 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
             workdir=None, timeout=3600, binding=False) -> dict:
     """Both sides at the same budget -> the figures (the accelerate side's are nan, and ``skipped`` says
     so, where it is not installed). ``binding``: each side runs twice, first in a memory cgroup without a limit
-    (its figures as before, and its anonymous memory's peak), then in one whose limit is that peak plus one
-    block's weights, after the page cache is dropped (the ``_cgroup`` figures; ``skipped`` names ``cgroup``
-    where the host cannot: no v1 memory controller, or not root)."""
+    (its figures as before, its anonymous memory's peak, the page cache its imports read), then in one whose
+    limit is those plus one block's weights, after the page cache is dropped (the ``_cgroup`` figures;
+    ``skipped`` names ``cgroup`` where the host cannot: no v1 memory controller, or not root)."""
     sys.path.insert(0, str(ROOT / "src"))
     from chatfactory.formats.hf import export_run
     from chatfactory.store.safetensors import SafetensorsFile
@@ -243,21 +247,21 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
     ids = [tok.chat_prompt([{"role": "user", "content": r["prompt"]}]) for r in rows]
     (work / "ids.json").write_text(json.dumps({"ids": ids, "stop_ids": list(tok.stop_ids)}))
 
-    def run_ours(name: str, cgroup: Path | None = None) -> dict:
+    def run_ours(name: str, cgroup: Path | None = None, limit_s: float = timeout) -> dict:
         out = work / f"answers-{name}.jsonl"
         out.unlink(missing_ok=True)
         r = _child(OURS, ["generate", "--run", str(run), "--stage", stage, "--prompts", str(work / "prompts.jsonl"),
                           "--out", str(out), "--batch", str(batch), "--max-new-tokens", str(new_tokens),
-                          "--temperature", "0", "--max-memory", f"{budget}B"], timeout, cgroup)
+                          "--temperature", "0", "--max-memory", f"{budget}B"], limit_s, cgroup)
         return {**r, "answers": [json.loads(x)["answer"] for x in out.read_text().splitlines()]}
 
-    def run_theirs(name: str, cgroup: Path | None = None) -> dict:
+    def run_theirs(name: str, cgroup: Path | None = None, limit_s: float = timeout) -> dict:
         (work / "offload").mkdir(exist_ok=True)
         total = {"tokens": 0, "seconds": 0.0, "base": 0, "hwm": 0, "disk": 0, "answers": []}
         for b in range(0, prompts, batch):  # the same batches as ours
             (work / "ids_b.json").write_text(json.dumps({"ids": ids[b: b + batch], "stop_ids": list(tok.stop_ids)}))
             r = _child(THEIRS, [str(hf_dir), str(work / "offload"), str(budget), str(work / "ids_b.json"),
-                                str(new_tokens)], timeout, cgroup)
+                                str(new_tokens)], limit_s, cgroup)
             total = {**r, **{k: total[k] + r[k] for k in ("tokens", "seconds", "disk", "answers")},
                      "hwm": max(total["hwm"], r["hwm"])}
         total["answers"] = [tok.decode([t for t in a if t not in tok.stop_ids]) for a in total["answers"]]
@@ -273,26 +277,32 @@ def compare(run="runs/smol", stage="pretrain", budget_frac=0.25, prompts=64, new
         if not binding or cgroup_why_not:
             free[side] = go("free")
             continue
-        # 1. no limit: the side's anonymous memory at its peak (its weights within the budget, the KV cache,
-        # activations, the allocator's slack): the process's fixed overhead, as this side runs the batch
+        # 1. no limit, the process in its group from its first instruction: its anonymous memory at its peak
+        # (the interpreter and libraries, its weights within the budget, the KV cache, activations, the
+        # allocator's slack) and the page cache its imports read (the libraries' code and data files)
         drop_page_cache()
         group = MemoryCgroup(f"offload-{side}")
+        t = time.perf_counter()
         try:
             free[side] = go("free", group.path)
         finally:
             anon_peak = group.close()
-        # 2. that plus one block's weights (the layer being computed) of room for everything else, page cache
-        # included: the streamed weights must come from the disk at each step, not from memory. The sampled
-        # peak misses short-lived allocations: a side the kernel kills at its limit tries again with 15% more
-        limit = anon_peak + block_bytes
+        wall = time.perf_counter() - t
+        # 2. the budget plus that fixed overhead: the anonymous peak, the libraries' files, and one block's weights
+        # (the layer being computed) of room for the page cache. The streamed weights must come from the disk at
+        # each step, not from memory. The sampled peak misses short-lived allocations and pages first touched
+        # after the imports: a side the kernel kills at its limit, or one that thrashes (10x its free wall
+        # time), tries again with 15% more
+        limit = anon_peak + free[side]["base_charge"]["cache"] + block_bytes
         for _ in range(CGROUP_ATTEMPTS):
             drop_page_cache()
             group = MemoryCgroup(f"offload-{side}-bound", limit)
             try:
-                bound[side], limits[side] = go("bound", group.path), limit
+                bound[side], limits[side] = go("bound", group.path, max(120.0, 10 * wall)), limit
                 break
-            except RuntimeError as e:  # killed past its limit
-                print(f"{side} inside {limit / 1e6:.0f} MB: killed ({str(e).splitlines()[0][:80]})")
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # killed past its limit, or thrashing
+                why = "thrashed" if isinstance(e, subprocess.TimeoutExpired) else "killed"
+                print(f"{side} inside {limit / 1e6:.0f} MB: {why} ({str(e).splitlines()[0][:80]})")
                 bound[side] = {"tokens": 0, "seconds": nan, "disk": nan, "answers": [], "killed": True}
                 limit = int(limit * 1.15)
             finally:
