@@ -143,6 +143,39 @@ def test_seeds_table_by_hand(tmp_path):
     assert (tmp_path / "out" / "seeds.md").read_text() == md
 
 
+CALC_SFT = ([1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0])  # 0.5, 0.75, 0.25 with the calculator
+CALC_PPO = ([1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0])  # 0.75, 1.0, 0.5: +0.25 on every seed
+
+
+def test_seeds_table_of_the_calculator(tmp_path):
+    """Runs that evaluated the calculator: its accuracy, right-call rate and accuracy without it over the runs,
+    McNemar with vs without on every run's problems pooled, and the seed-paired difference to SFT, by hand;
+    runs without it get no calculator section."""
+    runs = []
+    for i in range(3):
+        run = _fake_run(tmp_path / f"run{i}", i)
+        for s, correct in (("sft", CALC_SFT[i]), ("ppo", CALC_PPO[i])):
+            f = run / "eval" / f"{s}.json"
+            cache = json.loads(f.read_text())
+            cache["calculator"] = {"n": 4, "accuracy": sum(correct) / 4, "right_call": sum(correct[:2]) / 4,
+                                   "accuracy_without": 0.0, "correct": correct, "correct_without": [0] * 4}
+            f.write_text(json.dumps(cache))
+        runs.append(run)
+    md, got = seeds_report(runs)
+    sft, ppo = got["calculator"]["sft"], got["calculator"]["ppo"]
+    assert sft["accuracy"]["values"] == [0.5, 0.75, 0.25] and ppo["accuracy"]["mean"] == pytest.approx(0.75)
+    assert ppo["accuracy"]["se"] == pytest.approx(0.25 / math.sqrt(3))
+    assert ppo["right_call"]["values"] == [0.5, 0.5, 0.5] and sft["accuracy_without"]["mean"] == 0.0
+    assert (sft["mcnemar_vs_without"]["b_only"], sft["mcnemar_vs_without"]["a_only"]) == (6, 0)
+    assert sft["mcnemar_vs_without"]["p"] == pytest.approx(2 / 2 ** 6)  # 2 * P(X = 0), X ~ Binomial(6, 1/2)
+    assert ppo["vs_sft"]["diff"] == pytest.approx(0.25) and ppo["vs_sft"]["se_diff"] == pytest.approx(0.0)
+    assert "vs_sft" not in sft
+    assert "## The calculator" in md and "| ppo | 0.750 ± 0.144 | 0.500 ± 0.000 | 0.000 ± 0.000 | p = " in md
+    assert md.split("| ppo | 0.750 ± 0.144")[1].split("\n")[0].endswith("| +0.250 ± 0.000 |")
+    plain, got_plain = seeds_report([_fake_run(tmp_path / f"plain{i}", i) for i in range(3)])
+    assert got_plain["calculator"] == {} and "## The calculator" not in plain
+
+
 def test_seeds_refuses_runs_that_do_not_pair(tmp_path):
     a, b = _fake_run(tmp_path / "a", 0), _fake_run(tmp_path / "b", 1, sha="other")
     with pytest.raises(ValueError, match=r"held-out prompts differ: .*a answered 4 prompts \(abc123.*b 4 \(other"):

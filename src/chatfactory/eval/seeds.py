@@ -13,6 +13,9 @@ identity) and writes one table:
 * per aligned stage vs SFT: the seed-paired accuracy difference (the mean of each seed's stage − SFT, ± the
   SE of those differences, and mean − 2 SE as its lower bound) and McNemar's exact test on all seeds'
   prompts pooled (every seed's prompt is one paired item), with each seed's own p beside it;
+* where the runs evaluated the calculator (``pipeline.calc_rows``): per stage, accuracy on its held-out
+  problems with it, the right-call rate and accuracy without it over the runs, and each aligned stage's
+  seed-paired difference to SFT with it;
 * each run's own figures.
 
 It refuses runs whose held-out prompts differ (the pairing would be meaningless) and warns, in the table
@@ -171,6 +174,7 @@ def summarize(runs: list[dict]) -> dict:
         out["stages"][s] = {"accuracy": _over_seeds([e["heldout_accuracy"] for e in es]),
                             "gold_score": _over_seeds([e["gold_score"] for e in es]),
                             "mean_chars": _over_seeds(chars)}
+    out["calculator"] = _calculator(runs, stages)
     if "sft" not in stages:
         return out
     sft = [r["evals"]["sft"] for r in runs]
@@ -186,6 +190,40 @@ def summarize(runs: list[dict]) -> dict:
                                                      [e["heldout_accuracy"] for e in es]),
                             "mcnemar_pooled": pooled, "mcnemar_p_per_seed": [v["mcnemar"]["p"] for v in vs]}
     return out
+
+
+def _calculator(runs: list[dict], stages: list[str]) -> dict:
+    """The calculator's held-out problems over the runs, for the stages every run evaluated with it: accuracy
+    with it, right-call rate and accuracy without it (mean ± SE), McNemar with vs without on all runs'
+    problems pooled, and for stages after SFT the seed-paired accuracy difference to SFT."""
+    out = {}
+    for s in (s for s in stages if all(r["evals"][s].get("calculator") for r in runs)):
+        cs = [r["evals"][s]["calculator"] for r in runs]
+        out[s] = {k: _over_seeds([c[k] for c in cs]) for k in ("accuracy", "right_call", "accuracy_without")}
+        out[s]["n"] = cs[0]["n"]
+        out[s]["mcnemar_vs_without"] = mcnemar([x for c in cs for x in c["correct_without"]],
+                                               [x for c in cs for x in c["correct"]])
+        if s != "sft" and "sft" in out:
+            out[s]["vs_sft"] = paired_seeds(out["sft"]["accuracy"]["values"], out[s]["accuracy"]["values"])
+    return out
+
+
+def _calculator_md(calc: dict) -> list[str]:
+    if not calc:
+        return []
+    L = ["", "## The calculator", "",
+         f"Held-out multi-digit problems whose operands no training prompt holds (n = {next(iter(calc.values()))['n']} "
+         "per run), answered with the calculator running; right call: the reply's first call evaluates to the "
+         "right answer; without: the same problems with no calculator (a call gets no result). McNemar with vs "
+         "without pools every run's problems; with − SFT is seed-paired.", "",
+         "| policy | accuracy with it | right call | accuracy without it | McNemar with vs without | with − SFT |",
+         "|---|---|---|---|---|---|"]
+    for s, c in calc.items():
+        d = c.get("vs_sft")
+        vs = f"{_num(d['diff'], sign=True)} ± {_num(d['se_diff'])}" if d else "—"
+        L.append(f"| {'base' if s == 'pretrain' else s} | {_ms(c['accuracy'])} | {_ms(c['right_call'])} | "
+                 f"{_ms(c['accuracy_without'])} | p = {c['mcnemar_vs_without']['p']:.2g} | {vs} |")
+    return L
 
 
 # ---------------------------------------------------------------- the table
@@ -234,6 +272,7 @@ def markdown(summary: dict, warnings: list[str]) -> str:
                      f"p = {mc['p']:.3g} (right only here {mc['b_only']}, only in SFT {mc['a_only']}; "
                      f"{mc['n']} items) | "
                      + ", ".join(f"{p:.3g}" for p in v["mcnemar_p_per_seed"]) + " |")
+    L += _calculator_md(summary.get("calculator") or {})
     stages = list(summary["stages"])
     wins = [s for s in stages if "win_rate" in summary["stages"][s]]
     L += ["", "## Each run", "", "| run | " + " | ".join(f"{s} accuracy" for s in stages)
