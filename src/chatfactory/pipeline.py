@@ -37,7 +37,7 @@ from .data.tasks import prompt_text, write_task_files
 from .eval.heldout import dev_scores, evaluate_all, read_rows, reward_accuracy
 from .eval.report import write_report
 from .stages import STAGES, NotAvailable, entry_point, names, policies
-from .store.checkpoint import has_checkpoint, stage_finished
+from .store.checkpoint import has_checkpoint, stage_config, stage_finished
 from .store.files import atomic_write_text
 from .text.tokenizer import Tokenizer
 
@@ -151,7 +151,7 @@ def run_pipeline(cfg: Config, run_dir, log=print) -> dict:
         if done:
             log(f"[run] {stage}: finished earlier, skipped")
             if stage == "pretrain" and settings.base:  # RUN/config.yaml names the imported model, not the preset's
-                _model_from_import(cfg, run_dir)
+                _record_model(cfg, run_dir, stage_config(run_dir / stage))
             if ledger.get(stage).get("status") != "done":
                 ledger.update(stage, status="done")
             continue
@@ -218,19 +218,18 @@ def import_base(cfg: Config, run_dir: Path) -> dict:
     """``pipeline.base``: a pretrained model, imported into RUN/pretrain (with its tokenizer and chat
     template), takes pretraining's place; the later stages start from it as from a model trained here."""
     from .formats.gguf import import_model
-    from .model.gpt import GPTConfig
 
     res = import_model(cfg.pipeline.base, run_dir, "pretrain")
-    cfg.model = GPTConfig.from_dict(res["model"])
-    save_config(cfg, run_dir / "config.yaml")  # the import wrote the model section alone
+    _record_model(cfg, run_dir, res)  # the import wrote the model section alone
     return {k: res.get(k) for k in ("source", "params", "vocab_size", "quantization", "chat_template")}
 
 
-def _model_from_import(cfg: Config, run_dir: Path) -> None:
-    """A resumed run whose import finished earlier: the model section from the imported checkpoint, saved."""
-    from .model.gpt import GPTConfig
+def _record_model(cfg: Config, run_dir: Path, info: dict) -> None:
+    """RUN/config.yaml names the imported model (``info``: its pretrain checkpoint's config), not the preset's
+    placeholder: after the import, and on a resume that skips the finished import."""
+    from .store.load import model_config
 
-    cfg.model = GPTConfig.from_dict(json.loads((run_dir / "pretrain" / "config.json").read_text())["model"])
+    cfg.model = model_config(info, run_dir / "pretrain")
     save_config(cfg, run_dir / "config.yaml")
 
 
