@@ -30,11 +30,14 @@ demo: $(STAMP)
 
 # the demo over 3 seeds (pipeline.seed 0, 1, 2; the same held-out prompts): held-out accuracy and win rate as
 # mean ± SE, seed-paired differences vs SFT (docs/evaluation.md). runs/demo is reused where finished: delete it
-# first if an older checkout trained it, or its stages would not be the config the other two seeds run
+# first if an older checkout trained it, or its stages would not be the config the other two seeds run.
+# Each run's evaluation samples 4 replies to every held-out prompt (pipeline.eval_replies): one draw per
+# prompt at T = 1 puts most of the spread between seeds into sampling noise (docs/evaluation.md)
+SEEDS_EVAL = pipeline.eval_replies=4
 demo-seeds: $(STAMP)
-	$(BIN)/chatfactory run --config demo --out runs/demo
-	$(BIN)/chatfactory run --config demo --out runs/demo-seed1 pipeline.seed=1
-	$(BIN)/chatfactory run --config demo --out runs/demo-seed2 pipeline.seed=2
+	$(BIN)/chatfactory run --config demo --out runs/demo $(SEEDS_EVAL)
+	$(BIN)/chatfactory run --config demo --out runs/demo-seed1 pipeline.seed=1 $(SEEDS_EVAL)
+	$(BIN)/chatfactory run --config demo --out runs/demo-seed2 pipeline.seed=2 $(SEEDS_EVAL)
 	$(BIN)/chatfactory seeds runs/demo runs/demo-seed1 runs/demo-seed2 --out runs/demo-seeds.md
 	@echo
 	@echo "3-seed table:  runs/demo-seeds.md  (numbers: runs/demo-seeds.json; each run's report: runs/demo*/report.md)"

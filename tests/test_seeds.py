@@ -293,3 +293,50 @@ def test_evaluate_all_caches_what_the_seeds_table_pairs(tmp_path):
     assert again["sft"]["replies"] == ["kept"] * len(rows)
     filled = json.loads((run / "eval" / "sft.json").read_text())
     assert filled["reply_chars"] == [4] * len(rows) and filled["prompts_sha"] == prompts_sha(rows)
+
+
+def test_several_replies_per_prompt_pair_reply_by_reply(tmp_path):
+    """pipeline.eval_replies=3: every policy answers each held-out prompt 3 times; the caches run over prompts × 3
+    items, reply-major, the first reply of each prompt is the single-reply evaluation's, the report counts
+    prompts (not items), and the seeds table refuses to pair runs that sampled different numbers of replies."""
+    import torch
+
+    from chatfactory.eval.heldout import evaluate_all
+    from chatfactory.eval.report import build_json, write_markdown
+    from chatfactory.model.gpt import GPT, GPTConfig
+    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
+    from conftest import make_run
+
+    run = make_run(tmp_path / "run")
+    info = json.loads((run / "sft" / "config.json").read_text())
+    torch.manual_seed(1)
+    save_checkpoint(run / "ppo", unique_state_dict(GPT(GPTConfig.from_dict(info["model"]))), {"model": info["model"]})
+    rows = _rows()
+    (run / "tasks").mkdir()
+    heldout = run / "tasks" / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["pipeline.eval_max_tokens=6", "sft.device=cpu", "pipeline.eval_temperature=1.0"]
+    one = evaluate_all(load_config("pipeline-tiny", args), run, {"heldout": heldout}, ["sft", "ppo"],
+                       log=lambda *_: None)
+    cfg = load_config("pipeline-tiny", args + ["pipeline.eval_replies=3"])
+    three = evaluate_all(cfg, run, {"heldout": heldout}, ["sft", "ppo"], log=lambda *_: None)
+    n = len(rows)
+    for s in ("sft", "ppo"):
+        e = three[s]
+        assert e["n"] == 3 * n and e["replies_per_prompt"] == 3 and len(e["scores"]) == len(e["replies"]) == 3 * n
+        assert e["replies"][:n] == one[s]["replies"]  # reply 0 is the single-reply evaluation's
+        assert e["replies"][n:2 * n] != e["replies"][:n]  # later replies are new draws
+        assert e["heldout_accuracy"] == pytest.approx(sum(e["correct"]) / (3 * n))
+    items = rows * 3
+    assert three["ppo"]["win_rate_vs_sft"] == win_vs(items, three["ppo"]["replies"], three["sft"]["replies"])
+    assert three["ppo"]["vs_sft"]["mcnemar"]["n"] == 3 * n
+    rep = build_json(run, {"stages": {}}, three)
+    assert rep["heldout_prompts"] == n and rep["replies_per_prompt"] == 3
+    assert f"held-out prompts: **{n}** × **3** sampled replies each" in write_markdown(run, rep, three, {}, 0, "r")
+    with pytest.raises(ValueError, match=r"pipeline\.eval_replies=0"):
+        evaluate_all(load_config("pipeline-tiny", args + ["pipeline.eval_replies=0"]), run, {"heldout": heldout},
+                     ["sft"], log=lambda *_: None)
+
+    other = _fake_run(tmp_path / "other", 1, sha=prompts_sha(rows))
+    with pytest.raises(ValueError, match=r"sampled 3 replies to each held-out prompt, .*other 1"):
+        seeds_report([run, other])

@@ -286,6 +286,10 @@ class PipelineConfig:
     eval_temperature: float = 1.0  # replies are sampled, as the policies were trained to produce them
     eval_max_tokens: int = 48
     eval_seed: int = 0
+    # sampled replies per held-out prompt and policy: each figure is their mean, and a win pairs the policy's
+    # j-th reply with SFT's j-th. More than 1 shrinks the sampling noise of one run's figures (at T = 1 a
+    # single draw per prompt is a large part of a win rate's spread between seeds) at that many times the time
+    eval_replies: int = 1
     samples: int = 4  # sample conversations per stage in the report
     # IFEval (eval/ifeval.py) on these stages, in the report ("" = none; e.g. "pretrain,sft"); a pass whose
     # data, weights and settings match a finished one is read back (the imported base's is computed once)

@@ -9,7 +9,9 @@ Two splits of the embedded tasks (data/tasks.py), two uses:
            with the per-prompt verdicts (``correct``, ``scores``, ``reply_chars``) and the prompts'
            identity (``prompts_sha``), which eval/seeds.py pairs across repeats of a run. Each aligned
            stage also gets ``vs_sft`` (``versus_sft``): mean reply length of both, the length-controlled
-           win rate and McNemar's test of accuracy on the same prompts.
+           win rate and McNemar's test of accuracy on the same prompts. With ``pipeline.eval_replies``
+           k > 1 each prompt gets k sampled replies (``eval_items``): the per-reply lists and every figure
+           run over prompts × k items, and a win pairs the policy's j-th reply with SFT's j-th.
            ``reward_accuracy`` scores the reward model on held-out pairs (overall and per language);
            ``chars_per_token`` measures the tokenizer on the held-out prompts' text, per language.
   dev      chooses. ``dev_scores`` judges one policy (a stage of the run, or a model in memory such as
@@ -85,15 +87,40 @@ def base_answers(model, tok, rows: list[dict], max_tokens: int, temperature: flo
     return out
 
 
-def replies_of(model, tok, rows: list[dict], settings, plain: bool = False):
+def replies_of(model, tok, rows: list[dict], settings, plain: bool = False, seed: int | None = None):
     """(texts, ids) of the replies the evaluation samples (``pipeline`` settings: temperature, length,
-    seed); ``plain``: a base model without a chat template, prompted with plain text (ids None)."""
-    torch.manual_seed(settings.eval_seed)
-    args = (model, tok, rows, settings.eval_max_tokens, settings.eval_temperature, settings.eval_seed)
+    seed; ``seed`` overrides ``eval_seed``); ``plain``: a base model without a chat template, prompted with
+    plain text (ids None)."""
+    seed = settings.eval_seed if seed is None else seed
+    torch.manual_seed(seed)
+    args = (model, tok, rows, settings.eval_max_tokens, settings.eval_temperature, seed)
     if plain:
         return base_answers(*args), None
     return chat_replies(*args, room=model.cfg.block_size - settings.eval_max_tokens,
                         calculator=getattr(settings, "calc_rows", 0) > 0)
+
+
+REPLY_SEED_STRIDE = 100_003  # reply j samples with eval_seed + j × this: far from any repeat's own eval_seed
+
+
+def eval_items(rows: list[dict], settings) -> list[dict]:
+    """The held-out items: ``pipeline.eval_replies`` copies of the prompt rows, reply-major (item i is prompt
+    i % len(rows)'s reply i // len(rows)), so two policies' replies pair item by item."""
+    k = settings.eval_replies
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"pipeline.eval_replies={k!r}: the replies sampled per held-out prompt, at least 1")
+    return rows * k
+
+
+def sampled_replies(model, tok, rows: list[dict], settings, plain: bool = False):
+    """(texts, ids) for ``eval_items(rows, settings)``: reply j of every prompt samples with eval_seed + j ×
+    REPLY_SEED_STRIDE, so the first reply of each prompt is the one a single-reply evaluation samples."""
+    texts, ids = [], []
+    for j in range(len(eval_items(rows, settings)) // max(1, len(rows))):
+        t, i = replies_of(model, tok, rows, settings, plain, seed=settings.eval_seed + j * REPLY_SEED_STRIDE)
+        texts += t
+        ids = None if i is None else ids + i
+    return texts, ids
 
 
 @torch.no_grad()
@@ -276,8 +303,10 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
     if not rows or not tok_path.exists():
         return {}
     tok = Tokenizer.load(tok_path)
+    items = eval_items(rows, settings)  # k replies to each prompt: every per-reply list below is over items
+    k = len(items) // len(rows)
     key = {"n": len(rows), "T": settings.eval_temperature, "max_tokens": settings.eval_max_tokens,
-           "seed": settings.eval_seed, "shots": settings.fewshot_shots}
+           "seed": settings.eval_seed, "shots": settings.fewshot_shots} | ({"replies": k} if k > 1 else {})
     sha = prompts_sha(rows)
     device = _device(cfg)
     out = {}
@@ -294,32 +323,33 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
                     atomic_write_text(cache, json.dumps(got, indent=1))
                 out[stage] = got
                 continue
-        log(f"[run] eval {stage} on {len(rows)} held-out prompts")
+        log(f"[run] eval {stage} on {len(rows)} held-out prompts" + (f" × {k} replies" if k > 1 else ""))
         t = time.perf_counter()
         model, _ = load_model(sdir, device)
         # a base model trained here knows no chat template
-        replies, ids = replies_of(model, tok, rows, settings, plain=stage == "pretrain" and tok.chat is None)
-        res = score_replies(rows, replies)
+        replies, ids = sampled_replies(model, tok, rows, settings, plain=stage == "pretrain" and tok.chat is None)
+        res = score_replies(items, replies)
         res["heldout_accuracy"] = res.pop("accuracy")
+        res["replies_per_prompt"] = k  # "n" counts items: prompts × replies
         if settings.calc_rows and ids is not None:
-            res["calculator"] = calculator_figures(model, tok, rows, replies, settings)
+            res["calculator"] = calculator_figures(model, tok, items, replies, settings)
         if stage == "pretrain" and settings.fewshot_shots:
             res["few_shot"] = few_shot(model, tok, paths["fewshot"], settings)
         if stage != "sft" and ids is not None and "sft" in stages and settings.eval_temperature > 0:
             ref, _ = load_model(run_dir / "sft", device)
-            res["kl_vs_sft"] = policy_kl(model, ref, tok, rows, ids, settings.eval_temperature)
+            res["kl_vs_sft"] = policy_kl(model, ref, tok, items, ids, settings.eval_temperature)
         res.update(fingerprint=fp, prompts_sha=sha, seconds=time.perf_counter() - t, replies=replies)
         atomic_write_text(cache, json.dumps(res, indent=1))
         out[stage] = res
     if "sft" in out:
         for stage in policies(after=1) + ("pretrain",):
             if stage in out:
-                out[stage]["win_rate_vs_sft"] = win_vs(rows, out[stage]["replies"], out["sft"]["replies"])
+                out[stage]["win_rate_vs_sft"] = win_vs(items, out[stage]["replies"], out["sft"]["replies"])
         for stage in policies(after=1):
             if stage in out:
                 out[stage]["vs_sft"] = versus_sft(out[stage], out["sft"])
     for stage, res in out.items():
-        res["by_language"] = by_language(rows, res, out["sft"]["replies"] if "sft" in out and stage != "sft" else None)
+        res["by_language"] = by_language(items, res, out["sft"]["replies"] if "sft" in out and stage != "sft" else None)
     return out
 
 

@@ -25,6 +25,7 @@ from ..train.meters import read_metrics
 from .heldout import calculator_md, chars_per_token, read_rows, vs_sft_md
 from .ifeval import ifeval_markdown
 from .lm import bpb_markdown
+from .plots import plot_losses, plot_rl
 
 BARS = {  # the bars the demo is held to, checked in the report (on >= 200 held-out prompts)
     "sft_beats_base": "SFT held-out accuracy > base model's",
@@ -58,65 +59,13 @@ def _fmt(x, digits=3) -> str:
     return str(x)
 
 
-# ---------------------------------------------------------------- plots
-def plot_losses(run_dir: Path, stages: list[str]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    have = [(s, read_metrics(run_dir / s / "metrics.jsonl")) for s in stages]
-    have = [(s, m) for s, m in have if any("loss" in r for r in m)]
-    if not have:
-        return None
-    fig, axes = plt.subplots(1, len(have), figsize=(4 * len(have), 3.2), squeeze=False)
-    for ax, (s, m) in zip(axes[0], have):
-        tr = [(r["step"], r["loss"]) for r in m if "loss" in r]
-        ax.plot(*zip(*tr), lw=1, label="train")
-        va = [(r["step"], r["val_loss"]) for r in m if "val_loss" in r]
-        if va:
-            ax.plot(*zip(*va), "o-", label="validation")
-        ax.set_title(s)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("loss")
-    fig.tight_layout()
-    fig.savefig(run_dir / "losses.png", dpi=90)
-    plt.close(fig)
-    return "losses.png"
-
-
-def plot_rl(run_dir: Path, stage: str) -> str | None:
-    """Reward, KL and gold score over RL iterations (the rows the RL stage logs at evaluations)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if "iteration" in r]
-    keys = [k for k in ("score", "reward", "kl", "gold") if any(k in r for r in rows)]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
-    titles = {"score": "reward-model score", "reward": "reward incl. KL penalty", "kl": "KL to SFT (nats/answer)",
-              "gold": "gold (rubric) score, dev prompts"}
-    for ax, k in zip(axes[0], keys):
-        pts = [(r["iteration"], r[k]) for r in rows if k in r]
-        ax.plot(*zip(*pts), "o-", ms=3)
-        ax.set_title(titles[k], fontsize=9)
-        ax.set_xlabel("iteration")
-    fig.tight_layout()
-    name = f"{stage}.png"
-    fig.savefig(run_dir / name, dpi=90)
-    plt.close(fig)
-    return name
-
-
 # ---------------------------------------------------------------- the report
 def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
     st = ledger.get("stages", {})
+    first = next((e for e in evals.values() if "n" in e), {"n": 0})
+    k = first.get("replies_per_prompt", 1)  # an evaluation's "n" counts its items: prompts × replies
     rep: dict = {"total_seconds": round(sum(v.get("seconds", 0.0) for v in st.values()), 1),
-                 "heldout_prompts": next((e["n"] for e in evals.values() if "n" in e), 0)}
+                 "heldout_prompts": first["n"] // k, "replies_per_prompt": k}
 
     def status(s):
         return st.get(s, {}).get("status", "not run")
@@ -167,6 +116,8 @@ def build_json(run_dir: Path, ledger: dict, evals: dict) -> dict:
         m = read_metrics(run_dir / s / "metrics.jsonl")
         if s in names(method="rl"):  # an RL curve and a gold curve on dev
             sec.update(train_kl=last_with(m, "kl"), train_score=last_with(m, "score"), train_gold=last_with(m, "gold"))
+        if s == "rft":  # the answers its last round kept as demonstrations
+            sec["kept"] = (st.get(s, {}).get("result") or {}).get("kept")
         rep[s] = sec
 
     for s in policies(after=0):
@@ -212,7 +163,8 @@ def by_language(run_dir: Path, stages: dict, evals: dict) -> dict:
     tp, hp = run_dir / "tokenizer.json", run_dir / "tasks" / "heldout.jsonl"
     tok = chars_per_token(Tokenizer.load(tp), read_rows(hp)) if tp.exists() and hp.exists() else None
     langs = sorted({lang for per in (*heldout.values(), reward or {}, tok or {}) for lang in per})
-    return {"langs": langs, "heldout": heldout, "reward": reward, "tokenizer": tok}
+    k = next((e.get("replies_per_prompt", 1) for e in evals.values()), 1)  # per-language "n" counts replies
+    return {"langs": langs, "heldout": heldout, "reward": reward, "tokenizer": tok, "replies_per_prompt": k}
 
 
 def _languages_md(bl: dict) -> list[str]:
@@ -227,7 +179,8 @@ def _languages_md(bl: dict) -> list[str]:
     for s, per in bl["heldout"].items():
         L.append(f"| {'base' if s == 'pretrain' else s} | "
                  + " | ".join(_fmt(per.get(lang, {}).get(k)) for k, _ in cols for lang in langs) + " |")
-    n = {lang: next((per[lang]["n"] for per in bl["heldout"].values() if lang in per), None) for lang in langs}
+    k = bl.get("replies_per_prompt", 1)
+    n = {lang: next((per[lang]["n"] // k for per in bl["heldout"].values() if lang in per), None) for lang in langs}
     rw, tok = bl["reward"] or {}, bl["tokenizer"] or {}
     L += ["", "| | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs),
           "| held-out prompts | " + " | ".join(_fmt(n[lang]) for lang in langs) + " |",
@@ -326,7 +279,8 @@ def _samples_md(run_dir: Path, rep: dict, evals: dict, n: int) -> list[str]:
 def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: int, rubric: str) -> str:
     L = [f"# chatfactory run report: `{run_dir}`", "",
          f"Total time: **{rep['total_seconds']:.0f} s** · held-out prompts: **{rep['heldout_prompts']}** "
-         "(never seen by any training stage, pretraining included).", ""]
+         + (f"× **{rep['replies_per_prompt']}** sampled replies each " if rep["replies_per_prompt"] > 1 else "")
+         + "(never seen by any training stage, pretraining included).", ""]
     L += ["## What each stage cost and achieved", "", "| stage | status | seconds | tokens | achieved |",
           "|---|---|---|---|---|"]
     imp = rep["pretrain"].get("imported")
@@ -361,7 +315,10 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
     L += ["## Held-out evaluation (gold judge: the rubric)", "",
           "Every policy answers the same held-out prompts (replies sampled at temperature "
           f"{rep['eval'].get('temperature')}, "
-          f"at most {rep['eval'].get('max_tokens')} tokens); the rubric below scores each. "
+          f"at most {rep['eval'].get('max_tokens')} tokens"
+          + (f", {rep['replies_per_prompt']} replies to each prompt: every figure is their mean, and reply j is "
+             "compared with SFT's reply j" if rep["replies_per_prompt"] > 1 else "")
+          + "); the rubric below scores each. "
           "Accuracy: the reply holds the right answer. Win rate: the policy's reply scores higher than SFT's on "
           "the same prompt (ties count half). KL: mean over replies of log π(reply) − log π_SFT(reply), nats.", "",
           "| policy | accuracy | gold score | win rate vs SFT | KL vs SFT | mean words |", "|---|---|---|---|---|---|"]
@@ -488,6 +445,7 @@ if __name__ == "__main__":
     rd = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
     ev = {p.stem: json.loads(p.read_text()) for p in sorted((rd / "eval").glob("*.json"))}
     rows = [json.loads(line) for line in open(rd / "tasks" / "heldout.jsonl", encoding="utf-8") if line.strip()]
+    rows *= next(iter(ev.values()), {}).get("replies_per_prompt", 1)  # the cached lists run over prompts × replies
     for s, e in ev.items():
         sft = ev["sft"]["replies"] if s != "sft" and "sft" in ev else None
         if sft is not None:

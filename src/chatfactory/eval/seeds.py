@@ -75,12 +75,14 @@ def read_run(run_dir) -> dict:
                              f"eval/<stage>.json and no {heldout})")
         sha = prompts_sha(read_rows(heldout))
         shas = {s: v or sha for s, v in shas.items()}
-    ns = {s: e["n"] for s, e in evals.items()}
-    if len(set(shas.values())) > 1 or len(set(ns.values())) > 1:
+    ns = {s: e["n"] for s, e in evals.items()}  # items: prompts × replies to each (eval_replies)
+    ks = {s: e.get("replies_per_prompt", 1) for s, e in evals.items()}
+    if len(set(shas.values())) > 1 or len(set(ns.values())) > 1 or len(set(ks.values())) > 1:
         raise ValueError(f"{run_dir}: its stages answered different held-out prompts "
                          f"({', '.join(f'{s}: {ns[s]} prompts, {shas[s]}' for s in evals)}): rerun its evaluation")
     config = run_dir / "config.yaml"
     return {"dir": run_dir, "evals": evals, "n": next(iter(ns.values())), "prompts": next(iter(shas.values())),
+            "replies": next(iter(ks.values())),
             "config": yaml.safe_load(config.read_text(encoding="utf-8")) if config.exists() else None}
 
 
@@ -126,6 +128,9 @@ def check_runs(runs: list[dict]) -> list[str]:
         raise ValueError(f"the same run given more than once: {', '.join(twice)}")
     first = runs[0]
     for r in runs[1:]:
+        if r["replies"] != first["replies"]:
+            raise ValueError(f"{first['dir']} sampled {first['replies']} replies to each held-out prompt, {r['dir']} "
+                             f"{r['replies']}: rerun one's evaluation with the other's pipeline.eval_replies")
         if (r["prompts"], r["n"]) != (first["prompts"], first["n"]):
             ts = [run_seeds(x["config"]).get("tasks_seed", "?") for x in (first, r)]
             raise ValueError(
@@ -166,7 +171,8 @@ def summarize(runs: list[dict]) -> dict:
     left_out = {s: [str(r["dir"]) for r in runs if s not in r["evals"]] for s in policies()
                 if s not in stages and any(s in r["evals"] for r in runs)}
     out = {"runs": [{"dir": str(r["dir"]), "seeds": run_seeds(r["config"])} for r in runs],
-           "prompts": {"n": runs[0]["n"], "sha": runs[0]["prompts"]}, "stages": {}, "vs_sft": {}, "left_out": left_out,
+           "prompts": {"n": runs[0]["n"] // runs[0].get("replies", 1), "replies": runs[0].get("replies", 1),
+                       "sha": runs[0]["prompts"]}, "stages": {}, "vs_sft": {}, "left_out": left_out,
            "mcnemar": "exact; pooled over every seed's prompts (each seed's prompt one paired item), p per seed beside"}
     for s in stages:
         es = [r["evals"][s] for r in runs]
@@ -239,12 +245,14 @@ def _num(x: float, digits: int = 3, sign: bool = False) -> str:
 
 
 def markdown(summary: dict, warnings: list[str]) -> str:
-    k, n = len(summary["runs"]), summary["prompts"]["n"]
+    k, n, per = len(summary["runs"]), summary["prompts"]["n"], summary["prompts"].get("replies", 1)
     runs = ", ".join(f"{r['dir']} (eval_seed {r['seeds'].get('eval_seed', '?')})" for r in summary["runs"])
+    replies = (f" with {per} sampled replies to each (`pipeline.eval_replies`: a run's figure is the mean over its "
+               f"replies, and a win pairs a policy's reply j with SFT's reply j)" if per > 1 else "")
     L = [f"# Held-out results over {k} seeds", "",
-         f"{k} runs of one config with different `pipeline.seed`, each answering the same {n} held-out prompts "
-         f"(prompts {summary['prompts']['sha']}): {runs}. Figures are the mean ± standard error over the runs "
-         "(sample standard deviation / √runs); the rubric is the judge (eval/heldout.py).", ""]
+         f"{k} runs of one config with different `pipeline.seed`, each answering the same {n} held-out prompts"
+         f"{replies} (prompts {summary['prompts']['sha']}): {runs}. Figures are the mean ± standard error over the "
+         "runs (sample standard deviation / √runs); the rubric is the judge (eval/heldout.py).", ""]
     L += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     left = [f"Left out: {s}, not evaluated in {', '.join(d)}." for s, d in summary["left_out"].items()]
     L += left + ([""] if left else [])
@@ -261,8 +269,8 @@ def markdown(summary: dict, warnings: list[str]) -> str:
               "Accuracy − SFT is the mean over seeds of each seed's stage minus the same seed's SFT, ± the standard "
               "error of those differences: a seed's luck in SFT, shared by every stage trained from it, cancels. "
               "Lower bound = mean − 2 SE: above 0, the stage is ahead of SFT by two standard errors (with 3 seeds "
-              "a rough band; a t quantile would be wider). McNemar: exact test on all seeds' prompts pooled "
-              "(each seed's prompt a paired item; the seeds' replies to one prompt are not independent, so read "
+              "a rough band; a t quantile would be wider). McNemar: exact test on all seeds' replies pooled "
+              "(each seed's reply to a prompt a paired item; replies to one prompt are not independent, so read "
               "the pooled p beside the per-seed ones).", "",
               "| policy | accuracy − SFT | lower bound | McNemar, seeds pooled | McNemar p per seed |",
               "|---|---|---|---|---|"]
