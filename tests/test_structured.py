@@ -99,7 +99,7 @@ def test_json_schema_parse_and_stream(server):
 
 # ---------------------------------------------------------------- tool calls
 from chatfactory.serve.protocol import ChatCompletionRequest  # noqa: E402
-from chatfactory.serve.structured import ToolCallParser, prompt_messages, read_reply, tool_messages  # noqa: E402
+from chatfactory.serve.structured import ToolCallParser, prompt_messages, read_reply, too_long, tool_messages  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -303,3 +303,28 @@ def test_a_template_that_renders_tools_gets_them(tool_server):
         _check_calls(c.message.tool_calls, {"add", "get_weather"})
         # the call opened with the token the tokenizer has for the tag
         assert c.logprobs.content[0].token == "<tool_call>" and len(c.logprobs.content[0].bytes) == 11
+
+
+def test_a_small_context_gets_the_tools_briefly(tmp_path, serve_run):
+    """A model whose context cannot hold the tools' full description (the demo's is 128 tokens) gets the brief
+    one (names and argument names): a request with tools is answered, not refused, and the grammar still holds
+    each call to its schema; where the full one fits it is used."""
+    url, svc, _ = serve_run(make_run(tmp_path / "small", block=512))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    req = ChatCompletionRequest.model_validate({"messages": msgs, "tools": [WEATHER, ADD]})
+    full, brief = (svc.tok.chat_prompt(tool_messages(req, msgs, brief=b)) for b in (False, True))
+    assert too_long(req, len(full), 512, native=False) and not too_long(req, len(brief), 512, native=False)
+    assert not too_long(req, len(full), 512, native=True)  # a template that renders tools is left to it
+    text = svc.tok.decode(brief)
+    assert "Functions: get_weather(city, unit), add(a, b)." in text and "Arguments:" not in text
+    r = client.chat.completions.create(model=svc.name, messages=msgs, tools=[WEATHER, ADD], max_tokens=120, seed=3,
+                                       temperature=1.0, tool_choice={"type": "function", "function": {"name": "add"}})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+    _check_calls(c.message.tool_calls, {"add"})
+    args = c.message.tool_calls[0].function.arguments  # the model's own text: compact, no layout
+    assert "\n" not in args and "\t" not in args and "  " not in args, args
+    named = ChatCompletionRequest.model_validate({"messages": msgs, "tools": [WEATHER, ADD], "tool_choice": {
+        "type": "function", "function": {"name": "add"}}})
+    assert r.usage.prompt_tokens == len(svc.tok.chat_prompt(tool_messages(named, msgs, brief=True)))

@@ -68,7 +68,7 @@ from .responses import (
     ModelList,
 )
 from .service import Service
-from .structured import ToolCallParser, active_tools, chat_message, prompt_messages, response_constraint, tool_deltas
+from .structured import ToolCallParser, active_tools, chat_message, render_with_tools, response_constraint, tool_deltas
 from .tokenizing import install_tokenizer_routes
 from .votes import install_votes, set_rater_cookie
 
@@ -251,10 +251,10 @@ def create_app(svc: Service, allow_origins=(), bind_host: str | None = None):
         include_usage = bool(req.stream_options is not None and req.stream_options.include_usage)
         fits("the conversation", (m.text for m in req.messages), "messages", served)
         # tools: described in the system message, calls and results written in the format (structured.py)
-        msgs, variables = prompt_messages(req, messages(req.messages), served.tok.template.supports_tools)
-        prompt = await render_chat(msgs, options={**(req.chat_template_kwargs or {}), **variables})
+        prompt, brief = await render_with_tools(req, messages(req.messages), served.tok.template.supports_tools,
+                                                served.block_size, render_chat)
         max_tokens = budget(req, 1, s["n"], req.max_tokens_for(len(prompt), served.block_size, None), served)
-        constraint = await pool.run(response_constraint, served.grammars, req)  # (compiling: off the event loop)
+        constraint = await pool.run(response_constraint, served.grammars, req, brief)  # (off the event loop)
         names = {t.function.name for t in active_tools(req)}
         # the calculator answers <calc> calls as a reply is written (a grammar-bound reply has none to answer)
         tool = (lambda: CalcRow(served.tok)) if constraint is None else None

@@ -8,7 +8,10 @@ or more ``<tool_call>`` blocks, each a JSON object ``{"name": …, "arguments": 
 tells the model about them itself (the generic fallback, as llama.cpp's server does for such templates):
 
 - the tools (name, description, the JSON Schema of the arguments) and the format go into the system
-  message (``TOOL_INSTRUCTION``, after the client's own system text);
+  message (``TOOL_INSTRUCTION``, after the client's own system text); where that leaves the reply no room in
+  the model's context (a demo-size model's 128 tokens), a brief one (``TOOL_INSTRUCTION_BRIEF``: names and
+  argument names) takes its place (``too_long``), the grammar still holding every call to its schema and
+  allowing it no layout beyond single spaces (``COMPACT_WHITESPACE``), so the call fits what is left;
 - earlier assistant calls are written back in the format, and each ``role: tool`` result becomes a
   ``<tool_response>`` user message naming the function it answers;
 - the reply is decoded under a grammar (``tool_grammar``): with ``tool_choice`` ``auto`` either plain text
@@ -37,6 +40,9 @@ TOOL_INSTRUCTION = (
     "To call one, write {open} on its own line, then one line of JSON: {{\"name\": the function's name, "
     "\"arguments\": an object of its arguments}}, then {close}. Several calls may follow one another. Each "
     "result comes back to you in a <tool_response> message; answer the user with it. {when}")
+# names and argument names only (the format's example alone would take half of a 128-token context): the grammar
+# writes the format where a call is required or named; under "auto" such a model will mostly answer in text
+TOOL_INSTRUCTION_BRIEF = "Functions: {tools}. {when}"
 WHEN = {"auto": "When no function helps, answer in plain text.",
         "required": "Call at least one function now.",
         "named": "Call the function {name} now."}
@@ -44,15 +50,17 @@ WHEN = {"auto": "When no function helps, answer in plain text.",
 
 # ---------------------------------------------------------------- response_format
 
-def response_constraint(grammars: Grammars, req: ChatCompletionRequest) -> Callable[[], Constraint] | None:
+def response_constraint(grammars: Grammars, req: ChatCompletionRequest,
+                        compact: bool = False) -> Callable[[], Constraint] | None:
     """-> a function giving each answer its own constraint (None: the reply is free). Compiles once here,
-    so a bad schema is refused (400) before anything is queued; each answer gets a fork of it."""
+    so a bad schema is refused (400) before anything is queued; each answer gets a fork of it. ``compact``:
+    tool calls with at most one space between JSON tokens (a context with no room for layout)."""
     fmt, tools = req.response_format, active_tools(req)
     if tools and fmt is not None and fmt.type != "text":
         raise APIError(400, "response_format: this server cannot constrain a reply to both a JSON format and tool "
                             "calls; send one of them", "response_format", "invalid_value")
     if tools:
-        constrained = tool_grammar(tools, req, grammars.tok.special)
+        constrained = tool_grammar(tools, req, grammars.tok.special, compact)
         param, build = "tools", lambda: grammars.lark(constrained, "tool_calls")
     elif fmt is None or fmt.type == "text":
         return None
@@ -91,7 +99,10 @@ def active_tools(req: ChatCompletionRequest) -> list:
     return picked
 
 
-def _call_schema(tools) -> dict:
+COMPACT_WHITESPACE = r"\x20?"  # between JSON tokens of a call where the context is short: a space at most
+
+
+def _call_schema(tools, compact: bool = False) -> dict:
     """One call as JSON: a listed function's name and arguments valid under its schema (integers bounded as
     response_format's are: grammar.bounded_integers)."""
     one = [{"type": "object",
@@ -99,16 +110,17 @@ def _call_schema(tools) -> dict:
                            "arguments": bounded_integers(t.function.parameters or {"type": "object"})},
             "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = one[0] if len(one) == 1 else {"anyOf": one}
-    return {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
+    return {**schema, "x-guidance": {"whitespace_pattern": COMPACT_WHITESPACE if compact else JSON_WHITESPACE}}
 
 
-def tool_grammar(tools, req: ChatCompletionRequest, special: dict[str, int] | None = None) -> str:
+def tool_grammar(tools, req: ChatCompletionRequest, special: dict[str, int] | None = None,
+                 compact: bool = False) -> str:
     """The Lark grammar (llguidance's dialect) of a reply that may or must call ``tools``. ``special``: the
     tokenizer's added tokens; where the tags are among them (Qwen's), the grammar asks for those ids (the
     grammar library reads an added token as a token of its own, never as the text it spells)."""
     special = special or {}
     tag = {t: f"<[{special[t]}]>" if t in special else f'"{t}"' for t in (OPEN, CLOSE)}
-    body = f'"\\n" %json {json.dumps(_call_schema(tools))} "\\n" {tag[CLOSE]}'
+    body = f'"\\n" %json {json.dumps(_call_schema(tools, compact))} "\\n" {tag[CLOSE]}'
     parallel = req.parallel_tool_calls is not False and not _named(req)
     more = f' more*\nmore: "\\n"? {tag[OPEN]} {body}' if parallel else ""
     text = f"TEXT: /(?s:.+)/ & ~/(?s:.*{OPEN}.*)/\n"  # plain text that does not spell the tag
@@ -126,12 +138,13 @@ def _named(req) -> bool:
     return req.tool_choice is not None and not isinstance(req.tool_choice, str)
 
 
-def prompt_messages(req: ChatCompletionRequest, messages: list[dict], native: bool) -> tuple[list[dict], dict]:
+def prompt_messages(req: ChatCompletionRequest, messages: list[dict], native: bool,
+                    brief: bool = False) -> tuple[list[dict], dict]:
     """-> (the conversation to render, the template's extra variables) for a template that renders tools itself
     (``native``: the tools go to it as ``tools``, calls and results as messages, as transformers passes them)
-    or one that does not (``tool_messages``: the server writes them in)."""
+    or one that does not (``tool_messages``: the server writes them in, ``brief``ly if asked)."""
     if not native:
-        return tool_messages(req, messages), {}
+        return tool_messages(req, messages, brief), {}
     names = {tc.id: tc.function.name for m in req.messages for tc in (m.tool_calls or [])}
     out = []
     for m, plain in zip(req.messages, messages):
@@ -147,7 +160,27 @@ def prompt_messages(req: ChatCompletionRequest, messages: list[dict], native: bo
     return out, ({"tools": tools} if tools else {})
 
 
-def tool_messages(req: ChatCompletionRequest, messages: list[dict]) -> list[dict]:
+def too_long(req: ChatCompletionRequest, prompt_len: int, block: int, native: bool) -> bool:
+    """Whether the server's full description of the tools leaves the reply too little of the context: the
+    tokens the request asks for, or else a quarter of the context (``tool_messages(brief=True)`` then)."""
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return not native and bool(active_tools(req)) and prompt_len + (asked or block // 4) > block
+
+
+async def render_with_tools(req: ChatCompletionRequest, messages: list[dict], native: bool, block: int,
+                            render) -> tuple[list[int], bool]:
+    """-> (the prompt's token ids, brief): ``render(messages, options=…)`` (the server's chat rendering) of the
+    conversation ``prompt_messages`` gives, the tools described briefly where in full they are ``too_long``
+    (then their calls are best decoded compact: ``response_constraint(compact=brief)``)."""
+    for brief in (False, True):
+        msgs, variables = prompt_messages(req, messages, native, brief)
+        prompt = await render(msgs, options={**(req.chat_template_kwargs or {}), **variables})
+        if not too_long(req, len(prompt), block, native):
+            break
+    return prompt, brief
+
+
+def tool_messages(req: ChatCompletionRequest, messages: list[dict], brief: bool = False) -> list[dict]:
     """The conversation as the template renders it: tool results and earlier calls written in the format,
     and the tools described in the system message when this reply may call them."""
     names = {tc.id: tc.function.name for m in req.messages for tc in (m.tool_calls or [])}
@@ -164,11 +197,16 @@ def tool_messages(req: ChatCompletionRequest, messages: list[dict]) -> list[dict
             out.append(plain)
     tools = active_tools(req)
     if tools:
-        listed = "\n".join(f"- {t.function.name}: {t.function.description or '(no description)'} Arguments: "
-                           f"{json.dumps(t.function.parameters or {'type': 'object'}, ensure_ascii=False)}"
-                           for t in tools)
         how = WHEN["named"].format(name=tools[0].function.name) if _named(req) else WHEN[req.tool_choice or "auto"]
-        text = TOOL_INSTRUCTION.format(tools=listed, open=OPEN, close=CLOSE, when=how)
+        if brief:  # add(a, b), get_weather(city)
+            listed = ", ".join(f"{t.function.name}({', '.join((t.function.parameters or {}).get('properties') or {})})"
+                               for t in tools)
+            text = TOOL_INSTRUCTION_BRIEF.format(tools=listed, when=how)
+        else:
+            listed = "\n".join(f"- {t.function.name}: {t.function.description or '(no description)'} Arguments: "
+                               f"{json.dumps(t.function.parameters or {'type': 'object'}, ensure_ascii=False)}"
+                               for t in tools)
+            text = TOOL_INSTRUCTION.format(tools=listed, open=OPEN, close=CLOSE, when=how)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
         else:
