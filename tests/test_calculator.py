@@ -37,6 +37,8 @@ def test_evaluates_arithmetic(expr, value):
     ("1/0", "division by zero"), ("5 % 0", "division by zero"), ("9**9**9", "exponents"),
     ("2**0.5", "exponents"), ("10**60 * 10", "digits"), ("1 +", "not an arithmetic expression"),
     ("1" * 201, "longer than"), ("[1, 2]", "not arithmetic"), ("True + 1", "not arithmetic"),
+    # literals past the limits (a demo run's sampled call held one past float's range and crashed the stage)
+    ("1e999 + 1", "float's range"), ("-1e999", "float's range"), ("9" * 61, "digits"), ("1e300", "digits"),
 ])
 def test_refuses_what_is_not_safe_arithmetic(expr, why):
     with pytest.raises(CalcError, match=why):

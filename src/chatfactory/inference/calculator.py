@@ -16,6 +16,7 @@ ratio, KL or value is computed on them.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 import warnings
@@ -54,9 +55,17 @@ def evaluate(expression: str) -> str:
     return f"{float(value):.6f}".rstrip("0").rstrip(".")
 
 
+def _bounded(v: Fraction) -> Fraction:
+    if abs(v.numerator) >= 10 ** MAX_DIGITS or v.denominator >= 10 ** MAX_DIGITS:
+        raise CalcError(f"a number past {MAX_DIGITS} digits")
+    return v
+
+
 def _walk(node) -> Fraction:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return Fraction(node.value)
+        if not math.isfinite(node.value):  # a literal past float's range ("1e999") reads as infinity
+            raise CalcError("a number past float's range")
+        return _bounded(Fraction(node.value))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         v = _walk(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
@@ -72,9 +81,7 @@ def _walk(node) -> Fraction:
         v = _BIN[type(node.op)](a, b)
         if isinstance(node.op, ast.FloorDiv):
             v = Fraction(v)
-        if abs(v.numerator) >= 10 ** MAX_DIGITS or v.denominator >= 10 ** MAX_DIGITS:
-            raise CalcError(f"a number past {MAX_DIGITS} digits")
-        return v
+        return _bounded(v)
     raise CalcError(f"{type(node).__name__} is not arithmetic")
 
 
