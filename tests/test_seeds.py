@@ -248,13 +248,11 @@ def test_seeds_command_writes_the_table(tmp_path):
     assert r.returncode == 2 and "at least 2 runs" in r.stderr
 
 
-def test_evaluate_all_caches_what_the_seeds_table_pairs(tmp_path):
-    """evaluate_all on two tiny random policies: each cache holds the per-prompt lengths and the prompts' hash,
-    each aligned stage gets its vs_sft record; a cache of other prompts is redone, an older cache (no lengths,
-    no hash) is kept and filled in."""
+def _eval_run(tmp_path):
+    """A tiny run with two random one-layer policies (sft, ppo) and _rows() as its held-out prompts ->
+    (run, rows, RUN/tasks/heldout.jsonl)."""
     import torch
 
-    from chatfactory.eval.heldout import evaluate_all
     from chatfactory.model.gpt import GPT, GPTConfig
     from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
     from conftest import make_run
@@ -267,6 +265,16 @@ def test_evaluate_all_caches_what_the_seeds_table_pairs(tmp_path):
     (run / "tasks").mkdir()
     heldout = run / "tasks" / "heldout.jsonl"
     heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run, rows, heldout
+
+
+def test_evaluate_all_caches_what_the_seeds_table_pairs(tmp_path):
+    """evaluate_all on two tiny random policies: each cache holds the per-prompt lengths and the prompts' hash,
+    each aligned stage gets its vs_sft record; a cache of other prompts is redone, an older cache (no lengths,
+    no hash) is kept and filled in."""
+    from chatfactory.eval.heldout import evaluate_all
+
+    run, rows, heldout = _eval_run(tmp_path)
     cfg = load_config("pipeline-tiny", ["pipeline.eval_max_tokens=6", "sft.device=cpu"])
     out = evaluate_all(cfg, run, {"heldout": heldout}, ["sft", "ppo"], log=lambda *_: None)
     cache = {s: json.loads((run / "eval" / f"{s}.json").read_text()) for s in ("sft", "ppo")}
@@ -299,22 +307,10 @@ def test_several_replies_per_prompt_pair_reply_by_reply(tmp_path):
     """pipeline.eval_replies=3: every policy answers each held-out prompt 3 times; the caches run over prompts × 3
     items, reply-major, the first reply of each prompt is the single-reply evaluation's, the report counts
     prompts (not items), and the seeds table refuses to pair runs that sampled different numbers of replies."""
-    import torch
-
     from chatfactory.eval.heldout import evaluate_all
     from chatfactory.eval.report import build_json, write_markdown
-    from chatfactory.model.gpt import GPT, GPTConfig
-    from chatfactory.store.checkpoint import save_checkpoint, unique_state_dict
-    from conftest import make_run
 
-    run = make_run(tmp_path / "run")
-    info = json.loads((run / "sft" / "config.json").read_text())
-    torch.manual_seed(1)
-    save_checkpoint(run / "ppo", unique_state_dict(GPT(GPTConfig.from_dict(info["model"]))), {"model": info["model"]})
-    rows = _rows()
-    (run / "tasks").mkdir()
-    heldout = run / "tasks" / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run, rows, heldout = _eval_run(tmp_path)
     args = ["pipeline.eval_max_tokens=6", "sft.device=cpu", "pipeline.eval_temperature=1.0"]
     one = evaluate_all(load_config("pipeline-tiny", args), run, {"heldout": heldout}, ["sft", "ppo"],
                        log=lambda *_: None)

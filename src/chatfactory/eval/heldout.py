@@ -112,11 +112,12 @@ def eval_items(rows: list[dict], settings) -> list[dict]:
     return rows * k
 
 
-def sampled_replies(model, tok, rows: list[dict], settings, plain: bool = False):
-    """(texts, ids) for ``eval_items(rows, settings)``: reply j of every prompt samples with eval_seed + j ×
-    REPLY_SEED_STRIDE, so the first reply of each prompt is the one a single-reply evaluation samples."""
+def sampled_replies(model, tok, rows: list[dict], settings, k: int, plain: bool = False):
+    """(texts, ids) for ``eval_items(rows, settings)``, ``k`` replies to each prompt: reply j of every prompt
+    samples with eval_seed + j × REPLY_SEED_STRIDE, so the first reply of each prompt is the one a single-reply
+    evaluation samples."""
     texts, ids = [], []
-    for j in range(len(eval_items(rows, settings)) // max(1, len(rows))):
+    for j in range(k):
         t, i = replies_of(model, tok, rows, settings, plain, seed=settings.eval_seed + j * REPLY_SEED_STRIDE)
         texts += t
         ids = None if i is None else ids + i
@@ -327,7 +328,7 @@ def evaluate_all(cfg, run_dir: Path, paths: dict, stages, log=print) -> dict:
         t = time.perf_counter()
         model, _ = load_model(sdir, device)
         # a base model trained here knows no chat template
-        replies, ids = sampled_replies(model, tok, rows, settings, plain=stage == "pretrain" and tok.chat is None)
+        replies, ids = sampled_replies(model, tok, rows, settings, k, plain=stage == "pretrain" and tok.chat is None)
         res = score_replies(items, replies)
         res["heldout_accuracy"] = res.pop("accuracy")
         res["replies_per_prompt"] = k  # "n" counts items: prompts × replies

@@ -163,11 +163,11 @@ def by_language(run_dir: Path, stages: dict, evals: dict) -> dict:
     tp, hp = run_dir / "tokenizer.json", run_dir / "tasks" / "heldout.jsonl"
     tok = chars_per_token(Tokenizer.load(tp), read_rows(hp)) if tp.exists() and hp.exists() else None
     langs = sorted({lang for per in (*heldout.values(), reward or {}, tok or {}) for lang in per})
-    k = next((e.get("replies_per_prompt", 1) for e in evals.values()), 1)  # per-language "n" counts replies
-    return {"langs": langs, "heldout": heldout, "reward": reward, "tokenizer": tok, "replies_per_prompt": k}
+    return {"langs": langs, "heldout": heldout, "reward": reward, "tokenizer": tok}
 
 
-def _languages_md(bl: dict) -> list[str]:
+def _languages_md(bl: dict, replies: int = 1) -> list[str]:
+    """``replies``: per prompt (each language's "n" counts replies)."""
     langs = bl["langs"]
     if len(langs) < 2:
         return []
@@ -179,8 +179,8 @@ def _languages_md(bl: dict) -> list[str]:
     for s, per in bl["heldout"].items():
         L.append(f"| {'base' if s == 'pretrain' else s} | "
                  + " | ".join(_fmt(per.get(lang, {}).get(k)) for k, _ in cols for lang in langs) + " |")
-    k = bl.get("replies_per_prompt", 1)
-    n = {lang: next((per[lang]["n"] // k for per in bl["heldout"].values() if lang in per), None) for lang in langs}
+    n = {lang: next((per[lang]["n"] // replies for per in bl["heldout"].values() if lang in per), None)
+         for lang in langs}
     rw, tok = bl["reward"] or {}, bl["tokenizer"] or {}
     L += ["", "| | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs),
           "| held-out prompts | " + " | ".join(_fmt(n[lang]) for lang in langs) + " |",
@@ -340,7 +340,7 @@ def write_markdown(run_dir: Path, rep: dict, evals: dict, plots: dict, samples: 
         for t in tasks:
             L.append(f"| {t} | "
                      + " | ".join(_fmt(e.get("accuracy_by_task", {}).get(t), 2) for e in evals.values()) + " |")
-    L += calculator_md(evals) + [""] + _languages_md(rep["by_language"])
+    L += calculator_md(evals) + [""] + _languages_md(rep["by_language"], rep["replies_per_prompt"])
     if not imp:  # the demo's bars (a model trained here from nothing, on the embedded default)
         L += ["", "Bars of the issue:", ""]
         for k, ok in rep["bars"].items():

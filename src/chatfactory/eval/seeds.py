@@ -171,7 +171,7 @@ def summarize(runs: list[dict]) -> dict:
     left_out = {s: [str(r["dir"]) for r in runs if s not in r["evals"]] for s in policies()
                 if s not in stages and any(s in r["evals"] for r in runs)}
     out = {"runs": [{"dir": str(r["dir"]), "seeds": run_seeds(r["config"])} for r in runs],
-           "prompts": {"n": runs[0]["n"] // runs[0].get("replies", 1), "replies": runs[0].get("replies", 1),
+           "prompts": {"n": runs[0]["n"] // runs[0]["replies"], "replies": runs[0]["replies"],
                        "sha": runs[0]["prompts"]}, "stages": {}, "vs_sft": {}, "left_out": left_out,
            "mcnemar": "exact; pooled over every seed's prompts (each seed's prompt one paired item), p per seed beside"}
     for s in stages:

@@ -262,10 +262,14 @@ class SamplingBody(Body):
                     seed=self.seed, n=self.n or 1, stream=bool(self.stream), stop=[s for s in stops if s],
                     ignore_eos=bool(self.ignore_eos))
 
-    def max_tokens_for(self, prompt_len: int, block: int, default: int | None) -> int:
-        """The completion length asked for (``max_completion_tokens`` wins), checked against the context."""
+    def asked_tokens(self) -> tuple[str, int | None]:
+        """(the field that sets the completion length, its value): ``max_completion_tokens`` wins."""
         key = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-        asked = getattr(self, key)
+        return key, getattr(self, key)
+
+    def max_tokens_for(self, prompt_len: int, block: int, default: int | None) -> int:
+        """The completion length asked for (``asked_tokens``), checked against the context."""
+        key, asked = self.asked_tokens()
         if prompt_len >= block:
             raise APIError(400, f"This model's maximum context length is {block} tokens; the prompt has {prompt_len}.",
                            "messages" if hasattr(self, "messages") else "prompt", "context_length_exceeded")

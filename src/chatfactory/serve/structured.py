@@ -163,8 +163,7 @@ def prompt_messages(req: ChatCompletionRequest, messages: list[dict], native: bo
 def too_long(req: ChatCompletionRequest, prompt_len: int, block: int, native: bool) -> bool:
     """Whether the server's full description of the tools leaves the reply too little of the context: the
     tokens the request asks for, or else a quarter of the context (``tool_messages(brief=True)`` then)."""
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return not native and bool(active_tools(req)) and prompt_len + (asked or block // 4) > block
+    return not native and bool(active_tools(req)) and prompt_len + (req.asked_tokens()[1] or block // 4) > block
 
 
 async def render_with_tools(req: ChatCompletionRequest, messages: list[dict], native: bool, block: int,
