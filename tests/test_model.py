@@ -89,3 +89,23 @@ def test_kv_cache_decoding_matches_full_recompute(flavour):
         pieces = [model(idx[:, :8], cache=cache), model(idx[:, 8:12], cache=cache)]
         pieces += [model(idx[:, t : t + 1], cache=cache) for t in range(12, 20)]
     assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-5
+
+
+def test_rope_backward_written_out_gives_autograds_bits():
+    """apply_rope's hand-written backward (the rotation by minus the angle) must give exactly what autograd
+    gives through the textbook "rotate half" formula, forward and gradient, so training is unchanged."""
+    from chatfactory.model.gpt import apply_rope, rope_cos_sin
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 6, 32, requires_grad=True)
+    cos, sin = (t.unsqueeze(-2) for t in rope_cos_sin(32, torch.arange(17), 10000.0))
+    ref = x * cos + torch.cat([-x[..., 16:], x[..., :16]], dim=-1) * sin
+    g = torch.randn_like(ref)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    out = apply_rope(x, cos, sin)
+    (grad,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    with torch.no_grad():  # inference takes the plain path: the same bits
+        assert torch.equal(apply_rope(x, cos, sin), ref)
+    # a wrong backward (the rotation by +angle) would differ: the check can fail
+    assert not torch.equal(grad, g * cos + torch.cat([-(g * sin)[..., 16:], (g * sin)[..., :16]], dim=-1))

@@ -74,7 +74,7 @@ def sample_ids(model, tok, rows: list[dict], k: int, p: SamplingParams, batch_pr
     for b, start in enumerate(tqdm(starts, desc=desc, disable=not progress)):
         chunk = rows[start:start + batch_prompts]
         # a long conversation keeps its end: that is what the answer continues
-        ids = [tok.chat_prompt(r["messages"])[-room:] for r in chunk for _ in range(k)]
+        ids = [x for r in chunk for x in [tok.chat_prompt(r["messages"])[-room:]] * k]  # rendered once a row
         seed = None if p.seed is None else p.seed + b
         gen = engine.generate(ids, SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                                                   seed=seed, stop_ids=(tok.end_id,)),

@@ -178,10 +178,12 @@ class Engine:
             # causal and not a pad key; the diagonal stays open so pad queries never see an empty row (NaN)
             causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
             mask = (causal[None] & valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
-            # decode steps see every real key: one mask over the whole cache, sliced per step
-            key_valid = torch.cat([valid, torch.ones(B, max_new, dtype=torch.bool, device=dev)], 1)[:, None, None]
             hidden = self.model.hidden_states(pre(idx), cache=cache, positions=pre(positions),
                                               attn_mask=pre(mask)[:, None])
+            # decode steps see every real key: one mask over the whole cache, sliced per step; additive
+            # (0 or -inf), which attention reads faster than a boolean one and to the same bits
+            key_bias = torch.zeros(B, 1, 1, L + max_new, dtype=hidden.dtype, device=dev)
+            key_bias[:, 0, 0, :L].masked_fill_(~valid, float("-inf"))
             pos = positions[:, -1:]
         else:  # equal lengths: plain causal prefill, and decode steps need no mask at all
             hidden = self.model.hidden_states(pre(idx), cache=cache)
@@ -244,7 +246,7 @@ class Engine:
                         raise
                     self._compile_failed(e)
                     compiled = None
-            step_mask = key_valid[..., : cache.length + 1] if padded else None
+            step_mask = key_bias[..., : cache.length + 1] if padded else None
             logits = self.model(nxt[:, None], cache=cache, positions=pos, attn_mask=step_mask)[:, -1]
 
     def generate(self, prompts: list[list[int]], p: SamplingParams, logprobs: list | None = None,

@@ -51,10 +51,17 @@ def reward_scores(rm, tok, pairs: list[tuple[dict, list[int]]], batch: int = 256
     read it)."""
     scores: list[float] = []
     block, device = rm.cfg.block_size, next(rm.parameters()).device
+    rendered: dict[int, list[int]] = {}  # a row's prompt ids, rendered once for all of its answers
+
+    def prompt(row: dict) -> list[int]:
+        if id(row) not in rendered:
+            rendered[id(row)] = tok.chat_prompt(row["messages"])
+        return rendered[id(row)]
+
     for s in range(0, len(pairs), batch):
         part = pairs[s:s + batch]
         # the answer fits whole; a long prompt keeps its end
-        prompts = [tok.chat_prompt(row["messages"])[-(block - len(a)):] for row, a in part]
+        prompts = [prompt(row)[-(block - len(a)):] for row, a in part]
         b = {k: (v.to(device) if torch.is_tensor(v) else v)
              for k, v in pad_batch(prompts, [a for _, a in part], tok.pad_id, tok.end_id).items()}
         scores += rm.score(b["tokens"], b["last"], positions=b["positions"],
