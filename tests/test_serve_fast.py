@@ -167,3 +167,44 @@ def test_a_lora_stage_is_served_on_the_compiled_step(tmp_path):
         assert [s.token for s in out if s.token is not None] == want
     finally:
         svc.close()
+
+
+def test_the_scheduler_thread_loads_and_runs_its_model_and_a_failed_load_raises_in_the_caller():
+    """Given a loader, the scheduler's own thread calls it and runs every forward after (inference/owner.py: a
+    second thread running torch's parallel ops halves a decode's speed), with the tokens of the same model run
+    in the caller; a load that fails raises in the caller, naming what failed, and leaves no thread behind."""
+    import threading
+
+    from chatfactory.inference.engine import Engine
+
+    loaded_in = []
+
+    def load():
+        loaded_in.append(threading.current_thread())
+        return _model()
+
+    sched = Scheduler(load, slots=2)
+    try:
+        assert loaded_in == [sched._thread] and sched._thread is not threading.current_thread()
+        out, ran_in = [], set()
+
+        def emit(step):
+            ran_in.add(threading.current_thread())
+            out.append(step)
+
+        sched.submit(Request([5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0), emit=emit))
+        deadline = time.time() + 60
+        while not (out and out[-1].finish) and time.time() < deadline:
+            time.sleep(0.01)
+        want = Engine(_model()).generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0))[0]
+        assert [s.token for s in out if s.token is not None] == want and ran_in == {sched._thread}
+    finally:
+        sched.close()
+
+    def broken():
+        raise FileNotFoundError("runs/x/sft/model.safetensors: no such file")
+
+    before = {t for t in threading.enumerate() if t.name == "chatfactory-scheduler"}
+    with pytest.raises(FileNotFoundError, match="runs/x/sft/model.safetensors"):
+        Scheduler(broken, slots=1)
+    assert {t for t in threading.enumerate() if t.name == "chatfactory-scheduler"} <= before

@@ -18,7 +18,7 @@ number of *slots*, each a row of one KV cache (kv_cache.py) with its own length.
 
 So a request joins the running batch at the next iteration and leaves as soon as it is done; a
 client that disconnects calls ``cancel`` and its slot is free one iteration later. The scheduler
-runs in one background thread that owns the model; callbacks are called from that thread.
+runs in one background thread that owns the model from its load on (owner.py); callbacks run there.
 
 Sharing between clients (each request names its ``client``): a group of requests is admitted whole
 or not at all (``submit_all``), and not when it would take the queue past ``max_waiting`` or its
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -51,6 +52,7 @@ from ..model.gpt import GPT
 from .decode_step import SlotStep
 from .grammar import constrain
 from .kv_cache import KVCache
+from .owner import start_owner
 from .prefix_cache import PrefixCache
 from .requests import BatchOptions, QueueFull, Request, Step
 from .sampling import bad_rows, sample_next
@@ -59,14 +61,12 @@ __all__ = ["BatchOptions", "QueueFull", "Request", "Scheduler", "Step"]  # reque
 
 
 class Scheduler:
-    def __init__(self, model: GPT, slots: int = 16, max_waiting: int = 256, start: bool = True,
+    def __init__(self, model: GPT | Callable[[], GPT], slots: int = 16, max_waiting: int = 256, start: bool = True,
                  vocab_limit: int | None = None, max_client_waiting: int | None = None, score_chunk: int = 256,
                  options: BatchOptions | None = None):
-        self.model = model.eval()
-        # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
-        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
-        self.cfg = model.cfg
-        self.device = next(model.parameters()).device
+        """``model``: the model, or a function that loads it (called in the scheduler's thread: owner.py says
+        why the thread that runs a model should be the one that loaded it). With ``start`` the thread is
+        running, and the model loaded, warm and compiled, when this returns; a load that fails raises here."""
         self.slots = slots
         self.max_waiting = max_waiting
         # one client's requests, waiting and running (default: as many as the whole queue)
@@ -75,18 +75,7 @@ class Scheduler:
         self._scoring = None  # (request, its scoring generator) while a prompt is being scored
         self.preempted = 0  # rows sent back to the queue for another client's (for tests and stats)
         self._scored: collections.Counter[str] = collections.Counter()  # prompts scored per client lately
-        self.options = options = options or BatchOptions()
-        # a row per slot, each ``options.context`` positions (0: the model's whole block): a model with a long
-        # block (SmolLM2's 8192) serving short conversations needs a fraction of it
-        self.context = min(options.context or self.cfg.block_size, self.cfg.block_size)
-        self.cache = KVCache.for_model(model, slots, self.context)
-        # compile: decode with the compiled step (decode_step.py SlotStep: static shapes, every slot a row),
-        # each attention window compiled here, before the first request; eager, with a warning, if it fails
-        self.fast, self.eager_reason = None, "" if options.compile else "compile=False"
-        if options.compile:
-            self.fast, self.eager_reason = SlotStep.ready(model, self.cache)
-        self.prefix = (PrefixCache(options.prefix_block, int(options.prefix_cache_mb * 2**20))
-                       if options.prefix_cache_mb > 0 else None)
+        self.options = options or BatchOptions()
         self.rows: list[Request | None] = [None] * slots  # the request in each slot
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
@@ -95,8 +84,32 @@ class Scheduler:
         self._closed = False
         self._thread = None
         if start:
-            self._thread = threading.Thread(target=self._loop, name="chatfactory-scheduler", daemon=True)
-            self._thread.start()
+            self._thread = start_owner("chatfactory-scheduler", lambda: self._setup(model, vocab_limit), self._loop)
+        else:
+            self._setup(model, vocab_limit)
+
+    def _setup(self, model: GPT | Callable[[], GPT], vocab_limit: int | None) -> None:
+        """What the model needs before the first request (in the thread that will run it): loaded, its KV
+        cache, its compiled step."""
+        if not isinstance(model, torch.nn.Module):
+            model = model()
+        self.model = model.eval()
+        # a model's vocabulary is often padded past the tokenizer's: never sample an id with no text
+        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < model.cfg.vocab_size else None
+        self.cfg = model.cfg
+        self.device = next(model.parameters()).device
+        options = self.options
+        # a row per slot, each ``options.context`` positions (0: the model's whole block): a model with a long
+        # block (SmolLM2's 8192) serving short conversations needs a fraction of it
+        self.context = min(options.context or self.cfg.block_size, self.cfg.block_size)
+        self.cache = KVCache.for_model(model, self.slots, self.context)
+        # compile: decode with the compiled step (decode_step.py SlotStep: static shapes, every slot a row),
+        # each attention window compiled here, before the first request; eager, with a warning, if it fails
+        self.fast, self.eager_reason = None, "" if options.compile else "compile=False"
+        if options.compile:
+            self.fast, self.eager_reason = SlotStep.ready(model, self.cache)
+        self.prefix = (PrefixCache(options.prefix_block, int(options.prefix_cache_mb * 2**20))
+                       if options.prefix_cache_mb > 0 else None)
 
     # ---- the public side (any thread) ----
     def submit(self, req: Request) -> Request:

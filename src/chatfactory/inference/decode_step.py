@@ -34,6 +34,7 @@ fails (no C++ compiler, an unsupported Python).
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -280,6 +281,10 @@ def slot_logits(*args, **kwargs) -> torch.Tensor:
     return step_logits(*args, **kwargs)
 
 
+_slot_graphs = [0]  # graphs compiled from slot_logits in this process, by every scheduler (``SlotStep.warm``)
+_slot_graphs_lock = threading.Lock()
+
+
 class SlotStep:
     """The server's decode step (continuous batching, batching.py ``Scheduler(compile=True)``): the slot rows
     of the server's KV cache take one token each, each written at its own length, in one compiled graph.
@@ -371,8 +376,12 @@ class SlotStep:
         holds no row yet): -> the number of graphs."""
         graphs = [(b, w) for b in self.buckets for w in self.windows()]
         # the graphs live in one cache keyed on slot_logits, which every scheduler of the process shares (a
-        # hot-swapped version, another model): room for these on top of those already there
-        torch._dynamo.config.recompile_limit += len(graphs) + 8
+        # hot-swapped version, another model): room for these on top of those already there. Dynamo's settings
+        # are each thread's own, so the limit is set here, in the thread that compiles and runs the step
+        with _slot_graphs_lock:
+            _slot_graphs[0] += len(graphs)
+            total = _slot_graphs[0]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, total + 8)
         dev = self.cache.device
         for b, w in graphs:
             ids = torch.zeros(b, 1, dtype=torch.long, device=dev)

@@ -53,8 +53,8 @@ class VersionLoader:
                              f"{stage_dir} only {model.cfg.vocab_size}")
         return model
 
-    def load_version(self, n: int):
-        """-> (version ``n``'s policy model, where its weights are relative to the run)."""
+    def version_policy(self, n: int) -> tuple[Path, str]:
+        """-> (version ``n``'s policy directory, where that is relative to the run)."""
         info = self.versions.info(n)
         if not info.get("policy"):
             raise CheckpointError(f"{self.versions.dir(n)}: version {n} ({info.get('status')}) has no policy yet")
@@ -63,7 +63,7 @@ class VersionLoader:
             shown = str(where.relative_to(self.run_dir))
         except ValueError:
             shown = str(where)
-        return self.load_model(where), shown
+        return where, shown
 
 
 def warm(served, timeout: float = WARM_TIMEOUT) -> None:
@@ -104,8 +104,9 @@ class HotSwap:
         for s in list(self.svc.arena.values()):
             if s.version == n and not s.closed.is_set():
                 return s
-        model, where = self.loader.load_version(n)
-        served = self.svc.make_served(model, self.versions.name(n), where, n)
+        path, where = self.loader.version_policy(n)
+        # the new scheduler's thread loads it (inference/owner.py); a load that fails raises here
+        served = self.svc.make_served(lambda: self.loader.load_model(path), self.versions.name(n), where, n)
         try:
             warm(served)
         except BaseException:

@@ -86,7 +86,8 @@ class Lease:
 class Service:
     """What the endpoints need: the tokenizer, the served version (``current``, read through the properties
     below by code that does not hold a lease: /health, tests), the feedback store, limits (``limits``: the
-    request shapes protocol.py checks; ``server_limits``: what one client may cost)."""
+    request shapes protocol.py checks; ``server_limits``: what one client may cost). ``model``: the model, or
+    a function that loads it in the scheduler's thread (``make_served``)."""
 
     def __init__(self, model, tok: Tokenizer, name: str, stage: str = "", feedback_path=None,
                  api_key: str | None = None, slots: int = 16, scheduler=None,
@@ -108,11 +109,14 @@ class Service:
         self.hotswap = None  # serve/hotswap.HotSwap when serving a run's versions (not a pinned --stage)
 
     def make_served(self, model, name: str, stage: str, version: int | None = None, scheduler=None) -> Served:
+        """``model``: the model, or a function that loads it, which the new scheduler's thread calls: the thread
+        that runs a model loads it (inference/owner.py)."""
         lim = self.server_limits
         if scheduler is None:
             scheduler = Scheduler(model, slots=self.slots, vocab_limit=self.tok.vocab_size,
                                   max_waiting=lim.max_waiting, max_client_waiting=lim.max_client_waiting,
                                   options=self.options)
+            model = scheduler.model  # loaded by its thread where ``model`` was a loader
         return Served(model, scheduler, name, stage, self.tok, version, lim.max_prompt_chars)
 
     # ---- the served version, for code that holds no lease (a request takes one: ``lease``)
@@ -256,16 +260,16 @@ def load_service(run_dir, stage: str | None = None, api_key: str | None = None, 
     versions = Versions(run_dir)
     n = versions.serving() if stage is None else None  # a corrupt serving.json is an error naming it
     if n is not None:
-        model, where = loader.load_version(n)
+        path, where = loader.version_policy(n)
         name = versions.name(n)
     else:
         from ..store.checkpoint import latest_stage
 
         where = stage or latest_stage(run_dir)
-        model = loader.load_model(run_dir / where)
-        name = f"{run_dir.name}/{where}"
-    svc = Service(model, tok, name, where, run_dir / FEEDBACK_FILE, api_key, slots, server_limits=server_limits,
-                  version=n, options=options)
+        path, name = run_dir / where, f"{run_dir.name}/{where}"
+    # loaded by the scheduler's thread, not this one (inference/owner.py)
+    svc = Service(lambda: loader.load_model(path), tok, name, where, run_dir / FEEDBACK_FILE, api_key, slots,
+                  server_limits=server_limits, version=n, options=options)
     if stage is None:
         svc.hotswap = HotSwap(svc, loader, watch)
     return svc
