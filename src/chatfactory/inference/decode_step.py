@@ -106,8 +106,11 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
         visible = visible.expand(B, S)[:, None, None, :]  # (B, 1, 1, S)
     else:  # eager: key_valid None when every prompt slot is real (no mask, SDPA's fastest path)
         visible = None if key_valid is None else key_valid[:, None, None, :span]
-    # each row's own slot, for every head and feature (the server's rows); one shared slot: index_copy_
-    where = slot.view(-1, 1, 1, 1).expand(B, G, 1, D) if slot.numel() > 1 else None
+    # where each row's key goes: (row, head) -> its slot (the server's rows each at their own; the engine's all
+    # at one). Written with index_put_, which the compiled graph does in place: scatter_ or index_copy_ into the
+    # cache made it copy the whole cache, every layer, every step (docs/experiment-log.md, issue 26)
+    rows, heads = torch.arange(B, device=ids.device).view(-1, 1), torch.arange(G, device=ids.device).view(1, -1)
+    at = slot.view(-1, 1).expand(B, 1)
     x = model.tok_emb(ids)
     if model.pos_emb is not None:
         x = x + model.pos_emb(positions)
@@ -120,12 +123,8 @@ def step_logits(model: GPT, ks: list[torch.Tensor], vs: list[torch.Tensor], ids:
         if rope is not None:  # q and k rotate together: half the small ops of the eager (packed) step
             qk = apply_rope(qk, *rope)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + G :].transpose(1, 2)
-        if where is None:
-            ks[layer].index_copy_(2, slot, k)
-            vs[layer].index_copy_(2, slot, v)
-        else:
-            ks[layer].scatter_(2, where, k)
-            vs[layer].scatter_(2, where, v)
+        ks[layer].index_put_((rows, heads, at), k[:, :, 0])
+        vs[layer].index_put_((rows, heads, at), v[:, :, 0])
         if span is None:
             # grouped-query attention without repeating keys: the H // G query heads of a key
             # head become that head's rows
