@@ -123,8 +123,8 @@ def _rotate(x1, x2, c, s):
 class _Rope(torch.autograd.Function):
     """The rotation with its backward written out: the gradient is the rotation by minus the angle. The
     same float operations as autograd would run through ``_rotate`` (so the same bits), without the
-    zero-filled full-size gradient each half-slice of x costs it: a rotation is ~15% of a small model's
-    training step."""
+    zero-filled full-size gradient each half-slice of x costs it (what that saves a small model's training
+    step: docs/experiment-log.md, 2026-12-07)."""
 
     @staticmethod
     def forward(ctx, x, c, s):
