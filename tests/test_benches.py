@@ -101,7 +101,8 @@ BENCHES = {"test_faults": "faults.py", "test_real_model": "real_model.py", "test
            "test_gguf_llamacpp": "gguf_llamacpp.py",
            "test_batching_speed": "batching_speed.py", "test_flywheel_browser": "flywheel_browser.py",
            "test_flywheel": "flywheel.py", "test_constrained_overhead": "constrained_overhead.py",
-           "test_grammar_libs": "grammar_libs.py", "test_tools_clients": "tools_clients.py"}
+           "test_grammar_libs": "grammar_libs.py", "test_tools_clients": "tools_clients.py",
+           "test_quant_kernels": "quant_kernels.py"}
 WORKERS = 2  # benches at once
 
 
@@ -158,6 +159,13 @@ def test_batching_speed(quick):
     assert r["equal"] == 1  # the scheduler's greedy tokens equal the engine's
     positive(r, "tok_s_1", f"tok_s_{n}")
     ratio(r, "ratio", "vs_static", "overhead_1")
+
+
+def test_quant_kernels(quick):
+    r = quick("quant_kernels.py")
+    ratio(r, "int4_own_vs_torch_b1", "int4_own_vs_torch_b16")
+    positive(r, "int4_own_ms_b1", "int4_torch_ms_b1", "int8_head_ms_b1", "int8_head_ms_b16", "matmul_peak_gflops")
+    assert r["simd_bits"] in (0, 256, 512)
 
 
 def test_constrained_overhead(quick):

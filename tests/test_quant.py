@@ -13,6 +13,7 @@ from chatfactory.cli import main
 from chatfactory.inference.decode_step import DecodeStep
 from chatfactory.inference.engine import Engine
 from chatfactory.inference.sampling import SamplingParams
+from chatfactory.model import kernels
 from chatfactory.model.gpt import GPT, GPTConfig
 from chatfactory.model.quant import (
     QuantLinear,
@@ -67,28 +68,32 @@ def int8_blocks(x):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_own_kernels_compute_the_integer_products_they_state(bits):
+@pytest.mark.parametrize("n_in,n_out,group", [(256, 48, 64), (160, 37, 32), (96, 50, 32), (256, 20, 128)])
+def test_own_kernels_compute_the_integer_products_they_state(bits, n_in, n_out, group):
     """The own kernels against the same arithmetic in PyTorch (kernels.cpp's header): activations rounded to
-    int8 blocks, the int4 offset times each block's exact sum. 1, 4, 6 and 16 rows (the 4-row passes and a
-    remainder); 17 rows take the exact dequantized product."""
-    q = QuantLinear.from_linear(linear(n_in=256, n_out=48, bias=False), bits, 64)
-    assert q.layout == ("own" if bits == 8 else "cpu")  # the default: ours for int8, PyTorch's for int4
+    int8 blocks, the int4 offset times each block's exact sum. Widths with an odd number of blocks (the 512-bit
+    path's pairs and a last block alone), output counts that leave remainders, groups of 1, 2 and 4 blocks;
+    1-6 and 16 rows (every pass size and a remainder); 17 rows take the exact dequantized product."""
+    q = QuantLinear.from_linear(linear(n_in=n_in, n_out=n_out, bias=False), bits, group)
+    # the default: ours for int8, for int4 where the 512-bit path is built (else PyTorch's, where it fits)
+    wide = kernels.simd_bits() == 512
+    assert q.layout == ("own" if bits == 8 or wide else "cpu" if n_out % 16 == 0 else "plain")
     set_kernels(q, True)
     assert q.layout == "own"
     p = q.portable()
     if bits == 8:
         w_codes, lo = p["qweight"].float() * p["scales"][:, None], None
     else:
-        codes = unpack_nibbles(p["qweight"]).float().reshape(48, -1, 64)
-        w_codes = (codes * p["scales"].to(torch.bfloat16).float()[..., None]).reshape(48, 256)
+        codes = unpack_nibbles(p["qweight"]).float().reshape(n_out, -1, group)
+        w_codes = (codes * p["scales"].to(torch.bfloat16).float()[..., None]).reshape(n_out, n_in)
         lo = p["offsets"].to(torch.bfloat16).float() - 8 * p["scales"].to(torch.bfloat16).float()
-        lo = lo[..., None].expand(48, 4, 64).reshape(48, 256)
+        lo = lo[..., None].expand(n_out, n_in // group, group).reshape(n_out, n_in)
     with torch.no_grad():
-        for rows in (1, 4, 6, 16):
-            x = torch.randn(rows, 256)
+        for rows in (1, 2, 3, 4, 5, 6, 16):
+            x = torch.randn(rows, n_in)
             want = int8_blocks(x) @ w_codes.T + (0 if lo is None else x @ lo.T)
             torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
-        x = torch.randn(17, 256)
+        x = torch.randn(17, n_in)
         torch.testing.assert_close(q(x), x @ q.dequantized().T, rtol=1e-5, atol=1e-5)
 
 

@@ -3,10 +3,11 @@
 PyTorch's packed int4/int8 CPU kernels pay a fixed cost per call that dominates a decode step, where each of a
 model's ~120 linears multiplies one or a few rows. ``kernels.cpp`` does what llama.cpp does instead: the
 activations are quantized to int8 in blocks of 32 columns and every block of weight codes becomes an integer dot
-product (AVX2 where the CPU has it, plain loops where not). ``model/quant.py`` runs its int8 layers on them up
-to ``MAX_ROWS`` rows (a decode step's batch) and takes one BLAS product on the dequantized weight for more (a
-prefill); its int4 layers take them only when asked (``set_kernels``): inside a decode step PyTorch's int4 kernel
-is the faster one on the hosts measured (docs/small-hardware.md).
+product (AVX-512 VNNI or AVX2 where the CPU has them, plain loops where not). ``model/quant.py`` runs its int8
+layers on them up to ``MAX_ROWS`` rows (a decode step's batch) and takes one BLAS product on the dequantized
+weight for more (a prefill). Its int4 layers take them by default where the 512-bit path is built
+(``simd_bits() == 512``), PyTorch's packed int4 kernel elsewhere (``set_kernels`` chooses either way): how the
+two compare, by rows, is in docs/small-hardware.md (``bench/quant_kernels.py``).
 
 The source is compiled once per machine with ``-O3 -march=native`` by ``torch.utils.cpp_extension`` (a C++
 compiler is needed, as for ``torch.compile``) into its cache (``TORCH_EXTENSIONS_DIR``, default
@@ -86,6 +87,12 @@ def available() -> bool:
                 warnings.warn(f"chatfactory's int8/int4 kernels not built ({_state['why']}); using PyTorch's",
                               RuntimeWarning, stacklevel=2)
         return _state["ok"]
+
+
+def simd_bits() -> int:
+    """The widest integer products the built kernels use: 512 (AVX-512 VNNI), 256 (AVX2) or 0 (plain loops);
+    0 too where they are not built."""
+    return int(torch.ops.chatfactory.simd_bits()) if available() else 0
 
 
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:

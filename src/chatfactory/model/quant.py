@@ -165,7 +165,8 @@ class QuantLinear(nn.Module):
     # path: int8 blocks of 32 in the own kernels, this dtype (bfloat16) in PyTorch's (the module docstring)
     kernel_dtype = torch.bfloat16
     # model/kernels.py's kernels where they fit and build: by default for int8 layers, which they run faster than
-    # PyTorch's inside a decode step; int4 ones keep PyTorch's, faster there (docs/small-hardware.md)
+    # PyTorch's inside a decode step, and for int4 ones where their 512-bit path is built; elsewhere int4 layers
+    # keep PyTorch's kernel, the faster one there (docs/small-hardware.md)
     use_own_kernels: bool | None = None  # None: the default by bits; True / False: ``set_kernels``
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP, bias: bool = False):
@@ -231,10 +232,11 @@ class QuantLinear(nn.Module):
     def own_kernel_fits(self) -> bool:
         """Whether model/kernels.py's kernels take this layer (they are built on the first call that asks)."""
         K, own = self.in_features, self.use_own_kernels
-        return ((own if own is not None else self.bits == 8) and self.qweight.device.type == "cpu"
+        fits = (own is not False and self.qweight.device.type == "cpu"
                 and K % kernels.BLOCK == 0 and K <= kernels.MAX_WIDTH
                 and (self.bits == 8 or self.group % kernels.BLOCK == 0)
                 and kernels.available())
+        return fits and (own is True or self.bits == 8 or kernels.simd_bits() == 512)
 
     def relayout(self) -> None:
         """Take the layout of the best kernel that fits the layer and its device: own, PyTorch's, else plain."""
@@ -407,7 +409,7 @@ def scheme(bits: int, group: int, include_head: bool, layer_bits: dict | None = 
 
 def set_kernels(model: nn.Module, own: bool | None) -> None:
     """Whether every QuantLinear of ``model`` takes model/kernels.py's kernels (where they fit) or PyTorch's;
-    None: the default (own for int8 layers, PyTorch's for int4)."""
+    None: the default (own for int8 layers; for int4 ones own where their 512-bit path is built, else PyTorch's)."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.use_own_kernels = own
