@@ -106,7 +106,9 @@ class Server:
         self.port, self.name = port, name
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 900  # --compile compiles every attention window before /health answers
+        # --compile compiles every row bucket and attention window before /health answers: from a cold Inductor
+        # cache that is many minutes on a small host (docs/benchmarks.md)
+        deadline = time.time() + 2700
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
