@@ -49,6 +49,20 @@ inline void scale_and_low(const uint16_t* pair, float& scale, float& low) {
   low = bf16_to_float(pair[1]) - 8.f * scale;
 }
 
+// One block's integer dot product in plain loops: int4 codes (16 bytes, even columns in the low nibbles) against
+// activations stored even columns first; int8 codes against activations in column order.
+inline int32_t int4_block_dot(const uint8_t* pb, const int8_t* xb) {
+  int32_t dot = 0;
+  for (int j = 0; j < B / 2; ++j) dot += (pb[j] & 15) * xb[j] + (pb[j] >> 4) * xb[B / 2 + j];
+  return dot;
+}
+
+inline int32_t int8_block_dot(const int8_t* w, const int8_t* xb) {
+  int32_t dot = 0;
+  for (int j = 0; j < B; ++j) dot += w[j] * xb[j];
+  return dot;
+}
+
 // Activations (M, K) -> int8 codes per block of 32 columns with a scale d (x ~= d * code) and the block's exact sum.
 // interleaved: a block's codes are stored even columns first, then odd ones (the int4 codes' nibble order).
 struct QuantX {
@@ -156,7 +170,7 @@ void int4_tile512(const QuantX512& xq, const uint8_t* __restrict p, const uint16
     for (int t = 0; t < NT; ++t) {
       // the weight rows after these, read ahead (PF rows on): a decode step streams weights it has not seen
       _mm_prefetch(reinterpret_cast<const char*>(p + (n0 + t + PF) * (K / 2) + j * B), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(sz + (n0 + t + PF) * NG * 2 + 2 * j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(sz + (n0 + t + PF) * NG * 2 + 2 * ((2 * j) / per_group)), _MM_HINT_T0);
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (n0 + t) * (K / 2) + j * B));
       c[t] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m4)),
                                 _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), 1);
@@ -187,10 +201,7 @@ void int4_tile512(const QuantX512& xq, const uint8_t* __restrict p, const uint16
       const int64_t m = m0 + i;
       float r = _mm512_reduce_add_ps(acc[t][i]);
       if (tail >= 0) {
-        const int8_t* xb = xq.q.data() + m * K + tail * B;
-        const uint8_t* pb = pn + tail * (B / 2);
-        int32_t dot = 0;
-        for (int k = 0; k < B / 2; ++k) dot += (pb[k] & 15) * xb[k] + (pb[k] >> 4) * xb[B / 2 + k];
+        const int32_t dot = int4_block_dot(pn + tail * (B / 2), xq.q.data() + m * K + tail * B);
         r += tscale * xq.d[m * xq.NB + tail] * static_cast<float>(dot) + tlow * xq.sum[m * xq.NB + tail];
       }
       y[m * N + n0 + t] = r;
@@ -232,10 +243,7 @@ void int8_tile512(const QuantX512& xq, const int8_t* __restrict q, const float* 
       const int64_t m = m0 + i;
       float r = _mm512_reduce_add_ps(acc[t][i]);
       if (tail >= 0) {
-        const int8_t* xb = xq.q.data() + m * K + tail * B;
-        const int8_t* w = q + (n0 + t) * K + tail * B;
-        int32_t dot = 0;
-        for (int k = 0; k < B; ++k) dot += w[k] * xb[k];
+        const int32_t dot = int8_block_dot(q + (n0 + t) * K + tail * B, xq.q.data() + m * K + tail * B);
         r += xq.d[m * xq.NB + tail] * static_cast<float>(dot);
       }
       y[m * N + n0 + t] = r * scales[n0 + t];
@@ -324,10 +332,7 @@ void int4_row(const QuantX& xq, const uint8_t* __restrict p, const uint16_t* __r
       const float* dm = xd + (m0 + i) * NB;
       float acc = 0.f;
       for (int64_t b = 0; b < NB; ++b) {
-        int32_t dot = 0;
-        const uint8_t* pb = p + b * (B / 2);
-        const int8_t* xb = xm + b * B;
-        for (int j = 0; j < B / 2; ++j) dot += (pb[j] & 15) * xb[j] + (pb[j] >> 4) * xb[B / 2 + j];
+        const int32_t dot = int4_block_dot(p + b * (B / 2), xm + b * B);
         acc += scale[b] * dm[b] * static_cast<float>(dot);
       }
       y[(m0 + i) * N + n] = acc + low[i];
@@ -357,12 +362,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       int4_tile512<decltype(nt)::value, decltype(rm)::value>(xq5, qp, zp, NG, per_group, m0, n0, N, yp);
     });
   });
-  return y;
-#endif
+#else
   const QuantX xq(xc.data_ptr<float>(), M, K, true);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) int4_row(xq, qp + n * (K / 2), zp + n * NG * 2, per_group, M, K, N, n, yp);
   });
+#endif
   return y;
 }
 
@@ -383,8 +388,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       int8_tile512<decltype(nt)::value, decltype(rm)::value>(xq5, qp, sp, m0, n0, N, yp);
     });
   });
-  return y;
-#endif
+#else
   const QuantX xq(xc.data_ptr<float>(), M, K, false);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -410,8 +414,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
         for (int64_t b = 0; b < NB; ++b)
           for (int i = 0; i < rows; ++i) {
             const int8_t* xb = xq.q.data() + (m0 + i) * K + b * B;
-            int32_t dot = 0;
-            for (int j = 0; j < B; ++j) dot += w[b * B + j] * xb[j];
+            const int32_t dot = int8_block_dot(w + b * B, xb);
             acc[i] += xq.d[(m0 + i) * NB + b] * static_cast<float>(dot);
           }
         for (int i = 0; i < rows; ++i) yp[(m0 + i) * N + n] = acc[i] * sp[n];
@@ -419,6 +422,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       }
     }
   });
+#endif
   return y;
 }
 
